@@ -1,0 +1,1 @@
+//! ggml tensor types: sizes, float decoding, and ternary decoding.

@@ -1,0 +1,1 @@
+//! Safetensors: single files and sharded directories (`model.safetensors.index.json`).

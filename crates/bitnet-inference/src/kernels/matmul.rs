@@ -1,0 +1,84 @@
+//! Matrix products over a batch of activation rows, split across the thread pool by
+//! output rows so each weight row is read once per batch.
+
+use super::{DenseMatrix, QuantizedActivations, TernaryKernel, TernaryMatrix};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// A pointer to an output buffer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the tasks given one `SharedOut` write disjoint index sets (distinct output rows),
+// and the buffer outlives them (rayon joins before the borrow ends).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Taking `self` makes closures capture the whole wrapper, not its raw field.
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers pass indices inside the buffer (see the call sites).
+        unsafe { self.0.add(i) }
+    }
+}
+
+thread_local! {
+    /// Integer partial results of one task; grows to the largest chunk once, then is reused.
+    static DOTS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn chunk_rows(rows: usize) -> usize {
+    let tasks = rayon::current_num_threads() * 4;
+    rows.div_ceil(tasks).next_multiple_of(16).max(16)
+}
+
+/// `out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r]` for every activation row
+/// `t`; `out` is `[acts.n_rows(), w.rows()]`, row-major.
+pub fn ternary_matmul(
+    kernel: &dyn TernaryKernel,
+    w: &TernaryMatrix,
+    acts: &QuantizedActivations,
+    out: &mut [f32],
+) {
+    let (rows, n_tok) = (w.rows(), acts.n_rows());
+    assert_eq!(out.len(), rows * n_tok, "ternary_matmul output size");
+    assert_eq!(acts.padded_cols(), w.padded_cols(), "ternary_matmul width");
+    let chunk = chunk_rows(rows);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let range = c * chunk..((c + 1) * chunk).min(rows);
+        let n = range.len();
+        DOTS.with_borrow_mut(|dots| {
+            dots.resize(n * n_tok, 0);
+            kernel.ternary_dot(w, range.clone(), acts, &mut dots[..n * n_tok]);
+            let mult = &w.multipliers()[range.clone()];
+            for t in 0..n_tok {
+                let inv_scale = acts.scale(t);
+                for (i, (&d, &m)) in dots[t * n..(t + 1) * n].iter().zip(mult).enumerate() {
+                    // SAFETY: element (t, range.start + i) lies inside `out` (asserted sizes)
+                    // and belongs to this task's row range alone.
+                    unsafe {
+                        *out_ptr.at(t * rows + range.start + i) = d as f32 / inv_scale * m;
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// `out[t][r] = Σ_k W[r][k]·x[t][k]` in f32; `x` is `[n_tok, w.cols()]`.
+pub fn dense_matmul(w: &DenseMatrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    assert_eq!(x.len(), n_tok * cols, "dense_matmul input size");
+    assert_eq!(out.len(), n_tok * rows, "dense_matmul output size");
+    let chunk = chunk_rows(rows);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        for r in c * chunk..((c + 1) * chunk).min(rows) {
+            for t in 0..n_tok {
+                let v = w.dot_row(r, &x[t * cols..(t + 1) * cols]);
+                // SAFETY: (t, r) is inside `out` and row r belongs to this task alone.
+                unsafe { *out_ptr.at(t * rows + r) = v };
+            }
+        }
+    });
+}

@@ -1,0 +1,66 @@
+//! Quantized kernels: the packed ternary weight layout, per-token int8 activations, and the
+//! integer dot products over them. One file per instruction set behind [`TernaryKernel`];
+//! the implementation is picked once at start-up by [`select_kernel`].
+//!
+//! The arithmetic (BITNET.md): activations of a row are quantized with
+//! `s = 127 / max(|x|)`, `q = clamp(round_half_even(x·s), -128, 127)`; a ternary linear then
+//! gives `y[r] = (Σ_k t[r][k]·q[k]) / s · multiplier[r]`. The integer sum is exact, so every
+//! kernel must return the same integers as [`scalar::ScalarKernel`].
+
+mod dense;
+mod matmul;
+pub mod scalar;
+mod ternary;
+
+pub use dense::{DenseData, DenseMatrix};
+pub use matmul::{dense_matmul, ternary_matmul};
+pub use ternary::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS};
+
+use std::ops::Range;
+
+/// Integer dot products of packed ternary rows with int8 activation rows.
+pub trait TernaryKernel: Send + Sync {
+    /// Short name shown by `bitnet inspect`/`bench` and accepted by `BITNET_KERNEL`.
+    fn name(&self) -> &'static str;
+
+    /// For every activation row `t` of `acts` and weight row `r` in `rows`, writes
+    /// `Σ_k trit[r][k] · q[t][k]` to `out[t * rows.len() + (r - rows.start)]`.
+    fn ternary_dot(
+        &self,
+        weights: &TernaryMatrix,
+        rows: Range<usize>,
+        acts: &QuantizedActivations,
+        out: &mut [i32],
+    );
+}
+
+/// The kernel for this machine, or the one named by `BITNET_KERNEL` (for tests and
+/// comparisons). Unknown or unsupported names are an error rather than a silent fallback.
+pub fn select_kernel() -> crate::Result<&'static dyn TernaryKernel> {
+    match std::env::var("BITNET_KERNEL") {
+        Ok(name) if !name.is_empty() => kernel_by_name(&name),
+        _ => Ok(best_kernel()),
+    }
+}
+
+/// Every kernel this build has that this CPU can run, best first.
+pub fn available_kernels() -> Vec<&'static dyn TernaryKernel> {
+    vec![&scalar::ScalarKernel]
+}
+
+fn best_kernel() -> &'static dyn TernaryKernel {
+    available_kernels()[0]
+}
+
+pub fn kernel_by_name(name: &str) -> crate::Result<&'static dyn TernaryKernel> {
+    available_kernels()
+        .into_iter()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = available_kernels().iter().map(|k| k.name()).collect();
+            crate::Error::Invalid(format!(
+                "BITNET_KERNEL={name}: not available on this CPU/build; available: {}",
+                names.join(", ")
+            ))
+        })
+}

@@ -1,0 +1,18 @@
+//! bitnet-inference: exact, fast inference for BitNet b1.58 ternary language models.
+//!
+//! Layers, with dependencies pointing down only:
+//! - [`formats`]: readers (and writers) of GGUF, safetensors and the ggml block types.
+//! - [`kernels`]: packed ternary weights, int8 activations, integer dot products per ISA.
+//! - [`model`]: the model description, one loader per format, and the forward pass.
+//! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
+//! - [`generate`]: sampling and the generation loop used by every front end.
+
+pub mod chat;
+pub mod error;
+pub mod formats;
+pub mod generate;
+pub mod kernels;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

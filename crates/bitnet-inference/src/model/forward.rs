@@ -1,0 +1,4 @@
+//! The forward pass.
+pub struct Batch;
+pub struct ForwardState;
+pub struct Model;

@@ -1,0 +1,69 @@
+//! The model: one description ([`ModelConfig`]), one weight set ([`ModelWeights`]) filled by
+//! one loader per file format, and one forward pass ([`forward`]) that every front end uses.
+
+pub mod config;
+pub mod forward;
+pub mod load_gguf;
+pub mod load_hf;
+pub mod weights;
+
+pub use config::{Activation, GenerationDefaults, ModelConfig};
+pub use forward::{Batch, ForwardState, Model};
+pub use weights::{LayerWeights, Linear, LinearWeights, ModelWeights, RmsNorm};
+
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// One tensor as the file stores it, for `bitnet inspect`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSummary {
+    pub name: String,
+    /// The file's type name: `I2_S`, `TQ2_0`, `U8`, `BF16`, ...
+    pub dtype: String,
+    /// Shape in the file's own order (GGUF: ne0 first; safetensors: row-major).
+    pub shape: Vec<u64>,
+    pub bytes: u64,
+}
+
+/// Everything a model's files give: description, weights, tokenizer, chat template.
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub weights: ModelWeights,
+    pub tokenizer: Tokenizer,
+    /// The model's own Jinja chat template, if its files carry one.
+    pub chat_template: Option<String>,
+    pub generation: GenerationDefaults,
+    /// Where it came from: the GGUF file or the model directory.
+    pub path: PathBuf,
+    /// `GGUF v3`, `safetensors (HF packed, bitlinear/offline)`, ...
+    pub format: String,
+    pub tensors: Vec<TensorSummary>,
+    /// Key facts from the file's metadata worth showing (`general.name`, quantization, ...).
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Loads a GGUF file or a Hugging Face model directory.
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        load_hf::load(path)
+    } else {
+        let mut magic = [0u8; 4];
+        use std::io::Read;
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| f.read(&mut magic))
+            .map_err(|e| Error::io(path, e))?;
+        if n == 4 && &magic == b"GGUF" {
+            load_gguf::load(path)
+        } else {
+            Err(Error::format(
+                path,
+                format!(
+                    "not a GGUF file (magic {:?}, expected \"GGUF\") nor a model directory",
+                    String::from_utf8_lossy(&magic[..n])
+                ),
+            ))
+        }
+    }
+}
