@@ -1,4 +1,690 @@
-//! The forward pass.
-pub struct Batch;
-pub struct ForwardState;
-pub struct Model;
+//! The forward pass: one loop over layers, over a batch of tokens that may belong to
+//! different sequences, each with its own positions and KV cache slot. Every buffer is
+//! planned when the [`ForwardState`] is created; a forward call allocates nothing.
+//!
+//! Exactness: activations between layers, the KV cache and all float math are f32, and the
+//! ternary linears quantize activations per token to int8 exactly as transformers does.
+
+use super::{Activation, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
+use crate::kernels::{self, QuantizedActivations, TernaryKernel};
+use crate::model::Linear;
+use crate::{Error, Result};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// A loaded model ready to run: description, weights, and the kernel chosen for this CPU.
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: ModelWeights,
+    kernel: &'static dyn TernaryKernel,
+    /// `[max_context, head_dim / 2]` cos and sin of the RoPE angles, as transformers
+    /// computes them in f32.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+}
+
+/// One token of a forward call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchEntry {
+    pub token: u32,
+    /// Its position in its sequence (0-based); the KV cache holds positions `0..pos`.
+    pub pos: usize,
+    /// The KV cache slot of its sequence.
+    pub slot: usize,
+    /// Whether the caller wants this token's logits.
+    pub logits: bool,
+}
+
+/// The tokens of one forward call.
+pub type Batch = [BatchEntry];
+
+/// Key/value cache: `[layer][slot][position][kv_dim]`, f32, allocated once.
+struct KvCache {
+    n_slots: usize,
+    context: usize,
+    kv_dim: usize,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl KvCache {
+    fn offset(&self, slot: usize, pos: usize) -> usize {
+        (slot * self.context + pos) * self.kv_dim
+    }
+}
+
+/// Everything a forward call writes: KV caches of all slots, scratch for up to
+/// `max_batch` tokens, and the logits of the tokens that asked for them.
+pub struct ForwardState {
+    max_batch: usize,
+    kv: KvCache,
+    /// Residual stream `[max_batch, hidden]`.
+    hidden: Vec<f32>,
+    /// Normed input of the current sub-block `[max_batch, max(hidden, ffn)]`.
+    normed: Vec<f32>,
+    /// A linear's own input norm output (`use_rms_norm` models) `[max_batch, max(hidden, ffn)]`.
+    linear_in: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output `[max_batch, q_dim]`.
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// Output of o_proj / down_proj `[max_batch, hidden]`.
+    proj: Vec<f32>,
+    acts: QuantizedActivations,
+    /// `[n_logits, vocab]` for the entries with `logits: true` of the last call, in order.
+    logits: Vec<f32>,
+    /// Final-normed rows of the entries that want logits.
+    logit_rows: Vec<f32>,
+    n_logits: usize,
+}
+
+impl ForwardState {
+    pub fn n_slots(&self) -> usize {
+        self.kv.n_slots
+    }
+    pub fn context(&self) -> usize {
+        self.kv.context
+    }
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+    /// Logits of the `i`-th entry that asked for them in the last forward call.
+    pub fn logits(&self, i: usize) -> &[f32] {
+        assert!(i < self.n_logits, "logits row {i} of {}", self.n_logits);
+        let vocab = self.logits.len() / self.max_batch;
+        &self.logits[i * vocab..(i + 1) * vocab]
+    }
+    pub fn n_logits(&self) -> usize {
+        self.n_logits
+    }
+    /// Bytes held by the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.keys.iter().chain(&self.kv.values).map(|v| v.len() * 4).sum()
+    }
+    /// Bytes held by activations, logits and other scratch.
+    pub fn scratch_bytes(&self) -> usize {
+        4 * (self.hidden.len()
+            + self.normed.len()
+            + self.linear_in.len()
+            + self.q.len()
+            + self.k.len()
+            + self.v.len()
+            + self.attn.len()
+            + self.gate.len()
+            + self.up.len()
+            + self.proj.len()
+            + self.logits.len()
+            + self.logit_rows.len())
+    }
+}
+
+thread_local! {
+    /// Attention scores of one (token, head) task; grows to the context length once.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Model {
+    /// Validates the weights against the description and picks the kernel.
+    pub fn new(config: ModelConfig, weights: ModelWeights) -> Result<Self> {
+        Self::with_kernel(config, weights, kernels::select_kernel()?)
+    }
+
+    pub fn with_kernel(
+        config: ModelConfig,
+        weights: ModelWeights,
+        kernel: &'static dyn TernaryKernel,
+    ) -> Result<Self> {
+        check_shapes(&config, &weights)?;
+        let half = config.head_dim / 2;
+        let mut rope_cos = Vec::with_capacity(config.max_context * half);
+        let mut rope_sin = Vec::with_capacity(config.max_context * half);
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f32 / config.head_dim as f32))
+            .collect();
+        for pos in 0..config.max_context {
+            for &f in &inv_freq {
+                let angle = pos as f32 * f;
+                rope_cos.push(angle.cos());
+                rope_sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            config,
+            weights,
+            kernel,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    pub fn kernel_name(&self) -> &'static str {
+        self.kernel.name()
+    }
+
+    /// Plans every buffer for `n_slots` sequences of up to `context` tokens each, processed
+    /// `max_batch` tokens at a time.
+    pub fn new_state(
+        &self,
+        n_slots: usize,
+        context: usize,
+        max_batch: usize,
+    ) -> Result<ForwardState> {
+        let c = &self.config;
+        if context == 0 || context > c.max_context {
+            return Err(Error::Invalid(format!(
+                "context size {context} must be between 1 and the model's {}",
+                c.max_context
+            )));
+        }
+        let (n_slots, max_batch) = (n_slots.max(1), max_batch.max(1));
+        let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
+        let per_layer = n_slots * context * c.kv_dim();
+        Ok(ForwardState {
+            max_batch,
+            kv: KvCache {
+                n_slots,
+                context,
+                kv_dim: c.kv_dim(),
+                keys: (0..c.n_layers).map(|_| vec![0.0; per_layer]).collect(),
+                values: (0..c.n_layers).map(|_| vec![0.0; per_layer]).collect(),
+            },
+            hidden: vec![0.0; max_batch * c.hidden_size],
+            normed: vec![0.0; max_batch * wide],
+            linear_in: vec![0.0; max_batch * wide],
+            q: vec![0.0; max_batch * c.q_dim()],
+            k: vec![0.0; max_batch * c.kv_dim()],
+            v: vec![0.0; max_batch * c.kv_dim()],
+            attn: vec![0.0; max_batch * c.q_dim()],
+            gate: vec![0.0; max_batch * c.ffn_size],
+            up: vec![0.0; max_batch * c.ffn_size],
+            proj: vec![0.0; max_batch * c.hidden_size],
+            acts: QuantizedActivations::with_capacity(max_batch, wide),
+            logits: vec![0.0; max_batch * c.vocab_size],
+            logit_rows: vec![0.0; max_batch * c.hidden_size],
+            n_logits: 0,
+        })
+    }
+
+    /// Runs `batch` through the model, writing K/V of every entry into its slot's cache and
+    /// the logits of the entries that ask for them into `state` (see
+    /// [`ForwardState::logits`]). At most `state.max_batch()` entries a call.
+    pub fn forward(&self, batch: &Batch, state: &mut ForwardState) -> Result<()> {
+        let c = &self.config;
+        let n = batch.len();
+        if n == 0 || n > state.max_batch {
+            return Err(Error::Invalid(format!(
+                "a forward call takes 1 to {} tokens, got {n}",
+                state.max_batch
+            )));
+        }
+        for e in batch {
+            if e.token as usize >= c.vocab_size {
+                return Err(Error::Invalid(format!(
+                    "token id {} is outside the vocabulary (size {})",
+                    e.token, c.vocab_size
+                )));
+            }
+            if e.slot >= state.kv.n_slots {
+                return Err(Error::Invalid(format!(
+                    "sequence slot {} does not exist ({} slots)",
+                    e.slot, state.kv.n_slots
+                )));
+            }
+            if e.pos >= state.kv.context {
+                return Err(Error::Invalid(format!(
+                    "position {} is past the context size {}",
+                    e.pos, state.kv.context
+                )));
+            }
+        }
+        let (hd, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.ffn_size);
+
+        for (i, e) in batch.iter().enumerate() {
+            self.weights
+                .token_embedding
+                .row_to_f32(e.token as usize, &mut state.hidden[i * hd..(i + 1) * hd]);
+        }
+
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            // Attention block.
+            rms_norm_rows(&state.hidden[..n * hd], &layer.attn_norm, &mut state.normed[..n * hd]);
+            self.linears(
+                &state.normed[..n * hd],
+                n,
+                &mut state.acts,
+                &mut state.linear_in,
+                &mut [
+                    (&layer.q_proj, &mut state.q[..n * qd]),
+                    (&layer.k_proj, &mut state.k[..n * kvd]),
+                    (&layer.v_proj, &mut state.v[..n * kvd]),
+                ],
+            );
+            for (i, e) in batch.iter().enumerate() {
+                self.rope(&mut state.q[i * qd..(i + 1) * qd], e.pos);
+                self.rope(&mut state.k[i * kvd..(i + 1) * kvd], e.pos);
+                let off = state.kv.offset(e.slot, e.pos);
+                state.kv.keys[l][off..off + kvd].copy_from_slice(&state.k[i * kvd..(i + 1) * kvd]);
+                state.kv.values[l][off..off + kvd]
+                    .copy_from_slice(&state.v[i * kvd..(i + 1) * kvd]);
+            }
+            self.attention(batch, l, state);
+            let attn_in: &[f32] = match &layer.attn_sub_norm {
+                Some(norm) => {
+                    rms_norm_rows(&state.attn[..n * qd], norm, &mut state.normed[..n * qd]);
+                    &state.normed[..n * qd]
+                }
+                None => &state.attn[..n * qd],
+            };
+            self.linears(
+                attn_in,
+                n,
+                &mut state.acts,
+                &mut state.linear_in,
+                &mut [(&layer.o_proj, &mut state.proj[..n * hd])],
+            );
+            add_in_place(&mut state.hidden[..n * hd], &state.proj[..n * hd]);
+
+            // Feed-forward block.
+            rms_norm_rows(&state.hidden[..n * hd], &layer.ffn_norm, &mut state.normed[..n * hd]);
+            self.linears(
+                &state.normed[..n * hd],
+                n,
+                &mut state.acts,
+                &mut state.linear_in,
+                &mut [
+                    (&layer.gate_proj, &mut state.gate[..n * ffn]),
+                    (&layer.up_proj, &mut state.up[..n * ffn]),
+                ],
+            );
+            let act = c.activation;
+            for (g, &u) in state.gate[..n * ffn].iter_mut().zip(&state.up[..n * ffn]) {
+                *g = activate(act, *g) * u;
+            }
+            let down_in: &[f32] = match &layer.ffn_sub_norm {
+                Some(norm) => {
+                    rms_norm_rows(&state.gate[..n * ffn], norm, &mut state.normed[..n * ffn]);
+                    &state.normed[..n * ffn]
+                }
+                None => &state.gate[..n * ffn],
+            };
+            self.linears(
+                down_in,
+                n,
+                &mut state.acts,
+                &mut state.linear_in,
+                &mut [(&layer.down_proj, &mut state.proj[..n * hd])],
+            );
+            add_in_place(&mut state.hidden[..n * hd], &state.proj[..n * hd]);
+        }
+
+        // Final norm and lm_head, only for the entries that want logits.
+        let mut m = 0;
+        for (i, e) in batch.iter().enumerate() {
+            if e.logits {
+                state.logit_rows[m * hd..(m + 1) * hd]
+                    .copy_from_slice(&state.hidden[i * hd..(i + 1) * hd]);
+                m += 1;
+            }
+        }
+        state.n_logits = m;
+        if m > 0 {
+            rms_norm_rows(
+                &state.logit_rows[..m * hd],
+                &self.weights.output_norm,
+                &mut state.normed[..m * hd],
+            );
+            let out = &mut state.logits[..m * c.vocab_size];
+            match &self.weights.lm_head {
+                None => kernels::dense_matmul(
+                    &self.weights.token_embedding,
+                    &state.normed[..m * hd],
+                    m,
+                    out,
+                ),
+                Some(head) => self.linears(
+                    &state.normed[..m * hd],
+                    m,
+                    &mut state.acts,
+                    &mut state.linear_in,
+                    &mut [(head, out)],
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies several linears to the same input rows `x: [n, in]`, quantizing the input
+    /// once for all ternary linears that have no input norm of their own.
+    fn linears(
+        &self,
+        x: &[f32],
+        n: usize,
+        acts: &mut QuantizedActivations,
+        linear_in: &mut [f32],
+        outputs: &mut [(&Linear, &mut [f32])],
+    ) {
+        let cols = x.len() / n;
+        let mut shared_quantized = false;
+        for (linear, out) in outputs.iter_mut() {
+            let input: &[f32] = match &linear.input_norm {
+                Some(norm) => {
+                    rms_norm_rows(x, norm, &mut linear_in[..x.len()]);
+                    &linear_in[..x.len()]
+                }
+                None => x,
+            };
+            match &linear.weights {
+                LinearWeights::Ternary(w) => {
+                    if linear.input_norm.is_some() || !shared_quantized {
+                        acts.quantize(input, n, cols);
+                        shared_quantized = linear.input_norm.is_none();
+                    }
+                    kernels::ternary_matmul(self.kernel, w, acts, out);
+                }
+                LinearWeights::Dense(w) => kernels::dense_matmul(w, input, n, out),
+            }
+        }
+    }
+
+    /// NeoX-style rotary embedding of every head in `x` (rotate_half: pairs i, i + d/2).
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let d = self.config.head_dim;
+        let half = d / 2;
+        let cos = &self.rope_cos[pos * half..(pos + 1) * half];
+        let sin = &self.rope_sin[pos * half..(pos + 1) * half];
+        for head in x.chunks_exact_mut(d) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x0, x1) = (a[i], b[i]);
+                a[i] = x0 * cos[i] - x1 * sin[i];
+                b[i] = x1 * cos[i] + x0 * sin[i];
+            }
+        }
+    }
+
+    /// Causal GQA attention of every (entry, head) over its slot's cache, in parallel.
+    fn attention(&self, batch: &Batch, layer: usize, state: &mut ForwardState) {
+        let c = &self.config;
+        let (d, qd, kvd, group) = (c.head_dim, c.q_dim(), c.kv_dim(), c.gqa_group());
+        let scale = 1.0 / (d as f32).sqrt();
+        let kv = &state.kv;
+        let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
+        let q = &state.q;
+        state.attn[..batch.len() * qd]
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let (i, h) = (task / c.n_heads, task % c.n_heads);
+                let e = batch[i];
+                let qh = &q[i * qd + h * d..i * qd + (h + 1) * d];
+                let kv_head = h / group;
+                let base = kv.offset(e.slot, 0) + kv_head * d;
+                SCORES.with_borrow_mut(|scores| {
+                    scores.resize(e.pos + 1, 0.0);
+                    let mut max = f32::NEG_INFINITY;
+                    for (p, s) in scores.iter_mut().enumerate() {
+                        let k = &keys[base + p * kvd..base + p * kvd + d];
+                        *s = dot(qh, k) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0.0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    out.fill(0.0);
+                    for (p, &s) in scores.iter().enumerate() {
+                        let w = s / sum;
+                        let v = &values[base + p * kvd..base + p * kvd + d];
+                        for (o, &vv) in out.iter_mut().zip(v) {
+                            *o += w * vv;
+                        }
+                    }
+                });
+            });
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for i in 0..8 {
+            acc[i] += a[c * 8 + i] * b[c * 8 + i];
+        }
+    }
+    let mut tail = 0.0;
+    for k in chunks * 8..a.len() {
+        tail += a[k] * b[k];
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn activate(act: Activation, g: f32) -> f32 {
+    match act {
+        Activation::Relu2 => {
+            let r = g.max(0.0);
+            r * r
+        }
+        Activation::Silu => g / (1.0 + (-g).exp()),
+    }
+}
+
+fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    for (a, &b) in acc.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · weight` row by row, in f32 (as transformers does).
+fn rms_norm_rows(x: &[f32], norm: &RmsNorm, out: &mut [f32]) {
+    let d = norm.weight.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean + norm.eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(&norm.weight) {
+            *o = w * (v * inv);
+        }
+    }
+}
+
+/// Every weight's shape must match the description; loaders check too, with file names,
+/// this is the last guard before the forward pass indexes by them.
+fn check_shapes(c: &ModelConfig, w: &ModelWeights) -> Result<()> {
+    let expect = |what: String, got: (usize, usize), want: (usize, usize)| {
+        if got == want {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "{what}: shape [{}, {}], expected [{}, {}]",
+                got.0, got.1, want.0, want.1
+            )))
+        }
+    };
+    let norm = |what: String, n: &RmsNorm, want: usize| {
+        if n.weight.len() == want {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "{what}: {} weights, expected {want}",
+                n.weight.len()
+            )))
+        }
+    };
+    let lin = |what: String, l: &Linear, want: (usize, usize)| {
+        if let Some(n) = &l.input_norm {
+            norm(format!("{what} input norm"), n, want.1)?;
+        }
+        expect(what, (l.out_features(), l.in_features()), want)
+    };
+    let (hd, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.ffn_size);
+    let e = &w.token_embedding;
+    expect("token embedding".into(), (e.rows(), e.cols()), (c.vocab_size, hd))?;
+    if w.layers.len() != c.n_layers {
+        return Err(Error::Invalid(format!(
+            "{} layers of weights, expected {}",
+            w.layers.len(),
+            c.n_layers
+        )));
+    }
+    for (i, l) in w.layers.iter().enumerate() {
+        norm(format!("layer {i} attn_norm"), &l.attn_norm, hd)?;
+        lin(format!("layer {i} q_proj"), &l.q_proj, (qd, hd))?;
+        lin(format!("layer {i} k_proj"), &l.k_proj, (kvd, hd))?;
+        lin(format!("layer {i} v_proj"), &l.v_proj, (kvd, hd))?;
+        if let Some(n) = &l.attn_sub_norm {
+            norm(format!("layer {i} attn_sub_norm"), n, qd)?;
+        }
+        lin(format!("layer {i} o_proj"), &l.o_proj, (hd, qd))?;
+        norm(format!("layer {i} ffn_norm"), &l.ffn_norm, hd)?;
+        lin(format!("layer {i} gate_proj"), &l.gate_proj, (ffn, hd))?;
+        lin(format!("layer {i} up_proj"), &l.up_proj, (ffn, hd))?;
+        if let Some(n) = &l.ffn_sub_norm {
+            norm(format!("layer {i} ffn_sub_norm"), n, ffn)?;
+        }
+        lin(format!("layer {i} down_proj"), &l.down_proj, (hd, ffn))?;
+    }
+    norm("output_norm".into(), &w.output_norm, hd)?;
+    if let Some(h) = &w.lm_head {
+        lin("lm_head".into(), h, (c.vocab_size, hd))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::Rng;
+    use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
+    use crate::model::{LayerWeights, Linear};
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            architecture: "test".into(),
+            hidden_size: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            ffn_size: 96,
+            vocab_size: 50,
+            max_context: 32,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            activation: Activation::Relu2,
+            has_sub_norms: true,
+            tied_embeddings: true,
+        }
+    }
+
+    fn random_model() -> Model {
+        let c = config();
+        let mut rng = Rng::new(7);
+        let mut ternary = |rows: usize, cols: usize| {
+            Linear::ternary(
+                TernaryMatrix::from_rows(rows, cols, |_, t| {
+                    for v in t.iter_mut() {
+                        *v = (rng.next_u64() % 3) as i8 - 1;
+                    }
+                    Ok(0.05)
+                })
+                .unwrap(),
+            )
+        };
+        let norm = |n: usize| RmsNorm {
+            weight: vec![1.0; n],
+            eps: 1e-5,
+        };
+        let layers = (0..c.n_layers)
+            .map(|_| LayerWeights {
+                attn_norm: norm(64),
+                q_proj: ternary(64, 64),
+                k_proj: ternary(32, 64),
+                v_proj: ternary(32, 64),
+                attn_sub_norm: Some(norm(64)),
+                o_proj: ternary(64, 64),
+                ffn_norm: norm(64),
+                gate_proj: ternary(96, 64),
+                up_proj: ternary(96, 64),
+                ffn_sub_norm: Some(norm(96)),
+                down_proj: ternary(64, 96),
+            })
+            .collect();
+        let mut rng = Rng::new(8);
+        let emb: Vec<f32> = (0..50 * 64).map(|_| rng.next_f32() - 0.5).collect();
+        let weights = ModelWeights {
+            token_embedding: DenseMatrix::new(50, 64, DenseData::F32(emb)).unwrap(),
+            layers,
+            output_norm: norm(64),
+            lm_head: None,
+        };
+        Model::with_kernel(c, weights, &kernels::scalar::ScalarKernel).unwrap()
+    }
+
+    fn entries(tokens: &[u32], slot: usize, start: usize) -> Vec<BatchEntry> {
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| BatchEntry {
+                token,
+                pos: start + i,
+                slot,
+                logits: true,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prefill_in_one_batch_equals_token_by_token() {
+        let model = random_model();
+        let tokens = [3u32, 17, 42, 0, 49, 8];
+        let mut whole = model.new_state(1, 32, 8).unwrap();
+        model.forward(&entries(&tokens, 0, 0), &mut whole).unwrap();
+        let mut single = model.new_state(1, 32, 1).unwrap();
+        for (i, &t) in tokens.iter().enumerate() {
+            model.forward(&entries(&[t], 0, i), &mut single).unwrap();
+            assert_eq!(single.logits(0), whole.logits(i), "position {i}");
+        }
+    }
+
+    #[test]
+    fn sequences_in_one_batch_do_not_see_each_other() {
+        let model = random_model();
+        let (a, b) = ([1u32, 2, 3, 4], [9u32, 8, 7]);
+        let mut alone = model.new_state(1, 32, 8).unwrap();
+        model.forward(&entries(&b, 0, 0), &mut alone).unwrap();
+        let expected: Vec<Vec<f32>> = (0..3).map(|i| alone.logits(i).to_vec()).collect();
+
+        let mut both = model.new_state(2, 32, 8).unwrap();
+        let mut batch = entries(&a, 0, 0);
+        batch.extend(entries(&b, 1, 0));
+        model.forward(&batch, &mut both).unwrap();
+        for (i, e) in expected.iter().enumerate() {
+            assert_eq!(both.logits(4 + i), &e[..]);
+        }
+    }
+
+    #[test]
+    fn bad_entries_are_errors() {
+        let model = random_model();
+        let mut s = model.new_state(1, 8, 4).unwrap();
+        let bad = |token, pos, slot| BatchEntry {
+            token,
+            pos,
+            slot,
+            logits: true,
+        };
+        for (e, msg) in [
+            (bad(50, 0, 0), "outside the vocabulary"),
+            (bad(1, 8, 0), "past the context"),
+            (bad(1, 0, 1), "slot 1 does not exist"),
+        ] {
+            let err = model.forward(&[e], &mut s).unwrap_err().to_string();
+            assert!(err.contains(msg), "{err}");
+        }
+        assert!(model.new_state(1, 33, 4).is_err());
+    }
+}

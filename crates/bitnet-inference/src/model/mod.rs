@@ -8,7 +8,7 @@ pub mod load_hf;
 pub mod weights;
 
 pub use config::{Activation, GenerationDefaults, ModelConfig};
-pub use forward::{Batch, ForwardState, Model};
+pub use forward::{Batch, BatchEntry, ForwardState, Model};
 pub use weights::{LayerWeights, Linear, LinearWeights, ModelWeights, RmsNorm};
 
 use crate::tokenizer::Tokenizer;
