@@ -59,12 +59,18 @@ def act_quant(x: torch.Tensor):
 
 
 class BitLinear(nn.Linear):
+    # When True, the multiplier is 1/bf16(1/gamma): exactly what the exported file (bf16
+    # weight_scale) gives, for checking an export against this model.
+    bf16_scale = False
+
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
         w = self.weight
         t, gamma = weight_quant(w)
+        if BitLinear.bf16_scale:
+            gamma = 1.0 / (1.0 / gamma).to(torch.bfloat16).float()
         wq = (t * gamma).to(w.dtype)
         w = w + (wq - w).detach()  # STE
         xq = x + (act_quant(x) - x).detach()  # STE

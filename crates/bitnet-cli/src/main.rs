@@ -1,1 +1,56 @@
-fn main(){}
+//! `bitnet`: run, inspect and evaluate BitNet b1.58 models from the command line.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "bitnet", version, about = "Exact, fast inference for BitNet b1.58 models")]
+struct Cli {
+    /// Worker threads for the matrix kernels (default: all cores).
+    #[arg(short = 't', long, global = true, env = "BITNET_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Complete a prompt, streaming the text to stdout.
+    Run(commands::run::Args),
+    /// Show a model's architecture, tensors, tokenizer, chat template and memory needs.
+    Inspect(commands::inspect::Args),
+    /// Print the token ids of a text as a JSON list.
+    Tokenize(commands::tokenize::Args),
+    /// Write the float32 logits of every position of a token sequence to a .npy file.
+    Logits(commands::logits::Args),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(commands::perplexity::Args),
+}
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()?;
+    }
+    match cli.command {
+        Command::Run(a) => commands::run::run(a),
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Tokenize(a) => commands::tokenize::run(a),
+        Command::Logits(a) => commands::logits::run(a),
+        Command::Perplexity(a) => commands::perplexity::run(a),
+    }
+}

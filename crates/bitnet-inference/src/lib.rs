@@ -9,6 +9,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod eval;
 pub mod formats;
 pub mod generate;
 pub mod kernels;

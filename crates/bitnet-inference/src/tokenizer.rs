@@ -87,7 +87,8 @@ impl Tokenizer {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-        let tk = hf::Tokenizer::from_str_json(&text)
+        let tk: hf::Tokenizer = text
+            .parse()
             .map_err(|e| Error::format(path, format!("not a tokenizer.json: {e}")))?;
         let mode = piece_mode(&json);
         let added = tk.get_added_tokens_decoder();
@@ -592,7 +593,7 @@ fn build_byte_level_bpe(
         pairs.push((a.to_string(), b.to_string()));
     }
     let bpe = BPE::builder()
-        .vocab_and_merges(vocab, pairs)
+        .vocab_and_merges(vocab.into_iter().collect::<hf::models::bpe::Vocab>(), pairs)
         .ignore_merges(ignore_merges)
         .build()
         .map_err(|e| Error::config(path, "tokenizer.ggml.merges", e.to_string()))?;
@@ -789,30 +790,9 @@ impl Spm {
         }
         let mut queue = BinaryHeap::new();
         let mut rev_merge: HashMap<&str, (usize, usize)> = HashMap::new();
-        let try_add = |syms: &[Sym],
-                       left: Option<usize>,
-                       right: Option<usize>,
-                       queue: &mut BinaryHeap<Bigram>,
-                       rev: &mut HashMap<&'_ str, (usize, usize)>,
-                       text: &'_ str| {
-            let (Some(l), Some(r)) = (left, right) else {
-                return;
-            };
-            let s = &text[syms[l].start..syms[l].start + syms[l].len + syms[r].len];
-            if let Some(&id) = self.map.get(s) {
-                queue.push(Bigram {
-                    score: self.scores[id as usize],
-                    left: l,
-                    right: r,
-                    size: s.len(),
-                });
-                rev.insert(s, (l, r));
-            }
-        };
-        // Work around closure borrow rules: `text` outlives the map of slices.
         let text_ref: &str = text;
         for i in 1..syms.len() {
-            try_add(&syms, Some(i - 1), Some(i), &mut queue, &mut rev_merge, text_ref);
+            self.try_add(&syms, Some(i - 1), Some(i), &mut queue, &mut rev_merge, text_ref);
         }
         while let Some(b) = queue.pop() {
             let (l, r) = (b.left, b.right);
@@ -827,8 +807,8 @@ impl Spm {
             }
             let prev = syms[l].prev;
             let next = syms[l].next;
-            try_add(&syms, prev, Some(l), &mut queue, &mut rev_merge, text_ref);
-            try_add(&syms, Some(l), next, &mut queue, &mut rev_merge, text_ref);
+            self.try_add(&syms, prev, Some(l), &mut queue, &mut rev_merge, text_ref);
+            self.try_add(&syms, Some(l), next, &mut queue, &mut rev_merge, text_ref);
         }
         let mut i = if syms.is_empty() { None } else { Some(0) };
         while let Some(k) = i {
@@ -836,6 +816,32 @@ impl Spm {
             i = syms[k].next;
         }
         Ok(())
+    }
+
+    /// Queues the pair (left, right) when their joined text is a token, and remembers which
+    /// symbols formed that text (llama.cpp keys this by text; the last pair wins).
+    fn try_add<'t>(
+        &self,
+        syms: &[Sym],
+        left: Option<usize>,
+        right: Option<usize>,
+        queue: &mut BinaryHeap<Bigram>,
+        rev: &mut HashMap<&'t str, (usize, usize)>,
+        text: &'t str,
+    ) {
+        let (Some(l), Some(r)) = (left, right) else {
+            return;
+        };
+        let s = &text[syms[l].start..syms[l].start + syms[l].len + syms[r].len];
+        if let Some(&id) = self.map.get(s) {
+            queue.push(Bigram {
+                score: self.scores[id as usize],
+                left: l,
+                right: r,
+                size: s.len(),
+            });
+            rev.insert(s, (l, r));
+        }
     }
 
     fn resegment(
@@ -1029,10 +1035,12 @@ mod tests {
     fn spm_prefers_best_scoring_pair() {
         let t = tiny_spm();
         let id = |x: &str| t.token_id(x).unwrap();
-        // "▁abc": "bc" (-0.5) merges before "▁a"/"ab"; then "▁" + "a" (-6) beats nothing else:
-        // pairs left are (▁,a) → "▁a" and (a,bc) → "abc" (absent), so ▁a + bc.
-        assert_eq!(t.encode("abc", false).unwrap(), vec![id("▁a"), id("bc")]);
-        assert_eq!(t.encode("abc", true).unwrap(), vec![1, id("▁a"), id("bc")]);
+        // "▁ab": "ab" (-5) beats "▁a" (-6), and "▁ab" is no token: ▁ + ab (a leftmost-first
+        // merge would give ▁a + b).
+        assert_eq!(t.encode("ab", false).unwrap(), vec![id("▁"), id("ab")]);
+        // "▁abc": "bc" (-0.5) first, then "▁a", then "▁a"+"bc" = "▁abc".
+        assert_eq!(t.encode("abc", false).unwrap(), vec![id("▁abc")]);
+        assert_eq!(t.encode("abc", true).unwrap(), vec![1, id("▁abc")]);
         // Byte fallback for "é" (C3 A9) and a lone "d".
         assert_eq!(
             t.encode("é", false).unwrap(),

@@ -1,8 +1,565 @@
 //! GGUF → model: architecture metadata to [`ModelConfig`], tensors to [`ModelWeights`].
-use super::LoadedModel;
+//!
+//! Architectures: `bitnet-25` (microsoft's official 2B-4T file), `bitnet-b1.58`
+//! (ik_llama.cpp / microsoft's converter), `bitnet` (llama.cpp's 1bitLLM conversions) and
+//! `llama` (ordinary Llama models and Llama-architecture ternary conversions).
+//!
+//! # Q/K row order and RoPE
+//!
+//! Our forward pass applies NeoX-style RoPE (`rotate_half`, pairs `i` and `i + d/2`) to Q/K
+//! rows in Hugging Face order.
+//! - `llama`: llama.cpp's `convert_hf_to_gguf.py` (`LlamaModel.modify_tensors`, and the same
+//!   in microsoft/BitNet's `utils/convert-hf-to-gguf-bitnet.py`) permutes the rows of
+//!   `q_proj`/`k_proj` (`reshape(n_head, 2, d/2, in).swapaxes(1, 2)`) so that llama.cpp's
+//!   "normal" RoPE on adjacent pairs is equivalent; llama.cpp's `llama_model_rope_type`
+//!   returns `LLAMA_ROPE_TYPE_NORM` for `LLM_ARCH_LLAMA`. We undo that permutation at load:
+//!   HF row `h·d + j·d/2 + i` is GGUF row `h·d + 2i + j`.
+//! - `bitnet`: llama.cpp's `BitnetModel.modify_tensors` (convert_hf_to_gguf.py) and
+//!   microsoft's `BitnetModel` only ternarize the weights and do not permute, and
+//!   `llama_model_rope_type` lists `LLM_ARCH_BITNET` with the NeoX types. Loaded as stored.
+//! - `bitnet-25`, `bitnet-b1.58`: written by microsoft's BitNet converters (and ported to
+//!   ik_llama.cpp), whose BitNet classes do not call `LlamaModel.permute`; the Llama class
+//!   cannot write these files at all (its tensor map has no `attn_sub_norm`/`ffn_sub_norm`).
+//!   Loaded as stored, with NeoX RoPE, as transformers' `modeling_bitnet.py` does.
+//!
+//! # Ternary weights
+//!
+//! - TQ1_0/TQ2_0: per-256-block f16 scale `d`; the row multiplier is the `d` shared by the
+//!   row's blocks that hold any non-zero trit. If a row's blocks disagree, the whole tensor
+//!   is loaded as a dense f32 matrix instead (exact, slower) rather than computing wrong
+//!   results.
+//! - I2_S: one f32 tensor scale (a multiplier) at byte `n/4`.
+//! - F32/F16/BF16 (or other float/quant types) linears in a BitNet architecture still run
+//!   ternary: if every non-zero weight has the same magnitude `c` (what llama.cpp's and
+//!   microsoft's converters write: `t·c`), trits are the signs and the multiplier is `c`;
+//!   otherwise the weights are master weights and are ternarized as transformers' online
+//!   mode and the 1bitLLM code do: `γ = mean|W|` (f32, floored at 1e-5),
+//!   `t = clamp(round_half_even(W · (1/γ)), -1, 1)`, multiplier `1 / (1/γ)`.
+//! - `llama` files: float/quant linears stay dense (F16/BF16/F32 as stored, other types
+//!   dequantized to f32); ternary-typed tensors (TQ*/I2_S) run ternary.
+//! - Optional llama.cpp `blk.N.<linear>.scale` tensors (one f32) multiply the multiplier.
+//!
+//! # Activation
+//!
+//! `bitnet-25`/`bitnet-b1.58`: ReLU² (llama.cpp's `build_bitnet_158`: `LLM_FFN_RELU_SQR`);
+//! `llama`: SiLU. `bitnet`: llama.cpp's `build_bitnet` always uses `LLM_FFN_SILU` and reads
+//! no metadata for it; we do the same unless the file carries `bitnet.hidden_act`
+//! (a key our converter writes) saying otherwise.
+
+use super::config::{Activation, GenerationDefaults, ModelConfig};
+use super::weights::{LayerWeights, Linear, ModelWeights, RmsNorm};
+use super::{LoadedModel, TensorSummary};
+use crate::formats::ggml::{self, GgmlType};
+use crate::formats::gguf::{GgufFile, GgufTensorInfo};
+use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
+use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
+use half::{bf16, f16};
 use std::path::Path;
 
+/// The architectures this loader reads.
+pub const SUPPORTED_ARCHS: [&str; 4] = ["bitnet-25", "bitnet-b1.58", "bitnet", "llama"];
+
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    Err(Error::format(path, "GGUF loading not yet implemented"))
+    let file = GgufFile::open(path)?;
+    let (config, weights) = load_model(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file.metadata, path)?;
+    let generation = generation_defaults(&file)?;
+    let chat_template = file.opt_str("tokenizer.chat_template")?.map(str::to_string);
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        chat_template,
+        generation,
+        path: path.to_path_buf(),
+        format: format!("GGUF v{}", file.version),
+        tensors: tensor_summaries(&file),
+        metadata: metadata_summary(&file),
+    })
+}
+
+/// Config and weights of an opened file (everything but the tokenizer).
+pub fn load_model(file: &GgufFile) -> Result<(ModelConfig, ModelWeights)> {
+    let config = read_config(file)?;
+    let weights = load_weights(file, &config)?;
+    Ok((config, weights))
+}
+
+/// Every tensor as the file stores it.
+pub fn tensor_summaries(file: &GgufFile) -> Vec<TensorSummary> {
+    file.tensors
+        .iter()
+        .map(|t| TensorSummary {
+            name: t.name.clone(),
+            dtype: t.ggml_type.name().to_string(),
+            shape: t.dims.clone(),
+            bytes: t.n_bytes,
+        })
+        .collect()
+}
+
+fn metadata_summary(file: &GgufFile) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for key in [
+        "general.name",
+        "general.architecture",
+        "general.basename",
+        "general.size_label",
+        "general.finetune",
+        "general.organization",
+        "general.license",
+        "general.file_type",
+        "general.quantization_version",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+    ] {
+        if let Some(v) = file.get(key) {
+            out.push((key.to_string(), v.display()));
+        }
+    }
+    out.push(("general.alignment".into(), file.alignment.to_string()));
+    out
+}
+
+/// BOS/EOS/EOT ids and llama.cpp's `general.sampling.*` defaults.
+pub fn generation_defaults(file: &GgufFile) -> Result<GenerationDefaults> {
+    let mut eos = Vec::new();
+    for key in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ] {
+        if let Some(id) = file.opt_u32(key)? {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    Ok(GenerationDefaults {
+        temperature: file.opt_f32("general.sampling.temp")?,
+        top_k: file.opt_usize("general.sampling.top_k")?,
+        top_p: file.opt_f32("general.sampling.top_p")?,
+        repetition_penalty: file.opt_f32("general.sampling.penalty_repeat")?,
+        eos_token_ids: eos,
+        bos_token_id: file.opt_u32("tokenizer.ggml.bos_token_id")?,
+    })
+}
+
+fn is_bitnet(arch: &str) -> bool {
+    arch != "llama"
+}
+
+/// A per-model integer that llama.cpp also accepts as a per-layer array (all equal here).
+fn uniform_usize(file: &GgufFile, key: &str) -> Result<Option<usize>> {
+    match file.get(key) {
+        Some(v) if v.as_array().is_some() => {
+            let arr = v.as_array().unwrap_or_default();
+            let vals: Vec<u64> = arr.iter().filter_map(|x| x.as_u64()).collect();
+            match vals.first() {
+                Some(&first) if vals.len() == arr.len() && vals.iter().all(|&x| x == first) => {
+                    Ok(Some(first as usize))
+                }
+                _ => Err(Error::config(
+                    &file.path,
+                    key,
+                    "per-layer values that differ are not supported",
+                )),
+            }
+        }
+        _ => file.opt_usize(key),
+    }
+}
+
+/// Reads `{arch}.*` hyper-parameters into a validated [`ModelConfig`].
+pub fn read_config(file: &GgufFile) -> Result<ModelConfig> {
+    let path = &file.path;
+    let arch = file.architecture()?.to_string();
+    if !SUPPORTED_ARCHS.contains(&arch.as_str()) {
+        return Err(Error::config(
+            path,
+            "general.architecture",
+            format!(
+                "`{arch}` is not supported; supported: {}",
+                SUPPORTED_ARCHS.join(", ")
+            ),
+        ));
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let need = |key: String| -> Result<usize> {
+        uniform_usize(file, &key)?
+            .ok_or_else(|| Error::config(path, &key, "missing from the GGUF metadata"))
+    };
+    let hidden_size = need(k("embedding_length"))?;
+    let n_layers = need(k("block_count"))?;
+    let n_heads = need(k("attention.head_count"))?;
+    let n_kv_heads = uniform_usize(file, &k("attention.head_count_kv"))?.unwrap_or(n_heads);
+    let ffn_size = need(k("feed_forward_length"))?;
+    let max_context = need(k("context_length"))?;
+    let rope_theta = file.opt_f32(&k("rope.freq_base"))?.unwrap_or(10000.0);
+    let rms_norm_eps = file.get_f32(&k("attention.layer_norm_rms_epsilon"))?;
+    let head_dim = match file.opt_usize(&k("attention.key_length"))? {
+        Some(d) => d,
+        None => {
+            if n_heads == 0 || hidden_size % n_heads != 0 {
+                return Err(Error::config(
+                    path,
+                    k("attention.head_count"),
+                    format!("{n_heads} heads do not divide the embedding length {hidden_size}"),
+                ));
+            }
+            hidden_size / n_heads
+        }
+    };
+    if let Some(vd) = file.opt_usize(&k("attention.value_length"))? {
+        if vd != head_dim {
+            return Err(Error::config(
+                path,
+                k("attention.value_length"),
+                format!("{vd} differs from the key length {head_dim}; not supported"),
+            ));
+        }
+    }
+    if let Some(rd) = file.opt_usize(&k("rope.dimension_count"))? {
+        if rd != head_dim {
+            return Err(Error::config(
+                path,
+                k("rope.dimension_count"),
+                format!("{rd} differs from the head dimension {head_dim}; partial RoPE is not supported"),
+            ));
+        }
+    }
+    let vocab_size = match file.opt_usize(&k("vocab_size"))? {
+        Some(v) => v,
+        None => {
+            let t = file
+                .tensor("token_embd.weight")
+                .ok_or_else(|| Error::tensor(path, "token_embd.weight", "missing"))?;
+            t.dims.get(1).copied().unwrap_or(0) as usize
+        }
+    };
+    let activation = match arch.as_str() {
+        "bitnet-25" | "bitnet-b1.58" => Activation::Relu2,
+        "llama" => Activation::Silu,
+        _ => match file.opt_str(&k("hidden_act"))? {
+            None => Activation::Silu,
+            Some(name) => Activation::from_hidden_act(name).ok_or_else(|| {
+                Error::config(path, k("hidden_act"), format!("unknown activation `{name}`"))
+            })?,
+        },
+    };
+    let has_sub_norms = file.tensor("blk.0.attn_sub_norm.weight").is_some()
+        || file.tensor("blk.0.ffn_sub_norm.weight").is_some();
+    let tied_embeddings = file.tensor("output.weight").is_none();
+    let config = ModelConfig {
+        architecture: arch,
+        hidden_size,
+        n_layers,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        ffn_size,
+        vocab_size,
+        max_context,
+        rope_theta,
+        rms_norm_eps,
+        activation,
+        has_sub_norms,
+        tied_embeddings,
+    };
+    config.validate(path)?;
+    Ok(config)
+}
+
+struct Loader<'a> {
+    file: &'a GgufFile,
+    config: &'a ModelConfig,
+}
+
+/// Drops trailing 1-sized dimensions (`[576, 1]` is `[576]`).
+fn trimmed(dims: &[u64]) -> &[u64] {
+    let mut n = dims.len();
+    while n > 1 && dims[n - 1] == 1 {
+        n -= 1;
+    }
+    &dims[..n]
+}
+
+impl<'a> Loader<'a> {
+    fn err(&self, name: &str, msg: impl Into<String>) -> Error {
+        Error::tensor(&self.file.path, name, msg)
+    }
+
+    /// The tensor, checked to have `dims` (ggml order).
+    fn get(&self, name: &str, dims: &[usize]) -> Result<&'a GgufTensorInfo> {
+        let t = self.file.tensor(name).ok_or_else(|| self.err(name, "missing"))?;
+        let want: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+        if trimmed(&t.dims) != trimmed(&want) {
+            return Err(self.err(
+                name,
+                format!(
+                    "expected shape {want:?} (ggml order), found {:?}",
+                    t.dims
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
+    fn data(&self, t: &GgufTensorInfo) -> Result<&'a [u8]> {
+        self.file.tensor_data(t)
+    }
+
+    fn norm(&self, name: &str, len: usize) -> Result<RmsNorm> {
+        let t = self.get(name, &[len])?;
+        let mut weight = vec![0f32; len];
+        ggml::dequantize_row(t.ggml_type, self.data(t)?, &mut weight)
+            .map_err(|e| self.err(name, e.to_string()))?;
+        Ok(RmsNorm {
+            weight,
+            eps: self.config.rms_norm_eps,
+        })
+    }
+
+    /// Decodes source row `r` of a float/quant tensor `[rows, cols]` to f32.
+    fn row_f32(&self, t: &GgufTensorInfo, data: &[u8], r: usize, cols: usize, out: &mut [f32]) -> Result<()> {
+        let rb = t
+            .ggml_type
+            .row_bytes(cols)
+            .ok_or_else(|| self.err(&t.name, format!("{} rows cannot be decoded one at a time", t.ggml_type.name())))?;
+        ggml::dequantize_row(t.ggml_type, &data[r * rb..(r + 1) * rb], out)
+            .map_err(|e| self.err(&t.name, e.to_string()))
+    }
+
+    /// A dense `[rows, cols]` matrix whose row `r` is source row `map(r)`: F32/F16/BF16
+    /// kept as stored, other types dequantized to f32.
+    fn dense(&self, t: &GgufTensorInfo, rows: usize, cols: usize, map: &dyn Fn(usize) -> usize) -> Result<DenseMatrix> {
+        let data = self.data(t)?;
+        let n = rows * cols;
+        let d = match t.ggml_type {
+            GgmlType::F16 => DenseData::F16(gather2(data, rows, cols, map, |b| {
+                f16::from_le_bytes(b)
+            })),
+            GgmlType::BF16 => DenseData::BF16(gather2(data, rows, cols, map, |b| {
+                bf16::from_le_bytes(b)
+            })),
+            GgmlType::I2_S => {
+                let scale = ggml::i2s_scale(data, n).map_err(|e| self.err(&t.name, e.to_string()))?;
+                let mut v = vec![0f32; n];
+                let mut trits = vec![0i8; cols];
+                for r in 0..rows {
+                    ggml::i2s_decode(data, map(r) * cols, &mut trits)
+                        .map_err(|e| self.err(&t.name, e.to_string()))?;
+                    for (o, &tr) in v[r * cols..(r + 1) * cols].iter_mut().zip(&trits) {
+                        *o = tr as f32 * scale;
+                    }
+                }
+                DenseData::F32(v)
+            }
+            _ => {
+                let mut v = vec![0f32; n];
+                for r in 0..rows {
+                    self.row_f32(t, data, map(r), cols, &mut v[r * cols..(r + 1) * cols])?;
+                }
+                DenseData::F32(v)
+            }
+        };
+        DenseMatrix::new(rows, cols, d).map_err(|e| self.err(&t.name, e.to_string()))
+    }
+
+    /// The optional llama.cpp per-linear scale `<base>.scale` (one value).
+    fn extra_scale(&self, weight_name: &str) -> Result<f32> {
+        let name = format!("{}.scale", weight_name.trim_end_matches(".weight"));
+        match self.file.tensor(&name) {
+            None => Ok(1.0),
+            Some(t) => {
+                let t = self.get(&name, &[1])?;
+                let mut v = [0f32; 1];
+                ggml::dequantize_row(t.ggml_type, self.data(t)?, &mut v)
+                    .map_err(|e| self.err(&name, e.to_string()))?;
+                Ok(v[0])
+            }
+        }
+    }
+
+    /// A linear `W: [out, in]` (GGUF dims `[in, out]`).
+    fn linear(&self, name: &str, in_f: usize, out_f: usize, map: &dyn Fn(usize) -> usize) -> Result<Linear> {
+        let t = self.get(name, &[in_f, out_f])?;
+        let extra = self.extra_scale(name)?;
+        let data = self.data(t)?;
+        let ty = t.ggml_type;
+        let (rows, cols) = (out_f, in_f);
+        match ty {
+            GgmlType::TQ1_0 | GgmlType::TQ2_0 => {
+                let rb = ty.row_bytes(cols).ok_or_else(|| self.err(name, "bad row length"))?;
+                let mut mixed = false;
+                let built = TernaryMatrix::from_rows(rows, cols, |r, trits| {
+                    let src = map(r);
+                    let scales = ggml::ternary_row(ty, &data[src * rb..(src + 1) * rb], trits)?;
+                    let mut d: Option<f32> = None;
+                    for (blk, &s) in trits.chunks(ggml::QK_K).zip(&scales) {
+                        if blk.iter().any(|&x| x != 0) {
+                            match d {
+                                None => d = Some(s),
+                                Some(prev) if prev.to_bits() == s.to_bits() => {}
+                                Some(_) => {
+                                    mixed = true;
+                                    return Err(Error::Invalid("mixed block scales".into()));
+                                }
+                            }
+                        }
+                    }
+                    Ok(d.unwrap_or(0.0) * extra)
+                });
+                match built {
+                    Ok(m) => Ok(Linear::ternary(m)),
+                    Err(_) if mixed => {
+                        let m = self.dense(t, rows, cols, map)?;
+                        Ok(Linear::dense(scale_dense(m, extra)?))
+                    }
+                    Err(e) => Err(self.err(name, e.to_string())),
+                }
+            }
+            GgmlType::I2_S => {
+                let scale = ggml::i2s_scale(data, rows * cols).map_err(|e| self.err(name, e.to_string()))?;
+                let m = TernaryMatrix::from_rows(rows, cols, |r, trits| {
+                    ggml::i2s_decode(data, map(r) * cols, trits)?;
+                    Ok(scale * extra)
+                })
+                .map_err(|e| self.err(name, e.to_string()))?;
+                Ok(Linear::ternary(m))
+            }
+            _ if !ty.can_dequantize() => Err(self.err(
+                name,
+                format!("type {} cannot be decoded", ty.name()),
+            )),
+            _ if is_bitnet(&self.config.architecture) => self.ternarize(t, rows, cols, extra, map),
+            _ => {
+                let m = self.dense(t, rows, cols, map)?;
+                Ok(Linear::dense(scale_dense(m, extra)?))
+            }
+        }
+    }
+
+    /// Float weights of a BitNet linear → ternary (see the module docs).
+    fn ternarize(&self, t: &GgufTensorInfo, rows: usize, cols: usize, extra: f32, map: &dyn Fn(usize) -> usize) -> Result<Linear> {
+        let data = self.data(t)?;
+        let mut row = vec![0f32; cols];
+        let mut sum_abs = 0f64;
+        let mut magnitude: Option<f32> = None;
+        let mut single_magnitude = true;
+        for r in 0..rows {
+            self.row_f32(t, data, r, cols, &mut row)?;
+            for &w in &row {
+                let a = w.abs();
+                sum_abs += a as f64;
+                if a != 0.0 && single_magnitude {
+                    match magnitude {
+                        None => magnitude = Some(a),
+                        Some(c) if c == a => {}
+                        Some(_) => single_magnitude = false,
+                    }
+                }
+            }
+        }
+        let (inv, mult) = match magnitude {
+            Some(c) if single_magnitude => (1.0 / c, c),
+            _ => {
+                let gamma = ((sum_abs / (rows * cols).max(1) as f64) as f32).max(1e-5);
+                let inv = 1.0 / gamma;
+                (inv, 1.0 / inv)
+            }
+        };
+        let m = TernaryMatrix::from_rows(rows, cols, |r, trits| {
+            self.row_f32(t, data, map(r), cols, &mut row)?;
+            for (o, &w) in trits.iter_mut().zip(&row) {
+                *o = (w * inv).round_ties_even().clamp(-1.0, 1.0) as i8;
+            }
+            Ok(mult * extra)
+        })
+        .map_err(|e| self.err(&t.name, e.to_string()))?;
+        Ok(Linear::ternary(m))
+    }
+}
+
+fn gather2<T>(data: &[u8], rows: usize, cols: usize, map: &dyn Fn(usize) -> usize, conv: impl Fn([u8; 2]) -> T) -> Vec<T> {
+    let mut v = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let src = &data[map(r) * cols * 2..(map(r) + 1) * cols * 2];
+        v.extend(src.chunks_exact(2).map(|b| conv([b[0], b[1]])));
+    }
+    v
+}
+
+fn scale_dense(m: DenseMatrix, s: f32) -> Result<DenseMatrix> {
+    if s == 1.0 {
+        return Ok(m);
+    }
+    let (rows, cols) = (m.rows(), m.cols());
+    let mut v = vec![0f32; rows * cols];
+    for r in 0..rows {
+        m.row_to_f32(r, &mut v[r * cols..(r + 1) * cols]);
+    }
+    v.iter_mut().for_each(|x| *x *= s);
+    DenseMatrix::new(rows, cols, DenseData::F32(v))
+}
+
+/// HF row of a llama.cpp-permuted Q/K matrix → its GGUF row (see the module docs).
+pub fn unpermute_row(r: usize, head_dim: usize) -> usize {
+    let half = head_dim / 2;
+    let (h, w) = (r / head_dim, r % head_dim);
+    let (j, i) = (w / half, w % half);
+    h * head_dim + 2 * i + j
+}
+
+/// Loads and validates every tensor the config implies.
+pub fn load_weights(file: &GgufFile, config: &ModelConfig) -> Result<ModelWeights> {
+    let l = Loader { file, config };
+    let c = config;
+    let (h, q, kv, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.ffn_size);
+    let ident = |r: usize| r;
+    let hd = c.head_dim;
+    let unperm = move |r: usize| unpermute_row(r, hd);
+    let qk_map: &dyn Fn(usize) -> usize = if c.architecture == "llama" { &unperm } else { &ident };
+
+    let emb = l.get("token_embd.weight", &[h, c.vocab_size])?;
+    let token_embedding = l.dense(emb, c.vocab_size, h, &ident)?;
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let n = |s: &str| format!("blk.{i}.{s}.weight");
+        let sub = |s: &str, len: usize| -> Result<Option<RmsNorm>> {
+            if c.has_sub_norms {
+                l.norm(&n(s), len).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        layers.push(LayerWeights {
+            attn_norm: l.norm(&n("attn_norm"), h)?,
+            q_proj: l.linear(&n("attn_q"), h, q, qk_map)?,
+            k_proj: l.linear(&n("attn_k"), h, kv, qk_map)?,
+            v_proj: l.linear(&n("attn_v"), h, kv, &ident)?,
+            attn_sub_norm: sub("attn_sub_norm", q)?,
+            o_proj: l.linear(&n("attn_output"), q, h, &ident)?,
+            ffn_norm: l.norm(&n("ffn_norm"), h)?,
+            gate_proj: l.linear(&n("ffn_gate"), h, ff, &ident)?,
+            up_proj: l.linear(&n("ffn_up"), h, ff, &ident)?,
+            ffn_sub_norm: sub("ffn_sub_norm", ff)?,
+            down_proj: l.linear(&n("ffn_down"), ff, h, &ident)?,
+        });
+    }
+    let output_norm = l.norm("output_norm.weight", h)?;
+    let lm_head = if c.tied_embeddings {
+        None
+    } else {
+        // The lm_head is never ternary in these models: keep it dense.
+        let t = l.get("output.weight", &[h, c.vocab_size])?;
+        Some(Linear::dense(l.dense(t, c.vocab_size, h, &ident)?))
+    };
+    Ok(ModelWeights {
+        token_embedding,
+        layers,
+        output_norm,
+        lm_head,
+    })
 }

@@ -1,8 +1,845 @@
 //! Hugging Face model directory → model.
-use super::LoadedModel;
-use crate::{Error, Result};
-use std::path::Path;
+//!
+//! Reads `config.json` (transformers 4 and 5 spellings), the safetensors weights (single file
+//! or shards), `generation_config.json`, `tokenizer_config.json` / `chat_template.jinja` and
+//! `tokenizer.json`.
+//!
+//! Variants, each read exactly as transformers 5 (or the model's own code) runs it:
+//! - `quantization_config.quant_method = "bitnet"` (BitNet 2B-4T, Llama-architecture 1.58-bit
+//!   models such as HF1BitLLM/Llama3-8B-1.58 and Falcon3 1.58bit):
+//!   - `linear_class = "bitlinear"` (default; `quantization_mode` is ignored by that class):
+//!     `uint8 [out/4, in]` packed trits (bits `2i..2i+1` of packed row `r` hold row
+//!     `r + i·out/4`, code − 1) and a one-element `weight_scale`; `y = dot / (s · weight_scale)`,
+//!     so the multiplier is `1 / weight_scale`.
+//!   - `linear_class = "autobitlinear"`, `quantization_mode = "offline"`: weights stored as
+//!     ternary floats `[out, in]` or packed like above; `y = dot / s · weight_scale`.
+//!   - `linear_class = "autobitlinear"`, `quantization_mode = "online"`: float master weights
+//!     ternarized here exactly as transformers' `WeightQuant`: in f32,
+//!     `scale = 1 / max(mean|W|, 1e-5)`, `t = clamp(round_half_even(W·scale), -1, 1)`; the
+//!     multiplier is `1 / scale` rounded to the weight's dtype (transformers returns
+//!     `(t / scale).to(dtype)`).
+//!   - `use_rms_norm`: an RMSNorm (`<linear>.rms_norm.weight`, ε = the quantization config's
+//!     `rms_norm_eps`) on each converted linear's input.
+//!   - `modules_to_not_convert`: listed modules stay float; when the key is absent transformers
+//!     skips the output embedding (lm_head); when it is a list, only what it lists.
+//! - 1bitLLM checkpoints (`architectures = ["BitnetForCausalLM"]`, custom code, no
+//!   quantization_config): fp16 masters ternarized like `online` mode; sub-norms
+//!   `self_attn.inner_attn_ln` / `mlp.ffn_layernorm`; SiLU.
+//! - No quantization_config otherwise: a plain float model with `Linear::dense` linears. That is
+//!   what transformers does for `BitNetForCausalLM` too (it keeps `nn.Linear`), so such a
+//!   BitNet directory loads as a float model with its sub-norms, and the format string and
+//!   metadata say so.
+//!
+//! Sub-norms: BitNet `self_attn.attn_sub_norm`, `mlp.ffn_sub_norm`; Llama has none.
 
-pub fn load(path: &Path) -> Result<LoadedModel> {
-    Err(Error::format(path, "HF loading not yet implemented"))
+use super::{
+    Activation, GenerationDefaults, LayerWeights, Linear, LoadedModel, ModelConfig, ModelWeights,
+    RmsNorm, TensorSummary,
+};
+use crate::formats::safetensors::{Dtype, SafetensorsModel, TensorRef};
+use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use half::{bf16, f16};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// How the ternary linears of a model are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightScheme {
+    /// Float linears (`nn.Linear`).
+    Float,
+    /// transformers `BitLinear`: packed uint8 + `weight_scale` (divided).
+    BitLinear,
+    /// transformers `AutoBitLinear`, offline: ternary (float or packed) + `weight_scale`
+    /// (multiplied).
+    AutoBitLinearOffline,
+    /// Float masters ternarized at load (`AutoBitLinear` online, 1bitLLM `BitLinear`).
+    Online,
+}
+
+impl WeightScheme {
+    fn describe(self) -> &'static str {
+        match self {
+            WeightScheme::Float => "float",
+            WeightScheme::BitLinear => "HF packed (bitlinear, offline)",
+            WeightScheme::AutoBitLinearOffline => "HF ternary (autobitlinear, offline)",
+            WeightScheme::Online => "float masters ternarized at load (online)",
+        }
+    }
+}
+
+/// The model family as far as the loader cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// transformers `BitNetForCausalLM` (`model_type = "bitnet"`).
+    BitNet,
+    /// 1bitLLM `BitnetForCausalLM` custom code.
+    OneBitLlm,
+    /// `LlamaForCausalLM`.
+    Llama,
+}
+
+/// The parsed `quantization_config` of a BitNet-quantized model.
+#[derive(Debug, Clone)]
+struct QuantConfig {
+    scheme: WeightScheme,
+    linear_class: String,
+    mode: String,
+    /// `Some(eps)` when `use_rms_norm` is set.
+    input_norm_eps: Option<f32>,
+    /// `None`: transformers' default skips (the output embedding).
+    modules_to_not_convert: Option<Vec<String>>,
+}
+
+/// Loads a Hugging Face model directory.
+pub fn load(dir: &Path) -> Result<LoadedModel> {
+    let config_path = dir.join("config.json");
+    let json = read_json(&config_path)?;
+    let st = SafetensorsModel::open_dir(dir)?;
+    let hf = HfConfig::parse(&config_path, &json, &st)?;
+    let weights = load_weights(&hf, &st)?;
+
+    let generation = read_generation(dir, &json)?;
+    let chat_template = read_chat_template(dir)?;
+    let tokenizer = load_tokenizer(dir)?;
+
+    let mut tensors: Vec<TensorSummary> = st
+        .names()
+        .filter_map(|n| st.tensor(n))
+        .map(|t| TensorSummary {
+            name: t.name.to_string(),
+            dtype: t.dtype.to_string(),
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+            bytes: t.data.len() as u64,
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let format = format!(
+        "safetensors{}, {}",
+        if st.files().len() > 1 {
+            format!(" ({} shards)", st.files().len())
+        } else {
+            String::new()
+        },
+        hf.scheme.describe()
+    );
+    Ok(LoadedModel {
+        config: hf.config,
+        weights,
+        tokenizer,
+        chat_template,
+        generation,
+        path: dir.to_path_buf(),
+        format,
+        tensors,
+        metadata: hf.metadata,
+    })
+}
+
+/// The directory's `tokenizer.json`, without loading weights.
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let tokenizer_path = dir.join("tokenizer.json");
+    if !tokenizer_path.is_file() {
+        return Err(Error::Tokenizer(format!(
+            "{}: missing (the model directory needs a Hugging Face tokenizer.json)",
+            tokenizer_path.display()
+        )));
+    }
+    Tokenizer::from_file(&tokenizer_path)
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
+}
+
+/// Typed access to a JSON object's keys with errors naming the file and key.
+struct Keys<'a> {
+    path: &'a Path,
+    obj: &'a serde_json::Map<String, Value>,
+    /// Prefix for nested keys in errors (`quantization_config.`).
+    prefix: &'a str,
+}
+
+impl<'a> Keys<'a> {
+    fn new(path: &'a Path, v: &'a Value, prefix: &'a str) -> Result<Self> {
+        let obj = v.as_object().ok_or_else(|| {
+            let what = if prefix.is_empty() {
+                "the file"
+            } else {
+                prefix.trim_end_matches('.')
+            };
+            Error::format(path, format!("{what} is not a JSON object"))
+        })?;
+        Ok(Self { path, obj, prefix })
+    }
+
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::config(self.path, format!("{}{key}", self.prefix), msg)
+    }
+
+    /// The value, treating JSON `null` as absent.
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+        }
+    }
+
+    fn usize_req(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?
+            .ok_or_else(|| self.err(key, "missing (required)"))
+    }
+
+    fn f32_opt(&self, key: &str) -> Result<Option<f32>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+        }
+    }
+
+    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    fn str_opt(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+        }
+    }
+
+    /// An int or a list of ints (token ids).
+    fn ids_opt(&self, key: &str) -> Result<Vec<u32>> {
+        let bad = |v: &Value| self.err(key, format!("expected a token id or a list of them, found {v}"));
+        let one = |v: &Value| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad(v))
+        };
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items.iter().map(one).collect(),
+            Some(v) => Ok(vec![one(v)?]),
+        }
+    }
+}
+
+/// Everything `config.json` (and the tensor names) decide.
+struct HfConfig {
+    config: ModelConfig,
+    family: Family,
+    scheme: WeightScheme,
+    quant: Option<QuantConfig>,
+    /// The weights' source, for error messages about tensors that are not in one file.
+    metadata: Vec<(String, String)>,
+    /// Untied lm_head present and used.
+    untied_lm_head: bool,
+}
+
+impl HfConfig {
+    fn parse(path: &Path, json: &Value, st: &SafetensorsModel) -> Result<Self> {
+        let k = Keys::new(path, json, "")?;
+        let model_type = k.str_opt("model_type")?.unwrap_or("");
+        let architecture = match k.get("architectures") {
+            Some(Value::Array(a)) => a.first().and_then(|v| v.as_str()).unwrap_or("").to_string(),
+            Some(v) => return Err(k.err("architectures", format!("expected a list, found {v}"))),
+            None => String::new(),
+        };
+        let quant_json = k.get("quantization_config");
+        let one_bit_llm = quant_json.is_none()
+            && (architecture == "BitnetForCausalLM"
+                || st.contains("model.layers.0.self_attn.inner_attn_ln.weight"));
+        let family = if one_bit_llm {
+            Family::OneBitLlm
+        } else if model_type == "bitnet" || architecture == "BitNetForCausalLM" {
+            Family::BitNet
+        } else if model_type == "llama" || architecture == "LlamaForCausalLM" {
+            Family::Llama
+        } else {
+            return Err(k.err(
+                "model_type",
+                format!(
+                    "`{model_type}` (architecture `{architecture}`) is not supported; expected \
+                     bitnet, llama or a 1bitLLM BitnetForCausalLM checkpoint"
+                ),
+            ));
+        };
+
+        let quant = match quant_json {
+            None => None,
+            Some(q) => Some(parse_quant(path, q)?),
+        };
+        let scheme = match (&quant, family) {
+            (Some(q), _) => q.scheme,
+            (None, Family::OneBitLlm) => WeightScheme::Online,
+            (None, _) => WeightScheme::Float,
+        };
+
+        // transformers 5 defaults per config class.
+        let (default_act, default_eps, default_theta) = match family {
+            Family::BitNet => ("relu2", 1e-5, 500000.0),
+            Family::OneBitLlm => ("silu", 1e-6, 10000.0),
+            Family::Llama => ("silu", 1e-6, 10000.0),
+        };
+        let hidden_size = k.usize_req("hidden_size")?;
+        let n_layers = k.usize_req("num_hidden_layers")?;
+        let n_heads = k.usize_req("num_attention_heads")?;
+        let ffn_size = k.usize_req("intermediate_size")?;
+        let vocab_size = k.usize_req("vocab_size")?;
+        let n_kv_heads = k.usize_opt("num_key_value_heads")?.unwrap_or(n_heads);
+        if n_heads == 0 {
+            return Err(k.err("num_attention_heads", "must be greater than 0"));
+        }
+        let head_dim = k.usize_opt("head_dim")?.unwrap_or(hidden_size / n_heads);
+        let max_context = k.usize_opt("max_position_embeddings")?.unwrap_or(2048);
+        let rms_norm_eps = k.f32_opt("rms_norm_eps")?.unwrap_or(default_eps);
+        let hidden_act = k.str_opt("hidden_act")?.unwrap_or(default_act);
+        let activation = Activation::from_hidden_act(hidden_act).ok_or_else(|| {
+            k.err(
+                "hidden_act",
+                format!("`{hidden_act}` is not supported (expected relu2 or silu)"),
+            )
+        })?;
+        let rope_theta = parse_rope(&k, default_theta)?;
+        for key in ["attention_bias", "mlp_bias"] {
+            if k.bool_opt(key)? == Some(true) {
+                return Err(k.err(key, "biases are not supported"));
+            }
+        }
+        if k.usize_opt("pretraining_tp")?.is_some_and(|tp| tp > 1) {
+            return Err(k.err("pretraining_tp", "tensor-parallel slicing is not supported"));
+        }
+
+        let has_sub_norms = matches!(family, Family::BitNet | Family::OneBitLlm);
+        let tie = k.bool_opt("tie_word_embeddings")?.unwrap_or(false);
+        let has_lm_head = st.contains("lm_head.weight");
+        let untied_lm_head = !tie && has_lm_head;
+
+        let config = ModelConfig {
+            architecture: if architecture.is_empty() {
+                model_type.to_string()
+            } else {
+                architecture.clone()
+            },
+            hidden_size,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn_size,
+            vocab_size,
+            max_context,
+            rope_theta,
+            rms_norm_eps,
+            activation,
+            has_sub_norms,
+            tied_embeddings: !untied_lm_head,
+        };
+        config.validate(path)?;
+        if has_sub_norms && config.q_dim() != hidden_size {
+            return Err(k.err(
+                "head_dim",
+                format!(
+                    "{n_heads} heads × {head_dim} = {} must equal hidden_size {hidden_size}: the \
+                     attention sub-norm spans hidden_size",
+                    config.q_dim()
+                ),
+            ));
+        }
+
+        let mut metadata = vec![
+            ("model_type".to_string(), model_type.to_string()),
+            ("architecture".to_string(), config.architecture.clone()),
+            ("weights".to_string(), scheme.describe().to_string()),
+        ];
+        if let Some(dtype) = k.str_opt("torch_dtype")?.or(k.str_opt("dtype")?) {
+            metadata.push(("dtype".into(), dtype.to_string()));
+        }
+        if let Some(q) = &quant {
+            metadata.push(("quantization".into(), format!(
+                "bitnet: linear_class {}, mode {}{}",
+                q.linear_class,
+                q.mode,
+                if q.input_norm_eps.is_some() { ", use_rms_norm" } else { "" }
+            )));
+        }
+        if family == Family::BitNet && quant.is_none() {
+            metadata.push((
+                "warning".into(),
+                "BitNet config without quantization_config: transformers runs it as a plain \
+                 float model, and so does this engine"
+                    .into(),
+            ));
+        }
+        if !tie && !has_lm_head {
+            metadata.push((
+                "warning".into(),
+                "tie_word_embeddings is false but there is no lm_head.weight: using the token \
+                 embedding as the output layer"
+                    .into(),
+            ));
+        }
+        if st.files().len() > 1 {
+            metadata.push(("shards".into(), st.files().len().to_string()));
+        }
+        Ok(Self {
+            config,
+            family,
+            scheme,
+            quant,
+            metadata,
+            untied_lm_head,
+        })
+    }
+
+    /// Whether transformers replaces module `name` (e.g. `model.layers.0.mlp.up_proj`) by a
+    /// BitNet linear.
+    fn converts(&self, name: &str) -> bool {
+        match &self.quant {
+            None => self.scheme != WeightScheme::Float && name != "lm_head",
+            Some(q) => match &q.modules_to_not_convert {
+                None => name != "lm_head",
+                Some(patterns) => !patterns.iter().any(|p| module_matches(name, p)),
+            },
+        }
+    }
+}
+
+/// transformers' `should_convert_module` matching (without its regular expressions): `pattern`
+/// matches `name` from the start up to a module boundary, or as a suffix.
+fn module_matches(name: &str, pattern: &str) -> bool {
+    let pattern = pattern.strip_suffix(".weight").unwrap_or(pattern);
+    name.ends_with(pattern)
+        || name
+            .strip_prefix(pattern)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || pattern.ends_with('.'))
+}
+
+fn parse_quant(path: &Path, q: &Value) -> Result<QuantConfig> {
+    let k = Keys::new(path, q, "quantization_config.")?;
+    let method = k.str_opt("quant_method")?.unwrap_or("");
+    if method != "bitnet" {
+        return Err(k.err(
+            "quant_method",
+            format!("`{method}` is not supported (only bitnet)"),
+        ));
+    }
+    let linear_class = k.str_opt("linear_class")?.unwrap_or("bitlinear").to_string();
+    let mode = k.str_opt("quantization_mode")?.unwrap_or("offline").to_string();
+    if !matches!(mode.as_str(), "offline" | "online") {
+        return Err(k.err(
+            "quantization_mode",
+            format!("`{mode}` is not online or offline"),
+        ));
+    }
+    let scheme = match (linear_class.as_str(), mode.as_str()) {
+        // BitLinear ignores the mode: it always holds packed weights.
+        ("bitlinear", _) => WeightScheme::BitLinear,
+        ("autobitlinear", "offline") => WeightScheme::AutoBitLinearOffline,
+        ("autobitlinear", _) => WeightScheme::Online,
+        (other, _) => {
+            return Err(k.err(
+                "linear_class",
+                format!("`{other}` is not bitlinear or autobitlinear"),
+            ))
+        }
+    };
+    let input_norm_eps = if k.bool_opt("use_rms_norm")?.unwrap_or(false) {
+        Some(k.f32_opt("rms_norm_eps")?.unwrap_or(1e-6))
+    } else {
+        None
+    };
+    let modules_to_not_convert = match k.get("modules_to_not_convert") {
+        None => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        k.err("modules_to_not_convert", format!("expected module names, found {v}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        Some(v) => {
+            return Err(k.err(
+                "modules_to_not_convert",
+                format!("expected a list, found {v}"),
+            ))
+        }
+    };
+    Ok(QuantConfig {
+        scheme,
+        linear_class,
+        mode,
+        input_norm_eps,
+        modules_to_not_convert,
+    })
+}
+
+/// RoPE θ from `rope_parameters` (transformers 5), `rope_scaling` + top-level `rope_theta`
+/// (transformers 4), or the model type's default. Only plain (unscaled) RoPE is supported.
+fn parse_rope(k: &Keys<'_>, default_theta: f32) -> Result<f32> {
+    let mut theta = k.f32_opt("rope_theta")?;
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(v) = k.get(key) else { continue };
+        let obj = v
+            .as_object()
+            .ok_or_else(|| k.err(key, format!("expected an object, found {v}")))?;
+        let rope_type = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        if rope_type != "default" {
+            return Err(k.err(
+                &format!("{key}.rope_type"),
+                format!("`{rope_type}` RoPE scaling is not supported (only default)"),
+            ));
+        }
+        if let Some(t) = obj.get("rope_theta").filter(|t| !t.is_null()) {
+            let t = t.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                k.err(&format!("{key}.rope_theta"), format!("expected a number, found {t}"))
+            })?;
+            theta = Some(t as f32);
+        }
+    }
+    Ok(theta.unwrap_or(default_theta))
+}
+
+fn load_weights(hf: &HfConfig, st: &SafetensorsModel) -> Result<ModelWeights> {
+    let c = &hf.config;
+    let embed = st.require("model.embed_tokens.weight")?;
+    embed.expect_shape(&[c.vocab_size, c.hidden_size])?;
+    let token_embedding = dense_matrix(&embed)?;
+    let output_norm = norm(st, "model.norm.weight", c.hidden_size, c.rms_norm_eps)?;
+    let lm_head = if hf.untied_lm_head {
+        Some(linear(hf, st, "lm_head", c.vocab_size, c.hidden_size)?)
+    } else {
+        None
+    };
+    if lm_head.is_none() && hf.converts("lm_head") {
+        return Err(Error::config(
+            st.source(),
+            "quantization_config.modules_to_not_convert",
+            "converts lm_head to a BitNet linear, but the embeddings are tied: a ternary tied \
+             lm_head is not supported",
+        ));
+    }
+    let (attn_sub, ffn_sub) = match hf.family {
+        Family::BitNet => ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
+        Family::OneBitLlm => ("self_attn.inner_attn_ln", "mlp.ffn_layernorm"),
+        Family::Llama => ("", ""),
+    };
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let p = format!("model.layers.{i}");
+        let sub = |name: &str, n: usize| -> Result<Option<RmsNorm>> {
+            if c.has_sub_norms {
+                Ok(Some(norm(st, &format!("{p}.{name}.weight"), n, c.rms_norm_eps)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let h = c.hidden_size;
+        layers.push(LayerWeights {
+            attn_norm: norm(st, &format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
+            q_proj: linear(hf, st, &format!("{p}.self_attn.q_proj"), c.q_dim(), h)?,
+            k_proj: linear(hf, st, &format!("{p}.self_attn.k_proj"), c.kv_dim(), h)?,
+            v_proj: linear(hf, st, &format!("{p}.self_attn.v_proj"), c.kv_dim(), h)?,
+            attn_sub_norm: sub(attn_sub, h)?,
+            o_proj: linear(hf, st, &format!("{p}.self_attn.o_proj"), h, c.q_dim())?,
+            ffn_norm: norm(
+                st,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                c.rms_norm_eps,
+            )?,
+            gate_proj: linear(hf, st, &format!("{p}.mlp.gate_proj"), c.ffn_size, h)?,
+            up_proj: linear(hf, st, &format!("{p}.mlp.up_proj"), c.ffn_size, h)?,
+            ffn_sub_norm: sub(ffn_sub, c.ffn_size)?,
+            down_proj: linear(hf, st, &format!("{p}.mlp.down_proj"), h, c.ffn_size)?,
+        });
+    }
+    Ok(ModelWeights {
+        token_embedding,
+        layers,
+        output_norm,
+        lm_head,
+    })
+}
+
+fn norm(st: &SafetensorsModel, name: &str, n: usize, eps: f32) -> Result<RmsNorm> {
+    let t = st.require(name)?;
+    t.expect_shape(&[n])?;
+    Ok(RmsNorm {
+        weight: t.to_f32_vec()?,
+        eps,
+    })
+}
+
+/// A 2-D float tensor kept in its file precision.
+fn dense_matrix(t: &TensorRef<'_>) -> Result<DenseMatrix> {
+    let [rows, cols] = *t.shape else {
+        return Err(t.error(format!("expected a 2-D tensor, found shape {:?}", t.shape)));
+    };
+    let data = match t.dtype {
+        Dtype::BF16 => DenseData::BF16(t.to_bf16_vec()?),
+        Dtype::F16 => DenseData::F16(t.to_f16_vec()?),
+        Dtype::F32 => DenseData::F32(t.to_f32_vec()?),
+        other => {
+            return Err(t.error(format!(
+                "dtype {other} is not a float type (expected BF16, F16 or F32)"
+            )))
+        }
+    };
+    DenseMatrix::new(rows, cols, data).map_err(|e| t.error(e.to_string()))
+}
+
+/// One linear `[out, in]` named `module` (without `.weight`), in the model's scheme.
+fn linear(
+    hf: &HfConfig,
+    st: &SafetensorsModel,
+    module: &str,
+    out: usize,
+    inp: usize,
+) -> Result<Linear> {
+    let w = st.require(&format!("{module}.weight"))?;
+    let bias = format!("{module}.bias");
+    if st.contains(&bias) {
+        return Err(Error::tensor(st.source(), bias, "linear biases are not supported"));
+    }
+    let converted = hf.converts(module);
+    let scheme = if converted { hf.scheme } else { WeightScheme::Float };
+    let mut lin = match scheme {
+        WeightScheme::Float => {
+            w.expect_shape(&[out, inp])?;
+            Linear::dense(dense_matrix(&w)?)
+        }
+        WeightScheme::BitLinear => {
+            let ws = weight_scale(st, module)?;
+            Linear::ternary(packed_ternary(&w, out, inp, 1.0 / ws)?)
+        }
+        WeightScheme::AutoBitLinearOffline => {
+            let ws = weight_scale(st, module)?;
+            // transformers unpacks a uint8 weight whose rows × 4 equal out_features.
+            if w.dtype == Dtype::U8 && w.shape.first().map(|r| r * 4) == Some(out) {
+                Linear::ternary(packed_ternary(&w, out, inp, ws)?)
+            } else {
+                Linear::ternary(float_ternary(&w, out, inp, ws)?)
+            }
+        }
+        WeightScheme::Online => Linear::ternary(online_ternary(&w, out, inp)?),
+    };
+    if converted {
+        if let Some(eps) = hf.quant.as_ref().and_then(|q| q.input_norm_eps) {
+            lin.input_norm = Some(norm(st, &format!("{module}.rms_norm.weight"), inp, eps)?);
+        }
+    }
+    Ok(lin)
+}
+
+fn weight_scale(st: &SafetensorsModel, module: &str) -> Result<f32> {
+    let t = st.require(&format!("{module}.weight_scale"))?;
+    let s = t.scalar_f32()?;
+    if !(s.is_finite() && s != 0.0) {
+        return Err(t.error(format!("weight_scale {s} is not a finite non-zero number")));
+    }
+    Ok(s)
+}
+
+/// transformers' packed layout: `uint8 [out/4, in]`; bits `2i..2i+1` of packed row `p` hold
+/// row `p + i·out/4` as `trit + 1`.
+pub fn packed_ternary(w: &TensorRef<'_>, out: usize, inp: usize, multiplier: f32) -> Result<TernaryMatrix> {
+    w.expect_dtype(&[Dtype::U8])?;
+    if out % 4 != 0 {
+        return Err(w.error(format!(
+            "packed weights need out_features divisible by 4, found {out}"
+        )));
+    }
+    let packed_rows = out / 4;
+    w.expect_shape(&[packed_rows, inp])?;
+    TernaryMatrix::from_rows(out, inp, |r, trits| {
+        let (p, shift) = (r % packed_rows, 2 * (r / packed_rows));
+        let row = &w.data[p * inp..(p + 1) * inp];
+        for (c, (t, &byte)) in trits.iter_mut().zip(row).enumerate() {
+            let code = (byte >> shift) & 3;
+            if code == 3 {
+                return Err(w.error(format!(
+                    "packed code 3 (not a trit) for row {r}, column {c} (byte {p},{c})"
+                )));
+            }
+            *t = code as i8 - 1;
+        }
+        Ok(multiplier)
+    })
+}
+
+/// Float weights that hold exactly -1, 0 or +1.
+fn float_ternary(w: &TensorRef<'_>, out: usize, inp: usize, multiplier: f32) -> Result<TernaryMatrix> {
+    w.expect_shape(&[out, inp])?;
+    w.expect_dtype(&[Dtype::BF16, Dtype::F16, Dtype::F32])?;
+    let mut row = vec![0.0f32; inp];
+    TernaryMatrix::from_rows(out, inp, |r, trits| {
+        w.row_f32(r, &mut row)?;
+        for (c, (t, &v)) in trits.iter_mut().zip(&row).enumerate() {
+            *t = match v {
+                -1.0 => -1,
+                0.0 => 0,
+                1.0 => 1,
+                _ => {
+                    return Err(w.error(format!(
+                        "offline autobitlinear weight {v} at ({r},{c}) is not -1, 0 or 1"
+                    )))
+                }
+            };
+        }
+        Ok(multiplier)
+    })
+}
+
+/// The ternarization of transformers' `WeightQuant` (and 1bitLLM's `weight_quant`), in f32:
+/// `scale = 1 / max(mean|W|, 1e-5)`; returns `scale`.
+pub fn online_scale(w: &TensorRef<'_>) -> Result<f32> {
+    let [rows, cols] = *w.shape else {
+        return Err(w.error(format!("expected a 2-D tensor, found shape {:?}", w.shape)));
+    };
+    let mut row = vec![0.0f32; cols];
+    // torch sums f32 with pairwise/vectorized partial sums; an f64 sum rounded once is the
+    // correctly rounded f32 sum, which torch's result matches except in rare last-bit cases.
+    let mut sum = 0.0f64;
+    for r in 0..rows {
+        w.row_f32(r, &mut row)?;
+        sum += row.iter().map(|v| v.abs() as f64).sum::<f64>();
+    }
+    // CPU `mean` is `sum / n` in the tensor's dtype.
+    let mean = (sum as f32) / (rows * cols) as f32;
+    Ok(1.0f32 / mean.max(1e-5f32))
+}
+
+fn online_ternary(w: &TensorRef<'_>, out: usize, inp: usize) -> Result<TernaryMatrix> {
+    w.expect_shape(&[out, inp])?;
+    w.expect_dtype(&[Dtype::BF16, Dtype::F16, Dtype::F32])?;
+    let scale = online_scale(w)?;
+    // transformers returns `(t / scale).to(dtype)`: the effective weight magnitude is
+    // 1/scale in f32, rounded to the weight's dtype.
+    let inv = 1.0f32 / scale;
+    let multiplier = match w.dtype {
+        Dtype::BF16 => bf16::from_f32(inv).to_f32(),
+        Dtype::F16 => f16::from_f32(inv).to_f32(),
+        _ => inv,
+    };
+    let mut row = vec![0.0f32; inp];
+    TernaryMatrix::from_rows(out, inp, |r, trits| {
+        w.row_f32(r, &mut row)?;
+        for (t, &v) in trits.iter_mut().zip(&row) {
+            *t = (v * scale).round_ties_even().clamp(-1.0, 1.0) as i8;
+        }
+        Ok(multiplier)
+    })
+}
+
+/// `generation_config.json` (if any), falling back to `config.json`'s token ids.
+fn read_generation(dir: &Path, config: &Value) -> Result<GenerationDefaults> {
+    let path = dir.join("generation_config.json");
+    let config_path = dir.join("config.json");
+    let ck = Keys::new(&config_path, config, "")?;
+    let mut g = GenerationDefaults {
+        eos_token_ids: ck.ids_opt("eos_token_id")?,
+        bos_token_id: ck.ids_opt("bos_token_id")?.first().copied(),
+        ..Default::default()
+    };
+    if !path.is_file() {
+        return Ok(g);
+    }
+    let json = read_json(&path)?;
+    let k = Keys::new(&path, &json, "")?;
+    let eos = k.ids_opt("eos_token_id")?;
+    if !eos.is_empty() {
+        g.eos_token_ids = eos;
+    }
+    if let Some(&bos) = k.ids_opt("bos_token_id")?.first() {
+        g.bos_token_id = Some(bos);
+    }
+    g.temperature = k.f32_opt("temperature")?;
+    g.top_k = k.usize_opt("top_k")?;
+    g.top_p = k.f32_opt("top_p")?;
+    g.repetition_penalty = k.f32_opt("repetition_penalty")?;
+    // transformers decodes greedily when do_sample is false, whatever the temperature says.
+    if k.bool_opt("do_sample")? == Some(false) {
+        g.temperature = Some(0.0);
+    }
+    Ok(g)
+}
+
+/// `chat_template.jinja` (transformers ≥ 4.43 writes it there), else `tokenizer_config.json`'s
+/// `chat_template`: a string, or a list of `{name, template}` of which "default" is used.
+fn read_chat_template(dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja)
+            .map(Some)
+            .map_err(|e| Error::io(&jinja, e));
+    }
+    let path: PathBuf = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let json = read_json(&path)?;
+    let k = Keys::new(&path, &json, "")?;
+    match k.get("chat_template") {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Array(items)) => {
+            for item in items {
+                if item.get("name").and_then(|n| n.as_str()) == Some("default") {
+                    return match item.get("template").and_then(|t| t.as_str()) {
+                        Some(t) => Ok(Some(t.to_string())),
+                        None => Err(k.err("chat_template", "the `default` entry has no template string")),
+                    };
+                }
+            }
+            Err(k.err("chat_template", "a list of templates without one named `default`"))
+        }
+        Some(v) => Err(k.err("chat_template", format!("expected a string or a list, found {v}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_patterns_match_like_transformers() {
+        assert!(module_matches("lm_head", "lm_head"));
+        assert!(module_matches("model.layers.1.mlp.up_proj", "model.layers.1"));
+        assert!(!module_matches("model.layers.11.mlp.up_proj", "model.layers.1"));
+        assert!(module_matches("model.layers.3.mlp.down_proj", "down_proj"));
+        assert!(!module_matches("model.layers.3.mlp.gate_proj", "mlp.gate"));
+        assert!(module_matches("lm_head", "lm_head.weight"));
+    }
 }

@@ -67,3 +67,15 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         }
     }
 }
+
+/// Only the tokenizer of a model (GGUF metadata or the directory's `tokenizer.json`),
+/// without loading weights.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        load_hf::load_tokenizer(path)
+    } else {
+        let file = crate::formats::gguf::GgufFile::open(path)?;
+        Tokenizer::from_gguf(&file.metadata, path)
+    }
+}

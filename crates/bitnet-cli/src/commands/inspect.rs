@@ -1,0 +1,82 @@
+use bitnet_inference::model::{self, LinearWeights};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF file or model directory.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Context size to size the KV cache for (default: the model's).
+    #[arg(short = 'c', long = "ctx-size")]
+    ctx_size: Option<usize>,
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let m = model::load(&a.model)?;
+    let c = &m.config;
+    println!("model:        {}", m.path.display());
+    println!("format:       {}", m.format);
+    for (k, v) in &m.metadata {
+        println!("  {k}: {v}");
+    }
+    println!("architecture: {}", c.architecture);
+    println!(
+        "shape:        hidden {}, layers {}, heads {} (kv {}, head_dim {}), ffn {}, vocab {}",
+        c.hidden_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_size, c.vocab_size
+    );
+    println!(
+        "              context {}, rope θ {}, rms ε {}, activation {}, sub-norms {}, tied embeddings {}",
+        c.max_context,
+        c.rope_theta,
+        c.rms_norm_eps,
+        c.activation.name(),
+        c.has_sub_norms,
+        c.tied_embeddings
+    );
+    let layer0 = m.weights.layers.first();
+    if let Some(l) = layer0 {
+        let kind = |w: &LinearWeights| match w {
+            LinearWeights::Ternary(_) => "ternary (W1.58A8)",
+            LinearWeights::Dense(d) => d.data().type_name(),
+        };
+        println!(
+            "linears:      q {} | ffn down {}",
+            kind(&l.q_proj.weights),
+            kind(&l.down_proj.weights)
+        );
+    }
+    println!(
+        "lm_head:      {}",
+        match &m.weights.lm_head {
+            None => format!(
+                "tied to the token embedding ({})",
+                m.weights.token_embedding.data().type_name()
+            ),
+            Some(h) => h.kind_name().to_string(),
+        }
+    );
+    println!("tokenizer:    {}", m.tokenizer.describe());
+    match &m.chat_template {
+        Some(t) => println!("chat template ({} chars):\n{t}", t.len()),
+        None => println!("chat template: none in the files (BitNet 2B-4T format used)"),
+    }
+    println!("\ntensors ({}):", m.tensors.len());
+    let mut file_bytes = 0u64;
+    for t in &m.tensors {
+        file_bytes += t.bytes;
+        println!("  {:<48} {:>6} {:?} {} B", t.name, t.dtype, t.shape, t.bytes);
+    }
+    let ctx = a.ctx_size.unwrap_or(c.max_context);
+    let weights = m.weights.memory_bytes();
+    let kv = c.n_layers * 2 * ctx * c.kv_dim() * 4;
+    println!("\nmemory:");
+    println!("  tensors in file:   {}", mib(file_bytes as usize));
+    println!("  weights in memory: {} (repacked)", mib(weights));
+    println!("  KV cache (f32):    {} for {ctx} tokens", mib(kv));
+    println!("  total:             {}", mib(weights + kv));
+    Ok(())
+}

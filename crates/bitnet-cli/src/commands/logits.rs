@@ -1,0 +1,47 @@
+use super::load;
+use bitnet_inference::formats::npy;
+use bitnet_inference::model::BatchEntry;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF file or model directory.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Comma-separated token ids, run as one sequence from position 0.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+    /// Output .npy file: float32 [n_ids, vocab].
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+/// Always exact: activations between layers and the KV cache are f32 in every mode this
+/// engine has.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let m = load(&a.model)?;
+    let n = a.ids.len();
+    let vocab = m.model.config.vocab_size;
+    let mut state = m.model.new_state(1, n, n)?;
+    let batch: Vec<BatchEntry> = a
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| BatchEntry {
+            token,
+            pos,
+            slot: 0,
+            logits: true,
+        })
+        .collect();
+    m.model.forward(&batch, &mut state)?;
+    let mut all = Vec::with_capacity(n * vocab);
+    for i in 0..n {
+        all.extend_from_slice(state.logits(i));
+    }
+    let file = std::fs::File::create(&a.output)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.output.display()))?;
+    npy::write_f32(std::io::BufWriter::new(file), &[n, vocab], &all)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.output.display()))?;
+    Ok(())
+}
