@@ -60,22 +60,25 @@ def torch_dt(kind):
 
 
 # ---- variants --------------------------------------------------------------------------------
+FULL = dict(h=256, nh=4, ffn=512)   # multiples of 256: TQ1_0/TQ2_0 rows
+SMALL = dict(h=128, nh=2, ffn=256)  # master-weight variants (2 bytes a weight) kept small for the size budget
 VARIANTS = {
-    "bitnet-packed": dict(seed=1, arch="bitnet", act="relu2", sub=True, tied=True, nkv=2, storage="bitlinear",
+    "bitnet-packed": dict(**FULL, seed=1, arch="bitnet", act="relu2", sub=True, tied=True, nkv=2, storage="bitlinear",
                           fdt=BF16, rope="top"),
-    "bitnet-autobitlinear": dict(seed=2, arch="bitnet", act="relu2", sub=True, tied=True, nkv=2,
+    "bitnet-autobitlinear": dict(**FULL, seed=2, arch="bitnet", act="relu2", sub=True, tied=True, nkv=2,
                                  storage="autobitlinear", fdt=BF16, rope="params"),
-    "bitnet-online-bf16": dict(seed=3, arch="bitnet", act="relu2", sub=True, tied=True, nkv=2, storage="online",
+    "bitnet-online-bf16": dict(**SMALL, seed=3, arch="bitnet", act="relu2", sub=True, tied=True, nkv=1, storage="online",
                                fdt=BF16, rope="params"),
-    "onebitllm": dict(seed=4, arch="onebitllm", act="silu", sub=True, tied=False, nkv=NH, storage="online",
+    "onebitllm": dict(**SMALL, seed=4, arch="onebitllm", act="silu", sub=True, tied=False, nkv=2, storage="online",
                       fdt=F16, rope="top"),
-    "llama-bitnet": dict(seed=5, arch="llama", act="silu", sub=False, tied=False, nkv=2, storage="bitlinear",
+    "llama-bitnet": dict(**FULL, seed=5, arch="llama", act="silu", sub=False, tied=False, nkv=2, storage="bitlinear",
                          fdt=BF16, rope="top"),
 }
 LIN = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
-def lin_shape(name, nkv):
+def lin_shape(name, spec):
+    H, NH, FFN, nkv = spec["h"], spec["nh"], spec["ffn"], spec["nkv"]
     return {"q": (NH * HD, H), "k": (nkv * HD, H), "v": (nkv * HD, H), "o": (H, NH * HD),
             "gate": (FFN, H), "up": (FFN, H), "down": (H, FFN)}[name]
 
@@ -84,6 +87,7 @@ def make_params(spec):
     """Canonical parameters: float32 arrays whose values are exact in the storage dtype."""
     rng = np.random.default_rng(spec["seed"])
     fdt = spec["fdt"]
+    H, FFN = spec["h"], spec["ffn"]
     P = {}
     e = rnd(rng.standard_normal((V, H)).astype(np.float32) * 0.3, fdt)
     small = np.abs(e) < 2.0 ** -10  # keep bf16 values inside f16's normal range (GGUF token_embd is F16)
@@ -101,7 +105,7 @@ def make_params(spec):
             P[f"{l}.attn_sub_norm"] = norm(H)
             P[f"{l}.ffn_sub_norm"] = norm(FFN)
         for n in LIN:
-            shape = lin_shape(n, spec["nkv"])
+            shape = lin_shape(n, spec)
             t = rng.integers(-1, 2, size=shape).astype(np.int8)
             if spec["storage"] == "bitlinear":
                 # weight_scale is a power of two: exact in bf16/f16/f32, and so is its inverse
@@ -173,6 +177,7 @@ def hf_tensors(P, spec, names1bit=False):
 
 def hf_config(spec, oracle_for_1bit=False):
     fdt_name = "bfloat16" if spec["fdt"] == BF16 else "float16"
+    H, NH, FFN = spec["h"], spec["nh"], spec["ffn"]
     c = dict(vocab_size=V, hidden_size=H, intermediate_size=FFN, num_hidden_layers=L, num_attention_heads=NH,
              num_key_value_heads=spec["nkv"], hidden_act=spec["act"], max_position_embeddings=CTX,
              initializer_range=0.02, rms_norm_eps=EPS, use_cache=True, bos_token_id=BOS, eos_token_id=EOS,
@@ -320,7 +325,7 @@ def harden(model, P, spec, rng):
                 for j in bad:
                     if prod == "v":
                         h, dd = divmod(j, HD)
-                        rows.add((h // (NH // spec["nkv"])) * HD + dd)
+                        rows.add((h // (spec["nh"] // spec["nkv"])) * HD + dd)
                     else:
                         rows.add(j)
                 for r in sorted(rows):
@@ -349,6 +354,7 @@ def check_margins(caps):
 # ---- independent reference forward (for wrong-scheme margins) --------------------------------
 def ref_forward(P, spec, act="token", kv16=False, dt=torch.float32, f64=False):
     cdt = torch.float64 if f64 else torch.float32
+    NH = spec["nh"]
 
     def R(x):
         return x.to(dt).to(cdt) if dt != torch.float32 else x
@@ -450,6 +456,7 @@ def pack_i2s(t, scale):
 
 def write_gguf(path, P, spec, qtype, tokenizer=None):
     w = gguf.GGUFWriter(str(path), GGUF_ARCH)
+    H, NH, FFN = spec["h"], spec["nh"], spec["ffn"]
     ftype = {"F32": 0, "TQ1_0": 36, "TQ2_0": 37, "I2_S": 40}[qtype]
     w.add_name(f"fixture {path.stem}")
     w.add_file_type(ftype)
@@ -486,7 +493,15 @@ def write_gguf(path, P, spec, qtype, tokenizer=None):
 
 
 def add_ternary(w, name, p, qtype):
-    dense = p["t"].astype(np.float32) * np.float32(p["mult"])
+    if "w" in p:
+        # master weights: exactly the f32 values transformers' online WeightQuant produces (and that
+        # microsoft's preprocess/convert pipeline writes): round(W/gamma).clamp(-1,1) / (1/gamma)
+        w32 = torch.from_numpy(p["w"]).float()
+        sc = 1.0 / w32.abs().mean().clamp(min=1e-5)
+        dense = ((w32 * sc).round().clamp(-1, 1) / sc).numpy()
+        assert qtype == "F32"
+    else:
+        dense = p["t"].astype(np.float32) * np.float32(p["mult"])
     if qtype == "F32":
         w.add_tensor(name, dense)
     elif qtype == "I2_S":
@@ -549,7 +564,9 @@ def add_gguf_tokenizer(w, tok):
 def main():
     t0 = time.time()
     torch.manual_seed(0)
-    OUT.mkdir(parents=True, exist_ok=True)
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True)
     manifest = {"generator": "tools/make_fixtures.py", "transformers": transformers.__version__,
                 "torch": torch.__version__.split("+")[0], "gguf": "0.19", "ids_file": "ids.json",
                 "logits_file": "logits.npy (float32 [n_tokens, vocab])", "activation_margin_int8": MARGIN,
@@ -582,20 +599,22 @@ def main():
             logits, caps = run_capture(model, spec)
             worst = check_margins(caps)
             assert torch.equal(logits, mem_logits), "reloaded model differs from the hardened in-memory model"
-        write_hf(d, P, spec, tokenizer=tokenizer if name == "bitnet-packed" else None)
+        write_hf(d, P, spec, tokenizer=tokenizer)
         (d / "ids.json").write_text(json.dumps({"ids": IDS}) + "\n")
         np.save(d / "logits.npy", logits.numpy().astype(np.float32))
 
         # independent reference and wrong schemes
         ref = ref_forward(P, spec)
+        b256 = spec["h"] % 256 == 0 and spec["ffn"] % 256 == 0
         ref64 = ref_forward(P, spec, f64=True)
         o = logits
         r = {"ref_f32_vs_oracle": float((ref - o).abs().max()),
              "ref_f64_vs_oracle": float((ref64 - o).abs().max()),
              "no_act_quant": float((ref_forward(P, spec, act="none") - o).abs().max()),
              "block32_q8": float((ref_forward(P, spec, act="block32") - o).abs().max()),
-             "block256_q8": float((ref_forward(P, spec, act="block256") - o).abs().max()),
-             "q8_k_256": float((ref_forward(P, spec, act="q8k") - o).abs().max()),
+             # blocks of 256 need widths that are multiples of 256 (not the SMALL variants)
+             "block256_q8": float((ref_forward(P, spec, act="block256") - o).abs().max()) if b256 else None,
+             "q8_k_256": float((ref_forward(P, spec, act="q8k") - o).abs().max()) if b256 else None,
              "kv_f16": float((ref_forward(P, spec, kv16=True) - o).abs().max()),
              "bf16_compute": float((ref_forward(P, spec, dt=torch.bfloat16) - o).abs().max()),
              "logit_abs_max": float(o.abs().max()), "min_act_margin": worst, **stats}
@@ -603,7 +622,7 @@ def main():
         assert r["ref_f32_vs_oracle"] < 1e-3 and r["ref_f64_vs_oracle"] < 1e-3, r
         for k in ["no_act_quant", "block32_q8", "kv_f16", "bf16_compute"]:
             assert r[k] > 0.04, (name, k, r[k])
-        print(f"{name}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+        print(f"{name}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) and v is not None else f"{k}={v}" for k, v in r.items()),
               flush=True)
 
         fmt = {"bitlinear": "hf-safetensors packed uint8 [out/4,in] + weight_scale (divide)",
@@ -627,9 +646,9 @@ def main():
             if gd.exists():
                 shutil.rmtree(gd)
             gd.mkdir()
-            for qt in ["I2_S", "TQ2_0", "TQ1_0", "F32"]:
+            for qt in ["I2_S", "TQ2_0", "TQ1_0"]:
                 fn = f"model-{qt.lower().replace('_', '')}.gguf"
-                tk = tokenizer if qt == "TQ2_0" else None
+                tk = tokenizer
                 write_gguf(gd / fn, P, spec, qt, tokenizer=tk)
                 manifest["fixtures"].append({
                     "name": f"bitnet-packed-gguf/{qt}", "path": f"bitnet-packed-gguf/{fn}", "format": "gguf",
@@ -639,6 +658,20 @@ def main():
                                  "activations the logits match bitnet-packed/logits.npy; with llama.cpp's Q8_K "
                                  "activations they differ by about wrong_scheme q8_k_256")})
             (gd / "ids.json").write_text(json.dumps({"ids": IDS}) + "\n")
+        if name == "bitnet-online-bf16":
+            gd = OUT / "bitnet-online-bf16-gguf"
+            if gd.exists():
+                shutil.rmtree(gd)
+            gd.mkdir()
+            write_gguf(gd / "model-f32.gguf", P, spec, "F32", tokenizer=tokenizer)
+            (gd / "ids.json").write_text(json.dumps({"ids": IDS}) + "\n")
+            manifest["fixtures"].append({
+                "name": "bitnet-online-bf16-gguf/F32", "path": "bitnet-online-bf16-gguf/model-f32.gguf",
+                "format": "gguf", "architecture": GGUF_ARCH, "weights": "F32 (ternary x gamma as floats)",
+                "tokenizer": True, "ids": "bitnet-online-bf16/ids.json", "logits": "bitnet-online-bf16/logits.npy",
+                "expected": ("the ternarized bitnet-online-bf16 weights stored as f32 (t / (1/gamma)): logits match "
+                             "bitnet-online-bf16/logits.npy whether the engine runs them dense or re-ternarizes "
+                             "them (every row's nonzeros have one magnitude per tensor)")})
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (OUT / "margins.json").write_text(json.dumps(report, indent=2) + "\n")
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())

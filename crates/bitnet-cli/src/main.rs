@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "bitnet", version, about = "Exact, fast inference for BitNet b1.58 models")]
+#[command(
+    name = "bitnet",
+    version,
+    about = "Exact, fast inference for BitNet b1.58 models"
+)]
 struct Cli {
     /// Worker threads for the matrix kernels (default: all cores).
     #[arg(short = 't', long, global = true, env = "BITNET_THREADS")]
@@ -27,6 +31,8 @@ enum Command {
     Logits(commands::logits::Args),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(commands::perplexity::Args),
+    /// Measure prompt processing (pp) and generation (tg) speed, as llama-bench does.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,5 +58,6 @@ fn try_main() -> anyhow::Result<()> {
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Perplexity(a) => commands::perplexity::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     }
 }

@@ -3,6 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The ids of a fixture's `ids.json` (`{"ids": [...]}`).
+fn read_ids(text: std::io::Result<String>) -> Vec<u32> {
+    let v: serde_json::Value = serde_json::from_str(&text.unwrap()).unwrap();
+    serde_json::from_value(v["ids"].clone()).unwrap()
+}
+
 fn bitnet(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bitnet"))
         .args(args)
@@ -43,10 +49,9 @@ fn temp_dir(name: &str) -> PathBuf {
 fn logits_command_writes_the_oracle_logits() {
     let dir = temp_dir("logits");
     let out = dir.join("logits.npy");
-    let ids: Vec<u32> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("bitnet-packed/ids.json")).unwrap(),
-    )
-    .unwrap();
+    let ids: Vec<u32> = read_ids(std::fs::read_to_string(
+        fixtures().join("bitnet-packed/ids.json"),
+    ));
     let ids_arg: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
     let o = bitnet(&[
         "logits",
@@ -73,11 +78,25 @@ fn logits_command_writes_the_oracle_logits() {
 
 #[test]
 fn inspect_describes_the_model() {
-    let o = bitnet(&["inspect", "-m", fixtures().join("bitnet-packed").to_str().unwrap()]);
+    let o = bitnet(&[
+        "inspect",
+        "-m",
+        fixtures().join("bitnet-packed").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    for want in ["hidden 256", "layers 2", "relu2", "ternary", "model.layers.0.self_attn.q_proj.weight", "KV cache"] {
-        assert!(text.contains(want), "inspect output lacks {want:?}:\n{text}");
+    for want in [
+        "hidden 256",
+        "layers 2",
+        "relu2",
+        "ternary",
+        "model.layers.0.self_attn.q_proj.weight",
+        "KV cache",
+    ] {
+        assert!(
+            text.contains(want),
+            "inspect output lacks {want:?}:\n{text}"
+        );
     }
 }
 
@@ -104,7 +123,15 @@ fn truncated_gguf_names_the_file() {
     let cut = dir.join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
     assert_clean_error(
-        &bitnet(&["logits", "-m", cut.to_str().unwrap(), "--ids", "1,2", "-o", dir.join("x.npy").to_str().unwrap()]),
+        &bitnet(&[
+            "logits",
+            "-m",
+            cut.to_str().unwrap(),
+            "--ids",
+            "1,2",
+            "-o",
+            dir.join("x.npy").to_str().unwrap(),
+        ]),
         &["cut.gguf"],
     );
 }

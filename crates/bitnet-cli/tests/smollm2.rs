@@ -77,5 +77,8 @@ fn perplexity_on_gpl3_matches_the_f32_reference() {
         .strip_prefix("PPL = ")
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no PPL line in {out:?}"));
-    assert!((ppl - 18.198).abs() / 18.198 < 0.005, "PPL {ppl}, expected ≈ 18.198");
+    assert!(
+        (ppl - 18.198).abs() / 18.198 < 0.005,
+        "PPL {ppl}, expected ≈ 18.198"
+    );
 }

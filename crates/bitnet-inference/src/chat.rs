@@ -116,11 +116,27 @@ fn strftime_now(format: String) -> String {
 
 fn strftime_utc(format: &str, secs: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     const DAYS: [&str; 7] = [
-        "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
     ];
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
@@ -339,20 +355,12 @@ mod tests {
 
     #[test]
     fn tojson_writes_like_python() {
-        let t = ChatTemplate::new(
-            "{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ 'a<b>&é' | tojson }}",
-            "",
-            "",
-        )
-        .unwrap();
-        // render through a message-free context: x is defined by a set
         let t2 = ChatTemplate::new(
             "{% set x = {'b': [1, 2.5, true, none], 'a': 'q\"'} %}{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ 'a<b>&é' | tojson }}|{{ x | tojson(sort_keys=true) }}",
             "",
             "",
         )
         .unwrap();
-        drop(t);
         assert_eq!(
             t2.render(&[], false).unwrap(),
             "{\"b\": [1, 2.5, true, null], \"a\": \"q\\\"\"}|{\n  \"b\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"a\": \"q\\\"\"\n}|\"a<b>&é\"|{\"a\": \"q\\\"\", \"b\": [1, 2.5, true, null]}"
@@ -367,7 +375,11 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", " hi ")], false).unwrap(), "HI");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", " hi ")], false)
+                .unwrap(),
+            "HI"
+        );
         let e = t
             .render(&[ChatMessage::new("tool", "x")], false)
             .unwrap_err()

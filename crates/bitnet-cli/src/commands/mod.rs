@@ -1,5 +1,6 @@
 //! One module per subcommand; shared model loading here.
 
+pub mod bench;
 pub mod inspect;
 pub mod logits;
 pub mod perplexity;

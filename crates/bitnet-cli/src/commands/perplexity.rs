@@ -27,12 +27,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
     let tokens = m.tokenizer.encode(&text, true)?;
     // llama.cpp puts BOS at the start of every chunk when the model adds one.
-    let adds_bos = m.tokenizer.bos_id().is_some() && tokens.first() == m.tokenizer.bos_id().as_ref();
+    let adds_bos =
+        m.tokenizer.bos_id().is_some() && tokens.first() == m.tokenizer.bos_id().as_ref();
     let bos = if adds_bos { m.tokenizer.bos_id() } else { None };
     eprintln!(
         "{} tokens, {} chunks of {}",
         tokens.len(),
-        a.chunks.map_or(tokens.len() / a.ctx_size, |c| c.min(tokens.len() / a.ctx_size)),
+        a.chunks.map_or(tokens.len() / a.ctx_size, |c| c
+            .min(tokens.len() / a.ctx_size)),
         a.ctx_size
     );
     let started = std::time::Instant::now();

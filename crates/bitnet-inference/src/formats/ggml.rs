@@ -526,12 +526,7 @@ pub fn pack_tq(ty: GgmlType, trits: &[i8], scales: &[f32]) -> Result<Vec<u8>> {
                     }
                 }
             }
-            other => {
-                return Err(Error::Invalid(format!(
-                    "{} is not a TQ type",
-                    other.name()
-                )))
-            }
+            other => return Err(Error::Invalid(format!("{} is not a TQ type", other.name()))),
         }
         out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
     }
@@ -543,7 +538,9 @@ mod tests {
     use super::*;
 
     fn trit_pattern(n: usize, seed: usize) -> Vec<i8> {
-        (0..n).map(|i| ((i * 7 + seed * 13 + i / 5) % 3) as i8 - 1).collect()
+        (0..n)
+            .map(|i| ((i * 7 + seed * 13 + i / 5) % 3) as i8 - 1)
+            .collect()
     }
 
     #[test]
@@ -564,7 +561,10 @@ mod tests {
     #[test]
     fn floats_decode() {
         let mut out = [0f32; 2];
-        let b: Vec<u8> = [1.5f32, -2.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let b: Vec<u8> = [1.5f32, -2.25]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         dequantize_row(GgmlType::F32, &b, &mut out).unwrap();
         assert_eq!(out, [1.5, -2.25]);
         let b: Vec<u8> = [0.5f32, -3.0]

@@ -319,7 +319,10 @@ impl GgufFile {
         let magic = c.arr::<4>("magic").map_err(|_| {
             Error::format(
                 path,
-                format!("not a GGUF file: {} bytes, too short for the magic", map.len()),
+                format!(
+                    "not a GGUF file: {} bytes, too short for the magic",
+                    map.len()
+                ),
             )
         })?;
         if &magic != b"GGUF" {
@@ -505,7 +508,10 @@ impl GgufFile {
         let start = self
             .data_offset
             .checked_add(info.offset)
-            .filter(|s| s.checked_add(info.n_bytes).is_some_and(|e| e <= self.map.len() as u64))
+            .filter(|s| {
+                s.checked_add(info.n_bytes)
+                    .is_some_and(|e| e <= self.map.len() as u64)
+            })
             .ok_or_else(|| {
                 Error::tensor(
                     &self.path,
@@ -540,14 +546,21 @@ impl GgufFile {
         Error::config(
             &self.path,
             key,
-            format!("expected {expected}, found {} {}", v.type_name(), v.display()),
+            format!(
+                "expected {expected}, found {} {}",
+                v.type_name(),
+                v.display()
+            ),
         )
     }
 
     /// A non-negative integer of any width; `None` if absent, an error if mistyped.
     pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
         self.get(key)
-            .map(|v| v.as_u64().ok_or_else(|| self.wrong(key, v, "a non-negative integer")))
+            .map(|v| {
+                v.as_u64()
+                    .ok_or_else(|| self.wrong(key, v, "a non-negative integer"))
+            })
             .transpose()
     }
     pub fn get_u64(&self, key: &str) -> Result<u64> {
@@ -801,11 +814,17 @@ mod tests {
         assert_eq!(f.get_str_array("a.strs").unwrap(), vec!["x", "yz"]);
         assert!(f.get_bool("a.bool").unwrap());
         let err = f.get_u64("a.i8").unwrap_err().to_string();
-        assert!(err.contains("a.i8") && err.contains("non-negative"), "{err}");
+        assert!(
+            err.contains("a.i8") && err.contains("non-negative"),
+            "{err}"
+        );
         let err = f.get_str("nope").unwrap_err().to_string();
         assert!(err.contains("`nope`") && err.contains("missing"), "{err}");
         let err = f.get_f32("a.str").unwrap_err().to_string();
-        assert!(err.contains("a.str") && err.contains("expected a float"), "{err}");
+        assert!(
+            err.contains("a.str") && err.contains("expected a float"),
+            "{err}"
+        );
         let t = f.tensor("t").unwrap();
         assert_eq!(t.dims, vec![3, 2]);
         let data = f.tensor_data(t).unwrap();

@@ -2,5 +2,5 @@
 
 pub mod ggml;
 pub mod gguf;
-pub mod safetensors;
 pub mod npy;
+pub mod safetensors;

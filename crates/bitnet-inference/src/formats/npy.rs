@@ -10,8 +10,7 @@ pub fn write_f32(mut w: impl Write, shape: &[usize], data: &[f32]) -> std::io::R
         1 => format!("({},)", dims[0]),
         _ => format!("({})", dims.join(", ")),
     };
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Magic (6) + version (2) + length (2) + header + '\n' is padded to a multiple of 64.
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
@@ -59,7 +58,11 @@ pub fn read_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), String> {
     let data = &bytes[start + header_len..];
     let n: usize = shape.iter().product();
     if data.len() != n * 4 {
-        return Err(format!("expected {} data bytes, found {}", n * 4, data.len()));
+        return Err(format!(
+            "expected {} data bytes, found {}",
+            n * 4,
+            data.len()
+        ));
     }
     let values = data
         .chunks_exact(4)

@@ -52,14 +52,11 @@ impl SafetensorsFile {
         // are not expected to change under a running engine, the same assumption every
         // mmap-based loader (safetensors, llama.cpp) makes.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap[..])
-            .map_err(|e| {
+        let (header_len, metadata) =
+            safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
                 Error::format(
                     path,
-                    format!(
-                        "not a valid safetensors file ({} bytes): {e}",
-                        mmap.len()
-                    ),
+                    format!("not a valid safetensors file ({} bytes): {e}", mmap.len()),
                 )
             })?;
         // read_metadata checked 8 + header_len + data == file length.
@@ -191,10 +188,7 @@ impl<'a> TensorRef<'a> {
     pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
         let cols = self.cols()?;
         if out.len() != cols {
-            return Err(self.error(format!(
-                "row buffer of {} for rows of {cols}",
-                out.len()
-            )));
+            return Err(self.error(format!("row buffer of {} for rows of {cols}", out.len())));
         }
         let start = r
             .checked_mul(cols)
@@ -325,7 +319,10 @@ impl SafetensorsModel {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| {
-                Error::format(index_path, "missing object `weight_map` (tensor → shard file)")
+                Error::format(
+                    index_path,
+                    "missing object `weight_map` (tensor → shard file)",
+                )
             })?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut files: Vec<SafetensorsFile> = Vec::new();
@@ -505,15 +502,24 @@ mod tests {
         write(&p, &[("w", "F32", vec![2], vec![0; 8])], 0);
         let m = SafetensorsModel::open_dir(&d).unwrap();
         let err = m.require("nope").unwrap_err().to_string();
-        assert!(err.contains("model.safetensors") && err.contains("`nope`"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("`nope`"),
+            "{err}"
+        );
         let err = m.require("w").unwrap().expect_shape(&[3]).unwrap_err();
-        assert!(err.to_string().contains("expected shape [3], found [2]"), "{err}");
+        assert!(
+            err.to_string().contains("expected shape [3], found [2]"),
+            "{err}"
+        );
 
         // Truncated data section.
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 1]).unwrap();
         let err = SafetensorsModel::open_dir(&d).unwrap_err().to_string();
-        assert!(err.contains("model.safetensors") && err.contains("not a valid"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("not a valid"),
+            "{err}"
+        );
         // Truncated header length.
         std::fs::write(&p, &bytes[..5]).unwrap();
         assert!(SafetensorsModel::open_dir(&d).is_err());
@@ -555,7 +561,11 @@ mod tests {
         let m = SafetensorsModel::open_dir(&d).unwrap();
         assert_eq!(m.files().len(), 2);
         assert_eq!(m.require("y").unwrap().scalar_f32().unwrap(), 2.0);
-        assert!(m.require("y").unwrap().file.ends_with("model-00002-of-00002.safetensors"));
+        assert!(m
+            .require("y")
+            .unwrap()
+            .file
+            .ends_with("model-00002-of-00002.safetensors"));
         assert_eq!(m.names().collect::<Vec<_>>(), ["x", "y"]);
 
         idx(serde_json::json!({"x": "model-00001-of-00002.safetensors",
@@ -567,7 +577,10 @@ mod tests {
         );
         idx(serde_json::json!({"y": "model-00001-of-00002.safetensors"}));
         let err = SafetensorsModel::open_dir(&d).unwrap_err().to_string();
-        assert!(err.contains("model-00001-of-00002") && err.contains("`y`"), "{err}");
+        assert!(
+            err.contains("model-00001-of-00002") && err.contains("`y`"),
+            "{err}"
+        );
         idx(serde_json::json!({"y": "../model-00001-of-00002.safetensors"}));
         assert!(SafetensorsModel::open_dir(&d).is_err());
     }

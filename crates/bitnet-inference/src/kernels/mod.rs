@@ -7,10 +7,20 @@
 //! gives `y[r] = (Σ_k t[r][k]·q[k]) / s · multiplier[r]`. The integer sum is exact, so every
 //! kernel must return the same integers as [`scalar::ScalarKernel`].
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod avxvnni;
 mod dense;
 mod matmul;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod scalar;
 mod ternary;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod tiles;
 
 pub use dense::{DenseData, DenseMatrix};
 pub use matmul::{dense_matmul, ternary_matmul};
@@ -45,7 +55,37 @@ pub fn select_kernel() -> crate::Result<&'static dyn TernaryKernel> {
 
 /// Every kernel this build has that this CPU can run, best first.
 pub fn available_kernels() -> Vec<&'static dyn TernaryKernel> {
-    vec![&scalar::ScalarKernel]
+    static KERNELS: std::sync::OnceLock<Vec<&'static dyn TernaryKernel>> =
+        std::sync::OnceLock::new();
+    KERNELS.get_or_init(detect_kernels).clone()
+}
+
+#[allow(unused_mut)]
+fn detect_kernels() -> Vec<&'static dyn TernaryKernel> {
+    let mut found: Vec<&'static dyn TernaryKernel> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(k) = avx512::Avx512VnniKernel::detect() {
+            found.push(Box::leak(Box::new(k)));
+        }
+        if let Some(k) = avxvnni::AvxVnniKernel::detect() {
+            found.push(Box::leak(Box::new(k)));
+        }
+        if let Some(k) = avx2::Avx2Kernel::detect() {
+            found.push(Box::leak(Box::new(k)));
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if let Some(k) = neon::NeonDotKernel::detect() {
+            found.push(Box::leak(Box::new(k)));
+        }
+        if let Some(k) = neon::NeonKernel::detect() {
+            found.push(Box::leak(Box::new(k)));
+        }
+    }
+    found.push(&scalar::ScalarKernel);
+    found
 }
 
 fn best_kernel() -> &'static dyn TernaryKernel {

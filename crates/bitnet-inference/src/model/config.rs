@@ -90,7 +90,10 @@ impl ModelConfig {
             );
         }
         if self.head_dim % 2 != 0 {
-            return bad("head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim));
+            return bad(
+                "head_dim",
+                format!("{} is odd; RoPE needs pairs", self.head_dim),
+            );
         }
         if !(self.rope_theta > 0.0) {
             return bad("rope_theta", format!("{} is not positive", self.rope_theta));

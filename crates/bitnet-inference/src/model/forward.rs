@@ -102,7 +102,12 @@ impl ForwardState {
     }
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.kv.keys.iter().chain(&self.kv.values).map(|v| v.len() * 4).sum()
+        self.kv
+            .keys
+            .iter()
+            .chain(&self.kv.values)
+            .map(|v| v.len() * 4)
+            .sum()
     }
     /// Bytes held by activations, logits and other scratch.
     pub fn scratch_bytes(&self) -> usize {
@@ -142,7 +147,11 @@ impl Model {
         let mut rope_cos = Vec::with_capacity(config.max_context * half);
         let mut rope_sin = Vec::with_capacity(config.max_context * half);
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f32 / config.head_dim as f32))
+            .map(|i| {
+                1.0 / config
+                    .rope_theta
+                    .powf((2 * i) as f32 / config.head_dim as f32)
+            })
             .collect();
         for pos in 0..config.max_context {
             for &f in &inv_freq {
@@ -250,7 +259,11 @@ impl Model {
 
         for (l, layer) in self.weights.layers.iter().enumerate() {
             // Attention block.
-            rms_norm_rows(&state.hidden[..n * hd], &layer.attn_norm, &mut state.normed[..n * hd]);
+            rms_norm_rows(
+                &state.hidden[..n * hd],
+                &layer.attn_norm,
+                &mut state.normed[..n * hd],
+            );
             self.linears(
                 &state.normed[..n * hd],
                 n,
@@ -288,7 +301,11 @@ impl Model {
             add_in_place(&mut state.hidden[..n * hd], &state.proj[..n * hd]);
 
             // Feed-forward block.
-            rms_norm_rows(&state.hidden[..n * hd], &layer.ffn_norm, &mut state.normed[..n * hd]);
+            rms_norm_rows(
+                &state.hidden[..n * hd],
+                &layer.ffn_norm,
+                &mut state.normed[..n * hd],
+            );
             self.linears(
                 &state.normed[..n * hd],
                 n,
@@ -522,7 +539,11 @@ fn check_shapes(c: &ModelConfig, w: &ModelWeights) -> Result<()> {
     };
     let (hd, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.ffn_size);
     let e = &w.token_embedding;
-    expect("token embedding".into(), (e.rows(), e.cols()), (c.vocab_size, hd))?;
+    expect(
+        "token embedding".into(),
+        (e.rows(), e.cols()),
+        (c.vocab_size, hd),
+    )?;
     if w.layers.len() != c.n_layers {
         return Err(Error::Invalid(format!(
             "{} layers of weights, expected {}",

@@ -244,7 +244,11 @@ pub fn read_config(file: &GgufFile) -> Result<ModelConfig> {
         _ => match file.opt_str(&k("hidden_act"))? {
             None => Activation::Silu,
             Some(name) => Activation::from_hidden_act(name).ok_or_else(|| {
-                Error::config(path, k("hidden_act"), format!("unknown activation `{name}`"))
+                Error::config(
+                    path,
+                    k("hidden_act"),
+                    format!("unknown activation `{name}`"),
+                )
             })?,
         },
     };
@@ -292,15 +296,15 @@ impl<'a> Loader<'a> {
 
     /// The tensor, checked to have `dims` (ggml order).
     fn get(&self, name: &str, dims: &[usize]) -> Result<&'a GgufTensorInfo> {
-        let t = self.file.tensor(name).ok_or_else(|| self.err(name, "missing"))?;
+        let t = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| self.err(name, "missing"))?;
         let want: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
         if trimmed(&t.dims) != trimmed(&want) {
             return Err(self.err(
                 name,
-                format!(
-                    "expected shape {want:?} (ggml order), found {:?}",
-                    t.dims
-                ),
+                format!("expected shape {want:?} (ggml order), found {:?}", t.dims),
             ));
         }
         Ok(t)
@@ -322,29 +326,48 @@ impl<'a> Loader<'a> {
     }
 
     /// Decodes source row `r` of a float/quant tensor `[rows, cols]` to f32.
-    fn row_f32(&self, t: &GgufTensorInfo, data: &[u8], r: usize, cols: usize, out: &mut [f32]) -> Result<()> {
-        let rb = t
-            .ggml_type
-            .row_bytes(cols)
-            .ok_or_else(|| self.err(&t.name, format!("{} rows cannot be decoded one at a time", t.ggml_type.name())))?;
+    fn row_f32(
+        &self,
+        t: &GgufTensorInfo,
+        data: &[u8],
+        r: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let rb = t.ggml_type.row_bytes(cols).ok_or_else(|| {
+            self.err(
+                &t.name,
+                format!(
+                    "{} rows cannot be decoded one at a time",
+                    t.ggml_type.name()
+                ),
+            )
+        })?;
         ggml::dequantize_row(t.ggml_type, &data[r * rb..(r + 1) * rb], out)
             .map_err(|e| self.err(&t.name, e.to_string()))
     }
 
     /// A dense `[rows, cols]` matrix whose row `r` is source row `map(r)`: F32/F16/BF16
     /// kept as stored, other types dequantized to f32.
-    fn dense(&self, t: &GgufTensorInfo, rows: usize, cols: usize, map: &dyn Fn(usize) -> usize) -> Result<DenseMatrix> {
+    fn dense(
+        &self,
+        t: &GgufTensorInfo,
+        rows: usize,
+        cols: usize,
+        map: &dyn Fn(usize) -> usize,
+    ) -> Result<DenseMatrix> {
         let data = self.data(t)?;
         let n = rows * cols;
         let d = match t.ggml_type {
-            GgmlType::F16 => DenseData::F16(gather2(data, rows, cols, map, |b| {
-                f16::from_le_bytes(b)
-            })),
-            GgmlType::BF16 => DenseData::BF16(gather2(data, rows, cols, map, |b| {
-                bf16::from_le_bytes(b)
-            })),
+            GgmlType::F16 => {
+                DenseData::F16(gather2(data, rows, cols, map, |b| f16::from_le_bytes(b)))
+            }
+            GgmlType::BF16 => {
+                DenseData::BF16(gather2(data, rows, cols, map, |b| bf16::from_le_bytes(b)))
+            }
             GgmlType::I2_S => {
-                let scale = ggml::i2s_scale(data, n).map_err(|e| self.err(&t.name, e.to_string()))?;
+                let scale =
+                    ggml::i2s_scale(data, n).map_err(|e| self.err(&t.name, e.to_string()))?;
                 let mut v = vec![0f32; n];
                 let mut trits = vec![0i8; cols];
                 for r in 0..rows {
@@ -372,7 +395,7 @@ impl<'a> Loader<'a> {
         let name = format!("{}.scale", weight_name.trim_end_matches(".weight"));
         match self.file.tensor(&name) {
             None => Ok(1.0),
-            Some(t) => {
+            Some(_) => {
                 let t = self.get(&name, &[1])?;
                 let mut v = [0f32; 1];
                 ggml::dequantize_row(t.ggml_type, self.data(t)?, &mut v)
@@ -383,7 +406,13 @@ impl<'a> Loader<'a> {
     }
 
     /// A linear `W: [out, in]` (GGUF dims `[in, out]`).
-    fn linear(&self, name: &str, in_f: usize, out_f: usize, map: &dyn Fn(usize) -> usize) -> Result<Linear> {
+    fn linear(
+        &self,
+        name: &str,
+        in_f: usize,
+        out_f: usize,
+        map: &dyn Fn(usize) -> usize,
+    ) -> Result<Linear> {
         let t = self.get(name, &[in_f, out_f])?;
         let extra = self.extra_scale(name)?;
         let data = self.data(t)?;
@@ -391,7 +420,9 @@ impl<'a> Loader<'a> {
         let (rows, cols) = (out_f, in_f);
         match ty {
             GgmlType::TQ1_0 | GgmlType::TQ2_0 => {
-                let rb = ty.row_bytes(cols).ok_or_else(|| self.err(name, "bad row length"))?;
+                let rb = ty
+                    .row_bytes(cols)
+                    .ok_or_else(|| self.err(name, "bad row length"))?;
                 let mut mixed = false;
                 let built = TernaryMatrix::from_rows(rows, cols, |r, trits| {
                     let src = map(r);
@@ -421,7 +452,8 @@ impl<'a> Loader<'a> {
                 }
             }
             GgmlType::I2_S => {
-                let scale = ggml::i2s_scale(data, rows * cols).map_err(|e| self.err(name, e.to_string()))?;
+                let scale = ggml::i2s_scale(data, rows * cols)
+                    .map_err(|e| self.err(name, e.to_string()))?;
                 let m = TernaryMatrix::from_rows(rows, cols, |r, trits| {
                     ggml::i2s_decode(data, map(r) * cols, trits)?;
                     Ok(scale * extra)
@@ -429,10 +461,9 @@ impl<'a> Loader<'a> {
                 .map_err(|e| self.err(name, e.to_string()))?;
                 Ok(Linear::ternary(m))
             }
-            _ if !ty.can_dequantize() => Err(self.err(
-                name,
-                format!("type {} cannot be decoded", ty.name()),
-            )),
+            _ if !ty.can_dequantize() => {
+                Err(self.err(name, format!("type {} cannot be decoded", ty.name())))
+            }
             _ if is_bitnet(&self.config.architecture) => self.ternarize(t, rows, cols, extra, map),
             _ => {
                 let m = self.dense(t, rows, cols, map)?;
@@ -442,7 +473,14 @@ impl<'a> Loader<'a> {
     }
 
     /// Float weights of a BitNet linear → ternary (see the module docs).
-    fn ternarize(&self, t: &GgufTensorInfo, rows: usize, cols: usize, extra: f32, map: &dyn Fn(usize) -> usize) -> Result<Linear> {
+    fn ternarize(
+        &self,
+        t: &GgufTensorInfo,
+        rows: usize,
+        cols: usize,
+        extra: f32,
+        map: &dyn Fn(usize) -> usize,
+    ) -> Result<Linear> {
         let data = self.data(t)?;
         let mut row = vec![0f32; cols];
         let mut sum_abs = 0f64;
@@ -482,7 +520,13 @@ impl<'a> Loader<'a> {
     }
 }
 
-fn gather2<T>(data: &[u8], rows: usize, cols: usize, map: &dyn Fn(usize) -> usize, conv: impl Fn([u8; 2]) -> T) -> Vec<T> {
+fn gather2<T>(
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    map: &dyn Fn(usize) -> usize,
+    conv: impl Fn([u8; 2]) -> T,
+) -> Vec<T> {
     let mut v = Vec::with_capacity(rows * cols);
     for r in 0..rows {
         let src = &data[map(r) * cols * 2..(map(r) + 1) * cols * 2];
@@ -520,7 +564,11 @@ pub fn load_weights(file: &GgufFile, config: &ModelConfig) -> Result<ModelWeight
     let ident = |r: usize| r;
     let hd = c.head_dim;
     let unperm = move |r: usize| unpermute_row(r, hd);
-    let qk_map: &dyn Fn(usize) -> usize = if c.architecture == "llama" { &unperm } else { &ident };
+    let qk_map: &dyn Fn(usize) -> usize = if c.architecture == "llama" {
+        &unperm
+    } else {
+        &ident
+    };
 
     let emb = l.get("token_embd.weight", &[h, c.vocab_size])?;
     let token_embedding = l.dense(emb, c.vocab_size, h, &ident)?;

@@ -40,7 +40,7 @@ use crate::formats::safetensors::{Dtype, SafetensorsModel, TensorRef};
 use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use half::{bf16, f16};
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -92,6 +92,30 @@ struct QuantConfig {
     modules_to_not_convert: Option<Vec<String>>,
 }
 
+/// Config and weights only (no tokenizer, templates or generation defaults); the format
+/// string is the one [`load`] reports.
+pub fn load_model_weights(dir: &Path) -> Result<(ModelConfig, ModelWeights, String)> {
+    let config_path = dir.join("config.json");
+    let json = read_json(&config_path)?;
+    let st = SafetensorsModel::open_dir(dir)?;
+    let hf = HfConfig::parse(&config_path, &json, &st)?;
+    let weights = load_weights(&hf, &st)?;
+    let format = format_name(&hf, &st);
+    Ok((hf.config, weights, format))
+}
+
+fn format_name(hf: &HfConfig, st: &SafetensorsModel) -> String {
+    format!(
+        "safetensors{}, {}",
+        if st.files().len() > 1 {
+            format!(" ({} shards)", st.files().len())
+        } else {
+            String::new()
+        },
+        hf.scheme.describe()
+    )
+}
+
 /// Loads a Hugging Face model directory.
 pub fn load(dir: &Path) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
@@ -116,15 +140,7 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
         .collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let format = format!(
-        "safetensors{}, {}",
-        if st.files().len() > 1 {
-            format!(" ({} shards)", st.files().len())
-        } else {
-            String::new()
-        },
-        hf.scheme.describe()
-    );
+    let format = format_name(&hf, &st);
     Ok(LoadedModel {
         config: hf.config,
         weights,
@@ -192,7 +208,9 @@ impl<'a> Keys<'a> {
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+                .ok_or_else(|| {
+                    self.err(key, format!("expected a non-negative integer, found {v}"))
+                }),
         }
     }
 
@@ -234,7 +252,12 @@ impl<'a> Keys<'a> {
 
     /// An int or a list of ints (token ids).
     fn ids_opt(&self, key: &str) -> Result<Vec<u32>> {
-        let bad = |v: &Value| self.err(key, format!("expected a token id or a list of them, found {v}"));
+        let bad = |v: &Value| {
+            self.err(
+                key,
+                format!("expected a token id or a list of them, found {v}"),
+            )
+        };
         let one = |v: &Value| {
             v.as_u64()
                 .and_then(|n| u32::try_from(n).ok())
@@ -380,12 +403,19 @@ impl HfConfig {
             metadata.push(("dtype".into(), dtype.to_string()));
         }
         if let Some(q) = &quant {
-            metadata.push(("quantization".into(), format!(
-                "bitnet: linear_class {}, mode {}{}",
-                q.linear_class,
-                q.mode,
-                if q.input_norm_eps.is_some() { ", use_rms_norm" } else { "" }
-            )));
+            metadata.push((
+                "quantization".into(),
+                format!(
+                    "bitnet: linear_class {}, mode {}{}",
+                    q.linear_class,
+                    q.mode,
+                    if q.input_norm_eps.is_some() {
+                        ", use_rms_norm"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
         }
         if family == Family::BitNet && quant.is_none() {
             metadata.push((
@@ -448,8 +478,14 @@ fn parse_quant(path: &Path, q: &Value) -> Result<QuantConfig> {
             format!("`{method}` is not supported (only bitnet)"),
         ));
     }
-    let linear_class = k.str_opt("linear_class")?.unwrap_or("bitlinear").to_string();
-    let mode = k.str_opt("quantization_mode")?.unwrap_or("offline").to_string();
+    let linear_class = k
+        .str_opt("linear_class")?
+        .unwrap_or("bitlinear")
+        .to_string();
+    let mode = k
+        .str_opt("quantization_mode")?
+        .unwrap_or("offline")
+        .to_string();
     if !matches!(mode.as_str(), "offline" | "online") {
         return Err(k.err(
             "quantization_mode",
@@ -480,7 +516,10 @@ fn parse_quant(path: &Path, q: &Value) -> Result<QuantConfig> {
                 .iter()
                 .map(|v| {
                     v.as_str().map(str::to_string).ok_or_else(|| {
-                        k.err("modules_to_not_convert", format!("expected module names, found {v}"))
+                        k.err(
+                            "modules_to_not_convert",
+                            format!("expected module names, found {v}"),
+                        )
                     })
                 })
                 .collect::<Result<Vec<_>>>()?,
@@ -523,7 +562,10 @@ fn parse_rope(k: &Keys<'_>, default_theta: f32) -> Result<f32> {
         }
         if let Some(t) = obj.get("rope_theta").filter(|t| !t.is_null()) {
             let t = t.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-                k.err(&format!("{key}.rope_theta"), format!("expected a number, found {t}"))
+                k.err(
+                    &format!("{key}.rope_theta"),
+                    format!("expected a number, found {t}"),
+                )
             })?;
             theta = Some(t as f32);
         }
@@ -560,14 +602,24 @@ fn load_weights(hf: &HfConfig, st: &SafetensorsModel) -> Result<ModelWeights> {
         let p = format!("model.layers.{i}");
         let sub = |name: &str, n: usize| -> Result<Option<RmsNorm>> {
             if c.has_sub_norms {
-                Ok(Some(norm(st, &format!("{p}.{name}.weight"), n, c.rms_norm_eps)?))
+                Ok(Some(norm(
+                    st,
+                    &format!("{p}.{name}.weight"),
+                    n,
+                    c.rms_norm_eps,
+                )?))
             } else {
                 Ok(None)
             }
         };
         let h = c.hidden_size;
         layers.push(LayerWeights {
-            attn_norm: norm(st, &format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
+            attn_norm: norm(
+                st,
+                &format!("{p}.input_layernorm.weight"),
+                h,
+                c.rms_norm_eps,
+            )?,
             q_proj: linear(hf, st, &format!("{p}.self_attn.q_proj"), c.q_dim(), h)?,
             k_proj: linear(hf, st, &format!("{p}.self_attn.k_proj"), c.kv_dim(), h)?,
             v_proj: linear(hf, st, &format!("{p}.self_attn.v_proj"), c.kv_dim(), h)?,
@@ -631,10 +683,18 @@ fn linear(
     let w = st.require(&format!("{module}.weight"))?;
     let bias = format!("{module}.bias");
     if st.contains(&bias) {
-        return Err(Error::tensor(st.source(), bias, "linear biases are not supported"));
+        return Err(Error::tensor(
+            st.source(),
+            bias,
+            "linear biases are not supported",
+        ));
     }
     let converted = hf.converts(module);
-    let scheme = if converted { hf.scheme } else { WeightScheme::Float };
+    let scheme = if converted {
+        hf.scheme
+    } else {
+        WeightScheme::Float
+    };
     let mut lin = match scheme {
         WeightScheme::Float => {
             w.expect_shape(&[out, inp])?;
@@ -674,9 +734,14 @@ fn weight_scale(st: &SafetensorsModel, module: &str) -> Result<f32> {
 
 /// transformers' packed layout: `uint8 [out/4, in]`; bits `2i..2i+1` of packed row `p` hold
 /// row `p + i·out/4` as `trit + 1`.
-pub fn packed_ternary(w: &TensorRef<'_>, out: usize, inp: usize, multiplier: f32) -> Result<TernaryMatrix> {
+pub fn packed_ternary(
+    w: &TensorRef<'_>,
+    out: usize,
+    inp: usize,
+    multiplier: f32,
+) -> Result<TernaryMatrix> {
     w.expect_dtype(&[Dtype::U8])?;
-    if out % 4 != 0 {
+    if !out.is_multiple_of(4) {
         return Err(w.error(format!(
             "packed weights need out_features divisible by 4, found {out}"
         )));
@@ -700,7 +765,12 @@ pub fn packed_ternary(w: &TensorRef<'_>, out: usize, inp: usize, multiplier: f32
 }
 
 /// Float weights that hold exactly -1, 0 or +1.
-fn float_ternary(w: &TensorRef<'_>, out: usize, inp: usize, multiplier: f32) -> Result<TernaryMatrix> {
+fn float_ternary(
+    w: &TensorRef<'_>,
+    out: usize,
+    inp: usize,
+    multiplier: f32,
+) -> Result<TernaryMatrix> {
     w.expect_shape(&[out, inp])?;
     w.expect_dtype(&[Dtype::BF16, Dtype::F16, Dtype::F32])?;
     let mut row = vec![0.0f32; inp];
@@ -745,14 +815,9 @@ fn online_ternary(w: &TensorRef<'_>, out: usize, inp: usize) -> Result<TernaryMa
     w.expect_shape(&[out, inp])?;
     w.expect_dtype(&[Dtype::BF16, Dtype::F16, Dtype::F32])?;
     let scale = online_scale(w)?;
-    // transformers returns `(t / scale).to(dtype)`: the effective weight magnitude is
-    // 1/scale in f32, rounded to the weight's dtype.
-    let inv = 1.0f32 / scale;
-    let multiplier = match w.dtype {
-        Dtype::BF16 => bf16::from_f32(inv).to_f32(),
-        Dtype::F16 => f16::from_f32(inv).to_f32(),
-        _ => inv,
-    };
+    // transformers returns `(t / scale).to(dtype)`; in the f32 computation this engine
+    // reproduces (the model loaded in float32), that is 1/scale in f32.
+    let multiplier = 1.0f32 / scale;
     let mut row = vec![0.0f32; inp];
     TernaryMatrix::from_rows(out, inp, |r, trits| {
         w.row_f32(r, &mut row)?;
@@ -819,13 +884,22 @@ fn read_chat_template(dir: &Path) -> Result<Option<String>> {
                 if item.get("name").and_then(|n| n.as_str()) == Some("default") {
                     return match item.get("template").and_then(|t| t.as_str()) {
                         Some(t) => Ok(Some(t.to_string())),
-                        None => Err(k.err("chat_template", "the `default` entry has no template string")),
+                        None => Err(k.err(
+                            "chat_template",
+                            "the `default` entry has no template string",
+                        )),
                     };
                 }
             }
-            Err(k.err("chat_template", "a list of templates without one named `default`"))
+            Err(k.err(
+                "chat_template",
+                "a list of templates without one named `default`",
+            ))
         }
-        Some(v) => Err(k.err("chat_template", format!("expected a string or a list, found {v}"))),
+        Some(v) => Err(k.err(
+            "chat_template",
+            format!("expected a string or a list, found {v}"),
+        )),
     }
 }
 
@@ -836,8 +910,14 @@ mod tests {
     #[test]
     fn module_patterns_match_like_transformers() {
         assert!(module_matches("lm_head", "lm_head"));
-        assert!(module_matches("model.layers.1.mlp.up_proj", "model.layers.1"));
-        assert!(!module_matches("model.layers.11.mlp.up_proj", "model.layers.1"));
+        assert!(module_matches(
+            "model.layers.1.mlp.up_proj",
+            "model.layers.1"
+        ));
+        assert!(!module_matches(
+            "model.layers.11.mlp.up_proj",
+            "model.layers.1"
+        ));
         assert!(module_matches("model.layers.3.mlp.down_proj", "down_proj"));
         assert!(!module_matches("model.layers.3.mlp.gate_proj", "mlp.gate"));
         assert!(module_matches("lm_head", "lm_head.weight"));

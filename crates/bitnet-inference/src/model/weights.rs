@@ -95,35 +95,68 @@ pub struct ModelWeights {
     pub lm_head: Option<Linear>,
 }
 
+impl LayerWeights {
+    /// The seven linears in forward order.
+    pub fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    /// Every norm of the block, the optional sub-norms included when present.
+    pub fn norms(&self) -> impl Iterator<Item = &RmsNorm> {
+        [&self.attn_norm, &self.ffn_norm]
+            .into_iter()
+            .chain(self.attn_sub_norm.iter())
+            .chain(self.ffn_sub_norm.iter())
+    }
+}
+
 impl ModelWeights {
+    /// Parameters as the model defines them (padding and scales not counted).
+    pub fn parameter_count(&self) -> usize {
+        self.tally(
+            |l| {
+                l.out_features() * l.in_features()
+                    + l.input_norm.as_ref().map_or(0, |n| n.weight.len())
+            },
+            |n| n.weight.len(),
+            |e| e.rows() * e.cols(),
+        )
+    }
+
+    /// Bytes the weights take in memory, in their repacked layouts.
     pub fn memory_bytes(&self) -> usize {
-        let norm = |n: &RmsNorm| n.weight.len() * 4;
-        let opt = |n: &Option<RmsNorm>| n.as_ref().map_or(0, norm);
+        self.tally(
+            Linear::memory_bytes,
+            |n| n.weight.len() * 4,
+            DenseMatrix::memory_bytes,
+        )
+    }
+
+    fn tally(
+        &self,
+        linear: impl Fn(&Linear) -> usize,
+        norm: impl Fn(&RmsNorm) -> usize,
+        embedding: impl Fn(&DenseMatrix) -> usize,
+    ) -> usize {
         let layers: usize = self
             .layers
             .iter()
             .map(|l| {
-                norm(&l.attn_norm)
-                    + norm(&l.ffn_norm)
-                    + opt(&l.attn_sub_norm)
-                    + opt(&l.ffn_sub_norm)
-                    + [
-                        &l.q_proj,
-                        &l.k_proj,
-                        &l.v_proj,
-                        &l.o_proj,
-                        &l.gate_proj,
-                        &l.up_proj,
-                        &l.down_proj,
-                    ]
-                    .iter()
-                    .map(|p| p.memory_bytes())
-                    .sum::<usize>()
+                l.linears().into_iter().map(&linear).sum::<usize>()
+                    + l.norms().map(&norm).sum::<usize>()
             })
             .sum();
-        self.token_embedding.memory_bytes()
+        embedding(&self.token_embedding)
             + layers
             + norm(&self.output_norm)
-            + self.lm_head.as_ref().map_or(0, |h| h.memory_bytes())
+            + self.lm_head.as_ref().map_or(0, &linear)
     }
 }

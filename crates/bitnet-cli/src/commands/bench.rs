@@ -1,0 +1,213 @@
+//! `bitnet bench`: llama-bench's tests (pp = one batched prompt, tg = generation one token at
+//! a time) with its JSON keys, so scripts written for llama-bench read ours.
+
+use super::load;
+use bitnet_inference::generate::Rng;
+use bitnet_inference::model::{BatchEntry, Model};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF file or model directory.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Prompt lengths to test (comma-separated; 0 skips).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    n_prompt: Vec<usize>,
+    /// Generation lengths to test (comma-separated; 0 skips).
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    n_gen: Vec<usize>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    repetitions: usize,
+    /// Tokens per forward call in prompt processing.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    batch_size: usize,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Md)]
+    output: Format,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Md,
+    Json,
+    Csv,
+}
+
+struct TestResult {
+    n_prompt: usize,
+    n_gen: usize,
+    samples_ts: Vec<f64>,
+}
+
+impl TestResult {
+    fn name(&self) -> String {
+        if self.n_prompt > 0 {
+            format!("pp{}", self.n_prompt)
+        } else {
+            format!("tg{}", self.n_gen)
+        }
+    }
+    fn mean(&self) -> f64 {
+        self.samples_ts.iter().sum::<f64>() / self.samples_ts.len() as f64
+    }
+    fn stdev(&self) -> f64 {
+        let n = self.samples_ts.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let m = self.mean();
+        (self.samples_ts.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+    }
+}
+
+/// Tokens a second of one run: `n_prompt` tokens in batches, or `n_gen` single steps.
+fn time_run(
+    model: &Model,
+    n_prompt: usize,
+    n_gen: usize,
+    batch: usize,
+    seed: u64,
+) -> anyhow::Result<f64> {
+    let mut rng = Rng::new(seed);
+    let vocab = model.config.vocab_size as u64;
+    let n = n_prompt + n_gen;
+    let mut state = model.new_state(1, n, if n_prompt > 0 { batch.min(n_prompt) } else { 1 })?;
+    let mut entries = Vec::with_capacity(state.max_batch());
+    let start = Instant::now();
+    if n_prompt > 0 {
+        for chunk_start in (0..n_prompt).step_by(state.max_batch()) {
+            let end = (chunk_start + state.max_batch()).min(n_prompt);
+            entries.clear();
+            entries.extend((chunk_start..end).map(|pos| BatchEntry {
+                token: (rng.next_u64() % vocab) as u32,
+                pos,
+                slot: 0,
+                logits: pos + 1 == n_prompt,
+            }));
+            model.forward(&entries, &mut state)?;
+        }
+    } else {
+        for pos in 0..n_gen {
+            let e = BatchEntry {
+                token: (rng.next_u64() % vocab) as u32,
+                pos,
+                slot: 0,
+                logits: true,
+            };
+            model.forward(std::slice::from_ref(&e), &mut state)?;
+        }
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let m = load(&a.model)?;
+    let model = &m.model;
+    let threads = rayon::current_num_threads();
+    let model_size = model.weights.memory_bytes();
+    let n_params = model.weights.parameter_count();
+    let mut tests: Vec<TestResult> = a
+        .n_prompt
+        .iter()
+        .filter(|&&p| p > 0)
+        .map(|&p| TestResult {
+            n_prompt: p,
+            n_gen: 0,
+            samples_ts: vec![],
+        })
+        .chain(a.n_gen.iter().filter(|&&g| g > 0).map(|&g| TestResult {
+            n_prompt: 0,
+            n_gen: g,
+            samples_ts: vec![],
+        }))
+        .collect();
+    for t in &mut tests {
+        // One warm-up run, as llama-bench does.
+        time_run(model, t.n_prompt.min(16), t.n_gen.min(4), a.batch_size, 0)?;
+        for r in 0..a.repetitions.max(1) {
+            t.samples_ts.push(time_run(
+                model,
+                t.n_prompt,
+                t.n_gen,
+                a.batch_size,
+                r as u64 + 1,
+            )?);
+        }
+    }
+    let rss = peak_rss_bytes().unwrap_or(0);
+    let kernel = model.kernel_name();
+    let name = a.model.display().to_string();
+    match a.output {
+        Format::Md => {
+            println!("| model | size | params | kernel | threads | test | t/s | peak RSS |");
+            println!("|---|---:|---:|---|---:|---|---:|---:|");
+            for t in &tests {
+                println!(
+                    "| {name} | {:.2} GiB | {:.2} B | {kernel} | {threads} | {} | {:.2} ± {:.2} | {:.2} GiB |",
+                    model_size as f64 / (1u64 << 30) as f64,
+                    n_params as f64 / 1e9,
+                    t.name(),
+                    t.mean(),
+                    t.stdev(),
+                    rss as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        Format::Json => {
+            let rows: Vec<serde_json::Value> = tests
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "model_filename": name,
+                        "model_size": model_size,
+                        "model_n_params": n_params,
+                        "n_threads": threads,
+                        "n_batch": a.batch_size,
+                        "n_prompt": t.n_prompt,
+                        "n_gen": t.n_gen,
+                        "avg_ts": t.mean(),
+                        "stddev_ts": t.stdev(),
+                        "samples_ts": t.samples_ts,
+                        "kernel": kernel,
+                        "peak_rss_bytes": rss,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        Format::Csv => {
+            println!("model_filename,model_size,model_n_params,n_threads,n_prompt,n_gen,avg_ts,stddev_ts,kernel,peak_rss_bytes");
+            for t in &tests {
+                println!(
+                    "{name},{model_size},{n_params},{threads},{},{},{:.4},{:.4},{kernel},{rss}",
+                    t.n_prompt,
+                    t.n_gen,
+                    t.mean(),
+                    t.stdev()
+                );
+            }
+        }
+    }
+    Ok(())
+}

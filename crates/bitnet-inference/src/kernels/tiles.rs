@@ -1,0 +1,121 @@
+//! The loop nest shared by the SIMD kernels: splits a `rows × n_tok` product into register
+//! tiles of `WR` weight rows × `TA` activation rows and calls the instruction-set specific
+//! tile function for each.
+//!
+//! Decode (one activation row) takes 4 weight rows a tile: four independent accumulators and
+//! four memory streams. Prefill and batches take 2 weight rows × 4 activation rows: every
+//! weight block is loaded and decoded once and used by four activation rows, and every
+//! activation vector loaded serves two weight rows. The weight-row tile is the outer loop, so
+//! weights stream from memory once per call while the activations stay in cache.
+
+use super::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS};
+use std::ops::Range;
+
+/// An instruction set's tile: raw sums `Σ code·q` (codes are trit + 1) of `WR` packed
+/// weight rows with `TA` activation rows.
+pub(super) trait Tile {
+    /// Returns `out[i][j] = Σ_k code(w[i], k) · a[j][k]` over `blocks` blocks of 128.
+    ///
+    /// # Safety
+    /// The CPU must have the instruction set of the implementation; every `w[i]` must be
+    /// valid for reading `blocks * 32` bytes and every `a[j]` for `blocks * 128` bytes.
+    unsafe fn tile<const WR: usize, const TA: usize>(
+        w: [*const u8; WR],
+        a: [*const i8; TA],
+        blocks: usize,
+    ) -> [[i32; TA]; WR];
+}
+
+/// Runs the tiles of `T` over `rows × acts`, writing `Σ trit·q` as [`super::TernaryKernel`]
+/// defines it.
+///
+/// # Safety
+/// The CPU must support the instruction set `T` uses.
+pub(super) unsafe fn run<T: Tile>(
+    weights: &TernaryMatrix,
+    rows: Range<usize>,
+    acts: &QuantizedActivations,
+    out: &mut [i32],
+) {
+    assert_eq!(acts.padded_cols(), weights.padded_cols(), "kernel width");
+    assert!(rows.end <= weights.rows(), "kernel row range");
+    let n = rows.len();
+    let n_tok = acts.n_rows();
+    assert!(out.len() >= n * n_tok, "kernel output size");
+    let blocks = weights.padded_cols() / BLOCK_WEIGHTS;
+    // Every pointer below comes from a slice `packed_row(r)` (blocks * 32 bytes) or
+    // `acts.row(t)` (blocks * 128 bytes), which is exactly what `Tile::tile` reads.
+    let wp = |r: usize| weights.packed_row(r).as_ptr();
+    let ap = |t: usize| acts.row(t).as_ptr();
+    let mut put = |r: usize, t: usize, raw: i32| {
+        out[t * n + (r - rows.start)] = raw - acts.sum(t);
+    };
+
+    if n_tok == 1 {
+        let mut r = rows.start;
+        while r + 4 <= rows.end {
+            // SAFETY: the pointers are valid for the tile's reads (see above); the caller
+            // guarantees the instruction set.
+            let d = unsafe {
+                T::tile::<4, 1>([wp(r), wp(r + 1), wp(r + 2), wp(r + 3)], [ap(0)], blocks)
+            };
+            for (i, d) in d.iter().enumerate() {
+                put(r + i, 0, d[0]);
+            }
+            r += 4;
+        }
+        while r < rows.end {
+            // SAFETY: as above.
+            let d = unsafe { T::tile::<1, 1>([wp(r)], [ap(0)], blocks) };
+            put(r, 0, d[0][0]);
+            r += 1;
+        }
+        return;
+    }
+
+    let mut r = rows.start;
+    while r < rows.end {
+        if r + 2 <= rows.end {
+            let w = [wp(r), wp(r + 1)];
+            let mut t = 0;
+            while t + 4 <= n_tok {
+                // SAFETY: as above.
+                let d =
+                    unsafe { T::tile::<2, 4>(w, [ap(t), ap(t + 1), ap(t + 2), ap(t + 3)], blocks) };
+                for (i, d) in d.iter().enumerate() {
+                    for (j, &v) in d.iter().enumerate() {
+                        put(r + i, t + j, v);
+                    }
+                }
+                t += 4;
+            }
+            while t < n_tok {
+                // SAFETY: as above.
+                let d = unsafe { T::tile::<2, 1>(w, [ap(t)], blocks) };
+                put(r, t, d[0][0]);
+                put(r + 1, t, d[1][0]);
+                t += 1;
+            }
+            r += 2;
+        } else {
+            let w = [wp(r)];
+            let mut t = 0;
+            while t + 4 <= n_tok {
+                // SAFETY: as above.
+                let d =
+                    unsafe { T::tile::<1, 4>(w, [ap(t), ap(t + 1), ap(t + 2), ap(t + 3)], blocks) };
+                for (j, &v) in d[0].iter().enumerate() {
+                    put(r, t + j, v);
+                }
+                t += 4;
+            }
+            while t < n_tok {
+                // SAFETY: as above.
+                let d = unsafe { T::tile::<1, 1>(w, [ap(t)], blocks) };
+                put(r, t, d[0][0]);
+                t += 1;
+            }
+            r += 1;
+        }
+    }
+}
