@@ -55,7 +55,7 @@ enum Model {
         tk: Box<hf::Tokenizer>,
         literal: OnceLock<Box<hf::Tokenizer>>,
     },
-    Spm(Spm),
+    Spm(Box<Spm>),
 }
 
 pub struct Tokenizer {
@@ -231,7 +231,7 @@ impl Tokenizer {
                     .zip(&types)
                     .map(|(t, &ty)| {
                         if ty == TT_NORMAL {
-                            byte_level_bytes(t, &table).unwrap_or_else(|| t.as_bytes().to_vec())
+                            byte_level_bytes(t, table).unwrap_or_else(|| t.as_bytes().to_vec())
                         } else {
                             t.as_bytes().to_vec()
                         }
@@ -267,7 +267,7 @@ impl Tokenizer {
                     })
                     .collect();
                 (
-                    Model::Spm(spm),
+                    Model::Spm(Box::new(spm)),
                     pieces,
                     true,
                     "SentencePiece (llama)".to_string(),

@@ -180,7 +180,7 @@ fn llama2_spm_metadata(tokenizer_json: &Path) -> GgufMetadata {
     m.insert("tokenizer.ggml.model".into(), s("llama"));
     m.insert(
         "tokenizer.ggml.tokens".into(),
-        GgufValue::Array(tokens.iter().map(|t| s(t)).collect()),
+        GgufValue::Array(tokens.iter().map(|t| s(t.as_str())).collect()),
     );
     m.insert("tokenizer.ggml.scores".into(), GgufValue::Array(scores));
     m.insert("tokenizer.ggml.token_type".into(), GgufValue::Array(types));
@@ -251,7 +251,7 @@ fn llama3_as_gguf_gpt2_matches_python_tokenizers() {
     m.insert("tokenizer.ggml.pre".into(), s("llama-bpe"));
     m.insert(
         "tokenizer.ggml.tokens".into(),
-        GgufValue::Array(tokens.iter().map(|t| s(t)).collect()),
+        GgufValue::Array(tokens.iter().map(|t| s(t.as_str())).collect()),
     );
     m.insert("tokenizer.ggml.token_type".into(), GgufValue::Array(types));
     m.insert("tokenizer.ggml.merges".into(), GgufValue::Array(merges));

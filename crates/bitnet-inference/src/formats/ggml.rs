@@ -172,7 +172,7 @@ impl GgmlType {
     /// Bytes of a row of `n` elements (`None` if `n` is not a whole number of blocks,
     /// or for I2_S, whose rows are not self-contained).
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        if self == GgmlType::I2_S || n % self.block_size() != 0 {
+        if self == GgmlType::I2_S || !n.is_multiple_of(self.block_size()) {
             return None;
         }
         (n / self.block_size()).checked_mul(self.block_bytes())
@@ -183,7 +183,7 @@ impl GgmlType {
     pub fn tensor_bytes(self, ne0: u64, n_elements: u64) -> std::result::Result<u64, String> {
         if self == GgmlType::I2_S {
             // microsoft's ggml_nbytes: n/4 bytes of codes, then the f32 scale, padded to 32.
-            if n_elements % I2S_BLOCK as u64 != 0 {
+            if !n_elements.is_multiple_of(I2S_BLOCK as u64) {
                 return Err(format!(
                     "{n_elements} elements are not a multiple of the I2_S block of {I2S_BLOCK}"
                 ));
@@ -193,7 +193,7 @@ impl GgmlType {
                 .ok_or_else(|| "size overflows".to_string());
         }
         let bs = self.block_size() as u64;
-        if ne0 % bs != 0 {
+        if !ne0.is_multiple_of(bs) {
             return Err(format!(
                 "row length {ne0} is not a multiple of the {} block size {bs}",
                 self.name()
@@ -331,9 +331,22 @@ fn tq1_trit(q: u8, n: usize) -> i8 {
 }
 
 /// Decodes a row of a TQ1_0 or TQ2_0 tensor into trits (-1, 0, +1) and returns the f16
-/// scale `d` of each 256-element block (value = trit · d). For I2_S use
-/// [`i2s_decode`] and [`i2s_scale`]: its rows are not self-contained.
+/// scale `d` of each 256-element block (value = trit · d). For I2_S, whose rows are not
+/// self-contained, `bytes` must be the whole tensor (`n/4 + 32` bytes for `n` trits) and the
+/// one tensor scale is returned; [`i2s_decode`] decodes any range of it.
 pub fn ternary_row(ty: GgmlType, bytes: &[u8], trits: &mut [i8]) -> Result<Vec<f32>> {
+    if ty == GgmlType::I2_S {
+        let n = trits.len();
+        if !n.is_multiple_of(I2S_BLOCK) || bytes.len() != n / 4 + 32 {
+            return Err(Error::Invalid(format!(
+                "I2_S: {n} elements need a multiple of {I2S_BLOCK} and {} bytes, got {}",
+                n / 4 + 32,
+                bytes.len()
+            )));
+        }
+        i2s_decode(&bytes[..n / 4], 0, trits)?;
+        return Ok(vec![i2s_scale(bytes, n)?]);
+    }
     check_len(ty, bytes, trits.len())?;
     let mut scales = Vec::with_capacity(trits.len() / QK_K);
     match ty {
@@ -454,7 +467,7 @@ fn check_trits(trits: &[i8]) -> Result<()> {
 pub fn pack_i2s(trits: &[i8], scale: f32) -> Result<Vec<u8>> {
     check_trits(trits)?;
     let n = trits.len();
-    if n % I2S_BLOCK != 0 {
+    if !n.is_multiple_of(I2S_BLOCK) {
         return Err(Error::Invalid(format!(
             "I2_S needs a multiple of {I2S_BLOCK} elements, got {n}"
         )));
@@ -474,7 +487,7 @@ pub fn pack_i2s(trits: &[i8], scale: f32) -> Result<Vec<u8>> {
 /// lays out `round(x / d)` of a ternary-valued row.
 pub fn pack_tq(ty: GgmlType, trits: &[i8], scales: &[f32]) -> Result<Vec<u8>> {
     check_trits(trits)?;
-    if trits.len() % QK_K != 0 || scales.len() != trits.len() / QK_K {
+    if !trits.len().is_multiple_of(QK_K) || scales.len() != trits.len() / QK_K {
         return Err(Error::Invalid(format!(
             "{}: {} elements and {} scales do not make whole 256-element blocks",
             ty.name(),
@@ -489,7 +502,7 @@ pub fn pack_tq(ty: GgmlType, trits: &[i8], scales: &[f32]) -> Result<Vec<u8>> {
             GgmlType::TQ1_0 => {
                 // Five trits per byte, first trit most significant, then fixed point
                 // ceil(q·256/243).
-                let fix = |q: u16| ((q * 256 + 242) / 243) as u8;
+                let fix = |q: u16| (q * 256).div_ceil(243) as u8;
                 for m in 0..32 {
                     let mut q = 0u16;
                     for n in 0..5 {
@@ -661,6 +674,12 @@ mod tests {
         assert_eq!(i2s_scale(&bytes, 384).unwrap(), 0.75);
         let mut back = vec![0i8; 384];
         i2s_decode(&bytes[..96], 0, &mut back).unwrap();
+        assert_eq!(back, trits);
+        back.fill(0);
+        assert_eq!(
+            ternary_row(GgmlType::I2_S, &bytes, &mut back).unwrap(),
+            vec![0.75]
+        );
         assert_eq!(back, trits);
         // A slice starting mid-block.
         let mut part = vec![0i8; 100];

@@ -80,9 +80,27 @@ impl DenseMatrix {
         }
     }
 
-    /// `Σ_k W[r][k] · x[k]` in f32.
+    /// `Σ_k W[r][k] · x[k]` in f32, with the widest vector unit this CPU has (the sum
+    /// order differs from [`Self::dot_row_scalar`], so the last bits may differ).
     pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
         let span = r * self.cols..(r + 1) * self.cols;
+        assert_eq!(x.len(), self.cols, "dense dot width");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(v) = x86::dot(&self.data, span.clone(), x) {
+                return v;
+            }
+        }
+        self.dot_span_scalar(span, x)
+    }
+
+    /// The portable `dot_row`.
+    pub fn dot_row_scalar(&self, r: usize, x: &[f32]) -> f32 {
+        assert_eq!(x.len(), self.cols, "dense dot width");
+        self.dot_span_scalar(r * self.cols..(r + 1) * self.cols, x)
+    }
+
+    fn dot_span_scalar(&self, span: std::ops::Range<usize>, x: &[f32]) -> f32 {
         match &self.data {
             DenseData::F32(v) => dot_f32(&v[span], x),
             DenseData::F16(v) => dot_converted(&v[span], x, |w| w.to_f32()),
@@ -112,4 +130,166 @@ fn dot_converted<T>(w: &[T], x: &[f32], to_f32: impl Fn(&T) -> f32) -> f32 {
         tail += to_f32(&w[k]) * x[k];
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// AVX-512 and AVX2+FMA+F16C dot products of f32/f16/bf16 rows with f32 vectors.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::DenseData;
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Level {
+        Scalar,
+        Avx2,
+        Avx512,
+    }
+
+    fn level() -> Level {
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                Level::Avx512
+            } else if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                Level::Avx2
+            } else {
+                Level::Scalar
+            }
+        })
+    }
+
+    /// `None` where this CPU has neither vector unit.
+    pub(super) fn dot(data: &DenseData, span: Range<usize>, x: &[f32]) -> Option<f32> {
+        debug_assert_eq!(span.len(), x.len());
+        let n = x.len();
+        let lvl = level();
+        if lvl == Level::Scalar {
+            return None;
+        }
+        // SAFETY (all arms): the slices have `n` elements each (span.len() == x.len()), and
+        // the functions run only at the level `level()` detected on this CPU.
+        Some(unsafe {
+            match (data, lvl) {
+                (DenseData::F32(v), Level::Avx512) => f32_512(v[span].as_ptr(), x.as_ptr(), n),
+                (DenseData::F32(v), _) => f32_256(v[span].as_ptr(), x.as_ptr(), n),
+                (DenseData::F16(v), Level::Avx512) => f16_512(v[span].as_ptr(), x.as_ptr(), n),
+                (DenseData::F16(v), _) => f16_256(v[span].as_ptr(), x.as_ptr(), n),
+                (DenseData::BF16(v), Level::Avx512) => bf16_512(v[span].as_ptr(), x.as_ptr(), n),
+                (DenseData::BF16(v), _) => bf16_256(v[span].as_ptr(), x.as_ptr(), n),
+            }
+        })
+    }
+
+    /// Sixteen-wide loads of row elements as f32, two accumulators × 16 lanes, and a scalar
+    /// tail. `$load(ptr, i)` returns 16 f32 from element `i`.
+    macro_rules! dot512 {
+        ($name:ident, $t:ty, $load:expr, $scalar:expr) => {
+            #[target_feature(enable = "avx512f,avx512bw")]
+            unsafe fn $name(w: *const $t, x: *const f32, n: usize) -> f32 {
+                let mut a0 = _mm512_setzero_ps();
+                let mut a1 = _mm512_setzero_ps();
+                let mut i = 0;
+                // SAFETY: every load reads elements below `n` of `w` and `x` (loop bounds),
+                // which the caller guarantees are valid.
+                unsafe {
+                    while i + 32 <= n {
+                        a0 = _mm512_fmadd_ps($load(w, i), _mm512_loadu_ps(x.add(i)), a0);
+                        a1 = _mm512_fmadd_ps($load(w, i + 16), _mm512_loadu_ps(x.add(i + 16)), a1);
+                        i += 32;
+                    }
+                    if i + 16 <= n {
+                        a0 = _mm512_fmadd_ps($load(w, i), _mm512_loadu_ps(x.add(i)), a0);
+                        i += 16;
+                    }
+                    let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                    while i < n {
+                        s += $scalar(&*w.add(i)) * *x.add(i);
+                        i += 1;
+                    }
+                    s
+                }
+            }
+        };
+    }
+
+    /// The 8-wide AVX2 + FMA + F16C form of `dot512`.
+    macro_rules! dot256 {
+        ($name:ident, $t:ty, $load:expr, $scalar:expr) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name(w: *const $t, x: *const f32, n: usize) -> f32 {
+                let mut a0 = _mm256_setzero_ps();
+                let mut a1 = _mm256_setzero_ps();
+                let mut i = 0;
+                // SAFETY: every load reads elements below `n` of `w` and `x` (loop bounds),
+                // which the caller guarantees are valid.
+                unsafe {
+                    while i + 16 <= n {
+                        a0 = _mm256_fmadd_ps($load(w, i), _mm256_loadu_ps(x.add(i)), a0);
+                        a1 = _mm256_fmadd_ps($load(w, i + 8), _mm256_loadu_ps(x.add(i + 8)), a1);
+                        i += 16;
+                    }
+                    if i + 8 <= n {
+                        a0 = _mm256_fmadd_ps($load(w, i), _mm256_loadu_ps(x.add(i)), a0);
+                        i += 8;
+                    }
+                    let v = _mm256_add_ps(a0, a1);
+                    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+                    let v = _mm_add_ss(v, _mm_movehdup_ps(v));
+                    let mut s = _mm_cvtss_f32(v);
+                    while i < n {
+                        s += $scalar(&*w.add(i)) * *x.add(i);
+                        i += 1;
+                    }
+                    s
+                }
+            }
+        };
+    }
+
+    dot512!(
+        f32_512,
+        f32,
+        |w: *const f32, i| _mm512_loadu_ps(w.add(i)),
+        |v: &f32| *v
+    );
+    dot512!(
+        f16_512,
+        f16,
+        |w: *const f16, i| _mm512_cvtph_ps(_mm256_loadu_si256(w.add(i).cast())),
+        |v: &f16| v.to_f32()
+    );
+    dot512!(
+        bf16_512,
+        bf16,
+        |w: *const bf16, i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(w.add(i).cast())
+        ))),
+        |v: &bf16| v.to_f32()
+    );
+    dot256!(
+        f32_256,
+        f32,
+        |w: *const f32, i| _mm256_loadu_ps(w.add(i)),
+        |v: &f32| *v
+    );
+    dot256!(
+        f16_256,
+        f16,
+        |w: *const f16, i| _mm256_cvtph_ps(_mm_loadu_si128(w.add(i).cast())),
+        |v: &f16| v.to_f32()
+    );
+    dot256!(
+        bf16_256,
+        bf16,
+        |w: *const bf16, i| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(w.add(i).cast())
+        ))),
+        |v: &bf16| v.to_f32()
+    );
 }

@@ -19,6 +19,8 @@ mod matmul;
 pub mod neon;
 pub mod scalar;
 mod ternary;
+#[cfg(test)]
+mod tests;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod tiles;
 

@@ -141,6 +141,28 @@ impl QuantizedActivations {
         }
     }
 
+    /// Rows that are already int8 (`n_rows × cols`, row-major), each with scale `scale`;
+    /// for tests and benchmarks, which need activations such as −128 that `quantize` never
+    /// produces.
+    pub fn from_int8(q: &[i8], n_rows: usize, cols: usize, scale: f32) -> Self {
+        assert_eq!(q.len(), n_rows * cols, "from_int8 size");
+        let padded = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
+        let mut values = vec![0i8; n_rows * padded];
+        let mut sums = Vec::with_capacity(n_rows);
+        for r in 0..n_rows {
+            let src = &q[r * cols..(r + 1) * cols];
+            values[r * padded..r * padded + cols].copy_from_slice(src);
+            sums.push(src.iter().map(|&v| v as i32).sum());
+        }
+        Self {
+            n_rows,
+            padded_cols: padded,
+            values,
+            scales: vec![scale; n_rows],
+            sums,
+        }
+    }
+
     pub fn n_rows(&self) -> usize {
         self.n_rows
     }

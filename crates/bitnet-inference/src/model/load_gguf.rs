@@ -359,12 +359,8 @@ impl<'a> Loader<'a> {
         let data = self.data(t)?;
         let n = rows * cols;
         let d = match t.ggml_type {
-            GgmlType::F16 => {
-                DenseData::F16(gather2(data, rows, cols, map, |b| f16::from_le_bytes(b)))
-            }
-            GgmlType::BF16 => {
-                DenseData::BF16(gather2(data, rows, cols, map, |b| bf16::from_le_bytes(b)))
-            }
+            GgmlType::F16 => DenseData::F16(gather2(data, rows, cols, map, f16::from_le_bytes)),
+            GgmlType::BF16 => DenseData::BF16(gather2(data, rows, cols, map, bf16::from_le_bytes)),
             GgmlType::I2_S => {
                 let scale =
                     ggml::i2s_scale(data, n).map_err(|e| self.err(&t.name, e.to_string()))?;

@@ -1,0 +1,79 @@
+//! Kernel micro-benchmarks on the bitnet-b1.58-2B-4T linear shapes, for every kernel this
+//! CPU runs: GEMV (one activation row, decode) and GEMM (64 rows, prefill), through
+//! `ternary_matmul` so the threading is included (set `RAYON_NUM_THREADS`).
+//!
+//! `cargo bench -p bitnet-inference --bench kernels`; divan prints bytes/s of packed weights
+//! and items/s = integer operations (2 per weight × row: multiply and add).
+
+use bitnet_inference::kernels::{self, QuantizedActivations, TernaryMatrix};
+use divan::counter::{BytesCount, ItemsCount};
+use divan::{black_box, Bencher};
+
+fn main() {
+    eprintln!(
+        "threads: {}, kernels: {:?}",
+        rayon::current_num_threads(),
+        kernel_names()
+    );
+    divan::main();
+}
+
+fn kernel_names() -> Vec<&'static str> {
+    kernels::available_kernels()
+        .iter()
+        .map(|k| k.name())
+        .collect()
+}
+
+fn rng(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn setup(rows: usize, cols: usize, n: usize) -> (TernaryMatrix, QuantizedActivations) {
+    let mut s = 0x1234_5678_9abc_def1u64;
+    let w = TernaryMatrix::from_rows(rows, cols, |_, t| {
+        for v in t.iter_mut() {
+            *v = (rng(&mut s) % 3) as i8 - 1;
+        }
+        Ok(1.0)
+    })
+    .unwrap();
+    let x: Vec<f32> = (0..n * cols)
+        .map(|_| (rng(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect();
+    let mut a = QuantizedActivations::with_capacity(n, cols);
+    a.quantize(&x, n, cols);
+    (w, a)
+}
+
+fn run(b: Bencher, kernel: &str, rows: usize, cols: usize, n: usize) {
+    let k = kernels::kernel_by_name(kernel).unwrap();
+    let (w, a) = setup(rows, cols, n);
+    let mut out = vec![0.0f32; rows * n];
+    b.counter(BytesCount::new(rows * w.padded_cols() / 4))
+        .counter(ItemsCount::new(2 * rows * cols * n))
+        .bench_local(|| {
+            kernels::ternary_matmul(k, black_box(&w), black_box(&a), &mut out);
+            black_box(&out);
+        });
+}
+
+macro_rules! shape {
+    ($gemv:ident, $gemm:ident, $rows:expr, $cols:expr) => {
+        #[divan::bench(args = kernel_names(), sample_count = 20, max_time = 2)]
+        fn $gemv(b: Bencher, kernel: &str) {
+            run(b, kernel, $rows, $cols, 1);
+        }
+        #[divan::bench(args = kernel_names(), sample_count = 5, max_time = 3)]
+        fn $gemm(b: Bencher, kernel: &str) {
+            run(b, kernel, $rows, $cols, 64);
+        }
+    };
+}
+
+shape!(gemv_2560x2560, gemm64_2560x2560, 2560, 2560);
+shape!(gemv_6912x2560, gemm64_6912x2560, 6912, 2560);
+shape!(gemv_2560x6912, gemm64_2560x6912, 2560, 6912);
