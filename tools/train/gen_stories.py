@@ -86,13 +86,14 @@ def main():
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(a.gguf_dir, gguf_file=a.gguf_file, dtype=torch.bfloat16).cuda().eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(a.gguf_dir, gguf_file=a.gguf_file, dtype=torch.bfloat16).to(dev).eval()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     print(f"loaded in {time.time()-t0:.1f}s; eos={tok.eos_token_id} im_end={im_end}", flush=True)
 
     stops = {im_end, tok.eos_token_id}
     if a.batch <= 0:  # pick by GPU memory: the KV cache of 480 tokens is ~11 KB/token/seq at bf16
-        a.batch = 4608 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 3072
+        a.batch = 4608 if dev == "cuda" and torch.cuda.get_device_properties(0).total_memory > 120e9 else 3072
     print(f"batch {a.batch}", flush=True)
     n_stories = n_tok = n_fin = 0
     with open(a.out, "w") as f:
@@ -101,7 +102,7 @@ def main():
         while time.time() - t0 + last < a.seconds:  # start a batch only if it should end in time
             prompts = [make_prompt(rng) for _ in range(a.batch)]
             texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-            enc = tok(texts, return_tensors="pt", padding=True).to("cuda")
+            enc = tok(texts, return_tensors="pt", padding=True).to(dev)
             tb = time.time()
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=a.max_new, do_sample=True, temperature=a.temperature,

@@ -33,6 +33,8 @@ enum Command {
     Perplexity(commands::perplexity::Args),
     /// Measure prompt processing (pp) and generation (tg) speed, as llama-bench does.
     Bench(commands::bench::Args),
+    /// Write a model of any shape with random ternary weights (GGUF), for benchmarks.
+    Dummy(commands::dummy::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,5 +61,6 @@ fn try_main() -> anyhow::Result<()> {
         Command::Logits(a) => commands::logits::run(a),
         Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Dummy(a) => commands::dummy::run(a),
     }
 }

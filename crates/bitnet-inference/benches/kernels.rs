@@ -50,13 +50,19 @@ fn setup(rows: usize, cols: usize, n: usize) -> (TernaryMatrix, QuantizedActivat
 }
 
 fn run(b: Bencher, kernel: &str, rows: usize, cols: usize, n: usize) {
+    run_with(b, kernel, rows, cols, n, kernels::ternary_matmul);
+}
+
+type Matmul = fn(&dyn kernels::TernaryKernel, &TernaryMatrix, &QuantizedActivations, &mut [f32]);
+
+fn run_with(b: Bencher, kernel: &str, rows: usize, cols: usize, n: usize, matmul: Matmul) {
     let k = kernels::kernel_by_name(kernel).unwrap();
     let (w, a) = setup(rows, cols, n);
     let mut out = vec![0.0f32; rows * n];
     b.counter(BytesCount::new(rows * w.padded_cols() / 4))
         .counter(ItemsCount::new(2 * rows * cols * n))
         .bench_local(|| {
-            kernels::ternary_matmul(k, black_box(&w), black_box(&a), &mut out);
+            matmul(k, black_box(&w), black_box(&a), &mut out);
             black_box(&out);
         });
 }
@@ -77,3 +83,62 @@ macro_rules! shape {
 shape!(gemv_2560x2560, gemm64_2560x2560, 2560, 2560);
 shape!(gemv_6912x2560, gemm64_6912x2560, 6912, 2560);
 shape!(gemv_2560x6912, gemm64_2560x6912, 2560, 6912);
+
+/// The threading alone: rayon against the persistent spinning pool (what `ternary_matmul`
+/// uses), with the best kernel, on decode-sized and prefill-sized products.
+#[divan::bench(args = ["rayon", "spin"], sample_count = 50, max_time = 2)]
+fn threads_gemv_2560x2560(b: Bencher, pool: &str) {
+    run_with(b, kernel_names()[0], 2560, 2560, 1, matmul_for(pool));
+}
+
+#[divan::bench(args = ["rayon", "spin"], sample_count = 50, max_time = 2)]
+fn threads_gemv_6912x2560(b: Bencher, pool: &str) {
+    run_with(b, kernel_names()[0], 6912, 2560, 1, matmul_for(pool));
+}
+
+#[divan::bench(args = ["rayon", "spin"], sample_count = 50, max_time = 2)]
+fn threads_gemv_640x2560(b: Bencher, pool: &str) {
+    run_with(b, kernel_names()[0], 640, 2560, 1, matmul_for(pool));
+}
+
+#[divan::bench(args = ["rayon", "spin"], sample_count = 10, max_time = 2)]
+fn threads_gemm64_2560x2560(b: Bencher, pool: &str) {
+    run_with(b, kernel_names()[0], 2560, 2560, 64, matmul_for(pool));
+}
+
+fn matmul_for(pool: &str) -> Matmul {
+    match pool {
+        "rayon" => kernels::ternary_matmul_rayon,
+        _ => kernels::ternary_matmul,
+    }
+}
+
+/// The lm_head-sized float product (one row of 2560 against 8192 f16/bf16/f32 rows).
+#[divan::bench(args = ["f32", "f16", "bf16"], sample_count = 20, max_time = 2)]
+fn dense_gemv_8192x2560(b: Bencher, ty: &str) {
+    use kernels::{DenseData, DenseMatrix};
+    let (rows, cols) = (8192, 2560);
+    let vals: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let (data, width) = match ty {
+        "f16" => (
+            DenseData::F16(vals.iter().map(|&v| half::f16::from_f32(v)).collect()),
+            2,
+        ),
+        "bf16" => (
+            DenseData::BF16(vals.iter().map(|&v| half::bf16::from_f32(v)).collect()),
+            2,
+        ),
+        _ => (DenseData::F32(vals), 4),
+    };
+    let m = DenseMatrix::new(rows, cols, data).unwrap();
+    let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0.0f32; rows];
+    b.counter(BytesCount::new(rows * cols * width))
+        .counter(ItemsCount::new(2 * rows * cols))
+        .bench_local(|| {
+            kernels::dense_matmul(black_box(&m), black_box(&x), 1, &mut out);
+            black_box(&out);
+        });
+}

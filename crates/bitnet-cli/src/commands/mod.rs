@@ -1,6 +1,7 @@
 //! One module per subcommand; shared model loading here.
 
 pub mod bench;
+pub mod dummy;
 pub mod inspect;
 pub mod logits;
 pub mod perplexity;

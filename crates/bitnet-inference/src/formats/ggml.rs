@@ -461,6 +461,26 @@ fn check_trits(trits: &[i8]) -> Result<()> {
     }
 }
 
+/// Quantizes floats to Q8_0 blocks (ggml's reference: `d = max|x| / 127` as f16,
+/// `q = round(x / d)` half away from zero).
+pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<u8>> {
+    if !x.len().is_multiple_of(32) {
+        return Err(Error::Invalid(format!(
+            "Q8_0 needs a multiple of 32 elements, got {}",
+            x.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for block in x.chunks_exact(32) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    Ok(out)
+}
+
 /// Packs trits into I2_S with one tensor scale: `n/4` code bytes, the f32 scale, then
 /// zero padding to `n/4 + 32` bytes. `n` must be a multiple of 128 (the layout cannot
 /// hold a partial block in `n/4` bytes).

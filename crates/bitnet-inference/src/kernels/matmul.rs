@@ -33,35 +33,70 @@ fn chunk_rows(rows: usize) -> usize {
 
 /// `out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r]` for every activation row
 /// `t`; `out` is `[acts.n_rows(), w.rows()]`, row-major.
+///
+/// Runs on the persistent spinning pool ([`super::pool::SpinPool::global`], sized like
+/// rayon's global pool): measured faster than rayon for decode-sized products (see
+/// `benches/kernels.rs`, `threads_*`).
 pub fn ternary_matmul(
     kernel: &dyn TernaryKernel,
     w: &TernaryMatrix,
     acts: &QuantizedActivations,
     out: &mut [f32],
 ) {
+    let (rows, chunk) = check_ternary(w, acts, out);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    super::pool::SpinPool::global().run(rows.div_ceil(chunk), &|c| {
+        ternary_chunk(kernel, w, acts, out_ptr, c, chunk)
+    });
+}
+
+/// [`ternary_matmul`] split by rayon instead of the spinning pool (for comparison).
+pub fn ternary_matmul_rayon(
+    kernel: &dyn TernaryKernel,
+    w: &TernaryMatrix,
+    acts: &QuantizedActivations,
+    out: &mut [f32],
+) {
+    let (rows, chunk) = check_ternary(w, acts, out);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..rows.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| ternary_chunk(kernel, w, acts, out_ptr, c, chunk));
+}
+
+fn check_ternary(w: &TernaryMatrix, acts: &QuantizedActivations, out: &[f32]) -> (usize, usize) {
     let (rows, n_tok) = (w.rows(), acts.n_rows());
     assert_eq!(out.len(), rows * n_tok, "ternary_matmul output size");
     assert_eq!(acts.padded_cols(), w.padded_cols(), "ternary_matmul width");
-    let chunk = chunk_rows(rows);
-    let out_ptr = SharedOut(out.as_mut_ptr());
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let range = c * chunk..((c + 1) * chunk).min(rows);
-        let n = range.len();
-        DOTS.with_borrow_mut(|dots| {
-            dots.resize(n * n_tok, 0);
-            kernel.ternary_dot(w, range.clone(), acts, &mut dots[..n * n_tok]);
-            let mult = &w.multipliers()[range.clone()];
-            for t in 0..n_tok {
-                let inv_scale = acts.scale(t);
-                for (i, (&d, &m)) in dots[t * n..(t + 1) * n].iter().zip(mult).enumerate() {
-                    // SAFETY: element (t, range.start + i) lies inside `out` (asserted sizes)
-                    // and belongs to this task's row range alone.
-                    unsafe {
-                        *out_ptr.at(t * rows + range.start + i) = d as f32 / inv_scale * m;
-                    }
+    (rows, chunk_rows(rows))
+}
+
+/// Output rows `c·chunk ..` of every activation row; `out_ptr` is the checked output.
+fn ternary_chunk(
+    kernel: &dyn TernaryKernel,
+    w: &TernaryMatrix,
+    acts: &QuantizedActivations,
+    out_ptr: SharedOut,
+    c: usize,
+    chunk: usize,
+) {
+    let (rows, n_tok) = (w.rows(), acts.n_rows());
+    let range = c * chunk..((c + 1) * chunk).min(rows);
+    let n = range.len();
+    DOTS.with_borrow_mut(|dots| {
+        dots.resize(n * n_tok, 0);
+        kernel.ternary_dot(w, range.clone(), acts, &mut dots[..n * n_tok]);
+        let mult = &w.multipliers()[range.clone()];
+        for t in 0..n_tok {
+            let inv_scale = acts.scale(t);
+            for (i, (&d, &m)) in dots[t * n..(t + 1) * n].iter().zip(mult).enumerate() {
+                // SAFETY: element (t, range.start + i) lies inside `out` (sizes checked by
+                // `check_ternary`) and belongs to this chunk's row range alone.
+                unsafe {
+                    *out_ptr.at(t * rows + range.start + i) = d as f32 / inv_scale * m;
                 }
             }
-        });
+        }
     });
 }
 

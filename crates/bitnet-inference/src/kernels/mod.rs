@@ -17,6 +17,7 @@ mod dense;
 mod matmul;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
+pub mod pool;
 pub mod scalar;
 mod ternary;
 #[cfg(test)]
@@ -25,7 +26,7 @@ mod tests;
 mod tiles;
 
 pub use dense::{DenseData, DenseMatrix};
-pub use matmul::{dense_matmul, ternary_matmul};
+pub use matmul::{dense_matmul, ternary_matmul, ternary_matmul_rayon};
 pub use ternary::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS};
 
 use std::ops::Range;

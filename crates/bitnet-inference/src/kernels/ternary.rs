@@ -17,7 +17,8 @@ pub struct TernaryMatrix {
     rows: usize,
     cols: usize,
     padded_cols: usize,
-    packed: Vec<u8>,
+    /// 64-byte aligned, so SIMD loads of a block never straddle two cache lines.
+    packed: AlignedBytes,
     /// Per output row: `y = dot / activation_scale * multiplier`.
     multipliers: Vec<f32>,
 }
@@ -33,13 +34,13 @@ impl TernaryMatrix {
     ) -> Result<Self> {
         let padded_cols = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
         let row_bytes = padded_cols / 4;
-        let mut packed = vec![0u8; rows * row_bytes];
+        let mut packed = AlignedBytes::zeroed(rows * row_bytes);
         let mut multipliers = Vec::with_capacity(rows);
         let mut trits = vec![0i8; padded_cols];
         for r in 0..rows {
             trits.fill(0);
             multipliers.push(fill(r, &mut trits[..cols])?);
-            let out = &mut packed[r * row_bytes..(r + 1) * row_bytes];
+            let out = &mut packed.bytes_mut()[r * row_bytes..(r + 1) * row_bytes];
             for (block, bytes) in trits
                 .chunks_exact(BLOCK_WEIGHTS)
                 .zip(out.chunks_exact_mut(BLOCK_BYTES))
@@ -81,14 +82,14 @@ impl TernaryMatrix {
     /// Packed bytes of one row (`padded_cols / 4` of them).
     pub fn packed_row(&self, r: usize) -> &[u8] {
         let n = self.padded_cols / 4;
-        &self.packed[r * n..(r + 1) * n]
+        &self.packed.bytes()[r * n..(r + 1) * n]
     }
     pub fn multipliers(&self) -> &[f32] {
         &self.multipliers
     }
     /// Bytes of memory the packed weights and scales take.
     pub fn memory_bytes(&self) -> usize {
-        self.packed.len() + self.multipliers.len() * 4
+        self.packed.len + self.multipliers.len() * 4
     }
     /// One weight, decoded (for tests and conversion).
     pub fn trit(&self, r: usize, c: usize) -> i8 {
@@ -104,7 +105,8 @@ impl TernaryMatrix {
 pub struct QuantizedActivations {
     n_rows: usize,
     padded_cols: usize,
-    values: Vec<i8>,
+    /// 64-byte aligned; rows are whole blocks of 128, so every row starts aligned too.
+    values: AlignedBytes,
     scales: Vec<f32>,
     sums: Vec<i32>,
 }
@@ -116,7 +118,7 @@ impl QuantizedActivations {
         Self {
             n_rows: 0,
             padded_cols: 0,
-            values: Vec::with_capacity(max_rows * padded),
+            values: AlignedBytes::with_capacity(max_rows * padded),
             scales: Vec::with_capacity(max_rows),
             sums: Vec::with_capacity(max_rows),
         }
@@ -129,11 +131,11 @@ impl QuantizedActivations {
         let padded = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
         self.n_rows = n_rows;
         self.padded_cols = padded;
-        self.values.resize(n_rows * padded, 0);
+        self.values.resize(n_rows * padded);
         self.scales.resize(n_rows, 0.0);
         self.sums.resize(n_rows, 0);
         for r in 0..n_rows {
-            let q = &mut self.values[r * padded..(r + 1) * padded];
+            let q = &mut self.values.i8s_mut()[r * padded..(r + 1) * padded];
             let (scale, sum) = quantize_row(&x[r * cols..(r + 1) * cols], &mut q[..cols]);
             q[cols..].fill(0);
             self.scales[r] = scale;
@@ -147,11 +149,11 @@ impl QuantizedActivations {
     pub fn from_int8(q: &[i8], n_rows: usize, cols: usize, scale: f32) -> Self {
         assert_eq!(q.len(), n_rows * cols, "from_int8 size");
         let padded = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
-        let mut values = vec![0i8; n_rows * padded];
+        let mut values = AlignedBytes::zeroed(n_rows * padded);
         let mut sums = Vec::with_capacity(n_rows);
         for r in 0..n_rows {
             let src = &q[r * cols..(r + 1) * cols];
-            values[r * padded..r * padded + cols].copy_from_slice(src);
+            values.i8s_mut()[r * padded..r * padded + cols].copy_from_slice(src);
             sums.push(src.iter().map(|&v| v as i32).sum());
         }
         Self {
@@ -171,7 +173,7 @@ impl QuantizedActivations {
     }
     /// The int8 values of row `r`, `padded_cols` long.
     pub fn row(&self, r: usize) -> &[i8] {
-        &self.values[r * self.padded_cols..(r + 1) * self.padded_cols]
+        &self.values.i8s()[r * self.padded_cols..(r + 1) * self.padded_cols]
     }
     /// `s` of row `r`: the factor the floats were multiplied by.
     pub fn scale(&self, r: usize) -> f32 {
@@ -180,6 +182,67 @@ impl QuantizedActivations {
     /// `Σ q` of row `r`, for kernels that multiply unsigned codes.
     pub fn sum(&self, r: usize) -> i32 {
         self.sums[r]
+    }
+}
+
+/// One cache line of bytes; the unit of [`AlignedBytes`].
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A byte buffer that starts on a 64-byte boundary.
+#[derive(Clone, Default)]
+struct AlignedBytes {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl std::fmt::Debug for AlignedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBytes({} bytes)", self.len)
+    }
+}
+
+impl AlignedBytes {
+    fn zeroed(len: usize) -> Self {
+        Self {
+            lines: vec![Line([0; 64]); len.div_ceil(64)],
+            len,
+        }
+    }
+
+    fn with_capacity(len: usize) -> Self {
+        Self {
+            lines: Vec::with_capacity(len.div_ceil(64)),
+            len: 0,
+        }
+    }
+
+    /// Sets the length; bytes that were not part of the buffer before are zero.
+    fn resize(&mut self, len: usize) {
+        self.lines.resize(len.div_ceil(64), Line([0; 64]));
+        self.len = len;
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `Line` is `repr(C)` around `[u8; 64]` (no padding), so the vector's
+        // initialized lines are `lines.len() * 64 >= len` contiguous initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and the slice borrows `self` mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn i8s(&self) -> &[i8] {
+        // SAFETY: as in `bytes`; `i8` has the size, alignment and validity of `u8`.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<i8>(), self.len) }
+    }
+
+    fn i8s_mut(&mut self) -> &mut [i8] {
+        // SAFETY: as in `i8s`, and the slice borrows `self` mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<i8>(), self.len) }
     }
 }
 

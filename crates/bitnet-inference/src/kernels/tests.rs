@@ -204,6 +204,12 @@ fn ternary_matmul_is_identical_across_kernels() {
         for k in available_kernels() {
             let mut out = vec![f32::NAN; rows * n];
             ternary_matmul(k, &w, &a, &mut out);
+            let mut by_rayon = vec![f32::NAN; rows * n];
+            ternary_matmul_rayon(k, &w, &a, &mut by_rayon);
+            assert!(out
+                .iter()
+                .zip(&by_rayon)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
             assert!(
                 out.iter()
                     .zip(&want)
@@ -259,6 +265,34 @@ fn dense_matmul_matches_scalar_within_rounding() {
                         "{name} cols {cols}"
                     );
                 }
+            }
+        }
+    }
+}
+
+#[test]
+fn spin_pool_runs_every_index_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for threads in [1, 2, 3] {
+        let pool = pool::SpinPool::new(threads);
+        assert_eq!(pool.threads(), threads);
+        for (round, n) in [0usize, 1, 2, 5, 64, 1000]
+            .into_iter()
+            .cycle()
+            .take(60)
+            .enumerate()
+        {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(n, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "round {round}, n {n}"
+            );
+            if round == 30 {
+                // Let the workers fall asleep, then check they wake for the next job.
+                std::thread::sleep(std::time::Duration::from_millis(50));
             }
         }
     }

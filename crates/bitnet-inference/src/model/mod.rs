@@ -2,9 +2,11 @@
 //! one loader per file format, and one forward pass ([`forward`]) that every front end uses.
 
 pub mod config;
+pub mod dummy;
 pub mod forward;
 pub mod load_gguf;
 pub mod load_hf;
+pub mod save_gguf;
 pub mod weights;
 
 pub use config::{Activation, GenerationDefaults, ModelConfig};

@@ -1,0 +1,432 @@
+//! One sequence being generated, and the runner that advances many of them together: one
+//! forward call per step, each sequence in its own KV slot, prompts prefilled in chunks next
+//! to other sequences' decode tokens.
+
+use super::config::{ContextOverflow, FinishReason, GenerationConfig};
+use super::sampler::Sampler;
+use super::stop::StopStrings;
+use super::stream::{TokenPieces, Utf8Stream};
+use crate::model::{BatchEntry, ForwardState, Model};
+use crate::{Error, Result};
+use std::time::{Duration, Instant};
+
+/// Timings and counts of one generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationStats {
+    /// Tokens of the prompt, those reused from the KV cache included.
+    pub prompt_tokens: usize,
+    /// Prompt tokens that were already in the KV cache (not prefilled again).
+    pub cached_tokens: usize,
+    pub generated_tokens: usize,
+    /// From the start to the first token's logits (the prefill).
+    pub prefill_time: Duration,
+    /// From the first token to the end.
+    pub decode_time: Duration,
+    /// From the start to the first token chosen.
+    pub time_to_first_token: Duration,
+    /// How often the sliding window moved.
+    pub context_shifts: usize,
+    pub finish_reason: Option<FinishReason>,
+}
+
+impl GenerationStats {
+    /// Prompt tokens actually prefilled per second.
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        (self.prompt_tokens - self.cached_tokens) as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+    /// Decode rate over the tokens produced after the first.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub text: String,
+    /// The generated ids (the end token, when one stopped it, is not included).
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub stats: GenerationStats,
+}
+
+/// One sequence: its tokens, its KV slot, its sampler and stop conditions. Drive it with a
+/// [`BatchRunner`] (or see [`super::generate`]). Buffers are reused: a step allocates nothing.
+pub struct Sequence {
+    slot: usize,
+    /// Prompt and generated tokens; the slot's KV cache holds `tokens[..n_cached]`.
+    tokens: Vec<u32>,
+    n_cached: usize,
+    n_prompt: usize,
+    n_generated: usize,
+    /// Every generated id (kept whole even when the window slides).
+    out: Vec<u32>,
+    max_new: usize,
+    context: usize,
+    overflow: ContextOverflow,
+    sampler: Sampler,
+    logits: Vec<f32>,
+    utf8: Utf8Stream,
+    stops: StopStrings,
+    stop_ids: Vec<u32>,
+    piece: String,
+    /// Text released and not yet taken.
+    delta: String,
+    finish: Option<FinishReason>,
+    error: Option<String>,
+    started: Instant,
+    first_token: Option<Instant>,
+    stats: GenerationStats,
+}
+
+impl Sequence {
+    /// A sequence in KV slot `slot` of a state with `context` positions. The slot's cache
+    /// must already hold `prompt[..cached]` (0 for a fresh slot); the rest is prefilled.
+    pub fn new(
+        slot: usize,
+        prompt: &[u32],
+        cached: usize,
+        config: &GenerationConfig,
+        stop_ids: Vec<u32>,
+        context: usize,
+    ) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(Error::Invalid("the prompt has no tokens".into()));
+        }
+        if prompt.len() > context {
+            return Err(Error::Invalid(format!(
+                "the prompt of {} tokens does not fit the context size {context}",
+                prompt.len()
+            )));
+        }
+        // At least the last prompt token is run, for its logits.
+        let cached = cached.min(prompt.len() - 1);
+        let mut tokens =
+            Vec::with_capacity((prompt.len() + config.max_new_tokens).min(context + 1));
+        tokens.extend_from_slice(prompt);
+        let mut s = Sequence {
+            slot,
+            tokens,
+            n_cached: cached,
+            n_prompt: prompt.len(),
+            n_generated: 0,
+            out: Vec::with_capacity(config.max_new_tokens.min(4096)),
+            max_new: config.max_new_tokens,
+            context,
+            overflow: config.context_overflow,
+            sampler: Sampler::new(config.sampling_params()),
+            logits: Vec::new(),
+            utf8: Utf8Stream::default(),
+            stops: StopStrings::new(&config.stop_strings),
+            stop_ids,
+            piece: String::new(),
+            delta: String::new(),
+            finish: None,
+            error: None,
+            started: Instant::now(),
+            first_token: None,
+            stats: GenerationStats {
+                prompt_tokens: prompt.len(),
+                cached_tokens: cached,
+                ..Default::default()
+            },
+        };
+        if s.max_new == 0 {
+            s.finish = Some(FinishReason::Length);
+        }
+        Ok(s)
+    }
+
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+    /// Tokens of the prompt.
+    pub fn prompt_len(&self) -> usize {
+        self.n_prompt
+    }
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some() || self.error.is_some()
+    }
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+    /// The error that ended the sequence (a full context), if any.
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+    /// Prompt and generated tokens (after any sliding-window shift).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    /// The generated tokens.
+    pub fn generated(&self) -> &[u32] {
+        &self.out
+    }
+    /// The tokens whose keys and values are in the slot's cache.
+    pub fn cached_tokens(&self) -> &[u32] {
+        &self.tokens[..self.n_cached]
+    }
+    /// The text released since the last [`Sequence::take_delta`].
+    pub fn delta(&self) -> &str {
+        &self.delta
+    }
+    /// Moves the released text into `out` (appending).
+    pub fn take_delta(&mut self, out: &mut String) {
+        out.push_str(&self.delta);
+        self.delta.clear();
+    }
+    pub fn clear_delta(&mut self) {
+        self.delta.clear();
+    }
+    pub fn stats(&self) -> GenerationStats {
+        let mut s = self.stats.clone();
+        s.generated_tokens = self.n_generated;
+        s.finish_reason = self.finish;
+        if s.prefill_time.is_zero() {
+            s.prefill_time = self.started.elapsed();
+        }
+        if let Some(t) = self.first_token {
+            if self.finish.is_none() {
+                s.decode_time = t.elapsed();
+            }
+        }
+        s
+    }
+
+    /// Ends the sequence now, releasing held text.
+    pub fn cancel(&mut self) {
+        if !self.is_finished() {
+            self.end(FinishReason::Cancelled);
+        }
+    }
+
+    fn end(&mut self, reason: FinishReason) {
+        self.piece.clear();
+        self.utf8.finish_into(&mut self.piece);
+        let stopped = self.stops.push(&self.piece, &mut self.delta);
+        if !stopped {
+            self.stops.finish(&mut self.delta);
+        }
+        self.finish = Some(if stopped { FinishReason::Stop } else { reason });
+        if let Some(t) = self.first_token {
+            self.stats.decode_time = t.elapsed();
+        }
+    }
+
+    /// Makes room when the next token would not fit: slides the window or fails.
+    fn fit_context(&mut self) {
+        if self.tokens.len() <= self.context {
+            return;
+        }
+        match self.overflow {
+            ContextOverflow::Slide { keep } => {
+                let keep = keep.min(self.context / 2);
+                let tail = (self.context - keep) / 2;
+                let len = self.tokens.len();
+                self.tokens.drain(keep..len - tail);
+                self.n_cached = self.n_cached.min(keep);
+                self.stats.context_shifts += 1;
+            }
+            ContextOverflow::Error => {
+                self.error = Some(format!(
+                    "the context of {} tokens is full after {} generated tokens \
+                     (use a larger context size, or a sliding window)",
+                    self.context, self.n_generated
+                ));
+                if let Some(t) = self.first_token {
+                    self.stats.decode_time = t.elapsed();
+                }
+            }
+        }
+    }
+
+    /// Adds up to `budget` of this sequence's tokens that are not in its cache yet to `batch`;
+    /// returns whether the last one asks for logits (then the next [`Sequence::accept`] takes
+    /// that row).
+    pub fn feed(&mut self, batch: &mut Vec<BatchEntry>, budget: usize) -> bool {
+        if self.is_finished() {
+            return false;
+        }
+        self.fit_context();
+        if self.is_finished() {
+            return false;
+        }
+        let pending = self.tokens.len() - self.n_cached;
+        let n = pending.min(budget);
+        for i in 0..n {
+            let pos = self.n_cached + i;
+            batch.push(BatchEntry {
+                token: self.tokens[pos],
+                pos,
+                slot: self.slot,
+                logits: i + 1 == pending,
+            });
+        }
+        self.n_cached += n;
+        n > 0 && n == pending
+    }
+
+    /// Number of tokens waiting to be run (prompt chunks or the last sampled token).
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.n_cached
+    }
+
+    /// Takes the logits of the last fed token: samples, checks the stop conditions, and
+    /// releases text.
+    pub fn accept(&mut self, row: &[f32], pieces: &TokenPieces) {
+        if self.is_finished() {
+            return;
+        }
+        let now = Instant::now();
+        if self.first_token.is_none() {
+            self.stats.prefill_time = now - self.started;
+        }
+        self.logits.clear();
+        self.logits.extend_from_slice(row);
+        let next = self.sampler.sample(&mut self.logits, &self.tokens);
+        if self.first_token.is_none() {
+            self.first_token = Some(now);
+            self.stats.time_to_first_token = self.started.elapsed();
+        }
+        if self.stop_ids.contains(&next) {
+            self.end(FinishReason::Stop);
+            return;
+        }
+        self.tokens.push(next);
+        self.out.push(next);
+        self.n_generated += 1;
+        self.piece.clear();
+        self.utf8.push_into(pieces.get(next), &mut self.piece);
+        if self.stops.push(&self.piece, &mut self.delta) {
+            self.finish = Some(FinishReason::Stop);
+            self.stats.decode_time = self.first_token.map_or(Duration::ZERO, |t| t.elapsed());
+        } else if self.n_generated >= self.max_new {
+            self.end(FinishReason::Length);
+        }
+    }
+
+    /// The finished result, or the error that ended it. Takes the released text.
+    pub fn into_generation(mut self) -> Result<Generation> {
+        if let Some(e) = self.error.take() {
+            return Err(Error::Invalid(e));
+        }
+        let stats = self.stats();
+        Ok(Generation {
+            tokens: std::mem::take(&mut self.out),
+            text: std::mem::take(&mut self.delta),
+            finish_reason: self.finish.unwrap_or(FinishReason::Cancelled),
+            stats,
+        })
+    }
+}
+
+/// Advances several sequences together: every [`BatchRunner::step`] is one forward call
+/// holding the next token of every decoding sequence and prompt chunks of the others, up to
+/// the state's `max_batch` tokens. Each sequence owns one KV slot.
+pub struct BatchRunner<'a> {
+    model: &'a Model,
+    pieces: &'a TokenPieces,
+    state: &'a mut ForwardState,
+    seqs: Vec<Option<Sequence>>,
+    batch: Vec<BatchEntry>,
+    rows: Vec<usize>,
+}
+
+impl<'a> BatchRunner<'a> {
+    pub fn new(model: &'a Model, pieces: &'a TokenPieces, state: &'a mut ForwardState) -> Self {
+        let n = state.n_slots();
+        let cap = state.max_batch();
+        BatchRunner {
+            model,
+            pieces,
+            state,
+            seqs: (0..n).map(|_| None).collect(),
+            batch: Vec::with_capacity(cap),
+            rows: Vec::with_capacity(cap),
+        }
+    }
+
+    pub fn context(&self) -> usize {
+        self.state.context()
+    }
+
+    /// A slot with no sequence in it.
+    pub fn free_slot(&self) -> Option<usize> {
+        self.seqs.iter().position(|s| s.is_none())
+    }
+
+    pub fn active(&self) -> usize {
+        self.seqs.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Puts `seq` in its slot (which must be free).
+    pub fn insert(&mut self, seq: Sequence) -> Result<()> {
+        let slot = seq.slot();
+        match self.seqs.get(slot) {
+            Some(None) => {
+                self.seqs[slot] = Some(seq);
+                Ok(())
+            }
+            Some(Some(_)) => Err(Error::Invalid(format!("slot {slot} is busy"))),
+            None => Err(Error::Invalid(format!(
+                "slot {slot} does not exist ({} slots)",
+                self.seqs.len()
+            ))),
+        }
+    }
+
+    pub fn get(&self, slot: usize) -> Option<&Sequence> {
+        self.seqs.get(slot).and_then(|s| s.as_ref())
+    }
+
+    pub fn get_mut(&mut self, slot: usize) -> Option<&mut Sequence> {
+        self.seqs.get_mut(slot).and_then(|s| s.as_mut())
+    }
+
+    /// Takes the sequence out of its slot.
+    pub fn remove(&mut self, slot: usize) -> Option<Sequence> {
+        self.seqs.get_mut(slot).and_then(|s| s.take())
+    }
+
+    /// The slots whose sequences are finished.
+    pub fn finished_slots(&self) -> impl Iterator<Item = usize> + '_ {
+        self.seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.is_finished()))
+            .map(|(i, _)| i)
+    }
+
+    /// One forward call. Decoding sequences go first, then prompt chunks fill the rest of the
+    /// batch. Returns false when there was nothing to run.
+    pub fn step(&mut self) -> Result<bool> {
+        self.batch.clear();
+        self.rows.clear();
+        let cap = self.state.max_batch();
+        for decoding in [true, false] {
+            for (slot, s) in self.seqs.iter_mut().enumerate() {
+                let Some(s) = s else { continue };
+                if s.is_finished() || (s.pending() == 1) != decoding {
+                    continue;
+                }
+                let room = cap - self.batch.len();
+                if room == 0 {
+                    break;
+                }
+                if s.feed(&mut self.batch, room) {
+                    self.rows.push(slot);
+                }
+            }
+        }
+        if self.batch.is_empty() {
+            return Ok(false);
+        }
+        self.model.forward(&self.batch, self.state)?;
+        for (i, &slot) in self.rows.iter().enumerate() {
+            if let Some(s) = self.seqs[slot].as_mut() {
+                s.accept(self.state.logits(i), self.pieces);
+            }
+        }
+        Ok(true)
+    }
+}
