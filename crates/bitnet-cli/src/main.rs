@@ -23,6 +23,10 @@ struct Cli {
 enum Command {
     /// Complete a prompt, streaming the text to stdout.
     Run(commands::run::Args),
+    /// Chat with a model interactively (its chat template, the KV cache kept between turns).
+    Chat(commands::chat::Args),
+    /// Generate for every prompt of a JSONL or text file, together in batches.
+    Batch(commands::batch::Args),
     /// Show a model's architecture, tensors, tokenizer, chat template and memory needs.
     Inspect(commands::inspect::Args),
     /// Print the token ids of a text as a JSON list.
@@ -56,6 +60,8 @@ fn try_main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Run(a) => commands::run::run(a),
+        Command::Chat(a) => commands::chat::run(a),
+        Command::Batch(a) => commands::batch::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Logits(a) => commands::logits::run(a),

@@ -142,3 +142,23 @@ fn dense_gemv_8192x2560(b: Bencher, ty: &str) {
             black_box(&out);
         });
 }
+
+/// Decode from memory rather than cache: 24 distinct 6912×2560 matrices (106 MB of packed
+/// weights, past any L3), one GEMV each per iteration, as a token's layers do.
+#[divan::bench(args = kernel_names(), sample_count = 10, max_time = 3)]
+fn gemv_dram_24x6912x2560(b: Bencher, kernel: &str) {
+    let k = kernels::kernel_by_name(kernel).unwrap();
+    let (rows, cols, count) = (6912, 2560, 24);
+    let (w0, a) = setup(rows, cols, 1);
+    // Distinct copies (the clones are separate allocations, so nothing is shared in cache).
+    let ws: Vec<TernaryMatrix> = (0..count).map(|_| w0.clone()).collect();
+    let mut out = vec![0.0f32; rows];
+    b.counter(BytesCount::new(count * rows * w0.padded_cols() / 4))
+        .counter(ItemsCount::new(2 * count * rows * cols))
+        .bench_local(|| {
+            for w in &ws {
+                kernels::ternary_matmul(k, black_box(w), black_box(&a), &mut out);
+            }
+            black_box(&out);
+        });
+}

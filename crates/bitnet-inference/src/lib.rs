@@ -5,9 +5,11 @@
 //! - [`kernels`]: packed ternary weights, int8 activations, integer dot products per ISA.
 //! - [`model`]: the model description, one loader per format, and the forward pass.
 //! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
-//! - [`generate`]: sampling and the generation loop used by every front end.
+//! - [`generate`]: sampling, stop conditions, beam search, streaming, batched generation.
+//! - [`engine`]: the library API ([`engine::InferenceEngine`], [`engine::TextGenerator`]).
 
 pub mod chat;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod formats;

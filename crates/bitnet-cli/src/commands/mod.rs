@@ -1,6 +1,9 @@
 //! One module per subcommand; shared model loading here.
 
+pub mod batch;
 pub mod bench;
+pub mod chat;
+pub mod gen_flags;
 pub mod dummy;
 pub mod inspect;
 pub mod logits;

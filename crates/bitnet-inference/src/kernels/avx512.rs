@@ -54,6 +54,9 @@ impl Tile for Avx512 {
     }
 }
 
+/// Bytes ahead of the current block that the tile asks the cache to fetch.
+const PREFETCH: usize = 2048;
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_avx512<const WR: usize, const TA: usize>(
     w: [*const u8; WR],
@@ -67,6 +70,10 @@ unsafe fn tile_avx512<const WR: usize, const TA: usize>(
     let mut acc = [[_mm512_setzero_si512(); TA]; WR];
     for b in 0..blocks {
         for i in 0..WR {
+            // A hint to fetch ahead of the hardware prefetcher when weights stream from
+            // memory (decode); past the end of the matrix it is a no-op: prefetches never
+            // fault, and `wrapping_add` keeps the address computation defined.
+            _mm_prefetch::<_MM_HINT_T0>(w[i].wrapping_add(b * 32 + PREFETCH).cast());
             // SAFETY: w[i] is valid for `blocks * 32` bytes (Tile contract) and b < blocks.
             let raw = unsafe { _mm256_loadu_si256(w[i].add(b * 32).cast()) };
             let raw = _mm512_broadcast_i64x4(raw);

@@ -50,6 +50,9 @@ impl Tile for AvxVnni {
     }
 }
 
+/// Bytes ahead of the current block that the tile asks the cache to fetch.
+const PREFETCH: usize = 2048;
+
 #[target_feature(enable = "avx2,avxvnni")]
 unsafe fn tile_avxvnni<const WR: usize, const TA: usize>(
     w: [*const u8; WR],
@@ -60,6 +63,10 @@ unsafe fn tile_avxvnni<const WR: usize, const TA: usize>(
     let mut acc = [[_mm256_setzero_si256(); TA]; WR];
     for b in 0..blocks {
         for i in 0..WR {
+            // A hint to fetch ahead of the hardware prefetcher when weights stream from
+            // memory (decode); past the end of the matrix it is a no-op: prefetches never
+            // fault, and `wrapping_add` keeps the address computation defined.
+            _mm_prefetch::<_MM_HINT_T0>(w[i].wrapping_add(b * 32 + PREFETCH).cast());
             // SAFETY: w[i] is valid for `blocks * 32` bytes (Tile contract) and b < blocks.
             let raw = unsafe { _mm256_loadu_si256(w[i].add(b * 32).cast()) };
             let c = [

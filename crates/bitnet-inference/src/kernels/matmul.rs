@@ -34,8 +34,8 @@ fn chunk_rows(rows: usize) -> usize {
 /// `out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r]` for every activation row
 /// `t`; `out` is `[acts.n_rows(), w.rows()]`, row-major.
 ///
-/// Runs on the persistent spinning pool ([`super::pool::SpinPool::global`], sized like
-/// rayon's global pool): measured faster than rayon for decode-sized products (see
+/// Runs on the persistent spinning pool ([`super::pool::SpinPool::current`], as many
+/// threads as the rayon pool it is called from): measured faster than rayon for decode-sized products (see
 /// `benches/kernels.rs`, `threads_*`).
 pub fn ternary_matmul(
     kernel: &dyn TernaryKernel,
@@ -45,7 +45,7 @@ pub fn ternary_matmul(
 ) {
     let (rows, chunk) = check_ternary(w, acts, out);
     let out_ptr = SharedOut(out.as_mut_ptr());
-    super::pool::SpinPool::global().run(rows.div_ceil(chunk), &|c| {
+    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
         ternary_chunk(kernel, w, acts, out_ptr, c, chunk)
     });
 }

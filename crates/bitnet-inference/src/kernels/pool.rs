@@ -68,10 +68,14 @@ impl SpinPool {
         }
     }
 
-    /// The pool sized like rayon's global pool (`-t N`), made on first use.
-    pub fn global() -> &'static SpinPool {
-        static POOL: OnceLock<SpinPool> = OnceLock::new();
-        POOL.get_or_init(|| SpinPool::new(rayon::current_num_threads()))
+    /// The pool with as many threads as the rayon pool this is called from (the global
+    /// one, or the one an engine `install`ed for `-t N`); one pool a size, made on first use
+    /// and kept (idle workers sleep).
+    pub fn current() -> &'static SpinPool {
+        const MAX: usize = 256;
+        static POOLS: [OnceLock<SpinPool>; MAX] = [const { OnceLock::new() }; MAX];
+        let n = rayon::current_num_threads().clamp(1, MAX);
+        POOLS[n - 1].get_or_init(|| SpinPool::new(n))
     }
 
     pub fn threads(&self) -> usize {

@@ -297,3 +297,14 @@ fn spin_pool_runs_every_index_once() {
         }
     }
 }
+
+#[test]
+fn spin_pool_follows_the_rayon_pool_size() {
+    for n in [1, 3] {
+        let rp = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap();
+        assert_eq!(rp.install(|| pool::SpinPool::current().threads()), n);
+    }
+}

@@ -1,0 +1,465 @@
+//! `bitnet batch`: many prompts from a file, generated together (one KV slot per sequence,
+//! one forward call per step), each result written and flushed as soon as it finishes.
+
+use super::gen_flags::GenFlags;
+use bitnet_inference::chat::ChatMessage;
+use bitnet_inference::engine::LoadedEngineModel;
+use bitnet_inference::generate::{
+    beam_search, BatchRunner, GenerationConfig, SamplingStrategy, Sequence,
+};
+use serde_json::{json, Map, Value};
+use std::collections::{HashSet, VecDeque};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF file or Hugging Face model directory.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Input: JSONL (`{"id": .., "prompt": .. | "messages": [..], options..}` a line) or plain
+    /// text (one prompt a line).
+    #[arg(short, long)]
+    input: PathBuf,
+    /// Output: JSONL or CSV (by extension, or --format). Ids already in it are skipped.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Output format (default: from the extension of --output; .csv is CSV, else JSONL).
+    #[arg(long, value_parser = ["jsonl", "csv"])]
+    format: Option<String>,
+    /// Sequences generated together (KV slots).
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// Context size of each sequence (default: the model's, at most 2048).
+    #[arg(short = 'c', long = "ctx-size")]
+    ctx_size: Option<usize>,
+    /// Tokens per forward call at most (decode tokens of every sequence plus prompt chunks).
+    #[arg(short = 'b', long = "batch-size", default_value_t = 256)]
+    batch_size: usize,
+    #[command(flatten)]
+    gen: GenFlags,
+}
+
+/// One line of the input, parsed.
+struct Item {
+    id: Value,
+    prompt: Vec<u32>,
+    config: GenerationConfig,
+}
+
+/// The text form of an id, for resuming.
+fn id_key(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn get_f32(o: &Map<String, Value>, key: &str) -> anyhow::Result<Option<f32>> {
+    o.get(key)
+        .filter(|v| !v.is_null())
+        .map(|v| {
+            v.as_f64()
+                .map(|f| f as f32)
+                .ok_or_else(|| anyhow::anyhow!("`{key}` must be a number, got {v}"))
+        })
+        .transpose()
+}
+
+fn get_u64(o: &Map<String, Value>, key: &str) -> anyhow::Result<Option<u64>> {
+    o.get(key)
+        .filter(|v| !v.is_null())
+        .map(|v| {
+            v.as_u64()
+                .ok_or_else(|| anyhow::anyhow!("`{key}` must be a non-negative integer, got {v}"))
+        })
+        .transpose()
+}
+
+/// Applies the OpenAI-named options of an item over the command line's config.
+fn item_config(o: &Map<String, Value>, base: &GenerationConfig) -> anyhow::Result<GenerationConfig> {
+    let mut c = base.clone();
+    if let Some(n) = get_u64(o, "max_tokens")?.or(get_u64(o, "max_completion_tokens")?) {
+        c.max_new_tokens = n as usize;
+    }
+    if let Some(t) = get_f32(o, "temperature")? {
+        c.temperature = t;
+    }
+    if let Some(p) = get_f32(o, "top_p")? {
+        c.top_p = p;
+    }
+    if let Some(k) = get_u64(o, "top_k")? {
+        c.top_k = k as usize;
+    }
+    if let Some(p) = get_f32(o, "min_p")? {
+        c.min_p = p;
+    }
+    if let Some(p) = get_f32(o, "typical_p")? {
+        c.typical_p = p;
+    }
+    if let Some(p) = get_f32(o, "repetition_penalty")? {
+        c.repetition_penalty = p;
+    }
+    if let Some(p) = get_f32(o, "presence_penalty")? {
+        c.presence_penalty = p;
+    }
+    if let Some(p) = get_f32(o, "frequency_penalty")? {
+        c.frequency_penalty = p;
+    }
+    if let Some(s) = get_u64(o, "seed")? {
+        c.seed = s;
+    }
+    match o.get("stop") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => c.stop_strings = vec![s.clone()],
+        Some(Value::Array(a)) => {
+            c.stop_strings = a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| anyhow::anyhow!("`stop` entries must be strings, got {v}"))
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
+        Some(v) => anyhow::bail!("`stop` must be a string or a list of strings, got {v}"),
+    }
+    if let Some(b) = o.get("logit_bias").filter(|v| !v.is_null()) {
+        let map = b
+            .as_object()
+            .ok_or_else(|| anyhow::anyhow!("`logit_bias` must be an object of token id to bias"))?;
+        c.logit_bias = map
+            .iter()
+            .map(|(k, v)| {
+                let id: u32 = k
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("`logit_bias` key `{k}` is not a token id"))?;
+                let bias = v
+                    .as_f64()
+                    .ok_or_else(|| anyhow::anyhow!("`logit_bias` value of {k} must be a number"))?;
+                Ok((id, bias as f32))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(n) = get_u64(o, "n")? {
+        anyhow::ensure!(n == 1, "`n` = {n}: only one completion per item is supported");
+    }
+    Ok(c)
+}
+
+/// Parses one JSONL line into an item (or the id and the reason it is bad).
+fn parse_json_item(
+    m: &LoadedEngineModel,
+    line: &str,
+    line_no: usize,
+    base: &GenerationConfig,
+) -> Result<Item, (Value, String)> {
+    let v: Value = serde_json::from_str(line)
+        .map_err(|e| (json!(line_no), format!("line {line_no}: not JSON: {e}")))?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| (json!(line_no), format!("line {line_no}: not a JSON object")))?;
+    let id = o.get("id").cloned().unwrap_or(json!(line_no));
+    let fail = |msg: String| (id.clone(), msg);
+    let config = item_config(o, base).map_err(|e| fail(e.to_string()))?;
+    let prompt = match (o.get("prompt"), o.get("messages")) {
+        (Some(Value::String(p)), None) => m.encode_prompt(p).map_err(|e| fail(e.to_string()))?,
+        (None, Some(msgs)) => {
+            let msgs: Vec<ChatMessage> = serde_json::from_value(msgs.clone()).map_err(|e| {
+                fail(format!("`messages` must be a list of {{role, content}}: {e}"))
+            })?;
+            m.encode_chat(&msgs).map_err(|e| fail(e.to_string()))?
+        }
+        (Some(_), Some(_)) => return Err(fail("give `prompt` or `messages`, not both".into())),
+        (Some(p), None) => return Err(fail(format!("`prompt` must be a string, got {p}"))),
+        (None, None) => return Err(fail("no `prompt` or `messages`".into())),
+    };
+    Ok(Item { id, prompt, config })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    Jsonl,
+    Csv,
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The first field of each CSV record (quoted fields may hold newlines and commas).
+fn csv_first_fields(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut field = String::new();
+    let (mut in_quotes, mut first, mut chars) = (false, true, text.chars().peekable());
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if in_quotes && chars.peek() == Some(&'"') => {
+                chars.next();
+                if first {
+                    field.push('"');
+                }
+            }
+            '"' => in_quotes = !in_quotes,
+            ',' if !in_quotes => {
+                if first {
+                    out.push(std::mem::take(&mut field));
+                }
+                first = false;
+            }
+            '\n' if !in_quotes => {
+                if first {
+                    out.push(std::mem::take(&mut field));
+                }
+                first = true;
+            }
+            _ if first => field.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+const CSV_HEADER: &str = "id,text,error,finish_reason,prompt_tokens,completion_tokens\n";
+
+/// Ids already written to `out` (a truncated last line is ignored).
+fn done_ids(path: &Path, format: Format) -> anyhow::Result<HashSet<String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
+    };
+    Ok(match format {
+        Format::Jsonl => text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v.get("id").map(id_key))
+            .collect(),
+        Format::Csv => {
+            // Only complete records (ending with a newline) count.
+            let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            csv_first_fields(complete).into_iter().skip(1).collect()
+        }
+    })
+}
+
+struct Output {
+    file: std::fs::File,
+    format: Format,
+    path: PathBuf,
+}
+
+impl Output {
+    fn open(path: &Path, format: Format) -> anyhow::Result<Self> {
+        let existing = std::fs::read(path).unwrap_or_default();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if existing.is_empty() {
+            if format == Format::Csv {
+                file.write_all(CSV_HEADER.as_bytes())?;
+            }
+        } else if !existing.ends_with(b"\n") {
+            // A killed run may have left half a row: start a new line.
+            file.write_all(b"\n")?;
+        }
+        Ok(Output {
+            file,
+            format,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn write(&mut self, row: &Value) -> anyhow::Result<()> {
+        let line = match self.format {
+            Format::Jsonl => format!("{row}\n"),
+            Format::Csv => {
+                let f = |k: &str| match row.get(k) {
+                    None | Some(Value::Null) => String::new(),
+                    Some(Value::String(s)) => csv_field(s),
+                    Some(v) => csv_field(&v.to_string()),
+                };
+                format!(
+                    "{},{},{},{},{},{}\n",
+                    f("id"),
+                    f("text"),
+                    f("error"),
+                    f("finish_reason"),
+                    f("prompt_tokens"),
+                    f("completion_tokens")
+                )
+            }
+        };
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.flush())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))
+    }
+}
+
+fn error_row(id: &Value, msg: &str) -> Value {
+    json!({"id": id, "error": msg, "finish_reason": "error"})
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let format = match a.format.as_deref() {
+        Some("csv") => Format::Csv,
+        Some(_) => Format::Jsonl,
+        None if a.output.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) => Format::Csv,
+        None => Format::Jsonl,
+    };
+    let input = std::fs::File::open(&a.input).map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
+    let lines: Vec<String> = std::io::BufReader::new(input)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
+    let is_jsonl = a.input.extension().is_some_and(|e| e == "jsonl" || e == "json")
+        || lines.iter().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{'));
+
+    let m = LoadedEngineModel::load(&a.model)?;
+    let base = a.gen.config(&m.generation, 128);
+    let done = done_ids(&a.output, format)?;
+    let mut out = Output::open(&a.output, format)?;
+
+    // Parse everything first: bad lines become error rows at once.
+    let mut queue: VecDeque<Item> = VecDeque::new();
+    let (mut skipped, mut errors, mut total) = (0usize, 0usize, 0usize);
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line_no = i + 1;
+        let parsed = if is_jsonl {
+            parse_json_item(&m, line, line_no, &base)
+        } else {
+            m.encode_prompt(line)
+                .map(|prompt| Item {
+                    id: json!(line_no),
+                    prompt,
+                    config: base.clone(),
+                })
+                .map_err(|e| (json!(line_no), e.to_string()))
+        };
+        let id = match &parsed {
+            Ok(item) => &item.id,
+            Err((id, _)) => id,
+        };
+        if done.contains(&id_key(id)) {
+            skipped += 1;
+            continue;
+        }
+        total += 1;
+        match parsed {
+            Ok(item) => queue.push_back(item),
+            Err((id, msg)) => {
+                out.write(&error_row(&id, &msg))?;
+                errors += 1;
+            }
+        }
+    }
+
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} items | {per_sec} | ETA {eta} | {msg}",
+        )?,
+    );
+    bar.inc(errors as u64);
+    if skipped > 0 {
+        bar.println(format!("skipping {skipped} items already in {}", a.output.display()));
+    }
+
+    let ctx = a
+        .ctx_size
+        .unwrap_or(2048)
+        .min(m.model.config.max_context);
+    let slots = a.parallel.max(1);
+    let mut state = m.model.new_state(slots, ctx, a.batch_size.max(slots))?;
+    let mut beam_state = None;
+    let mut runner = BatchRunner::new(&m.model, &m.pieces, &mut state);
+    let mut ids: Vec<Option<Value>> = vec![None; slots];
+    let start = Instant::now();
+    let mut tokens_out = 0usize;
+    loop {
+        // Fill free slots.
+        while let (Some(slot), Some(item)) = (runner.free_slot(), queue.front()) {
+            let item_config = &item.config;
+            if let SamplingStrategy::BeamSearch { beams, .. } = item_config.strategy {
+                let item = queue.pop_front().expect("front exists");
+                let st = match &mut beam_state {
+                    Some(s) => s,
+                    None => beam_state.insert(m.model.new_state(beams, ctx, a.batch_size.max(beams))?),
+                };
+                let stop = item.config.stop_ids(&m.end_tokens);
+                let row = match beam_search(&m.model, &m.pieces, st, &item.prompt, &item.config, &stop) {
+                    Ok(g) => {
+                        tokens_out += g.tokens.len();
+                        json!({"id": item.id, "text": g.text, "finish_reason": g.finish_reason.as_str(),
+                               "prompt_tokens": item.prompt.len(), "completion_tokens": g.tokens.len()})
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        error_row(&item.id, &e.to_string())
+                    }
+                };
+                out.write(&row)?;
+                bar.inc(1);
+                continue;
+            }
+            let item = queue.pop_front().expect("front exists");
+            let stop = item.config.stop_ids(&m.end_tokens);
+            match Sequence::new(slot, &item.prompt, 0, &item.config, stop, ctx) {
+                Ok(seq) => {
+                    runner.insert(seq)?;
+                    ids[slot] = Some(item.id);
+                }
+                Err(e) => {
+                    out.write(&error_row(&item.id, &e.to_string()))?;
+                    errors += 1;
+                    bar.inc(1);
+                }
+            }
+        }
+        if runner.active() == 0 && queue.is_empty() {
+            break;
+        }
+        runner.step()?;
+        let finished: Vec<usize> = runner.finished_slots().collect();
+        for slot in finished {
+            let seq = runner.remove(slot).expect("finished slot has a sequence");
+            let id = ids[slot].take().unwrap_or(Value::Null);
+            let prompt_tokens = seq.prompt_len();
+            let row = match seq.into_generation() {
+                Ok(g) => {
+                    tokens_out += g.tokens.len();
+                    json!({"id": id, "text": g.text, "finish_reason": g.finish_reason.as_str(),
+                           "prompt_tokens": prompt_tokens, "completion_tokens": g.tokens.len()})
+                }
+                Err(e) => {
+                    errors += 1;
+                    error_row(&id, &e.to_string())
+                }
+            };
+            out.write(&row)?;
+            bar.inc(1);
+            bar.set_message(format!(
+                "{:.1} tok/s",
+                tokens_out as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            ));
+        }
+    }
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{total} items ({errors} errors, {skipped} skipped) in {secs:.2} s | {tokens_out} tokens generated, {:.1} tok/s | {slots} sequences at a time",
+        tokens_out as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! `bitnet batch` on the tiny fixture model: good and bad items, formats, resume after a
+//! kill, and results equal to generating each prompt alone.
+
+use bitnet_inference::engine::{GenerationConfig, InferenceEngine};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../bitnet-inference/tests/fixtures/bitnet-packed")
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("bitnet-batch-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn batch(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bitnet"));
+    c.arg("batch").arg("-m").arg(model()).args(args).env("BITNET_THREADS", "2");
+    c
+}
+
+fn rows(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn greedy_alone(prompt: &str, n: usize) -> String {
+    let mut e = InferenceEngine::new();
+    e.load_model(model()).unwrap();
+    e.generate(prompt, &GenerationConfig::greedy(n)).unwrap().text
+}
+
+#[test]
+fn mixed_items_give_rows_and_errors_equal_to_single_runs() {
+    let d = dir("mixed");
+    let input = d.join("in.jsonl");
+    std::fs::write(
+        &input,
+        [
+            r#"{"id": "a", "prompt": "hello", "max_tokens": 12}"#,
+            r#"{"id": "b", "prompt": "the cat sat", "max_tokens": 7}"#,
+            r#"{"id": "bad-stop", "prompt": "x", "stop": 5}"#,
+            r#"{"id": "none"}"#,
+            r#"this is not json"#,
+            r#"{"id": 7, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}"#,
+            &format!(r#"{{"id": "long", "prompt": "{}"}}"#, "word ".repeat(300)),
+            r#"{"id": "c", "prompt": "1 2 3", "max_tokens": 9, "temperature": 0.0}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = d.join("out.jsonl");
+    let o = batch(&["-i", input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--temp", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 8, "{rows:?}");
+    let by_id: HashMap<String, &Value> = rows
+        .iter()
+        .map(|r| (r["id"].to_string().trim_matches('"').to_string(), r))
+        .collect();
+    for (id, prompt, n) in [("a", "hello", 12), ("b", "the cat sat", 7), ("c", "1 2 3", 9)] {
+        let r = by_id[id];
+        assert_eq!(r["text"], greedy_alone(prompt, n), "{id}");
+        assert_eq!(r["completion_tokens"], n);
+        assert_eq!(r["finish_reason"], "length");
+        assert!(r["prompt_tokens"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(by_id["7"]["completion_tokens"], 5);
+    for (id, why) in [
+        ("bad-stop", "`stop`"),
+        ("none", "no `prompt`"),
+        ("5", "not JSON"),
+        ("long", "does not fit the context"),
+    ] {
+        let e = by_id[id]["error"].as_str().unwrap_or_else(|| panic!("{id}: {:?}", by_id[id]));
+        assert!(e.contains(why), "{id}: {e}");
+        assert_eq!(by_id[id]["finish_reason"], "error");
+    }
+
+    // CSV by extension, same results.
+    let csv = d.join("out.csv");
+    let o = batch(&["-i", input.to_str().unwrap(), "-o", csv.to_str().unwrap(), "--temp", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(text.starts_with("id,text,error,finish_reason,prompt_tokens,completion_tokens\n"));
+    assert!(text.contains(&format!("\na,{},,length,", by_id["a"]["text"].as_str().unwrap())));
+}
+
+#[test]
+fn killed_run_resumes_where_it_stopped() {
+    let d = dir("resume");
+    let input = d.join("prompts.txt");
+    let n = 120;
+    let prompts: Vec<String> = (0..n).map(|i| format!("prompt number {i} says")).collect();
+    std::fs::write(&input, prompts.join("\n")).unwrap();
+    let args = |out: &Path, parallel: &str| {
+        let mut c = batch(&[
+            "-i",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "40",
+            "--parallel",
+            parallel,
+        ]);
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c
+    };
+    // Uninterrupted reference, 4 at a time.
+    let reference = d.join("ref.jsonl");
+    assert!(args(&reference, "4").status().unwrap().success());
+    let want: HashMap<u64, String> = rows(&reference)
+        .iter()
+        .map(|r| (r["id"].as_u64().unwrap(), r["text"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(want.len(), n);
+
+    // Killed after a few rows, then resumed, 2 at a time.
+    let out = d.join("out.jsonl");
+    let mut child = args(&out, "2").spawn().unwrap();
+    let start = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(&out).map_or(0, |t| t.lines().count());
+        if lines >= 4 || start.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = std::fs::read_to_string(&out).unwrap().lines().count();
+    assert!(partial >= 4 && partial < n, "killed with {partial} rows of {n}");
+    let o = args(&out, "2").stderr(std::process::Stdio::piped()).output().unwrap();
+    assert!(o.status.success());
+    let got = rows(&out);
+    assert_eq!(got.len(), n, "each id exactly once");
+    for r in &got {
+        let id = r["id"].as_u64().unwrap();
+        assert_eq!(r["text"].as_str().unwrap(), want[&id], "id {id}");
+    }
+    // And the third run has nothing left to do.
+    let o = args(&out, "2").stderr(std::process::Stdio::piped()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("{n} skipped")), "{err}");
+    assert_eq!(rows(&out).len(), n);
+}

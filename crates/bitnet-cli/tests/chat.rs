@@ -1,0 +1,129 @@
+//! `bitnet chat` on the tiny fixture model: piped stdin for plain turns, and a
+//! pseudo-terminal (tmux) for line editing, Ctrl-C mid-answer and /reset.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../bitnet-inference/tests/fixtures/bitnet-packed")
+}
+
+/// The "(N reused)" figures of the stats lines.
+fn reused(text: &str) -> Vec<usize> {
+    text.split(" reused)")
+        .filter_map(|s| s.rsplit('(').next())
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn piped_turns_reuse_the_cache() {
+    let dir = std::env::temp_dir().join(format!("bitnet-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let save = dir.join("conv.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["chat", "-m", model().to_str().unwrap(), "--temp", "0", "-n", "6"])
+        .args(["--system", "be brief"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!("hello\nhow are you\n/save {}\n/reset\nhello\n", save.display());
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches(" reused)").count(), 3, "{err}");
+    let r = reused(&err);
+    assert_eq!(r.len(), 3, "{err}");
+    assert_eq!(r[0], 0);
+    assert!(r[1] > 0, "the second turn reuses the first's cache: {err}");
+    assert_eq!(r[2], 0, "after /reset nothing is reused: {err}");
+    assert!(out.contains("[conversation reset]"));
+    let conv: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&save).unwrap()).unwrap();
+    let roles: Vec<&str> = conv.as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["system", "user", "assistant", "user", "assistant"]);
+    assert_eq!(conv[3]["content"], "how are you");
+}
+
+struct Tmux(String);
+
+impl Tmux {
+    fn keys(&self, keys: &[&str]) {
+        let ok = Command::new("tmux").args(["send-keys", "-t", &self.0]).args(keys).status().unwrap();
+        assert!(ok.success());
+    }
+    fn screen(&self) -> String {
+        let o = Command::new("tmux")
+            .args(["capture-pane", "-p", "-J", "-S", "-10000", "-t", &self.0])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+    /// Waits until `pred` holds for the screen.
+    fn wait(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.screen();
+            if pred(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "waiting for {what}; screen:\n{s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).status();
+    }
+}
+
+#[test]
+fn terminal_session_ctrl_c_stops_the_answer_and_keeps_the_session() {
+    let name = format!("bitnet-chat-test-{}", std::process::id());
+    let cmd = format!(
+        "BITNET_THREADS=2 {} chat -m {} --temp 0 --ignore-eos --context-shift -n 1000000 --no-history; sleep 60",
+        env!("CARGO_BIN_EXE_bitnet"),
+        model().display()
+    );
+    let ok = Command::new("tmux")
+        .args(["new-session", "-d", "-s", &name, "-x", "120", "-y", "40", &cmd])
+        .status()
+        .expect("tmux");
+    assert!(ok.success());
+    let t = Tmux(name);
+    t.wait("the banner", |s| s.contains("/help for commands"));
+    t.keys(&["/help", "Enter"]);
+    t.wait("help", |s| s.contains("Ctrl-C stops the current answer"));
+
+    // An endless answer (no EOS, sliding window): only Ctrl-C ends it.
+    t.keys(&["hello", "Enter"]);
+    std::thread::sleep(Duration::from_millis(700));
+    t.keys(&["C-c"]);
+    let s = t.wait("the first interrupt", |s| s.matches("| interrupted]").count() == 1);
+    assert!(s.contains("tok/s"));
+    // The session goes on, reusing the cache.
+    t.keys(&["again", "Enter"]);
+    std::thread::sleep(Duration::from_millis(700));
+    t.keys(&["C-c"]);
+    let s = t.wait("the second interrupt", |s| s.matches("| interrupted]").count() == 2);
+    let r = reused(&s);
+    assert!(r.len() == 2 && r[1] > 0, "second turn reuses the cache: {r:?}");
+    t.keys(&["/reset", "Enter"]);
+    t.wait("reset", |s| s.contains("[conversation reset]"));
+    t.keys(&["third", "Enter"]);
+    std::thread::sleep(Duration::from_millis(500));
+    t.keys(&["C-c"]);
+    let s = t.wait("the third interrupt", |s| s.matches("| interrupted]").count() == 3);
+    assert_eq!(reused(&s).last(), Some(&0), "nothing reused after /reset");
+    // Line editing: Up recalls the last line.
+    t.keys(&["Up"]);
+    t.wait("history recall", |s| s.lines().rev().find(|l| !l.trim().is_empty()).is_some_and(|l| l.contains("> third")));
+    t.keys(&["C-u", "/exit", "Enter"]);
+    t.wait("exit", |s| !s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").starts_with("> /exit"));
+}

@@ -1,0 +1,709 @@
+//! The library API: load a model once, generate text from it.
+//!
+//! - [`InferenceEngine`]: loads a model ([`InferenceEngine::load_model`]) from a local path
+//!   (a GGUF file or a Hugging Face model directory) and generates.
+//! - [`TextGenerator`]: a model plus its own KV cache; [`TextGenerator::generate`],
+//!   [`TextGenerator::generate_stream`] (an iterator), [`TextGenerator::generate_async`] (a
+//!   `futures_core::Stream`), [`TextGenerator::generate_batch`] (several prompts in one batch).
+//! - [`GenerationConfig`] and [`SamplingStrategy`]: what to generate and how.
+//! - [`ModelRepo`]: a Hugging Face repository name. Downloading from the hub is not available
+//!   yet: loading a `ModelRepo` fails with an error that says so.
+//! - [`MemoryStats`] and [`PerformanceProfile`].
+//!
+//! ```
+//! use bitnet_inference::engine::{GenerationConfig, InferenceEngine};
+//! # fn main() -> bitnet_inference::Result<()> {
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed");
+//! let mut engine = InferenceEngine::new();
+//! engine.load_model(path)?;
+//! let out = engine.generate("hello", &GenerationConfig::greedy(8))?;
+//! assert!(out.tokens.len() <= 8);
+//! let profile = engine.performance_profile().expect("a generation ran");
+//! assert!(profile.time_to_first_token <= profile.total_time);
+//! # Ok(()) }
+//! ```
+
+pub use crate::generate::{
+    ContextOverflow, FinishReason, Generation, GenerationConfig, GenerationStats,
+    SamplingStrategy, StreamChunk,
+};
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::generate::{self, AsyncTokenStream, TokenPieces, TokenStream};
+use crate::model::{self, ForwardState, GenerationDefaults, Model};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A Hugging Face model repository: `owner/name` at `revision` (a branch, tag or commit).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelRepo {
+    pub owner: String,
+    pub name: String,
+    pub revision: String,
+}
+
+impl ModelRepo {
+    /// `owner/name` at revision `main`.
+    pub fn new(owner: impl Into<String>, name: impl Into<String>) -> Self {
+        ModelRepo {
+            owner: owner.into(),
+            name: name.into(),
+            revision: "main".into(),
+        }
+    }
+
+    pub fn with_revision(mut self, revision: impl Into<String>) -> Self {
+        self.revision = revision.into();
+        self
+    }
+
+    /// `owner/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.owner, self.name)
+    }
+}
+
+impl fmt::Display for ModelRepo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}@{}", self.owner, self.name, self.revision)
+    }
+}
+
+impl std::str::FromStr for ModelRepo {
+    type Err = Error;
+
+    /// Parses `owner/name` or `owner/name@revision`.
+    ///
+    /// ```
+    /// use bitnet_inference::engine::ModelRepo;
+    /// let r: ModelRepo = "microsoft/bitnet-b1.58-2B-4T@v1".parse().unwrap();
+    /// assert_eq!((r.owner.as_str(), r.name.as_str(), r.revision.as_str()),
+    ///            ("microsoft", "bitnet-b1.58-2B-4T", "v1"));
+    /// assert!("no-slash".parse::<ModelRepo>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self> {
+        let (id, rev) = s.split_once('@').unwrap_or((s, "main"));
+        match id.split_once('/') {
+            Some((o, n)) if !o.is_empty() && !n.is_empty() && !n.contains('/') && !rev.is_empty() => {
+                Ok(ModelRepo::new(o, n).with_revision(rev))
+            }
+            _ => Err(Error::Invalid(format!(
+                "`{s}` is not a model repository (expected owner/name or owner/name@revision)"
+            ))),
+        }
+    }
+}
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A GGUF file or a Hugging Face model directory.
+    Path(PathBuf),
+    /// A repository on the Hugging Face hub (not downloadable yet).
+    Repo(ModelRepo),
+}
+
+impl From<&Path> for ModelSource {
+    fn from(p: &Path) -> Self {
+        ModelSource::Path(p.to_path_buf())
+    }
+}
+impl From<PathBuf> for ModelSource {
+    fn from(p: PathBuf) -> Self {
+        ModelSource::Path(p)
+    }
+}
+impl From<&str> for ModelSource {
+    /// A local path.
+    fn from(p: &str) -> Self {
+        ModelSource::Path(PathBuf::from(p))
+    }
+}
+impl From<ModelRepo> for ModelSource {
+    fn from(r: ModelRepo) -> Self {
+        ModelSource::Repo(r)
+    }
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Worker threads for the kernels (None: rayon's global pool, all cores).
+    pub threads: Option<usize>,
+    /// Context size of a generator's KV cache (None: the model's, at most 4096).
+    pub context_size: Option<usize>,
+    /// Tokens per forward call (prefill chunk size; also the batch size of
+    /// [`TextGenerator::generate_batch`]).
+    pub batch_size: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            threads: None,
+            context_size: None,
+            batch_size: 64,
+        }
+    }
+}
+
+/// Memory held by a generator, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryStats {
+    pub weights_bytes: usize,
+    pub kv_cache_bytes: usize,
+    /// Activations, logits and the token byte table.
+    pub scratch_bytes: usize,
+    /// Resident set size of the whole process (Linux `/proc/self/status`; None elsewhere).
+    pub process_rss_bytes: Option<u64>,
+}
+
+/// Timings of the model load and of the last generation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PerformanceProfile {
+    pub load_time: Duration,
+    pub time_to_first_token: Duration,
+    pub total_time: Duration,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_tokens_per_second: f64,
+    pub decode_tokens_per_second: f64,
+}
+
+/// Process resident set size, from `/proc/self/status` (`VmRSS`).
+pub fn process_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A loaded model and what generation needs from its files; shared by generators.
+pub struct LoadedEngineModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub pieces: TokenPieces,
+    pub chat_template: Option<String>,
+    pub generation: GenerationDefaults,
+    /// The model's end tokens: `generation_config.json`'s and the tokenizer's.
+    pub end_tokens: Vec<u32>,
+    pub path: PathBuf,
+    pub load_time: Duration,
+}
+
+impl LoadedEngineModel {
+    /// Loads a local model.
+    pub fn load(path: &Path) -> Result<Self> {
+        let start = Instant::now();
+        let m = model::load(path)?;
+        let model = Model::new(m.config, m.weights)?;
+        let pieces = TokenPieces::new(&m.tokenizer, model.config.vocab_size);
+        let mut end_tokens = m.generation.eos_token_ids.clone();
+        end_tokens.extend_from_slice(m.tokenizer.eos_ids());
+        end_tokens.sort_unstable();
+        end_tokens.dedup();
+        Ok(LoadedEngineModel {
+            model,
+            tokenizer: m.tokenizer,
+            pieces,
+            chat_template: m.chat_template,
+            generation: m.generation,
+            end_tokens,
+            path: m.path,
+            load_time: start.elapsed(),
+        })
+    }
+
+    /// The model's chat template, or the BitNet b1.58 2B-4T format when its files have none.
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        let text = |id: Option<u32>| {
+            id.map(|i| String::from_utf8_lossy(self.pieces.get(i)).into_owned())
+                .unwrap_or_default()
+        };
+        match &self.chat_template {
+            Some(src) => ChatTemplate::new(
+                src,
+                &text(self.tokenizer.bos_id()),
+                &text(self.tokenizer.eos_ids().first().copied()),
+            ),
+            None => Ok(ChatTemplate::bitnet_default()),
+        }
+    }
+
+    /// The prompt ids of `text` (BOS added as the model asks).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, true)
+    }
+
+    /// The prompt ids of a conversation rendered with the chat template (with the
+    /// assistant's opening). The template writes BOS itself when the model wants one.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.chat_template()?.render(messages, true)?;
+        let mut ids = self.tokenizer.encode(&text, false)?;
+        if let (true, Some(bos)) = (self.tokenizer.adds_bos(), self.tokenizer.bos_id()) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// Loads models and generates; the simplest entry point.
+pub struct InferenceEngine {
+    config: EngineConfig,
+    generator: Option<TextGenerator>,
+}
+
+impl Default for InferenceEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InferenceEngine {
+    pub fn new() -> Self {
+        Self::with_config(EngineConfig::default())
+    }
+
+    pub fn with_config(config: EngineConfig) -> Self {
+        InferenceEngine {
+            config,
+            generator: None,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Loads a model from a local path. A [`ModelRepo`] gives an error: downloading from the
+    /// Hugging Face hub is not available yet.
+    ///
+    /// ```
+    /// use bitnet_inference::engine::{InferenceEngine, ModelRepo};
+    /// let mut engine = InferenceEngine::new();
+    /// let err = engine.load_model(ModelRepo::new("microsoft", "bitnet-b1.58-2B-4T")).unwrap_err();
+    /// assert!(err.to_string().contains("not available yet"));
+    /// ```
+    pub fn load_model(&mut self, source: impl Into<ModelSource>) -> Result<()> {
+        let path = match source.into() {
+            ModelSource::Path(p) => p,
+            ModelSource::Repo(r) => {
+                return Err(Error::Invalid(format!(
+                    "cannot load {r}: downloading from the Hugging Face hub is not available yet; \
+                     download the repository's files and load their local directory"
+                )))
+            }
+        };
+        let loaded = Arc::new(LoadedEngineModel::load(&path)?);
+        self.generator = Some(TextGenerator::new(loaded, self.config.clone())?);
+        Ok(())
+    }
+
+    fn loaded(&mut self) -> Result<&mut TextGenerator> {
+        self.generator
+            .as_mut()
+            .ok_or_else(|| Error::Invalid("no model is loaded (call load_model first)".into()))
+    }
+
+    /// Generates a completion of `prompt`.
+    pub fn generate(&mut self, prompt: &str, config: &GenerationConfig) -> Result<Generation> {
+        self.loaded()?.generate(prompt, config)
+    }
+
+    /// The generator of the loaded model.
+    pub fn generator(&mut self) -> Result<&mut TextGenerator> {
+        self.loaded()
+    }
+
+    /// A new generator (its own KV cache) over the loaded model's shared weights.
+    pub fn new_generator(&self) -> Result<TextGenerator> {
+        let g = self
+            .generator
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("no model is loaded (call load_model first)".into()))?;
+        TextGenerator::new(g.shared.clone(), self.config.clone())
+    }
+
+    /// The model's sampling defaults (`generation_config.json`) over the engine's.
+    pub fn default_generation_config(&self) -> GenerationConfig {
+        self.generator
+            .as_ref()
+            .map(|g| GenerationConfig::from_model(&g.shared.generation))
+            .unwrap_or_default()
+    }
+
+    pub fn memory_stats(&self) -> Option<MemoryStats> {
+        self.generator.as_ref().map(|g| g.memory_stats())
+    }
+
+    pub fn performance_profile(&self) -> Option<PerformanceProfile> {
+        self.generator.as_ref().and_then(|g| g.performance_profile())
+    }
+}
+
+/// A model and one KV cache: generates one prompt at a time (or a batch of prompts).
+///
+/// ```
+/// use bitnet_inference::engine::{GenerationConfig, InferenceEngine};
+/// # fn main() -> bitnet_inference::Result<()> {
+/// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed");
+/// let mut engine = InferenceEngine::new();
+/// engine.load_model(path)?;
+/// let generator = engine.generator()?;
+/// let config = GenerationConfig::greedy(6);
+/// let whole = generator.generate("hello", &config)?;
+/// // Streaming gives the same text, piece by piece.
+/// let mut streamed = String::new();
+/// for chunk in generator.generate_stream("hello", &config)? {
+///     streamed.push_str(&chunk?.text);
+/// }
+/// assert_eq!(streamed, whole.text);
+/// let mem = generator.memory_stats();
+/// assert!(mem.weights_bytes > 0 && mem.kv_cache_bytes > 0);
+/// # Ok(()) }
+/// ```
+pub struct TextGenerator {
+    shared: Arc<LoadedEngineModel>,
+    config: EngineConfig,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    state: Option<ForwardState>,
+    last: Option<PerformanceProfile>,
+}
+
+impl TextGenerator {
+    pub fn new(shared: Arc<LoadedEngineModel>, config: EngineConfig) -> Result<Self> {
+        let pool = match config.threads {
+            Some(n) => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.max(1))
+                    .build()
+                    .map_err(|e| Error::Invalid(format!("cannot start {n} threads: {e}")))?,
+            )),
+            None => None,
+        };
+        Ok(TextGenerator {
+            shared,
+            config,
+            pool,
+            state: None,
+            last: None,
+        })
+    }
+
+    pub fn model(&self) -> &LoadedEngineModel {
+        &self.shared
+    }
+
+    pub fn shared_model(&self) -> Arc<LoadedEngineModel> {
+        self.shared.clone()
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.shared.tokenizer
+    }
+
+    /// The KV cache's context size.
+    pub fn context_size(&self) -> usize {
+        self.config
+            .context_size
+            .unwrap_or(4096)
+            .min(self.shared.model.config.max_context)
+    }
+
+    /// A state with at least `slots` slots (reused when it has them).
+    fn state(&mut self, slots: usize) -> Result<&mut ForwardState> {
+        let fits = self.state.as_ref().is_some_and(|s| s.n_slots() >= slots);
+        if !fits {
+            self.state = None; // free the old cache first
+            let ctx = self.context_size();
+            let batch = self.config.batch_size.max(slots);
+            self.state = Some(self.shared.model.new_state(slots, ctx, batch)?);
+        }
+        Ok(self.state.as_mut().expect("state just made"))
+    }
+
+    fn install<R: Send>(pool: &Option<Arc<rayon::ThreadPool>>, f: impl FnOnce() -> R + Send) -> R {
+        match pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
+    fn record(&mut self, stats: &GenerationStats, total: Duration) {
+        self.last = Some(PerformanceProfile {
+            load_time: self.shared.load_time,
+            time_to_first_token: stats.time_to_first_token,
+            total_time: total,
+            prompt_tokens: stats.prompt_tokens,
+            generated_tokens: stats.generated_tokens,
+            prefill_tokens_per_second: stats.prefill_tokens_per_second(),
+            decode_tokens_per_second: stats.decode_tokens_per_second(),
+        });
+    }
+
+    /// Completes `prompt` (BOS added as the model asks).
+    pub fn generate(&mut self, prompt: &str, config: &GenerationConfig) -> Result<Generation> {
+        let ids = self.shared.encode_prompt(prompt)?;
+        self.generate_ids(&ids, config)
+    }
+
+    /// Completes a conversation rendered with the model's chat template.
+    pub fn generate_chat(
+        &mut self,
+        messages: &[ChatMessage],
+        config: &GenerationConfig,
+    ) -> Result<Generation> {
+        let ids = self.shared.encode_chat(messages)?;
+        self.generate_ids(&ids, config)
+    }
+
+    /// Completes a prompt given as token ids.
+    pub fn generate_ids(&mut self, prompt: &[u32], config: &GenerationConfig) -> Result<Generation> {
+        let start = Instant::now();
+        let slots = match config.strategy {
+            SamplingStrategy::BeamSearch { beams, .. } => beams.max(1),
+            _ => 1,
+        };
+        let shared = self.shared.clone();
+        let pool = self.pool.clone();
+        let stop_ids = config.stop_ids(&shared.end_tokens);
+        let state = self.state(slots)?;
+        let g = Self::install(&pool, || {
+            generate::generate_with(&shared.model, &shared.pieces, state, prompt, config, stop_ids, |_| Ok(()))
+        })?;
+        self.record(&g.stats, start.elapsed());
+        Ok(g)
+    }
+
+    /// Completes `prompt` as an iterator of [`StreamChunk`]s: each chosen token with the text
+    /// that became final with it. Text never ends inside a UTF-8 character or holds a stop
+    /// string.
+    pub fn generate_stream(
+        &mut self,
+        prompt: &str,
+        config: &GenerationConfig,
+    ) -> Result<TextStream<'_>> {
+        let ids = self.shared.encode_prompt(prompt)?;
+        self.generate_stream_ids(&ids, config)
+    }
+
+    /// [`TextGenerator::generate_stream`] from token ids.
+    pub fn generate_stream_ids(
+        &mut self,
+        prompt: &[u32],
+        config: &GenerationConfig,
+    ) -> Result<TextStream<'_>> {
+        if let SamplingStrategy::BeamSearch { .. } = config.strategy {
+            return Err(Error::Invalid(
+                "beam search cannot stream (the best beam is known at the end); use generate".into(),
+            ));
+        }
+        let stop_ids = config.stop_ids(&self.shared.end_tokens);
+        self.state(1)?;
+        let TextGenerator {
+            shared,
+            pool,
+            state,
+            last,
+            ..
+        } = self;
+        let state = state.as_mut().expect("state made above");
+        let inner = TokenStream::new(
+            &shared.model,
+            &shared.pieces,
+            state,
+            prompt,
+            0,
+            config,
+            stop_ids,
+        )?;
+        Ok(TextStream {
+            inner,
+            pool: pool.clone(),
+            load_time: shared.load_time,
+            started: Instant::now(),
+            last,
+        })
+    }
+
+    /// Completes `prompt` on a background thread as an async `Stream` of [`StreamChunk`]s
+    /// (with its own KV cache sized for the request).
+    ///
+    /// ```
+    /// use bitnet_inference::engine::{GenerationConfig, InferenceEngine};
+    /// use bitnet_inference::generate::asynch::{block_on, next};
+    /// # fn main() -> bitnet_inference::Result<()> {
+    /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed");
+    /// let mut engine = InferenceEngine::new();
+    /// engine.load_model(path)?;
+    /// let mut stream = engine.generator()?.generate_async("hello", &GenerationConfig::greedy(5))?;
+    /// let text = block_on(async {
+    ///     let mut text = String::new();
+    ///     while let Some(chunk) = next(&mut stream).await {
+    ///         text.push_str(&chunk?.text);
+    ///     }
+    ///     Ok::<_, bitnet_inference::Error>(text)
+    /// })?;
+    /// assert_eq!(text, engine.generate("hello", &GenerationConfig::greedy(5))?.text);
+    /// # Ok(()) }
+    /// ```
+    pub fn generate_async(&self, prompt: &str, config: &GenerationConfig) -> Result<AsyncTokenStream> {
+        let ids = self.shared.encode_prompt(prompt)?;
+        if let SamplingStrategy::BeamSearch { .. } = config.strategy {
+            return Err(Error::Invalid("beam search cannot stream; use generate".into()));
+        }
+        let ctx = (ids.len() + config.max_new_tokens).min(self.context_size()).max(1);
+        if ids.len() > ctx {
+            return Err(Error::Invalid(format!(
+                "the prompt of {} tokens does not fit the context size {ctx}",
+                ids.len()
+            )));
+        }
+        let mut state = self.shared.model.new_state(1, ctx, self.config.batch_size)?;
+        let shared = self.shared.clone();
+        let pool = self.pool.clone();
+        let config = config.clone();
+        Ok(AsyncTokenStream::spawn(move |tx| {
+            let stop_ids = config.stop_ids(&shared.end_tokens);
+            let run = || {
+                let stream = TokenStream::new(
+                    &shared.model,
+                    &shared.pieces,
+                    &mut state,
+                    &ids,
+                    0,
+                    &config,
+                    stop_ids,
+                );
+                match stream {
+                    Err(e) => {
+                        tx.send(Err(e));
+                    }
+                    Ok(stream) => {
+                        for item in stream {
+                            if !tx.send(item) {
+                                break;
+                            }
+                        }
+                    }
+                }
+            };
+            Self::install(&pool, run)
+        }))
+    }
+
+    /// Completes several prompts together: one forward call per step carries every
+    /// sequence's next token (and prompt chunks), each sequence in its own KV slot. Greedy
+    /// results equal those of generating each prompt alone.
+    ///
+    /// ```
+    /// use bitnet_inference::engine::{GenerationConfig, InferenceEngine};
+    /// # fn main() -> bitnet_inference::Result<()> {
+    /// # let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed");
+    /// let mut engine = InferenceEngine::new();
+    /// engine.load_model(path)?;
+    /// let config = GenerationConfig::greedy(6);
+    /// let together = engine.generator()?.generate_batch(&["hello", "the cat", "1 2 3"], &config)?;
+    /// for (prompt, out) in ["hello", "the cat", "1 2 3"].iter().zip(together) {
+    ///     assert_eq!(out?.tokens, engine.generate(prompt, &config)?.tokens);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn generate_batch(
+        &mut self,
+        prompts: &[&str],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Result<Generation>>> {
+        let ids = prompts
+            .iter()
+            .map(|p| self.shared.encode_prompt(p))
+            .collect::<Result<Vec<_>>>()?;
+        let requests: Vec<(&[u32], &GenerationConfig)> =
+            ids.iter().map(|i| (&i[..], config)).collect();
+        self.generate_batch_ids(&requests)
+    }
+
+    /// [`TextGenerator::generate_batch`] from token ids, each prompt with its own config.
+    pub fn generate_batch_ids(
+        &mut self,
+        requests: &[(&[u32], &GenerationConfig)],
+    ) -> Result<Vec<Result<Generation>>> {
+        let shared = self.shared.clone();
+        let pool = self.pool.clone();
+        let state = self.state(requests.len().max(1))?;
+        Self::install(&pool, || {
+            generate::generate_batch(&shared.model, &shared.pieces, state, requests, &shared.end_tokens)
+        })
+    }
+
+    /// Memory held now: weights, this generator's KV cache and scratch, the process RSS.
+    pub fn memory_stats(&self) -> MemoryStats {
+        MemoryStats {
+            weights_bytes: self.shared.model.weights.memory_bytes(),
+            kv_cache_bytes: self.state.as_ref().map_or(0, |s| s.kv_bytes()),
+            scratch_bytes: self.state.as_ref().map_or(0, |s| s.scratch_bytes())
+                + self.shared.pieces.memory_bytes(),
+            process_rss_bytes: process_rss_bytes(),
+        }
+    }
+
+    /// Load time and the timings of the last generation.
+    pub fn performance_profile(&self) -> Option<PerformanceProfile> {
+        self.last.clone()
+    }
+}
+
+/// The iterator of [`TextGenerator::generate_stream`]; runs on the engine's threads.
+pub struct TextStream<'a> {
+    inner: TokenStream<'a>,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    load_time: Duration,
+    started: Instant,
+    last: &'a mut Option<PerformanceProfile>,
+}
+
+impl TextStream<'_> {
+    /// Stops the generation; held text comes out with the next item.
+    pub fn cancel(&mut self) {
+        self.inner.cancel();
+    }
+
+    pub fn stats(&self) -> GenerationStats {
+        self.inner.stats()
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.inner.finish_reason()
+    }
+}
+
+impl Iterator for TextStream<'_> {
+    type Item = Result<StreamChunk>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let inner = &mut self.inner;
+        let item = match &self.pool {
+            Some(p) => p.install(|| inner.next()),
+            None => inner.next(),
+        };
+        if item.is_none() {
+            let s = self.inner.stats();
+            *self.last = Some(PerformanceProfile {
+                load_time: self.load_time,
+                time_to_first_token: s.time_to_first_token,
+                total_time: self.started.elapsed(),
+                prompt_tokens: s.prompt_tokens,
+                generated_tokens: s.generated_tokens,
+                prefill_tokens_per_second: s.prefill_tokens_per_second(),
+                decode_tokens_per_second: s.decode_tokens_per_second(),
+            });
+        }
+        item
+    }
+}
