@@ -21,7 +21,11 @@ fn dir(name: &str) -> PathBuf {
 
 fn batch(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_bitnet"));
-    c.arg("batch").arg("-m").arg(model()).args(args).env("BITNET_THREADS", "2");
+    c.arg("batch")
+        .arg("-m")
+        .arg(model())
+        .args(args)
+        .env("BITNET_THREADS", "2");
     c
 }
 
@@ -36,7 +40,9 @@ fn rows(path: &Path) -> Vec<Value> {
 fn greedy_alone(prompt: &str, n: usize) -> String {
     let mut e = InferenceEngine::new();
     e.load_model(model()).unwrap();
-    e.generate(prompt, &GenerationConfig::greedy(n)).unwrap().text
+    e.generate(prompt, &GenerationConfig::greedy(n))
+        .unwrap()
+        .text
 }
 
 #[test]
@@ -59,9 +65,16 @@ fn mixed_items_give_rows_and_errors_equal_to_single_runs() {
     )
     .unwrap();
     let out = d.join("out.jsonl");
-    let o = batch(&["-i", input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--temp", "0"])
-        .output()
-        .unwrap();
+    let o = batch(&[
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--temp",
+        "0",
+    ])
+    .output()
+    .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = rows(&out);
     assert_eq!(rows.len(), 8, "{rows:?}");
@@ -69,7 +82,11 @@ fn mixed_items_give_rows_and_errors_equal_to_single_runs() {
         .iter()
         .map(|r| (r["id"].to_string().trim_matches('"').to_string(), r))
         .collect();
-    for (id, prompt, n) in [("a", "hello", 12), ("b", "the cat sat", 7), ("c", "1 2 3", 9)] {
+    for (id, prompt, n) in [
+        ("a", "hello", 12),
+        ("b", "the cat sat", 7),
+        ("c", "1 2 3", 9),
+    ] {
         let r = by_id[id];
         assert_eq!(r["text"], greedy_alone(prompt, n), "{id}");
         assert_eq!(r["completion_tokens"], n);
@@ -83,20 +100,32 @@ fn mixed_items_give_rows_and_errors_equal_to_single_runs() {
         ("5", "not JSON"),
         ("long", "does not fit the context"),
     ] {
-        let e = by_id[id]["error"].as_str().unwrap_or_else(|| panic!("{id}: {:?}", by_id[id]));
+        let e = by_id[id]["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{id}: {:?}", by_id[id]));
         assert!(e.contains(why), "{id}: {e}");
         assert_eq!(by_id[id]["finish_reason"], "error");
     }
 
     // CSV by extension, same results.
     let csv = d.join("out.csv");
-    let o = batch(&["-i", input.to_str().unwrap(), "-o", csv.to_str().unwrap(), "--temp", "0"])
-        .output()
-        .unwrap();
+    let o = batch(&[
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        csv.to_str().unwrap(),
+        "--temp",
+        "0",
+    ])
+    .output()
+    .unwrap();
     assert!(o.status.success());
     let text = std::fs::read_to_string(&csv).unwrap();
     assert!(text.starts_with("id,text,error,finish_reason,prompt_tokens,completion_tokens\n"));
-    assert!(text.contains(&format!("\na,{},,length,", by_id["a"]["text"].as_str().unwrap())));
+    assert!(text.contains(&format!(
+        "\na,{},,length,",
+        by_id["a"]["text"].as_str().unwrap()
+    )));
 }
 
 #[test]
@@ -119,7 +148,8 @@ fn killed_run_resumes_where_it_stopped() {
             "--parallel",
             parallel,
         ]);
-        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         c
     };
     // Uninterrupted reference, 4 at a time.
@@ -127,7 +157,12 @@ fn killed_run_resumes_where_it_stopped() {
     assert!(args(&reference, "4").status().unwrap().success());
     let want: HashMap<u64, String> = rows(&reference)
         .iter()
-        .map(|r| (r["id"].as_u64().unwrap(), r["text"].as_str().unwrap().to_string()))
+        .map(|r| {
+            (
+                r["id"].as_u64().unwrap(),
+                r["text"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(want.len(), n);
 
@@ -145,8 +180,14 @@ fn killed_run_resumes_where_it_stopped() {
     child.kill().unwrap();
     child.wait().unwrap();
     let partial = std::fs::read_to_string(&out).unwrap().lines().count();
-    assert!(partial >= 4 && partial < n, "killed with {partial} rows of {n}");
-    let o = args(&out, "2").stderr(std::process::Stdio::piped()).output().unwrap();
+    assert!(
+        partial >= 4 && partial < n,
+        "killed with {partial} rows of {n}"
+    );
+    let o = args(&out, "2")
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
     assert!(o.status.success());
     let got = rows(&out);
     assert_eq!(got.len(), n, "each id exactly once");
@@ -155,7 +196,10 @@ fn killed_run_resumes_where_it_stopped() {
         assert_eq!(r["text"].as_str().unwrap(), want[&id], "id {id}");
     }
     // And the third run has nothing left to do.
-    let o = args(&out, "2").stderr(std::process::Stdio::piped()).output().unwrap();
+    let o = args(&out, "2")
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("{n} skipped")), "{err}");
     assert_eq!(rows(&out).len(), n);

@@ -23,18 +23,37 @@ fn piped_turns_reuse_the_cache() {
     std::fs::create_dir_all(&dir).unwrap();
     let save = dir.join("conv.json");
     let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args(["chat", "-m", model().to_str().unwrap(), "--temp", "0", "-n", "6"])
+        .args([
+            "chat",
+            "-m",
+            model().to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "6",
+        ])
         .args(["--system", "be brief"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let script = format!("hello\nhow are you\n/save {}\n/reset\nhello\n", save.display());
+    let script = format!(
+        "hello\nhow are you\n/save {}\n/reset\nhello\n",
+        save.display()
+    );
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     let o = child.wait_with_output().unwrap();
-    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
     assert!(o.status.success(), "{err}");
     assert_eq!(err.matches(" reused)").count(), 3, "{err}");
     let r = reused(&err);
@@ -43,8 +62,14 @@ fn piped_turns_reuse_the_cache() {
     assert!(r[1] > 0, "the second turn reuses the first's cache: {err}");
     assert_eq!(r[2], 0, "after /reset nothing is reused: {err}");
     assert!(out.contains("[conversation reset]"));
-    let conv: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&save).unwrap()).unwrap();
-    let roles: Vec<&str> = conv.as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    let conv: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&save).unwrap()).unwrap();
+    let roles: Vec<&str> = conv
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles, ["system", "user", "assistant", "user", "assistant"]);
     assert_eq!(conv[3]["content"], "how are you");
 }
@@ -53,7 +78,11 @@ struct Tmux(String);
 
 impl Tmux {
     fn keys(&self, keys: &[&str]) {
-        let ok = Command::new("tmux").args(["send-keys", "-t", &self.0]).args(keys).status().unwrap();
+        let ok = Command::new("tmux")
+            .args(["send-keys", "-t", &self.0])
+            .args(keys)
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
     fn screen(&self) -> String {
@@ -71,7 +100,10 @@ impl Tmux {
             if pred(&s) {
                 return s;
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "waiting for {what}; screen:\n{s}");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "waiting for {what}; screen:\n{s}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -79,7 +111,9 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).status();
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .status();
     }
 }
 
@@ -92,7 +126,17 @@ fn terminal_session_ctrl_c_stops_the_answer_and_keeps_the_session() {
         model().display()
     );
     let ok = Command::new("tmux")
-        .args(["new-session", "-d", "-s", &name, "-x", "120", "-y", "40", &cmd])
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &name,
+            "-x",
+            "120",
+            "-y",
+            "40",
+            &cmd,
+        ])
         .status()
         .expect("tmux");
     assert!(ok.success());
@@ -105,25 +149,45 @@ fn terminal_session_ctrl_c_stops_the_answer_and_keeps_the_session() {
     t.keys(&["hello", "Enter"]);
     std::thread::sleep(Duration::from_millis(700));
     t.keys(&["C-c"]);
-    let s = t.wait("the first interrupt", |s| s.matches("| interrupted]").count() == 1);
+    let s = t.wait("the first interrupt", |s| {
+        s.matches("| interrupted]").count() == 1
+    });
     assert!(s.contains("tok/s"));
     // The session goes on, reusing the cache.
     t.keys(&["again", "Enter"]);
     std::thread::sleep(Duration::from_millis(700));
     t.keys(&["C-c"]);
-    let s = t.wait("the second interrupt", |s| s.matches("| interrupted]").count() == 2);
+    let s = t.wait("the second interrupt", |s| {
+        s.matches("| interrupted]").count() == 2
+    });
     let r = reused(&s);
-    assert!(r.len() == 2 && r[1] > 0, "second turn reuses the cache: {r:?}");
+    assert!(
+        r.len() == 2 && r[1] > 0,
+        "second turn reuses the cache: {r:?}"
+    );
     t.keys(&["/reset", "Enter"]);
     t.wait("reset", |s| s.contains("[conversation reset]"));
     t.keys(&["third", "Enter"]);
     std::thread::sleep(Duration::from_millis(500));
     t.keys(&["C-c"]);
-    let s = t.wait("the third interrupt", |s| s.matches("| interrupted]").count() == 3);
+    let s = t.wait("the third interrupt", |s| {
+        s.matches("| interrupted]").count() == 3
+    });
     assert_eq!(reused(&s).last(), Some(&0), "nothing reused after /reset");
     // Line editing: Up recalls the last line.
     t.keys(&["Up"]);
-    t.wait("history recall", |s| s.lines().rev().find(|l| !l.trim().is_empty()).is_some_and(|l| l.contains("> third")));
+    t.wait("history recall", |s| {
+        s.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .is_some_and(|l| l.contains("> third"))
+    });
     t.keys(&["C-u", "/exit", "Enter"]);
-    t.wait("exit", |s| !s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").starts_with("> /exit"));
+    t.wait("exit", |s| {
+        !s.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .starts_with("> /exit")
+    });
 }

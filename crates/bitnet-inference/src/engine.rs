@@ -24,8 +24,8 @@
 //! ```
 
 pub use crate::generate::{
-    ContextOverflow, FinishReason, Generation, GenerationConfig, GenerationStats,
-    SamplingStrategy, StreamChunk,
+    ContextOverflow, FinishReason, Generation, GenerationConfig, GenerationStats, SamplingStrategy,
+    StreamChunk,
 };
 
 use crate::chat::{ChatMessage, ChatTemplate};
@@ -88,7 +88,9 @@ impl std::str::FromStr for ModelRepo {
     fn from_str(s: &str) -> Result<Self> {
         let (id, rev) = s.split_once('@').unwrap_or((s, "main"));
         match id.split_once('/') {
-            Some((o, n)) if !o.is_empty() && !n.is_empty() && !n.contains('/') && !rev.is_empty() => {
+            Some((o, n))
+                if !o.is_empty() && !n.is_empty() && !n.contains('/') && !rev.is_empty() =>
+            {
                 Ok(ModelRepo::new(o, n).with_revision(rev))
             }
             _ => Err(Error::Invalid(format!(
@@ -343,7 +345,9 @@ impl InferenceEngine {
     }
 
     pub fn performance_profile(&self) -> Option<PerformanceProfile> {
-        self.generator.as_ref().and_then(|g| g.performance_profile())
+        self.generator
+            .as_ref()
+            .and_then(|g| g.performance_profile())
     }
 }
 
@@ -464,7 +468,11 @@ impl TextGenerator {
     }
 
     /// Completes a prompt given as token ids.
-    pub fn generate_ids(&mut self, prompt: &[u32], config: &GenerationConfig) -> Result<Generation> {
+    pub fn generate_ids(
+        &mut self,
+        prompt: &[u32],
+        config: &GenerationConfig,
+    ) -> Result<Generation> {
         let start = Instant::now();
         let slots = match config.strategy {
             SamplingStrategy::BeamSearch { beams, .. } => beams.max(1),
@@ -475,7 +483,15 @@ impl TextGenerator {
         let stop_ids = config.stop_ids(&shared.end_tokens);
         let state = self.state(slots)?;
         let g = Self::install(&pool, || {
-            generate::generate_with(&shared.model, &shared.pieces, state, prompt, config, stop_ids, |_| Ok(()))
+            generate::generate_with(
+                &shared.model,
+                &shared.pieces,
+                state,
+                prompt,
+                config,
+                stop_ids,
+                |_| Ok(()),
+            )
         })?;
         self.record(&g.stats, start.elapsed());
         Ok(g)
@@ -501,7 +517,8 @@ impl TextGenerator {
     ) -> Result<TextStream<'_>> {
         if let SamplingStrategy::BeamSearch { .. } = config.strategy {
             return Err(Error::Invalid(
-                "beam search cannot stream (the best beam is known at the end); use generate".into(),
+                "beam search cannot stream (the best beam is known at the end); use generate"
+                    .into(),
             ));
         }
         let stop_ids = config.stop_ids(&self.shared.end_tokens);
@@ -553,19 +570,30 @@ impl TextGenerator {
     /// assert_eq!(text, engine.generate("hello", &GenerationConfig::greedy(5))?.text);
     /// # Ok(()) }
     /// ```
-    pub fn generate_async(&self, prompt: &str, config: &GenerationConfig) -> Result<AsyncTokenStream> {
+    pub fn generate_async(
+        &self,
+        prompt: &str,
+        config: &GenerationConfig,
+    ) -> Result<AsyncTokenStream> {
         let ids = self.shared.encode_prompt(prompt)?;
         if let SamplingStrategy::BeamSearch { .. } = config.strategy {
-            return Err(Error::Invalid("beam search cannot stream; use generate".into()));
+            return Err(Error::Invalid(
+                "beam search cannot stream; use generate".into(),
+            ));
         }
-        let ctx = (ids.len() + config.max_new_tokens).min(self.context_size()).max(1);
+        let ctx = (ids.len() + config.max_new_tokens)
+            .min(self.context_size())
+            .max(1);
         if ids.len() > ctx {
             return Err(Error::Invalid(format!(
                 "the prompt of {} tokens does not fit the context size {ctx}",
                 ids.len()
             )));
         }
-        let mut state = self.shared.model.new_state(1, ctx, self.config.batch_size)?;
+        let mut state = self
+            .shared
+            .model
+            .new_state(1, ctx, self.config.batch_size)?;
         let shared = self.shared.clone();
         let pool = self.pool.clone();
         let config = config.clone();
@@ -638,7 +666,13 @@ impl TextGenerator {
         let pool = self.pool.clone();
         let state = self.state(requests.len().max(1))?;
         Self::install(&pool, || {
-            generate::generate_batch(&shared.model, &shared.pieces, state, requests, &shared.end_tokens)
+            generate::generate_batch(
+                &shared.model,
+                &shared.pieces,
+                state,
+                requests,
+                &shared.end_tokens,
+            )
         })
     }
 

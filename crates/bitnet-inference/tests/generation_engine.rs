@@ -12,8 +12,11 @@ fn engine() -> InferenceEngine {
         threads: Some(2),
         ..Default::default()
     });
-    e.load_model(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed"))
-        .unwrap();
+    e.load_model(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/bitnet-packed"
+    ))
+    .unwrap();
     e
 }
 
@@ -27,7 +30,11 @@ fn batched_greedy_equals_each_alone() {
         .iter()
         .map(|p| e.generate(p, &config).unwrap().tokens)
         .collect();
-    let together = e.generator().unwrap().generate_batch(&PROMPTS, &config).unwrap();
+    let together = e
+        .generator()
+        .unwrap()
+        .generate_batch(&PROMPTS, &config)
+        .unwrap();
     for (a, t) in alone.iter().zip(together) {
         let t = t.unwrap();
         assert_eq!(&t.tokens, a);
@@ -39,9 +46,19 @@ fn batched_greedy_equals_each_alone() {
 fn batched_sampling_equals_each_alone_too() {
     // Each sequence has its own seeded sampler, so batching changes nothing.
     let mut e = engine();
-    let config = GenerationConfig::default().with_temperature(1.0).with_seed(7).with_max_new_tokens(15);
-    let alone: Vec<String> = PROMPTS.iter().map(|p| e.generate(p, &config).unwrap().text).collect();
-    let together = e.generator().unwrap().generate_batch(&PROMPTS, &config).unwrap();
+    let config = GenerationConfig::default()
+        .with_temperature(1.0)
+        .with_seed(7)
+        .with_max_new_tokens(15);
+    let alone: Vec<String> = PROMPTS
+        .iter()
+        .map(|p| e.generate(p, &config).unwrap().text)
+        .collect();
+    let together = e
+        .generator()
+        .unwrap()
+        .generate_batch(&PROMPTS, &config)
+        .unwrap();
     for (a, t) in alone.iter().zip(together) {
         assert_eq!(&t.unwrap().text, a);
     }
@@ -115,7 +132,9 @@ fn end_tokens_stop_and_ignore_eos_goes_on() {
 #[test]
 fn stream_iterator_and_async_stream_match_generate() {
     let mut e = engine();
-    let c = GenerationConfig::default().with_seed(3).with_max_new_tokens(25);
+    let c = GenerationConfig::default()
+        .with_seed(3)
+        .with_max_new_tokens(25);
     let whole = e.generate("the cat sat", &c).unwrap();
     let g = e.generator().unwrap();
     let mut tokens = Vec::new();
@@ -144,8 +163,11 @@ fn full_context_is_an_error_unless_the_window_slides() {
         context_size: Some(32),
         ..Default::default()
     });
-    e.load_model(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed"))
-        .unwrap();
+    e.load_model(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/bitnet-packed"
+    ))
+    .unwrap();
     let mut c = GenerationConfig::greedy(100);
     c.ignore_eos = true;
     let err = e.generate("hello", &c).unwrap_err().to_string();
@@ -174,7 +196,14 @@ fn beam_search_with_one_beam_is_greedy_and_more_beams_score_no_worse() {
     assert_eq!(one.tokens, greedy.tokens);
     let four = e.generate("hello", &beam(4)).unwrap();
     assert!(!four.tokens.is_empty() && four.tokens.len() <= 8);
-    assert_eq!(four.text, e.generator().unwrap().tokenizer().decode(&four.tokens).unwrap());
+    assert_eq!(
+        four.text,
+        e.generator()
+            .unwrap()
+            .tokenizer()
+            .decode(&four.tokens)
+            .unwrap()
+    );
 }
 
 #[test]
@@ -194,8 +223,13 @@ fn model_repo_is_a_value_and_cannot_be_downloaded_yet() {
     let r: ModelRepo = "microsoft/bitnet-b1.58-2B-4T".parse().unwrap();
     assert_eq!(r.revision, "main");
     assert_eq!(r.to_string(), "microsoft/bitnet-b1.58-2B-4T@main");
-    let err = InferenceEngine::new().load_model(r).unwrap_err().to_string();
+    let err = InferenceEngine::new()
+        .load_model(r)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not available yet") && err.contains("microsoft/bitnet-b1.58-2B-4T"));
-    let err = InferenceEngine::new().generate("x", &GenerationConfig::default()).unwrap_err();
+    let err = InferenceEngine::new()
+        .generate("x", &GenerationConfig::default())
+        .unwrap_err();
     assert!(err.to_string().contains("no model is loaded"));
 }

@@ -78,7 +78,10 @@ fn get_u64(o: &Map<String, Value>, key: &str) -> anyhow::Result<Option<u64>> {
 }
 
 /// Applies the OpenAI-named options of an item over the command line's config.
-fn item_config(o: &Map<String, Value>, base: &GenerationConfig) -> anyhow::Result<GenerationConfig> {
+fn item_config(
+    o: &Map<String, Value>,
+    base: &GenerationConfig,
+) -> anyhow::Result<GenerationConfig> {
     let mut c = base.clone();
     if let Some(n) = get_u64(o, "max_tokens")?.or(get_u64(o, "max_completion_tokens")?) {
         c.max_new_tokens = n as usize;
@@ -143,7 +146,10 @@ fn item_config(o: &Map<String, Value>, base: &GenerationConfig) -> anyhow::Resul
             .collect::<anyhow::Result<_>>()?;
     }
     if let Some(n) = get_u64(o, "n")? {
-        anyhow::ensure!(n == 1, "`n` = {n}: only one completion per item is supported");
+        anyhow::ensure!(
+            n == 1,
+            "`n` = {n}: only one completion per item is supported"
+        );
     }
     Ok(c)
 }
@@ -167,7 +173,9 @@ fn parse_json_item(
         (Some(Value::String(p)), None) => m.encode_prompt(p).map_err(|e| fail(e.to_string()))?,
         (None, Some(msgs)) => {
             let msgs: Vec<ChatMessage> = serde_json::from_value(msgs.clone()).map_err(|e| {
-                fail(format!("`messages` must be a list of {{role, content}}: {e}"))
+                fail(format!(
+                    "`messages` must be a list of {{role, content}}: {e}"
+                ))
             })?;
             m.encode_chat(&msgs).map_err(|e| fail(e.to_string()))?
         }
@@ -312,18 +320,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let format = match a.format.as_deref() {
         Some("csv") => Format::Csv,
         Some(_) => Format::Jsonl,
-        None if a.output.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) => Format::Csv,
+        None if a
+            .output
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("csv")) =>
+        {
+            Format::Csv
+        }
         None => Format::Jsonl,
     };
-    let input = std::fs::File::open(&a.input).map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
+    let input =
+        std::fs::File::open(&a.input).map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
     let lines: Vec<String> = std::io::BufReader::new(input)
         .lines()
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
-    let is_jsonl = a.input.extension().is_some_and(|e| e == "jsonl" || e == "json")
-        || lines.iter().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{'));
+    let is_jsonl = a
+        .input
+        .extension()
+        .is_some_and(|e| e == "jsonl" || e == "json")
+        || lines
+            .iter()
+            .find(|l| !l.trim().is_empty())
+            .is_some_and(|l| l.trim_start().starts_with('{'));
 
-    let m = LoadedEngineModel::load(&a.model)?;
+    let m = super::load(&a.model)?;
     let base = a.gen.config(&m.generation, 128);
     let done = done_ids(&a.output, format)?;
     let mut out = Output::open(&a.output, format)?;
@@ -366,20 +387,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
 
     let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} items | {per_sec} | ETA {eta} | {msg}",
-        )?,
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} items | {per_sec} | ETA {eta} | {msg}",
+    )?);
     bar.inc(errors as u64);
     if skipped > 0 {
-        bar.println(format!("skipping {skipped} items already in {}", a.output.display()));
+        bar.println(format!(
+            "skipping {skipped} items already in {}",
+            a.output.display()
+        ));
     }
 
-    let ctx = a
-        .ctx_size
-        .unwrap_or(2048)
-        .min(m.model.config.max_context);
+    let ctx = a.ctx_size.unwrap_or(2048).min(m.model.config.max_context);
     let slots = a.parallel.max(1);
     let mut state = m.model.new_state(slots, ctx, a.batch_size.max(slots))?;
     let mut beam_state = None;
@@ -395,10 +414,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let item = queue.pop_front().expect("front exists");
                 let st = match &mut beam_state {
                     Some(s) => s,
-                    None => beam_state.insert(m.model.new_state(beams, ctx, a.batch_size.max(beams))?),
+                    None => {
+                        beam_state.insert(m.model.new_state(beams, ctx, a.batch_size.max(beams))?)
+                    }
                 };
                 let stop = item.config.stop_ids(&m.end_tokens);
-                let row = match beam_search(&m.model, &m.pieces, st, &item.prompt, &item.config, &stop) {
+                let row = match beam_search(
+                    &m.model,
+                    &m.pieces,
+                    st,
+                    &item.prompt,
+                    &item.config,
+                    &stop,
+                ) {
                     Ok(g) => {
                         tokens_out += g.tokens.len();
                         json!({"id": item.id, "text": g.text, "finish_reason": g.finish_reason.as_str(),

@@ -105,17 +105,14 @@ impl Input {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = LoadedEngineModel::load(&a.model)?;
+    let m = super::load(&a.model)?;
     let template = m.chat_template()?;
     let mut config = a.gen.config(&m.generation, 512);
     if let SamplingStrategy::BeamSearch { .. } = config.strategy {
         eprintln!("note: chat streams its answers; --beams is ignored");
         config.strategy = SamplingStrategy::Sample;
     }
-    let ctx = a
-        .ctx_size
-        .unwrap_or(4096)
-        .min(m.model.config.max_context);
+    let ctx = a.ctx_size.unwrap_or(4096).min(m.model.config.max_context);
     let mut state = m.model.new_state(1, ctx, a.batch_size)?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -169,7 +166,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
                 "system" => {
                     session.system = (!arg.is_empty()).then(|| arg.to_string());
-                    println!("[system prompt {}]", if arg.is_empty() { "removed" } else { "set" });
+                    println!(
+                        "[system prompt {}]",
+                        if arg.is_empty() { "removed" } else { "set" }
+                    );
                 }
                 "save" => {
                     if arg.is_empty() {
@@ -177,7 +177,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     } else {
                         let json = serde_json::to_string_pretty(&session.conversation())?;
                         match std::fs::write(arg, json + "\n") {
-                            Ok(()) => println!("[saved {} messages to {arg}]", session.conversation().len()),
+                            Ok(()) => println!(
+                                "[saved {} messages to {arg}]",
+                                session.conversation().len()
+                            ),
                             Err(e) => println!("[cannot write {arg}: {e}]"),
                         }
                     }
@@ -189,7 +192,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         session.messages.push(ChatMessage::new("user", line));
         interrupted.store(false, Ordering::SeqCst);
-        match answer(&m, &template, &mut state, &mut session, &config, &interrupted) {
+        match answer(
+            &m,
+            &template,
+            &mut state,
+            &mut session,
+            &config,
+            &interrupted,
+        ) {
             Ok(text) => session.messages.push(ChatMessage::new("assistant", text)),
             Err(e) => {
                 println!("[error: {e:#}; /reset starts a new conversation]");
@@ -227,7 +237,8 @@ fn answer(
     // Until this turn ends, the cache holds only the common prefix for sure.
     session.cached.truncate(reuse);
     let stop_ids = config.stop_ids(&m.end_tokens);
-    let mut stream = TokenStream::new(&m.model, &m.pieces, state, &prompt, reuse, config, stop_ids)?;
+    let mut stream =
+        TokenStream::new(&m.model, &m.pieces, state, &prompt, reuse, config, stop_ids)?;
     let mut text = String::new();
     let mut stdout = std::io::stdout();
     let mut cancelled = false;

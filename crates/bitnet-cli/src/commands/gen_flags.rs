@@ -66,7 +66,11 @@ pub struct GenFlags {
 
 impl GenFlags {
     /// The request: defaults, then the model's, then the flags.
-    pub fn config(&self, model: &GenerationDefaults, default_max_tokens: usize) -> GenerationConfig {
+    pub fn config(
+        &self,
+        model: &GenerationDefaults,
+        default_max_tokens: usize,
+    ) -> GenerationConfig {
         let mut c = GenerationConfig::from_model(model);
         c.max_new_tokens = self.max_tokens.unwrap_or(default_max_tokens);
         macro_rules! set {

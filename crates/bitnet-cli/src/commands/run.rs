@@ -31,16 +31,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         // The cache need not be larger than this run can use.
         ctx = ctx.min(prompt.len() + config.max_new_tokens);
     }
-    let mut state = m
-        .model
-        .new_state(a.gen.slots(), ctx.max(1), a.batch_size.max(a.gen.slots()))?;
+    let mut state =
+        m.model
+            .new_state(a.gen.slots(), ctx.max(1), a.batch_size.max(a.gen.slots()))?;
     let stdout = std::io::stdout();
-    let g = generate(&m.model, &m.tokenizer, &mut state, &prompt, &config, |text| {
-        let mut out = stdout.lock();
-        out.write_all(text.as_bytes())
-            .and_then(|_| out.flush())
-            .map_err(|e| bitnet_inference::Error::io("<stdout>", e))
-    })?;
+    let g = generate(
+        &m.model,
+        &m.tokenizer,
+        &mut state,
+        &prompt,
+        &config,
+        |text| {
+            let mut out = stdout.lock();
+            out.write_all(text.as_bytes())
+                .and_then(|_| out.flush())
+                .map_err(|e| bitnet_inference::Error::io("<stdout>", e))
+        },
+    )?;
     println!();
     let s = &g.stats;
     eprintln!(

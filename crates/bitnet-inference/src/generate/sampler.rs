@@ -238,6 +238,10 @@ impl Sampler {
         }));
         let by_logit =
             |a: &Candidate, b: &Candidate| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id));
+        // Banned tokens (a logit of -inf) never come back.
+        if c.iter().any(|x| x.logit > f32::NEG_INFINITY) {
+            c.retain(|x| x.logit > f32::NEG_INFINITY);
+        }
         if p.top_k > 0 && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, by_logit);
             c.truncate(p.top_k);
@@ -485,13 +489,13 @@ mod tests {
     #[test]
     fn logit_bias_and_ban() {
         let p = SamplingParams {
-            logit_bias: vec![(1, f32::NEG_INFINITY), (0, 3f32.ln())],
+            logit_bias: vec![(1, f32::NEG_INFINITY), (0, 4f32.ln())],
             ..SamplingParams::pure(1.0, 0)
         };
-        // .1 * 3 = .3, .3, .2 over .8.
+        // Token 1 banned; .1 * 4 = .4, then .3, .2, over .9.
         assert_dist(
             &dist(p, &four(), &[]),
-            &[(0, 0.3 / 0.8), (3, 0.3 / 0.8), (2, 0.2 / 0.8)],
+            &[(0, 0.4 / 0.9), (3, 0.3 / 0.9), (2, 0.2 / 0.9)],
         );
     }
 

@@ -80,7 +80,7 @@ impl ModelConfig {
                 return bad(key, "must be greater than 0".into());
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -89,16 +89,16 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(
                 "head_dim",
                 format!("{} is odd; RoPE needs pairs", self.head_dim),
             );
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return bad("rope_theta", format!("{} is not positive", self.rope_theta));
         }
-        if !(self.rms_norm_eps >= 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps < 0.0 {
             return bad("rms_norm_eps", format!("{} is negative", self.rms_norm_eps));
         }
         Ok(())
