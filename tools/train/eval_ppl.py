@@ -6,7 +6,7 @@ each chunk is run on its own (no state between chunks) and only its second half 
 logits at positions ctx/2 .. ctx-2 predict tokens ctx/2+1 .. ctx-1 (ctx/2 - 1 tokens a chunk).
 PPL = exp(mean negative log-likelihood over all scored tokens).
 
-Usage: python3 eval_ppl.py MODEL_DIR TEXT_FILE [--ctx 512] [--device cpu] [--dtype float32]
+Usage: python3 eval_ppl.py MODEL_DIR TEXT_FILE [--ctx 512] [--chunks N] [--device cpu] [--dtype float32]
 """
 
 import argparse
@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--chunks", type=int, default=None, help="score only the first N chunks")
     a = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -34,6 +35,8 @@ def main():
     if ids[0] != bos:
         ids = [bos] + ids
     n_chunks = len(ids) // a.ctx
+    if a.chunks is not None:
+        n_chunks = min(n_chunks, a.chunks)
     first = a.ctx // 2
     print(f"tokens {len(ids)}, ctx {a.ctx}, chunks {n_chunks}, scored per chunk {a.ctx - 1 - first}", flush=True)
     nll, count = 0.0, 0

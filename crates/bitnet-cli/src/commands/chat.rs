@@ -13,9 +13,10 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file or Hugging Face model directory.
-    #[arg(short, long)]
-    model: PathBuf,
+    /// GGUF file or Hugging Face model directory (default: $BITNET_MODEL, else the
+    /// bitnet-tiny model shipped in the repository).
+    #[arg(short, long, env = "BITNET_MODEL")]
+    model: Option<PathBuf>,
     /// System prompt.
     #[arg(long)]
     system: Option<String>,
@@ -105,7 +106,7 @@ impl Input {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = super::load(&a.model)?;
+    let m = super::load(&super::model_or_default(a.model.as_deref())?)?;
     let template = m.chat_template()?;
     let mut config = a.gen.config(&m.generation, 512);
     if let SamplingStrategy::BeamSearch { .. } = config.strategy {

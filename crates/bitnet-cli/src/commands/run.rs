@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file or Hugging Face model directory.
-    #[arg(short, long)]
-    model: PathBuf,
+    /// GGUF file or Hugging Face model directory (default: $BITNET_MODEL, else the
+    /// bitnet-tiny model shipped in the repository).
+    #[arg(short, long, env = "BITNET_MODEL")]
+    model: Option<PathBuf>,
     /// The prompt text.
     #[arg(short, long)]
     prompt: String,
@@ -23,7 +24,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = load(&a.model)?;
+    let m = load(&super::model_or_default(a.model.as_deref())?)?;
     let config = a.gen.config(&m.generation, 128);
     let prompt = m.tokenizer.encode(&a.prompt, true)?;
     let mut ctx = context_size(a.ctx_size, &m.model);

@@ -1,0 +1,63 @@
+//! The trained model shipped in `models/bitnet-tiny` (issue 6) end to end: it is the default
+//! model, and its perplexity matches transformers' on the held-out stories.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bitnet-tiny")
+}
+
+fn bitnet(args: &[&str]) -> (String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .env_remove("BITNET_MODEL")
+        .output()
+        .expect("run bitnet");
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "bitnet {args:?} failed: {err}");
+    (out, err)
+}
+
+/// `tools/train/eval_ppl.py models/bitnet-tiny models/bitnet-tiny/validation.txt --chunks 16`
+/// (transformers, float32, llama.cpp's method) gives 4.7995; the issue asks for 1%.
+#[test]
+fn perplexity_matches_transformers() {
+    let dir = tiny();
+    let (out, _) = bitnet(&[
+        "perplexity",
+        "-m",
+        dir.to_str().unwrap(),
+        "-f",
+        dir.join("validation.txt").to_str().unwrap(),
+        "-c",
+        "512",
+        "--chunks",
+        "16",
+    ]);
+    let ppl: f64 = out
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("PPL = "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no PPL line in {out:?}"));
+    assert!(
+        (ppl - 4.7995).abs() / 4.7995 < 0.01,
+        "PPL {ppl}, transformers 4.7995"
+    );
+}
+
+#[test]
+fn run_without_a_model_uses_the_shipped_one() {
+    let (out, err) = bitnet(&["run", "-p", "Once upon a time", "-n", "24", "--temp", "0"]);
+    assert!(err.contains("decode: 24 tokens"), "{err}");
+    // A trained model writes words, not byte soup.
+    let words = out
+        .split_whitespace()
+        .filter(|w| w.chars().all(|c| c.is_alphabetic() || ",.!'\"".contains(c)))
+        .count();
+    assert!(words >= 12, "{out:?}");
+}
