@@ -5,6 +5,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
+use common::{bitnet_ok, final_ppl};
+
 fn model() -> PathBuf {
     let path = std::env::var_os("BITNET_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
         let out = Command::new("python3")
@@ -20,25 +23,12 @@ fn model() -> PathBuf {
     path
 }
 
-fn bitnet(args: &[&str]) -> (String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args(args)
-        .output()
-        .expect("run bitnet");
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(o.status.success(), "bitnet {args:?} failed: {err}");
-    (out, err)
-}
-
 /// llama.cpp's greedy continuation of this prompt begins " Kara who lived in a world made of
 /// glitter." (BITNET.md).
 #[test]
 fn greedy_continuation_matches_llama_cpp() {
     let m = model();
-    let (out, _) = bitnet(&[
+    let (out, _) = bitnet_ok(&[
         "run",
         "-m",
         m.to_str().unwrap(),
@@ -61,7 +51,7 @@ fn greedy_continuation_matches_llama_cpp() {
 #[test]
 fn perplexity_on_gpl3_matches_the_f32_reference() {
     let m = model();
-    let (out, _) = bitnet(&[
+    let (out, _) = bitnet_ok(&[
         "perplexity",
         "-m",
         m.to_str().unwrap(),
@@ -72,11 +62,7 @@ fn perplexity_on_gpl3_matches_the_f32_reference() {
         "--chunks",
         "4",
     ]);
-    let last = out.lines().last().unwrap_or_default();
-    let ppl: f64 = last
-        .strip_prefix("PPL = ")
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no PPL line in {out:?}"));
+    let ppl = final_ppl(&out);
     assert!(
         (ppl - 18.198).abs() / 18.198 < 0.005,
         "PPL {ppl}, expected ≈ 18.198"

@@ -2,24 +2,12 @@
 //! model, and its perplexity matches transformers' on the held-out stories.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+use common::{bitnet_ok, final_ppl};
 
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bitnet-tiny")
-}
-
-fn bitnet(args: &[&str]) -> (String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args(args)
-        .env_remove("BITNET_MODEL")
-        .output()
-        .expect("run bitnet");
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(o.status.success(), "bitnet {args:?} failed: {err}");
-    (out, err)
 }
 
 /// `tools/train/eval_ppl.py models/bitnet-tiny models/bitnet-tiny/validation.txt --chunks 16`
@@ -27,7 +15,7 @@ fn bitnet(args: &[&str]) -> (String, String) {
 #[test]
 fn perplexity_matches_transformers() {
     let dir = tiny();
-    let (out, _) = bitnet(&[
+    let (out, _) = bitnet_ok(&[
         "perplexity",
         "-m",
         dir.to_str().unwrap(),
@@ -38,12 +26,7 @@ fn perplexity_matches_transformers() {
         "--chunks",
         "16",
     ]);
-    let ppl: f64 = out
-        .lines()
-        .last()
-        .and_then(|l| l.strip_prefix("PPL = "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no PPL line in {out:?}"));
+    let ppl = final_ppl(&out);
     assert!(
         (ppl - 4.7995).abs() / 4.7995 < 0.01,
         "PPL {ppl}, transformers 4.7995"
@@ -52,7 +35,7 @@ fn perplexity_matches_transformers() {
 
 #[test]
 fn run_without_a_model_uses_the_shipped_one() {
-    let (out, err) = bitnet(&["run", "-p", "Once upon a time", "-n", "24", "--temp", "0"]);
+    let (out, err) = bitnet_ok(&["run", "-p", "Once upon a time", "-n", "24", "--temp", "0"]);
     assert!(err.contains("decode: 24 tokens"), "{err}");
     // A trained model writes words, not byte soup.
     let words = out

@@ -3,6 +3,29 @@
 use crate::model::{BatchEntry, Model};
 use crate::{Error, Result};
 
+/// The logits of every position of `ids` run as one sequence from position 0:
+/// `[ids.len(), vocab]`, row-major. This is `bitnet logits`.
+pub fn sequence_logits(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
+    let n = ids.len();
+    let mut state = model.new_state(1, n.max(1), n.max(1))?;
+    let batch: Vec<BatchEntry> = ids
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| BatchEntry {
+            token,
+            pos,
+            slot: 0,
+            logits: true,
+        })
+        .collect();
+    model.forward(&batch, &mut state)?;
+    let mut all = Vec::with_capacity(n * model.config.vocab_size);
+    for i in 0..n {
+        all.extend_from_slice(state.logits(i));
+    }
+    Ok(all)
+}
+
 /// Result of a perplexity run.
 #[derive(Debug, Clone)]
 pub struct Perplexity {

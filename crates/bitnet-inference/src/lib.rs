@@ -14,6 +14,8 @@ pub mod error;
 pub mod eval;
 pub mod formats;
 pub mod generate;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod tokenizer;

@@ -3,7 +3,7 @@
 
 use bitnet_inference::formats::ggml::GgmlType;
 use bitnet_inference::model::save_gguf::{write_gguf, GgufExport};
-use bitnet_inference::model::{self, dummy, BatchEntry, Model, ModelConfig};
+use bitnet_inference::model::{self, dummy, Model, ModelConfig};
 
 fn small_config() -> ModelConfig {
     ModelConfig {
@@ -20,21 +20,7 @@ fn small_config() -> ModelConfig {
 }
 
 fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut state = model.new_state(1, ids.len(), ids.len()).unwrap();
-    let batch: Vec<BatchEntry> = ids
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| BatchEntry {
-            token,
-            pos,
-            slot: 0,
-            logits: true,
-        })
-        .collect();
-    model.forward(&batch, &mut state).unwrap();
-    (0..ids.len())
-        .flat_map(|i| state.logits(i).to_vec())
-        .collect()
+    bitnet_inference::eval::sequence_logits(model, ids).unwrap()
 }
 
 #[test]

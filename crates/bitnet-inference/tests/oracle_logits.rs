@@ -3,7 +3,7 @@
 //! arithmetic scheme lands above 0.04 (see tools/README.md).
 
 use bitnet_inference::formats::npy;
-use bitnet_inference::model::{self, BatchEntry, Model};
+use bitnet_inference::model::{self, Model};
 use std::path::{Path, PathBuf};
 
 /// The ids of a fixture's `ids.json` (`{"ids": [...]}`).
@@ -21,22 +21,7 @@ fn engine_logits(path: &Path, ids: &[u32]) -> (Vec<f32>, usize) {
     let loaded = model::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let model = Model::new(loaded.config, loaded.weights).unwrap();
     let vocab = model.config.vocab_size;
-    let mut state = model.new_state(1, ids.len(), ids.len()).unwrap();
-    let batch: Vec<BatchEntry> = ids
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| BatchEntry {
-            token,
-            pos,
-            slot: 0,
-            logits: true,
-        })
-        .collect();
-    model.forward(&batch, &mut state).unwrap();
-    let mut out = Vec::new();
-    for i in 0..ids.len() {
-        out.extend_from_slice(state.logits(i));
-    }
+    let out = bitnet_inference::eval::sequence_logits(&model, ids).unwrap();
     (out, vocab)
 }
 

@@ -1,6 +1,6 @@
 use super::load;
+use bitnet_inference::eval;
 use bitnet_inference::formats::npy;
-use bitnet_inference::model::BatchEntry;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -22,23 +22,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let m = load(&a.model)?;
     let n = a.ids.len();
     let vocab = m.model.config.vocab_size;
-    let mut state = m.model.new_state(1, n, n)?;
-    let batch: Vec<BatchEntry> = a
-        .ids
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| BatchEntry {
-            token,
-            pos,
-            slot: 0,
-            logits: true,
-        })
-        .collect();
-    m.model.forward(&batch, &mut state)?;
-    let mut all = Vec::with_capacity(n * vocab);
-    for i in 0..n {
-        all.extend_from_slice(state.logits(i));
-    }
+    let all = eval::sequence_logits(&m.model, &a.ids)?;
     let file = std::fs::File::create(&a.output)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.output.display()))?;
     npy::write_f32(std::io::BufWriter::new(file), &[n, vocab], &all)

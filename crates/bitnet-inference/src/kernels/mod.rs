@@ -15,6 +15,7 @@ pub mod avx512;
 pub mod avxvnni;
 mod dense;
 mod matmul;
+pub mod quant;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 pub mod pool;

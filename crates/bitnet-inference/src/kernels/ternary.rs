@@ -100,6 +100,29 @@ impl TernaryMatrix {
     }
 }
 
+/// Batches of at least this many rows are quantized in parallel.
+const PARALLEL_ROWS: usize = 16;
+
+/// The buffers of a [`QuantizedActivations`] shared by pool tasks that write disjoint rows.
+#[derive(Clone, Copy)]
+struct RowsOut {
+    values: *mut i8,
+    scales: *mut f32,
+    sums: *mut i32,
+}
+// SAFETY: tasks given one `RowsOut` write disjoint rows, and the buffers outlive them (the
+// pool returns only when every task is done).
+unsafe impl Send for RowsOut {}
+unsafe impl Sync for RowsOut {}
+
+impl RowsOut {
+    /// Taking `self` makes closures capture the whole wrapper, not its raw fields.
+    fn row(self, r: usize, padded: usize) -> *mut i8 {
+        // SAFETY: callers pass rows inside the buffer.
+        unsafe { self.values.add(r * padded) }
+    }
+}
+
 /// A batch of activation rows quantized to int8, one scale per row (per token).
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedActivations {
@@ -134,13 +157,42 @@ impl QuantizedActivations {
         self.values.resize(n_rows * padded);
         self.scales.resize(n_rows, 0.0);
         self.sums.resize(n_rows, 0);
-        for r in 0..n_rows {
-            let q = &mut self.values.i8s_mut()[r * padded..(r + 1) * padded];
-            let (scale, sum) = quantize_row(&x[r * cols..(r + 1) * cols], &mut q[..cols]);
-            q[cols..].fill(0);
-            self.scales[r] = scale;
-            self.sums[r] = sum;
+        let values = self.values.i8s_mut();
+        if n_rows < PARALLEL_ROWS {
+            for r in 0..n_rows {
+                let q = &mut values[r * padded..(r + 1) * padded];
+                let (scale, sum) = quantize_row(&x[r * cols..(r + 1) * cols], &mut q[..cols]);
+                q[cols..].fill(0);
+                self.scales[r] = scale;
+                self.sums[r] = sum;
+            }
+            return;
         }
+        // Large batches (prefill): rows in parallel on the pool, in chunks of disjoint rows.
+        let out = RowsOut {
+            values: values.as_mut_ptr(),
+            scales: self.scales.as_mut_ptr(),
+            sums: self.sums.as_mut_ptr(),
+        };
+        let chunks = n_rows.div_ceil(PARALLEL_ROWS / 2);
+        let per = n_rows.div_ceil(chunks);
+        super::pool::SpinPool::current().run(chunks, &|c| {
+            for r in c * per..((c + 1) * per).min(n_rows) {
+                // SAFETY: row r < n_rows lies inside the buffers sized above (values
+                // n_rows·padded, scales and sums n_rows), and each row belongs to one chunk.
+                let (q, scale, sum) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(out.row(r, padded), padded),
+                        &mut *out.scales.add(r),
+                        &mut *out.sums.add(r),
+                    )
+                };
+                let (s, total) = quantize_row(&x[r * cols..(r + 1) * cols], &mut q[..cols]);
+                q[cols..].fill(0);
+                *scale = s;
+                *sum = total;
+            }
+        });
     }
 
     /// Rows that are already int8 (`n_rows × cols`, row-major), each with scale `scale`;
@@ -248,17 +300,9 @@ impl AlignedBytes {
 
 /// Per-token absmax quantization exactly as transformers' BitNet does it in f32:
 /// `s = 127 / max(max|x|, 1e-5)`, `q = clamp(round_half_even(x·s), -128, 127)`.
-/// Returns `(s, Σq)`.
+/// Returns `(s, Σq)`. Vectorized where the CPU allows (see [`super::quant`]).
 pub fn quantize_row(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-    let max = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-5);
-    let scale = 127.0f32 / max;
-    let mut sum = 0i32;
-    for (o, &v) in q.iter_mut().zip(x) {
-        let r = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
-        sum += r as i32;
-        *o = r;
-    }
-    (scale, sum)
+    super::quant::quantize_row(x, q)
 }
 
 #[cfg(test)]
