@@ -15,6 +15,9 @@ struct Cli {
     /// Worker threads for the matrix kernels (default: all cores).
     #[arg(short = 't', long, global = true, env = "BITNET_THREADS")]
     threads: Option<usize>,
+    /// Resolve Hugging Face hub ids from the local cache alone (as HF_HUB_OFFLINE=1).
+    #[arg(long, global = true)]
+    offline: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +42,14 @@ enum Command {
     Bench(commands::bench::Args),
     /// Write a model of any shape with random ternary weights (GGUF), for benchmarks.
     Dummy(commands::dummy::Args),
+    /// Convert a model (any supported input) to GGUF I2_S, TQ2_0 or TQ1_0.
+    Convert(commands::convert::Args),
+    /// Download a model from the Hugging Face hub into the shared cache, without running it.
+    #[cfg(feature = "hub")]
+    Pull(commands::pull::Args),
+    /// List, remove or prune the models in the Hugging Face cache.
+    #[cfg(feature = "hub")]
+    Cache(commands::cache::Args),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +69,7 @@ fn try_main() -> anyhow::Result<()> {
             .num_threads(n.max(1))
             .build_global()?;
     }
+    commands::set_offline(cli.offline);
     match cli.command {
         Command::Run(a) => commands::run::run(a),
         Command::Chat(a) => commands::chat::run(a),
@@ -68,5 +80,10 @@ fn try_main() -> anyhow::Result<()> {
         Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Dummy(a) => commands::dummy::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+        #[cfg(feature = "hub")]
+        Command::Pull(a) => commands::pull::run(a),
+        #[cfg(feature = "hub")]
+        Command::Cache(a) => commands::cache::run(a),
     }
 }

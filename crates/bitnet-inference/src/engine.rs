@@ -6,8 +6,8 @@
 //!   [`TextGenerator::generate_stream`] (an iterator), [`TextGenerator::generate_async`] (a
 //!   `futures_core::Stream`), [`TextGenerator::generate_batch`] (several prompts in one batch).
 //! - [`GenerationConfig`] and [`SamplingStrategy`]: what to generate and how.
-//! - [`ModelRepo`]: a Hugging Face repository name. Downloading from the hub is not available
-//!   yet: loading a `ModelRepo` fails with an error that says so.
+//! - [`ModelRepo`]: a Hugging Face repository name, downloaded into the shared Hugging Face
+//!   cache when the `hub` feature is on (an error without it).
 //! - [`MemoryStats`] and [`PerformanceProfile`].
 //!
 //! ```
@@ -105,7 +105,7 @@ impl std::str::FromStr for ModelRepo {
 pub enum ModelSource {
     /// A GGUF file or a Hugging Face model directory.
     Path(PathBuf),
-    /// A repository on the Hugging Face hub (not downloadable yet).
+    /// A repository on the Hugging Face hub (needs the `hub` feature).
     Repo(ModelRepo),
 }
 
@@ -283,22 +283,28 @@ impl InferenceEngine {
         &self.config
     }
 
-    /// Loads a model from a local path. A [`ModelRepo`] gives an error: downloading from the
-    /// Hugging Face hub is not available yet.
-    ///
-    /// ```
-    /// use bitnet_inference::engine::{InferenceEngine, ModelRepo};
-    /// let mut engine = InferenceEngine::new();
-    /// let err = engine.load_model(ModelRepo::new("microsoft", "bitnet-b1.58-2B-4T")).unwrap_err();
-    /// assert!(err.to_string().contains("not available yet"));
-    /// ```
+    /// Loads a model from a local path, or (with the `hub` feature) a [`ModelRepo`] from the
+    /// Hugging Face hub through the shared cache (see [`crate::hub`]; `HF_ENDPOINT`,
+    /// `HF_HUB_CACHE`/`HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE` apply). Without the feature a
+    /// `ModelRepo` gives an error.
     pub fn load_model(&mut self, source: impl Into<ModelSource>) -> Result<()> {
         let path = match source.into() {
             ModelSource::Path(p) => p,
+            #[cfg(feature = "hub")]
+            ModelSource::Repo(r) => {
+                let id = crate::hub::HubModelId {
+                    owner: r.owner,
+                    name: r.name,
+                    revision: r.revision,
+                    file: None,
+                };
+                crate::hub::resolve(&crate::hub::HubConfig::from_env(), &id)?.path
+            }
+            #[cfg(not(feature = "hub"))]
             ModelSource::Repo(r) => {
                 return Err(Error::Invalid(format!(
-                    "cannot load {r}: downloading from the Hugging Face hub is not available yet; \
-                     download the repository's files and load their local directory"
+                    "cannot load {r}: this build has no Hugging Face hub support (cargo feature \
+                     `hub`); download the repository's files and load their local directory"
                 )))
             }
         };

@@ -55,8 +55,16 @@ fn server() -> HubServer {
         repo("test-org/tiny-packed", packed_files(), Access::Public),
         repo("test-org/tiny-gguf", gguf_files(), Access::Public),
         repo("test-org/one-gguf", one_gguf, Access::Public),
-        repo("test-org/private", packed_files(), Access::Private("hf_secret".into())),
-        repo("test-org/gated", gguf_files(), Access::Gated("hf_gated".into())),
+        repo(
+            "test-org/private",
+            packed_files(),
+            Access::Private("hf_secret".into()),
+        ),
+        repo(
+            "test-org/gated",
+            gguf_files(),
+            Access::Gated("hf_gated".into()),
+        ),
     ])
 }
 
@@ -120,7 +128,13 @@ fn downloads_only_the_model_files_in_the_hf_layout() {
     let sha = sha256_file(&fixtures().join("bitnet-packed/model.safetensors"));
     assert_eq!(target, Path::new("../../blobs").join(&sha));
     assert_eq!(sha256_file(&st), sha);
-    assert_eq!(r.downloaded_bytes as usize, packed_files()[..4].iter().map(|f| f.data.len()).sum::<usize>());
+    assert_eq!(
+        r.downloaded_bytes as usize,
+        packed_files()[..4]
+            .iter()
+            .map(|f| f.data.len())
+            .sum::<usize>()
+    );
     let ev = events.lock().unwrap();
     assert!(ev.contains(&hub::Progress::Finish {
         file: "model.safetensors".into()
@@ -136,20 +150,32 @@ fn downloads_only_the_model_files_in_the_hf_layout() {
     assert_eq!(again.downloaded_bytes, 0);
     assert!(s.log()[before..].iter().all(|l| !l.starts_with("GET /cdn")));
     let n = s.log().len();
-    let off = hub::resolve(&config(&s, &dir).with_offline(true), &id("test-org/tiny-packed")).unwrap();
+    let off = hub::resolve(
+        &config(&s, &dir).with_offline(true),
+        &id("test-org/tiny-packed"),
+    )
+    .unwrap();
     assert_eq!(off.path, r.path);
     assert_eq!(s.log().len(), n, "offline must not touch the network");
     // A tag resolves to the same commit and gets its own ref.
     hub::resolve(&config(&s, &dir), &id("test-org/tiny-packed@v1")).unwrap();
-    assert_eq!(std::fs::read_to_string(repo_dir.join("refs/v1")).unwrap(), COMMIT);
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/v1")).unwrap(),
+        COMMIT
+    );
 }
 
 #[test]
 fn gguf_repos_pick_one_file() {
     let s = server();
     let dir = tempdir("gguf");
-    let e = hub::resolve(&config(&s, &dir), &id("test-org/tiny-gguf")).unwrap_err().to_string();
-    assert!(e.contains("model-tq20.gguf") && e.contains("model-i2s.gguf") && e.contains(":FILE"), "{e}");
+    let e = hub::resolve(&config(&s, &dir), &id("test-org/tiny-gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model-tq20.gguf") && e.contains("model-i2s.gguf") && e.contains(":FILE"),
+        "{e}"
+    );
     let r = hub::resolve(&config(&s, &dir), &id("test-org/tiny-gguf:model-i2s.gguf")).unwrap();
     assert!(r.path.ends_with("model-i2s.gguf"));
     assert_eq!(r.files, ["model-i2s.gguf"]);
@@ -160,11 +186,23 @@ fn gguf_repos_pick_one_file() {
     // Offline: the file taken is there, the other one is named as missing.
     let off = config(&s, &dir).with_offline(true);
     hub::resolve(&off, &id("test-org/tiny-gguf:model-i2s.gguf")).unwrap();
-    let e = hub::resolve(&off, &id("test-org/tiny-gguf:model-tq20.gguf")).unwrap_err().to_string();
-    assert!(e.contains("model-tq20.gguf") && e.contains("missing") && e.contains("offline"), "{e}");
-    let e = hub::resolve(&off, &id("test-org/never-pulled")).unwrap_err().to_string();
-    assert!(e.contains("models--test-org--never-pulled") && e.contains("not in the"), "{e}");
-    let e = hub::resolve(&off, &id("test-org/one-gguf@v9")).unwrap_err().to_string();
+    let e = hub::resolve(&off, &id("test-org/tiny-gguf:model-tq20.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model-tq20.gguf") && e.contains("missing") && e.contains("offline"),
+        "{e}"
+    );
+    let e = hub::resolve(&off, &id("test-org/never-pulled"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("models--test-org--never-pulled") && e.contains("not in the"),
+        "{e}"
+    );
+    let e = hub::resolve(&off, &id("test-org/one-gguf@v9"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("refs/v9") || e.contains("refs\\v9"), "{e}");
 }
 
@@ -173,38 +211,62 @@ fn not_found_errors() {
     let s = server();
     let dir = tempdir("404");
     let cfg = config(&s, &dir);
-    let e = hub::resolve(&cfg, &id("test-org/nothing")).unwrap_err().to_string();
+    let e = hub::resolve(&cfg, &id("test-org/nothing"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("404") && e.contains("test-org/nothing"), "{e}");
-    let e = hub::resolve(&cfg, &id("test-org/tiny-packed@nobranch")).unwrap_err().to_string();
+    let e = hub::resolve(&cfg, &id("test-org/tiny-packed@nobranch"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("revision `nobranch`"), "{e}");
-    let e = hub::resolve(&cfg, &id("test-org/tiny-gguf:other.gguf")).unwrap_err().to_string();
-    assert!(e.contains("no file `other.gguf`") && e.contains("model-i2s.gguf"), "{e}");
+    let e = hub::resolve(&cfg, &id("test-org/tiny-gguf:other.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no file `other.gguf`") && e.contains("model-i2s.gguf"),
+        "{e}"
+    );
     // Nothing was written for the failures.
     assert!(!dir.join("models--test-org--nothing").exists());
     // Unreachable hub, empty cache: a network error naming the endpoint.
     let mut bad = config(&s, &dir);
     bad.endpoint = "http://127.0.0.1:9".into();
-    let e = hub::resolve(&bad, &id("test-org/tiny-packed")).unwrap_err().to_string();
-    assert!(e.contains("cannot reach") && e.contains("127.0.0.1:9"), "{e}");
+    let e = hub::resolve(&bad, &id("test-org/tiny-packed"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot reach") && e.contains("127.0.0.1:9"),
+        "{e}"
+    );
 }
 
 #[test]
 fn private_and_gated_repos_need_a_token() {
     let s = server();
     let dir = tempdir("auth");
-    let e = hub::resolve(&config(&s, &dir), &id("test-org/private")).unwrap_err().to_string();
-    assert!(e.contains("401") && e.contains("HF_TOKEN") && e.contains("token"), "{e}");
+    let e = hub::resolve(&config(&s, &dir), &id("test-org/private"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("401") && e.contains("HF_TOKEN") && e.contains("token"),
+        "{e}"
+    );
     let mut cfg = config(&s, &dir);
     cfg.token = Some("hf_secret".into());
     hub::resolve(&cfg, &id("test-org/private")).unwrap();
 
     let gated = id("test-org/gated:model-tq20.gguf");
-    let e = hub::resolve(&config(&s, &dir), &gated).unwrap_err().to_string();
+    let e = hub::resolve(&config(&s, &dir), &gated)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("401") && e.contains("HF_TOKEN"), "{e}");
     let mut wrong = config(&s, &dir);
     wrong.token = Some("hf_wrong".into());
     let e = hub::resolve(&wrong, &gated).unwrap_err().to_string();
-    assert!(e.contains("403") && e.contains("gated") && e.contains("accept its terms"), "{e}");
+    assert!(
+        e.contains("403") && e.contains("gated") && e.contains("accept its terms"),
+        "{e}"
+    );
     let mut right = config(&s, &dir);
     right.token = Some("hf_gated".into());
     let r = hub::resolve(&right, &gated).unwrap();
@@ -219,24 +281,45 @@ fn a_cut_download_resumes_with_a_range_request() {
     let s = server();
     let dir = tempdir("resume");
     s.state.lock().unwrap().cut = Some(("model.safetensors".into(), 100_000));
-    let e = hub::resolve(&config(&s, &dir), &id("test-org/tiny-packed")).unwrap_err().to_string();
-    assert!(e.contains("broke after 100000") && e.contains("resume"), "{e}");
+    let e = hub::resolve(&config(&s, &dir), &id("test-org/tiny-packed"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("broke after 100000") && e.contains("resume"),
+        "{e}"
+    );
     let sha = sha256_file(&fixtures().join("bitnet-packed/model.safetensors"));
     let blobs = dir.join("models--test-org--tiny-packed/blobs");
     let partial = blobs.join(format!("{sha}.incomplete"));
     assert_eq!(std::fs::metadata(&partial).unwrap().len(), 100_000);
-    assert!(!blobs.join(&sha).exists(), "a partial blob must not pass for a whole one");
-    let snap = dir.join("models--test-org--tiny-packed/snapshots").join(COMMIT);
+    assert!(
+        !blobs.join(&sha).exists(),
+        "a partial blob must not pass for a whole one"
+    );
+    let snap = dir
+        .join("models--test-org--tiny-packed/snapshots")
+        .join(COMMIT);
     assert!(!snap.join("model.safetensors").exists());
     // Offline, the cut model is reported missing, not loaded half-written.
-    let e = hub::resolve(&config(&s, &dir).with_offline(true), &id("test-org/tiny-packed"))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("not in the cache") || e.contains("missing"), "{e}");
+    let e = hub::resolve(
+        &config(&s, &dir).with_offline(true),
+        &id("test-org/tiny-packed"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("not in the cache") || e.contains("missing"),
+        "{e}"
+    );
 
     let r = hub::resolve(&config(&s, &dir), &id("test-org/tiny-packed")).unwrap();
-    let total = std::fs::metadata(fixtures().join("bitnet-packed/model.safetensors")).unwrap().len();
-    assert!(s.log().iter().any(|l| l.starts_with(&format!("GET /cdn/{sha} bytes=100000-"))));
+    let total = std::fs::metadata(fixtures().join("bitnet-packed/model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(s
+        .log()
+        .iter()
+        .any(|l| l.starts_with(&format!("GET /cdn/{sha} bytes=100000-"))));
     assert_eq!(r.downloaded_bytes, total - 100_000);
     assert!(!partial.exists());
     assert_eq!(sha256_file(&r.path.join("model.safetensors")), sha);
@@ -254,7 +337,10 @@ fn cache_stats_remove_and_prune() {
     let ids: Vec<&str> = stats.repos.iter().map(|r| r.repo_id.as_str()).collect();
     assert_eq!(ids, ["test-org/one-gguf", "test-org/tiny-packed"]);
     let packed = &stats.repos[1];
-    let want: u64 = packed_files()[..4].iter().map(|f| f.data.len() as u64).sum();
+    let want: u64 = packed_files()[..4]
+        .iter()
+        .map(|f| f.data.len() as u64)
+        .sum();
     assert_eq!(packed.size, want);
     assert_eq!(packed.revisions.len(), 1);
     assert_eq!(packed.revisions[0].refs, ["main"]);
@@ -281,7 +367,9 @@ fn cache_stats_remove_and_prune() {
     let r = cache::remove(&dir, &id("test-org/one-gguf"), true).unwrap();
     assert_eq!(r.freed, gguf_size);
     assert!(cache::scan(&dir).unwrap().repos.is_empty());
-    let e = cache::remove(&dir, &id("test-org/one-gguf"), true).unwrap_err().to_string();
+    let e = cache::remove(&dir, &id("test-org/one-gguf"), true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not in the cache"), "{e}");
 }
 
@@ -293,20 +381,30 @@ fn removing_one_revision_keeps_shared_blobs() {
     // A second commit sharing every blob but config.json.
     {
         let mut st = s.state.lock().unwrap();
-        let r = st.repos.iter_mut().find(|r| r.id == "test-org/tiny-packed").unwrap();
+        let r = st
+            .repos
+            .iter_mut()
+            .find(|r| r.id == "test-org/tiny-packed")
+            .unwrap();
         r.commit = COMMIT2.into();
         r.files[0].data.extend_from_slice(b"\n");
     }
     hub::resolve(&config(&s, &dir), &id("test-org/tiny-packed")).unwrap();
     let repo_dir = dir.join("models--test-org--tiny-packed");
-    assert_eq!(std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(), COMMIT2);
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        COMMIT2
+    );
     let stats = cache::scan(&dir).unwrap();
     assert_eq!(stats.repos[0].revisions.len(), 2);
     let blobs_before = std::fs::read_dir(repo_dir.join("blobs")).unwrap().count();
     assert_eq!(blobs_before, 5); // 4 files + the changed config.json
     let r = cache::remove(&dir, &id(&format!("test-org/tiny-packed@{COMMIT}")), false).unwrap();
     assert_eq!(r.items, [format!("test-org/tiny-packed@{COMMIT}")]);
-    assert_eq!(std::fs::read_dir(repo_dir.join("blobs")).unwrap().count(), 4);
+    assert_eq!(
+        std::fs::read_dir(repo_dir.join("blobs")).unwrap().count(),
+        4
+    );
     bitnet_inference::model::load(&repo_dir.join("snapshots").join(COMMIT2)).unwrap();
 }
 
@@ -378,8 +476,14 @@ fn python_huggingface_hub_reads_our_cache() {
         sha256_file(Path::new(lines[1])),
         sha256_file(&fixtures().join("bitnet-packed-gguf/model-i2s.gguf"))
     );
-    let want: u64 = packed_files()[..4].iter().map(|f| f.data.len() as u64).sum();
-    assert!(lines[2].contains(&format!("('test-org/tiny-packed', ({want}, ['main']))")), "{out}");
+    let want: u64 = packed_files()[..4]
+        .iter()
+        .map(|f| f.data.len() as u64)
+        .sum();
+    assert!(
+        lines[2].contains(&format!("('test-org/tiny-packed', ({want}, ['main']))")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -391,8 +495,9 @@ fn we_read_a_cache_written_by_python() {
     let dir = tempdir("py-writes");
     // Python downloads from the local server, into its cache layout.
     python(
-        "from huggingface_hub import snapshot_download, hf_hub_download\n\
-         snapshot_download('test-org/tiny-packed', allow_patterns=['*.json', '*.safetensors'])\n\
+        "from huggingface_hub import hf_hub_download\n\
+         for f in ['config.json', 'generation_config.json', 'tokenizer.json', 'model.safetensors']:\n\
+         \x20   hf_hub_download('test-org/tiny-packed', f)\n\
          hf_hub_download('test-org/tiny-gguf', 'model-tq20.gguf', revision='v1')",
         &[
             ("HF_HUB_CACHE", dir.to_str().unwrap()),
@@ -414,6 +519,10 @@ fn we_read_a_cache_written_by_python() {
     assert_eq!(again.downloaded_bytes, 0);
     let stats = cache::scan(&dir).unwrap();
     assert_eq!(stats.repos.len(), 2);
-    let gg = stats.repos.iter().find(|r| r.repo_id == "test-org/tiny-gguf").unwrap();
+    let gg = stats
+        .repos
+        .iter()
+        .find(|r| r.repo_id == "test-org/tiny-gguf")
+        .unwrap();
     assert_eq!(gg.revisions[0].refs, ["v1"]);
 }

@@ -16,7 +16,7 @@ fn mib(bytes: usize) -> String {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = model::load(&a.model)?;
+    let m = model::load(&super::resolve_model(&a.model)?)?;
     let c = &m.config;
     println!("model:        {}", m.path.display());
     println!("format:       {}", m.format);

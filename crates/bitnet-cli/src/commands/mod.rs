@@ -2,12 +2,17 @@
 
 pub mod batch;
 pub mod bench;
+#[cfg(feature = "hub")]
+pub mod cache;
 pub mod chat;
+pub mod convert;
 pub mod dummy;
 pub mod gen_flags;
 pub mod inspect;
 pub mod logits;
 pub mod perplexity;
+#[cfg(feature = "hub")]
+pub mod pull;
 pub mod run;
 pub mod tokenize;
 
@@ -16,8 +21,73 @@ use bitnet_inference::model::Model;
 use std::path::{Path, PathBuf};
 
 /// Loads a model as every front end uses it: weights, tokenizer, chat template, end tokens.
+/// `path` may be a Hugging Face hub id (see [`resolve_model`]).
 pub fn load(path: &Path) -> anyhow::Result<LoadedEngineModel> {
-    Ok(LoadedEngineModel::load(path)?)
+    Ok(LoadedEngineModel::load(&resolve_model(path)?)?)
+}
+
+/// `--offline`: resolve hub ids from the cache alone (as HF_HUB_OFFLINE=1).
+static OFFLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_offline(offline: bool) {
+    OFFLINE.store(offline, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A model argument as a local path: an existing file or directory stays itself; otherwise a
+/// Hugging Face hub id (`owner/name[@revision][:FILE.gguf]`) is resolved through the shared
+/// cache, downloading what is missing.
+pub fn resolve_model(model: &Path) -> anyhow::Result<PathBuf> {
+    #[cfg(feature = "hub")]
+    if !model.exists() {
+        if let Some(id) = model
+            .to_str()
+            .and_then(|s| bitnet_inference::hub::HubModelId::parse(s).ok())
+        {
+            return Ok(bitnet_inference::hub::resolve(&hub_config(), &id)?.path);
+        }
+    }
+    Ok(model.to_path_buf())
+}
+
+/// The hub settings from the environment and `--offline`, with progress bars on stderr.
+#[cfg(feature = "hub")]
+pub fn hub_config() -> bitnet_inference::hub::HubConfig {
+    use bitnet_inference::hub::{HubConfig, Progress};
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
+    let progress = move |p: &Progress| {
+        let mut bar = bar.lock().unwrap_or_else(|e| e.into_inner());
+        match p {
+            Progress::Start { file, done, total } => {
+                let b = match total {
+                    Some(t) => ProgressBar::new(*t).with_style(
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    ),
+                    None => ProgressBar::new_spinner(),
+                };
+                b.set_message(file.clone());
+                b.set_position(*done);
+                *bar = Some(b);
+            }
+            Progress::Advance { done, .. } => {
+                if let Some(b) = bar.as_ref() {
+                    b.set_position(*done);
+                }
+            }
+            Progress::Finish { .. } => {
+                if let Some(b) = bar.take() {
+                    b.finish_and_clear();
+                }
+            }
+        }
+    };
+    HubConfig::from_env()
+        .with_offline(OFFLINE.load(std::sync::atomic::Ordering::Relaxed))
+        .with_progress(std::sync::Arc::new(progress))
 }
 
 /// The model to use when none is named: the bitnet-tiny model shipped in the repository
@@ -25,7 +95,7 @@ pub fn load(path: &Path) -> anyhow::Result<LoadedEngineModel> {
 /// the executable.
 pub fn model_or_default(model: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(m) = model {
-        return Ok(m.to_path_buf());
+        return resolve_model(m);
     }
     let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bitnet-tiny");
     let beside_exe = std::env::current_exe().ok().and_then(|exe| {

@@ -4,7 +4,7 @@
 //! the newest access time of a revision's blobs, as `huggingface_hub`'s `scan_cache_dir` reads
 //! it (loading a model through [`super::resolve`] sets it).
 
-use super::{HubModelId, is_commit_hash};
+use super::{is_commit_hash, HubModelId};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -215,7 +215,7 @@ pub fn remove(cache_dir: &Path, id: &HubModelId, whole_repo: bool) -> Result<Rem
         )));
     }
     if whole_repo {
-        let freed = dir_size(&path);
+        let freed = scan_repo(&path)?.size;
         fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         let locks = cache_dir.join(".locks").join(super::repo_folder_name(id));
         let _ = fs::remove_dir_all(locks);
@@ -324,7 +324,7 @@ pub fn prune(cache_dir: &Path, max_size: u64) -> Result<Removed> {
         .iter()
         .flat_map(|r| r.revisions.iter().map(move |v| (r, v)))
         .collect();
-    revs.sort_by(|a, b| a.1.last_used.cmp(&b.1.last_used));
+    revs.sort_by_key(|r| r.1.last_used);
     for (repo, rev) in revs {
         if total <= max_size {
             break;

@@ -98,21 +98,20 @@ fn resolve_offline(config: &HubConfig, id: &HubModelId) -> Result<ResolvedModel>
             repo_dir.display()
         )));
     }
-    let commit = if is_commit_hash(&id.revision)
-        && repo_dir.join("snapshots").join(&id.revision).is_dir()
-    {
-        id.revision.clone()
-    } else {
-        let r = repo_dir.join("refs").join(&id.revision);
-        let c = fs::read_to_string(&r).map_err(|_| {
-            Error::Invalid(format!(
-                "{id}: revision `{}` is not in the cache ({} is missing)",
-                id.revision,
-                r.display()
-            ))
-        })?;
-        c.trim().to_string()
-    };
+    let commit =
+        if is_commit_hash(&id.revision) && repo_dir.join("snapshots").join(&id.revision).is_dir() {
+            id.revision.clone()
+        } else {
+            let r = repo_dir.join("refs").join(&id.revision);
+            let c = fs::read_to_string(&r).map_err(|_| {
+                Error::Invalid(format!(
+                    "{id}: revision `{}` is not in the cache ({} is missing)",
+                    id.revision,
+                    r.display()
+                ))
+            })?;
+            c.trim().to_string()
+        };
     let snap = repo_dir.join("snapshots").join(&commit);
     if !snap.is_dir() {
         return Err(Error::Invalid(format!(
@@ -194,8 +193,8 @@ fn list_root(dir: &Path, ext: &str) -> Vec<String> {
 
 fn index_shards(index: &Path) -> Result<Vec<String>> {
     let text = fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::format(index, format!("not JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -390,7 +389,11 @@ fn repo_info(
         .get("sha")
         .and_then(|s| s.as_str())
         .filter(|s| is_commit_hash(s))
-        .ok_or_else(|| invalid(format!("{what}: {url}: no commit hash (`sha`) in the answer")))?
+        .ok_or_else(|| {
+            invalid(format!(
+                "{what}: {url}: no commit hash (`sha`) in the answer"
+            ))
+        })?
         .to_string();
     let siblings = v
         .get("siblings")
@@ -421,11 +424,12 @@ fn repo_info(
 /// The files of the repository the model needs (the index's shards are added once the index
 /// is downloaded).
 fn choose_files(id: &HubModelId, names: &[&str]) -> Result<Vec<String>> {
-    let ggufs: Vec<String> = names
+    let mut ggufs: Vec<String> = names
         .iter()
         .filter(|n| n.ends_with(".gguf"))
         .map(|n| n.to_string())
         .collect();
+    ggufs.sort();
     if let Some(f) = &id.file {
         if names.contains(&f.as_str()) {
             return Ok(vec![f.clone()]);
@@ -573,7 +577,25 @@ fn fetch_file(
     );
     let what = format!("{id}: {name}");
     // The hub redirects big files to a CDN; the metadata we need is on the first answer.
-    let head = send(&agent(0), "HEAD", &url, config, None)?;
+    // Same-host relative redirects (a renamed repository) are followed.
+    let mut head = send(&agent(0), "HEAD", &url, config, None)?;
+    for _ in 0..5 {
+        let loc = header(&head, "location").filter(|l| l.starts_with('/'));
+        match loc {
+            Some(l)
+                if head.status().is_redirection() && header(&head, "x-linked-etag").is_none() =>
+            {
+                head = send(
+                    &agent(0),
+                    "HEAD",
+                    &format!("{}{l}", config.endpoint),
+                    config,
+                    None,
+                )?;
+            }
+            _ => break,
+        }
+    }
     let status = head.status().as_u16();
     if !(head.status().is_success() || (300..400).contains(&status)) {
         return Err(status_error(config, id, &what, &head));
@@ -618,7 +640,15 @@ fn fetch_file(
     let mut downloaded = 0;
     let have = fs::metadata(&blob).ok().filter(|m| m.is_file());
     if have.is_none() || size.is_some_and(|s| have.as_ref().is_some_and(|m| m.len() != s)) {
-        downloaded = download_blob(api, config, &url, &what, name, &blob, size, sha256.as_deref())?;
+        downloaded = download_blob(
+            api,
+            config,
+            &url,
+            &what,
+            name,
+            &blob,
+            (size, sha256.as_deref()),
+        )?;
     }
     drop(lock);
 
@@ -672,8 +702,7 @@ fn download_blob(
     what: &str,
     name: &str,
     blob: &Path,
-    size: Option<u64>,
-    sha256: Option<&str>,
+    (size, sha256): (Option<u64>, Option<&str>),
 ) -> std::result::Result<u64, Failure> {
     let inc = blob.with_file_name(format!(
         "{}.incomplete",

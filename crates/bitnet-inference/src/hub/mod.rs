@@ -41,8 +41,7 @@ pub struct HubModelId {
 fn valid_name_part(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 96
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
@@ -189,7 +188,12 @@ fn env_nonempty(key: &str) -> Option<String> {
 
 fn env_true(key: &str) -> bool {
     env_nonempty(key)
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -288,11 +292,19 @@ mod tests {
         let id = HubModelId::parse("o/n").unwrap();
         assert_eq!((id.revision.as_str(), id.file.as_deref()), ("main", None));
         let id = HubModelId::parse("o/n:x.gguf@abc").unwrap();
-        assert_eq!((id.revision.as_str(), id.file.as_deref()), ("abc", Some("x.gguf")));
+        assert_eq!(
+            (id.revision.as_str(), id.file.as_deref()),
+            ("abc", Some("x.gguf"))
+        );
         let id = HubModelId::parse("o/n@r:sub/x.gguf").unwrap();
-        assert_eq!((id.revision.as_str(), id.file.as_deref()), ("r", Some("sub/x.gguf")));
+        assert_eq!(
+            (id.revision.as_str(), id.file.as_deref()),
+            ("r", Some("sub/x.gguf"))
+        );
         assert_eq!(id.to_string(), "o/n@r:sub/x.gguf");
-        for bad in ["", "/n", "o/", "o/n@", "o/n:", "o/n:../x", "o--x/n", ".o/n", "o/n/x"] {
+        for bad in [
+            "", "/n", "o/", "o/n@", "o/n:", "o/n:../x", "o--x/n", ".o/n", "o/n/x",
+        ] {
             assert!(HubModelId::parse(bad).is_err(), "{bad}");
         }
     }

@@ -7,6 +7,7 @@
 //! gives `y[r] = (Σ_k t[r][k]·q[k]) / s · multiplier[r]`. The integer sum is exact, so every
 //! kernel must return the same integers as [`scalar::ScalarKernel`].
 
+pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -15,10 +16,10 @@ pub mod avx512;
 pub mod avxvnni;
 mod dense;
 mod matmul;
-pub mod quant;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 pub mod pool;
+pub mod quant;
 pub mod scalar;
 mod ternary;
 #[cfg(test)]

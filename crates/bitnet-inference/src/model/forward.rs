@@ -127,7 +127,7 @@ impl ForwardState {
 }
 
 thread_local! {
-    /// Attention scores of one (token, head) task; grows to the context length once.
+    /// Attention scores of one (token, KV head) task; grows to the context length once.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -422,7 +422,9 @@ impl Model {
         }
     }
 
-    /// Causal GQA attention of every (entry, head) over its slot's cache, in parallel.
+    /// Causal GQA attention over each entry's slot cache: one parallel task per (entry,
+    /// KV head), which reads each cached K and V row once for all the query heads of its
+    /// group (see [`kernels::attention`]).
     fn attention(&self, batch: &Batch, layer: usize, state: &mut ForwardState) {
         let c = &self.config;
         let (d, qd, kvd, group) = (c.head_dim, c.q_dim(), c.kv_dim(), c.gqa_group());
@@ -430,54 +432,28 @@ impl Model {
         let kv = &state.kv;
         let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
         let q = &state.q;
+        let n_kv = c.n_kv_heads;
         state.attn[..batch.len() * qd]
-            .par_chunks_mut(d)
+            .par_chunks_mut(group * d)
             .enumerate()
             .for_each(|(task, out)| {
-                let (i, h) = (task / c.n_heads, task % c.n_heads);
+                let (i, kv_head) = (task / n_kv, task % n_kv);
                 let e = batch[i];
-                let qh = &q[i * qd + h * d..i * qd + (h + 1) * d];
-                let kv_head = h / group;
+                let q0 = i * qd + kv_head * group * d;
                 let base = kv.offset(e.slot, 0) + kv_head * d;
-                SCORES.with_borrow_mut(|scores| {
-                    scores.resize(e.pos + 1, 0.0);
-                    let mut max = f32::NEG_INFINITY;
-                    for (p, s) in scores.iter_mut().enumerate() {
-                        let k = &keys[base + p * kvd..base + p * kvd + d];
-                        *s = dot(qh, k) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0.0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    out.fill(0.0);
-                    for (p, &s) in scores.iter().enumerate() {
-                        let w = s / sum;
-                        let v = &values[base + p * kvd..base + p * kvd + d];
-                        for (o, &vv) in out.iter_mut().zip(v) {
-                            *o += w * vv;
-                        }
-                    }
-                });
+                let end = kv.offset(e.slot, e.pos) + kv_head * d + d;
+                let task = kernels::attention::AttentionTask {
+                    q: &q[q0..q0 + group * d],
+                    keys: &keys[base..end],
+                    values: &values[base..end],
+                    stride: kvd,
+                    n_pos: e.pos + 1,
+                    head_dim: d,
+                    scale,
+                };
+                SCORES.with_borrow_mut(|scores| kernels::attention::attend(&task, scores, out));
             });
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for i in 0..8 {
-            acc[i] += a[c * 8 + i] * b[c * 8 + i];
-        }
-    }
-    let mut tail = 0.0;
-    for k in chunks * 8..a.len() {
-        tail += a[k] * b[k];
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 fn activate(act: Activation, g: f32) -> f32 {

@@ -176,7 +176,13 @@ fn handle(mut conn: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
         };
         return match file {
             Some(f) => send_file(&mut conn, st, &f, range.as_deref(), head, &[]),
-            None => err(&mut conn, "404 Not Found", "EntryNotFound", "no such blob", head),
+            None => err(
+                &mut conn,
+                "404 Not Found",
+                "EntryNotFound",
+                "no such blob",
+                head,
+            ),
         };
     }
 
@@ -195,14 +201,26 @@ fn handle(mut conn: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
         .find(|r| r.id == repo_id)
         .cloned();
     let Some(repo) = repo else {
-        return err(&mut conn, "404 Not Found", "RepoNotFound", "Repository not found", head);
+        return err(
+            &mut conn,
+            "404 Not Found",
+            "RepoNotFound",
+            "Repository not found",
+            head,
+        );
     };
     match &repo.access {
         Access::Public => {}
         Access::Private(t) if token.as_deref() == Some(t) => {}
         Access::Gated(t) if token.as_deref() == Some(t) => {}
         Access::Private(_) => {
-            return err(&mut conn, "401 Unauthorized", "RepoNotFound", "Repository not found", head)
+            return err(
+                &mut conn,
+                "401 Unauthorized",
+                "RepoNotFound",
+                "Repository not found",
+                head,
+            )
         }
         Access::Gated(_) if token.is_none() => {
             return err(
@@ -227,7 +245,13 @@ fn handle(mut conn: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
     if api {
         // revision/{rev}
         if rest.len() != 2 || rest[0] != "revision" || !rev_ok(&decode(rest[1])) {
-            return err(&mut conn, "404 Not Found", "RevisionNotFound", "Invalid rev id", head);
+            return err(
+                &mut conn,
+                "404 Not Found",
+                "RevisionNotFound",
+                "Invalid rev id",
+                head,
+            );
         }
         let siblings: Vec<serde_json::Value> = repo
             .files
@@ -259,14 +283,32 @@ fn handle(mut conn: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
     }
     // resolve/{rev}/{file...}
     if rest.len() < 3 || rest[0] != "resolve" {
-        return err(&mut conn, "404 Not Found", "EntryNotFound", "bad path", head);
+        return err(
+            &mut conn,
+            "404 Not Found",
+            "EntryNotFound",
+            "bad path",
+            head,
+        );
     }
     if !rev_ok(&decode(rest[1])) {
-        return err(&mut conn, "404 Not Found", "RevisionNotFound", "Invalid rev id", head);
+        return err(
+            &mut conn,
+            "404 Not Found",
+            "RevisionNotFound",
+            "Invalid rev id",
+            head,
+        );
     }
     let name = decode(&rest[2..].join("/"));
     let Some(f) = repo.files.iter().find(|f| f.name == name).cloned() else {
-        return err(&mut conn, "404 Not Found", "EntryNotFound", "Entry not found", head);
+        return err(
+            &mut conn,
+            "404 Not Found",
+            "EntryNotFound",
+            "Entry not found",
+            head,
+        );
     };
     let common = vec![("X-Repo-Commit".to_string(), repo.commit.clone())];
     if f.lfs {
@@ -274,7 +316,12 @@ fn handle(mut conn: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
         h.push(("X-Linked-Etag".into(), format!("\"{}\"", f.sha256())));
         h.push(("X-Linked-Size".into(), f.data.len().to_string()));
         h.push(("ETag".into(), format!("\"{}\"", f.etag())));
-        h.push(("Location".into(), format!("/cdn/{}", f.sha256())));
+        // Another host, like the hub's CDN (clients follow same-host redirects on HEAD).
+        let port = conn.local_addr()?.port();
+        h.push((
+            "Location".into(),
+            format!("http://localhost:{port}/cdn/{}", f.sha256()),
+        ));
         return respond(&mut conn, "302 Found", &h, b"", head, None);
     }
     let mut h = common;

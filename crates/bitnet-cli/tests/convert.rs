@@ -1,0 +1,82 @@
+//! `bitnet convert`: HF packed → each GGUF type (and GGUF → GGUF) gives identical logits and
+//! the same tokenizer ids as the source.
+
+use bitnet_inference::model::{self, Model};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../bitnet-inference/tests/fixtures")
+        .join(p)
+}
+
+fn logits_and_ids(path: &Path) -> (Vec<f32>, Vec<u32>) {
+    let m = model::load(path).unwrap();
+    let ids = m
+        .tokenizer
+        .encode("Once upon a time, the robot said: hello!", true)
+        .unwrap();
+    let model = Model::new(m.config, m.weights).unwrap();
+    let seq: Vec<u32> = ids.iter().copied().take(12).collect();
+    (
+        bitnet_inference::eval::sequence_logits(&model, &seq).unwrap(),
+        ids,
+    )
+}
+
+fn convert(input: &Path, output: &Path, to: &str, emb: &str) {
+    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["convert", input.to_str().unwrap(), output.to_str().unwrap()])
+        .args(["--to", to, "--embedding-type", emb])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn hf_packed_to_every_gguf_type_keeps_the_logits() {
+    let dir = std::env::temp_dir().join(format!("bitnet-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture("bitnet-packed");
+    let (want, want_ids) = logits_and_ids(&src);
+    for to in ["gguf-i2s", "gguf-tq2_0", "gguf-tq1_0"] {
+        let out = dir.join(format!("{to}.gguf"));
+        convert(&src, &out, to, "f32");
+        let (got, ids) = logits_and_ids(&out);
+        assert_eq!(ids, want_ids, "{to}: tokenizer");
+        assert_eq!(got, want, "{to}: logits");
+        // GGUF → GGUF of another type: still the same.
+        let again = dir.join(format!("{to}-again.gguf"));
+        convert(&out, &again, "gguf-i2s", "f32");
+        assert_eq!(logits_and_ids(&again).0, want, "{to} → I2_S");
+        assert!(!dir.join(format!(".{to}.gguf.partial")).exists());
+    }
+    // A quantized embedding changes the logits a little, not a lot.
+    let q = dir.join("q8.gguf");
+    convert(&src, &q, "gguf-i2s", "q8_0");
+    let (got, _) = logits_and_ids(&q);
+    let max = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = want.iter().map(|a| a.abs()).fold(0f32, f32::max);
+    assert!(
+        max > 0.0 && max < 0.2 * scale,
+        "q8_0 embedding: max |Δ| {max} of {scale}"
+    );
+    // Bad choices are clear errors, and no output is left behind.
+    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args([
+            "convert",
+            src.to_str().unwrap(),
+            dir.join("x.gguf").to_str().unwrap(),
+        ])
+        .args(["--to", "gguf-q4"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected gguf-i2s"));
+    assert!(!dir.join("x.gguf").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
