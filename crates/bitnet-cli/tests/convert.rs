@@ -80,3 +80,83 @@ fn hf_packed_to_every_gguf_type_keeps_the_logits() {
     assert!(!dir.join("x.gguf").exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn max_delta(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn hf_packed_output_gives_identical_logits() {
+    let dir = std::env::temp_dir().join(format!("bitnet-convert-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // HF packed → HF packed: the same tensors, the same logits and tokenizer.
+    let src = fixture("bitnet-packed");
+    let (want, want_ids) = logits_and_ids(&src);
+    let out = dir.join("packed");
+    convert(&src, &out, "hf-packed", "f16");
+    let (got, ids) = logits_and_ids(&out);
+    assert_eq!(ids, want_ids, "HF → HF: tokenizer");
+    assert_eq!(got, want, "HF → HF: logits");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "BitNetForCausalLM");
+    assert_eq!(cfg["quantization_config"]["linear_class"], "bitlinear");
+    assert!(!dir.join(".packed.partial").exists());
+
+    // HF → GGUF TQ2_0 → HF packed: the tokenizer comes back from the GGUF vocabulary.
+    let tq = dir.join("tq2.gguf");
+    convert(&src, &tq, "gguf-tq2_0", "f32");
+    let back = dir.join("from-gguf");
+    convert(&tq, &back, "hf-packed", "f16");
+    let (got, ids) = logits_and_ids(&back);
+    assert_eq!(ids, want_ids, "GGUF → HF: tokenizer");
+    assert_eq!(got, want, "GGUF → HF: logits");
+
+    // bf16 masters (ternarized at load) → HF packed: the same ternary model.
+    let masters = fixture("bitnet-online-bf16");
+    let (want, want_ids) = logits_and_ids(&masters);
+    let out = dir.join("from-masters");
+    convert(&masters, &out, "hf-packed", "f16");
+    let (got, ids) = logits_and_ids(&out);
+    assert_eq!(ids, want_ids, "masters → HF: tokenizer");
+    assert_eq!(
+        got,
+        want,
+        "masters → HF: logits (max |Δ| {})",
+        max_delta(&got, &want)
+    );
+
+    // An existing output directory is refused and left alone.
+    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["convert", src.to_str().unwrap(), out.to_str().unwrap()])
+        .args(["--to", "hf-packed"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(logits_and_ids(&out).0, got);
+
+    // A GGUF whose tokenizer has no tokenizer.json form here: a clear error, no directory.
+    let gguf = fixture("bitnet-packed-gguf/model-tq20.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["convert", gguf.to_str().unwrap()])
+        .arg(dir.join("no-tokenizer"))
+        .args(["--to", "hf-packed"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("HF output needs a tokenizer.json"), "{err}");
+    assert!(!dir.join("no-tokenizer").exists());
+    assert!(!dir.join(".no-tokenizer.partial").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -9,6 +9,9 @@
 //! - [`ModelRepo`]: a Hugging Face repository name, downloaded into the shared Hugging Face
 //!   cache when the `hub` feature is on (an error without it).
 //! - [`MemoryStats`] and [`PerformanceProfile`].
+//! - [`ModelCache`]: the engine's loaded models, least recently used evicted first when their
+//!   weights exceed [`EngineConfig::model_memory_budget`], so one process can serve several
+//!   models without reloading them.
 //!
 //! ```
 //! use bitnet_inference::engine::{GenerationConfig, InferenceEngine};
@@ -141,6 +144,11 @@ pub struct EngineConfig {
     /// Tokens per forward call (prefill chunk size; also the batch size of
     /// [`TextGenerator::generate_batch`]).
     pub batch_size: usize,
+    /// Bytes of weights (`ModelWeights::memory_bytes`) the engine's [`ModelCache`] keeps loaded
+    /// for reuse. 0 (the default) keeps only the model in use; `usize::MAX` never evicts.
+    /// The budget is soft: models in use are never evicted, so a model larger than the budget
+    /// still loads (and is dropped once another replaces it).
+    pub model_memory_budget: usize,
 }
 
 impl Default for EngineConfig {
@@ -149,6 +157,7 @@ impl Default for EngineConfig {
             threads: None,
             context_size: None,
             batch_size: 64,
+            model_memory_budget: 0,
         }
     }
 }
@@ -255,10 +264,150 @@ impl LoadedEngineModel {
     }
 }
 
+/// Loaded models keyed by their resolved (canonical) path, evicted least recently used first
+/// when their weights' bytes exceed a budget.
+///
+/// The budget is soft. A model is evicted only when no one else holds it (no generator or
+/// caller keeps its `Arc`), so models in use stay whatever their size, and a model larger
+/// than the whole budget still loads. Eviction runs once a model is loaded and its size known,
+/// so while a model loads the old ones are still in memory.
+///
+/// ```
+/// use bitnet_inference::engine::ModelCache;
+/// # fn main() -> bitnet_inference::Result<()> {
+/// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+/// let mut cache = ModelCache::new(usize::MAX);
+/// let a = cache.get_or_load(format!("{dir}/bitnet-packed").as_ref())?;
+/// let again = cache.get_or_load(format!("{dir}/bitnet-packed").as_ref())?;
+/// assert!(std::sync::Arc::ptr_eq(&a, &again)); // no reload
+/// assert_eq!(cache.len(), 1);
+/// # Ok(()) }
+/// ```
+pub struct ModelCache {
+    budget: usize,
+    /// Least recently used first.
+    entries: Vec<CacheEntry>,
+}
+
+struct CacheEntry {
+    key: PathBuf,
+    model: Arc<LoadedEngineModel>,
+    bytes: usize,
+}
+
+impl ModelCache {
+    /// An empty cache keeping at most `budget_bytes` of weights that no one holds.
+    pub fn new(budget_bytes: usize) -> Self {
+        ModelCache {
+            budget: budget_bytes,
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Changes the budget and evicts what no longer fits.
+    pub fn set_budget(&mut self, budget_bytes: usize) {
+        self.budget = budget_bytes;
+        self.trim(0);
+    }
+
+    /// The key a path is cached under: its canonical form (symlinks and `..` resolved).
+    fn key(path: &Path) -> Result<PathBuf> {
+        std::fs::canonicalize(path).map_err(|e| Error::io(path, e))
+    }
+
+    /// The model at `path`, from the cache (made most recently used) or loaded and cached.
+    pub fn get_or_load(&mut self, path: &Path) -> Result<Arc<LoadedEngineModel>> {
+        let key = Self::key(path)?;
+        if let Some(m) = self.touch(&key) {
+            return Ok(m);
+        }
+        let model = Arc::new(LoadedEngineModel::load(path)?);
+        let bytes = model.model.weights.memory_bytes();
+        self.trim(bytes);
+        self.entries.push(CacheEntry {
+            key,
+            model: model.clone(),
+            bytes,
+        });
+        Ok(model)
+    }
+
+    /// The cached model at `path` (made most recently used), without loading.
+    pub fn get(&mut self, path: &Path) -> Option<Arc<LoadedEngineModel>> {
+        let key = Self::key(path).ok()?;
+        self.touch(&key)
+    }
+
+    fn touch(&mut self, key: &Path) -> Option<Arc<LoadedEngineModel>> {
+        let i = self.entries.iter().position(|e| e.key == key)?;
+        let e = self.entries.remove(i);
+        let m = e.model.clone();
+        self.entries.push(e);
+        Some(m)
+    }
+
+    /// Whether the model at `path` is loaded.
+    pub fn contains(&self, path: &Path) -> bool {
+        Self::key(path).is_ok_and(|k| self.entries.iter().any(|e| e.key == k))
+    }
+
+    /// Cached paths, least recently used first.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.entries.iter().map(|e| e.key.clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of weights of every cached model.
+    pub fn resident_bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+
+    /// Drops the model at `path` from the cache (those holding it keep it alive); whether
+    /// it was cached.
+    pub fn remove(&mut self, path: &Path) -> bool {
+        let Ok(key) = Self::key(path) else {
+            return false;
+        };
+        let before = self.entries.len();
+        self.entries.retain(|e| e.key != key);
+        self.entries.len() != before
+    }
+
+    /// Drops every cached model.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Evicts least recently used models no one else holds until `incoming` more bytes fit.
+    pub fn trim(&mut self, incoming: usize) {
+        let mut i = 0;
+        while i < self.entries.len() && self.resident_bytes().saturating_add(incoming) > self.budget
+        {
+            if Arc::strong_count(&self.entries[i].model) == 1 {
+                self.entries.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
 /// Loads models and generates; the simplest entry point.
 pub struct InferenceEngine {
     config: EngineConfig,
     generator: Option<TextGenerator>,
+    models: ModelCache,
 }
 
 impl Default for InferenceEngine {
@@ -274,9 +423,20 @@ impl InferenceEngine {
 
     pub fn with_config(config: EngineConfig) -> Self {
         InferenceEngine {
+            models: ModelCache::new(config.model_memory_budget),
             config,
             generator: None,
         }
+    }
+
+    /// The loaded models kept for reuse (see [`EngineConfig::model_memory_budget`]).
+    pub fn model_cache(&self) -> &ModelCache {
+        &self.models
+    }
+
+    /// The model in use, if one is loaded.
+    pub fn model(&self) -> Option<Arc<LoadedEngineModel>> {
+        self.generator.as_ref().map(|g| g.shared.clone())
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -286,7 +446,8 @@ impl InferenceEngine {
     /// Loads a model from a local path, or (with the `hub` feature) a [`ModelRepo`] from the
     /// Hugging Face hub through the shared cache (see [`crate::hub`]; `HF_ENDPOINT`,
     /// `HF_HUB_CACHE`/`HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE` apply). Without the feature a
-    /// `ModelRepo` gives an error.
+    /// `ModelRepo` gives an error. A model still in the engine's [`ModelCache`] is reused, not
+    /// reloaded.
     pub fn load_model(&mut self, source: impl Into<ModelSource>) -> Result<()> {
         let path = match source.into() {
             ModelSource::Path(p) => p,
@@ -308,8 +469,10 @@ impl InferenceEngine {
                 )))
             }
         };
-        let loaded = Arc::new(LoadedEngineModel::load(&path)?);
+        let loaded = self.models.get_or_load(&path)?;
         self.generator = Some(TextGenerator::new(loaded, self.config.clone())?);
+        // The previous model is no longer held by the generator: evict it if over budget.
+        self.models.trim(0);
         Ok(())
     }
 
@@ -745,5 +908,115 @@ impl Iterator for TextStream<'_> {
             });
         }
         item
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+    }
+
+    fn engine(budget: usize) -> InferenceEngine {
+        InferenceEngine::with_config(EngineConfig {
+            threads: Some(1),
+            model_memory_budget: budget,
+            ..Default::default()
+        })
+    }
+
+    fn weight_bytes(name: &str) -> usize {
+        LoadedEngineModel::load(&fixture(name))
+            .unwrap()
+            .model
+            .weights
+            .memory_bytes()
+    }
+
+    #[test]
+    fn a_model_used_again_is_not_reloaded() {
+        let (a, b) = (fixture("bitnet-packed"), fixture("llama-bitnet"));
+        let mut e = engine(usize::MAX);
+        e.load_model(a.as_path()).unwrap();
+        let first = e.model().unwrap();
+        e.load_model(b.as_path()).unwrap();
+        // A relative spelling of the same directory is the same model.
+        let spelled = a.join("../bitnet-packed");
+        e.load_model(spelled).unwrap();
+        assert!(Arc::ptr_eq(&first, &e.model().unwrap()), "A was reloaded");
+        assert_eq!(e.model_cache().len(), 2);
+        let keys = e.model_cache().paths();
+        assert_eq!(keys.last().unwrap(), &std::fs::canonicalize(&a).unwrap());
+        assert_eq!(
+            e.model_cache().resident_bytes(),
+            weight_bytes("bitnet-packed") + weight_bytes("llama-bitnet")
+        );
+        assert!(e.generate("hi", &GenerationConfig::greedy(2)).is_ok());
+    }
+
+    #[test]
+    fn the_least_recently_used_model_is_evicted_first() {
+        let names = ["bitnet-packed", "llama-bitnet", "bitnet-online-bf16"];
+        let [a, b, c] = names.map(fixture);
+        let mut sizes = names.map(weight_bytes);
+        // Room for any two of the three, not for all three.
+        sizes.sort_unstable();
+        let mut cache = ModelCache::new(sizes[1] + sizes[2]);
+        assert!(sizes.iter().sum::<usize>() > cache.budget());
+        let ptr_a = Arc::as_ptr(&cache.get_or_load(&a).unwrap());
+        cache.get_or_load(&b).unwrap();
+        assert_eq!(Arc::as_ptr(&cache.get(&a).unwrap()), ptr_a); // A is now the most recent
+        cache.get_or_load(&c).unwrap();
+        assert!(!cache.contains(&b), "B was the least recently used");
+        assert!(cache.contains(&a) && cache.contains(&c));
+        assert_eq!(Arc::as_ptr(&cache.get(&a).unwrap()), ptr_a);
+        assert_eq!(
+            cache.resident_bytes(),
+            weight_bytes("bitnet-packed") + weight_bytes("bitnet-online-bf16")
+        );
+
+        // A budget that fits one model: each load evicts the other, unless someone holds it.
+        let one = ModelCache::new(sizes[2]);
+        let mut one = one;
+        let held = one.get_or_load(&a).unwrap();
+        one.get_or_load(&b).unwrap();
+        assert_eq!(one.len(), 2, "A is held by a caller and must stay");
+        drop(held);
+        one.get_or_load(&c).unwrap();
+        assert_eq!(one.paths(), vec![std::fs::canonicalize(&c).unwrap()]);
+
+        // The engine keeps only what fits beside the model in use.
+        let mut e = engine(sizes[2]);
+        e.load_model(a.as_path()).unwrap();
+        e.load_model(b.as_path()).unwrap();
+        assert_eq!(
+            e.model_cache().paths(),
+            vec![std::fs::canonicalize(&b).unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_model_over_the_budget_still_loads_and_is_dropped_when_replaced() {
+        let (a, b) = (fixture("bitnet-packed"), fixture("llama-bitnet"));
+        // The default budget (0) keeps only the model in use.
+        let mut e = InferenceEngine::new();
+        e.load_model(a.as_path()).unwrap();
+        assert_eq!(e.model_cache().len(), 1);
+        assert!(e.generate("hi", &GenerationConfig::greedy(2)).is_ok());
+        let old = Arc::downgrade(&e.model().unwrap());
+        e.load_model(b.as_path()).unwrap();
+        assert_eq!(e.model_cache().len(), 1);
+        assert!(
+            old.upgrade().is_none(),
+            "the replaced model is still in memory"
+        );
+        // A failed load keeps the model in use.
+        assert!(e.load_model(fixture("no-such-model")).is_err());
+        assert!(e.model_cache().contains(&b));
+        assert!(e.generate("hi", &GenerationConfig::greedy(2)).is_ok());
     }
 }

@@ -34,6 +34,11 @@ pub struct Args {
     /// Tokens per forward call in prompt processing.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     batch_size: usize,
+    /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
+    /// the file stores it, or `int8` against a copy quantized at load (faster decode, see
+    /// docs/PERFORMANCE.md).
+    #[arg(long = "lm-head", value_parser = ["int8", "f16"], default_value = "f16")]
+    lm_head: String,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Md)]
     output: Format,
@@ -122,7 +127,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = load(&a.model)?;
+    let mut m = load(&a.model)?;
+    m.model.set_lm_head_quant(match a.lm_head.as_str() {
+        "int8" => bitnet_inference::model::forward::LmHeadQuant::Int8,
+        _ => bitnet_inference::model::forward::LmHeadQuant::None,
+    });
     let model = &m.model;
     let threads = rayon::current_num_threads();
     let model_size = model.weights.memory_bytes();

@@ -1,20 +1,26 @@
-//! `bitnet convert IN OUT --to gguf-i2s|gguf-tq2_0|gguf-tq1_0`: rewrite a model (any format
-//! the loaders read: HF packed, bf16 masters, 1bitLLM, GGUF; or a hub id) as a GGUF file.
-//! The tokenizer goes with it: the `tokenizer.ggml.*` keys of a GGUF input, or, for a
-//! `tokenizer.json` input, a byte-level BPE expressed as GGUF `gpt2` tokens, types and merges.
+//! `bitnet convert IN OUT --to gguf-i2s|gguf-tq2_0|gguf-tq1_0|hf-packed`: rewrite a model (any
+//! format the loaders read: HF packed, bf16 masters, 1bitLLM, GGUF; or a hub id) as a GGUF file
+//! or a Hugging Face packed directory.
+//! The tokenizer goes with it. GGUF output: the `tokenizer.ggml.*` keys of a GGUF input, or, for
+//! a `tokenizer.json` input, a byte-level BPE expressed as GGUF `gpt2` tokens, types and merges.
+//! HF output: the input directory's tokenizer and generation files copied, or, for a GGUF
+//! input, a `tokenizer.json` written from a `gpt2` (byte-level BPE) vocabulary with the `gpt2`
+//! or `llama-bpe` pre-tokenizer; other GGUF tokenizers are an error.
 
 use bitnet_inference::formats::ggml::GgmlType;
 use bitnet_inference::formats::gguf::{GgufFile, GgufValue};
 use bitnet_inference::model::save_gguf::{write_gguf, GgufExport};
+use bitnet_inference::model::save_hf::write_hf_dir;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The model to convert: GGUF file, model directory or Hugging Face hub id.
     input: PathBuf,
-    /// The file to write.
+    /// The file (GGUF) or directory (hf-packed) to write; it must not exist for hf-packed.
     output: PathBuf,
-    /// Output format: gguf-i2s (bitnet.cpp), gguf-tq2_0, gguf-tq1_0 (llama.cpp).
+    /// Output format: gguf-i2s (bitnet.cpp), gguf-tq2_0, gguf-tq1_0 (llama.cpp), hf-packed
+    /// (a transformers directory, like microsoft/bitnet-b1.58-2B-4T).
     #[arg(long)]
     to: String,
     /// Type of the token embedding (and an untied lm_head's dense fallback): f16, q8_0, f32.
@@ -30,10 +36,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "gguf-i2s" => GgmlType::I2_S,
         "gguf-tq2_0" => GgmlType::TQ2_0,
         "gguf-tq1_0" => GgmlType::TQ1_0,
-        "hf-packed" => anyhow::bail!(
-            "--to hf-packed is not implemented yet; available: gguf-i2s, gguf-tq2_0, gguf-tq1_0"
-        ),
-        t => anyhow::bail!("--to {t}: expected gguf-i2s, gguf-tq2_0 or gguf-tq1_0"),
+        "hf-packed" => return run_hf(&a),
+        t => anyhow::bail!("--to {t}: expected gguf-i2s, gguf-tq2_0, gguf-tq1_0 or hf-packed"),
     };
     let embedding_type = match a.embedding_type.to_ascii_lowercase().as_str() {
         "f16" => GgmlType::F16,
@@ -86,6 +90,201 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `--to hf-packed`: a transformers directory (config.json, model.safetensors, tokenizer).
+fn run_hf(a: &Args) -> anyhow::Result<()> {
+    if a.arch.is_some() {
+        anyhow::bail!("--arch applies to GGUF output only");
+    }
+    if !a.embedding_type.eq_ignore_ascii_case("f16") {
+        eprintln!("note: --embedding-type is ignored for hf-packed (the embedding keeps its type)");
+    }
+    let input = super::resolve_model(&a.input)?;
+    let m = bitnet_inference::model::load(&input)?;
+    let files = if input.is_dir() {
+        let mut files = Vec::new();
+        for name in HF_TOKENIZER_FILES {
+            let p = input.join(name);
+            if p.is_file() {
+                let bytes =
+                    std::fs::read(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                files.push((name.to_string(), bytes));
+            }
+        }
+        files
+    } else {
+        gguf_tokenizer_files(&input, &m.generation)?
+    };
+    if !files.iter().any(|(n, _)| n == "tokenizer.json") {
+        anyhow::bail!(
+            "{}: HF output needs a tokenizer.json and the input has none",
+            input.display()
+        );
+    }
+    write_hf_dir(&m.config, &m.weights, &m.generation, &files, &a.output)?;
+    eprintln!(
+        "wrote {} (HF packed, {}, {} parameters)",
+        a.output.display(),
+        if m.config.has_sub_norms {
+            "BitNetForCausalLM"
+        } else {
+            "LlamaForCausalLM"
+        },
+        m.weights.parameter_count()
+    );
+    Ok(())
+}
+
+/// Files of a model directory that go with an HF conversion.
+const HF_TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "README.md",
+];
+
+/// `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` for a GGUF input
+/// whose tokenizer is a byte-level BPE (`tokenizer.ggml.model = gpt2`).
+fn gguf_tokenizer_files(
+    path: &Path,
+    generation: &bitnet_inference::model::GenerationDefaults,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    use serde_json::{json, Value};
+    let f = GgufFile::open(path)?;
+    let get = |k: &str| f.metadata.iter().find(|(key, _)| *key == k).map(|(_, v)| v);
+    let str_of = |v: Option<&GgufValue>| match v {
+        Some(GgufValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let no = |why: String| {
+        anyhow::anyhow!(
+            "{}: HF output needs a tokenizer.json; {why}. Convert from the model's Hugging Face \
+             directory instead",
+            path.display()
+        )
+    };
+    let model = str_of(get("tokenizer.ggml.model")).unwrap_or_default();
+    if model != "gpt2" {
+        return Err(no(format!(
+            "only byte-level BPE (`gpt2`) GGUF tokenizers can be written as one, this one is \
+             `{model}`"
+        )));
+    }
+    let pre = str_of(get("tokenizer.ggml.pre")).unwrap_or_default();
+    let pre_tokenizer = match pre.as_str() {
+        "gpt2" => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                         "use_regex": true}),
+        "llama-bpe" | "llama3" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated",
+             "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": false}]}),
+        other => {
+            return Err(no(format!(
+                "the pre-tokenizer `{other}` has no tokenizer.json form known here (gpt2 and \
+                 llama-bpe do)"
+            )))
+        }
+    };
+    let strings = |key: &str| -> anyhow::Result<Vec<String>> {
+        match get(key) {
+            Some(GgufValue::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    GgufValue::String(s) => Ok(s.clone()),
+                    _ => Err(no(format!("{key} holds a non-string"))),
+                })
+                .collect(),
+            _ => Err(no(format!("{key} is missing"))),
+        }
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<i64> = match get("tokenizer.ggml.token_type") {
+        Some(GgufValue::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                GgufValue::I32(t) => *t as i64,
+                _ => 1,
+            })
+            .collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        match types.get(id).copied().unwrap_or(1) {
+            ty @ (3 | 4) => added.push(json!({"id": id, "content": tok, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": ty == 4, "special": ty == 3})),
+            _ => {
+                vocab.insert(tok.clone(), json!(id));
+            }
+        }
+    }
+    let id_of = |key: &str| match get(key) {
+        Some(GgufValue::U32(v)) => Some(*v as usize),
+        _ => None,
+    };
+    let bos = id_of("tokenizer.ggml.bos_token_id").filter(|&b| b < tokens.len());
+    let eos = id_of("tokenizer.ggml.eos_token_id").filter(|&e| e < tokens.len());
+    let add_bos = match get("tokenizer.ggml.add_bos_token") {
+        Some(GgufValue::Bool(b)) => *b,
+        _ => matches!(pre.as_str(), "llama-bpe" | "llama3" | "llama-v3"),
+    };
+    let post = match (add_bos, bos) {
+        (true, Some(b)) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": tokens[b], "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": tokens[b], "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": tokens[b], "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {tokens[b].clone(): {"id": tokens[b], "ids": [b],
+                                                   "tokens": [tokens[b]]}}}),
+        _ => Value::Null,
+    };
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": pre_tokenizer, "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                    "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": pre != "gpt2", "vocab": vocab, "merges": merges},
+    });
+    let mut cfg = json!({"add_bos_token": add_bos, "add_eos_token": false,
+                         "tokenizer_class": "PreTrainedTokenizerFast"});
+    if let Some(b) = bos {
+        cfg["bos_token"] = json!(tokens[b]);
+    }
+    if let Some(e) = eos {
+        cfg["eos_token"] = json!(tokens[e]);
+    }
+    let mut gen = json!({});
+    if let Some(b) = generation.bos_token_id {
+        gen["bos_token_id"] = json!(b);
+    }
+    match generation.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => gen["eos_token_id"] = json!(one),
+        many => gen["eos_token_id"] = json!(many),
+    }
+    let bytes = |v: &Value| serde_json::to_vec_pretty(v).map_err(anyhow::Error::from);
+    Ok(vec![
+        ("tokenizer.json".into(), bytes(&tokenizer)?),
+        ("tokenizer_config.json".into(), bytes(&cfg)?),
+        ("generation_config.json".into(), bytes(&gen)?),
+    ])
+}
+
+/// The Llama-3 pre-tokenizer split (tokenizer.json spelling).
+const LLAMA3_REGEX: &str =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| \
+     ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
 fn s(v: &str) -> GgufValue {
     GgufValue::String(v.into())

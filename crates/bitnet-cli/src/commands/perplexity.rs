@@ -19,10 +19,19 @@ pub struct Args {
     /// Tokens per forward call.
     #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
     batch_size: usize,
+    /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
+    /// the file stores it, or `int8` against a copy quantized at load (faster decode, see
+    /// docs/PERFORMANCE.md).
+    #[arg(long = "lm-head", value_parser = ["int8", "f16"], default_value = "f16")]
+    lm_head: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = load(&a.model)?;
+    let mut m = load(&a.model)?;
+    m.model.set_lm_head_quant(match a.lm_head.as_str() {
+        "int8" => bitnet_inference::model::forward::LmHeadQuant::Int8,
+        _ => bitnet_inference::model::forward::LmHeadQuant::None,
+    });
     let text = std::fs::read_to_string(&a.file)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
     let tokens = m.tokenizer.encode(&text, true)?;

@@ -15,6 +15,7 @@ pub mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod avxvnni;
 mod dense;
+pub mod int8;
 mod matmul;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;

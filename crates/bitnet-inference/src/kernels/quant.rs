@@ -218,8 +218,8 @@ mod x86 {
 
     /// Both SIMD paths, where this CPU has them (for tests).
     #[cfg(test)]
-    pub(super) fn paths() -> Vec<(&'static str, fn(&[f32], &mut [i8]) -> (f32, i32))> {
-        let mut v: Vec<(&'static str, fn(&[f32], &mut [i8]) -> (f32, i32))> = Vec::new();
+    pub(super) fn paths() -> Vec<(&'static str, super::QuantizeFn)> {
+        let mut v: Vec<(&'static str, super::QuantizeFn)> = Vec::new();
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
             // SAFETY: features detected just above.
             v.push(("avx512", |x, q| unsafe { quantize_512(x, q) }));
@@ -231,6 +231,10 @@ mod x86 {
         v
     }
 }
+
+/// A quantization path, for tests.
+#[cfg(test)]
+type QuantizeFn = fn(&[f32], &mut [i8]) -> (f32, i32);
 
 #[cfg(test)]
 mod tests {
@@ -249,9 +253,9 @@ mod tests {
         (scale, sum)
     }
 
-    fn paths() -> Vec<(&'static str, fn(&[f32], &mut [i8]) -> (f32, i32))> {
+    fn paths() -> Vec<(&'static str, super::QuantizeFn)> {
         #[allow(unused_mut)]
-        let mut v: Vec<(&'static str, fn(&[f32], &mut [i8]) -> (f32, i32))> = vec![
+        let mut v: Vec<(&'static str, super::QuantizeFn)> = vec![
             ("scalar", quantize_row_scalar),
             ("dispatched", quantize_row),
         ];

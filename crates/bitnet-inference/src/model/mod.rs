@@ -7,6 +7,7 @@ pub mod forward;
 pub mod load_gguf;
 pub mod load_hf;
 pub mod save_gguf;
+pub mod save_hf;
 pub mod weights;
 
 pub use config::{Activation, GenerationDefaults, ModelConfig};

@@ -1,0 +1,292 @@
+//! An int8 copy of a float matrix (one f32 scale per row), for the lm_head: half the bytes
+//! of f16, so decode reads half as much memory per token. Rows are quantized like
+//! activations (`s = 127 / max|w|`, round half to even), so `w ≈ q / s`.
+//!
+//! Two products: against int8 per-token activations (`(Σ q_w·q_a) / (s_w·s_a)`, integer
+//! dot products with AVX-512 VNNI) and against f32 activations (`(Σ q_w·x) / s_w`, int8
+//! widened to f32 and fused multiply-adds). Both have scalar fallbacks.
+
+use super::{DenseMatrix, QuantizedActivations, BLOCK_WEIGHTS};
+use rayon::prelude::*;
+
+/// `[rows, cols]` int8, rows zero-padded to whole blocks of 128 (the activation layout).
+#[derive(Debug, Clone)]
+pub struct Int8Matrix {
+    rows: usize,
+    cols: usize,
+    padded_cols: usize,
+    values: Vec<i8>,
+    /// Per row: `s = 127 / max|w|`; the row is `q / s`.
+    scales: Vec<f32>,
+    /// Per row: `Σ q`, for the unsigned-times-signed VNNI product.
+    sums: Vec<i32>,
+}
+
+impl Int8Matrix {
+    /// Quantizes every row of `m` (in parallel).
+    pub fn from_dense(m: &DenseMatrix) -> Self {
+        let (rows, cols) = (m.rows(), m.cols());
+        let padded_cols = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
+        let mut values = vec![0i8; rows * padded_cols];
+        let mut scales = vec![0.0f32; rows];
+        let mut sums = vec![0i32; rows];
+        values
+            .par_chunks_mut(padded_cols)
+            .zip(scales.par_iter_mut().zip(sums.par_iter_mut()))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f32; cols],
+                |row, (r, (q, (s, sum)))| {
+                    m.row_to_f32(r, row);
+                    (*s, *sum) = super::quant::quantize_row(row, &mut q[..cols]);
+                },
+            );
+        Self {
+            rows,
+            cols,
+            padded_cols,
+            values,
+            scales,
+            sums,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn memory_bytes(&self) -> usize {
+        self.values.len() + self.rows * 8
+    }
+    fn row(&self, r: usize) -> &[i8] {
+        &self.values[r * self.padded_cols..(r + 1) * self.padded_cols]
+    }
+    /// Row `r` as the floats it stands for, `q / s`.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let s = self.scales[r];
+        for (o, &q) in out.iter_mut().zip(&self.row(r)[..self.cols]) {
+            *o = q as f32 / s;
+        }
+    }
+}
+
+/// Splits `rows` output rows over the spinning pool; `f(r)` computes every token of row `r`.
+fn par_rows(rows: usize, f: &(dyn Fn(usize) + Sync)) {
+    let chunk = 256;
+    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
+        for r in c * chunk..((c + 1) * chunk).min(rows) {
+            f(r);
+        }
+    });
+}
+
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the tasks sharing one `Out` write disjoint elements (distinct rows), and the
+// buffer outlives them (the pool returns when all are done).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+impl Out {
+    /// Writes element `i`; callers pass indices inside the buffer that no other task writes.
+    unsafe fn put(self, i: usize, v: f32) {
+        // SAFETY: see above.
+        unsafe { *self.0.add(i) = v }
+    }
+}
+
+/// `out[t][r] = (Σ_k q_w[r][k]·q_a[t][k]) / (s_w[r]·s_a[t])`; `out` is `[n_tok, rows]`.
+pub fn int8_matmul_int8(w: &Int8Matrix, acts: &QuantizedActivations, out: &mut [f32]) {
+    let (rows, n_tok) = (w.rows, acts.n_rows());
+    assert_eq!(acts.padded_cols(), w.padded_cols, "int8 matmul width");
+    assert_eq!(out.len(), rows * n_tok, "int8 matmul output size");
+    let o = Out(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    let vnni = is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni");
+    par_rows(rows, &|r| {
+        let wr = w.row(r);
+        for t in 0..n_tok {
+            let a = acts.row(t);
+            #[cfg(target_arch = "x86_64")]
+            let d = if vnni {
+                // SAFETY: features detected above; both rows have `padded_cols` elements,
+                // a multiple of 64.
+                unsafe { x86::dot_i8_vnni(wr, a, w.sums[r]) }
+            } else {
+                dot_i8_scalar(wr, a)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let d = dot_i8_scalar(wr, a);
+            // SAFETY: (t, r) is inside `out` (checked) and row r is this task's alone.
+            unsafe { o.put(t * rows + r, d as f32 / (w.scales[r] * acts.scale(t))) };
+        }
+    });
+}
+
+/// `out[t][r] = (Σ_k q_w[r][k]·x[t][k]) / s_w[r]`; `x` is `[n_tok, cols]`, `out`
+/// `[n_tok, rows]`.
+pub fn int8_matmul_f32(w: &Int8Matrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
+    let (rows, cols) = (w.rows, w.cols);
+    assert_eq!(x.len(), n_tok * cols, "int8 matmul input size");
+    assert_eq!(out.len(), rows * n_tok, "int8 matmul output size");
+    let o = Out(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = is_x86_feature_detected!("avx512f");
+    par_rows(rows, &|r| {
+        let wr = &w.row(r)[..cols];
+        for t in 0..n_tok {
+            let xt = &x[t * cols..(t + 1) * cols];
+            #[cfg(target_arch = "x86_64")]
+            let d = if avx512 {
+                // SAFETY: feature detected above; equal lengths.
+                unsafe { x86::dot_i8_f32_512(wr, xt) }
+            } else {
+                dot_i8_f32_scalar(wr, xt)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let d = dot_i8_f32_scalar(wr, xt);
+            // SAFETY: (t, r) is inside `out` (checked) and row r is this task's alone.
+            unsafe { o.put(t * rows + r, d / w.scales[r]) };
+        }
+    });
+}
+
+fn dot_i8_scalar(w: &[i8], a: &[i8]) -> i32 {
+    w.iter().zip(a).map(|(&x, &y)| x as i32 * y as i32).sum()
+}
+
+fn dot_i8_f32_scalar(w: &[i8], x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = w.len() / 8;
+    for c in 0..chunks {
+        for i in 0..8 {
+            acc[i] += w[c * 8 + i] as f32 * x[c * 8 + i];
+        }
+    }
+    let mut tail = 0.0;
+    for k in chunks * 8..w.len() {
+        tail += w[k] as f32 * x[k];
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `Σ w·a` of two int8 rows whose length is a multiple of 64: `vpdpbusd` multiplies
+    /// unsigned by signed bytes, so the activations are shifted to `a + 128` (xor of the
+    /// sign bit) and `128·Σw` is subtracted. Exact: `|Σ| ≤ 255·128·len` fits int32 for any
+    /// row shorter than 65 000 columns.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn dot_i8_vnni(w: &[i8], a: &[i8], w_sum: i32) -> i32 {
+        let n = w.len().min(a.len());
+        debug_assert_eq!(n % 64, 0);
+        let flip = _mm512_set1_epi8(-128);
+        let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let (pw, pa) = (w.as_ptr(), a.as_ptr());
+        let mut i = 0;
+        // SAFETY: every load is of bytes below `n` of both slices.
+        unsafe {
+            while i + 128 <= n {
+                let a0 = _mm512_xor_si512(_mm512_loadu_si512(pa.add(i).cast()), flip);
+                let a1 = _mm512_xor_si512(_mm512_loadu_si512(pa.add(i + 64).cast()), flip);
+                s0 = _mm512_dpbusd_epi32(s0, a0, _mm512_loadu_si512(pw.add(i).cast()));
+                s1 = _mm512_dpbusd_epi32(s1, a1, _mm512_loadu_si512(pw.add(i + 64).cast()));
+                i += 128;
+            }
+            if i + 64 <= n {
+                let a0 = _mm512_xor_si512(_mm512_loadu_si512(pa.add(i).cast()), flip);
+                s0 = _mm512_dpbusd_epi32(s0, a0, _mm512_loadu_si512(pw.add(i).cast()));
+            }
+        }
+        _mm512_reduce_add_epi32(_mm512_add_epi32(s0, s1)) - 128 * w_sum
+    }
+
+    /// `Σ w·x`: int8 widened to f32, fused multiply-adds into two accumulators.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_i8_f32_512(w: &[i8], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (pw, px) = (w.as_ptr(), x.as_ptr());
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        // SAFETY: every load is of elements below `n` of both slices.
+        unsafe {
+            while i + 32 <= n {
+                let w0 =
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(pw.add(i).cast())));
+                let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    pw.add(i + 16).cast(),
+                )));
+                s0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(px.add(i)), s0);
+                s1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(px.add(i + 16)), s1);
+                i += 32;
+            }
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        for k in i..n {
+            s += w[k] as f32 * x[k];
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::DenseData;
+
+    #[test]
+    fn products_match_the_definition() {
+        let (rows, cols, n_tok) = (37usize, 300usize, 3usize);
+        let mut s = 0x51u64;
+        let mut rnd = move || {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let wf: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.1).collect();
+        let dense = DenseMatrix::new(rows, cols, DenseData::F32(wf.clone())).unwrap();
+        let m = Int8Matrix::from_dense(&dense);
+        let x: Vec<f32> = (0..n_tok * cols).map(|_| rnd()).collect();
+        // Dequantized rows are within half a step of the floats.
+        let mut row = vec![0.0; cols];
+        for r in 0..rows {
+            m.row_to_f32(r, &mut row);
+            let max = wf[r * cols..(r + 1) * cols]
+                .iter()
+                .fold(0f32, |a, v| a.max(v.abs()));
+            for (a, b) in row.iter().zip(&wf[r * cols..(r + 1) * cols]) {
+                assert!((a - b).abs() <= max / 127.0 * 0.5 + 1e-7);
+            }
+        }
+        let mut acts = QuantizedActivations::default();
+        acts.quantize(&x, n_tok, cols);
+        let mut got_i = vec![0.0; rows * n_tok];
+        int8_matmul_int8(&m, &acts, &mut got_i);
+        let mut got_f = vec![0.0; rows * n_tok];
+        int8_matmul_f32(&m, &x, n_tok, &mut got_f);
+        for t in 0..n_tok {
+            let a = acts.row(t);
+            for r in 0..rows {
+                let wr = m.row(r);
+                let exact: i64 = (0..cols).map(|k| wr[k] as i64 * a[k] as i64).sum();
+                let want_i = exact as f32 / (m.scales[r] * acts.scale(t));
+                assert_eq!(got_i[t * rows + r], want_i, "int8 ({t},{r})");
+                let want_f: f64 = (0..cols)
+                    .map(|k| wr[k] as f64 * x[t * cols + k] as f64)
+                    .sum::<f64>()
+                    / m.scales[r] as f64;
+                let g = got_f[t * rows + r] as f64;
+                assert!(
+                    (g - want_f).abs() <= 1e-5 * want_f.abs().max(1.0),
+                    "f32 ({t},{r})"
+                );
+            }
+        }
+    }
+}
