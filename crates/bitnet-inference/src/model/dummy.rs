@@ -88,7 +88,8 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<ModelWeights> {
 }
 
 /// A byte-level BPE vocabulary of `vocab_size` tokens for GGUF metadata: the 256 byte
-/// tokens (GPT-2's printable mapping), no merges, and control tokens filling the rest.
+/// tokens (GPT-2's printable mapping), one merge (two spaces; llama.cpp rejects an empty
+/// merge list), and control tokens filling the rest.
 /// Enough for llama.cpp and this engine to load and run the model on any text.
 pub fn byte_vocab_metadata(vocab_size: usize) -> Vec<(String, GgufValue)> {
     assert!(
@@ -101,7 +102,9 @@ pub fn byte_vocab_metadata(vocab_size: usize) -> Vec<(String, GgufValue)> {
         tokens.push(GgufValue::String(gpt2_byte_char(b).to_string()));
         types.push(GgufValue::I32(1));
     }
-    for i in 256..vocab_size {
+    tokens.push(GgufValue::String("ĠĠ".into()));
+    types.push(GgufValue::I32(1));
+    for i in 257..vocab_size {
         tokens.push(GgufValue::String(format!("<|reserved_{i}|>")));
         types.push(GgufValue::I32(3));
     }
@@ -113,11 +116,14 @@ pub fn byte_vocab_metadata(vocab_size: usize) -> Vec<(String, GgufValue)> {
         ),
         (
             "tokenizer.ggml.pre".into(),
-            GgufValue::String("gpt2".into()),
+            GgufValue::String("default".into()),
         ),
         ("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens)),
         ("tokenizer.ggml.token_type".into(), GgufValue::Array(types)),
-        ("tokenizer.ggml.merges".into(), GgufValue::Array(vec![])),
+        (
+            "tokenizer.ggml.merges".into(),
+            GgufValue::Array(vec![GgufValue::String("Ġ Ġ".into())]),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(bos)),
         ("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(eos)),
         ("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(true)),

@@ -719,6 +719,36 @@ mod tests {
     }
 
     #[test]
+    fn int8_lm_head_is_close_and_can_be_turned_off() {
+        let mut model = random_model();
+        let tokens = [3u32, 17, 42, 0];
+        let run = |model: &Model| {
+            let mut s = model.new_state(1, 32, 8).unwrap();
+            model.forward(&entries(&tokens, 0, 0), &mut s).unwrap();
+            (0..tokens.len())
+                .map(|i| s.logits(i).to_vec())
+                .collect::<Vec<_>>()
+        };
+        let exact = run(&model);
+        model.set_lm_head_quant(LmHeadQuant::Int8);
+        assert_eq!(model.lm_head_quant(), LmHeadQuant::Int8);
+        assert_eq!(model.lm_head_int8_bytes(), 50 * 128 + 50 * 8);
+        let quant = run(&model);
+        let mut differs = false;
+        for (e, q) in exact.iter().zip(&quant) {
+            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in e.iter().zip(q) {
+                // int8 weights and activations: about 1% of the largest logit at most.
+                assert!((a - b).abs() <= 0.02 * scale, "{a} vs {b}");
+                differs |= a != b;
+            }
+        }
+        assert!(differs, "the int8 lm_head was not used");
+        model.set_lm_head_quant(LmHeadQuant::None);
+        assert_eq!(run(&model), exact);
+    }
+
+    #[test]
     fn bad_entries_are_errors() {
         let model = random_model();
         let mut s = model.new_state(1, 8, 4).unwrap();
