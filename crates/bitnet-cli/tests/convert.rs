@@ -66,6 +66,30 @@ fn hf_packed_to_every_gguf_type_keeps_the_logits() {
         max > 0.0 && max < 0.2 * scale,
         "q8_0 embedding: max |Δ| {max} of {scale}"
     );
+    // Q6_K too (TQ2_0 this time), with the tokenizer's pre-tokenizer under llama.cpp's name.
+    let q6 = dir.join("q6.gguf");
+    convert(&src, &q6, "gguf-tq2_0", "q6_k");
+    let f = bitnet_inference::formats::gguf::GgufFile::open(&q6).unwrap();
+    assert_eq!(
+        f.tensor("token_embd.weight").unwrap().ggml_type,
+        bitnet_inference::formats::ggml::GgmlType::Q6_K
+    );
+    let pre = f
+        .metadata
+        .iter()
+        .find(|(k, _)| k.as_str() == "tokenizer.ggml.pre")
+        .map(|(_, v)| v.clone());
+    assert!(
+        matches!(&pre, Some(bitnet_inference::formats::gguf::GgufValue::String(p)) if p == "gpt-2"),
+        "{pre:?}"
+    );
+    let (got, ids) = logits_and_ids(&q6);
+    assert_eq!(ids, want_ids, "q6_k: tokenizer");
+    let max = max_delta(&got, &want);
+    assert!(
+        max > 0.0 && max < 0.2 * scale,
+        "q6_k embedding: max |Δ| {max} of {scale}"
+    );
     // Bad choices are clear errors, and no output is left behind.
     let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
         .args([
@@ -77,6 +101,17 @@ fn hf_packed_to_every_gguf_type_keeps_the_logits() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("expected gguf-i2s"));
+    assert!(!dir.join("x.gguf").exists());
+    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args([
+            "convert",
+            src.to_str().unwrap(),
+            dir.join("x.gguf").to_str().unwrap(),
+        ])
+        .args(["--to", "gguf-tq2_0", "--embedding-type", "q4_k"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected f16, q8_0, q6_k or f32"));
     assert!(!dir.join("x.gguf").exists());
     std::fs::remove_dir_all(&dir).ok();
 }

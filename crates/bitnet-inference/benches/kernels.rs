@@ -84,6 +84,16 @@ shape!(gemv_2560x2560, gemm64_2560x2560, 2560, 2560);
 shape!(gemv_6912x2560, gemm64_6912x2560, 6912, 2560);
 shape!(gemv_2560x6912, gemm64_2560x6912, 2560, 6912);
 
+/// A whole 512-token prompt (pp512): activations no longer fit the L2 cache.
+#[divan::bench(args = kernel_names(), sample_count = 3, max_time = 3)]
+fn gemm512_6912x2560(b: Bencher, kernel: &str) {
+    run(b, kernel, 6912, 2560, 512);
+}
+#[divan::bench(args = kernel_names(), sample_count = 3, max_time = 3)]
+fn gemm512_2560x6912(b: Bencher, kernel: &str) {
+    run(b, kernel, 2560, 6912, 512);
+}
+
 /// The threading alone: rayon against the persistent spinning pool (what `ternary_matmul`
 /// uses), with the best kernel, on decode-sized and prefill-sized products.
 #[divan::bench(args = ["rayon", "spin"], sample_count = 50, max_time = 2)]
@@ -130,7 +140,7 @@ fn dense_gemv_8192x2560(b: Bencher, ty: &str) {
             DenseData::BF16(vals.iter().map(|&v| half::bf16::from_f32(v)).collect()),
             2,
         ),
-        _ => (DenseData::F32(vals), 4),
+        _ => (DenseData::F32(vals.into()), 4),
     };
     let m = DenseMatrix::new(rows, cols, data).unwrap();
     let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 / 13.0).collect();

@@ -59,7 +59,8 @@ fn main() {
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 7919 % 255) as f32 - 127.0) / 127.0)
         .collect();
-    let m = Int8Matrix::from_dense(&DenseMatrix::new(rows, cols, DenseData::F32(w)).unwrap());
+    let m =
+        Int8Matrix::from_dense(&DenseMatrix::new(rows, cols, DenseData::F32(w.into())).unwrap());
     let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
     let mut acts = QuantizedActivations::default();
     acts.quantize(&x, 1, cols);

@@ -23,7 +23,9 @@ pub struct Args {
     /// (a transformers directory, like microsoft/bitnet-b1.58-2B-4T).
     #[arg(long)]
     to: String,
-    /// Type of the token embedding (and an untied lm_head's dense fallback): f16, q8_0, f32.
+    /// Type of the token embedding (also the output layer when tied): f16, q8_0, q6_k, f32.
+    /// q6_k needs a hidden size that is a multiple of 256 (otherwise an error); an untied
+    /// dense lm_head is written as f16.
     #[arg(long, default_value = "f16")]
     embedding_type: String,
     /// GGUF architecture string (default: bitnet-25 for I2_S, bitnet for TQ types).
@@ -43,7 +45,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "f16" => GgmlType::F16,
         "f32" => GgmlType::F32,
         "q8_0" => GgmlType::Q8_0,
-        t => anyhow::bail!("--embedding-type {t}: expected f16, q8_0 or f32"),
+        "q6_k" => GgmlType::Q6_K,
+        t => anyhow::bail!("--embedding-type {t}: expected f16, q8_0, q6_k or f32"),
     };
     let input = super::resolve_model(&a.input)?;
     let m = bitnet_inference::model::load(&input)?;
@@ -174,8 +177,8 @@ fn gguf_tokenizer_files(
     }
     let pre = str_of(get("tokenizer.ggml.pre")).unwrap_or_default();
     let pre_tokenizer = match pre.as_str() {
-        "gpt2" => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-                         "use_regex": true}),
+        "gpt2" | "gpt-2" => json!({"type": "ByteLevel", "add_prefix_space": false,
+                                   "trim_offsets": true, "use_regex": true}),
         "llama-bpe" | "llama3" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated",
              "invert": false},
@@ -183,7 +186,7 @@ fn gguf_tokenizer_files(
              "use_regex": false}]}),
         other => {
             return Err(no(format!(
-                "the pre-tokenizer `{other}` has no tokenizer.json form known here (gpt2 and \
+                "the pre-tokenizer `{other}` has no tokenizer.json form known here (gpt-2 and \
                  llama-bpe do)"
             )))
         }
@@ -254,7 +257,8 @@ fn gguf_tokenizer_files(
         "model": {"type": "BPE", "dropout": null, "unk_token": null,
                   "continuing_subword_prefix": null, "end_of_word_suffix": null,
                   "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": pre != "gpt2", "vocab": vocab, "merges": merges},
+                  "ignore_merges": !matches!(pre.as_str(), "gpt2" | "gpt-2"),
+                  "vocab": vocab, "merges": merges},
     });
     let mut cfg = json!({"add_bos_token": add_bos, "add_eos_token": false,
                          "tokenizer_class": "PreTrainedTokenizerFast"});
@@ -428,7 +432,9 @@ fn tokenizer_metadata(
 /// The GGUF pre-tokenizer name for a tokenizer.json `pre_tokenizer`.
 fn pre_name(p: &serde_json::Value) -> Option<&'static str> {
     match p["type"].as_str()? {
-        "ByteLevel" if p["use_regex"].as_bool() != Some(false) => Some("gpt2"),
+        // llama.cpp's name for the GPT-2 split ("gpt2" is only the model type; llama.cpp
+        // refuses it as a pre-tokenizer).
+        "ByteLevel" if p["use_regex"].as_bool() != Some(false) => Some("gpt-2"),
         "Sequence" => {
             let items = p["pretokenizers"].as_array()?;
             let regex = items

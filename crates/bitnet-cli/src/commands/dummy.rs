@@ -18,7 +18,8 @@ pub struct Args {
     /// Ternary weight type: tq2_0, tq1_0 (llama.cpp) or i2_s (bitnet.cpp).
     #[arg(long = "type", default_value = "tq2_0")]
     ternary_type: String,
-    /// Token embedding / tied lm_head type: f16, f32 or q8_0.
+    /// Token embedding / tied lm_head type: f16, f32, q8_0 or q6_k (hidden size a multiple
+    /// of 256).
     #[arg(long, default_value = "f16")]
     embedding_type: String,
     /// GGUF architecture (default: `bitnet` for TQ types, which llama.cpp loads; `bitnet-25`
@@ -54,6 +55,7 @@ fn ggml_type(name: &str) -> anyhow::Result<GgmlType> {
         "f16" => GgmlType::F16,
         "f32" => GgmlType::F32,
         "q8_0" => GgmlType::Q8_0,
+        "q6_k" => GgmlType::Q6_K,
         other => anyhow::bail!("unknown tensor type {other:?}"),
     })
 }

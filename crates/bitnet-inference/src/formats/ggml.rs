@@ -10,7 +10,7 @@
 //! | Q4_0 | 2 | 32 | 18 | f16 d, 16 bytes: low nibbles = elements 0..16, high = 16..32; `(q-8)·d` |
 //! | Q4_1 | 3 | 32 | 20 | f16 d, f16 m, 16 bytes as Q4_0; `q·d + m` |
 //! | Q8_0 | 8 | 32 | 34 | f16 d, 32 × i8; `q·d` |
-//! | Q6_K | 14 | 256 | 210 | ql[128], qh[64], i8 scales[16], f16 d |
+//! | Q6_K | 14 | 256 | 210 | ql[128], qh[64], i8 scales[16], f16 d; `d·scale[e/16]·(q-32)` |
 //! | BF16 | 30 | 1 | 2 | |
 //! | TQ1_0 | 34 | 256 | 54 | qs[48] (5 trits a byte, fixed point), qh[4] (4 trits), f16 d |
 //! | TQ2_0 | 35 | 256 | 66 | qs[64] (4 codes a byte, bits 1-0 first), f16 d |
@@ -481,6 +481,157 @@ pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Quantizes floats (a whole number of 256-element super-blocks) to Q6_K blocks that ggml,
+/// llama.cpp and the `gguf` Python package decode as `d · scale[j] · (q - 32)`.
+///
+/// Per 16-weight sub-block `j`, a real scale is searched: the largest-magnitude weight is
+/// mapped to each of 13 levels between 26 and 32 (on either side of zero, since the codes
+/// reach -32 but only +31), the other weights rounded to that grid, and the scale refitted by
+/// least squares to those codes; the candidate with the least squared error wins. The 16 scales
+/// then become int8 against one f16 `d ≈ max|scale| / 127` (that value rounded to f16, or
+/// one of its two f16 neighbours, whichever errs least over the block); each sub-block takes
+/// the int8 scale among `round(scale / d)` and its two neighbours that, with its weights
+/// requantized, errs least. Non-finite inputs and super-blocks too large for an f16 `d`
+/// (max |x| beyond about 2.6e8) are errors.
+pub fn quantize_q6_k(x: &[f32]) -> Result<Vec<u8>> {
+    if !x.len().is_multiple_of(QK_K) {
+        return Err(Error::Invalid(format!(
+            "Q6_K needs a multiple of {QK_K} elements, got {}",
+            x.len()
+        )));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "Q6_K: value {} at {i} is not finite",
+            x[i]
+        )));
+    }
+    let mut out = Vec::with_capacity(x.len() / QK_K * 210);
+    for (b, block) in x.chunks_exact(QK_K).enumerate() {
+        let mut real = [0f32; 16];
+        for (s, sub) in real.iter_mut().zip(block.chunks_exact(16)) {
+            *s = q6_sub_scale(sub);
+        }
+        let smax = real.iter().fold(0f32, |m, s| m.max(s.abs()));
+        let nearest = f16::from_f32(smax / 127.0);
+        if !nearest.is_finite() {
+            return Err(Error::Invalid(format!(
+                "Q6_K: block {b} (max |x| {}) is too large for an f16 scale",
+                block.iter().fold(0f32, |m, v| m.max(v.abs()))
+            )));
+        }
+        // d and its two f16 neighbours: where d is subnormal (max |x| below ~0.25) its
+        // rounding is coarse, and another d with other int8 scales may fit better.
+        let mut candidates = vec![nearest];
+        if smax > 0.0 {
+            let bits = nearest.to_bits();
+            if bits > 0 {
+                candidates.push(f16::from_bits(bits - 1));
+            }
+            if f16::from_bits(bits + 1).is_finite() {
+                candidates.push(f16::from_bits(bits + 1));
+            }
+        }
+        let mut best = (f32::INFINITY, f16::ZERO, [0i8; 16]);
+        for d in candidates {
+            let d32 = d.to_f32();
+            let mut scales = [0i8; 16];
+            let mut total = 0f32;
+            for (j, sub) in block.chunks_exact(16).enumerate() {
+                let mut sub_best = (q6_requant(sub, 0.0, None), 0i8);
+                if d32 != 0.0 {
+                    let c = (real[j] / d32).round();
+                    for sc in [c, c - 1.0, c + 1.0] {
+                        let sc = sc.clamp(-128.0, 127.0) as i8;
+                        let err = q6_requant(sub, d32 * sc as f32, None);
+                        if err < sub_best.0 {
+                            sub_best = (err, sc);
+                        }
+                    }
+                }
+                scales[j] = sub_best.1;
+                total += sub_best.0;
+            }
+            if total < best.0 {
+                best = (total, d, scales);
+            }
+        }
+        let (_, d, scales) = best;
+        let mut codes = [0u8; QK_K];
+        for (j, sub) in block.chunks_exact(16).enumerate() {
+            let e = d.to_f32() * scales[j] as f32;
+            q6_requant(sub, e, Some(&mut codes[j * 16..j * 16 + 16]));
+        }
+        // Bit layout (the decoder's inverse): element `128h + 32k + l` keeps its low nibble in
+        // ql[64h + l + 32(k & 1)] (high nibble when k >= 2) and its top 2 bits in
+        // qh[32h + l] at bits 2k..2k+2.
+        let mut ql = [0u8; 128];
+        let mut qh = [0u8; 64];
+        for (e, &q) in codes.iter().enumerate() {
+            let (h, k, l) = (e / 128, (e % 128) / 32, e % 32);
+            ql[64 * h + l + 32 * (k & 1)] |= (q & 0x0F) << if k >= 2 { 4 } else { 0 };
+            qh[32 * h + l] |= (q >> 4) << (2 * k);
+        }
+        out.extend_from_slice(&ql);
+        out.extend_from_slice(&qh);
+        out.extend(scales.iter().map(|&s| s as u8));
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// The real scale `s` of one 16-weight sub-block (weights ≈ `s·q`, `q` in [-32, 31]) with
+/// the least squared error among the candidates [`quantize_q6_k`] describes; 0 for zeros.
+fn q6_sub_scale(x: &[f32]) -> f32 {
+    let mut vmax = 0f32;
+    for &v in x {
+        if v.abs() > vmax.abs() {
+            vmax = v;
+        }
+    }
+    if vmax == 0.0 {
+        return 0.0;
+    }
+    // The error of refitted codes is Σx² − (Σxq)²/Σq²: maximize (Σxq)²/Σq².
+    let mut best = (f32::NEG_INFINITY, 0f32);
+    for step in 0..13 {
+        let level = 32.0 - 0.5 * step as f32;
+        // -vmax/level maps the largest weight to -level (the codes' longer side) first.
+        for s in [-vmax / level, vmax / level] {
+            let inv = 1.0 / s;
+            let (mut sxq, mut sqq) = (0f32, 0f32);
+            for &v in x {
+                let q = (v * inv).round().clamp(-32.0, 31.0);
+                sxq += v * q;
+                sqq += q * q;
+            }
+            // A later candidate must beat the best by more than rounding noise, so ties
+            // (constant or exactly representable weights) keep the full range.
+            let score = sxq * sxq / sqq;
+            if sqq > 0.0 && score > best.0 * (1.0 + 1e-6) {
+                best = (score, sxq / sqq);
+            }
+        }
+    }
+    best.1
+}
+
+/// Quantizes a sub-block with the scale `e` (codes `q + 32`, written to `codes` if given)
+/// and returns the squared error.
+fn q6_requant(x: &[f32], e: f32, mut codes: Option<&mut [u8]>) -> f32 {
+    let inv = if e != 0.0 { 1.0 / e } else { 0.0 };
+    let mut err = 0f32;
+    for (i, &v) in x.iter().enumerate() {
+        let q = (v * inv).round().clamp(-32.0, 31.0);
+        let r = v - e * q;
+        err += r * r;
+        if let Some(c) = codes.as_deref_mut() {
+            c[i] = (q as i32 + 32) as u8;
+        }
+    }
+    err
+}
+
 /// Packs trits into I2_S with one tensor scale: `n/4` code bytes, the f32 scale, then
 /// zero padding to `n/4 + 32` bytes. `n` must be a multiple of 128 (the layout cannot
 /// hold a partial block in `n/4` bytes).
@@ -711,6 +862,146 @@ mod tests {
         t[96] = -1;
         let b = pack_i2s(&t, 1.0).unwrap();
         assert_eq!(b[0], 0b10_01_01_00);
+    }
+
+    /// Deterministic standard normal samples (xorshift64 and Box-Muller).
+    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut uniform = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        (0..n)
+            .map(|_| {
+                let (u, v) = (uniform(), uniform());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect()
+    }
+
+    fn q6_k_round_trip(x: &[f32]) -> Vec<f32> {
+        let b = quantize_q6_k(x).unwrap();
+        assert_eq!(b.len(), x.len() / 256 * 210);
+        let mut y = vec![0f32; x.len()];
+        dequantize_row(GgmlType::Q6_K, &b, &mut y).unwrap();
+        y
+    }
+
+    fn rms(x: impl Iterator<Item = f32>) -> f32 {
+        let (mut s, mut n) = (0f64, 0usize);
+        for v in x {
+            s += (v as f64) * (v as f64);
+            n += 1;
+        }
+        (s / n as f64).sqrt() as f32
+    }
+
+    #[test]
+    fn q6_k_zeros_and_constants_give_exact_codes() {
+        // Zeros: every code 32 (q = 0): low nibbles 0, high bits 2 in every 2-bit field.
+        let b = quantize_q6_k(&[0.0; 512]).unwrap();
+        for blk in b.chunks_exact(210) {
+            assert!(blk[..128].iter().all(|&v| v == 0));
+            assert!(blk[128..192].iter().all(|&v| v == 0xAA));
+            assert!(blk[192..210].iter().all(|&v| v == 0));
+        }
+        // A constant c: every weight at q = -32 (code 0), every scale -127 for c > 0 (+127
+        // for c < 0), d = f16(|c| / (32·127)).
+        for c in [1.0f32, -0.37, 1000.0] {
+            let b = quantize_q6_k(&[c; 256]).unwrap();
+            assert!(b[..192].iter().all(|&v| v == 0), "{c}");
+            let sc = if c > 0.0 { -127i8 } else { 127 };
+            assert!(b[192..208].iter().all(|&v| v as i8 == sc), "{c}");
+            let d = f16::from_le_bytes([b[208], b[209]]).to_bits() as i32;
+            let want = f16::from_f32(c.abs() / (32.0 * 127.0)).to_bits() as i32;
+            assert!((d - want).abs() <= 1, "{c}: d bits {d:#x} vs {want:#x}");
+            let y = q6_k_round_trip(&[c; 256]);
+            assert!(y.iter().all(|&v| v == y[0]));
+            assert!((y[0] - c).abs() <= 5e-4 * c.abs(), "{c}: {}", y[0]);
+        }
+        // Small constants make d subnormal in f16 (steps of 2^-24, 12% of d at c = 2e-3):
+        // d's neighbours and the int8 scales' still get within 1%.
+        for c in [0.01f32, -2e-3, 3e-4] {
+            let y = q6_k_round_trip(&[c; 256]);
+            assert!(y.iter().all(|&v| v == y[0]));
+            assert!((y[0] - c).abs() <= 1e-2 * c.abs(), "{c}: {}", y[0]);
+        }
+    }
+
+    #[test]
+    fn q6_k_one_hot() {
+        // One weight of 1 at element 200 (half 1, quarter 2, l 8 → ql[64+8] high nibble,
+        // qh[32+8] bits 4-5; sub-block 12): q = -32 (code 0) with scale -127; every other
+        // sub-block has scale 0 and every other weight code 32.
+        let mut x = vec![0f32; 256];
+        x[200] = 1.0;
+        let b = quantize_q6_k(&x).unwrap();
+        let sc: Vec<i8> = b[192..208].iter().map(|&v| v as i8).collect();
+        for (j, &s) in sc.iter().enumerate() {
+            assert_eq!(s, if j == 12 { -127 } else { 0 }, "scale {j}");
+        }
+        assert_eq!(b[64 + 8], 0x00);
+        assert_eq!(b[128 + 32 + 8], 0b10_00_10_10);
+        assert!(b[..128].iter().all(|&v| v == 0));
+        for (i, &v) in b[128..192].iter().enumerate() {
+            if i != 32 + 8 {
+                assert_eq!(v, 0xAA, "qh[{i}]");
+            }
+        }
+        let y = q6_k_round_trip(&x);
+        assert!((y[200] - 1.0).abs() < 1e-3, "{}", y[200]);
+        assert!(y.iter().enumerate().all(|(i, &v)| i == 200 || v == 0.0));
+    }
+
+    #[test]
+    fn q6_k_round_trip_error() {
+        // Gaussian rows: a 6-bit grid over ±max of 16 weights (~±2σ) errs by ~1.8% of σ at
+        // best (step/√12); require < 2% of the row RMS, and no worse than the plain
+        // scheme (scale = max|x|/32 per sub-block, kept in f32).
+        for (seed, scale) in [(1u64, 1.0f32), (2, 0.02), (3, 300.0), (4, 1e-3)] {
+            let x: Vec<f32> = gaussian(8 * 256, seed).iter().map(|v| v * scale).collect();
+            let y = q6_k_round_trip(&x);
+            let err = rms(x.iter().zip(&y).map(|(a, b)| a - b)) / rms(x.iter().copied());
+            let plain: Vec<f32> = x
+                .chunks_exact(16)
+                .flat_map(|sub| {
+                    let s = sub.iter().fold(0f32, |m, v| m.max(v.abs())) / 32.0;
+                    sub.iter()
+                        .map(move |v| (v / s).round().clamp(-32.0, 31.0) * s)
+                })
+                .collect();
+            let plain_err = rms(x.iter().zip(&plain).map(|(a, b)| a - b)) / rms(x.iter().copied());
+            assert!(err < 0.02, "seed {seed}: relative RMS error {err}");
+            assert!(err < plain_err, "seed {seed}: {err} vs plain {plain_err}");
+        }
+        // A row whose sub-blocks differ by orders of magnitude keeps the small ones.
+        let mut x = gaussian(256, 9);
+        for (j, sub) in x.chunks_exact_mut(16).enumerate() {
+            let m = 10f32.powi(j as i32 % 4 - 2);
+            sub.iter_mut().for_each(|v| *v *= m);
+        }
+        let y = q6_k_round_trip(&x);
+        for (j, (a, b)) in x.chunks_exact(16).zip(y.chunks_exact(16)).enumerate() {
+            let err = rms(a.iter().zip(b).map(|(p, q)| p - q)) / rms(a.iter().copied());
+            let bound = if j % 4 == 0 { 0.5 } else { 0.06 };
+            assert!(err < bound, "sub-block {j}: {err}");
+        }
+    }
+
+    #[test]
+    fn q6_k_rejects_bad_rows() {
+        let err = quantize_q6_k(&[0.0; 300]).unwrap_err();
+        assert!(err.to_string().contains("multiple of 256"), "{err}");
+        let mut x = vec![0.0f32; 256];
+        x[7] = f32::NAN;
+        assert!(quantize_q6_k(&x).unwrap_err().to_string().contains("at 7"));
+        x[7] = 1e12;
+        assert!(quantize_q6_k(&x)
+            .unwrap_err()
+            .to_string()
+            .contains("too large"));
     }
 
     #[test]

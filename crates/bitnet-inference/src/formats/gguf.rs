@@ -3,7 +3,9 @@
 //! - [`GgufFile::open`] maps the file, parses header, metadata (every value type, nested
 //!   arrays included) and tensor infos, and checks that every tensor's bytes lie inside
 //!   the file, using the type's size from [`super::ggml`].
-//! - [`GgufFile::tensor_data`] gives a tensor's bytes, straight from the map.
+//! - [`GgufFile::tensor_data`] gives a tensor's bytes, straight from the map;
+//!   [`GgufFile::mapped`] a typed view of them that shares the map (zero-copy weights), and
+//!   [`GgufFile::release`] lets the kernel drop their pages once a loader has repacked them.
 //! - Typed metadata getters (`get_u64`, `get_f32`, `get_str`, ...) name the key on error.
 //! - [`GgufWriter`] writes files (metadata + raw tensor bytes + type id), for tests and
 //!   converters, including microsoft's I2_S (type 36).
@@ -14,6 +16,7 @@
 //! section. Strings are a u64 length then UTF-8 bytes.
 
 use super::ggml::GgmlType;
+use super::mmap::{MapElem, MappedSlice, SharedMap};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -183,7 +186,7 @@ pub struct GgufFile {
     pub alignment: u64,
     /// Byte offset of the data section in the file.
     pub data_offset: u64,
-    map: memmap2::Mmap,
+    map: SharedMap,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -307,10 +310,13 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only and private to this struct; we rely on the file
-        // not being truncated or rewritten by another process while it is open, the same
-        // assumption every mmap-based model loader (llama.cpp, safetensors) makes.
+        // SAFETY: the map is read-only and shared only with views made by `mapped` (weights
+        // read in place, which keep it alive as long as the model); we rely on the file not
+        // being truncated or rewritten in place while it is mapped, the same assumption
+        // every mmap-based model loader (llama.cpp, safetensors) makes. (Replacing it by a
+        // rename, as downloads and converters do, is fine: the map keeps the old inode.)
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let map = SharedMap::new(map);
         let mut c = Cursor {
             buf: &map,
             pos: 0,
@@ -403,6 +409,7 @@ impl GgufFile {
                 offset,
             });
         }
+        let header_end = c.pos;
         let data_offset = (c.pos as u64).next_multiple_of(alignment);
         let data_len = (map.len() as u64).saturating_sub(data_offset);
 
@@ -492,6 +499,8 @@ impl GgufFile {
                 n_bytes,
             });
         }
+        // Everything in the header now lives in `metadata` and `tensors`.
+        super::mmap::release(&map, 0..header_end);
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,
@@ -523,6 +532,32 @@ impl GgufFile {
                 )
             })? as usize;
         Ok(&self.map[start..start + info.n_bytes as usize])
+    }
+
+    /// The tensor's bytes as `len` values of `T`, viewed in the map (which the view keeps
+    /// alive); `None` if its size differs or the data is not aligned for `T` (then copy).
+    pub fn mapped<T: MapElem>(&self, info: &GgufTensorInfo) -> Option<MappedSlice<T>> {
+        let bytes = self.tensor_data(info).ok()?;
+        if bytes.len() % std::mem::size_of::<T>() != 0 {
+            return None;
+        }
+        let offset = (self.data_offset + info.offset) as usize;
+        MappedSlice::new(
+            self.map.clone(),
+            offset,
+            bytes.len() / std::mem::size_of::<T>(),
+        )
+    }
+
+    /// Tells the kernel the tensor's mapped pages are no longer needed (loaders call it once
+    /// the tensor is repacked or copied into owned memory), so they leave the resident set.
+    /// Only whole pages inside the tensor's bytes are released, never a neighbour's; reading
+    /// the tensor again later still gives the same bytes (they fault back from the file).
+    pub fn release(&self, info: &GgufTensorInfo) {
+        if let Ok(bytes) = self.tensor_data(info) {
+            let start = bytes.as_ptr() as usize - self.map.as_ptr() as usize;
+            super::mmap::release(&self.map, start..start + bytes.len());
+        }
     }
 
     pub fn tensor(&self, name: &str) -> Option<&GgufTensorInfo> {
@@ -832,5 +867,48 @@ mod tests {
         let u = f.tensor("u").unwrap();
         assert_eq!(u.offset, 32);
         assert_eq!(f.tensor_data(u).unwrap(), &9.0f32.to_le_bytes());
+    }
+
+    #[test]
+    fn release_keeps_tensor_data() {
+        let page = crate::formats::mmap::page_size();
+        let mut w = GgufWriter::new();
+        // F16 tensors of several pages and of less than one, next to each other (sizes in
+        // bytes).
+        let sizes = [3 * page + 40, 100, 2 * page, 6];
+        for (i, &n) in sizes.iter().enumerate() {
+            let bytes = (0..n).map(|k| (k * 31 + i * 7) as u8).collect();
+            w.add_tensor_raw(format!("t{i}"), &[n as u64 / 2], GgmlType::F16.id(), bytes);
+        }
+        let p = tmp("release.gguf");
+        w.write(&p).unwrap();
+        let f = GgufFile::open(&p).unwrap();
+        let before: Vec<Vec<u8>> = f
+            .tensors
+            .iter()
+            .map(|t| f.tensor_data(t).unwrap().to_vec())
+            .collect();
+        for t in &f.tensors {
+            let live = f.tensor_data(t).unwrap();
+            f.release(t);
+            assert_eq!(live, f.tensor_data(t).unwrap());
+        }
+        for (t, b) in f.tensors.iter().zip(&before) {
+            assert_eq!(f.tensor_data(t).unwrap(), &b[..], "{}", t.name);
+            f.release(t);
+            assert_eq!(f.tensor_data(t).unwrap(), &b[..], "{}", t.name);
+        }
+        // A mapped view outlives the file and reads the same values after a release.
+        assert!(
+            f.mapped::<f32>(&f.tensors[3]).is_none(),
+            "6 bytes are no f32s"
+        );
+        let t2 = f.tensor("t2").unwrap().clone();
+        let v = f.mapped::<half::f16>(&t2).unwrap();
+        drop(f);
+        let bytes = |v: &[half::f16]| bytemuck::cast_slice::<_, u8>(v).to_vec();
+        assert_eq!(bytes(v.as_slice()), before[2]);
+        v.release(0..v.as_slice().len());
+        assert_eq!(bytes(v.as_slice()), before[2]);
     }
 }

@@ -2,5 +2,6 @@
 
 pub mod ggml;
 pub mod gguf;
+pub mod mmap;
 pub mod npy;
 pub mod safetensors;

@@ -10,8 +10,12 @@
 //! - [`SafetensorsModel::open_dir`]: a model directory's weights, `model.safetensors` or the
 //!   shards named by `model.safetensors.index.json`; [`SafetensorsModel::tensor`] /
 //!   [`SafetensorsModel::require`] look a tensor up by name across shards.
-//! - [`TensorRef`]: dtype, shape, raw bytes, and f32 / f16 / bf16 decoding.
+//! - [`TensorRef`]: dtype, shape, raw bytes, and f32 / f16 / bf16 decoding;
+//!   [`TensorRef::mapped`] a typed view that shares the map (zero-copy weights, where the
+//!   data happens to be aligned), and [`TensorRef::release`] lets the kernel drop the
+//!   tensor's pages once a loader has repacked it.
 
+use super::mmap::{MapElem, MappedSlice, SharedMap};
 use crate::{Error, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -29,7 +33,7 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// One memory-mapped `.safetensors` file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: SharedMap,
     /// Byte offset of the data section (8 + header length).
     data_start: usize,
     metadata: Metadata,
@@ -47,11 +51,12 @@ impl std::fmt::Debug for SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only and private to this process. Another process truncating
-        // or rewriting the file while it is mapped would be undefined behaviour; model files
-        // are not expected to change under a running engine, the same assumption every
-        // mmap-based loader (safetensors, llama.cpp) makes.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and private to this process (weights viewed in it with
+        // `TensorRef::mapped` keep it alive as long as the model). Another process truncating
+        // or rewriting the file in place while it is mapped would be undefined behaviour;
+        // model files are not expected to change under a running engine, the same assumption
+        // every mmap-based loader (safetensors, llama.cpp) makes.
+        let mmap = SharedMap::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
         let (header_len, metadata) =
             safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
                 Error::format(
@@ -61,6 +66,8 @@ impl SafetensorsFile {
             })?;
         // read_metadata checked 8 + header_len + data == file length.
         let data_start = header_len + 8;
+        // The header now lives in `metadata`.
+        super::mmap::release(&mmap, 0..data_start);
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
@@ -88,15 +95,16 @@ impl SafetensorsFile {
         let (s, e) = info.data_offsets;
         // Offsets were validated against the file length by read_metadata; `get` keeps this
         // panic-free regardless.
-        let data = self
-            .mmap
-            .get(self.data_start.checked_add(s)?..self.data_start.checked_add(e)?)?;
+        let start = self.data_start.checked_add(s)?;
+        let data = self.mmap.get(start..self.data_start.checked_add(e)?)?;
         Some(TensorRef {
             name,
             file: &self.path,
             dtype: info.dtype,
             shape: &info.shape,
             data,
+            map: &self.mmap,
+            start,
         })
     }
 }
@@ -112,6 +120,9 @@ pub struct TensorRef<'a> {
     pub shape: &'a [usize],
     /// Raw little-endian bytes, `numel * dtype size` long.
     pub data: &'a [u8],
+    /// The map `data` lies in, and where.
+    map: &'a SharedMap,
+    start: usize,
 }
 
 impl<'a> TensorRef<'a> {
@@ -227,6 +238,25 @@ impl<'a> TensorRef<'a> {
     pub fn to_f16_vec(&self) -> Result<Vec<f16>> {
         self.expect_dtype(&[Dtype::F16])?;
         Ok(u16_le(self.data).map(f16::from_bits).collect())
+    }
+
+    /// The tensor as `numel` values of `T` viewed in the map (which the view keeps alive), or
+    /// `None` if the dtype's width differs from `T`'s or the data is not aligned for `T`
+    /// (safetensors offsets need not be): then copy. The caller checks the dtype.
+    pub fn mapped<T: MapElem>(&self) -> Option<MappedSlice<T>> {
+        let width = self.dtype.bitsize() / 8;
+        if width != std::mem::size_of::<T>() || self.data.len() != self.numel() * width {
+            return None;
+        }
+        MappedSlice::new(self.map.clone(), self.start, self.numel())
+    }
+
+    /// Tells the kernel the tensor's mapped pages are no longer needed (loaders call it once
+    /// the tensor is repacked or copied into owned memory). Only whole pages inside the
+    /// tensor's bytes are released, never a neighbour's; reading the tensor again later
+    /// still gives the same bytes (they fault back from the file).
+    pub fn release(&self) {
+        super::mmap::release(self.map, self.start..self.start + self.data.len());
     }
 
     /// The row length of a 2-D tensor.
@@ -489,7 +519,43 @@ mod tests {
             assert_eq!(m.require("a").unwrap().data, &[9]);
             let err = m.require("a").unwrap().to_f32_vec().unwrap_err();
             assert!(err.to_string().contains("not a float type"), "{err}");
+            // A zero-copy view exactly when the data is aligned for the type.
+            let aligned = (dd.data.as_ptr() as usize).is_multiple_of(2);
+            let view = dd.mapped::<f16>();
+            assert_eq!(view.is_some(), aligned, "pad {pad}");
+            if let Some(v) = view {
+                assert_eq!(v.as_slice(), &dd.to_f16_vec().unwrap()[..]);
+            }
+            assert!(dd.mapped::<f32>().is_none());
         }
+    }
+
+    #[test]
+    fn release_keeps_tensor_data() {
+        let d = tmpdir("release");
+        let page = crate::formats::mmap::page_size();
+        let big: Vec<u8> = (0..3 * page + 10).map(|i| (i * 13 % 256) as u8).collect();
+        let small: Vec<u8> = (0..100).map(|i| i as u8).collect();
+        write(
+            &d.join("model.safetensors"),
+            &[
+                ("a", "U8", vec![big.len()], big.clone()),
+                ("b", "U8", vec![small.len()], small.clone()),
+                ("c", "U8", vec![big.len()], big.clone()),
+            ],
+            3,
+        );
+        let m = SafetensorsModel::open_dir(&d).unwrap();
+        for name in ["a", "b", "c", "a"] {
+            let t = m.require(name).unwrap();
+            let before = t.data.to_vec();
+            t.release();
+            assert_eq!(t.data, &before[..], "{name}");
+            assert_eq!(m.require(name).unwrap().data, &before[..], "{name}");
+        }
+        assert_eq!(m.require("a").unwrap().data, &big[..]);
+        assert_eq!(m.require("b").unwrap().data, &small[..]);
+        assert_eq!(m.require("c").unwrap().data, &big[..]);
     }
 
     #[test]

@@ -1,22 +1,63 @@
 //! Float matrices: embeddings, the lm_head, and the linears of non-ternary models.
-//! Stored in the precision of the file (f16/bf16 stay 2 bytes a weight); every product
-//! is computed in f32.
+//! Stored in the precision of the file (f16/bf16 stay 2 bytes a weight), either owned or
+//! viewed straight from the memory-mapped file ([`Buffer`]); every product is computed in
+//! f32.
 
+pub use crate::formats::mmap::Buffer;
 use half::{bf16, f16};
 
+/// The values of a [`DenseMatrix`]: `DenseData::F16(vec.into())` for owned values,
+/// `DenseData::F16(mapped_slice.into())` for a view into a file map.
 #[derive(Debug, Clone)]
 pub enum DenseData {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
+    F32(Buffer<f32>),
+    F16(Buffer<f16>),
+    BF16(Buffer<bf16>),
 }
 
 impl DenseData {
+    /// The element type: `f32`, `f16` or `bf16` (owned or mapped alike).
     pub fn type_name(&self) -> &'static str {
         match self {
             DenseData::F32(_) => "f32",
             DenseData::F16(_) => "f16",
             DenseData::BF16(_) => "bf16",
+        }
+    }
+
+    /// Whether the values are read from the file map rather than owned.
+    pub fn is_mapped(&self) -> bool {
+        match self {
+            DenseData::F32(v) => v.is_mapped(),
+            DenseData::F16(v) => v.is_mapped(),
+            DenseData::BF16(v) => v.is_mapped(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            DenseData::F32(v) => v.len(),
+            DenseData::F16(v) => v.len(),
+            DenseData::BF16(v) => v.len(),
+        }
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            DenseData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    pub fn as_f16(&self) -> Option<&[f16]> {
+        match self {
+            DenseData::F16(v) => Some(v),
+            _ => None,
+        }
+    }
+    pub fn as_bf16(&self) -> Option<&[bf16]> {
+        match self {
+            DenseData::BF16(v) => Some(v),
+            _ => None,
         }
     }
 }
@@ -32,11 +73,7 @@ pub struct DenseMatrix {
 impl DenseMatrix {
     /// `data` must hold exactly `rows * cols` values.
     pub fn new(rows: usize, cols: usize, data: DenseData) -> crate::Result<Self> {
-        let len = match &data {
-            DenseData::F32(v) => v.len(),
-            DenseData::F16(v) => v.len(),
-            DenseData::BF16(v) => v.len(),
-        };
+        let len = data.len();
         if len != rows * cols {
             return Err(crate::Error::Invalid(format!(
                 "dense matrix [{rows}, {cols}] given {len} values"
@@ -54,12 +91,25 @@ impl DenseMatrix {
     pub fn data(&self) -> &DenseData {
         &self.data
     }
+    /// Bytes of the values, owned or mapped (mapped pages count in the resident set only
+    /// once read).
     pub fn memory_bytes(&self) -> usize {
         let width = match self.data {
             DenseData::F32(_) => 4,
             DenseData::F16(_) | DenseData::BF16(_) => 2,
         };
         self.rows * self.cols * width
+    }
+
+    /// Tells the kernel the mapped pages of rows `rows` are not needed for now (they fault
+    /// back in from the file when read again); nothing for owned values.
+    pub fn release_rows(&self, rows: std::ops::Range<usize>) {
+        let elems = rows.start * self.cols..rows.end.min(self.rows) * self.cols;
+        match &self.data {
+            DenseData::F32(v) => v.release(elems),
+            DenseData::F16(v) => v.release(elems),
+            DenseData::BF16(v) => v.release(elems),
+        }
     }
 
     /// Copies row `r` into `out` as f32 (the embedding lookup).

@@ -25,22 +25,48 @@ pub struct Int8Matrix {
 impl Int8Matrix {
     /// Quantizes every row of `m` (in parallel).
     pub fn from_dense(m: &DenseMatrix) -> Self {
+        Self::quantize(m, false)
+    }
+
+    /// [`Self::from_dense`], releasing `m`'s mapped pages (if it is a view into a file map)
+    /// block by block as they are read: the resident set grows by the int8 copy and one
+    /// block, not by all of `m`. For a matrix the int8 copy replaces; later reads of `m`
+    /// still work (its pages fault back in from the file).
+    pub fn from_dense_releasing(m: &DenseMatrix) -> Self {
+        Self::quantize(m, true)
+    }
+
+    fn quantize(m: &DenseMatrix, release: bool) -> Self {
+        // Rows per block between releases (about 8 MiB of f16 at 2560 columns).
+        const BLOCK_ROWS: usize = 1024;
         let (rows, cols) = (m.rows(), m.cols());
         let padded_cols = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
         let mut values = vec![0i8; rows * padded_cols];
         let mut scales = vec![0.0f32; rows];
         let mut sums = vec![0i32; rows];
-        values
-            .par_chunks_mut(padded_cols)
-            .zip(scales.par_iter_mut().zip(sums.par_iter_mut()))
+        let block = if release { BLOCK_ROWS } else { rows.max(1) };
+        for (b, ((values, scales), sums)) in values
+            .chunks_mut(block * padded_cols)
+            .zip(scales.chunks_mut(block))
+            .zip(sums.chunks_mut(block))
             .enumerate()
-            .for_each_init(
-                || vec![0.0f32; cols],
-                |row, (r, (q, (s, sum)))| {
-                    m.row_to_f32(r, row);
-                    (*s, *sum) = super::quant::quantize_row(row, &mut q[..cols]);
-                },
-            );
+        {
+            let first = b * block;
+            values
+                .par_chunks_mut(padded_cols)
+                .zip(scales.par_iter_mut().zip(sums.par_iter_mut()))
+                .enumerate()
+                .for_each_init(
+                    || vec![0.0f32; cols],
+                    |row, (r, (q, (s, sum)))| {
+                        m.row_to_f32(first + r, row);
+                        (*s, *sum) = super::quant::quantize_row(row, &mut q[..cols]);
+                    },
+                );
+            if release {
+                m.release_rows(first..first + scales.len());
+            }
+        }
         Self {
             rows,
             cols,
@@ -250,7 +276,7 @@ mod tests {
             (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
         };
         let wf: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.1).collect();
-        let dense = DenseMatrix::new(rows, cols, DenseData::F32(wf.clone())).unwrap();
+        let dense = DenseMatrix::new(rows, cols, DenseData::F32(wf.clone().into())).unwrap();
         let m = Int8Matrix::from_dense(&dense);
         let x: Vec<f32> = (0..n_tok * cols).map(|_| rnd()).collect();
         // Dequantized rows are within half a step of the floats.
@@ -288,5 +314,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn releasing_blocks_gives_the_same_matrix() {
+        // More rows than one release block, and a partial last block.
+        let (rows, cols) = (2 * 1024 + 77, 40);
+        let wf: Vec<half::f16> = (0..rows * cols)
+            .map(|i| half::f16::from_f32(((i * 7919) % 2001) as f32 / 1000.0 - 1.0))
+            .collect();
+        let dense = DenseMatrix::new(rows, cols, DenseData::F16(wf.into())).unwrap();
+        let a = Int8Matrix::from_dense(&dense);
+        let b = Int8Matrix::from_dense_releasing(&dense);
+        assert_eq!(a.values, b.values);
+        assert_eq!(a.scales, b.scales);
+        assert_eq!(a.sums, b.sums);
     }
 }

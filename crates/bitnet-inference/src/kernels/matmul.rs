@@ -107,7 +107,7 @@ pub fn dense_matmul(w: &DenseMatrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
     assert_eq!(out.len(), n_tok * rows, "dense_matmul output size");
     let chunk = chunk_rows(rows);
     let out_ptr = SharedOut(out.as_mut_ptr());
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
         for r in c * chunk..((c + 1) * chunk).min(rows) {
             for t in 0..n_tok {
                 let v = w.dot_row(r, &x[t * cols..(t + 1) * cols]);

@@ -114,6 +114,37 @@ impl SpinPool {
     }
 }
 
+/// A slice's base pointer handed to pool tasks that each take a disjoint chunk.
+struct ChunksOut<T>(*mut T);
+// SAFETY: every task gets a distinct chunk index, so the `&mut` sub-slices made from the
+// pointer never overlap, and `for_each_chunk_mut` holds the `&mut [T]` borrow (so nothing else
+// touches the slice) until all tasks are done; `T: Send` lets a chunk move to another thread.
+unsafe impl<T: Send> Sync for ChunksOut<T> {}
+
+impl SpinPool {
+    /// `f(i, chunk_i)` for every `chunk`-sized piece of `data` (the last may be shorter), in
+    /// parallel: the pool's counterpart of rayon's `par_chunks_mut().enumerate()`.
+    pub fn for_each_chunk_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk: usize,
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        assert!(chunk > 0, "chunk size");
+        let len = data.len();
+        let base = ChunksOut(data.as_mut_ptr());
+        let base = &base;
+        self.run(len.div_ceil(chunk), &|i| {
+            let start = i * chunk;
+            let n = chunk.min(len - start);
+            // SAFETY: `start + n <= len`, and chunk `i` is handed to exactly one task (see
+            // `ChunksOut`), so this is the only reference to these elements.
+            let piece = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), n) };
+            f(i, piece);
+        });
+    }
+}
+
 fn run_job(job: &Job) {
     loop {
         let i = job.next.fetch_add(1, Ordering::Relaxed);

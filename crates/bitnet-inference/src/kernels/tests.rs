@@ -98,6 +98,23 @@ fn random_inputs_match_scalar() {
     }
 }
 
+/// Prompts longer than one cache-sized token chunk of the GEMM (28 tokens at 8704 padded
+/// columns), with a partial last chunk and a partial last tile.
+#[test]
+fn long_prompts_span_several_token_chunks() {
+    let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+    for (cols, n) in [(8640usize, 61usize), (2560, 203)] {
+        let w = matrix(7, cols, |_, _| rng.trit());
+        let a = acts(n, cols, |_, _| rng.i8());
+        check_all(
+            &w,
+            0..7,
+            &a,
+            &format!("long prompt, cols {cols}, {n} tokens"),
+        );
+    }
+}
+
 #[test]
 fn edge_inputs_match_scalar() {
     let weight_kinds: [(&str, i8); 3] = [("all +1", 1), ("all -1", -1), ("all 0", 0)];
@@ -230,7 +247,7 @@ fn dense_matmul_matches_scalar_within_rounding() {
         let vals: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
         let x: Vec<f32> = (0..n * cols).map(|_| rng.f32() * 4.0).collect();
         let datas = [
-            DenseData::F32(vals.clone()),
+            DenseData::F32(vals.clone().into()),
             DenseData::F16(vals.iter().map(|&v| half::f16::from_f32(v)).collect()),
             DenseData::BF16(vals.iter().map(|&v| half::bf16::from_f32(v)).collect()),
         ];
@@ -295,6 +312,22 @@ fn spin_pool_runs_every_index_once() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         }
+    }
+}
+
+#[test]
+fn spin_pool_chunks_cover_the_slice_once() {
+    let pool = pool::SpinPool::new(3);
+    for (len, chunk) in [(0usize, 4usize), (1, 4), (10, 3), (64, 8), (100, 128)] {
+        let mut data = vec![0u32; len];
+        pool.for_each_chunk_mut(&mut data, chunk, &|i, piece| {
+            assert!(piece.len() == chunk || (i + 1) * chunk >= len);
+            for (k, v) in piece.iter_mut().enumerate() {
+                *v += (i * chunk + k) as u32 + 1;
+            }
+        });
+        let want: Vec<u32> = (1..=len as u32).collect();
+        assert_eq!(data, want, "len {len}, chunk {chunk}");
     }
 }
 

@@ -73,12 +73,42 @@ pub(super) unsafe fn run<T: Tile>(
         return;
     }
 
+    // Tokens in chunks whose activations stay in the L2 cache while every weight row of
+    // the range passes over them; without it a 512-token prompt re-streams megabytes of
+    // activations from L3 for every pair of weight rows (measured 1.8× slower).
+    let chunk = (L2_ACTIVATION_BYTES / weights.padded_cols()).clamp(4, 256) / 4 * 4;
+    let mut t0 = 0;
+    while t0 < n_tok {
+        let t1 = (t0 + chunk).min(n_tok);
+        gemm_tokens::<T>(&wp, &ap, &mut put, rows.clone(), t0..t1, blocks);
+        t0 = t1;
+    }
+}
+
+/// Activation bytes a GEMM token chunk may take: half of a 512 KiB L2 cache (Zen 4 has 1 MiB,
+/// recent Intel cores 1.25–2 MiB), leaving room for the weights passing through.
+const L2_ACTIVATION_BYTES: usize = 256 * 1024;
+
+/// The 2 weight rows × 4 tokens tiles of `rows × toks`, weight rows outermost.
+///
+/// # Safety
+/// As [`run`]: the CPU must support `T`'s instruction set, and `wp`/`ap` must give pointers
+/// valid for the tile's reads.
+#[inline(always)]
+unsafe fn gemm_tokens<T: Tile>(
+    wp: &impl Fn(usize) -> *const u8,
+    ap: &impl Fn(usize) -> *const i8,
+    put: &mut impl FnMut(usize, usize, i32),
+    rows: Range<usize>,
+    toks: Range<usize>,
+    blocks: usize,
+) {
     let mut r = rows.start;
     while r < rows.end {
         if r + 2 <= rows.end {
             let w = [wp(r), wp(r + 1)];
-            let mut t = 0;
-            while t + 4 <= n_tok {
+            let mut t = toks.start;
+            while t + 4 <= toks.end {
                 // SAFETY: as above.
                 let d =
                     unsafe { T::tile::<2, 4>(w, [ap(t), ap(t + 1), ap(t + 2), ap(t + 3)], blocks) };
@@ -89,7 +119,7 @@ pub(super) unsafe fn run<T: Tile>(
                 }
                 t += 4;
             }
-            while t < n_tok {
+            while t < toks.end {
                 // SAFETY: as above.
                 let d = unsafe { T::tile::<2, 1>(w, [ap(t)], blocks) };
                 put(r, t, d[0][0]);
@@ -99,8 +129,8 @@ pub(super) unsafe fn run<T: Tile>(
             r += 2;
         } else {
             let w = [wp(r)];
-            let mut t = 0;
-            while t + 4 <= n_tok {
+            let mut t = toks.start;
+            while t + 4 <= toks.end {
                 // SAFETY: as above.
                 let d =
                     unsafe { T::tile::<1, 4>(w, [ap(t), ap(t + 1), ap(t + 2), ap(t + 3)], blocks) };
@@ -109,7 +139,7 @@ pub(super) unsafe fn run<T: Tile>(
                 }
                 t += 4;
             }
-            while t < n_tok {
+            while t < toks.end {
                 // SAFETY: as above.
                 let d = unsafe { T::tile::<1, 1>(w, [ap(t)], blocks) };
                 put(r, t, d[0][0]);

@@ -80,7 +80,7 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<ModelWeights> {
         .map(|_| f16::from_f32((rng.next_f32() - 0.5) * 0.05))
         .collect();
     Ok(ModelWeights {
-        token_embedding: DenseMatrix::new(config.vocab_size, hd, DenseData::F16(embedding))?,
+        token_embedding: DenseMatrix::new(config.vocab_size, hd, DenseData::F16(embedding.into()))?,
         layers,
         output_norm: norm(hd, eps),
         lm_head: None,

@@ -9,7 +9,6 @@ use super::{Activation, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
 use crate::kernels::{self, QuantizedActivations, TernaryKernel};
 use crate::model::Linear;
 use crate::{Error, Result};
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// A loaded model ready to run: description, weights, and the kernel chosen for this CPU.
@@ -190,14 +189,17 @@ impl Model {
     pub fn set_lm_head_quant(&mut self, quant: LmHeadQuant) {
         self.lm_head_int8 = match quant {
             LmHeadQuant::None => None,
+            // The int8 copy replaces the float matrix for logits: a matrix viewed in the file
+            // map is released as it is quantized, so its pages leave the resident set (the
+            // embedding lookup faults back only the rows it reads).
             LmHeadQuant::Int8 => match &self.weights.lm_head {
-                None => Some(kernels::int8::Int8Matrix::from_dense(
+                None => Some(kernels::int8::Int8Matrix::from_dense_releasing(
                     &self.weights.token_embedding,
                 )),
                 Some(Linear {
                     weights: LinearWeights::Dense(m),
                     input_norm: None,
-                }) => Some(kernels::int8::Int8Matrix::from_dense(m)),
+                }) => Some(kernels::int8::Int8Matrix::from_dense_releasing(m)),
                 Some(_) => None,
             },
         };
@@ -478,7 +480,9 @@ impl Model {
 
     /// Causal GQA attention over each entry's slot cache: one parallel task per (entry,
     /// KV head), which reads each cached K and V row once for all the query heads of its
-    /// group (see [`kernels::attention`]).
+    /// group (see [`kernels::attention`]). When that gives fewer tasks than threads (decode
+    /// of one sequence: 5 KV heads for 2B-4T), one task per query head instead, so every
+    /// thread has work; the arithmetic of each head is the same either way.
     fn attention(&self, batch: &Batch, layer: usize, state: &mut ForwardState) {
         let c = &self.config;
         let (d, qd, kvd, group) = (c.head_dim, c.q_dim(), c.kv_dim(), c.gqa_group());
@@ -486,18 +490,28 @@ impl Model {
         let kv = &state.kv;
         let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
         let q = &state.q;
-        let n_kv = c.n_kv_heads;
-        state.attn[..batch.len() * qd]
-            .par_chunks_mut(group * d)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let (i, kv_head) = (task / n_kv, task % n_kv);
+        let pool = kernels::pool::SpinPool::current();
+        let heads_per_task = if batch.len() * c.n_kv_heads >= pool.threads() {
+            group
+        } else {
+            1
+        };
+        let tasks_per_entry = c.n_heads / heads_per_task;
+        pool.for_each_chunk_mut(
+            &mut state.attn[..batch.len() * qd],
+            heads_per_task * d,
+            &|task, out| {
+                let (i, first_head) = (
+                    task / tasks_per_entry,
+                    task % tasks_per_entry * heads_per_task,
+                );
+                let kv_head = first_head / group;
                 let e = batch[i];
-                let q0 = i * qd + kv_head * group * d;
+                let q0 = i * qd + first_head * d;
                 let base = kv.offset(e.slot, 0) + kv_head * d;
                 let end = kv.offset(e.slot, e.pos) + kv_head * d + d;
                 let task = kernels::attention::AttentionTask {
-                    q: &q[q0..q0 + group * d],
+                    q: &q[q0..q0 + heads_per_task * d],
                     keys: &keys[base..end],
                     values: &values[base..end],
                     stride: kvd,
@@ -506,7 +520,8 @@ impl Model {
                     scale,
                 };
                 SCORES.with_borrow_mut(|scores| kernels::attention::attend(&task, scores, out));
-            });
+            },
+        );
     }
 }
 
@@ -667,7 +682,7 @@ mod tests {
         let mut rng = Rng::new(8);
         let emb: Vec<f32> = (0..50 * 64).map(|_| rng.next_f32() - 0.5).collect();
         let weights = ModelWeights {
-            token_embedding: DenseMatrix::new(50, 64, DenseData::F32(emb)).unwrap(),
+            token_embedding: DenseMatrix::new(50, 64, DenseData::F32(emb.into())).unwrap(),
             layers,
             output_norm: norm(64),
             lm_head: None,

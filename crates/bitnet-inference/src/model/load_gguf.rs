@@ -39,6 +39,14 @@
 //!   dequantized to f32); ternary-typed tensors (TQ*/I2_S) run ternary.
 //! - Optional llama.cpp `blk.N.<linear>.scale` tensors (one f32) multiply the multiplier.
 //!
+//! # Memory
+//!
+//! F16/BF16/F32 matrices whose rows are not reordered (the token embedding, the lm_head,
+//! float linears) are not copied: they are views into the file map, which they keep alive.
+//! Every tensor that is repacked or copied is released from the map right after
+//! ([`GgufFile::release`]), so the resident set holds the repacked weights, the mapped ones
+//! that are read, and not the file a second time.
+//!
 //! # Activation
 //!
 //! `bitnet-25`/`bitnet-b1.58`: ReLU² (llama.cpp's `build_bitnet_158`: `LLM_FFN_RELU_SQR`);
@@ -319,6 +327,7 @@ impl<'a> Loader<'a> {
         let mut weight = vec![0f32; len];
         ggml::dequantize_row(t.ggml_type, self.data(t)?, &mut weight)
             .map_err(|e| self.err(name, e.to_string()))?;
+        self.file.release(t);
         Ok(RmsNorm {
             weight,
             eps: self.config.rms_norm_eps,
@@ -348,7 +357,8 @@ impl<'a> Loader<'a> {
     }
 
     /// A dense `[rows, cols]` matrix whose row `r` is source row `map(r)`: F32/F16/BF16
-    /// kept as stored, other types dequantized to f32.
+    /// kept as stored (viewed in the map when the rows are in order, else copied), other
+    /// types dequantized to f32.
     fn dense(
         &self,
         t: &GgufTensorInfo,
@@ -356,11 +366,30 @@ impl<'a> Loader<'a> {
         cols: usize,
         map: &dyn Fn(usize) -> usize,
     ) -> Result<DenseMatrix> {
+        if (0..rows).all(|r| map(r) == r) && t.n_elements() == (rows * cols) as u64 {
+            let mapped = match t.ggml_type {
+                GgmlType::F16 => self.file.mapped::<f16>(t).map(|m| DenseData::F16(m.into())),
+                GgmlType::BF16 => self
+                    .file
+                    .mapped::<bf16>(t)
+                    .map(|m| DenseData::BF16(m.into())),
+                GgmlType::F32 => self.file.mapped::<f32>(t).map(|m| DenseData::F32(m.into())),
+                _ => None,
+            };
+            if let Some(d) = mapped {
+                return DenseMatrix::new(rows, cols, d)
+                    .map_err(|e| self.err(&t.name, e.to_string()));
+            }
+        }
         let data = self.data(t)?;
         let n = rows * cols;
         let d = match t.ggml_type {
-            GgmlType::F16 => DenseData::F16(gather2(data, rows, cols, map, f16::from_le_bytes)),
-            GgmlType::BF16 => DenseData::BF16(gather2(data, rows, cols, map, bf16::from_le_bytes)),
+            GgmlType::F16 => {
+                DenseData::F16(gather2(data, rows, cols, map, f16::from_le_bytes).into())
+            }
+            GgmlType::BF16 => {
+                DenseData::BF16(gather2(data, rows, cols, map, bf16::from_le_bytes).into())
+            }
             GgmlType::I2_S => {
                 let scale =
                     ggml::i2s_scale(data, n).map_err(|e| self.err(&t.name, e.to_string()))?;
@@ -373,16 +402,17 @@ impl<'a> Loader<'a> {
                         *o = tr as f32 * scale;
                     }
                 }
-                DenseData::F32(v)
+                DenseData::F32(v.into())
             }
             _ => {
                 let mut v = vec![0f32; n];
                 for r in 0..rows {
                     self.row_f32(t, data, map(r), cols, &mut v[r * cols..(r + 1) * cols])?;
                 }
-                DenseData::F32(v)
+                DenseData::F32(v.into())
             }
         };
+        self.file.release(t);
         DenseMatrix::new(rows, cols, d).map_err(|e| self.err(&t.name, e.to_string()))
     }
 
@@ -396,6 +426,7 @@ impl<'a> Loader<'a> {
                 let mut v = [0f32; 1];
                 ggml::dequantize_row(t.ggml_type, self.data(t)?, &mut v)
                     .map_err(|e| self.err(&name, e.to_string()))?;
+                self.file.release(t);
                 Ok(v[0])
             }
         }
@@ -439,7 +470,10 @@ impl<'a> Loader<'a> {
                     Ok(d.unwrap_or(0.0) * extra)
                 });
                 match built {
-                    Ok(m) => Ok(Linear::ternary(m)),
+                    Ok(m) => {
+                        self.file.release(t);
+                        Ok(Linear::ternary(m))
+                    }
                     Err(_) if mixed => {
                         let m = self.dense(t, rows, cols, map)?;
                         Ok(Linear::dense(scale_dense(m, extra)?))
@@ -455,6 +489,7 @@ impl<'a> Loader<'a> {
                     Ok(scale * extra)
                 })
                 .map_err(|e| self.err(name, e.to_string()))?;
+                self.file.release(t);
                 Ok(Linear::ternary(m))
             }
             _ if !ty.can_dequantize() => {
@@ -512,6 +547,7 @@ impl<'a> Loader<'a> {
             Ok(mult * extra)
         })
         .map_err(|e| self.err(&t.name, e.to_string()))?;
+        self.file.release(t);
         Ok(Linear::ternary(m))
     }
 }
@@ -541,7 +577,9 @@ fn scale_dense(m: DenseMatrix, s: f32) -> Result<DenseMatrix> {
         m.row_to_f32(r, &mut v[r * cols..(r + 1) * cols]);
     }
     v.iter_mut().for_each(|x| *x *= s);
-    DenseMatrix::new(rows, cols, DenseData::F32(v))
+    // A mapped `m` has been copied: its pages are not needed any more.
+    m.release_rows(0..rows);
+    DenseMatrix::new(rows, cols, DenseData::F32(v.into()))
 }
 
 /// HF row of a llama.cpp-permuted Q/K matrix → its GGUF row (see the module docs).
@@ -606,4 +644,67 @@ pub fn load_weights(file: &GgufFile, config: &ModelConfig) -> Result<ModelWeight
         output_norm,
         lm_head,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::gguf::GgufWriter;
+
+    #[test]
+    fn float_matrices_in_row_order_are_read_in_place() {
+        let (rows, cols) = (300, 48);
+        let vals: Vec<f16> = (0..rows * cols)
+            .map(|i| f16::from_f32(i as f32 * 0.25 - 1000.0))
+            .collect();
+        let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut w = GgufWriter::new();
+        w.add_tensor_raw("m", &[cols as u64, rows as u64], GgmlType::F16.id(), bytes);
+        let dir = std::env::temp_dir().join(format!("bitnet-load-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("mapped.gguf");
+        w.write(&p).unwrap();
+        let file = GgufFile::open(&p).unwrap();
+        let config = ModelConfig {
+            architecture: "llama".into(),
+            hidden_size: cols,
+            n_layers: 1,
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: cols,
+            ffn_size: cols,
+            vocab_size: rows,
+            max_context: 8,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            activation: Activation::Silu,
+            has_sub_norms: false,
+            tied_embeddings: true,
+        };
+        let l = Loader {
+            file: &file,
+            config: &config,
+        };
+        let t = file.tensor("m").unwrap();
+        let in_place = l.dense(t, rows, cols, &|r| r).unwrap();
+        assert!(in_place.data().is_mapped());
+        assert_eq!(in_place.data().type_name(), "f16");
+        // Reordered rows are copied, and the copy releases the tensor's pages.
+        let reversed = l.dense(t, rows, cols, &|r| rows - 1 - r).unwrap();
+        assert!(!reversed.data().is_mapped());
+        drop(file);
+        // The view outlives the file and reads the same values after its pages went.
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        for r in 0..rows {
+            in_place.row_to_f32(r, &mut a);
+            reversed.row_to_f32(rows - 1 - r, &mut b);
+            assert_eq!(a, b);
+            assert_eq!(a[7], vals[r * cols + 7].to_f32());
+        }
+        in_place.release_rows(0..rows);
+        in_place.row_to_f32(rows - 1, &mut a);
+        assert_eq!(a[0], vals[(rows - 1) * cols].to_f32());
+        let x = vec![1f32; cols];
+        assert_eq!(in_place.dot_row(3, &x), reversed.dot_row(rows - 4, &x));
+    }
 }

@@ -31,11 +31,16 @@
 //!   metadata say so.
 //!
 //! Sub-norms: BitNet `self_attn.attn_sub_norm`, `mlp.ffn_sub_norm`; Llama has none.
+//!
+//! Memory: float matrices kept as stored (embeddings, an unconverted lm_head, float linears)
+//! are views into the file map where their data is aligned, else copies; every tensor that
+//! is repacked or copied is released from the map right after ([`TensorRef::release`]).
 
 use super::{
-    Activation, GenerationDefaults, LayerWeights, Linear, LoadedModel, ModelConfig, ModelWeights,
-    RmsNorm, TensorSummary,
+    Activation, GenerationDefaults, LayerWeights, Linear, LinearWeights, LoadedModel, ModelConfig,
+    ModelWeights, RmsNorm, TensorSummary,
 };
+use crate::formats::mmap::Buffer;
 use crate::formats::safetensors::{Dtype, SafetensorsModel, TensorRef};
 use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
 use crate::tokenizer::Tokenizer;
@@ -648,21 +653,35 @@ fn load_weights(hf: &HfConfig, st: &SafetensorsModel) -> Result<ModelWeights> {
 fn norm(st: &SafetensorsModel, name: &str, n: usize, eps: f32) -> Result<RmsNorm> {
     let t = st.require(name)?;
     t.expect_shape(&[n])?;
-    Ok(RmsNorm {
-        weight: t.to_f32_vec()?,
-        eps,
-    })
+    let weight = t.to_f32_vec()?;
+    t.release();
+    Ok(RmsNorm { weight, eps })
 }
 
-/// A 2-D float tensor kept in its file precision.
+/// A 2-D float tensor kept in its file precision: viewed in the map if its data is aligned,
+/// else copied (and its pages released).
 fn dense_matrix(t: &TensorRef<'_>) -> Result<DenseMatrix> {
     let [rows, cols] = *t.shape else {
         return Err(t.error(format!("expected a 2-D tensor, found shape {:?}", t.shape)));
     };
+    fn copied<T>(t: &TensorRef<'_>, v: Result<Vec<T>>) -> Result<Buffer<T>> {
+        let v = v?;
+        t.release();
+        Ok(v.into())
+    }
     let data = match t.dtype {
-        Dtype::BF16 => DenseData::BF16(t.to_bf16_vec()?),
-        Dtype::F16 => DenseData::F16(t.to_f16_vec()?),
-        Dtype::F32 => DenseData::F32(t.to_f32_vec()?),
+        Dtype::BF16 => DenseData::BF16(match t.mapped() {
+            Some(m) => m.into(),
+            None => copied(t, t.to_bf16_vec())?,
+        }),
+        Dtype::F16 => DenseData::F16(match t.mapped() {
+            Some(m) => m.into(),
+            None => copied(t, t.to_f16_vec())?,
+        }),
+        Dtype::F32 => DenseData::F32(match t.mapped() {
+            Some(m) => m.into(),
+            None => copied(t, t.to_f32_vec())?,
+        }),
         other => {
             return Err(t.error(format!(
                 "dtype {other} is not a float type (expected BF16, F16 or F32)"
@@ -715,6 +734,10 @@ fn linear(
         }
         WeightScheme::Online => Linear::ternary(online_ternary(&w, out, inp)?),
     };
+    if matches!(lin.weights, LinearWeights::Ternary(_)) {
+        // Repacked: the file's copy is not read again.
+        w.release();
+    }
     if converted {
         if let Some(eps) = hf.quant.as_ref().and_then(|q| q.input_norm_eps) {
             lin.input_norm = Some(norm(st, &format!("{module}.rms_norm.weight"), inp, eps)?);
@@ -726,6 +749,7 @@ fn linear(
 fn weight_scale(st: &SafetensorsModel, module: &str) -> Result<f32> {
     let t = st.require(&format!("{module}.weight_scale"))?;
     let s = t.scalar_f32()?;
+    t.release();
     if !(s.is_finite() && s != 0.0) {
         return Err(t.error(format!("weight_scale {s} is not a finite non-zero number")));
     }

@@ -18,7 +18,9 @@ pub struct GgufExport {
     pub architecture: String,
     /// TQ1_0, TQ2_0 or I2_S.
     pub ternary_type: GgmlType,
-    /// F32, F16 or Q8_0 for the token embedding (and the lm_head when tied).
+    /// F32, F16, Q8_0 or Q6_K for the token embedding (and the lm_head when tied). Q6_K
+    /// needs a hidden size that is a multiple of 256 (an error naming the tensor otherwise;
+    /// there is no silent fallback to another type).
     pub embedding_type: GgmlType,
     pub name: String,
 }
@@ -184,22 +186,55 @@ fn add_ternary(w: &mut GgufWriter, name: &str, m: &TernaryMatrix, ty: GgmlType) 
 }
 
 fn add_dense(w: &mut GgufWriter, name: &str, m: &DenseMatrix, ty: GgmlType) -> Result<()> {
+    use rayon::prelude::*;
     let (rows, cols) = (m.rows(), m.cols());
-    let mut row = vec![0.0f32; cols];
-    let mut bytes = Vec::with_capacity(rows * ty.row_bytes(cols).unwrap_or(cols * 4));
-    for r in 0..rows {
+    let bad = |msg: String| Error::Invalid(format!("{name}: {msg}"));
+    let row_bytes = match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::Q8_0 | GgmlType::Q6_K => {
+            ty.row_bytes(cols).ok_or_else(|| {
+                bad(format!(
+                    "{cols} columns are not a multiple of the {}-weight {} block; F16 or F32 \
+                     can store it (Q8_0 too if a multiple of 32)",
+                    ty.block_size(),
+                    ty.name()
+                ))
+            })?
+        }
+        other => {
+            return Err(bad(format!(
+                "cannot write float tensors as {}",
+                other.name()
+            )))
+        }
+    };
+    let encode = |r: usize, out: &mut [u8]| -> Result<()> {
+        let mut row = vec![0.0f32; cols];
         m.row_to_f32(r, &mut row);
         match ty {
-            GgmlType::F32 => bytes.extend(row.iter().flat_map(|v| v.to_le_bytes())),
-            GgmlType::F16 => bytes.extend(row.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
-            GgmlType::Q8_0 => bytes.extend(ggml::quantize_q8_0(&row)?),
-            other => {
-                return Err(Error::Invalid(format!(
-                    "{name}: cannot write float tensors as {}",
-                    other.name()
-                )))
+            GgmlType::F32 => {
+                for (o, v) in out.chunks_exact_mut(4).zip(&row) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
             }
+            GgmlType::F16 => {
+                for (o, v) in out.chunks_exact_mut(2).zip(&row) {
+                    o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+                }
+            }
+            GgmlType::Q8_0 => out.copy_from_slice(&ggml::quantize_q8_0(&row)?),
+            _ => out.copy_from_slice(
+                &ggml::quantize_q6_k(&row).map_err(|e| bad(format!("row {r}: {e}")))?,
+            ),
         }
+        Ok(())
+    };
+    let mut bytes = vec![0u8; rows * row_bytes];
+    if row_bytes > 0 {
+        // Q6_K searches scales per sub-block: worth spreading a large vocabulary over cores.
+        bytes
+            .par_chunks_mut(row_bytes)
+            .enumerate()
+            .try_for_each(|(r, out)| encode(r, out))?;
     }
     w.add_tensor_raw(name, &[cols as u64, rows as u64], ty.id(), bytes);
     Ok(())
