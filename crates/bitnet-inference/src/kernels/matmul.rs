@@ -9,7 +9,7 @@ use std::cell::RefCell;
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 // SAFETY: the tasks given one `SharedOut` write disjoint index sets (distinct output rows),
-// and the buffer outlives them (rayon joins before the borrow ends).
+// and the buffer outlives them (the pool, or rayon, returns only when every task is done).
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 

@@ -5,8 +5,9 @@
 //! Decode (one activation row) takes 4 weight rows a tile: four independent accumulators and
 //! four memory streams. Prefill and batches take 2 weight rows × 4 activation rows: every
 //! weight block is loaded and decoded once and used by four activation rows, and every
-//! activation vector loaded serves two weight rows. The weight-row tile is the outer loop, so
-//! weights stream from memory once per call while the activations stay in cache.
+//! activation vector loaded serves two weight rows. Tokens go in chunks small enough for the
+//! L2 cache, and within a chunk the weight-row tile is the outer loop, so the chunk's
+//! activations stay in cache while the weights pass over them.
 
 use super::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS};
 use std::ops::Range;
