@@ -2,10 +2,14 @@
 //! format the loaders read: HF packed, bf16 masters, 1bitLLM, GGUF; or a hub id) as a GGUF file
 //! or a Hugging Face packed directory.
 //! The tokenizer goes with it. GGUF output: the `tokenizer.ggml.*` keys of a GGUF input, or, for
-//! a `tokenizer.json` input, a byte-level BPE expressed as GGUF `gpt2` tokens, types and merges.
+//! a `tokenizer.json` input, a byte-level BPE as GGUF `gpt2` tokens, types and merges, or a
+//! byte_fallback BPE (SentencePiece, Llama-2 style) as a GGUF `llama` vocabulary (`spm.rs`).
 //! HF output: the input directory's tokenizer and generation files copied, or, for a GGUF
 //! input, a `tokenizer.json` written from a `gpt2` (byte-level BPE) vocabulary with the `gpt2`
-//! or `llama-bpe` pre-tokenizer; other GGUF tokenizers are an error.
+//! or `llama-bpe` pre-tokenizer, or from a `llama` (SentencePiece) vocabulary in Llama-2's form;
+//! other GGUF tokenizers are an error.
+
+mod spm;
 
 use bitnet_inference::formats::ggml::GgmlType;
 use bitnet_inference::formats::gguf::{GgufFile, GgufValue};
@@ -149,14 +153,15 @@ const HF_TOKENIZER_FILES: [&str; 6] = [
 ];
 
 /// `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` for a GGUF input
-/// whose tokenizer is a byte-level BPE (`tokenizer.ggml.model = gpt2`).
+/// whose tokenizer is a byte-level BPE (`tokenizer.ggml.model = gpt2`) or SentencePiece
+/// (`llama`).
 fn gguf_tokenizer_files(
     path: &Path,
     generation: &bitnet_inference::model::GenerationDefaults,
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     use serde_json::{json, Value};
     let f = GgufFile::open(path)?;
-    let get = |k: &str| f.metadata.iter().find(|(key, _)| *key == k).map(|(_, v)| v);
+    let get = |k: &str| f.metadata.get(k);
     let str_of = |v: Option<&GgufValue>| match v {
         Some(GgufValue::String(s)) => Some(s.clone()),
         _ => None,
@@ -169,11 +174,15 @@ fn gguf_tokenizer_files(
         )
     };
     let model = str_of(get("tokenizer.ggml.model")).unwrap_or_default();
-    if model != "gpt2" {
-        return Err(no(format!(
-            "only byte-level BPE (`gpt2`) GGUF tokenizers can be written as one, this one is \
-             `{model}`"
-        )));
+    match model.as_str() {
+        "gpt2" => {}
+        "llama" => return spm::tokenizer_files(path, &f.metadata, generation),
+        _ => {
+            return Err(no(format!(
+                "only byte-level BPE (`gpt2`) and SentencePiece (`llama`) GGUF tokenizers can be \
+                 written as one, this one is `{model}`"
+            )))
+        }
     }
     let pre = str_of(get("tokenizer.ggml.pre")).unwrap_or_default();
     let pre_tokenizer = match pre.as_str() {
@@ -236,18 +245,10 @@ fn gguf_tokenizer_files(
         Some(GgufValue::Bool(b)) => *b,
         _ => matches!(pre.as_str(), "llama-bpe" | "llama3" | "llama-v3"),
     };
-    let post = match (add_bos, bos) {
-        (true, Some(b)) => json!({"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": tokens[b], "type_id": 0}},
-                       {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": tokens[b], "type_id": 0}},
-                     {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": tokens[b], "type_id": 1}},
-                     {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {tokens[b].clone(): {"id": tokens[b], "ids": [b],
-                                                   "tokens": [tokens[b]]}}}),
-        _ => Value::Null,
-    };
+    let post = template_processing(
+        bos.filter(|_| add_bos).map(|b| (tokens[b].as_str(), b)),
+        None,
+    );
     let tokenizer = json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added, "normalizer": null,
@@ -268,21 +269,74 @@ fn gguf_tokenizer_files(
     if let Some(e) = eos {
         cfg["eos_token"] = json!(tokens[e]);
     }
-    let mut gen = json!({});
-    if let Some(b) = generation.bos_token_id {
-        gen["bos_token_id"] = json!(b);
-    }
-    match generation.eos_token_ids.as_slice() {
-        [] => {}
-        [one] => gen["eos_token_id"] = json!(one),
-        many => gen["eos_token_id"] = json!(many),
-    }
     let bytes = |v: &Value| serde_json::to_vec_pretty(v).map_err(anyhow::Error::from);
     Ok(vec![
         ("tokenizer.json".into(), bytes(&tokenizer)?),
         ("tokenizer_config.json".into(), bytes(&cfg)?),
-        ("generation_config.json".into(), bytes(&gen)?),
+        (
+            "generation_config.json".into(),
+            bytes(&generation_config_json(generation))?,
+        ),
     ])
+}
+
+/// `generation_config.json`'s token ids.
+fn generation_config_json(
+    generation: &bitnet_inference::model::GenerationDefaults,
+) -> serde_json::Value {
+    let mut gen = serde_json::json!({});
+    if let Some(b) = generation.bos_token_id {
+        gen["bos_token_id"] = b.into();
+    }
+    match generation.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => gen["eos_token_id"] = (*one).into(),
+        many => gen["eos_token_id"] = many.into(),
+    }
+    gen
+}
+
+/// A tokenizer.json post-processor that puts `bos` before and `eos` after each sequence, as
+/// transformers' Llama tokenizers write it (`(text, id)`); `Null` when it adds nothing.
+fn template_processing(
+    bos: Option<(&str, usize)>,
+    eos: Option<(&str, usize)>,
+) -> serde_json::Value {
+    use serde_json::{json, Value};
+    if bos.is_none() && eos.is_none() {
+        return Value::Null;
+    }
+    let seq = |name: &str, type_id: u32| {
+        let mut v = Vec::new();
+        v.extend(bos.map(|(t, _)| json!({"SpecialToken": {"id": t, "type_id": type_id}})));
+        v.push(json!({"Sequence": {"id": name, "type_id": type_id}}));
+        v.extend(eos.map(|(t, _)| json!({"SpecialToken": {"id": t, "type_id": type_id}})));
+        v
+    };
+    let mut special = serde_json::Map::new();
+    for (t, id) in bos.into_iter().chain(eos) {
+        special.insert(t.into(), json!({"id": t, "ids": [id], "tokens": [t]}));
+    }
+    let single = seq("A", 0);
+    let mut pair = single.clone();
+    pair.extend(seq("B", 1));
+    json!({"type": "TemplateProcessing", "single": single, "pair": pair,
+           "special_tokens": special})
+}
+
+/// A `tokenizer_config.json` special token's text: a string or `{"content": ...}`.
+fn special_text(v: &serde_json::Value) -> Option<String> {
+    v.as_str()
+        .or_else(|| v["content"].as_str())
+        .map(String::from)
+}
+
+/// The tokens of a tokenizer.json by id: the model's vocabulary and the added tokens.
+struct JsonVocab {
+    /// `None` for ids nothing names.
+    tokens: Vec<Option<String>>,
+    /// For added tokens, whether special; `None` for the model's own tokens.
+    special: Vec<Option<bool>>,
 }
 
 /// The Llama-3 pre-tokenizer split (tokenizer.json spelling).
@@ -317,16 +371,22 @@ fn tokenizer_metadata(
     let model = &t["model"];
     let bad = |what: &str| {
         anyhow::anyhow!(
-            "{}: {what}; only byte-level BPE tokenizers (GPT-2, Llama-3 style) can be written \
-             as GGUF metadata",
+            "{}: {what}; only BPE tokenizers can be written as GGUF metadata: byte-level BPE \
+             (GPT-2, Llama-3 style) or byte_fallback BPE (SentencePiece, Llama-2 style)",
             tj.display()
         )
     };
     if model["type"] != "BPE" {
         return Err(bad(&format!("model type {}", model["type"])));
     }
+    let vocab = json_vocab(&tj, &t)?;
+    let merges = json_merges(&tj, &t)?;
+    let cfg: serde_json::Value = std::fs::read_to_string(path.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
     if model["byte_fallback"].as_bool() == Some(true) {
-        return Err(bad("byte_fallback BPE (SentencePiece style)"));
+        return spm::gguf_metadata(&tj, &t, vocab, &merges, &cfg, generation);
     }
     let pre = pre_name(&t["pre_tokenizer"]).ok_or_else(|| {
         bad(&format!(
@@ -334,66 +394,25 @@ fn tokenizer_metadata(
             t["pre_tokenizer"]
         ))
     })?;
-    let vocab = model["vocab"]
-        .as_object()
-        .ok_or_else(|| bad("no model.vocab"))?;
-    let mut tokens: Vec<Option<String>> = Vec::new();
-    let mut types: Vec<i32> = Vec::new();
-    let mut put = |id: u64, tok: &str, ty: i32| -> anyhow::Result<()> {
-        let i = usize::try_from(id)?;
-        if i > 10_000_000 {
-            anyhow::bail!("{}: token id {id} out of range", tj.display());
-        }
-        if tokens.len() <= i {
-            tokens.resize(i + 1, None);
-            types.resize(i + 1, 1);
-        }
-        tokens[i] = Some(tok.to_string());
-        types[i] = ty;
-        Ok(())
-    };
-    for (tok, id) in vocab {
-        put(
-            id.as_u64()
-                .ok_or_else(|| bad("a vocab id is not a number"))?,
-            tok,
-            1,
-        )?;
-    }
-    for a in t["added_tokens"].as_array().into_iter().flatten() {
-        let id = a["id"]
-            .as_u64()
-            .ok_or_else(|| bad("an added token has no id"))?;
-        let content = a["content"]
-            .as_str()
-            .ok_or_else(|| bad("an added token has no content"))?;
-        let ty = if a["special"].as_bool() == Some(true) {
-            3
-        } else {
-            4
-        };
-        put(id, content, ty)?;
-    }
-    let n = tokens.len();
-    let tokens: Vec<GgufValue> = tokens
+    let n = vocab.tokens.len();
+    let types: Vec<GgufValue> = vocab
+        .special
+        .iter()
+        .map(|sp| {
+            GgufValue::I32(match sp {
+                Some(true) => 3,
+                Some(false) => 4,
+                None => 1,
+            })
+        })
+        .collect();
+    let tokens: Vec<GgufValue> = vocab
+        .tokens
         .into_iter()
         .enumerate()
         .map(|(i, t)| t.map(|t| s(&t)).unwrap_or_else(|| s(&format!("[PAD{i}]"))))
         .collect();
-    let merges: Vec<GgufValue> = model["merges"]
-        .as_array()
-        .ok_or_else(|| bad("no model.merges"))?
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(x) => Ok(s(x)),
-            serde_json::Value::Array(p) if p.len() == 2 => Ok(s(&format!(
-                "{} {}",
-                p[0].as_str().unwrap_or_default(),
-                p[1].as_str().unwrap_or_default()
-            ))),
-            _ => Err(bad("a merge is neither \"a b\" nor [a, b]")),
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let merges: Vec<GgufValue> = merges.iter().map(|(a, b)| s(&format!("{a} {b}"))).collect();
     let mut meta = vec![
         ("tokenizer.ggml.model".to_string(), s("gpt2")),
         ("tokenizer.ggml.pre".to_string(), s(pre)),
@@ -403,7 +422,7 @@ fn tokenizer_metadata(
         ),
         (
             "tokenizer.ggml.token_type".to_string(),
-            GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()),
+            GgufValue::Array(types),
         ),
         (
             "tokenizer.ggml.merges".to_string(),
@@ -419,14 +438,74 @@ fn tokenizer_metadata(
     if let Some(&e) = generation.eos_token_ids.get(1) {
         meta.push(("tokenizer.ggml.eot_token_id".into(), GgufValue::U32(e)));
     }
-    let cfg: serde_json::Value = std::fs::read_to_string(path.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
     if let Some(b) = cfg["add_bos_token"].as_bool() {
         meta.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(b)));
     }
     Ok(meta)
+}
+
+/// The model vocabulary and added tokens of tokenizer.json `t` (read from `tj`), by id.
+fn json_vocab(tj: &Path, t: &serde_json::Value) -> anyhow::Result<JsonVocab> {
+    let bad = |what: &str| anyhow::anyhow!("{}: {what}", tj.display());
+    let vocab = t["model"]["vocab"]
+        .as_object()
+        .ok_or_else(|| bad("no model.vocab object"))?;
+    let mut v = JsonVocab {
+        tokens: Vec::new(),
+        special: Vec::new(),
+    };
+    let mut put = |id: u64, tok: &str, special: Option<bool>| -> anyhow::Result<()> {
+        let i = usize::try_from(id)?;
+        if i > 10_000_000 {
+            anyhow::bail!("{}: token id {id} out of range", tj.display());
+        }
+        if v.tokens.len() <= i {
+            v.tokens.resize(i + 1, None);
+            v.special.resize(i + 1, None);
+        }
+        v.tokens[i] = Some(tok.to_string());
+        v.special[i] = special;
+        Ok(())
+    };
+    for (tok, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| bad(&format!("model.vocab[{tok:?}] is not a token id")))?;
+        put(id, tok, None)?;
+    }
+    for a in t["added_tokens"].as_array().into_iter().flatten() {
+        let id = a["id"]
+            .as_u64()
+            .ok_or_else(|| bad(&format!("added token {a} has no id")))?;
+        let content = a["content"]
+            .as_str()
+            .ok_or_else(|| bad(&format!("added token {a} has no content")))?;
+        put(id, content, Some(a["special"].as_bool() == Some(true)))?;
+    }
+    Ok(v)
+}
+
+/// `model.merges` of tokenizer.json `t` as pairs; each is `"a b"` or `["a", "b"]`.
+fn json_merges(tj: &Path, t: &serde_json::Value) -> anyhow::Result<Vec<(String, String)>> {
+    let bad = |what: String| anyhow::anyhow!("{}: {what}", tj.display());
+    t["model"]["merges"]
+        .as_array()
+        .ok_or_else(|| bad("no model.merges list".into()))?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(x) => x
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| bad(format!("merge {x:?} is not \"a b\""))),
+            serde_json::Value::Array(p) => match (p.first(), p.get(1), p.len()) {
+                (Some(serde_json::Value::String(a)), Some(serde_json::Value::String(b)), 2) => {
+                    Ok((a.clone(), b.clone()))
+                }
+                _ => Err(bad(format!("merge {m} is not [a, b]"))),
+            },
+            _ => Err(bad(format!("merge {m} is neither \"a b\" nor [a, b]"))),
+        })
+        .collect()
 }
 
 /// The GGUF pre-tokenizer name for a tokenizer.json `pre_tokenizer`.

@@ -22,18 +22,15 @@ pub struct Args {
     #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
     batch_size: usize,
     /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
-    /// the file stores it, or `int8` against a copy quantized at load (faster decode, see
-    /// docs/PERFORMANCE.md).
-    #[arg(long = "lm-head", value_parser = ["int8", "f16"], default_value = "f16")]
-    lm_head: String,
+    /// the file stores it, or against a copy quantized at load: `int8` (int8 activations)
+    /// or `q6k` (12-bit activations); faster decode, see docs/PERFORMANCE.md.
+    #[arg(long = "lm-head", default_value = "f16", value_parser = super::parse_lm_head)]
+    lm_head: bitnet_inference::model::forward::LmHeadQuant,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut m = load(&super::model_or_default(a.model.as_deref())?)?;
-    m.model.set_lm_head_quant(match a.lm_head.as_str() {
-        "int8" => bitnet_inference::model::forward::LmHeadQuant::Int8,
-        _ => bitnet_inference::model::forward::LmHeadQuant::None,
-    });
+    m.model.set_lm_head_quant(a.lm_head)?;
     let config = a.gen.config(&m.generation, 128);
     let prompt = m.tokenizer.encode(&a.prompt, true)?;
     let mut ctx = context_size(a.ctx_size, &m.model);

@@ -85,6 +85,7 @@ pub trait MapElem: bytemuck::Pod + Send + Sync + std::fmt::Debug {}
 impl MapElem for f32 {}
 impl MapElem for half::f16 {}
 impl MapElem for half::bf16 {}
+impl MapElem for u8 {}
 
 /// `len` values of type `T` stored little-endian at byte `offset` of a [`SharedMap`].
 pub struct MappedSlice<T> {

@@ -99,7 +99,7 @@ impl Int8Matrix {
 }
 
 /// Splits `rows` output rows over the spinning pool; `f(r)` computes every token of row `r`.
-fn par_rows(rows: usize, f: &(dyn Fn(usize) + Sync)) {
+pub(super) fn par_rows(rows: usize, f: &(dyn Fn(usize) + Sync)) {
     let chunk = 256;
     super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
         for r in c * chunk..((c + 1) * chunk).min(rows) {
@@ -109,14 +109,14 @@ fn par_rows(rows: usize, f: &(dyn Fn(usize) + Sync)) {
 }
 
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: the tasks sharing one `Out` write disjoint elements (distinct rows), and the
 // buffer outlives them (the pool returns when all are done).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 impl Out {
     /// Writes element `i`; callers pass indices inside the buffer that no other task writes.
-    unsafe fn put(self, i: usize, v: f32) {
+    pub(super) unsafe fn put(self, i: usize, v: f32) {
         // SAFETY: see above.
         unsafe { *self.0.add(i) = v }
     }

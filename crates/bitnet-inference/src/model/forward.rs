@@ -20,9 +20,15 @@ pub struct Model {
     /// computes them in f32.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
-    /// The int8 copy of a float lm_head (or tied embedding) that logits use instead, set by
-    /// [`Model::set_lm_head_quant`].
-    lm_head_int8: Option<kernels::int8::Int8Matrix>,
+    /// The quantized copy of a float lm_head (or tied embedding) that logits use instead,
+    /// set by [`Model::set_lm_head_quant`].
+    lm_head_quant: Option<QuantizedHead>,
+}
+
+/// A quantized lm_head for logits (see [`LmHeadQuant`]).
+enum QuantizedHead {
+    Int8(kernels::int8::Int8Matrix),
+    Q6K(kernels::q6k::Q6kMatrix),
 }
 
 /// How the logits of a float lm_head (or tied embedding) are computed.
@@ -35,6 +41,24 @@ pub enum LmHeadQuant {
     /// half the memory traffic of f16 in decode, at a small cost in accuracy. The embedding
     /// lookup still reads the file's rows, so it stays exact.
     Int8,
+    /// Against a Q6_K copy made at load (ggml's block format, 6.56 bits a weight: 41% of
+    /// the bytes of f16) and activations quantized per token to 12 bits.
+    Q6K,
+}
+
+impl std::str::FromStr for LmHeadQuant {
+    type Err = String;
+    /// The names the command line takes: `f16` (exact), `int8`, `q6k`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" | "exact" => Ok(LmHeadQuant::None),
+            "int8" => Ok(LmHeadQuant::Int8),
+            "q6k" | "q6_k" => Ok(LmHeadQuant::Q6K),
+            _ => Err(format!(
+                "unknown lm_head type `{s}`: expected f16, int8 or q6k"
+            )),
+        }
+    }
 }
 
 /// One token of a forward call.
@@ -88,6 +112,8 @@ pub struct ForwardState {
     /// Output of o_proj / down_proj `[max_batch, hidden]`.
     proj: Vec<f32>,
     acts: QuantizedActivations,
+    /// The final hidden rows at 12 bits, for a Q6_K lm_head.
+    acts12: kernels::q6k::Int12Activations,
     /// `[n_logits, vocab]` for the entries with `logits: true` of the last call, in order.
     logits: Vec<f32>,
     /// Final-normed rows of the entries that want logits.
@@ -180,42 +206,51 @@ impl Model {
             kernel,
             rope_cos,
             rope_sin,
-            lm_head_int8: None,
+            lm_head_quant: None,
         })
     }
 
-    /// Chooses how logits are computed (see [`LmHeadQuant`]). `Int8` quantizes the float
-    /// lm_head or tied embedding now; a ternary lm_head is left as it is.
-    pub fn set_lm_head_quant(&mut self, quant: LmHeadQuant) {
-        self.lm_head_int8 = match quant {
-            LmHeadQuant::None => None,
-            // The int8 copy replaces the float matrix for logits: a matrix viewed in the file
-            // map is released as it is quantized, so its pages leave the resident set (the
-            // embedding lookup faults back only the rows it reads).
-            LmHeadQuant::Int8 => match &self.weights.lm_head {
-                None => Some(kernels::int8::Int8Matrix::from_dense_releasing(
-                    &self.weights.token_embedding,
-                )),
-                Some(Linear {
-                    weights: LinearWeights::Dense(m),
-                    input_norm: None,
-                }) => Some(kernels::int8::Int8Matrix::from_dense_releasing(m)),
-                Some(_) => None,
-            },
+    /// Chooses how logits are computed (see [`LmHeadQuant`]). `Int8` and `Q6K` quantize the
+    /// float lm_head or tied embedding now; a ternary lm_head is left as it is.
+    pub fn set_lm_head_quant(&mut self, quant: LmHeadQuant) -> Result<()> {
+        let float_head = match &self.weights.lm_head {
+            None => Some(&self.weights.token_embedding),
+            Some(Linear {
+                weights: LinearWeights::Dense(m),
+                input_norm: None,
+            }) => Some(m),
+            Some(_) => None,
         };
+        // The quantized copy replaces the float matrix for logits: a matrix viewed in the file
+        // map is released as it is quantized, so its pages leave the resident set (the
+        // embedding lookup faults back only the rows it reads).
+        self.lm_head_quant = match (quant, float_head) {
+            (LmHeadQuant::None, _) | (_, None) => None,
+            (LmHeadQuant::Int8, Some(m)) => Some(QuantizedHead::Int8(
+                kernels::int8::Int8Matrix::from_dense_releasing(m),
+            )),
+            (LmHeadQuant::Q6K, Some(m)) => Some(QuantizedHead::Q6K(
+                kernels::q6k::Q6kMatrix::from_dense_releasing(m)?,
+            )),
+        };
+        Ok(())
     }
 
     pub fn lm_head_quant(&self) -> LmHeadQuant {
-        if self.lm_head_int8.is_some() {
-            LmHeadQuant::Int8
-        } else {
-            LmHeadQuant::None
+        match self.lm_head_quant {
+            None => LmHeadQuant::None,
+            Some(QuantizedHead::Int8(_)) => LmHeadQuant::Int8,
+            Some(QuantizedHead::Q6K(_)) => LmHeadQuant::Q6K,
         }
     }
 
-    /// Bytes of the int8 lm_head copy, if one was made.
-    pub fn lm_head_int8_bytes(&self) -> usize {
-        self.lm_head_int8.as_ref().map_or(0, |m| m.memory_bytes())
+    /// Bytes of the quantized lm_head copy, if one was made.
+    pub fn lm_head_quant_bytes(&self) -> usize {
+        match &self.lm_head_quant {
+            None => 0,
+            Some(QuantizedHead::Int8(m)) => m.memory_bytes(),
+            Some(QuantizedHead::Q6K(m)) => m.memory_bytes(),
+        }
     }
 
     pub fn kernel_name(&self) -> &'static str {
@@ -260,6 +295,10 @@ impl Model {
             up: vec![0.0; max_batch * c.ffn_size],
             proj: vec![0.0; max_batch * c.hidden_size],
             acts: QuantizedActivations::with_capacity(max_batch, wide),
+            acts12: kernels::q6k::Int12Activations::with_capacity(
+                max_batch,
+                c.hidden_size.div_ceil(kernels::q6k::Q6K_BLOCK) * kernels::q6k::Q6K_BLOCK,
+            ),
             logits: vec![0.0; max_batch * c.vocab_size],
             logit_rows: vec![0.0; max_batch * c.hidden_size],
             n_logits: 0,
@@ -403,12 +442,20 @@ impl Model {
                 &mut state.normed[..m * hd],
             );
             let out = &mut state.logits[..m * c.vocab_size];
-            if let Some(head) = &self.lm_head_int8 {
-                let x = &state.normed[..m * hd];
-                // int8 × int8 (VNNI) measured faster than int8 × f32 (docs/PERFORMANCE.md).
-                state.acts.quantize(x, m, hd);
-                kernels::int8::int8_matmul_int8(head, &state.acts, out);
-                return Ok(());
+            let x = &state.normed[..m * hd];
+            match &self.lm_head_quant {
+                Some(QuantizedHead::Int8(head)) => {
+                    // int8 × int8 (VNNI) measured faster than int8 × f32 (docs/PERFORMANCE.md).
+                    state.acts.quantize(x, m, hd);
+                    kernels::int8::int8_matmul_int8(head, &state.acts, out);
+                    return Ok(());
+                }
+                Some(QuantizedHead::Q6K(head)) => {
+                    state.acts12.quantize(x, m, hd, head.padded_cols());
+                    kernels::q6k::q6k_matmul(head, &state.acts12, out);
+                    return Ok(());
+                }
+                None => {}
             }
             match &self.weights.lm_head {
                 None => kernels::dense_matmul(
@@ -734,7 +781,7 @@ mod tests {
     }
 
     #[test]
-    fn int8_lm_head_is_close_and_can_be_turned_off() {
+    fn quantized_lm_heads_are_close_and_can_be_turned_off() {
         let mut model = random_model();
         let tokens = [3u32, 17, 42, 0];
         let run = |model: &Model| {
@@ -745,22 +792,35 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let exact = run(&model);
-        model.set_lm_head_quant(LmHeadQuant::Int8);
-        assert_eq!(model.lm_head_quant(), LmHeadQuant::Int8);
-        assert_eq!(model.lm_head_int8_bytes(), 50 * 128 + 50 * 8);
-        let quant = run(&model);
-        let mut differs = false;
-        for (e, q) in exact.iter().zip(&quant) {
-            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (a, b) in e.iter().zip(q) {
-                // int8 weights and activations: about 1% of the largest logit at most.
-                assert!((a - b).abs() <= 0.02 * scale, "{a} vs {b}");
-                differs |= a != b;
+        let vocab = model.config.vocab_size;
+        // int8 weights and activations: about 1% of the largest logit at most. Q6_K has
+        // coarser steps on these uniform random weights (6-bit codes; its per-16 scales only
+        // pay off on rows with outliers, as real embeddings have).
+        for (quant, bytes, tolerance) in [
+            (LmHeadQuant::Int8, vocab * 128 + vocab * 8, 0.02),
+            (LmHeadQuant::Q6K, vocab * 210, 0.04),
+        ] {
+            model.set_lm_head_quant(quant).unwrap();
+            assert_eq!(model.lm_head_quant(), quant);
+            assert_eq!(model.lm_head_quant_bytes(), bytes);
+            let quantized = run(&model);
+            let mut differs = false;
+            for (e, q) in exact.iter().zip(&quantized) {
+                let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (a, b) in e.iter().zip(q) {
+                    assert!((a - b).abs() <= tolerance * scale, "{quant:?}: {a} vs {b}");
+                    differs |= a != b;
+                }
             }
+            assert!(differs, "the {quant:?} lm_head was not used");
         }
-        assert!(differs, "the int8 lm_head was not used");
-        model.set_lm_head_quant(LmHeadQuant::None);
+        model.set_lm_head_quant(LmHeadQuant::None).unwrap();
         assert_eq!(run(&model), exact);
+        assert_eq!("q6k".parse(), Ok(LmHeadQuant::Q6K));
+        assert!("q4"
+            .parse::<LmHeadQuant>()
+            .unwrap_err()
+            .contains("expected f16, int8 or q6k"));
     }
 
     #[test]
