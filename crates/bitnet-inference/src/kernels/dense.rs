@@ -1,7 +1,7 @@
 //! Float matrices: embeddings, the lm_head, and the linears of non-ternary models.
-//! Stored in the precision of the file (f16/bf16 stay 2 bytes a weight), either owned or
-//! viewed straight from the memory-mapped file ([`Buffer`]); every product is computed in
-//! f32.
+//! Stored in the precision of the file (f16/bf16 stay 2 bytes a weight, Q6_K blocks 6.56
+//! bits), either owned or viewed straight from the memory-mapped file ([`Buffer`]); every
+//! product is computed in f32 on the weights as stored.
 
 pub use crate::formats::mmap::Buffer;
 use half::{bf16, f16};
@@ -13,6 +13,8 @@ pub enum DenseData {
     F32(Buffer<f32>),
     F16(Buffer<f16>),
     BF16(Buffer<bf16>),
+    /// ggml Q6_K blocks (`cols` a multiple of 256), dequantized exactly as they are read.
+    Q6K(Buffer<u8>),
 }
 
 impl DenseData {
@@ -22,6 +24,7 @@ impl DenseData {
             DenseData::F32(_) => "f32",
             DenseData::F16(_) => "f16",
             DenseData::BF16(_) => "bf16",
+            DenseData::Q6K(_) => "q6_k",
         }
     }
 
@@ -31,14 +34,29 @@ impl DenseData {
             DenseData::F32(v) => v.is_mapped(),
             DenseData::F16(v) => v.is_mapped(),
             DenseData::BF16(v) => v.is_mapped(),
+            DenseData::Q6K(v) => v.is_mapped(),
         }
     }
 
-    fn len(&self) -> usize {
+    /// Bytes of the values.
+    fn byte_len(&self) -> usize {
         match self {
-            DenseData::F32(v) => v.len(),
-            DenseData::F16(v) => v.len(),
-            DenseData::BF16(v) => v.len(),
+            DenseData::F32(v) => v.len() * 4,
+            DenseData::F16(v) => v.len() * 2,
+            DenseData::BF16(v) => v.len() * 2,
+            DenseData::Q6K(v) => v.len(),
+        }
+    }
+
+    /// Bytes `rows · cols` values take in this type (`None` for a Q6_K row that is not whole
+    /// blocks).
+    fn bytes_for(&self, rows: usize, cols: usize) -> Option<usize> {
+        match self {
+            DenseData::F32(_) => Some(rows * cols * 4),
+            DenseData::F16(_) | DenseData::BF16(_) => Some(rows * cols * 2),
+            DenseData::Q6K(_) => cols
+                .is_multiple_of(super::q6k::Q6K_BLOCK)
+                .then(|| rows * cols / super::q6k::Q6K_BLOCK * super::q6k::Q6K_BLOCK_BYTES),
         }
     }
 
@@ -73,11 +91,15 @@ pub struct DenseMatrix {
 impl DenseMatrix {
     /// `data` must hold exactly `rows * cols` values.
     pub fn new(rows: usize, cols: usize, data: DenseData) -> crate::Result<Self> {
-        let len = data.len();
-        if len != rows * cols {
-            return Err(crate::Error::Invalid(format!(
-                "dense matrix [{rows}, {cols}] given {len} values"
-            )));
+        let (have, want) = (data.byte_len(), data.bytes_for(rows, cols));
+        if want != Some(have) {
+            return Err(crate::Error::Invalid(match want {
+                Some(want) => format!(
+                    "{} matrix [{rows}, {cols}] given {have} bytes, expected {want}",
+                    data.type_name()
+                ),
+                None => format!("q6_k matrix [{rows}, {cols}]: rows are not whole 256-blocks"),
+            }));
         }
         Ok(Self { rows, cols, data })
     }
@@ -94,11 +116,13 @@ impl DenseMatrix {
     /// Bytes of the values, owned or mapped (mapped pages count in the resident set only
     /// once read).
     pub fn memory_bytes(&self) -> usize {
-        let width = match self.data {
-            DenseData::F32(_) => 4,
-            DenseData::F16(_) | DenseData::BF16(_) => 2,
-        };
-        self.rows * self.cols * width
+        self.data.byte_len()
+    }
+
+    /// Bytes of one Q6_K row.
+    fn q6k_row(&self, v: &[u8], r: usize) -> std::ops::Range<usize> {
+        let n = v.len() / self.rows.max(1);
+        r * n..(r + 1) * n
     }
 
     /// Tells the kernel the mapped pages of rows `rows` are not needed for now (they fault
@@ -109,6 +133,10 @@ impl DenseMatrix {
             DenseData::F32(v) => v.release(elems),
             DenseData::F16(v) => v.release(elems),
             DenseData::BF16(v) => v.release(elems),
+            DenseData::Q6K(v) => {
+                let per_row = v.len() / self.rows.max(1);
+                v.release(rows.start * per_row..rows.end.min(self.rows) * per_row)
+            }
         }
     }
 
@@ -127,6 +155,7 @@ impl DenseMatrix {
                     *o = x.to_f32();
                 }
             }
+            DenseData::Q6K(v) => super::q6k::dequantize_row(&v[self.q6k_row(v, r)], out),
         }
     }
 
@@ -135,6 +164,9 @@ impl DenseMatrix {
     pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
         let span = r * self.cols..(r + 1) * self.cols;
         assert_eq!(x.len(), self.cols, "dense dot width");
+        if let DenseData::Q6K(v) = &self.data {
+            return super::q6k::row_dot_f32(&v[self.q6k_row(v, r)], x);
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if let Some(v) = x86::dot(&self.data, span.clone(), x) {
@@ -155,6 +187,10 @@ impl DenseMatrix {
             DenseData::F32(v) => dot_f32(&v[span], x),
             DenseData::F16(v) => dot_converted(&v[span], x, |w| w.to_f32()),
             DenseData::BF16(v) => dot_converted(&v[span], x, |w| w.to_f32()),
+            DenseData::Q6K(v) => {
+                let r = span.start / self.cols.max(1);
+                super::q6k::row_dot_f32_with(super::q6k::Path::Scalar, &v[self.q6k_row(v, r)], x)
+            }
         }
     }
 }
@@ -231,6 +267,8 @@ mod x86 {
                 (DenseData::F16(v), _) => f16_256(v[span].as_ptr(), x.as_ptr(), n),
                 (DenseData::BF16(v), Level::Avx512) => bf16_512(v[span].as_ptr(), x.as_ptr(), n),
                 (DenseData::BF16(v), _) => bf16_256(v[span].as_ptr(), x.as_ptr(), n),
+                // Handled by the caller (`dot_row`) with the Q6_K kernels.
+                (DenseData::Q6K(_), _) => return None,
             }
         })
     }

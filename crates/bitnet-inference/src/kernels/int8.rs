@@ -2,10 +2,13 @@
 //! of f16, so decode reads half as much memory per token. Rows are quantized like
 //! activations (`s = 127 / max|w|`, round half to even), so `w ≈ q / s`.
 //!
-//! Two products: against int8 per-token activations (`(Σ q_w·q_a) / (s_w·s_a)`, integer
-//! dot products with AVX-512 VNNI) and against f32 activations (`(Σ q_w·x) / s_w`, int8
-//! widened to f32 and fused multiply-adds). Both have scalar fallbacks.
+//! Three products: against 12-bit per-token activations (what the model uses: exact
+//! integer sums, AVX-512 VNNI on the activations' two byte planes, or AVX2), against int8
+//! activations (`(Σ q_w·q_a) / (s_w·s_a)`, VNNI; the first version, kept for the kernel
+//! comparison in `examples/membw.rs`) and against f32 activations (`(Σ q_w·x) / s_w`).
+//! All have scalar fallbacks.
 
+use super::q6k::Int12Activations;
 use super::{DenseMatrix, QuantizedActivations, BLOCK_WEIGHTS};
 use rayon::prelude::*;
 
@@ -83,6 +86,10 @@ impl Int8Matrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    /// Columns including the zero padding to whole 128-blocks (the activation width).
+    pub fn padded_cols(&self) -> usize {
+        self.padded_cols
+    }
     pub fn memory_bytes(&self) -> usize {
         self.values.len() + self.rows * 8
     }
@@ -150,6 +157,101 @@ pub fn int8_matmul_int8(w: &Int8Matrix, acts: &QuantizedActivations, out: &mut [
             unsafe { o.put(t * rows + r, d as f32 / (w.scales[r] * acts.scale(t))) };
         }
     });
+}
+
+/// `out[t][r] = (Σ_k q_w[r][k]·a[t][k]) / (s_w[r]·s_a[t])` with 12-bit activations
+/// (`|a| ≤ 2047`, [`Int12Activations`]): 16 times finer than int8 activations, which cost
+/// most of the int8 lm_head's perplexity. The integer sum is exact on every path (i64 at
+/// the end), so every path returns the same bits.
+pub fn int8_matmul_int12(w: &Int8Matrix, acts: &Int12Activations, out: &mut [f32]) {
+    int8_matmul_int12_with(Int12Path::detect(), w, acts, out)
+}
+
+/// The instruction sets [`int8_matmul_int12`] can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int12Path {
+    Scalar,
+    /// Weights widened to 16 bits, `vpmaddwd`.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// Activations split into two unsigned bytes, two `vpdpbusd` per 64 weights.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Int12Path {
+    /// The best path of this CPU (scalar when `BITNET_KERNEL=scalar`).
+    pub fn detect() -> Self {
+        static PATH: std::sync::OnceLock<Int12Path> = std::sync::OnceLock::new();
+        *PATH.get_or_init(|| {
+            *Self::available()
+                .last()
+                .filter(|_| !std::env::var("BITNET_KERNEL").is_ok_and(|k| k == "scalar"))
+                .unwrap_or(&Int12Path::Scalar)
+        })
+    }
+
+    /// Every path this CPU runs, best last.
+    pub fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut v = vec![Int12Path::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                v.push(Int12Path::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(Int12Path::Avx512Vnni);
+            }
+        }
+        v
+    }
+}
+
+/// [`int8_matmul_int12`] on a given path (tests compare paths).
+pub fn int8_matmul_int12_with(
+    path: Int12Path,
+    w: &Int8Matrix,
+    acts: &Int12Activations,
+    out: &mut [f32],
+) {
+    let (rows, n_tok) = (w.rows, acts.n_rows());
+    assert_eq!(acts.cols(), w.padded_cols, "int8 × int12 matmul width");
+    assert_eq!(out.len(), rows * n_tok, "int8 × int12 matmul output size");
+    assert!(
+        Int12Path::available().contains(&path),
+        "{path:?} not available"
+    );
+    let o = Out(out.as_mut_ptr());
+    par_rows(rows, &|r| {
+        let wr = w.row(r);
+        for t in 0..n_tok {
+            let d: i64 = match path {
+                Int12Path::Scalar => dot_i8_i16_scalar(wr, acts.row(t)),
+                // SAFETY: the path's features were detected (`available`); both rows have
+                // `padded_cols` elements, a multiple of 128.
+                #[cfg(target_arch = "x86_64")]
+                Int12Path::Avx2 => unsafe { x86::dot_i8_i16_avx2(wr, acts.row(t)) },
+                #[cfg(target_arch = "x86_64")]
+                Int12Path::Avx512Vnni => {
+                    let (low, high) = acts.split_row(t);
+                    // SAFETY: as above.
+                    let (sl, sh) = unsafe { x86::dot_i8_split_vnni(wr, low, high) };
+                    // Σ w·a = Σ w·low + 256·(Σ w·high − 8·Σ w).
+                    sl as i64 + 256 * (sh as i64 - 8 * w.sums[r] as i64)
+                }
+            };
+            // SAFETY: (t, r) is inside `out` (checked) and row r is this task's alone.
+            unsafe { o.put(t * rows + r, d as f32 / (w.scales[r] * acts.scale(t))) };
+        }
+    });
+}
+
+fn dot_i8_i16_scalar(w: &[i8], a: &[i16]) -> i64 {
+    w.iter().zip(a).map(|(&x, &y)| x as i64 * y as i64).sum()
 }
 
 /// `out[t][r] = (Σ_k q_w[r][k]·x[t][k]) / s_w[r]`; `x` is `[n_tok, cols]`, `out`
@@ -230,6 +332,65 @@ mod x86 {
             }
         }
         _mm512_reduce_add_epi32(_mm512_add_epi32(s0, s1)) - 128 * w_sum
+    }
+
+    /// `(Σ w·low, Σ w·high)` of an int8 row with the two unsigned byte planes of 12-bit
+    /// activations (`Int12Activations::split_row`), `vpdpbusd` on each. Exact: the sums are
+    /// at most `255·128·len` and `15·128·len`, inside int32 for rows under 65 000 columns.
+    ///
+    /// Safety: needs AVX-512F, BW and VNNI; the three rows have the same length, a
+    /// multiple of 64.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn dot_i8_split_vnni(w: &[i8], low: &[u8], high: &[u8]) -> (i32, i32) {
+        let n = w.len().min(low.len()).min(high.len());
+        debug_assert_eq!(n % 64, 0);
+        let (mut sl, mut sh) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let (pw, pl, ph) = (w.as_ptr(), low.as_ptr(), high.as_ptr());
+        let mut i = 0;
+        // SAFETY: every load is of bytes below `n` of the three slices.
+        unsafe {
+            while i + 64 <= n {
+                let wv = _mm512_loadu_si512(pw.add(i).cast());
+                sl = _mm512_dpbusd_epi32(sl, _mm512_loadu_si512(pl.add(i).cast()), wv);
+                sh = _mm512_dpbusd_epi32(sh, _mm512_loadu_si512(ph.add(i).cast()), wv);
+                i += 64;
+            }
+        }
+        (_mm512_reduce_add_epi32(sl), _mm512_reduce_add_epi32(sh))
+    }
+
+    /// `Σ w·a` of an int8 row with 12-bit activations: weights widened to 16 bits,
+    /// `vpmaddwd`, int32 lanes flushed to i64 every 4096 columns (`|Σ|` ≤ 4096·128·2047
+    /// < 2^31 between flushes).
+    ///
+    /// Safety: needs AVX2; both rows have the same length, a multiple of 16.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot_i8_i16_avx2(w: &[i8], a: &[i16]) -> i64 {
+        let n = w.len().min(a.len());
+        debug_assert_eq!(n % 16, 0);
+        let (pw, pa) = (w.as_ptr(), a.as_ptr());
+        let mut total = 0i64;
+        let mut start = 0;
+        while start < n {
+            let end = (start + 4096).min(n);
+            let mut acc = _mm256_setzero_si256();
+            let mut i = start;
+            // SAFETY: every load is of elements below `n` of both slices.
+            unsafe {
+                while i + 16 <= end {
+                    let wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(pw.add(i).cast()));
+                    let av = _mm256_loadu_si256(pa.add(i).cast());
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wv, av));
+                    i += 16;
+                }
+            }
+            let mut lanes = [0i32; 8];
+            // SAFETY: `lanes` is 32 bytes.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc) };
+            total += lanes.iter().map(|&v| v as i64).sum::<i64>();
+            start = end;
+        }
+        total
     }
 
     /// `Σ w·x`: int8 widened to f32, fused multiply-adds into two accumulators.
@@ -314,6 +475,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn int12_paths_give_the_exact_integer_products() {
+        let (rows, cols, n_tok) = (29usize, 300usize, 3usize);
+        let mut s = 0x77u64;
+        let mut rnd = move || {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let mut wf: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
+        // Extremes: a row at ±max (int8 ±127) everywhere, a zero row.
+        for (k, v) in wf[..cols].iter_mut().enumerate() {
+            *v = if k % 2 == 0 { 1.0 } else { -1.0 };
+        }
+        wf[cols..2 * cols].fill(0.0);
+        let dense = DenseMatrix::new(rows, cols, DenseData::F32(wf.into())).unwrap();
+        let m = Int8Matrix::from_dense(&dense);
+        let mut x: Vec<f32> = (0..n_tok * cols).map(|_| rnd()).collect();
+        // A token whose activations sit at ±2047 after quantization.
+        for (k, v) in x[..cols].iter_mut().enumerate() {
+            *v = if k % 3 == 0 { -1.0 } else { 1.0 };
+        }
+        let mut acts = Int12Activations::default();
+        acts.quantize(&x, n_tok, cols, m.padded_cols);
+        let mut want = vec![0.0; rows * n_tok];
+        for t in 0..n_tok {
+            for r in 0..rows {
+                let exact = dot_i8_i16_scalar(m.row(r), acts.row(t));
+                want[t * rows + r] = exact as f32 / (m.scales[r] * acts.scale(t));
+            }
+        }
+        for path in Int12Path::available() {
+            let mut got = vec![0.0; rows * n_tok];
+            int8_matmul_int12_with(path, &m, &acts, &mut got);
+            assert_eq!(got, want, "{path:?}");
+        }
+        assert_eq!(acts.row(0)[0], -2047);
+        assert_eq!(acts.row(0)[1], 2047);
     }
 
     #[test]

@@ -57,11 +57,17 @@ impl Q6kMatrix {
 
     /// Quantizes every row of `m` with [`crate::formats::ggml::quantize_q6_k`] (in parallel),
     /// releasing `m`'s mapped pages block by block as it goes (as
-    /// [`super::int8::Int8Matrix::from_dense_releasing`] does).
+    /// [`super::int8::Int8Matrix::from_dense_releasing`] does). A matrix already in Q6_K
+    /// (a GGUF Q6_K embedding) is shared as it is, not requantized. Quantizing is slow
+    /// (about 0.1 µs a weight on one core): for big vocabularies, convert the file once
+    /// (`bitnet convert --embedding-type q6_k`).
     pub fn from_dense_releasing(m: &super::DenseMatrix) -> Result<Self> {
         use rayon::prelude::*;
         const BLOCK_ROWS: usize = 1024;
         let (rows, cols) = (m.rows(), m.cols());
+        if let super::DenseData::Q6K(v) = m.data() {
+            return Self::new(rows, cols, v.clone());
+        }
         let padded_cols = cols.div_ceil(Q6K_BLOCK) * Q6K_BLOCK;
         let row_bytes = padded_cols / Q6K_BLOCK * Q6K_BLOCK_BYTES;
         let mut data = vec![0u8; rows * row_bytes];
@@ -115,13 +121,7 @@ impl Q6kMatrix {
 
     /// Row `r` as the floats it stands for (ggml's dequantization); `out` has `cols` values.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let mut block = [0.0f32; Q6K_BLOCK];
-        for (b, blk) in self.row(r).chunks_exact(Q6K_BLOCK_BYTES).enumerate() {
-            dequantize_block(blk, &mut block);
-            let start = b * Q6K_BLOCK;
-            let n = Q6K_BLOCK.min(self.cols - start);
-            out[start..start + n].copy_from_slice(&block[..n]);
-        }
+        dequantize_row(self.row(r), &mut out[..self.cols]);
     }
 }
 
@@ -172,6 +172,10 @@ pub struct Int12Activations {
     cols: usize,
     values: Vec<i16>,
     scales: Vec<f32>,
+    /// Each value as `256·(high − 8) + low` with `low` in 0..=255 and `high` in 0..=15, as
+    /// the unsigned operands of the int8-weight kernel ([`super::int8::int8_matmul_int12`]).
+    low: Vec<u8>,
+    high: Vec<u8>,
 }
 
 impl Int12Activations {
@@ -182,6 +186,8 @@ impl Int12Activations {
             cols: 0,
             values: Vec::with_capacity(max_rows * max_cols),
             scales: Vec::with_capacity(max_rows),
+            low: Vec::with_capacity(max_rows * max_cols),
+            high: Vec::with_capacity(max_rows * max_cols),
         }
     }
 
@@ -208,10 +214,26 @@ impl Int12Activations {
                 *q = (v * *s).clamp(-ACT_MAX, ACT_MAX).round_ties_even() as i16;
             }
         }
+        self.low.clear();
+        self.low.extend(self.values.iter().map(|&v| v as u8));
+        self.high.clear();
+        // v + 2048 is in 1..=4095: its high byte is 0..=15.
+        self.high
+            .extend(self.values.iter().map(|&v| ((v as i32 + 2048) >> 8) as u8));
+    }
+
+    /// Row `t` as the `(low, high)` bytes of `v + 2048` (see the fields).
+    pub fn split_row(&self, t: usize) -> (&[u8], &[u8]) {
+        let span = t * self.cols..(t + 1) * self.cols;
+        (&self.low[span.clone()], &self.high[span])
     }
 
     pub fn n_rows(&self) -> usize {
         self.scales.len()
+    }
+    /// Values a row holds (the padded width).
+    pub fn cols(&self) -> usize {
+        self.cols
     }
     pub fn row(&self, t: usize) -> &[i16] {
         &self.values[t * self.cols..(t + 1) * self.cols]
@@ -291,6 +313,63 @@ impl Path {
     }
 }
 
+/// `Σ_j w_j · x_j` of one row of whole Q6_K blocks with f32 activations, where
+/// `w_j = (d·sc)·q` is the exact dequantized weight (`d` has 11 significant bits, `sc` 8 and
+/// `q` 5, so the product fits f32's 24): the float lm_head product on the file's weights.
+/// The vector paths add in another order than the scalar one.
+pub fn row_dot_f32(row: &[u8], x: &[f32]) -> f32 {
+    row_dot_f32_with(Path::detect(), row, x)
+}
+
+/// [`row_dot_f32`] on a given path (tests compare paths).
+pub fn row_dot_f32_with(path: Path, row: &[u8], x: &[f32]) -> f32 {
+    assert!(
+        x.len().is_multiple_of(Q6K_BLOCK) && row.len() == x.len() / Q6K_BLOCK * Q6K_BLOCK_BYTES,
+        "Q6_K row of {} bytes against {} values",
+        row.len(),
+        x.len()
+    );
+    match path {
+        Path::Scalar => row_dot_f32_scalar(row, x),
+        // SAFETY: `Path` values other than Scalar come from feature detection (`detect`,
+        // `available`); the sizes were checked above.
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { x86::row_dot_f32_avx2(row, x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => unsafe { x86::row_dot_f32_avx512(row, x) },
+    }
+}
+
+fn row_dot_f32_scalar(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut w = [0.0f32; Q6K_BLOCK];
+    for (blk, xb) in row
+        .chunks_exact(Q6K_BLOCK_BYTES)
+        .zip(x.chunks_exact(Q6K_BLOCK))
+    {
+        dequantize_block(blk, &mut w);
+        for (w8, x8) in w.chunks_exact(8).zip(xb.chunks_exact(8)) {
+            for i in 0..8 {
+                acc[i] += w8[i] * x8[i];
+            }
+        }
+    }
+    acc.iter().sum()
+}
+
+/// Dequantizes a row of whole blocks into `out` (`out.len()` values).
+pub fn dequantize_row(row: &[u8], out: &mut [f32]) {
+    let mut block = [0.0f32; Q6K_BLOCK];
+    for (blk, o) in row
+        .chunks_exact(Q6K_BLOCK_BYTES)
+        .zip(out.chunks_mut(Q6K_BLOCK))
+    {
+        dequantize_block(blk, &mut block);
+        o.copy_from_slice(&block[..o.len()]);
+    }
+}
+
 /// `out[t][r] = (Σ_b d_b · Σ_j sc·q·a) / s_a[t]` for every row `r` and token `t`;
 /// `out` is `[n_tok, rows]`. Rows are split over the spinning pool.
 pub fn q6k_matmul(w: &Q6kMatrix, acts: &Int12Activations, out: &mut [f32]) {
@@ -318,6 +397,72 @@ pub fn q6k_matmul_with(path: Path, w: &Q6kMatrix, acts: &Int12Activations, out: 
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// The 256 codes (`q + 32`) of a block in weight order, 64 to a vector.
+    ///
+    /// Safety: needs AVX-512F and BW; `blk` has at least 208 bytes.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn codes_512(blk: &[u8]) -> [__m512i; 4] {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m3 = _mm512_set1_epi8(0x03);
+        // Shift counts for the top bits: 16-bit lanes of the low 256 bits shift by 0 (k = 0),
+        // the high ones by 2 (k = 1); +4 for k = 2, 3 (the high nibbles).
+        let shift_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+        let shift_hi = _mm512_add_epi16(shift_lo, _mm512_set1_epi16(4));
+        let mut out = [_mm512_setzero_si512(); 4];
+        for h in 0..2 {
+            // SAFETY: bytes 64h..64h+64 and 128+32h..+32 are inside the first 208 bytes.
+            let (ql, qh) = unsafe {
+                (
+                    _mm512_loadu_si512(blk.as_ptr().add(64 * h).cast()),
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        blk.as_ptr().add(128 + 32 * h).cast(),
+                    )),
+                )
+            };
+            let top_lo =
+                _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_lo), m3), 4);
+            let top_hi =
+                _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_hi), m3), 4);
+            out[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m4), top_lo);
+            out[2 * h + 1] =
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), top_hi);
+        }
+        out
+    }
+
+    /// The 256 codes of a block in weight order, 32 to a vector.
+    ///
+    /// Safety: needs AVX2; `blk` has at least 208 bytes.
+    #[target_feature(enable = "avx2")]
+    unsafe fn codes_256(blk: &[u8]) -> [__m256i; 8] {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m3 = _mm256_set1_epi8(0x03);
+        let mut out = [_mm256_setzero_si256(); 8];
+        for h in 0..2 {
+            // SAFETY: bytes 64h..64h+64 and 128+32h..+32 are inside the first 208 bytes.
+            let (ql0, ql1, qh) = unsafe {
+                (
+                    _mm256_loadu_si256(blk.as_ptr().add(64 * h).cast()),
+                    _mm256_loadu_si256(blk.as_ptr().add(64 * h + 32).cast()),
+                    _mm256_loadu_si256(blk.as_ptr().add(128 + 32 * h).cast()),
+                )
+            };
+            let top = |bits: __m256i| _mm256_slli_epi16(_mm256_and_si256(bits, m3), 4);
+            out[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, m4), top(qh));
+            out[4 * h + 1] =
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), top(_mm256_srli_epi16(qh, 2)));
+            out[4 * h + 2] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                top(_mm256_srli_epi16(qh, 4)),
+            );
+            out[4 * h + 3] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                top(_mm256_srli_epi16(qh, 6)),
+            );
+        }
+        out
+    }
+
     /// [`super::block_dot_scalar`] with 512-bit vectors: the codes of 32 weights are widened
     /// to 16 bits, centred, multiplied by their sub-block scale (`|q·sc| ≤ 4096` fits 16
     /// bits) and multiply-added with the activations into 32-bit lanes.
@@ -326,49 +471,29 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn block_dot_avx512(blk: &[u8], a: &[i16]) -> i32 {
         debug_assert!(blk.len() >= 210 && a.len() >= 256);
-        let m4 = _mm512_set1_epi8(0x0F);
-        let m3 = _mm512_set1_epi8(0x03);
-        let c32 = _mm512_set1_epi16(32);
-        // Shift counts for the top bits: 16-bit lanes of the low 256 bits shift by `lo`,
-        // the high ones by `lo + 2` (k = 0, 1 for the low nibbles; 2, 3 for the high).
-        let shift_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
-        let shift_hi = _mm512_add_epi16(shift_lo, _mm512_set1_epi16(4));
-        // SAFETY: all loads are inside `blk` (bytes 0..208) and `a` (256 values).
+        let c32 = _mm512_set1_epi8(32);
+        // SAFETY: the caller guarantees the features and sizes; the scale load reads bytes
+        // 192..208 and the activation loads values below 256.
         unsafe {
+            // Centred while still bytes (codes 0..63 → −32..31), 64 at a time.
+            let codes = codes_512(blk).map(|c| _mm512_sub_epi8(c, c32));
             let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.as_ptr().add(192).cast()));
             let scales = _mm512_broadcast_i64x4(scales);
             let mut acc = _mm512_setzero_si512();
-            for h in 0..2 {
-                let ql = _mm512_loadu_si512(blk.as_ptr().add(64 * h).cast());
-                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                    blk.as_ptr().add(128 + 32 * h).cast(),
-                ));
-                let top_lo =
-                    _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_lo), m3), 4);
-                let top_hi =
-                    _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_hi), m3), 4);
-                // Codes of weights 128h + 0..64 and 128h + 64..128.
-                let lo = _mm512_or_si512(_mm512_and_si512(ql, m4), top_lo);
-                let hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), top_hi);
-                for (g, codes) in [
-                    _mm512_castsi512_si256(lo),
-                    _mm512_extracti64x4_epi64(lo, 1),
-                    _mm512_castsi512_si256(hi),
-                    _mm512_extracti64x4_epi64(hi, 1),
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    let group = 4 * h + g; // weights 32·group .. +32, sub-blocks 2g', 2g'+1
-                    let q = _mm512_sub_epi16(_mm512_cvtepu8_epi16(codes), c32);
-                    let s0 = 2 * group as i16;
-                    let idx =
-                        _mm512_inserti64x4(_mm512_set1_epi16(s0), _mm256_set1_epi16(s0 + 1), 1);
-                    let sc = _mm512_permutexvar_epi16(idx, scales);
-                    let qs = _mm512_mullo_epi16(q, sc);
-                    let av = _mm512_loadu_si512(a.as_ptr().add(32 * group).cast());
-                    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(qs, av));
-                }
+            for group in 0..8 {
+                // Weights 32·group .. +32: sub-blocks 2·group and 2·group + 1.
+                let c = codes[group / 2];
+                let c = if group % 2 == 0 {
+                    _mm512_castsi512_si256(c)
+                } else {
+                    _mm512_extracti64x4_epi64(c, 1)
+                };
+                let q = _mm512_cvtepi8_epi16(c);
+                let s0 = 2 * group as i16;
+                let idx = _mm512_inserti64x4(_mm512_set1_epi16(s0), _mm256_set1_epi16(s0 + 1), 1);
+                let qs = _mm512_mullo_epi16(q, _mm512_permutexvar_epi16(idx, scales));
+                let av = _mm512_loadu_si512(a.as_ptr().add(32 * group).cast());
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(qs, av));
             }
             _mm512_reduce_add_epi32(acc)
         }
@@ -381,43 +506,23 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn block_dot_avx2(blk: &[u8], a: &[i16]) -> i32 {
         debug_assert!(blk.len() >= 210 && a.len() >= 256);
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m3 = _mm256_set1_epi8(0x03);
         let c32 = _mm256_set1_epi16(32);
-        // SAFETY: all loads are inside `blk` (bytes 0..208) and `a` (256 values).
+        // SAFETY: the caller guarantees the feature and sizes; activation loads read
+        // values below 256.
         unsafe {
+            let codes = codes_256(blk);
             let mut acc = _mm256_setzero_si256();
-            for h in 0..2 {
-                let ql0 = _mm256_loadu_si256(blk.as_ptr().add(64 * h).cast());
-                let ql1 = _mm256_loadu_si256(blk.as_ptr().add(64 * h + 32).cast());
-                let qh = _mm256_loadu_si256(blk.as_ptr().add(128 + 32 * h).cast());
-                let top = |k: i32| match k {
-                    0 => _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
-                    1 => _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
-                    2 => _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
-                    _ => _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
+            for sub in 0..16 {
+                let c = codes[sub / 2];
+                let c = if sub % 2 == 0 {
+                    _mm256_castsi256_si128(c)
+                } else {
+                    _mm256_extracti128_si256(c, 1)
                 };
-                let groups = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, m4), top(0)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, m4), top(1)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), top(2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), top(3)),
-                ];
-                for (k, codes) in groups.into_iter().enumerate() {
-                    for half in 0..2 {
-                        let sub = 8 * h + 2 * k + half; // 16-weight sub-block index
-                        let c = if half == 0 {
-                            _mm256_castsi256_si128(codes)
-                        } else {
-                            _mm256_extracti128_si256(codes, 1)
-                        };
-                        let q = _mm256_sub_epi16(_mm256_cvtepu8_epi16(c), c32);
-                        let sc = _mm256_set1_epi16(blk[192 + sub] as i8 as i16);
-                        let av = _mm256_loadu_si256(a.as_ptr().add(16 * sub).cast());
-                        acc =
-                            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_mullo_epi16(q, sc), av));
-                    }
-                }
+                let q = _mm256_sub_epi16(_mm256_cvtepu8_epi16(c), c32);
+                let sc = _mm256_set1_epi16(blk[192 + sub] as i8 as i16);
+                let av = _mm256_loadu_si256(a.as_ptr().add(16 * sub).cast());
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_mullo_epi16(q, sc), av));
             }
             let s = _mm_add_epi32(
                 _mm256_castsi256_si128(acc),
@@ -427,6 +532,86 @@ mod x86 {
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
             _mm_cvtsi128_si32(s)
         }
+    }
+
+    /// `Σ w·x` of a row of whole blocks with f32 activations, `w = (d·sc)·q` formed exactly
+    /// in f32 and fused-multiply-added, 16 lanes.
+    ///
+    /// Safety: needs AVX-512F and BW; `row` holds `x.len() / 256` blocks.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn row_dot_f32_avx512(row: &[u8], x: &[f32]) -> f32 {
+        let c32 = _mm512_set1_epi32(32);
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for (blk, xb) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+            let d = super::block_d(blk);
+            // SAFETY: the caller guarantees the features; `blk` has 210 bytes and `xb` 256
+            // values (chunks_exact), every load is inside them.
+            unsafe {
+                let codes = codes_512(blk);
+                for sub in (0..16).step_by(2) {
+                    let z = codes[sub / 4];
+                    let (c0, c1) = match sub % 4 {
+                        0 => (
+                            _mm512_extracti32x4_epi32::<0>(z),
+                            _mm512_extracti32x4_epi32::<1>(z),
+                        ),
+                        _ => (
+                            _mm512_extracti32x4_epi32::<2>(z),
+                            _mm512_extracti32x4_epi32::<3>(z),
+                        ),
+                    };
+                    let w0 = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(c0), c32)),
+                        _mm512_set1_ps(d * blk[192 + sub] as i8 as f32),
+                    );
+                    let w1 = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(c1), c32)),
+                        _mm512_set1_ps(d * blk[193 + sub] as i8 as f32),
+                    );
+                    acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb.as_ptr().add(16 * sub)), acc0);
+                    acc1 =
+                        _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb.as_ptr().add(16 * sub + 16)), acc1);
+                }
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    /// [`row_dot_f32_avx512`] with 8 lanes (AVX2 + FMA).
+    ///
+    /// Safety: needs AVX2 and FMA; `row` holds `x.len() / 256` blocks.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn row_dot_f32_avx2(row: &[u8], x: &[f32]) -> f32 {
+        let c32 = _mm256_set1_epi32(32);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (blk, xb) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+            let d = super::block_d(blk);
+            // SAFETY: as in `row_dot_f32_avx512`.
+            unsafe {
+                let codes = codes_256(blk);
+                for sub in 0..16 {
+                    let c = codes[sub / 2];
+                    let c = if sub % 2 == 0 {
+                        _mm256_castsi256_si128(c)
+                    } else {
+                        _mm256_extracti128_si256(c, 1)
+                    };
+                    let sc = _mm256_set1_ps(d * blk[192 + sub] as i8 as f32);
+                    let lo = _mm256_cvtepu8_epi32(c);
+                    let hi = _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8));
+                    let w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, c32)), sc);
+                    let w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(hi, c32)), sc);
+                    let px = xb.as_ptr().add(16 * sub);
+                    acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(px), acc0);
+                    acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(px.add(8)), acc1);
+                }
+            }
+        }
+        let v = _mm256_add_ps(acc0, acc1);
+        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        let v = _mm_add_ss(v, _mm_movehdup_ps(v));
+        _mm_cvtss_f32(v)
     }
 }
 
@@ -542,6 +727,32 @@ mod tests {
                 let bound: f64 = row.iter().map(|&a| a.abs() as f64).sum::<f64>() / 2047.0;
                 let g = want[t * rows + rr] as f64;
                 assert!((g - exact).abs() <= bound, "({t},{rr}): {g} vs {exact}");
+            }
+        }
+    }
+
+    #[test]
+    fn float_row_dots_match_the_dequantized_weights_on_every_path() {
+        let mut r = rng(23);
+        for (seed, blocks) in [(1u64, 1usize), (2, 3), (3, 10)] {
+            let row = random_blocks(blocks, seed);
+            let x: Vec<f32> = (0..blocks * 256)
+                .map(|_| (r() % 20001) as f32 / 10000.0 - 1.0)
+                .collect();
+            let mut w = vec![0.0; blocks * 256];
+            super::dequantize_row(&row, &mut w);
+            let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let size: f64 = w
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            for path in Path::available() {
+                let got = row_dot_f32_with(path, &row, &x) as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-6 * size.max(1e-30),
+                    "{path:?}: {got} vs {exact}"
+                );
             }
         }
     }

@@ -36,7 +36,8 @@
 //!   mode and the 1bitLLM code do: `γ = mean|W|` (f32, floored at 1e-5),
 //!   `t = clamp(round_half_even(W · (1/γ)), -1, 1)`, multiplier `1 / (1/γ)`.
 //! - `llama` files: float/quant linears stay dense (F16/BF16/F32 as stored, other types
-//!   dequantized to f32); ternary-typed tensors (TQ*/I2_S) run ternary.
+//!   dequantized to f32, except Q6_K, kept in its blocks); ternary-typed tensors (TQ*/I2_S)
+//!   run ternary.
 //! - Optional llama.cpp `blk.N.<linear>.scale` tensors (one f32) multiply the multiplier.
 //!
 //! # Memory
@@ -374,6 +375,9 @@ impl<'a> Loader<'a> {
                     .mapped::<bf16>(t)
                     .map(|m| DenseData::BF16(m.into())),
                 GgmlType::F32 => self.file.mapped::<f32>(t).map(|m| DenseData::F32(m.into())),
+                GgmlType::Q6_K if cols.is_multiple_of(ggml::QK_K) => {
+                    self.file.mapped::<u8>(t).map(|m| DenseData::Q6K(m.into()))
+                }
                 _ => None,
             };
             if let Some(d) = mapped {
@@ -389,6 +393,15 @@ impl<'a> Loader<'a> {
             }
             GgmlType::BF16 => {
                 DenseData::BF16(gather2(data, rows, cols, map, bf16::from_le_bytes).into())
+            }
+            // Q6_K rows stay in their blocks (6.56 bits a weight instead of 32).
+            GgmlType::Q6_K if cols.is_multiple_of(ggml::QK_K) => {
+                let rb = cols / ggml::QK_K * GgmlType::Q6_K.block_bytes();
+                let mut v = Vec::with_capacity(rows * rb);
+                for r in 0..rows {
+                    v.extend_from_slice(&data[map(r) * rb..(map(r) + 1) * rb]);
+                }
+                DenseData::Q6K(v.into())
             }
             GgmlType::I2_S => {
                 let scale =
