@@ -192,6 +192,11 @@ fn q6_k_embedding_writes_and_loads_back() {
                 assert_eq!(back, want, "row {r}");
                 assert!(rel_rms(&row, &back) < 0.02, "row {r}");
             }
+            // Kept in its blocks, read in place from the file.
+            let data = loaded.weights.token_embedding.data();
+            assert_eq!(data.type_name(), "q6_k");
+            assert!(data.is_mapped());
+            q6_k_products_match_the_dequantized_embedding(&loaded, &ids);
         }
         let m = Model::new(loaded.config, loaded.weights).unwrap();
         logits.push(bitnet_inference::eval::sequence_logits(&m, &ids).unwrap());
@@ -205,6 +210,35 @@ fn q6_k_embedding_writes_and_loads_back() {
         "logits relative RMS Δ: q6_k {err}, q8_0 {err8}"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The model with its Q6_K embedding gives the logits of the same model with the embedding
+/// dequantized to f32 (exact lm_head: only the float summation order differs), and its
+/// Q6_K lm_head (12-bit activations) shares the file's blocks and stays close.
+fn q6_k_products_match_the_dequantized_embedding(loaded: &model::LoadedModel, ids: &[u32]) {
+    use bitnet_inference::kernels::{DenseData, DenseMatrix};
+    use bitnet_inference::model::forward::LmHeadQuant;
+    let e = &loaded.weights.token_embedding;
+    let mut f32_rows = vec![0f32; e.rows() * e.cols()];
+    for (r, row) in f32_rows.chunks_exact_mut(e.cols()).enumerate() {
+        e.row_to_f32(r, row);
+    }
+    let mut dequantized = loaded.weights.clone();
+    dequantized.token_embedding =
+        DenseMatrix::new(e.rows(), e.cols(), DenseData::F32(f32_rows.into())).unwrap();
+    let f32_model = Model::new(loaded.config.clone(), dequantized).unwrap();
+    let want = bitnet_inference::eval::sequence_logits(&f32_model, ids).unwrap();
+    let mut q6 = Model::new(loaded.config.clone(), loaded.weights.clone()).unwrap();
+    let got = bitnet_inference::eval::sequence_logits(&q6, ids).unwrap();
+    assert!(rel_rms(&want, &got) < 1e-5, "{}", rel_rms(&want, &got));
+    q6.set_lm_head_quant(LmHeadQuant::Q6K).unwrap();
+    assert_eq!(q6.lm_head_quant_bytes(), e.rows() * e.cols() / 256 * 210);
+    let quantized = bitnet_inference::eval::sequence_logits(&q6, ids).unwrap();
+    assert!(
+        rel_rms(&want, &quantized) < 0.01,
+        "{}",
+        rel_rms(&want, &quantized)
+    );
 }
 
 #[test]
