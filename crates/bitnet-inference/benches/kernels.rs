@@ -172,3 +172,47 @@ fn gemv_dram_24x6912x2560(b: Bencher, kernel: &str) {
             black_box(&out);
         });
 }
+
+/// Prefill attention of one layer of a 512-token prompt on the 2B-4T shapes (20 query heads,
+/// 5 KV heads of 128), one thread: every KV head against tiles of `tile` consecutive tokens
+/// (1 = token by token, as decode runs). items/s = query heads × positions attended.
+#[divan::bench(args = [1, 4, 8, 16, 32], sample_count = 5, max_time = 3)]
+fn attention_prefill512(b: Bencher, tile: usize) {
+    use kernels::attention::{attend, AttentionTask};
+    let (n, heads, kv_heads, d) = (512, 4, 5, 128);
+    let (qd, kvd) = (heads * kv_heads * d, kv_heads * d);
+    let mut s = 0x1234_5678_9abc_def1u64;
+    let mut rnd = |k: usize| -> Vec<f32> {
+        (0..k)
+            .map(|_| (rng(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect()
+    };
+    let (q, keys, values) = (rnd(n * qd), rnd(n * kvd), rnd(n * kvd));
+    let mut out = vec![0.0f32; n * qd];
+    let mut scores = Vec::new();
+    b.counter(ItemsCount::new(heads * kv_heads * n * (n + 1) / 2))
+        .bench_local(|| {
+            for first in (0..n).step_by(tile) {
+                let tokens = tile.min(n - first);
+                let last = first + tokens - 1;
+                for h in 0..kv_heads {
+                    let q0 = first * qd + h * heads * d;
+                    let len = (tokens - 1) * qd + heads * d;
+                    let task = AttentionTask {
+                        q: &q[q0..q0 + len],
+                        q_stride: qd,
+                        tokens,
+                        heads,
+                        keys: &keys[h * d..last * kvd + h * d + d],
+                        values: &values[h * d..last * kvd + h * d + d],
+                        stride: kvd,
+                        n_pos: first + 1,
+                        head_dim: d,
+                        scale: 1.0 / (d as f32).sqrt(),
+                    };
+                    attend(black_box(&task), &mut scores, &mut out[q0..q0 + len]);
+                }
+            }
+            black_box(&out);
+        });
+}

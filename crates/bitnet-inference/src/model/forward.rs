@@ -37,9 +37,9 @@ pub enum LmHeadQuant {
     /// Exactly, in f32 against the weights as the file stores them (f16, bf16 or f32).
     #[default]
     None,
-    /// Against an int8 copy made at load (per-row f32 scale) and int8 per-token activations:
-    /// half the memory traffic of f16 in decode, at a small cost in accuracy. The embedding
-    /// lookup still reads the file's rows, so it stays exact.
+    /// Against an int8 copy made at load (per-row f32 scale) and activations quantized per
+    /// token to 12 bits: half the memory traffic of f16 in decode, at a small cost in
+    /// accuracy. The embedding lookup still reads the file's rows, so it stays exact.
     Int8,
     /// Against a Q6_K copy made at load (ggml's block format, 6.56 bits a weight: 41% of
     /// the bytes of f16) and activations quantized per token to 12 bits.
@@ -112,7 +112,7 @@ pub struct ForwardState {
     /// Output of o_proj / down_proj `[max_batch, hidden]`.
     proj: Vec<f32>,
     acts: QuantizedActivations,
-    /// The final hidden rows at 12 bits, for a Q6_K lm_head.
+    /// The final hidden rows at 12 bits, for a quantized lm_head.
     acts12: kernels::q6k::Int12Activations,
     /// `[n_logits, vocab]` for the entries with `logits: true` of the last call, in order.
     logits: Vec<f32>,
@@ -167,7 +167,8 @@ impl ForwardState {
 }
 
 thread_local! {
-    /// Attention scores of one (token, KV head) task; grows to the context length once.
+    /// Attention scores of one (tile of tokens, KV head) task; grows once, to
+    /// [`ATTENTION_TILE`] × the query heads of a group × the context length at most.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -295,6 +296,7 @@ impl Model {
             up: vec![0.0; max_batch * c.ffn_size],
             proj: vec![0.0; max_batch * c.hidden_size],
             acts: QuantizedActivations::with_capacity(max_batch, wide),
+            // Padded for either quantized lm_head (whole 256-blocks cover 128-blocks).
             acts12: kernels::q6k::Int12Activations::with_capacity(
                 max_batch,
                 c.hidden_size.div_ceil(kernels::q6k::Q6K_BLOCK) * kernels::q6k::Q6K_BLOCK,
@@ -445,9 +447,10 @@ impl Model {
             let x = &state.normed[..m * hd];
             match &self.lm_head_quant {
                 Some(QuantizedHead::Int8(head)) => {
-                    // int8 × int8 (VNNI) measured faster than int8 × f32 (docs/PERFORMANCE.md).
-                    state.acts.quantize(x, m, hd);
-                    kernels::int8::int8_matmul_int8(head, &state.acts, out);
+                    // 12-bit activations: as fast as int8 ones (two `vpdpbusd` on the byte
+                    // planes) and nearly as accurate as f32 (docs/PERFORMANCE.md).
+                    state.acts12.quantize(x, m, hd, head.padded_cols());
+                    kernels::int8::int8_matmul_int12(head, &state.acts12, out);
                     return Ok(());
                 }
                 Some(QuantizedHead::Q6K(head)) => {
@@ -525,11 +528,18 @@ impl Model {
         }
     }
 
-    /// Causal GQA attention over each entry's slot cache: one parallel task per (entry,
-    /// KV head), which reads each cached K and V row once for all the query heads of its
-    /// group (see [`kernels::attention`]). When that gives fewer tasks than threads (decode
-    /// of one sequence: 5 KV heads for 2B-4T), one task per query head instead, so every
-    /// thread has work; the arithmetic of each head is the same either way.
+    /// Causal GQA attention over each entry's slot cache (see [`kernels::attention`]).
+    ///
+    /// Prefill (a batch mostly of runs of consecutive positions of a sequence): one parallel
+    /// task per tile of up to [`ATTENTION_TILE`] entries, which attends each run of the tile
+    /// for every KV head in turn, reading each cached K and V row once for all the run's
+    /// tokens and the query heads of the group.
+    ///
+    /// Otherwise (decode): one task per (entry, KV head), which reads each row once for the
+    /// group's query heads. When that gives fewer tasks than threads (decode of one sequence:
+    /// 5 KV heads for 2B-4T), one task per query head instead, so every thread has work.
+    ///
+    /// The arithmetic of each query head is the same in every case, bit for bit.
     fn attention(&self, batch: &Batch, layer: usize, state: &mut ForwardState) {
         let c = &self.config;
         let (d, qd, kvd, group) = (c.head_dim, c.q_dim(), c.kv_dim(), c.gqa_group());
@@ -538,6 +548,51 @@ impl Model {
         let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
         let q = &state.q;
         let pool = kernels::pool::SpinPool::current();
+        // Query heads `first_head..first_head + heads` (of one KV head) of the entries
+        // `first..first + tokens` (a run of consecutive positions of one sequence), written to
+        // `out`: their rows of `attn`, from the first head of the first entry to the last
+        // head of the last one.
+        let attend =
+            |first: usize, tokens: usize, heads: usize, first_head: usize, out: &mut [f32]| {
+                let (e, last) = (batch[first], batch[first + tokens - 1]);
+                let kv_head = first_head / group;
+                let q0 = first * qd + first_head * d;
+                let base = kv.offset(e.slot, 0) + kv_head * d;
+                let end = kv.offset(e.slot, last.pos) + kv_head * d + d;
+                let task = kernels::attention::AttentionTask {
+                    q: &q[q0..q0 + out.len()],
+                    q_stride: qd,
+                    tokens,
+                    heads,
+                    keys: &keys[base..end],
+                    values: &values[base..end],
+                    stride: kvd,
+                    n_pos: e.pos + 1,
+                    head_dim: d,
+                    scale,
+                };
+                SCORES.with_borrow_mut(|scores| kernels::attention::attend(&task, scores, out));
+            };
+        if let Some(tile) = attention_tile(batch, pool.threads()) {
+            pool.for_each_chunk_mut(&mut state.attn[..batch.len() * qd], tile * qd, &|t, out| {
+                let (first, end) = (t * tile, t * tile + out.len() / qd);
+                let mut run = first;
+                while run < end {
+                    let mut run_end = run + 1;
+                    while run_end < end && continues(&batch[run_end - 1], &batch[run_end]) {
+                        run_end += 1;
+                    }
+                    let tokens = run_end - run;
+                    for kv_head in 0..c.n_kv_heads {
+                        let o0 = (run - first) * qd + kv_head * group * d;
+                        let o = &mut out[o0..o0 + (tokens - 1) * qd + group * d];
+                        attend(run, tokens, group, kv_head * group, o);
+                    }
+                    run = run_end;
+                }
+            });
+            return;
+        }
         let heads_per_task = if batch.len() * c.n_kv_heads >= pool.threads() {
             group
         } else {
@@ -552,24 +607,36 @@ impl Model {
                     task / tasks_per_entry,
                     task % tasks_per_entry * heads_per_task,
                 );
-                let kv_head = first_head / group;
-                let e = batch[i];
-                let q0 = i * qd + first_head * d;
-                let base = kv.offset(e.slot, 0) + kv_head * d;
-                let end = kv.offset(e.slot, e.pos) + kv_head * d + d;
-                let task = kernels::attention::AttentionTask {
-                    q: &q[q0..q0 + heads_per_task * d],
-                    keys: &keys[base..end],
-                    values: &values[base..end],
-                    stride: kvd,
-                    n_pos: e.pos + 1,
-                    head_dim: d,
-                    scale,
-                };
-                SCORES.with_borrow_mut(|scores| kernels::attention::attend(&task, scores, out));
+                attend(i, 1, heads_per_task, first_head, out);
             },
         );
     }
+}
+
+/// Entries per prefill attention task (at most): 16 tokens × 4 query heads of 128 read each
+/// K/V row once for 64 queries, while the task's scores (64 × the context, 128 KB at 512
+/// positions) stay in L2.
+const ATTENTION_TILE: usize = 16;
+
+/// Whether `b` is the token after `a` in the same sequence.
+fn continues(a: &BatchEntry, b: &BatchEntry) -> bool {
+    b.slot == a.slot && b.pos == a.pos + 1
+}
+
+/// The tile size of a prefill batch: the largest power of two up to [`ATTENTION_TILE`] that
+/// still gives each thread about four tasks (the tasks late in a prompt attend to more
+/// positions, so the pool balances them). `None` for batches that are not mostly runs of
+/// consecutive positions (decode), or too small to give every thread a tile.
+fn attention_tile(batch: &Batch, threads: usize) -> Option<usize> {
+    let continued = batch.windows(2).filter(|w| continues(&w[0], &w[1])).count();
+    if 2 * continued < batch.len() {
+        return None;
+    }
+    let mut tile = ATTENTION_TILE;
+    while tile > 2 && batch.len().div_ceil(tile) < 4 * threads {
+        tile /= 2;
+    }
+    (batch.len().div_ceil(tile) >= threads).then_some(tile)
 }
 
 fn activate(act: Activation, g: f32) -> f32 {
