@@ -26,7 +26,8 @@ pub struct TernaryMatrix {
 impl TernaryMatrix {
     /// Builds the matrix row by row: `fill(r, trits)` writes row `r`'s `cols` trits and
     /// returns its multiplier. Loaders decode their format straight into this, so no
-    /// full-size intermediate is ever held.
+    /// full-size intermediate is ever held. Rows are filled in order (for generators with
+    /// sequential state); loaders use [`Self::from_rows_parallel`].
     pub fn from_rows(
         rows: usize,
         cols: usize,
@@ -40,25 +41,11 @@ impl TernaryMatrix {
         for r in 0..rows {
             trits.fill(0);
             multipliers.push(fill(r, &mut trits[..cols])?);
-            let out = &mut packed.bytes_mut()[r * row_bytes..(r + 1) * row_bytes];
-            for (block, bytes) in trits
-                .chunks_exact(BLOCK_WEIGHTS)
-                .zip(out.chunks_exact_mut(BLOCK_BYTES))
-            {
-                for (j, byte) in bytes.iter_mut().enumerate() {
-                    let mut b = 0u8;
-                    for i in 0..4 {
-                        let t = block[j + 32 * i];
-                        if !(-1..=1).contains(&t) {
-                            return Err(Error::Invalid(format!(
-                                "ternary weight {t} at row {r} is not -1, 0 or 1"
-                            )));
-                        }
-                        b |= ((t + 1) as u8) << (2 * i);
-                    }
-                    *byte = b;
-                }
-            }
+            pack_row(
+                &trits,
+                &mut packed.bytes_mut()[r * row_bytes..(r + 1) * row_bytes],
+                r,
+            )?;
         }
         Ok(Self {
             rows,
@@ -67,6 +54,111 @@ impl TernaryMatrix {
             packed,
             multipliers,
         })
+    }
+
+    /// [`Self::from_rows`] with the rows filled and packed in parallel on rayon's current
+    /// pool; `fill` may be called for rows in any order and from several threads. The result
+    /// is the same as `from_rows`'s, and so is the error: that of the lowest failing row
+    /// (rows after a known failure are skipped).
+    pub fn from_rows_parallel(
+        rows: usize,
+        cols: usize,
+        fill: impl Fn(usize, &mut [i8]) -> Result<f32> + Sync,
+    ) -> Result<Self> {
+        Self::from_rows_parallel_with(rows, cols, || (), |_, r, trits| fill(r, trits))
+    }
+
+    /// [`Self::from_rows_parallel`] with per-task scratch: `init()` makes a state (say, a row
+    /// buffer) that `fill(state, r, trits)` may use for the rows of one task.
+    pub fn from_rows_parallel_with<S>(
+        rows: usize,
+        cols: usize,
+        init: impl Fn() -> S + Sync,
+        fill: impl Fn(&mut S, usize, &mut [i8]) -> Result<f32> + Sync,
+    ) -> Result<Self> {
+        let padded_cols = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
+        Self::from_packed_rows_parallel_with(
+            rows,
+            cols,
+            || (init(), vec![0i8; padded_cols]),
+            |(state, trits), r, out| {
+                trits.fill(0);
+                let m = fill(state, r, &mut trits[..cols])?;
+                Self::pack_row(trits, out, r)?;
+                Ok(m)
+            },
+        )
+    }
+
+    /// Like [`Self::from_rows_parallel_with`], for formats whose rows are (nearly) this
+    /// layout already: `fill(state, r, out)` writes row `r` packed, all `padded_cols / 4`
+    /// bytes of it (padding included: code 1, bytes `0x55`), and returns its multiplier.
+    pub fn from_packed_rows_parallel_with<S>(
+        rows: usize,
+        cols: usize,
+        init: impl Fn() -> S + Sync,
+        fill: impl Fn(&mut S, usize, &mut [u8]) -> Result<f32> + Sync,
+    ) -> Result<Self> {
+        use rayon::prelude::*;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Mutex;
+
+        let padded_cols = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
+        let row_bytes = padded_cols / 4;
+        let mut packed = AlignedBytes::zeroed(rows * row_bytes);
+        let mut multipliers = vec![0f32; rows];
+        if row_bytes == 0 {
+            // No weights (and no byte chunks to split): just the multipliers.
+            let mut state = init();
+            for (r, m) in multipliers.iter_mut().enumerate() {
+                *m = fill(&mut state, r, &mut [])?;
+            }
+        }
+        // The lowest row known to have failed, and its error.
+        let first_bad = AtomicUsize::new(usize::MAX);
+        let error: Mutex<Option<(usize, Error)>> = Mutex::new(None);
+        packed
+            .bytes_mut()
+            .par_chunks_mut((LOAD_CHUNK_ROWS * row_bytes).max(1))
+            .zip(multipliers.par_chunks_mut(LOAD_CHUNK_ROWS))
+            .enumerate()
+            .for_each_init(&init, |state, (chunk, (out, mults))| {
+                for (k, (out, mult)) in out.chunks_exact_mut(row_bytes).zip(mults).enumerate() {
+                    let r = chunk * LOAD_CHUNK_ROWS + k;
+                    // Rows below the final first failure are never skipped, so the lowest
+                    // failing row is always found.
+                    if r > first_bad.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match fill(state, r, out) {
+                        Ok(m) => *mult = m,
+                        Err(e) => {
+                            first_bad.fetch_min(r, Ordering::Relaxed);
+                            let mut slot = error.lock().unwrap_or_else(|p| p.into_inner());
+                            if slot.as_ref().is_none_or(|(at, _)| r < *at) {
+                                *slot = Some((r, e));
+                            }
+                            return;
+                        }
+                    }
+                }
+            });
+        if let Some((_, e)) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        Ok(Self {
+            rows,
+            cols,
+            padded_cols,
+            packed,
+            multipliers,
+        })
+    }
+
+    /// Packs row `r`'s trits (a whole number of blocks, padding included) into `out`
+    /// (`trits.len() / 4` bytes, see the layout above); the error names `r`.
+    pub fn pack_row(trits: &[i8], out: &mut [u8], r: usize) -> Result<()> {
+        pack_row(trits, out, r)
     }
 
     pub fn rows(&self) -> usize {
@@ -98,6 +190,39 @@ impl TernaryMatrix {
         let byte = row[block * BLOCK_BYTES + k % 32];
         ((byte >> (2 * (k / 32))) & 3) as i8 - 1
     }
+}
+
+/// Rows a task of [`TernaryMatrix::from_rows_parallel`] fills at a time (a few hundred µs of
+/// decoding for 2B-model rows: fine enough to balance, coarse enough to be cheap).
+const LOAD_CHUNK_ROWS: usize = 8;
+
+/// Packs one row's `padded_cols` trits (see [`TernaryMatrix`]'s layout) into `out`.
+fn pack_row(trits: &[i8], out: &mut [u8], r: usize) -> Result<()> {
+    // One vectorizable check; the element loop below only runs to name the culprit.
+    if !trits.iter().all(|t| (-1..=1).contains(t)) {
+        for block in trits.chunks_exact(BLOCK_WEIGHTS) {
+            for j in 0..BLOCK_BYTES {
+                for i in 0..4 {
+                    let t = block[j + 32 * i];
+                    if !(-1..=1).contains(&t) {
+                        return Err(Error::Invalid(format!(
+                            "ternary weight {t} at row {r} is not -1, 0 or 1"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    for (block, bytes) in trits
+        .chunks_exact(BLOCK_WEIGHTS)
+        .zip(out.chunks_exact_mut(BLOCK_BYTES))
+    {
+        let code = |i: usize, j: usize| (block[32 * i + j] + 1) as u8;
+        for (j, byte) in bytes.iter_mut().enumerate() {
+            *byte = code(0, j) | code(1, j) << 2 | code(2, j) << 4 | code(3, j) << 6;
+        }
+    }
+    Ok(())
 }
 
 /// Batches of at least this many rows are quantized in parallel.
@@ -340,6 +465,99 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("not -1, 0 or 1"), "{err}");
+    }
+
+    /// A splitmix64 stream: reproducible random trits without an RNG dependency.
+    fn random_trits(seed: u64, n: usize) -> Vec<i8> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                ((z ^ (z >> 31)) % 3) as i8 - 1
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parallel_fill_packs_like_the_sequential_one() {
+        // Odd shapes, one row, fewer rows than a task takes, and many tasks' worth.
+        for (rows, cols) in [(1, 128), (1, 300), (3, 5), (7, 384), (77, 2560), (259, 130)] {
+            let w = random_trits(rows as u64 * 1000 + cols as u64, rows * cols);
+            let fill = |r: usize, t: &mut [i8]| {
+                t.copy_from_slice(&w[r * cols..(r + 1) * cols]);
+                Ok(r as f32 * 0.5 - 1.0)
+            };
+            let seq = TernaryMatrix::from_rows(rows, cols, fill).unwrap();
+            let par = TernaryMatrix::from_rows_parallel(rows, cols, fill).unwrap();
+            assert_eq!((par.rows(), par.cols()), (rows, cols));
+            assert_eq!(par.padded_cols(), seq.padded_cols());
+            assert_eq!(par.packed.bytes(), seq.packed.bytes(), "{rows}x{cols}");
+            assert_eq!(par.multipliers(), seq.multipliers(), "{rows}x{cols}");
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(par.trit(r, c), w[r * cols + c], "({r},{c})");
+                }
+            }
+        }
+        // Per-task scratch, and degenerate shapes.
+        let par = TernaryMatrix::from_rows_parallel_with(
+            50,
+            200,
+            || vec![0i8; 200],
+            |buf, r, t| {
+                buf.iter_mut().for_each(|v| *v = (r % 3) as i8 - 1);
+                t.copy_from_slice(buf);
+                Ok(1.0)
+            },
+        )
+        .unwrap();
+        assert!((0..50).all(|r| par.trit(r, 199) == (r % 3) as i8 - 1));
+        let empty = TernaryMatrix::from_rows_parallel(0, 300, |_, _| Ok(1.0)).unwrap();
+        assert_eq!((empty.rows(), empty.memory_bytes()), (0, 0));
+        let no_cols = TernaryMatrix::from_rows_parallel(3, 0, |r, _| Ok(r as f32)).unwrap();
+        assert_eq!(no_cols.multipliers(), &[0.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn parallel_fill_reports_the_first_failing_row() {
+        // Four threads even on a small machine, so tasks really race.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        pool.install(first_failing_row_wins);
+    }
+
+    fn first_failing_row_wins() {
+        let (rows, cols) = (301, 256);
+        // An invalid trit in row `bad` (and in later rows, which must not win).
+        for bad in [0, 123, 300] {
+            let err = TernaryMatrix::from_rows_parallel(rows, cols, |r, t| {
+                t.fill(1);
+                if r >= bad && r % 2 == bad % 2 {
+                    t[cols - 1] = -2;
+                }
+                Ok(1.0)
+            })
+            .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("ternary weight -2 at row {bad} is not -1, 0 or 1"),
+            );
+        }
+        // A fill error is returned as it is, the lowest row's.
+        let err = TernaryMatrix::from_rows_parallel(rows, cols, |r, _| {
+            if r >= 40 {
+                Err(Error::Invalid(format!("cannot decode row {r}")))
+            } else {
+                Ok(1.0)
+            }
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "cannot decode row 40");
     }
 
     #[test]

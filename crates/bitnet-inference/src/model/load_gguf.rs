@@ -60,7 +60,7 @@ use super::weights::{LayerWeights, Linear, ModelWeights, RmsNorm};
 use super::{LoadedModel, TensorSummary};
 use crate::formats::ggml::{self, GgmlType};
 use crate::formats::gguf::{GgufFile, GgufTensorInfo};
-use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
+use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix, BLOCK_WEIGHTS};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use half::{bf16, f16};
@@ -463,31 +463,33 @@ impl<'a> Loader<'a> {
                 let rb = ty
                     .row_bytes(cols)
                     .ok_or_else(|| self.err(name, "bad row length"))?;
-                let mut mixed = false;
-                let built = TernaryMatrix::from_rows(rows, cols, |r, trits| {
-                    let src = map(r);
-                    let scales = ggml::ternary_row(ty, &data[src * rb..(src + 1) * rb], trits)?;
-                    let mut d: Option<f32> = None;
-                    for (blk, &s) in trits.chunks(ggml::QK_K).zip(&scales) {
-                        if blk.iter().any(|&x| x != 0) {
-                            match d {
-                                None => d = Some(s),
-                                Some(prev) if prev.to_bits() == s.to_bits() => {}
-                                Some(_) => {
-                                    mixed = true;
-                                    return Err(Error::Invalid("mixed block scales".into()));
-                                }
+                // The rows are repacked in parallel, which wants a `Sync` row map.
+                let src_rows: Vec<usize> = (0..rows).map(map).collect();
+                let padded = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
+                let built = TernaryMatrix::from_packed_rows_parallel_with(
+                    rows,
+                    cols,
+                    || vec![0i8; padded],
+                    |trits, r, out| {
+                        let src = &data[src_rows[r] * rb..(src_rows[r] + 1) * rb];
+                        if ty == GgmlType::TQ2_0 {
+                            if let Some(d) = tq2_packed_row(src, out)? {
+                                return Ok(d * extra);
                             }
                         }
-                    }
-                    Ok(d.unwrap_or(0.0) * extra)
-                });
+                        trits.fill(0);
+                        let d = tq_row_scale(ty, src, &mut trits[..cols])?;
+                        TernaryMatrix::pack_row(trits, out, r)?;
+                        Ok(d * extra)
+                    },
+                );
                 match built {
                     Ok(m) => {
                         self.file.release(t);
                         Ok(Linear::ternary(m))
                     }
-                    Err(_) if mixed => {
+                    // Only when the first failing row is a mixed one, as `from_rows` would.
+                    Err(Error::Invalid(msg)) if msg == MIXED_SCALES => {
                         let m = self.dense(t, rows, cols, map)?;
                         Ok(Linear::dense(scale_dense(m, extra)?))
                     }
@@ -497,10 +499,22 @@ impl<'a> Loader<'a> {
             GgmlType::I2_S => {
                 let scale = ggml::i2s_scale(data, rows * cols)
                     .map_err(|e| self.err(name, e.to_string()))?;
-                let m = TernaryMatrix::from_rows(rows, cols, |r, trits| {
-                    ggml::i2s_decode(data, map(r) * cols, trits)?;
-                    Ok(scale * extra)
-                })
+                let src_rows: Vec<usize> = (0..rows).map(map).collect();
+                let padded = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
+                let m = TernaryMatrix::from_packed_rows_parallel_with(
+                    rows,
+                    cols,
+                    || vec![0i8; padded],
+                    |trits, r, out| {
+                        let start = src_rows[r] * cols;
+                        if !i2s_packed_row(data, start, cols, out) {
+                            trits.fill(0);
+                            ggml::i2s_decode(data, start, &mut trits[..cols])?;
+                            TernaryMatrix::pack_row(trits, out, r)?;
+                        }
+                        Ok(scale * extra)
+                    },
+                )
                 .map_err(|e| self.err(name, e.to_string()))?;
                 self.file.release(t);
                 Ok(Linear::ternary(m))
@@ -552,13 +566,19 @@ impl<'a> Loader<'a> {
                 (inv, 1.0 / inv)
             }
         };
-        let m = TernaryMatrix::from_rows(rows, cols, |r, trits| {
-            self.row_f32(t, data, map(r), cols, &mut row)?;
-            for (o, &w) in trits.iter_mut().zip(&row) {
-                *o = (w * inv).round_ties_even().clamp(-1.0, 1.0) as i8;
-            }
-            Ok(mult * extra)
-        })
+        let src_rows: Vec<usize> = (0..rows).map(map).collect();
+        let m = TernaryMatrix::from_rows_parallel_with(
+            rows,
+            cols,
+            || vec![0f32; cols],
+            |row, r, trits| {
+                self.row_f32(t, data, src_rows[r], cols, row)?;
+                for (o, &w) in trits.iter_mut().zip(row.iter()) {
+                    *o = (w * inv).round_ties_even().clamp(-1.0, 1.0) as i8;
+                }
+                Ok(mult * extra)
+            },
+        )
         .map_err(|e| self.err(&t.name, e.to_string()))?;
         self.file.release(t);
         Ok(Linear::ternary(m))
@@ -593,6 +613,84 @@ fn scale_dense(m: DenseMatrix, s: f32) -> Result<DenseMatrix> {
     // A mapped `m` has been copied: its pages are not needed any more.
     m.release_rows(0..rows);
     DenseMatrix::new(rows, cols, DenseData::F32(v.into()))
+}
+
+/// The error a TQ row with differently scaled blocks gives [`Loader::linear`], which then
+/// loads the tensor dense.
+const MIXED_SCALES: &str = "mixed block scales";
+
+/// Decodes a TQ1_0/TQ2_0 row into `trits`; returns the scale its non-zero blocks share
+/// (0 if all are zero), or the [`MIXED_SCALES`] error.
+fn tq_row_scale(ty: GgmlType, src: &[u8], trits: &mut [i8]) -> Result<f32> {
+    let scales = ggml::ternary_row(ty, src, trits)?;
+    let mut d: Option<f32> = None;
+    for (blk, &s) in trits.chunks(ggml::QK_K).zip(&scales) {
+        if blk.iter().any(|&x| x != 0) {
+            match d {
+                None => d = Some(s),
+                Some(prev) if prev.to_bits() == s.to_bits() => {}
+                Some(_) => return Err(Error::Invalid(MIXED_SCALES.into())),
+            }
+        }
+    }
+    Ok(d.unwrap_or(0.0))
+}
+
+/// Whether a byte holds a 2-bit code 3 (not a ternary value) in any of its four fields.
+fn has_code3(b: u8) -> bool {
+    b & (b >> 1) & 0x55 != 0
+}
+
+/// A TQ2_0 row straight into [`TernaryMatrix`]'s layout, which is TQ2_0's own: each
+/// 32-byte half of a block's `qs` holds elements `m + 32·l` of its 128 in bits `2l` of
+/// byte `m`, as `trit + 1`. Returns what [`tq_row_scale`] would (`Ok(None)` for a row
+/// with a code 3, which [`tq_row_scale`] then reports).
+fn tq2_packed_row(src: &[u8], out: &mut [u8]) -> Result<Option<f32>> {
+    const BLOCK: usize = 66; // 64 bytes of codes, an f16 scale
+    let mut d: Option<f32> = None;
+    let mut mixed = false;
+    for (b, o) in src.chunks_exact(BLOCK).zip(out.chunks_exact_mut(64)) {
+        let qs = &b[..64];
+        if qs.iter().any(|&x| has_code3(x)) {
+            return Ok(None);
+        }
+        o.copy_from_slice(qs);
+        // 0x55: four codes 1, four zero trits.
+        if qs.iter().any(|&x| x != 0x55) {
+            let s = f16::from_le_bytes([b[64], b[65]]).to_f32();
+            match d {
+                None => d = Some(s),
+                Some(prev) if prev.to_bits() == s.to_bits() => {}
+                // A code 3 later in the row still wins, as in `tq_row_scale`.
+                Some(_) => mixed = true,
+            }
+        }
+    }
+    if mixed {
+        return Err(Error::Invalid(MIXED_SCALES.into()));
+    }
+    Ok(Some(d.unwrap_or(0.0)))
+}
+
+/// An I2_S row (elements `start..start + cols`) straight into [`TernaryMatrix`]'s layout:
+/// I2_S byte `j` of a 128-element block holds elements `j + 32·i` in bits `6 - 2i` (ours in
+/// bits `2i`), so each byte's four fields are reversed. Returns false, writing nothing
+/// useful, when this does not apply (rows not whole blocks, bytes missing, a code 3): the
+/// caller then decodes the row element by element, which reports any error.
+fn i2s_packed_row(data: &[u8], start: usize, cols: usize, out: &mut [u8]) -> bool {
+    if !cols.is_multiple_of(ggml::I2S_BLOCK) || !start.is_multiple_of(ggml::I2S_BLOCK) {
+        return false;
+    }
+    let Some(src) = data.get(start / 4..(start + cols) / 4) else {
+        return false;
+    };
+    if src.iter().any(|&x| has_code3(x)) {
+        return false;
+    }
+    for (o, &x) in out.iter_mut().zip(src) {
+        *o = (x >> 6) | ((x >> 2) & 0x0C) | ((x << 2) & 0x30) | (x << 6);
+    }
+    true
 }
 
 /// HF row of a llama.cpp-permuted Q/K matrix → its GGUF row (see the module docs).
@@ -663,6 +761,73 @@ pub fn load_weights(file: &GgufFile, config: &ModelConfig) -> Result<ModelWeight
 mod tests {
     use super::*;
     use crate::formats::gguf::GgufWriter;
+
+    /// Bytes of random valid 2-bit codes (0, 1 or 2 in every field).
+    fn random_codes(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                (0..4).fold(0u8, |b, i| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    b | (((x >> 33) % 3) as u8) << (2 * i)
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ternary_rows_repack_directly_like_decoded_ones() {
+        let cols = 768; // three TQ2_0 blocks: bytes 0..66, 66..132, 132..198
+        let rb = GgmlType::TQ2_0.row_bytes(cols).unwrap();
+        let one = f16::from_f32(0.75).to_le_bytes();
+        let mut trits = vec![0i8; cols];
+        let (mut fast, mut slow) = (vec![0u8; cols / 4], vec![0u8; cols / 4]);
+        // Same scales; an all-zero block with another scale; mixed scales; a code 3 after a
+        // mixed block (the code 3 is reported, as the decoder does).
+        for case in 0..4 {
+            let mut row = random_codes(case, rb);
+            for b in row.chunks_exact_mut(66) {
+                b[64..].copy_from_slice(&one);
+            }
+            match case {
+                1 => {
+                    row[66..130].fill(0x55);
+                    row[130..132].copy_from_slice(&[0, 0x3c]);
+                }
+                2 => row[130..132].copy_from_slice(&[0, 0x3c]),
+                3 => {
+                    row[130..132].copy_from_slice(&[0, 0x3c]);
+                    row[140] = 0xC0 | 0x15;
+                }
+                _ => {}
+            }
+            let want = tq_row_scale(GgmlType::TQ2_0, &row, &mut trits)
+                .and_then(|d| TernaryMatrix::pack_row(&trits, &mut slow, 0).map(|()| d));
+            match (tq2_packed_row(&row, &mut fast), want) {
+                (Ok(Some(d)), Ok(w)) => {
+                    assert_eq!((d, &fast), (w, &slow), "case {case}");
+                    assert!(case < 2 && d == 0.75);
+                }
+                (Ok(None), Err(e)) => assert!(case == 3 && e.to_string().contains("code 3")),
+                (Err(a), Err(b)) => assert_eq!((case, a.to_string()), (2, b.to_string())),
+                (got, want) => panic!("case {case}: {got:?} vs {want:?}"),
+            }
+        }
+        // I2_S: rows at any whole-block offset; a code 3 falls back to the decoder.
+        let mut data = random_codes(7, 3 * cols / 4);
+        for start in [0, cols, 2 * cols] {
+            ggml::i2s_decode(&data, start, &mut trits).unwrap();
+            TernaryMatrix::pack_row(&trits, &mut slow, 0).unwrap();
+            assert!(i2s_packed_row(&data, start, cols, &mut fast));
+            assert_eq!(fast, slow, "start {start}");
+        }
+        assert!(!i2s_packed_row(&data, 3 * cols, cols, &mut fast));
+        assert!(!i2s_packed_row(&data, 64, 384, &mut fast[..96]));
+        data[5] = 0x0F;
+        assert!(!i2s_packed_row(&data, 0, cols, &mut fast));
+    }
 
     #[test]
     fn float_matrices_in_row_order_are_read_in_place() {

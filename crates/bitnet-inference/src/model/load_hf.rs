@@ -46,6 +46,7 @@ use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
+use rayon::prelude::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -772,7 +773,7 @@ pub fn packed_ternary(
     }
     let packed_rows = out / 4;
     w.expect_shape(&[packed_rows, inp])?;
-    TernaryMatrix::from_rows(out, inp, |r, trits| {
+    TernaryMatrix::from_rows_parallel(out, inp, |r, trits| {
         let (p, shift) = (r % packed_rows, 2 * (r / packed_rows));
         let row = &w.data[p * inp..(p + 1) * inp];
         for (c, (t, &byte)) in trits.iter_mut().zip(row).enumerate() {
@@ -797,23 +798,27 @@ fn float_ternary(
 ) -> Result<TernaryMatrix> {
     w.expect_shape(&[out, inp])?;
     w.expect_dtype(&[Dtype::BF16, Dtype::F16, Dtype::F32])?;
-    let mut row = vec![0.0f32; inp];
-    TernaryMatrix::from_rows(out, inp, |r, trits| {
-        w.row_f32(r, &mut row)?;
-        for (c, (t, &v)) in trits.iter_mut().zip(&row).enumerate() {
-            *t = match v {
-                -1.0 => -1,
-                0.0 => 0,
-                1.0 => 1,
-                _ => {
-                    return Err(w.error(format!(
-                        "offline autobitlinear weight {v} at ({r},{c}) is not -1, 0 or 1"
-                    )))
-                }
-            };
-        }
-        Ok(multiplier)
-    })
+    TernaryMatrix::from_rows_parallel_with(
+        out,
+        inp,
+        || vec![0.0f32; inp],
+        |row, r, trits| {
+            w.row_f32(r, row)?;
+            for (c, (t, &v)) in trits.iter_mut().zip(row.iter()).enumerate() {
+                *t = match v {
+                    -1.0 => -1,
+                    0.0 => 0,
+                    1.0 => 1,
+                    _ => {
+                        return Err(w.error(format!(
+                            "offline autobitlinear weight {v} at ({r},{c}) is not -1, 0 or 1"
+                        )))
+                    }
+                };
+            }
+            Ok(multiplier)
+        },
+    )
 }
 
 /// The ternarization of transformers' `WeightQuant` (and 1bitLLM's `weight_quant`), in f32:
@@ -822,14 +827,22 @@ pub fn online_scale(w: &TensorRef<'_>) -> Result<f32> {
     let [rows, cols] = *w.shape else {
         return Err(w.error(format!("expected a 2-D tensor, found shape {:?}", w.shape)));
     };
-    let mut row = vec![0.0f32; cols];
     // torch sums f32 with pairwise/vectorized partial sums; an f64 sum rounded once is the
     // correctly rounded f32 sum, which torch's result matches except in rare last-bit cases.
-    let mut sum = 0.0f64;
-    for r in 0..rows {
-        w.row_f32(r, &mut row)?;
-        sum += row.iter().map(|v| v.abs() as f64).sum::<f64>();
-    }
+    // Row sums are taken in parallel and added in row order (the same sum as a serial loop).
+    let row_sums = (0..rows)
+        .into_par_iter()
+        .map_init(
+            || vec![0.0f32; cols],
+            |row, r| {
+                w.row_f32(r, row)?;
+                Ok(row.iter().map(|v| v.abs() as f64).sum::<f64>())
+            },
+        )
+        .collect::<Vec<Result<f64>>>();
+    let sum = row_sums
+        .into_iter()
+        .try_fold(0.0f64, |acc, s| s.map(|s| acc + s))?;
     // CPU `mean` is `sum / n` in the tensor's dtype.
     let mean = (sum as f32) / (rows * cols) as f32;
     Ok(1.0f32 / mean.max(1e-5f32))
@@ -842,14 +855,18 @@ fn online_ternary(w: &TensorRef<'_>, out: usize, inp: usize) -> Result<TernaryMa
     // transformers returns `(t / scale).to(dtype)`; in the f32 computation this engine
     // reproduces (the model loaded in float32), that is 1/scale in f32.
     let multiplier = 1.0f32 / scale;
-    let mut row = vec![0.0f32; inp];
-    TernaryMatrix::from_rows(out, inp, |r, trits| {
-        w.row_f32(r, &mut row)?;
-        for (t, &v) in trits.iter_mut().zip(&row) {
-            *t = (v * scale).round_ties_even().clamp(-1.0, 1.0) as i8;
-        }
-        Ok(multiplier)
-    })
+    TernaryMatrix::from_rows_parallel_with(
+        out,
+        inp,
+        || vec![0.0f32; inp],
+        |row, r, trits| {
+            w.row_f32(r, row)?;
+            for (t, &v) in trits.iter_mut().zip(row.iter()) {
+                *t = (v * scale).round_ties_even().clamp(-1.0, 1.0) as i8;
+            }
+            Ok(multiplier)
+        },
+    )
 }
 
 /// `generation_config.json` (if any), falling back to `config.json`'s token ids.
