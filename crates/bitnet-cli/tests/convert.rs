@@ -757,3 +757,106 @@ fn unsupported_tokenizers_are_clear_errors() {
     assert!(err.contains("splits the text at spaces"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Whether python3 with `gguf` and numpy is here. Missing, it is a failure unless
+/// BITNET_SKIP_PY_GGUF=1.
+fn python_gguf() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import gguf.quants, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok && std::env::var("BITNET_SKIP_PY_GGUF").is_ok_and(|v| v == "1") {
+        eprintln!("python3 `gguf` package not installed; skipped (BITNET_SKIP_PY_GGUF=1)");
+        return false;
+    }
+    assert!(
+        ok,
+        "Python's gguf package is needed (`pip install gguf`), or set BITNET_SKIP_PY_GGUF=1 \
+         to skip"
+    );
+    true
+}
+
+/// The trained tiny model's per-tensor scales have no exact f16 form: TQ output refuses
+/// them, naming the tensor and `--round-scales`, and with the flag writes files that load,
+/// give nearly the original logits, and pass the `gguf` package's reader. (That the scales
+/// are exactly the nearest f16s: bitnet-inference's tests/round_scales.rs.)
+#[test]
+fn round_scales_converts_the_tiny_model_to_tq_types() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bitnet-tiny");
+    let dir = std::env::temp_dir().join(format!("bitnet-convert-round-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (want, want_ids) = logits_and_ids(&src);
+    let range =
+        want.iter().fold(f32::MIN, |a, &b| a.max(b)) - want.iter().fold(f32::MAX, |a, &b| a.min(b));
+    let mut outs = Vec::new();
+    for (to, ty) in [("gguf-tq2_0", "TQ2_0"), ("gguf-tq1_0", "TQ1_0")] {
+        let out = dir.join(format!("{to}.gguf"));
+        let err = convert_err(&src, &out, to);
+        assert!(
+            err.contains(&format!(
+                "blk.0.attn_q.weight: row 0's scale 0.05839416 has no exact f16 form for {ty}; \
+                 pass --round-scales"
+            )),
+            "{err}"
+        );
+        assert!(!dir.join(format!(".{to}.gguf.partial")).exists());
+
+        let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+            .args(["convert", src.to_str().unwrap(), out.to_str().unwrap()])
+            .args(["--to", to, "--round-scales"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        let prefix = "rounded 70 scales in 70 tensors to f16 (largest relative change ";
+        let change: f64 = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix)?.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{to}: no rounding summary in {stderr}"))
+            .parse()
+            .unwrap();
+        // Nearest f16: at most half an ulp, 2^-11 relative.
+        assert!(change > 0.0 && change <= 4.9e-4, "{to}: {change}");
+        let (got, ids) = logits_and_ids(&out);
+        assert_eq!(ids, want_ids, "{to}: tokenizer");
+        let max = max_delta(&got, &want);
+        eprintln!("{to}: max |Δlogit| {max:.4} of range {range:.2}");
+        // Rounding moves logits by about 1% of their range (int8 activation steps flip);
+        // a dropped scale moves them by about 20%.
+        assert!(max < 0.03 * range, "{to}: max |Δlogit| {max} of {range}");
+        outs.push(out);
+    }
+    if python_gguf() {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/check_converted_gguf.py");
+        let o = Command::new("python3")
+            .arg(script)
+            .args(&outs)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "check_converted_gguf.py: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // The flag has no meaning for types that keep f32 scales.
+    for to in ["gguf-i2s", "hf-packed"] {
+        let out = dir.join(format!("{to}-rounded"));
+        let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+            .args(["convert", src.to_str().unwrap(), out.to_str().unwrap()])
+            .args(["--to", to, "--round-scales"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{to}");
+        assert!(
+            stderr.contains("--round-scales applies to gguf-tq2_0 and gguf-tq1_0 only"),
+            "{stderr}"
+        );
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

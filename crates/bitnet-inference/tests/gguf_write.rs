@@ -46,6 +46,7 @@ fn written_gguf_files_load_back_identically() {
                 ternary_type: ty,
                 embedding_type: GgmlType::F16,
                 name: "test".into(),
+                round_scales: false,
             },
             &path,
         )

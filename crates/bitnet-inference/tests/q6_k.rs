@@ -158,6 +158,7 @@ fn export(ty: GgmlType, emb: GgmlType) -> GgufExport {
         ternary_type: ty,
         embedding_type: emb,
         name: "q6_k test".into(),
+        round_scales: false,
     }
 }
 

@@ -35,6 +35,14 @@ pub struct Args {
     /// GGUF architecture string (default: bitnet-25 for I2_S, bitnet for TQ types).
     #[arg(long)]
     arch: Option<String>,
+    /// gguf-tq2_0/gguf-tq1_0 store one f16 scale per 256 weights, so a model whose ternary
+    /// scales have no exact f16 form is refused. With this flag each such scale is rounded
+    /// to the nearest f16 (ties to even, at most 2^-11 ≈ 4.9e-4 relative) and one line
+    /// reports how many were and the largest relative change. Exact scales stay exact;
+    /// scales beyond f16's range (above 65504, or below its smallest normal 6.1e-5) are
+    /// still errors. gguf-i2s and hf-packed keep f32 scales and need no rounding.
+    #[arg(long)]
+    round_scales: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -45,6 +53,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "hf-packed" => return run_hf(&a),
         t => anyhow::bail!("--to {t}: expected gguf-i2s, gguf-tq2_0, gguf-tq1_0 or hf-packed"),
     };
+    if a.round_scales && ternary_type == GgmlType::I2_S {
+        anyhow::bail!(
+            "--round-scales applies to gguf-tq2_0 and gguf-tq1_0 only (I2_S stores an f32 scale)"
+        );
+    }
     let embedding_type = match a.embedding_type.to_ascii_lowercase().as_str() {
         "f16" => GgmlType::F16,
         "f32" => GgmlType::F32,
@@ -81,14 +94,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ternary_type,
             embedding_type,
             name,
+            round_scales: a.round_scales,
         },
         &tmp,
     );
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
-    }
+    let written = match res {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
     std::fs::rename(&tmp, &a.output)?;
+    if a.round_scales {
+        eprintln!("{}", written.rounding_summary());
+    }
     eprintln!(
         "wrote {} ({}, {} parameters)",
         a.output.display(),
@@ -102,6 +122,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 fn run_hf(a: &Args) -> anyhow::Result<()> {
     if a.arch.is_some() {
         anyhow::bail!("--arch applies to GGUF output only");
+    }
+    if a.round_scales {
+        anyhow::bail!(
+            "--round-scales applies to gguf-tq2_0 and gguf-tq1_0 only (hf-packed keeps the \
+             scales as they are)"
+        );
     }
     if !a.embedding_type.eq_ignore_ascii_case("f16") {
         eprintln!("note: --embedding-type is ignored for hf-packed (the embedding keeps its type)");

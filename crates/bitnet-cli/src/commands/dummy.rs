@@ -104,6 +104,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ternary_type,
             embedding_type: ggml_type(&a.embedding_type)?,
             name: format!("dummy {} seed {}", a.preset, a.seed),
+            round_scales: false,
         },
         &a.output,
     )?;

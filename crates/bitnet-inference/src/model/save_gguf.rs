@@ -23,6 +23,60 @@ pub struct GgufExport {
     /// there is no silent fallback to another type).
     pub embedding_type: GgmlType,
     pub name: String,
+    /// TQ1_0/TQ2_0 store one f16 scale a 256-weight block. A ternary scale with no exact
+    /// f16 form is an error unless this is set; then it is rounded to the nearest f16 (ties
+    /// to even), and [`GgufWritten`] says how many were and by how much. Scales outside
+    /// f16's normal range (they would become infinite, zero or a subnormal that loses
+    /// precision) stay errors. I2_S keeps an f32 scale and never rounds.
+    pub round_scales: bool,
+}
+
+impl GgufExport {
+    /// An export that refuses inexact scales (`round_scales: false`).
+    pub fn new(
+        architecture: impl Into<String>,
+        ternary_type: GgmlType,
+        embedding_type: GgmlType,
+        name: impl Into<String>,
+    ) -> Self {
+        Self {
+            architecture: architecture.into(),
+            ternary_type,
+            embedding_type,
+            name: name.into(),
+            round_scales: false,
+        }
+    }
+}
+
+/// What [`write_gguf`] changed on the way.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GgufWritten {
+    /// Distinct ternary scales rounded to f16 (a per-tensor scale shared by every row counts
+    /// once; per-row scales count once per distinct value in the tensor).
+    pub rounded_scales: usize,
+    /// Tensors with at least one rounded scale.
+    pub rounded_tensors: usize,
+    /// The largest `|f16(s) - s| / |s|` over the rounded scales (0 when none was).
+    pub max_relative_change: f64,
+}
+
+impl GgufWritten {
+    /// One line for the user: `rounded 70 scales in 70 tensors to f16 (largest relative
+    /// change 2.4e-4)`.
+    pub fn rounding_summary(&self) -> String {
+        if self.rounded_scales == 0 {
+            return "rounded no scales: every ternary scale has an exact f16 form".into();
+        }
+        format!(
+            "rounded {} scale{} in {} tensor{} to f16 (largest relative change {:.1e})",
+            self.rounded_scales,
+            if self.rounded_scales == 1 { "" } else { "s" },
+            self.rounded_tensors,
+            if self.rounded_tensors == 1 { "" } else { "s" },
+            self.max_relative_change
+        )
+    }
 }
 
 /// llama.cpp's `llama_ftype` for the file's main type (`general.file_type`).
@@ -36,13 +90,14 @@ fn file_type(t: GgmlType) -> u32 {
 }
 
 /// Writes `weights` to `path`. `tokenizer` is the `tokenizer.ggml.*` metadata to embed.
+/// Returns what was changed on the way (scales rounded under `export.round_scales`).
 pub fn write_gguf(
     config: &ModelConfig,
     weights: &ModelWeights,
     tokenizer: &[(String, GgufValue)],
     export: &GgufExport,
     path: &Path,
-) -> Result<()> {
+) -> Result<GgufWritten> {
     let arch = export.architecture.as_str();
     if !matches!(
         export.ternary_type,
@@ -54,6 +109,7 @@ pub fn write_gguf(
         )));
     }
     let mut w = GgufWriter::new();
+    let mut written = GgufWritten::default();
     let k = |s: &str| format!("{arch}.{s}");
     let u32v = |v: usize| GgufValue::U32(v as u32);
     w.add_metadata("general.architecture", GgufValue::String(arch.into()))
@@ -102,45 +158,83 @@ pub fn write_gguf(
     for (i, l) in weights.layers.iter().enumerate() {
         let b = |s: &str| format!("blk.{i}.{s}");
         add_norm(&mut w, &b("attn_norm.weight"), &l.attn_norm);
-        add_linear(&mut w, &b("attn_q.weight"), &l.q_proj, export)?;
-        add_linear(&mut w, &b("attn_k.weight"), &l.k_proj, export)?;
-        add_linear(&mut w, &b("attn_v.weight"), &l.v_proj, export)?;
+        add_linear(&mut w, &b("attn_q.weight"), &l.q_proj, export, &mut written)?;
+        add_linear(&mut w, &b("attn_k.weight"), &l.k_proj, export, &mut written)?;
+        add_linear(&mut w, &b("attn_v.weight"), &l.v_proj, export, &mut written)?;
         if let Some(n) = &l.attn_sub_norm {
             add_norm(&mut w, &b("attn_sub_norm.weight"), n);
         }
-        add_linear(&mut w, &b("attn_output.weight"), &l.o_proj, export)?;
+        add_linear(
+            &mut w,
+            &b("attn_output.weight"),
+            &l.o_proj,
+            export,
+            &mut written,
+        )?;
         add_norm(&mut w, &b("ffn_norm.weight"), &l.ffn_norm);
-        add_linear(&mut w, &b("ffn_gate.weight"), &l.gate_proj, export)?;
-        add_linear(&mut w, &b("ffn_up.weight"), &l.up_proj, export)?;
+        add_linear(
+            &mut w,
+            &b("ffn_gate.weight"),
+            &l.gate_proj,
+            export,
+            &mut written,
+        )?;
+        add_linear(
+            &mut w,
+            &b("ffn_up.weight"),
+            &l.up_proj,
+            export,
+            &mut written,
+        )?;
         if let Some(n) = &l.ffn_sub_norm {
             add_norm(&mut w, &b("ffn_sub_norm.weight"), n);
         }
-        add_linear(&mut w, &b("ffn_down.weight"), &l.down_proj, export)?;
+        add_linear(
+            &mut w,
+            &b("ffn_down.weight"),
+            &l.down_proj,
+            export,
+            &mut written,
+        )?;
     }
     add_norm(&mut w, "output_norm.weight", &weights.output_norm);
     if let Some(head) = &weights.lm_head {
-        add_linear(&mut w, "output.weight", head, export)?;
+        add_linear(&mut w, "output.weight", head, export, &mut written)?;
     }
-    w.write(path)
+    w.write(path)?;
+    Ok(written)
 }
 
 fn add_norm(w: &mut GgufWriter, name: &str, n: &RmsNorm) {
     w.add_f32(name, &[n.weight.len() as u64], &n.weight);
 }
 
-fn add_linear(w: &mut GgufWriter, name: &str, l: &Linear, export: &GgufExport) -> Result<()> {
+fn add_linear(
+    w: &mut GgufWriter,
+    name: &str,
+    l: &Linear,
+    export: &GgufExport,
+    written: &mut GgufWritten,
+) -> Result<()> {
     if l.input_norm.is_some() {
         return Err(Error::Invalid(format!(
             "{name}: per-linear input norms (use_rms_norm) have no GGUF form"
         )));
     }
     match &l.weights {
-        LinearWeights::Ternary(m) => add_ternary(w, name, m, export.ternary_type),
+        LinearWeights::Ternary(m) => add_ternary(w, name, m, export, written),
         LinearWeights::Dense(m) => add_dense(w, name, m, GgmlType::F16),
     }
 }
 
-fn add_ternary(w: &mut GgufWriter, name: &str, m: &TernaryMatrix, ty: GgmlType) -> Result<()> {
+fn add_ternary(
+    w: &mut GgufWriter,
+    name: &str,
+    m: &TernaryMatrix,
+    export: &GgufExport,
+    written: &mut GgufWritten,
+) -> Result<()> {
+    let ty = export.ternary_type;
     let (rows, cols) = (m.rows(), m.cols());
     let bad = |msg: String| Error::Invalid(format!("{name}: {msg}"));
     let mut trits = vec![0i8; cols];
@@ -167,17 +261,22 @@ fn add_ternary(w: &mut GgufWriter, name: &str, m: &TernaryMatrix, ty: GgmlType) 
         }
         let blocks = cols / ggml::QK_K;
         let mut out = Vec::with_capacity(rows * blocks * ty.block_bytes());
+        // Bits of the scales rounded in this tensor: rows sharing one scale count once.
+        let mut rounded = std::collections::BTreeSet::new();
         for r in 0..rows {
             row_trits(m, r, &mut trits);
-            let d = f16::from_f32(m.multipliers()[r]);
-            if d.to_f32() != m.multipliers()[r] {
-                return Err(bad(format!(
-                    "row {r}'s scale {} has no exact f16 form for {}",
-                    m.multipliers()[r],
-                    ty.name()
-                )));
+            let s = m.multipliers()[r];
+            let d = f16_scale(s, export.round_scales, ty)
+                .map_err(|e| bad(format!("row {r}'s scale {s} {e}")))?;
+            if d.to_f32() != s && rounded.insert(s.to_bits()) {
+                written.max_relative_change =
+                    written.max_relative_change.max(relative_change(s, d));
             }
             out.extend(ggml::pack_tq(ty, &trits, &vec![d.to_f32(); blocks])?);
+        }
+        if !rounded.is_empty() {
+            written.rounded_scales += rounded.len();
+            written.rounded_tensors += 1;
         }
         out
     };
@@ -240,8 +339,135 @@ fn add_dense(w: &mut GgufWriter, name: &str, m: &DenseMatrix, ty: GgmlType) -> R
     Ok(())
 }
 
+/// `|f16(s) - s| / |s|`.
+fn relative_change(s: f32, d: f16) -> f64 {
+    ((d.to_f32() as f64 - s as f64) / s as f64).abs()
+}
+
+/// The f16 a TQ block of type `ty` stores for scale `s`: `s` itself when exact; with
+/// `round`, the nearest f16 (ties to even) when that is a normal f16. Otherwise the error
+/// says why; it reads after "row R's scale S ".
+fn f16_scale(s: f32, round: bool, ty: GgmlType) -> std::result::Result<f16, String> {
+    let ty = ty.name();
+    if !s.is_finite() {
+        return Err(format!("is not finite; {ty} cannot store it"));
+    }
+    let d = f16::from_f32(s);
+    if d.to_f32() == s {
+        return Ok(d);
+    }
+    if d.is_infinite() {
+        return Err(format!(
+            "is beyond f16's largest value ({}): {ty} stores its scales as f16",
+            f16::MAX
+        ));
+    }
+    let change = relative_change(s, d);
+    if d.to_f32().abs() < f16::MIN_POSITIVE.to_f32() {
+        // Zero or a subnormal: more than f16's 11 significant bits would be lost.
+        return Err(format!(
+            "is below f16's smallest normal value ({:e}) and would become {} (relative \
+             change {change:.1e}): {ty} stores its scales as f16",
+            f16::MIN_POSITIVE.to_f32(),
+            d.to_f32()
+        ));
+    }
+    if !round {
+        return Err(format!(
+            "has no exact f16 form for {ty}; pass --round-scales to round it to {} \
+             (relative change {change:.1e})",
+            d.to_f32()
+        ));
+    }
+    Ok(d)
+}
+
 fn row_trits(m: &TernaryMatrix, r: usize, out: &mut [i8]) {
     for (c, t) in out.iter_mut().enumerate() {
         *t = m.trit(r, c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TQ2: GgmlType = GgmlType::TQ2_0;
+
+    #[test]
+    fn exact_scales_pass_unchanged_with_or_without_rounding() {
+        for s in [
+            1.0f32,
+            0.5,
+            -0.25,
+            0.0,
+            65504.0,
+            2f32.powi(-14),
+            2f32.powi(-24),
+        ] {
+            for round in [false, true] {
+                assert_eq!(f16_scale(s, round, TQ2).unwrap().to_f32(), s, "{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn inexact_scales_need_the_flag_and_round_to_nearest_even() {
+        let s = 0.05839416f32;
+        let e = f16_scale(s, false, TQ2).unwrap_err();
+        assert!(e.contains("no exact f16 form for TQ2_0"), "{e}");
+        assert!(e.contains("pass --round-scales"), "{e}");
+        let d = f16_scale(s, true, TQ2).unwrap();
+        // The nearest f16, not a truncation: within half an f16 ulp (2^-11 relative).
+        assert!(relative_change(s, d) <= 2f64.powi(-11), "{d}");
+        let below = f16::from_bits(d.to_bits() - 1).to_f32();
+        let above = f16::from_bits(d.to_bits() + 1).to_f32();
+        assert!(below < s && s < above, "{below} {s} {above}");
+        assert!((d.to_f32() - s).abs() <= (below - s).abs());
+        assert!((d.to_f32() - s).abs() <= (above - s).abs());
+        // Ties go to the even mantissa: 1 + 2^-11 → 1, 1 + 3·2^-11 → 1 + 2^-9.
+        let tie = |k: f32| {
+            f16_scale(1.0 + k * 2f32.powi(-11), true, TQ2)
+                .unwrap()
+                .to_f32()
+        };
+        assert_eq!(tie(1.0), 1.0);
+        assert_eq!(tie(3.0), 1.0 + 2f32.powi(-9));
+        // Negative scales round symmetrically.
+        assert_eq!(f16_scale(-s, true, TQ2).unwrap().to_f32(), -d.to_f32());
+    }
+
+    #[test]
+    fn out_of_range_scales_stay_errors_even_when_rounding() {
+        let tq1 = GgmlType::TQ1_0;
+        let e = f16_scale(1e6, true, tq1).unwrap_err();
+        assert!(
+            e.contains("beyond f16's largest value") && e.contains("TQ1_0"),
+            "{e}"
+        );
+        // Would flush to zero, or to a subnormal with a few bits left.
+        for s in [1e-9f32, 1e-6] {
+            let e = f16_scale(s, true, TQ2).unwrap_err();
+            assert!(e.contains("below f16's smallest normal value"), "{s}: {e}");
+        }
+        for s in [f32::NAN, f32::INFINITY] {
+            assert!(f16_scale(s, true, TQ2).unwrap_err().contains("not finite"));
+        }
+    }
+
+    #[test]
+    fn summary_line_counts_and_reports_the_largest_change() {
+        let w = GgufWritten {
+            rounded_scales: 70,
+            rounded_tensors: 70,
+            max_relative_change: 2.4e-4,
+        };
+        assert_eq!(
+            w.rounding_summary(),
+            "rounded 70 scales in 70 tensors to f16 (largest relative change 2.4e-4)"
+        );
+        assert!(GgufWritten::default()
+            .rounding_summary()
+            .contains("every ternary scale has an exact f16 form"));
     }
 }
