@@ -155,7 +155,7 @@ impl DenseMatrix {
                     *o = x.to_f32();
                 }
             }
-            DenseData::Q6K(v) => super::q6k::dequantize_row(&v[self.q6k_row(v, r)], out),
+            DenseData::Q6K(v) => super::q6k::dequantize_row_fast(&v[self.q6k_row(v, r)], out),
         }
     }
 
@@ -164,8 +164,13 @@ impl DenseMatrix {
     pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
         let span = r * self.cols..(r + 1) * self.cols;
         assert_eq!(x.len(), self.cols, "dense dot width");
-        if let DenseData::Q6K(v) = &self.data {
-            return super::q6k::row_dot_f32(&v[self.q6k_row(v, r)], x);
+        if let DenseData::Q6K(_) = &self.data {
+            // The f32 product of the exactly dequantized row (as `dense_matmul` does it).
+            return DECODED_ROW.with_borrow_mut(|row| {
+                row.resize(self.cols, 0.0);
+                self.row_to_f32(r, row);
+                dot_f32_best(row, x)
+            });
         }
         #[cfg(target_arch = "x86_64")]
         {
@@ -189,10 +194,30 @@ impl DenseMatrix {
             DenseData::BF16(v) => dot_converted(&v[span], x, |w| w.to_f32()),
             DenseData::Q6K(v) => {
                 let r = span.start / self.cols.max(1);
-                super::q6k::row_dot_f32_with(super::q6k::Path::Scalar, &v[self.q6k_row(v, r)], x)
+                let mut row = vec![0.0; self.cols];
+                super::q6k::dequantize_row(&v[self.q6k_row(v, r)], &mut row);
+                dot_f32(&row, x)
             }
         }
     }
+}
+
+thread_local! {
+    /// One dequantized Q6_K row (the f32 products run on it); grows to the row width once.
+    pub(super) static DECODED_ROW: std::cell::RefCell<Vec<f32>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `Σ w·x` of two f32 rows with the widest vector unit this CPU has (the F32 `dot_row`).
+pub(super) fn dot_f32_best(w: &[f32], x: &[f32]) -> f32 {
+    assert_eq!(w.len(), x.len(), "dense dot width");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(v) = x86::dot_f32(w, x) {
+            return v;
+        }
+    }
+    dot_f32(w, x)
 }
 
 /// Eight independent accumulators: lets the compiler vectorize, and keeps the rounding
@@ -247,6 +272,19 @@ mod x86 {
                 Level::Scalar
             }
         })
+    }
+
+    /// `Σ w·x` of f32 rows; `None` where this CPU has neither vector unit.
+    pub(super) fn dot_f32(w: &[f32], x: &[f32]) -> Option<f32> {
+        debug_assert_eq!(w.len(), x.len());
+        let n = w.len().min(x.len());
+        // SAFETY: both pointers have `n` elements; each function runs only at the level
+        // `level()` detected on this CPU.
+        match level() {
+            Level::Scalar => None,
+            Level::Avx512 => Some(unsafe { f32_512(w.as_ptr(), x.as_ptr(), n) }),
+            Level::Avx2 => Some(unsafe { f32_256(w.as_ptr(), x.as_ptr(), n) }),
+        }
     }
 
     /// `None` where this CPU has neither vector unit.

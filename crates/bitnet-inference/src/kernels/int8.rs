@@ -21,7 +21,8 @@ pub struct Int8Matrix {
     values: Vec<i8>,
     /// Per row: `s = 127 / max|w|`; the row is `q / s`.
     scales: Vec<f32>,
-    /// Per row: `Σ q`, for the unsigned-times-signed VNNI product.
+    /// Per row: `Σ q`, for the unsigned-times-signed VNNI products (x86 only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     sums: Vec<i32>,
 }
 

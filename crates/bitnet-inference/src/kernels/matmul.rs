@@ -107,6 +107,23 @@ pub fn dense_matmul(w: &DenseMatrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
     assert_eq!(out.len(), n_tok * rows, "dense_matmul output size");
     let chunk = chunk_rows(rows);
     let out_ptr = SharedOut(out.as_mut_ptr());
+    if let super::DenseData::Q6K(_) = w.data() {
+        // Each row dequantized once (exactly) for all tokens; `dot_row` does the same.
+        super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
+            super::dense::DECODED_ROW.with_borrow_mut(|row| {
+                row.resize(cols, 0.0);
+                for r in c * chunk..((c + 1) * chunk).min(rows) {
+                    w.row_to_f32(r, row);
+                    for t in 0..n_tok {
+                        let v = super::dense::dot_f32_best(row, &x[t * cols..(t + 1) * cols]);
+                        // SAFETY: (t, r) is inside `out` and row r belongs to this task alone.
+                        unsafe { *out_ptr.at(t * rows + r) = v };
+                    }
+                }
+            })
+        });
+        return;
+    }
     super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
         for r in c * chunk..((c + 1) * chunk).min(rows) {
             for t in 0..n_tok {

@@ -129,7 +129,7 @@ impl Q6kMatrix {
 fn dequantize_block(blk: &[u8], out: &mut [f32; Q6K_BLOCK]) {
     let d = block_d(blk);
     for (j, (o, c)) in out.iter_mut().zip(block_codes(blk)).enumerate() {
-        *o = d * blk[192 + j / 16] as i8 as f32 * (c as i32 - 32) as f32;
+        *o = (d * blk[192 + j / 16] as i8 as f32) * (c as i32 - 32) as f32;
     }
 }
 
@@ -313,49 +313,34 @@ impl Path {
     }
 }
 
-/// `Σ_j w_j · x_j` of one row of whole Q6_K blocks with f32 activations, where
-/// `w_j = (d·sc)·q` is the exact dequantized weight (`d` has 11 significant bits, `sc` 8 and
-/// `q` 5, so the product fits f32's 24): the float lm_head product on the file's weights.
-/// The vector paths add in another order than the scalar one.
-pub fn row_dot_f32(row: &[u8], x: &[f32]) -> f32 {
-    row_dot_f32_with(Path::detect(), row, x)
+/// Dequantizes a row of whole blocks into `out` (`row.len() / 210 · 256` values) with the
+/// widest vector unit this CPU has. Every weight `(d·sc)·q` is exact in f32 (`d` has 11
+/// significant bits, `sc` 8 and `q` 5), so every path gives the same bits as
+/// [`dequantize_row`]: the float lm_head product of a Q6_K matrix is the f32 product of
+/// these rows (`DenseMatrix`).
+pub fn dequantize_row_fast(row: &[u8], out: &mut [f32]) {
+    dequantize_row_with(Path::detect(), row, out)
 }
 
-/// [`row_dot_f32`] on a given path (tests compare paths).
-pub fn row_dot_f32_with(path: Path, row: &[u8], x: &[f32]) -> f32 {
+/// [`dequantize_row_fast`] on a given path (tests compare paths).
+pub fn dequantize_row_with(path: Path, row: &[u8], out: &mut [f32]) {
     assert!(
-        x.len().is_multiple_of(Q6K_BLOCK) && row.len() == x.len() / Q6K_BLOCK * Q6K_BLOCK_BYTES,
-        "Q6_K row of {} bytes against {} values",
+        row.len().is_multiple_of(Q6K_BLOCK_BYTES)
+            && out.len() == row.len() / Q6K_BLOCK_BYTES * Q6K_BLOCK,
+        "Q6_K row of {} bytes into {} values",
         row.len(),
-        x.len()
+        out.len()
     );
     match path {
-        Path::Scalar => row_dot_f32_scalar(row, x),
+        Path::Scalar => dequantize_row(row, out),
         // SAFETY: `Path` values other than Scalar come from feature detection (`detect`,
         // `available`); the sizes were checked above.
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => unsafe { x86::row_dot_f32_avx2(row, x) },
+        Path::Avx2 => unsafe { x86::dequantize_row_avx2(row, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512 => unsafe { x86::row_dot_f32_avx512(row, x) },
+        Path::Avx512 => unsafe { x86::dequantize_row_avx512(row, out) },
     }
-}
-
-fn row_dot_f32_scalar(row: &[u8], x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut w = [0.0f32; Q6K_BLOCK];
-    for (blk, xb) in row
-        .chunks_exact(Q6K_BLOCK_BYTES)
-        .zip(x.chunks_exact(Q6K_BLOCK))
-    {
-        dequantize_block(blk, &mut w);
-        for (w8, x8) in w.chunks_exact(8).zip(xb.chunks_exact(8)) {
-            for i in 0..8 {
-                acc[i] += w8[i] * x8[i];
-            }
-        }
-    }
-    acc.iter().sum()
 }
 
 /// Dequantizes a row of whole blocks into `out` (`out.len()` values).
@@ -534,59 +519,44 @@ mod x86 {
         }
     }
 
-    /// `Σ w·x` of a row of whole blocks with f32 activations, `w = (d·sc)·q` formed exactly
-    /// in f32 and fused-multiply-added, 16 lanes.
+    /// [`super::dequantize_row`] with 16 lanes: codes widened to 32 bits, centred, converted
+    /// and multiplied by `d·sc` (both exact in f32, so the product is too).
     ///
-    /// Safety: needs AVX-512F and BW; `row` holds `x.len() / 256` blocks.
+    /// Safety: needs AVX-512F and BW; `out` has `row.len() / 210 · 256` values.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn row_dot_f32_avx512(row: &[u8], x: &[f32]) -> f32 {
+    pub(super) unsafe fn dequantize_row_avx512(row: &[u8], out: &mut [f32]) {
         let c32 = _mm512_set1_epi32(32);
-        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        for (blk, xb) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+        for (blk, o) in row.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
             let d = super::block_d(blk);
-            // SAFETY: the caller guarantees the features; `blk` has 210 bytes and `xb` 256
-            // values (chunks_exact), every load is inside them.
+            // SAFETY: the caller guarantees the features; `blk` has 210 bytes and `o` 256
+            // values (chunks_exact), every load and store is inside them.
             unsafe {
                 let codes = codes_512(blk);
-                for sub in (0..16).step_by(2) {
+                for sub in 0..16 {
                     let z = codes[sub / 4];
-                    let (c0, c1) = match sub % 4 {
-                        0 => (
-                            _mm512_extracti32x4_epi32::<0>(z),
-                            _mm512_extracti32x4_epi32::<1>(z),
-                        ),
-                        _ => (
-                            _mm512_extracti32x4_epi32::<2>(z),
-                            _mm512_extracti32x4_epi32::<3>(z),
-                        ),
+                    let c = match sub % 4 {
+                        0 => _mm512_extracti32x4_epi32::<0>(z),
+                        1 => _mm512_extracti32x4_epi32::<1>(z),
+                        2 => _mm512_extracti32x4_epi32::<2>(z),
+                        _ => _mm512_extracti32x4_epi32::<3>(z),
                     };
-                    let w0 = _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(c0), c32)),
-                        _mm512_set1_ps(d * blk[192 + sub] as i8 as f32),
-                    );
-                    let w1 = _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(c1), c32)),
-                        _mm512_set1_ps(d * blk[193 + sub] as i8 as f32),
-                    );
-                    acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb.as_ptr().add(16 * sub)), acc0);
-                    acc1 =
-                        _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb.as_ptr().add(16 * sub + 16)), acc1);
+                    let q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(c), c32));
+                    let w = _mm512_mul_ps(_mm512_set1_ps(d * blk[192 + sub] as i8 as f32), q);
+                    _mm512_storeu_ps(o.as_mut_ptr().add(16 * sub), w);
                 }
             }
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
     }
 
-    /// [`row_dot_f32_avx512`] with 8 lanes (AVX2 + FMA).
+    /// [`dequantize_row_avx512`] with 8 lanes.
     ///
-    /// Safety: needs AVX2 and FMA; `row` holds `x.len() / 256` blocks.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn row_dot_f32_avx2(row: &[u8], x: &[f32]) -> f32 {
+    /// Safety: needs AVX2; `out` has `row.len() / 210 · 256` values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dequantize_row_avx2(row: &[u8], out: &mut [f32]) {
         let c32 = _mm256_set1_epi32(32);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for (blk, xb) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+        for (blk, o) in row.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
             let d = super::block_d(blk);
-            // SAFETY: as in `row_dot_f32_avx512`.
+            // SAFETY: as in `dequantize_row_avx512`.
             unsafe {
                 let codes = codes_256(blk);
                 for sub in 0..16 {
@@ -599,19 +569,18 @@ mod x86 {
                     let sc = _mm256_set1_ps(d * blk[192 + sub] as i8 as f32);
                     let lo = _mm256_cvtepu8_epi32(c);
                     let hi = _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8));
-                    let w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, c32)), sc);
-                    let w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(hi, c32)), sc);
-                    let px = xb.as_ptr().add(16 * sub);
-                    acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(px), acc0);
-                    acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(px.add(8)), acc1);
+                    let p = o.as_mut_ptr().add(16 * sub);
+                    _mm256_storeu_ps(
+                        p,
+                        _mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(lo, c32))),
+                    );
+                    _mm256_storeu_ps(
+                        p.add(8),
+                        _mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(hi, c32))),
+                    );
                 }
             }
         }
-        let v = _mm256_add_ps(acc0, acc1);
-        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        let v = _mm_add_ss(v, _mm_movehdup_ps(v));
-        _mm_cvtss_f32(v)
     }
 }
 
@@ -732,26 +701,18 @@ mod tests {
     }
 
     #[test]
-    fn float_row_dots_match_the_dequantized_weights_on_every_path() {
-        let mut r = rng(23);
+    fn vector_dequantization_equals_scalar_bit_for_bit() {
         for (seed, blocks) in [(1u64, 1usize), (2, 3), (3, 10)] {
             let row = random_blocks(blocks, seed);
-            let x: Vec<f32> = (0..blocks * 256)
-                .map(|_| (r() % 20001) as f32 / 10000.0 - 1.0)
-                .collect();
-            let mut w = vec![0.0; blocks * 256];
-            super::dequantize_row(&row, &mut w);
-            let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let size: f64 = w
-                .iter()
-                .zip(&x)
-                .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                .sum();
+            let mut want = vec![0.0; blocks * 256];
+            super::dequantize_row(&row, &mut want);
             for path in Path::available() {
-                let got = row_dot_f32_with(path, &row, &x) as f64;
-                assert!(
-                    (got - exact).abs() <= 1e-6 * size.max(1e-30),
-                    "{path:?}: {got} vs {exact}"
+                let mut got = vec![f32::NAN; blocks * 256];
+                dequantize_row_with(path, &row, &mut got);
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{path:?}"
                 );
             }
         }
