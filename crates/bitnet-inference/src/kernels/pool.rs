@@ -123,7 +123,9 @@ unsafe impl<T: Send> Sync for ChunksOut<T> {}
 
 impl SpinPool {
     /// `f(i, chunk_i)` for every `chunk`-sized piece of `data` (the last may be shorter), in
-    /// parallel: the pool's counterpart of rayon's `par_chunks_mut().enumerate()`.
+    /// parallel: the pool's counterpart of rayon's `par_chunks_mut().enumerate()`. Pieces are
+    /// handed out last first: in causal attention the late pieces are the long ones, and a
+    /// pool ends sooner when its longest tasks start first.
     pub fn for_each_chunk_mut<T: Send>(
         &self,
         data: &mut [T],
@@ -134,7 +136,9 @@ impl SpinPool {
         let len = data.len();
         let base = ChunksOut(data.as_mut_ptr());
         let base = &base;
-        self.run(len.div_ceil(chunk), &|i| {
+        let pieces = len.div_ceil(chunk);
+        self.run(pieces, &|j| {
+            let i = pieces - 1 - j;
             let start = i * chunk;
             let n = chunk.min(len - start);
             // SAFETY: `start + n <= len`, and chunk `i` is handed to exactly one task (see
