@@ -6,8 +6,8 @@
 //! four memory streams. Prefill and batches take 2 weight rows × 4 activation rows: every
 //! weight block is loaded and decoded once and used by four activation rows, and every
 //! activation vector loaded serves two weight rows. Tokens go in chunks small enough for the
-//! L2 cache, and within a chunk the weight-row tile is the outer loop, so the chunk's
-//! activations stay in cache while the weights pass over them.
+//! L2 cache; within a chunk, blocks of weight rows (also L2-sized) meet each group of four
+//! tokens in turn, so a tile's activations come from L1 and its weights from L2.
 
 use super::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS};
 use std::ops::Range;
@@ -90,7 +90,16 @@ pub(super) unsafe fn run<T: Tile>(
 /// recent Intel cores 1.25–2 MiB), leaving room for the weights passing through.
 const L2_ACTIVATION_BYTES: usize = 256 * 1024;
 
-/// The 2 weight rows × 4 tokens tiles of `rows × toks`, weight rows outermost.
+/// Packed weight bytes of the rows that pass over one group of four tokens: small enough to
+/// stay in L2 next to the token chunk, large enough that the loop overhead is nothing.
+const L2_WEIGHT_BYTES: usize = 128 * 1024;
+
+/// The 2 weight rows × 4 tokens tiles of `rows × toks`. Rows go in blocks of
+/// [`L2_WEIGHT_BYTES`]; within a block, each group of four tokens (10–28 KB of activations,
+/// held in L1) meets every row pair of the block. A tile then reads 64 bytes of weights a
+/// block from L2 and its 512 bytes of activations from L1; the other way round (a row pair
+/// meeting every token group) moved the 512 bytes from L2, which bounded the tile
+/// (measured 1.2-1.3× slower).
 ///
 /// # Safety
 /// As [`run`]: the CPU must support `T`'s instruction set, and `wp`/`ap` must give pointers
@@ -104,49 +113,49 @@ unsafe fn gemm_tokens<T: Tile>(
     toks: Range<usize>,
     blocks: usize,
 ) {
-    let mut r = rows.start;
-    while r < rows.end {
-        if r + 2 <= rows.end {
-            let w = [wp(r), wp(r + 1)];
-            let mut t = toks.start;
-            while t + 4 <= toks.end {
+    let block_rows = (L2_WEIGHT_BYTES / (blocks * 32)).max(2) / 2 * 2;
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let r1 = (r0 + block_rows).min(rows.end);
+        let mut t = toks.start;
+        while t + 4 <= toks.end {
+            let a = [ap(t), ap(t + 1), ap(t + 2), ap(t + 3)];
+            let mut r = r0;
+            while r + 2 <= r1 {
                 // SAFETY: as above.
-                let d =
-                    unsafe { T::tile::<2, 4>(w, [ap(t), ap(t + 1), ap(t + 2), ap(t + 3)], blocks) };
+                let d = unsafe { T::tile::<2, 4>([wp(r), wp(r + 1)], a, blocks) };
                 for (i, d) in d.iter().enumerate() {
                     for (j, &v) in d.iter().enumerate() {
                         put(r + i, t + j, v);
                     }
                 }
-                t += 4;
+                r += 2;
             }
-            while t < toks.end {
+            if r < r1 {
                 // SAFETY: as above.
-                let d = unsafe { T::tile::<2, 1>(w, [ap(t)], blocks) };
-                put(r, t, d[0][0]);
-                put(r + 1, t, d[1][0]);
-                t += 1;
-            }
-            r += 2;
-        } else {
-            let w = [wp(r)];
-            let mut t = toks.start;
-            while t + 4 <= toks.end {
-                // SAFETY: as above.
-                let d =
-                    unsafe { T::tile::<1, 4>(w, [ap(t), ap(t + 1), ap(t + 2), ap(t + 3)], blocks) };
+                let d = unsafe { T::tile::<1, 4>([wp(r)], a, blocks) };
                 for (j, &v) in d[0].iter().enumerate() {
                     put(r, t + j, v);
                 }
-                t += 4;
             }
-            while t < toks.end {
-                // SAFETY: as above.
-                let d = unsafe { T::tile::<1, 1>(w, [ap(t)], blocks) };
-                put(r, t, d[0][0]);
-                t += 1;
-            }
-            r += 1;
+            t += 4;
         }
+        while t < toks.end {
+            let mut r = r0;
+            while r + 2 <= r1 {
+                // SAFETY: as above.
+                let d = unsafe { T::tile::<2, 1>([wp(r), wp(r + 1)], [ap(t)], blocks) };
+                put(r, t, d[0][0]);
+                put(r + 1, t, d[1][0]);
+                r += 2;
+            }
+            if r < r1 {
+                // SAFETY: as above.
+                let d = unsafe { T::tile::<1, 1>([wp(r)], [ap(t)], blocks) };
+                put(r, t, d[0][0]);
+            }
+            t += 1;
+        }
+        r0 = r1;
     }
 }
