@@ -57,7 +57,8 @@ type Matmul = fn(&dyn kernels::TernaryKernel, &TernaryMatrix, &QuantizedActivati
 
 fn run_with(b: Bencher, kernel: &str, rows: usize, cols: usize, n: usize, matmul: Matmul) {
     let k = kernels::kernel_by_name(kernel).unwrap();
-    let (w, a) = setup(rows, cols, n);
+    let (w, mut a) = setup(rows, cols, n);
+    k.prepare(&mut a);
     let mut out = vec![0.0f32; rows * n];
     b.counter(BytesCount::new(rows * w.padded_cols() / 4))
         .counter(ItemsCount::new(2 * rows * cols * n))

@@ -26,12 +26,13 @@ thread_local! {
     static DOTS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn chunk_rows(rows: usize) -> usize {
-    // Multiples of 4 rows (the decode tile): they split 2B-4T's widths (2560, 6912, and 640
-    // up to 8 threads) into exactly `4 × threads` tasks at 2 to 16 threads, so no round of the
-    // pool runs with idle threads (multiples of 16 left ~16% of 16 threads idle).
+fn chunk_rows(rows: usize, step: usize) -> usize {
+    // Multiples of the kernel's step (4 rows, the decode tile; 16 for AMX tiles): with 4 they
+    // split 2B-4T's widths (2560, 6912, and 640 up to 8 threads) into exactly `4 × threads`
+    // tasks at 2 to 16 threads, so no round of the pool runs with idle threads (multiples of
+    // 16 left ~16% of 16 threads idle).
     let tasks = rayon::current_num_threads() * 4;
-    rows.div_ceil(tasks).next_multiple_of(4).max(8)
+    rows.div_ceil(tasks).next_multiple_of(step).max(8)
 }
 
 /// `out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r]` for every activation row
@@ -46,7 +47,7 @@ pub fn ternary_matmul(
     acts: &QuantizedActivations,
     out: &mut [f32],
 ) {
-    let (rows, chunk) = check_ternary(w, acts, out);
+    let (rows, chunk) = check_ternary(kernel, w, acts, out);
     let out_ptr = SharedOut(out.as_mut_ptr());
     super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
         ternary_chunk(kernel, w, acts, out_ptr, c, chunk)
@@ -60,18 +61,23 @@ pub fn ternary_matmul_rayon(
     acts: &QuantizedActivations,
     out: &mut [f32],
 ) {
-    let (rows, chunk) = check_ternary(w, acts, out);
+    let (rows, chunk) = check_ternary(kernel, w, acts, out);
     let out_ptr = SharedOut(out.as_mut_ptr());
     (0..rows.div_ceil(chunk))
         .into_par_iter()
         .for_each(|c| ternary_chunk(kernel, w, acts, out_ptr, c, chunk));
 }
 
-fn check_ternary(w: &TernaryMatrix, acts: &QuantizedActivations, out: &[f32]) -> (usize, usize) {
+fn check_ternary(
+    kernel: &dyn TernaryKernel,
+    w: &TernaryMatrix,
+    acts: &QuantizedActivations,
+    out: &[f32],
+) -> (usize, usize) {
     let (rows, n_tok) = (w.rows(), acts.n_rows());
     assert_eq!(out.len(), rows * n_tok, "ternary_matmul output size");
     assert_eq!(acts.padded_cols(), w.padded_cols(), "ternary_matmul width");
-    (rows, chunk_rows(rows))
+    (rows, chunk_rows(rows, kernel.row_step(n_tok)))
 }
 
 /// Output rows `c·chunk ..` of every activation row; `out_ptr` is the checked output.
@@ -110,7 +116,7 @@ pub fn dense_matmul(w: &DenseMatrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n_tok * cols, "dense_matmul input size");
     assert_eq!(out.len(), n_tok * rows, "dense_matmul output size");
-    let chunk = chunk_rows(rows);
+    let chunk = chunk_rows(rows, 4);
     let out_ptr = SharedOut(out.as_mut_ptr());
     if let super::DenseData::Q6K(_) = w.data() {
         // Each row dequantized once (exactly) for all tokens; `dot_row` does the same.

@@ -7,6 +7,8 @@
 //! gives `y[r] = (Σ_k t[r][k]·q[k]) / s · multiplier[r]`. The integer sum is exact, so every
 //! kernel must return the same integers as [`scalar::ScalarKernel`].
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod amx;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
@@ -31,7 +33,7 @@ mod tiles;
 
 pub use dense::{DenseData, DenseMatrix};
 pub use matmul::{dense_matmul, ternary_matmul, ternary_matmul_rayon};
-pub use ternary::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS};
+pub use ternary::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS, TILE_ROWS};
 
 use std::ops::Range;
 
@@ -49,6 +51,17 @@ pub trait TernaryKernel: Send + Sync {
         acts: &QuantizedActivations,
         out: &mut [i32],
     );
+
+    /// Called once after activations are quantized and before the products over them: a
+    /// kernel that wants them in another layout too makes it here, once for all the linears
+    /// and threads that share them. Kernels must still be correct without it.
+    fn prepare(&self, _acts: &mut QuantizedActivations) {}
+
+    /// Weight rows the kernel works on at once for `n_tok` activation rows: parallel products
+    /// split rows in multiples of it, so no task ends in a partly empty step.
+    fn row_step(&self, _n_tok: usize) -> usize {
+        4
+    }
 }
 
 /// The kernel for this machine, or the one named by `BITNET_KERNEL` (for tests and
@@ -70,6 +83,10 @@ pub fn available_kernels() -> Vec<&'static dyn TernaryKernel> {
 #[allow(unused_mut)]
 fn detect_kernels() -> Vec<&'static dyn TernaryKernel> {
     let mut found: Vec<&'static dyn TernaryKernel> = Vec::new();
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if let Some(k) = amx::AmxKernel::detect() {
+        found.push(Box::leak(Box::new(k)));
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if let Some(k) = avx512::Avx512VnniKernel::detect() {

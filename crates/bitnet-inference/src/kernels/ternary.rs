@@ -257,7 +257,14 @@ pub struct QuantizedActivations {
     values: AlignedBytes,
     scales: Vec<f32>,
     sums: Vec<i32>,
+    /// The rows again in the layout of matrix-tile kernels ([`Self::make_tiled`]); stale
+    /// (`tiled_rows == 0`) until made for the current rows.
+    tiled: AlignedBytes,
+    tiled_rows: usize,
 }
+
+/// Rows a group of [`QuantizedActivations::tiled`] holds (an AMX tile's 16 columns).
+pub const TILE_ROWS: usize = 16;
 
 impl QuantizedActivations {
     /// Room for `max_rows` rows of up to `max_cols` columns, allocated once.
@@ -269,6 +276,8 @@ impl QuantizedActivations {
             values: AlignedBytes::with_capacity(max_rows * padded),
             scales: Vec::with_capacity(max_rows),
             sums: Vec::with_capacity(max_rows),
+            tiled: AlignedBytes::with_capacity(0),
+            tiled_rows: 0,
         }
     }
 
@@ -279,6 +288,7 @@ impl QuantizedActivations {
         let padded = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
         self.n_rows = n_rows;
         self.padded_cols = padded;
+        self.tiled_rows = 0;
         self.values.resize(n_rows * padded);
         self.scales.resize(n_rows, 0.0);
         self.sums.resize(n_rows, 0);
@@ -339,7 +349,44 @@ impl QuantizedActivations {
             values,
             scales: vec![scale; n_rows],
             sums,
+            tiled: AlignedBytes::with_capacity(0),
+            tiled_rows: 0,
         }
+    }
+
+    /// Builds [`Self::tiled`] for the current rows: for each pair of groups of
+    /// [`TILE_ROWS`] rows (zero rows pad the last pair) and each 4 columns `4j..4j+3`, the 16
+    /// rows' 4 bytes one after the other (64 bytes). That is the B operand of AMX's
+    /// `tdpbusd` (K/4 rows of 16 × 4 bytes), so a tile loads straight from it. The buffer
+    /// grows to the largest batch once, like the others.
+    pub fn make_tiled(&mut self) {
+        let (n, padded) = (self.n_rows, self.padded_cols);
+        let groups = n.div_ceil(2 * TILE_ROWS) * 2;
+        let group_bytes = TILE_ROWS * padded;
+        self.tiled.resize(groups * group_bytes);
+        let values = self.values.bytes();
+        let tiled = self.tiled.bytes_mut();
+        super::pool::SpinPool::current().for_each_chunk_mut(tiled, group_bytes, &|g, dst| {
+            for t in 0..TILE_ROWS {
+                let r = g * TILE_ROWS + t;
+                if r >= n {
+                    for j in 0..padded / 4 {
+                        dst[j * 64 + t * 4..j * 64 + t * 4 + 4].fill(0);
+                    }
+                    continue;
+                }
+                let src = &values[r * padded..(r + 1) * padded];
+                for (j, four) in src.chunks_exact(4).enumerate() {
+                    dst[j * 64 + t * 4..j * 64 + t * 4 + 4].copy_from_slice(four);
+                }
+            }
+        });
+        self.tiled_rows = n;
+    }
+
+    /// The rows in the layout [`Self::make_tiled`] describes, if it was made for them.
+    pub fn tiled(&self) -> Option<&[u8]> {
+        (self.tiled_rows == self.n_rows && self.n_rows > 0).then(|| self.tiled.bytes())
     }
 
     pub fn n_rows(&self) -> usize {

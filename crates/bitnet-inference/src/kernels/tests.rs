@@ -70,7 +70,9 @@ fn check_all(
     for k in kernels {
         // Poisoned so that an unwritten element shows.
         let mut out = vec![i32::MIN; want.len()];
-        k.ternary_dot(w, rows.clone(), a, &mut out);
+        let mut prepared = a.clone();
+        k.prepare(&mut prepared);
+        k.ternary_dot(w, rows.clone(), &prepared, &mut out);
         assert!(
             out == want,
             "{}: {what}: rows {rows:?}, {} act rows",
@@ -81,7 +83,7 @@ fn check_all(
 }
 
 const WIDTHS: [usize; 7] = [1, 100, 128, 300, 640, 6912, 8640];
-const TOKENS: [usize; 6] = [1, 2, 3, 8, 17, 5];
+const TOKENS: [usize; 8] = [1, 2, 3, 8, 17, 5, 16, 33];
 
 #[test]
 fn random_inputs_match_scalar() {
@@ -203,7 +205,12 @@ fn kernel_names_resolve() {
 #[test]
 fn ternary_matmul_is_identical_across_kernels() {
     let mut rng = Rng(42);
-    for &(rows, cols, n) in &[(70usize, 300usize, 1usize), (37, 2560, 9), (16, 6912, 3)] {
+    for &(rows, cols, n) in &[
+        (70usize, 300usize, 1usize),
+        (37, 2560, 9),
+        (16, 6912, 3),
+        (75, 640, 40),
+    ] {
         let w = matrix(rows, cols, |_, _| rng.trit());
         let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
         let mut a = QuantizedActivations::with_capacity(n, cols);
@@ -219,6 +226,8 @@ fn ternary_matmul_is_identical_across_kernels() {
             }
         }
         for k in available_kernels() {
+            let mut a = a.clone();
+            k.prepare(&mut a);
             let mut out = vec![f32::NAN; rows * n];
             ternary_matmul(k, &w, &a, &mut out);
             let mut by_rayon = vec![f32::NAN; rows * n];

@@ -513,6 +513,7 @@ impl Model {
                 LinearWeights::Ternary(w) => {
                     if linear.input_norm.is_some() || !shared_quantized {
                         acts.quantize(input, n, cols);
+                        self.kernel.prepare(acts);
                         shared_quantized = linear.input_norm.is_none();
                     }
                     kernels::ternary_matmul(self.kernel, w, acts, out);
