@@ -6,6 +6,7 @@
 //! `cargo run --release -p bitnet-inference --example membw [MiB] [lm_head]`
 
 use bitnet_inference::kernels::int8::{int8_matmul_int12, int8_matmul_int8, Int8Matrix};
+use bitnet_inference::kernels::q4::{q4_matmul, Q4Activations, Q4Matrix};
 use bitnet_inference::kernels::q6k::{q6k_matmul, Int12Activations, Q6kMatrix};
 use bitnet_inference::kernels::{dense_matmul, DenseData, DenseMatrix, QuantizedActivations};
 use std::time::Instant;
@@ -61,8 +62,8 @@ fn main() {
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 7919 % 255) as f32 - 127.0) / 127.0)
         .collect();
-    let m =
-        Int8Matrix::from_dense(&DenseMatrix::new(rows, cols, DenseData::F32(w.into())).unwrap());
+    let w = DenseMatrix::new(rows, cols, DenseData::F32(w.into())).unwrap();
+    let m = Int8Matrix::from_dense(&w);
     let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
     let mut acts = QuantizedActivations::default();
     acts.quantize(&x, 1, cols);
@@ -111,6 +112,21 @@ fn main() {
             (rows * cols * 1000) as f64 / secs / 1e9
         );
     }
+    // The 4-bit kernel's rate on the same shape.
+    let q4m = Q4Matrix::from_dense(&w);
+    let mut acts_q4 = Q4Activations::default();
+    acts_q4.fill(&acts12);
+    for threads in 1..=max_threads {
+        let secs = timed(threads, &|| {
+            for _ in 0..1000 {
+                q4_matmul(&q4m, &acts_q4, &mut vec![0.0; rows]);
+            }
+        });
+        println!(
+            "q4 × int12 multiply-adds (lm_head kernel, in cache), {threads} thread(s): {:.1} G/s",
+            (rows * cols * 1000) as f64 / secs / 1e9
+        );
+    }
     if std::env::args().nth(2).as_deref() == Some("lm_head") {
         lm_head_kernels(max_threads);
     }
@@ -142,6 +158,7 @@ fn lm_head_kernels(max_threads: usize) {
         .collect();
     let dense = DenseMatrix::new(rows, cols, DenseData::F16(f16.into())).unwrap();
     let int8 = Int8Matrix::from_dense(&dense);
+    let q4 = Q4Matrix::from_dense(&dense);
     // Q6_K blocks of pseudo-random bytes with a small f16 `d`: the kernels' speed does not
     // depend on the values.
     let mut s = 0x9e37_79b9_7f4a_7c15u64;
@@ -190,6 +207,12 @@ fn lm_head_kernels(max_threads: usize) {
             q6k_matmul(&q6m, &acts12, &mut out.lock().unwrap())
         });
         report("q6_k x int12", q6m.memory_bytes(), t);
+        let mut acts_q4 = Q4Activations::default();
+        acts_q4.fill(&acts12);
+        let t = timed(threads, &|| {
+            q4_matmul(&q4, &acts_q4, &mut out.lock().unwrap())
+        });
+        report("q4 x int12", q4.memory_bytes(), t);
         let t = timed(threads, &|| {
             dense_matmul(&q6_dense, &x, 1, &mut out.lock().unwrap())
         });

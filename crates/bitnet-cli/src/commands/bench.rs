@@ -35,8 +35,8 @@ pub struct Args {
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     batch_size: usize,
     /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
-    /// the file stores it, or against a copy quantized at load: `int8` (int8 activations)
-    /// or `q6k` (12-bit activations); faster decode, see docs/PERFORMANCE.md.
+    /// the file stores it, or against a copy quantized at load, with the final hidden state
+    /// at 12 bits: `int8`, `q6k` or `q4`; faster decode, see docs/PERFORMANCE.md.
     #[arg(long = "lm-head", default_value = "f16", value_parser = super::parse_lm_head)]
     lm_head: bitnet_inference::model::forward::LmHeadQuant,
     /// Output format.

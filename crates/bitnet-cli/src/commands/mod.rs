@@ -29,7 +29,7 @@ pub fn load(path: &Path) -> anyhow::Result<LoadedEngineModel> {
 /// `--offline`: resolve hub ids from the cache alone (as HF_HUB_OFFLINE=1).
 static OFFLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// `--lm-head f16|int8|q6k`.
+/// `--lm-head f16|int8|q6k|q4`.
 pub fn parse_lm_head(s: &str) -> Result<bitnet_inference::model::forward::LmHeadQuant, String> {
     s.parse()
 }

@@ -140,6 +140,26 @@ impl DenseMatrix {
         }
     }
 
+    /// Calls `f` on consecutive spans of rows covering the matrix. With `release`, the spans
+    /// are 1024 rows (about 5 MiB of f16 at 2560 columns) and each span's mapped pages are
+    /// released after `f` has read them: a quantized copy that replaces this matrix then
+    /// grows the resident set by itself and one span, not by the whole matrix too.
+    pub fn in_row_blocks(&self, release: bool, mut f: impl FnMut(std::ops::Range<usize>)) {
+        const BLOCK_ROWS: usize = 1024;
+        let step = if release {
+            BLOCK_ROWS
+        } else {
+            self.rows.max(1)
+        };
+        for first in (0..self.rows).step_by(step) {
+            let span = first..(first + step).min(self.rows);
+            f(span.clone());
+            if release {
+                self.release_rows(span);
+            }
+        }
+    }
+
     /// Copies row `r` into `out` as f32 (the embedding lookup).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         let span = r * self.cols..(r + 1) * self.cols;

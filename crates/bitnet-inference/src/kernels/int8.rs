@@ -41,36 +41,28 @@ impl Int8Matrix {
     }
 
     fn quantize(m: &DenseMatrix, release: bool) -> Self {
-        // Rows per block between releases (about 8 MiB of f16 at 2560 columns).
-        const BLOCK_ROWS: usize = 1024;
         let (rows, cols) = (m.rows(), m.cols());
         let padded_cols = cols.div_ceil(BLOCK_WEIGHTS) * BLOCK_WEIGHTS;
         let mut values = vec![0i8; rows * padded_cols];
         let mut scales = vec![0.0f32; rows];
         let mut sums = vec![0i32; rows];
-        let block = if release { BLOCK_ROWS } else { rows.max(1) };
-        for (b, ((values, scales), sums)) in values
-            .chunks_mut(block * padded_cols)
-            .zip(scales.chunks_mut(block))
-            .zip(sums.chunks_mut(block))
-            .enumerate()
-        {
-            let first = b * block;
-            values
+        m.in_row_blocks(release, |span| {
+            values[span.start * padded_cols..span.end * padded_cols]
                 .par_chunks_mut(padded_cols)
-                .zip(scales.par_iter_mut().zip(sums.par_iter_mut()))
+                .zip(
+                    scales[span.clone()]
+                        .par_iter_mut()
+                        .zip(sums[span.clone()].par_iter_mut()),
+                )
                 .enumerate()
                 .for_each_init(
                     || vec![0.0f32; cols],
                     |row, (r, (q, (s, sum)))| {
-                        m.row_to_f32(first + r, row);
+                        m.row_to_f32(span.start + r, row);
                         (*s, *sum) = super::quant::quantize_row(row, &mut q[..cols]);
                     },
                 );
-            if release {
-                m.release_rows(first..first + scales.len());
-            }
-        }
+        });
         Self {
             rows,
             cols,

@@ -22,6 +22,7 @@ mod matmul;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 pub mod pool;
+pub mod q4;
 pub mod q6k;
 pub mod quant;
 pub mod scalar;

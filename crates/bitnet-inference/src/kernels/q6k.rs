@@ -63,7 +63,6 @@ impl Q6kMatrix {
     /// (`bitnet convert --embedding-type q6_k`).
     pub fn from_dense_releasing(m: &super::DenseMatrix) -> Result<Self> {
         use rayon::prelude::*;
-        const BLOCK_ROWS: usize = 1024;
         let (rows, cols) = (m.rows(), m.cols());
         if let super::DenseData::Q6K(v) = m.data() {
             return Self::new(rows, cols, v.clone());
@@ -71,23 +70,29 @@ impl Q6kMatrix {
         let padded_cols = cols.div_ceil(Q6K_BLOCK) * Q6K_BLOCK;
         let row_bytes = padded_cols / Q6K_BLOCK * Q6K_BLOCK_BYTES;
         let mut data = vec![0u8; rows * row_bytes];
-        for (b, chunk) in data.chunks_mut(BLOCK_ROWS * row_bytes).enumerate() {
-            let first = b * BLOCK_ROWS;
-            chunk
+        let mut failed = None;
+        m.in_row_blocks(true, |span| {
+            if failed.is_some() {
+                return;
+            }
+            failed = data[span.start * row_bytes..span.end * row_bytes]
                 .par_chunks_mut(row_bytes)
                 .enumerate()
                 .try_for_each_init(
                     || vec![0.0f32; padded_cols],
                     |row, (r, out)| -> Result<()> {
-                        m.row_to_f32(first + r, &mut row[..cols]);
+                        m.row_to_f32(span.start + r, &mut row[..cols]);
                         let q = crate::formats::ggml::quantize_q6_k(row).map_err(|e| {
-                            Error::Invalid(format!("lm_head row {}: {e}", first + r))
+                            Error::Invalid(format!("lm_head row {}: {e}", span.start + r))
                         })?;
                         out.copy_from_slice(&q);
                         Ok(())
                     },
-                )?;
-            m.release_rows(first..first + chunk.len() / row_bytes);
+                )
+                .err();
+        });
+        if let Some(e) = failed {
+            return Err(e);
         }
         Ok(Self {
             rows,

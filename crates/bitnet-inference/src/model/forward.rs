@@ -29,6 +29,7 @@ pub struct Model {
 enum QuantizedHead {
     Int8(kernels::int8::Int8Matrix),
     Q6K(kernels::q6k::Q6kMatrix),
+    Q4(kernels::q4::Q4Matrix),
 }
 
 /// How the logits of a float lm_head (or tied embedding) are computed.
@@ -44,18 +45,22 @@ pub enum LmHeadQuant {
     /// Against a Q6_K copy made at load (ggml's block format, 6.56 bits a weight: 41% of
     /// the bytes of f16) and activations quantized per token to 12 bits.
     Q6K,
+    /// Against a 4-bit copy made at load (an f16 scale per 32 weights, 4.5 bits a weight:
+    /// 28% of the bytes of f16) and activations quantized per token to 12 bits.
+    Q4,
 }
 
 impl std::str::FromStr for LmHeadQuant {
     type Err = String;
-    /// The names the command line takes: `f16` (exact), `int8`, `q6k`.
+    /// The names the command line takes: `f16` (exact), `int8`, `q6k`, `q4`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "f16" | "exact" => Ok(LmHeadQuant::None),
             "int8" => Ok(LmHeadQuant::Int8),
             "q6k" | "q6_k" => Ok(LmHeadQuant::Q6K),
+            "q4" => Ok(LmHeadQuant::Q4),
             _ => Err(format!(
-                "unknown lm_head type `{s}`: expected f16, int8 or q6k"
+                "unknown lm_head type `{s}`: expected f16, int8, q6k or q4"
             )),
         }
     }
@@ -114,6 +119,8 @@ pub struct ForwardState {
     acts: QuantizedActivations,
     /// The final hidden rows at 12 bits, for a quantized lm_head.
     acts12: kernels::q6k::Int12Activations,
+    /// The same rows laid out for the 4-bit lm_head.
+    acts_q4: kernels::q4::Q4Activations,
     /// `[n_logits, vocab]` for the entries with `logits: true` of the last call, in order.
     logits: Vec<f32>,
     /// Final-normed rows of the entries that want logits.
@@ -211,7 +218,7 @@ impl Model {
         })
     }
 
-    /// Chooses how logits are computed (see [`LmHeadQuant`]). `Int8` and `Q6K` quantize the
+    /// Chooses how logits are computed (see [`LmHeadQuant`]). The quantized kinds quantize the
     /// float lm_head or tied embedding now; a ternary lm_head is left as it is.
     pub fn set_lm_head_quant(&mut self, quant: LmHeadQuant) -> Result<()> {
         let float_head = match &self.weights.lm_head {
@@ -233,6 +240,9 @@ impl Model {
             (LmHeadQuant::Q6K, Some(m)) => Some(QuantizedHead::Q6K(
                 kernels::q6k::Q6kMatrix::from_dense_releasing(m)?,
             )),
+            (LmHeadQuant::Q4, Some(m)) => Some(QuantizedHead::Q4(
+                kernels::q4::Q4Matrix::from_dense_releasing(m),
+            )),
         };
         Ok(())
     }
@@ -242,6 +252,7 @@ impl Model {
             None => LmHeadQuant::None,
             Some(QuantizedHead::Int8(_)) => LmHeadQuant::Int8,
             Some(QuantizedHead::Q6K(_)) => LmHeadQuant::Q6K,
+            Some(QuantizedHead::Q4(_)) => LmHeadQuant::Q4,
         }
     }
 
@@ -251,6 +262,7 @@ impl Model {
             None => 0,
             Some(QuantizedHead::Int8(m)) => m.memory_bytes(),
             Some(QuantizedHead::Q6K(m)) => m.memory_bytes(),
+            Some(QuantizedHead::Q4(m)) => m.memory_bytes(),
         }
     }
 
@@ -276,6 +288,7 @@ impl Model {
         let (n_slots, max_batch) = (n_slots.max(1), max_batch.max(1));
         let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
         let per_layer = n_slots * context * c.kv_dim();
+        let lm_head_width = c.hidden_size.next_multiple_of(kernels::q4::Q4_SUPER);
         Ok(ForwardState {
             max_batch,
             kv: KvCache {
@@ -296,11 +309,10 @@ impl Model {
             up: vec![0.0; max_batch * c.ffn_size],
             proj: vec![0.0; max_batch * c.hidden_size],
             acts: QuantizedActivations::with_capacity(max_batch, wide),
-            // Padded for either quantized lm_head (whole 256-blocks cover 128-blocks).
-            acts12: kernels::q6k::Int12Activations::with_capacity(
-                max_batch,
-                c.hidden_size.div_ceil(kernels::q6k::Q6K_BLOCK) * kernels::q6k::Q6K_BLOCK,
-            ),
+            // Padded for any quantized lm_head (whole 512-superblocks of q4 cover the
+            // 256-blocks of Q6_K and the 128-blocks of int8).
+            acts12: kernels::q6k::Int12Activations::with_capacity(max_batch, lm_head_width),
+            acts_q4: kernels::q4::Q4Activations::with_capacity(max_batch, lm_head_width),
             logits: vec![0.0; max_batch * c.vocab_size],
             logit_rows: vec![0.0; max_batch * c.hidden_size],
             n_logits: 0,
@@ -466,6 +478,12 @@ impl Model {
                 Some(QuantizedHead::Q6K(head)) => {
                     state.acts12.quantize(x, m, hd, head.padded_cols());
                     kernels::q6k::q6k_matmul(head, &state.acts12, out);
+                    return Ok(());
+                }
+                Some(QuantizedHead::Q4(head)) => {
+                    state.acts12.quantize(x, m, hd, head.padded_cols());
+                    state.acts_q4.fill(&state.acts12);
+                    kernels::q4::q4_matmul(head, &state.acts_q4, out);
                     return Ok(());
                 }
                 None => {}
@@ -922,6 +940,7 @@ mod tests {
         for (quant, bytes, tolerance) in [
             (LmHeadQuant::Int8, vocab * 128 + vocab * 8, 0.02),
             (LmHeadQuant::Q6K, vocab * 210, 0.04),
+            (LmHeadQuant::Q4, vocab * (256 + 32), 0.1),
         ] {
             model.set_lm_head_quant(quant).unwrap();
             assert_eq!(model.lm_head_quant(), quant);
@@ -940,10 +959,11 @@ mod tests {
         model.set_lm_head_quant(LmHeadQuant::None).unwrap();
         assert_eq!(run(&model), exact);
         assert_eq!("q6k".parse(), Ok(LmHeadQuant::Q6K));
-        assert!("q4"
+        assert_eq!("q4".parse(), Ok(LmHeadQuant::Q4));
+        assert!("q5"
             .parse::<LmHeadQuant>()
             .unwrap_err()
-            .contains("expected f16, int8 or q6k"));
+            .contains("expected f16, int8, q6k or q4"));
     }
 
     #[test]
