@@ -252,6 +252,12 @@ pub enum Q4Path {
     /// One `vpdpbusd` a step and activation plane.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// `smull` + pairwise adds, a quarter of a step at a time.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    /// `sdot`, a quarter of a step at a time.
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
 }
 
 impl Q4Path {
@@ -285,6 +291,15 @@ impl Q4Path {
                 v.push(Q4Path::Avx512Vnni);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                v.push(Q4Path::Neon);
+                if std::arch::is_aarch64_feature_detected!("dotprod") {
+                    v.push(Q4Path::NeonDot);
+                }
+            }
+        }
         v
     }
 
@@ -299,6 +314,12 @@ impl Q4Path {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Q4Path::Avx512Vnni => unsafe { x86::row_lanes_avx512(codes, scales, a) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "aarch64")]
+            Q4Path::Neon => unsafe { arm::row_lanes_neon(codes, scales, a) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "aarch64")]
+            Q4Path::NeonDot => unsafe { arm::row_lanes_dot(codes, scales, a) },
         }
     }
 }
@@ -477,6 +498,126 @@ mod x86 {
             _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
         }
         out
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::{ActRow, LANES, Q4_SUPER, SUPER_BYTES};
+    use half::f16;
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// The int32 lanes of `Σ u·a` over four bytes each: `sdot`.
+    ///
+    /// Safety: needs dotprod.
+    #[inline(always)]
+    unsafe fn dot4_sdot(acc: int32x4_t, u: int8x16_t, a: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: `sdot` only reads and writes these registers; callers are compiled with
+        // (and only run where the CPU has) dotprod.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {u:v}.16b, {a:v}.16b",
+                acc = inout(vreg) acc,
+                u = in(vreg) u,
+                a = in(vreg) a,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        acc
+    }
+
+    /// The same with plain NEON: products widened to int16 (`|u·a| ≤ 15·64`), adjacent
+    /// pairs added twice, so each int32 lane gets its own four bytes.
+    ///
+    /// Safety: needs NEON.
+    #[inline(always)]
+    unsafe fn dot4_widen(acc: int32x4_t, u: int8x16_t, a: int8x16_t) -> int32x4_t {
+        // SAFETY: register-only NEON arithmetic; callers run only where NEON is present.
+        unsafe {
+            let lo = vmull_s8(vget_low_s8(u), vget_low_s8(a));
+            let hi = vmull_high_s8(u, a);
+            vpadalq_s16(acc, vpaddq_s16(lo, hi))
+        }
+    }
+
+    /// One row with one activation row, the 16 lanes as four quarters of 4.
+    ///
+    /// Safety: NEON (and dotprod where `dot4` uses it); sizes as for the x86 paths.
+    #[inline(always)]
+    unsafe fn row_lanes<const SDOT: bool>(codes: &[u8], scales: &[f16], a: ActRow) -> [f32; LANES] {
+        // SAFETY (of the calls): the caller guarantees NEON, and dotprod when SDOT.
+        let dot4 = |acc, u, a| unsafe {
+            if SDOT {
+                dot4_sdot(acc, u, a)
+            } else {
+                dot4_widen(acc, u, a)
+            }
+        };
+        let n_sb = codes.len() / SUPER_BYTES;
+        assert!(
+            a.low.len() >= n_sb * Q4_SUPER
+                && a.high.len() >= n_sb * Q4_SUPER
+                && a.offsets.len() >= n_sb * LANES
+                && scales.len() >= n_sb * LANES
+        );
+        let nibble = vdupq_n_u8(0x0F);
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        for sb in 0..n_sb {
+            let mut lo = [vdupq_n_s32(0); 4];
+            let mut hi = [vdupq_n_s32(0); 4];
+            // SAFETY: every pointer below stays inside superblock `sb` of its slice, which
+            // the assertion above covers.
+            unsafe {
+                let w = codes.as_ptr().add(sb * SUPER_BYTES);
+                let (l, h) = (
+                    a.low.as_ptr().add(sb * Q4_SUPER),
+                    a.high.as_ptr().add(sb * Q4_SUPER),
+                );
+                for p in 0..4 {
+                    for q in 0..4 {
+                        let packed = vld1q_u8(w.add(64 * p + 16 * q));
+                        let even = vreinterpretq_s8_u8(vandq_u8(packed, nibble));
+                        let odd = vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed));
+                        let at = 128 * p + 16 * q;
+                        lo[q] = dot4(lo[q], even, vld1q_s8(l.add(at)));
+                        hi[q] = dot4(hi[q], even, vld1q_s8(h.add(at)));
+                        lo[q] = dot4(lo[q], odd, vld1q_s8(l.add(at + 64)));
+                        hi[q] = dot4(hi[q], odd, vld1q_s8(h.add(at + 64)));
+                    }
+                }
+                for q in 0..4 {
+                    let g = sb * LANES + 4 * q;
+                    let sum = vsubq_s32(
+                        vaddq_s32(vshlq_n_s32::<7>(hi[q]), lo[q]),
+                        vld1q_s32(a.offsets.as_ptr().add(g)),
+                    );
+                    let d: [f32; 4] = std::array::from_fn(|i| scales[g + i].to_f32());
+                    acc[q] = vfmaq_f32(acc[q], vld1q_f32(d.as_ptr()), vcvtq_f32_s32(sum));
+                }
+            }
+        }
+        let mut out = [0.0f32; LANES];
+        for (q, acc) in acc.iter().enumerate() {
+            // SAFETY: `out` holds 16 floats, four stores of 4.
+            unsafe { vst1q_f32(out.as_mut_ptr().add(4 * q), *acc) };
+        }
+        out
+    }
+
+    /// Safety: needs NEON; sizes as for the x86 paths.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn row_lanes_neon(codes: &[u8], scales: &[f16], a: ActRow) -> [f32; LANES] {
+        // SAFETY: passed on.
+        unsafe { row_lanes::<false>(codes, scales, a) }
+    }
+
+    /// Safety: needs NEON and dotprod; sizes as for the x86 paths.
+    #[target_feature(enable = "neon,dotprod")]
+    pub(super) unsafe fn row_lanes_dot(codes: &[u8], scales: &[f16], a: ActRow) -> [f32; LANES] {
+        // SAFETY: passed on; dotprod is enabled for this function and present.
+        unsafe { row_lanes::<true>(codes, scales, a) }
     }
 }
 
