@@ -68,3 +68,45 @@ fn perplexity_on_gpl3_matches_the_f32_reference() {
         "PPL {ppl}, expected ≈ 18.198"
     );
 }
+
+/// The quantized lm_heads (`--lm-head`, docs/PERFORMANCE.md) over the first 2 chunks: exact
+/// 17.687; int8 and q6k within 1%, q4 clearly worse (+4.7% here) but not broken.
+#[test]
+fn quantized_lm_heads_cost_what_the_docs_say() {
+    let m = model();
+    let ppl = |head: &str| {
+        let (out, _) = bitnet_ok(&[
+            "perplexity",
+            "-m",
+            m.to_str().unwrap(),
+            "-f",
+            "/usr/share/common-licenses/GPL-3",
+            "-c",
+            "512",
+            "--chunks",
+            "2",
+            "--lm-head",
+            head,
+        ]);
+        final_ppl(&out)
+    };
+    let exact = ppl("f16");
+    assert!((exact - 17.687).abs() < 0.01, "exact PPL {exact}");
+    for (head, lo, hi) in [("int8", 0.0, 0.01), ("q6k", 0.0, 0.01), ("q4", 0.02, 0.08)] {
+        let rel = ppl(head) / exact - 1.0;
+        assert!(
+            lo <= rel && rel <= hi,
+            "--lm-head {head}: {rel:+.4} vs exact"
+        );
+    }
+    let (_, err) = common::bitnet_err(&[
+        "perplexity",
+        "-m",
+        m.to_str().unwrap(),
+        "-f",
+        "x",
+        "--lm-head",
+        "q5",
+    ]);
+    assert!(err.contains("expected f16, int8, q6k or q4"), "{err}");
+}

@@ -39,6 +39,8 @@ pub struct Args {
     batch_size: usize,
     #[command(flatten)]
     gen: GenFlags,
+    #[command(flatten)]
+    lm_head: super::LmHeadFlag,
 }
 
 /// One line of the input, parsed.
@@ -344,7 +346,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .find(|l| !l.trim().is_empty())
             .is_some_and(|l| l.trim_start().starts_with('{'));
 
-    let m = super::load(&a.model)?;
+    let mut m = super::load(&a.model)?;
+    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
     let base = a.gen.config(&m.generation, 128);
     let done = done_ids(&a.output, format)?;
     let mut out = Output::open(&a.output, format)?;

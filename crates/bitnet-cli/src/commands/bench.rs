@@ -34,11 +34,8 @@ pub struct Args {
     /// Tokens per forward call in prompt processing.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     batch_size: usize,
-    /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
-    /// the file stores it, or against a copy quantized at load, with the final hidden state
-    /// at 12 bits: `int8`, `q6k` or `q4`; faster decode, see docs/PERFORMANCE.md.
-    #[arg(long = "lm-head", default_value = "f16", value_parser = super::parse_lm_head)]
-    lm_head: bitnet_inference::model::forward::LmHeadQuant,
+    #[command(flatten)]
+    lm_head: super::LmHeadFlag,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Md)]
     output: Format,
@@ -128,7 +125,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut m = load(&a.model)?;
-    m.model.set_lm_head_quant(a.lm_head)?;
+    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
     let model = &m.model;
     let threads = rayon::current_num_threads();
     let model_size = model.weights.memory_bytes();

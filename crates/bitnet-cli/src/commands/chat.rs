@@ -22,6 +22,8 @@ pub struct Args {
     system: Option<String>,
     #[command(flatten)]
     gen: GenFlags,
+    #[command(flatten)]
+    lm_head: super::LmHeadFlag,
     /// Context size (default: the model's, at most 4096).
     #[arg(short = 'c', long = "ctx-size")]
     ctx_size: Option<usize>,
@@ -106,7 +108,8 @@ impl Input {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = super::load(&super::model_or_default(a.model.as_deref())?)?;
+    let mut m = super::load(&super::model_or_default(a.model.as_deref())?)?;
+    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
     let template = m.chat_template()?;
     let mut config = a.gen.config(&m.generation, 512);
     if let SamplingStrategy::BeamSearch { .. } = config.strategy {

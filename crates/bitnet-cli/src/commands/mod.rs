@@ -29,8 +29,17 @@ pub fn load(path: &Path) -> anyhow::Result<LoadedEngineModel> {
 /// `--offline`: resolve hub ids from the cache alone (as HF_HUB_OFFLINE=1).
 static OFFLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// `--lm-head f16|int8|q6k|q4`.
-pub fn parse_lm_head(s: &str) -> Result<bitnet_inference::model::forward::LmHeadQuant, String> {
+/// `--lm-head`, shared by the commands that run a model for text or speed.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct LmHeadFlag {
+    /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
+    /// the file stores it, or against a copy quantized at load, with the final hidden state
+    /// at 12 bits: `int8`, `q6k` or `q4`; faster decode, see docs/PERFORMANCE.md.
+    #[arg(long = "lm-head", default_value = "f16", value_parser = parse_lm_head)]
+    pub lm_head: bitnet_inference::model::forward::LmHeadQuant,
+}
+
+fn parse_lm_head(s: &str) -> Result<bitnet_inference::model::forward::LmHeadQuant, String> {
     s.parse()
 }
 

@@ -19,16 +19,13 @@ pub struct Args {
     /// Tokens per forward call.
     #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
     batch_size: usize,
-    /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
-    /// the file stores it, or against a copy quantized at load, with the final hidden state
-    /// at 12 bits: `int8`, `q6k` or `q4`; faster decode, see docs/PERFORMANCE.md.
-    #[arg(long = "lm-head", default_value = "f16", value_parser = super::parse_lm_head)]
-    lm_head: bitnet_inference::model::forward::LmHeadQuant,
+    #[command(flatten)]
+    lm_head: super::LmHeadFlag,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut m = load(&a.model)?;
-    m.model.set_lm_head_quant(a.lm_head)?;
+    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
     let text = std::fs::read_to_string(&a.file)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
     let tokens = m.tokenizer.encode(&text, true)?;

@@ -21,16 +21,13 @@ pub struct Args {
     /// Tokens per prefill batch.
     #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
     batch_size: usize,
-    /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
-    /// the file stores it, or against a copy quantized at load, with the final hidden state
-    /// at 12 bits: `int8`, `q6k` or `q4`; faster decode, see docs/PERFORMANCE.md.
-    #[arg(long = "lm-head", default_value = "f16", value_parser = super::parse_lm_head)]
-    lm_head: bitnet_inference::model::forward::LmHeadQuant,
+    #[command(flatten)]
+    lm_head: super::LmHeadFlag,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut m = load(&super::model_or_default(a.model.as_deref())?)?;
-    m.model.set_lm_head_quant(a.lm_head)?;
+    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
     let config = a.gen.config(&m.generation, 128);
     let prompt = m.tokenizer.encode(&a.prompt, true)?;
     let mut ctx = context_size(a.ctx_size, &m.model);

@@ -19,6 +19,20 @@ pub fn bitnet_ok(args: &[&str]) -> (String, String) {
     (out, err)
 }
 
+/// Runs `bitnet` with `args`; it must fail. Returns stdout and stderr.
+pub fn bitnet_err(args: &[&str]) -> (String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .env_remove("BITNET_MODEL")
+        .output()
+        .expect("run bitnet");
+    assert!(!o.status.success(), "bitnet {args:?} succeeded");
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// The value of the final `PPL = <value>` line of `bitnet perplexity`.
 pub fn final_ppl(stdout: &str) -> f64 {
     stdout
