@@ -70,11 +70,12 @@ fn perplexity_on_gpl3_matches_the_f32_reference() {
 }
 
 /// The quantized lm_heads (`--lm-head`, docs/PERFORMANCE.md) over the first 2 chunks: exact
-/// 17.687; int8 and q6k within 1%, q4 clearly worse (+4.7% here) but not broken.
+/// 17.687; int8 and q6k within 1%, q4 clearly worse (+4.7% here) but not broken; and the
+/// f16 KV cache.
 #[test]
 fn quantized_lm_heads_cost_what_the_docs_say() {
     let m = model();
-    let ppl = |head: &str| {
+    let ppl_with = |flag: &str, value: &str| {
         let (out, _) = bitnet_ok(&[
             "perplexity",
             "-m",
@@ -85,12 +86,19 @@ fn quantized_lm_heads_cost_what_the_docs_say() {
             "512",
             "--chunks",
             "2",
-            "--lm-head",
-            head,
+            flag,
+            value,
         ]);
         final_ppl(&out)
     };
+    let ppl = |head: &str| ppl_with("--lm-head", head);
     let exact = ppl("f16");
+    // An f16 KV cache: the same within 0.1%.
+    let kv16 = ppl_with("--kv-type", "f16");
+    assert!(
+        (kv16 / exact - 1.0).abs() < 1e-3,
+        "--kv-type f16: {kv16} vs {exact}"
+    );
     assert!((exact - 17.687).abs() < 0.01, "exact PPL {exact}");
     for (head, lo, hi) in [("int8", 0.0, 0.01), ("q6k", 0.0, 0.01), ("q4", 0.02, 0.08)] {
         let rel = ppl(head) / exact - 1.0;

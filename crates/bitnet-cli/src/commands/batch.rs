@@ -40,7 +40,7 @@ pub struct Args {
     #[command(flatten)]
     gen: GenFlags,
     #[command(flatten)]
-    lm_head: super::LmHeadFlag,
+    model_flags: super::ModelFlags,
 }
 
 /// One line of the input, parsed.
@@ -347,7 +347,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .is_some_and(|l| l.trim_start().starts_with('{'));
 
     let mut m = super::load(&a.model)?;
-    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
+    a.model_flags.apply(&mut m.model)?;
     let base = a.gen.config(&m.generation, 128);
     let done = done_ids(&a.output, format)?;
     let mut out = Output::open(&a.output, format)?;

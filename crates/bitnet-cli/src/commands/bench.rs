@@ -28,6 +28,15 @@ pub struct Args {
         default_value = "128"
     )]
     n_gen: Vec<usize>,
+    /// Tokens already in the KV cache when each test starts (comma-separated; llama-bench's
+    /// `-d`): decode and prefill at long contexts read the cache too.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    n_depth: Vec<usize>,
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
@@ -35,7 +44,7 @@ pub struct Args {
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     batch_size: usize,
     #[command(flatten)]
-    lm_head: super::LmHeadFlag,
+    model_flags: super::ModelFlags,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Md)]
     output: Format,
@@ -51,15 +60,20 @@ enum Format {
 struct TestResult {
     n_prompt: usize,
     n_gen: usize,
+    n_depth: usize,
     samples_ts: Vec<f64>,
 }
 
 impl TestResult {
     fn name(&self) -> String {
-        if self.n_prompt > 0 {
+        let test = if self.n_prompt > 0 {
             format!("pp{}", self.n_prompt)
         } else {
             format!("tg{}", self.n_gen)
+        };
+        match self.n_depth {
+            0 => test,
+            d => format!("{test} @ d{d}"),
         }
     }
     fn mean(&self) -> f64 {
@@ -75,34 +89,47 @@ impl TestResult {
     }
 }
 
-/// Tokens a second of one run: `n_prompt` tokens in batches, or `n_gen` single steps.
+/// Tokens a second of one run: `n_prompt` tokens in batches, or `n_gen` single steps, after
+/// `depth` tokens (not timed) have filled the cache.
 fn time_run(
     model: &Model,
     n_prompt: usize,
     n_gen: usize,
+    depth: usize,
     batch: usize,
     seed: u64,
 ) -> anyhow::Result<f64> {
     let mut rng = Rng::new(seed);
     let vocab = model.config.vocab_size as u64;
     let n = n_prompt + n_gen;
-    let mut state = model.new_state(1, n, if n_prompt > 0 { batch.min(n_prompt) } else { 1 })?;
+    let max_batch = if n_prompt + depth > 0 {
+        batch.min(n_prompt.max(depth))
+    } else {
+        1
+    };
+    let mut state = model.new_state(1, depth + n, max_batch)?;
     let mut entries = Vec::with_capacity(state.max_batch());
-    let start = Instant::now();
-    if n_prompt > 0 {
-        for chunk_start in (0..n_prompt).step_by(state.max_batch()) {
-            let end = (chunk_start + state.max_batch()).min(n_prompt);
+    let mut prefill = |positions: std::ops::Range<usize>, state: &mut _| -> anyhow::Result<()> {
+        for chunk_start in positions.clone().step_by(max_batch) {
+            let end = (chunk_start + max_batch).min(positions.end);
             entries.clear();
             entries.extend((chunk_start..end).map(|pos| BatchEntry {
                 token: (rng.next_u64() % vocab) as u32,
                 pos,
                 slot: 0,
-                logits: pos + 1 == n_prompt,
+                logits: pos + 1 == positions.end,
             }));
-            model.forward(&entries, &mut state)?;
+            model.forward(&entries, state)?;
         }
+        Ok(())
+    };
+    prefill(0..depth, &mut state)?;
+    let start = Instant::now();
+    if n_prompt > 0 {
+        prefill(depth..depth + n_prompt, &mut state)?;
     } else {
-        for pos in 0..n_gen {
+        let mut rng = Rng::new(seed ^ 0x5eed);
+        for pos in depth..depth + n_gen {
             let e = BatchEntry {
                 token: (rng.next_u64() % vocab) as u32,
                 pos,
@@ -125,7 +152,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut m = load(&a.model)?;
-    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
+    a.model_flags.apply(&mut m.model)?;
     let model = &m.model;
     let threads = rayon::current_num_threads();
     let model_size = model.weights.memory_bytes();
@@ -134,25 +161,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .n_prompt
         .iter()
         .filter(|&&p| p > 0)
-        .map(|&p| TestResult {
-            n_prompt: p,
-            n_gen: 0,
-            samples_ts: vec![],
+        .map(|&p| (p, 0))
+        .chain(a.n_gen.iter().filter(|&&g| g > 0).map(|&g| (0, g)))
+        .flat_map(|(n_prompt, n_gen)| {
+            a.n_depth.iter().map(move |&n_depth| TestResult {
+                n_prompt,
+                n_gen,
+                n_depth,
+                samples_ts: vec![],
+            })
         })
-        .chain(a.n_gen.iter().filter(|&&g| g > 0).map(|&g| TestResult {
-            n_prompt: 0,
-            n_gen: g,
-            samples_ts: vec![],
-        }))
         .collect();
     for t in &mut tests {
         // One warm-up run, as llama-bench does.
-        time_run(model, t.n_prompt.min(16), t.n_gen.min(4), a.batch_size, 0)?;
+        time_run(
+            model,
+            t.n_prompt.min(16),
+            t.n_gen.min(4),
+            0,
+            a.batch_size,
+            0,
+        )?;
         for r in 0..a.repetitions.max(1) {
             t.samples_ts.push(time_run(
                 model,
                 t.n_prompt,
                 t.n_gen,
+                t.n_depth,
                 a.batch_size,
                 r as u64 + 1,
             )?);
@@ -160,6 +195,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let rss = peak_rss_bytes().unwrap_or(0);
     let kernel = model.kernel_name();
+    let kv_type = format!("{:?}", model.kv_type()).to_lowercase();
     let name = a.model.display().to_string();
     match a.output {
         Format::Md => {
@@ -189,6 +225,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         "n_batch": a.batch_size,
                         "n_prompt": t.n_prompt,
                         "n_gen": t.n_gen,
+                        "n_depth": t.n_depth,
+                        "type_k": kv_type,
+                        "type_v": kv_type,
                         "avg_ts": t.mean(),
                         "stddev_ts": t.stdev(),
                         "samples_ts": t.samples_ts,
@@ -200,14 +239,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&rows)?);
         }
         Format::Csv => {
-            println!("model_filename,model_size,model_n_params,n_threads,n_prompt,n_gen,avg_ts,stddev_ts,kernel,peak_rss_bytes");
+            println!("model_filename,model_size,model_n_params,n_threads,n_prompt,n_gen,avg_ts,stddev_ts,kernel,peak_rss_bytes,n_depth");
             for t in &tests {
                 println!(
-                    "{name},{model_size},{n_params},{threads},{},{},{:.4},{:.4},{kernel},{rss}",
+                    "{name},{model_size},{n_params},{threads},{},{},{:.4},{:.4},{kernel},{rss},{}",
                     t.n_prompt,
                     t.n_gen,
                     t.mean(),
-                    t.stdev()
+                    t.stdev(),
+                    t.n_depth
                 );
             }
         }

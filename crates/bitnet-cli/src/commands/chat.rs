@@ -23,7 +23,7 @@ pub struct Args {
     #[command(flatten)]
     gen: GenFlags,
     #[command(flatten)]
-    lm_head: super::LmHeadFlag,
+    model_flags: super::ModelFlags,
     /// Context size (default: the model's, at most 4096).
     #[arg(short = 'c', long = "ctx-size")]
     ctx_size: Option<usize>,
@@ -109,7 +109,7 @@ impl Input {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut m = super::load(&super::model_or_default(a.model.as_deref())?)?;
-    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
+    a.model_flags.apply(&mut m.model)?;
     let template = m.chat_template()?;
     let mut config = a.gen.config(&m.generation, 512);
     if let SamplingStrategy::BeamSearch { .. } = config.strategy {

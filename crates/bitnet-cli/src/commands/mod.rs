@@ -29,14 +29,30 @@ pub fn load(path: &Path) -> anyhow::Result<LoadedEngineModel> {
 /// `--offline`: resolve hub ids from the cache alone (as HF_HUB_OFFLINE=1).
 static OFFLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// `--lm-head`, shared by the commands that run a model for text or speed.
+/// How the model computes, shared by the commands that run one for text or speed.
 #[derive(clap::Args, Debug, Clone, Copy)]
-pub struct LmHeadFlag {
+pub struct ModelFlags {
     /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
     /// the file stores it, or against a copy quantized at load, with the final hidden state
     /// at 12 bits: `int8`, `q6k` or `q4`; faster decode, see docs/PERFORMANCE.md.
     #[arg(long = "lm-head", default_value = "f16", value_parser = parse_lm_head)]
     pub lm_head: bitnet_inference::model::forward::LmHeadQuant,
+    /// KV cache element type: `f32` (exact) or `f16` (half the memory, and half the bytes
+    /// decode reads per cached position).
+    #[arg(long = "kv-type", default_value = "f32", value_parser = parse_kv_type)]
+    pub kv_type: bitnet_inference::model::forward::KvType,
+}
+
+impl ModelFlags {
+    pub fn apply(&self, model: &mut bitnet_inference::model::forward::Model) -> anyhow::Result<()> {
+        model.set_lm_head_quant(self.lm_head)?;
+        model.set_kv_type(self.kv_type);
+        Ok(())
+    }
+}
+
+fn parse_kv_type(s: &str) -> Result<bitnet_inference::model::forward::KvType, String> {
+    s.parse()
 }
 
 fn parse_lm_head(s: &str) -> Result<bitnet_inference::model::forward::LmHeadQuant, String> {

@@ -20,12 +20,12 @@ pub struct Args {
     #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
     batch_size: usize,
     #[command(flatten)]
-    lm_head: super::LmHeadFlag,
+    model_flags: super::ModelFlags,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut m = load(&a.model)?;
-    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
+    a.model_flags.apply(&mut m.model)?;
     let text = std::fs::read_to_string(&a.file)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
     let tokens = m.tokenizer.encode(&text, true)?;

@@ -22,12 +22,12 @@ pub struct Args {
     #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
     batch_size: usize,
     #[command(flatten)]
-    lm_head: super::LmHeadFlag,
+    model_flags: super::ModelFlags,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut m = load(&super::model_or_default(a.model.as_deref())?)?;
-    m.model.set_lm_head_quant(a.lm_head.lm_head)?;
+    a.model_flags.apply(&mut m.model)?;
     let config = a.gen.config(&m.generation, 128);
     let prompt = m.tokenizer.encode(&a.prompt, true)?;
     let mut ctx = context_size(a.ctx_size, &m.model);

@@ -14,9 +14,64 @@
 //! where the CPU has them (chosen at run time); `exp` and the softmax sum are the scalar ones
 //! on every path, so the paths differ only by the order of the float additions in the dots
 //! and by fused multiply-adds.
+//!
+//! The cache holds f32 (exact) or f16 ([`KvElem`]). A task over an f16 cache has its rows
+//! widened to f32 (exactly) into a per-thread scratch, once for all its queries, and then
+//! runs as an f32 task: an f16 cache gives the bits an f32 cache holding the same values
+//! would, and decode reads half the bytes per cached position.
+
+use std::cell::RefCell;
+
+/// An element type of the KV cache.
+pub trait KvElem: Copy + Default + Send + Sync + 'static {
+    /// Rounded to nearest (f16), or as it is (f32).
+    fn from_f32(v: f32) -> Self;
+    /// The rows as they are, if they are f32 already.
+    fn as_f32(rows: &[Self]) -> Option<&[f32]>;
+    /// `dst[i] = src[i]` as f32, exactly.
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+
+impl KvElem for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn as_f32(rows: &[Self]) -> Option<&[f32]> {
+        Some(rows)
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl KvElem for half::f16 {
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len(), "widen size");
+        #[cfg(target_arch = "x86_64")]
+        if x86::level() != x86::Level::Scalar {
+            // SAFETY: AVX2 levels and up include F16C (`x86::level`); sizes checked.
+            return unsafe { x86::widen_f16c(src, dst) };
+        }
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+}
+
+thread_local! {
+    /// Keys and values of an f16 task, widened.
+    static WIDE: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
 
 /// One (tile of tokens, KV head) task.
-pub struct AttentionTask<'a> {
+#[derive(Clone, Copy)]
+pub struct AttentionTask<'a, T = f32> {
     /// Token `j`'s `heads` query heads, `head_dim` floats each and contiguous, start at
     /// `j * q_stride`; `q` ends with the last token's heads.
     pub q: &'a [f32],
@@ -27,8 +82,8 @@ pub struct AttentionTask<'a> {
     /// Query heads of a token that share this KV head.
     pub heads: usize,
     /// The cache of this layer and the KV head: row `p` starts at `p * stride`.
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+    pub keys: &'a [T],
+    pub values: &'a [T],
     pub stride: usize,
     /// The first token attends to positions `0..n_pos`, token `j` to `0..n_pos + j`.
     pub n_pos: usize,
@@ -36,7 +91,23 @@ pub struct AttentionTask<'a> {
     pub scale: f32,
 }
 
-impl AttentionTask<'_> {
+impl<'a, T> AttentionTask<'a, T> {
+    /// The same task over other rows (same positions and queries).
+    fn with_rows<U>(&self, keys: &'a [U], values: &'a [U], stride: usize) -> AttentionTask<'a, U> {
+        AttentionTask {
+            q: self.q,
+            q_stride: self.q_stride,
+            tokens: self.tokens,
+            heads: self.heads,
+            keys,
+            values,
+            stride,
+            n_pos: self.n_pos,
+            head_dim: self.head_dim,
+            scale: self.scale,
+        }
+    }
+
     /// Query rows: `tokens * heads`, row `r` is head `r % heads` of token `r / heads`.
     fn rows(&self) -> usize {
         self.tokens * self.heads
@@ -62,7 +133,30 @@ impl AttentionTask<'_> {
 /// Writes the outputs of the task's query heads to `out`, in the layout of `q` (the gaps
 /// between the tokens' rows are left alone); `scores` is scratch and grows to
 /// `tokens * heads * (n_pos + tokens - 1)` if it is shorter.
-pub fn attend(task: &AttentionTask, scores: &mut Vec<f32>, out: &mut [f32]) {
+pub fn attend<T: KvElem>(task: &AttentionTask<T>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    if let (Some(keys), Some(values)) = (T::as_f32(task.keys), T::as_f32(task.values)) {
+        return attend_f32(&task.with_rows(keys, values, task.stride), scores, out);
+    }
+    let (d, n) = (task.head_dim, task.n_max());
+    assert!(
+        n > 0
+            && task.stride >= d
+            && task.keys.len().min(task.values.len()) >= (n - 1) * task.stride + d,
+        "attention cache size"
+    );
+    WIDE.with_borrow_mut(|(keys, values)| {
+        keys.resize(n * d, 0.0);
+        values.resize(n * d, 0.0);
+        for p in 0..n {
+            let (src, dst) = (p * task.stride..p * task.stride + d, p * d..(p + 1) * d);
+            T::widen(&task.keys[src.clone()], &mut keys[dst.clone()]);
+            T::widen(&task.values[src], &mut values[dst]);
+        }
+        attend_f32(&task.with_rows(&keys[..], &values[..], d), scores, out)
+    })
+}
+
+fn attend_f32(task: &AttentionTask, scores: &mut Vec<f32>, out: &mut [f32]) {
     let scores = prepare(task, scores, out);
     #[cfg(target_arch = "x86_64")]
     {
@@ -203,7 +297,10 @@ mod x86 {
         *LEVEL.get_or_init(|| {
             if is_x86_feature_detected!("avx512f") {
                 Level::Avx512
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            } else if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 Level::Avx2
             } else {
                 Level::Scalar
@@ -426,6 +523,27 @@ mod x86 {
             for (c, a) in acc.iter().enumerate() {
                 _mm512_storeu_ps(out.add(16 * c), *a);
             }
+        }
+    }
+
+    /// f16 to f32, 8 at a time.
+    ///
+    /// # Safety
+    /// F16C; `src` and `dst` of the same length.
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn widen_f16c(src: &[half::f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        // SAFETY: every access is of elements below `n` of both slices.
+        unsafe {
+            while i + 8 <= n {
+                let v = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(i).cast()));
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
+                i += 8;
+            }
+        }
+        for k in i..n {
+            dst[k] = src[k].to_f32();
         }
     }
 
@@ -774,6 +892,35 @@ mod tests {
                 let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(same, "d={d} heads={heads} n={n_pos} tokens={tokens}");
             }
+        }
+    }
+
+    /// An f16 cache is widened exactly, so it gives the bits of an f32 cache holding the
+    /// same (rounded) values; the task's other heads (the gaps of the stride) are not read.
+    #[test]
+    fn an_f16_cache_gives_the_bits_of_f32_with_its_values() {
+        let mut scores = Vec::new();
+        for (d, heads, n_pos, tokens, kv_heads) in CASES {
+            let mut case = Case::new(d, heads, n_pos, tokens, kv_heads);
+            let half = |v: &[f32]| {
+                v.iter()
+                    .map(|&x| half::f16::from_f32(x))
+                    .collect::<Vec<_>>()
+            };
+            let (k16, v16) = (half(&case.keys), half(&case.values));
+            case.keys = k16.iter().map(|x| x.to_f32()).collect();
+            case.values = v16.iter().map(|x| x.to_f32()).collect();
+            let want = case.run_tile(attend, &mut scores);
+            let (task, range) = case.task(0, tokens);
+            let off = (kv_heads - 1) * d;
+            let task16 = task.with_rows(&k16[off..], &v16[off..], task.stride);
+            let mut got = vec![UNTOUCHED; case.q.len()];
+            attend(&task16, &mut scores, &mut got[range]);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "d={d} heads={heads} n={n_pos} tokens={tokens}");
         }
     }
 }

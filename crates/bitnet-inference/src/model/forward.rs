@@ -6,6 +6,7 @@
 //! ternary linears quantize activations per token to int8 exactly as transformers does.
 
 use super::{Activation, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
+use crate::kernels::attention::KvElem;
 use crate::kernels::{self, QuantizedActivations, TernaryKernel};
 use crate::model::Linear;
 use crate::{Error, Result};
@@ -23,6 +24,8 @@ pub struct Model {
     /// The quantized copy of a float lm_head (or tied embedding) that logits use instead,
     /// set by [`Model::set_lm_head_quant`].
     lm_head_quant: Option<QuantizedHead>,
+    /// The element type of the KV caches [`Model::new_state`] makes.
+    kv_type: KvType,
 }
 
 /// A quantized lm_head for logits (see [`LmHeadQuant`]).
@@ -81,18 +84,111 @@ pub struct BatchEntry {
 /// The tokens of one forward call.
 pub type Batch = [BatchEntry];
 
-/// Key/value cache: `[layer][slot][position][kv_dim]`, f32, allocated once.
+/// Key/value cache: `[layer][slot][position][kv_dim]`, allocated once.
 struct KvCache {
     n_slots: usize,
     context: usize,
     kv_dim: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    data: KvData,
+}
+
+/// The cache's rows in the element type chosen by [`Model::set_kv_type`].
+enum KvData {
+    F32 {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    },
+    F16 {
+        keys: Vec<Vec<half::f16>>,
+        values: Vec<Vec<half::f16>>,
+    },
 }
 
 impl KvCache {
+    fn new(
+        kv_type: KvType,
+        n_layers: usize,
+        n_slots: usize,
+        context: usize,
+        kv_dim: usize,
+    ) -> Self {
+        fn layers<T: Clone + Default>(n: usize, len: usize) -> Vec<Vec<T>> {
+            (0..n).map(|_| vec![T::default(); len]).collect()
+        }
+        let len = n_slots * context * kv_dim;
+        let data = match kv_type {
+            KvType::F32 => KvData::F32 {
+                keys: layers(n_layers, len),
+                values: layers(n_layers, len),
+            },
+            KvType::F16 => KvData::F16 {
+                keys: layers(n_layers, len),
+                values: layers(n_layers, len),
+            },
+        };
+        Self {
+            n_slots,
+            context,
+            kv_dim,
+            data,
+        }
+    }
+
     fn offset(&self, slot: usize, pos: usize) -> usize {
         (slot * self.context + pos) * self.kv_dim
+    }
+
+    /// Writes one position's key and value rows of `layer`.
+    fn store(&mut self, layer: usize, slot: usize, pos: usize, key: &[f32], value: &[f32]) {
+        fn put<T: KvElem>(dst: &mut [T], src: &[f32]) {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = T::from_f32(s);
+            }
+        }
+        let span = self.offset(slot, pos)..self.offset(slot, pos) + self.kv_dim;
+        match &mut self.data {
+            KvData::F32 { keys, values } => {
+                keys[layer][span.clone()].copy_from_slice(key);
+                values[layer][span].copy_from_slice(value);
+            }
+            KvData::F16 { keys, values } => {
+                put(&mut keys[layer][span.clone()], key);
+                put(&mut values[layer][span], value);
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match &self.data {
+            KvData::F32 { keys, values } => {
+                4 * keys.iter().chain(values).map(Vec::len).sum::<usize>()
+            }
+            KvData::F16 { keys, values } => {
+                2 * keys.iter().chain(values).map(Vec::len).sum::<usize>()
+            }
+        }
+    }
+}
+
+/// The element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    /// Exact: keys and values as the forward pass computed them.
+    #[default]
+    F32,
+    /// Rounded to f16 as they are stored (as llama.cpp's default cache): half the memory,
+    /// and half the bytes decode reads per cached position.
+    F16,
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            _ => Err(format!("unknown KV cache type `{s}`: expected f32 or f16")),
+        }
     }
 }
 
@@ -149,12 +245,7 @@ impl ForwardState {
     }
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.kv
-            .keys
-            .iter()
-            .chain(&self.kv.values)
-            .map(|v| v.len() * 4)
-            .sum()
+        self.kv.bytes()
     }
     /// Bytes held by activations, logits and other scratch.
     pub fn scratch_bytes(&self) -> usize {
@@ -215,6 +306,7 @@ impl Model {
             rope_cos,
             rope_sin,
             lm_head_quant: None,
+            kv_type: KvType::F32,
         })
     }
 
@@ -266,6 +358,15 @@ impl Model {
         }
     }
 
+    /// Chooses the element type of the KV caches of states made from now on.
+    pub fn set_kv_type(&mut self, kv_type: KvType) {
+        self.kv_type = kv_type;
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
     pub fn kernel_name(&self) -> &'static str {
         self.kernel.name()
     }
@@ -287,17 +388,10 @@ impl Model {
         }
         let (n_slots, max_batch) = (n_slots.max(1), max_batch.max(1));
         let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
-        let per_layer = n_slots * context * c.kv_dim();
         let lm_head_width = c.hidden_size.next_multiple_of(kernels::q4::Q4_SUPER);
         Ok(ForwardState {
             max_batch,
-            kv: KvCache {
-                n_slots,
-                context,
-                kv_dim: c.kv_dim(),
-                keys: (0..c.n_layers).map(|_| vec![0.0; per_layer]).collect(),
-                values: (0..c.n_layers).map(|_| vec![0.0; per_layer]).collect(),
-            },
+            kv: KvCache::new(self.kv_type, c.n_layers, n_slots, context, c.kv_dim()),
             hidden: vec![0.0; max_batch * c.hidden_size],
             normed: vec![0.0; max_batch * wide],
             linear_in: vec![0.0; max_batch * wide],
@@ -388,10 +482,10 @@ impl Model {
                 }
             });
             for (i, e) in batch.iter().enumerate() {
-                let off = state.kv.offset(e.slot, e.pos);
-                state.kv.keys[l][off..off + kvd].copy_from_slice(&state.k[i * kvd..(i + 1) * kvd]);
-                state.kv.values[l][off..off + kvd]
-                    .copy_from_slice(&state.v[i * kvd..(i + 1) * kvd]);
+                let span = i * kvd..(i + 1) * kvd;
+                state
+                    .kv
+                    .store(l, e.slot, e.pos, &state.k[span.clone()], &state.v[span]);
             }
             self.attention(batch, l, state);
             let attn_in: &[f32] = match &layer.attn_sub_norm {
@@ -570,12 +664,30 @@ impl Model {
     ///
     /// The arithmetic of each query head is the same in every case, bit for bit.
     fn attention(&self, batch: &Batch, layer: usize, state: &mut ForwardState) {
+        let (kv, q, attn) = (&state.kv, &state.q, &mut state.attn);
+        match &kv.data {
+            KvData::F32 { keys, values } => {
+                self.attention_over(batch, kv, &keys[layer], &values[layer], q, attn)
+            }
+            KvData::F16 { keys, values } => {
+                self.attention_over(batch, kv, &keys[layer], &values[layer], q, attn)
+            }
+        }
+    }
+
+    /// [`Self::attention`] over one layer's cache rows of element type `T`.
+    fn attention_over<T: KvElem>(
+        &self,
+        batch: &Batch,
+        kv: &KvCache,
+        keys: &[T],
+        values: &[T],
+        q: &[f32],
+        attn: &mut [f32],
+    ) {
         let c = &self.config;
         let (d, qd, kvd, group) = (c.head_dim, c.q_dim(), c.kv_dim(), c.gqa_group());
         let scale = 1.0 / (d as f32).sqrt();
-        let kv = &state.kv;
-        let (keys, values) = (&kv.keys[layer], &kv.values[layer]);
-        let q = &state.q;
         let pool = kernels::pool::SpinPool::current();
         // Query heads `first_head..first_head + heads` (of one KV head) of the entries
         // `first..first + tokens` (a run of consecutive positions of one sequence), written to
@@ -603,7 +715,7 @@ impl Model {
                 SCORES.with_borrow_mut(|scores| kernels::attention::attend(&task, scores, out));
             };
         if let Some(tile) = attention_tile(batch, pool.threads()) {
-            pool.for_each_chunk_mut(&mut state.attn[..batch.len() * qd], tile * qd, &|t, out| {
+            pool.for_each_chunk_mut(&mut attn[..batch.len() * qd], tile * qd, &|t, out| {
                 let (first, end) = (t * tile, t * tile + out.len() / qd);
                 let mut run = first;
                 while run < end {
@@ -629,7 +741,7 @@ impl Model {
         };
         let tasks_per_entry = c.n_heads / heads_per_task;
         pool.for_each_chunk_mut(
-            &mut state.attn[..batch.len() * qd],
+            &mut attn[..batch.len() * qd],
             heads_per_task * d,
             &|task, out| {
                 let (i, first_head) = (
@@ -964,6 +1076,40 @@ mod tests {
             .parse::<LmHeadQuant>()
             .unwrap_err()
             .contains("expected f16, int8, q6k or q4"));
+    }
+
+    #[test]
+    fn an_f16_kv_cache_halves_its_bytes_and_stays_close() {
+        let mut model = random_model();
+        let tokens = [3u32, 17, 42, 0, 9, 9, 1];
+        let run = |model: &Model| {
+            let mut s = model.new_state(2, 32, 8).unwrap();
+            model.forward(&entries(&tokens, 0, 0), &mut s).unwrap();
+            let logits: Vec<Vec<f32>> = (0..tokens.len()).map(|i| s.logits(i).to_vec()).collect();
+            (logits, s.kv_bytes())
+        };
+        let (exact, bytes) = run(&model);
+        model.set_kv_type(KvType::F16);
+        assert_eq!(model.kv_type(), KvType::F16);
+        let (half, half_bytes) = run(&model);
+        assert_eq!(half_bytes * 2, bytes);
+        let mut differs = false;
+        for (e, h) in exact.iter().zip(&half) {
+            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in e.iter().zip(h) {
+                assert!(
+                    (a - b).abs() <= 0.05 * scale,
+                    "{a} vs {b} (largest logit {scale})"
+                );
+                differs |= a != b;
+            }
+        }
+        assert!(differs, "the f16 cache was not used");
+        assert_eq!("f16".parse(), Ok(KvType::F16));
+        assert!("q8"
+            .parse::<KvType>()
+            .unwrap_err()
+            .contains("expected f32 or f16"));
     }
 
     #[test]
