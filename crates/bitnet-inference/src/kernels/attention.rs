@@ -65,8 +65,11 @@ impl KvElem for half::f16 {
 }
 
 thread_local! {
-    /// Keys and values of an f16 task, widened.
+    /// The blocked kernel's widened K and V blocks.
     static WIDE: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// A whole task's keys and values, widened for the paths without the blocked kernel.
+    static WIDE_TASK: RefCell<(Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// One (tile of tokens, KV head) task.
@@ -137,6 +140,12 @@ pub fn attend<T: KvElem>(task: &AttentionTask<T>, scores: &mut Vec<f32>, out: &m
     if let (Some(keys), Some(values)) = (T::as_f32(task.keys), T::as_f32(task.values)) {
         return attend_f32(&task.with_rows(keys, values, task.stride), scores, out);
     }
+    #[cfg(target_arch = "x86_64")]
+    if x86::level() == x86::Level::Avx512 && task.head_dim.is_multiple_of(16) {
+        let scores = prepare(task, scores, out);
+        // SAFETY: the level was detected on this CPU; `prepare` validated the sizes.
+        return unsafe { x86::attend_blocked_512(task, scores, out) };
+    }
     let (d, n) = (task.head_dim, task.n_max());
     assert!(
         n > 0
@@ -144,7 +153,7 @@ pub fn attend<T: KvElem>(task: &AttentionTask<T>, scores: &mut Vec<f32>, out: &m
             && task.keys.len().min(task.values.len()) >= (n - 1) * task.stride + d,
         "attention cache size"
     );
-    WIDE.with_borrow_mut(|(keys, values)| {
+    WIDE_TASK.with_borrow_mut(|(keys, values)| {
         keys.resize(n * d, 0.0);
         values.resize(n * d, 0.0);
         for p in 0..n {
@@ -179,7 +188,7 @@ pub fn attend_scalar(task: &AttentionTask, scores: &mut Vec<f32>, out: &mut [f32
 
 /// Validates the sizes every path indexes by, and returns the task's part of `scores`
 /// (grown if it is too short: never shrunk, so that it is filled once).
-fn prepare<'s>(t: &AttentionTask, scores: &'s mut Vec<f32>, out: &[f32]) -> &'s mut [f32] {
+fn prepare<'s, T>(t: &AttentionTask<T>, scores: &'s mut Vec<f32>, out: &[f32]) -> &'s mut [f32] {
     let d = t.head_dim;
     assert!(
         d > 0 && t.heads > 0 && t.tokens > 0,
@@ -240,7 +249,7 @@ fn attend_body(
 
 /// Each query row's scores (the first `n_of(r)` of its `n_max`) become its softmax.
 #[inline(always)]
-fn softmax(t: &AttentionTask, scores: &mut [f32]) {
+fn softmax<T>(t: &AttentionTask<T>, scores: &mut [f32]) {
     let n_max = t.n_max();
     for r in 0..t.rows() {
         let s = &mut scores[r * n_max..r * n_max + t.n_of(r)];
@@ -282,7 +291,7 @@ fn axpy_scalar(out: &mut [f32], w: f32, v: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{attend_body, softmax, AttentionTask};
+    use super::{attend_body, softmax, AttentionTask, KvElem, WIDE};
     use std::arch::x86_64::*;
 
     #[derive(Clone, Copy, PartialEq)]
@@ -316,13 +325,53 @@ mod x86 {
     /// the shared loop.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn attend_512(t: &AttentionTask, scores: &mut [f32], out: &mut [f32]) {
+        if t.head_dim.is_multiple_of(16) {
+            // SAFETY: the caller guarantees the feature and validated the sizes.
+            unsafe { attend_blocked_512(t, scores, out) }
+        } else {
+            // SAFETY: as above.
+            unsafe { rowwise_512(t, scores, out) }
+        }
+    }
+
+    /// [`blocked_512`] for any cache element type (`head_dim % 16 == 0`).
+    ///
+    /// # Safety
+    /// AVX-512F; `t` and the slice sizes as `prepare` validates them.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attend_blocked_512<T: KvElem>(
+        t: &AttentionTask<T>,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
         // SAFETY (all arms): the caller guarantees the feature and validated the sizes.
         match t.head_dim {
-            128 => unsafe { blocked_512::<128>(t, scores, out) },
-            64 => unsafe { blocked_512::<64>(t, scores, out) },
-            d if d.is_multiple_of(16) => unsafe { blocked_512::<0>(t, scores, out) },
-            _ => unsafe { rowwise_512(t, scores, out) },
+            128 => unsafe { blocked_512::<T, 128>(t, scores, out) },
+            64 => unsafe { blocked_512::<T, 64>(t, scores, out) },
+            _ => unsafe { blocked_512::<T, 0>(t, scores, out) },
         }
+    }
+
+    /// Rows `first..first + n` of `rows` (`stride` apart, `d` used) as f32: where they are in
+    /// place for f32, else widened into `buf`. Returns the first row's start and the stride.
+    #[inline]
+    fn block_f32<'a, T: KvElem>(
+        rows: &'a [T],
+        stride: usize,
+        first: usize,
+        n: usize,
+        d: usize,
+        buf: &'a mut Vec<f32>,
+    ) -> (&'a [f32], usize) {
+        if let Some(rows) = T::as_f32(rows) {
+            return (&rows[first * stride..], stride);
+        }
+        buf.resize(n * d, 0.0);
+        for i in 0..n {
+            let at = (first + i) * stride;
+            T::widen(&rows[at..at + d], &mut buf[i * d..(i + 1) * d]);
+        }
+        (&buf[..], d)
     }
 
     /// The shared loop with AVX-512 dots and axpys: one (query, position) at a time.
@@ -351,27 +400,50 @@ mod x86 {
     /// # Safety
     /// AVX-512F; `t` and the slice sizes as `prepare` validates them.
     #[target_feature(enable = "avx512f")]
-    unsafe fn blocked_512<const D: usize>(t: &AttentionTask, scores: &mut [f32], out: &mut [f32]) {
+    unsafe fn blocked_512<T: KvElem, const D: usize>(
+        t: &AttentionTask<T>,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        WIDE.with_borrow_mut(|(kbuf, vbuf)| {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { blocked_512_with::<T, D>(t, scores, out, kbuf, vbuf) }
+        })
+    }
+
+    /// [`blocked_512`] with its scratch for widened K and V blocks (f16 caches: each block
+    /// is widened once, in L1, for every query of the task).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn blocked_512_with<T: KvElem, const D: usize>(
+        t: &AttentionTask<T>,
+        scores: &mut [f32],
+        out: &mut [f32],
+        kbuf: &mut Vec<f32>,
+        vbuf: &mut Vec<f32>,
+    ) {
         let d = if D == 0 { t.head_dim } else { D };
         debug_assert!(d == t.head_dim && d.is_multiple_of(16));
-        let (n_max, rows, stride) = (t.n_max(), t.rows(), t.stride);
+        let (n_max, rows) = (t.n_max(), t.rows());
         let scale = _mm512_set1_ps(t.scale);
         for pb in (0..n_max).step_by(16) {
+            let in_block = (n_max - pb).min(16);
+            let (keys, stride) = block_f32(t.keys, t.stride, pb, in_block, d, kbuf);
             for r in t.first_token(pb) * t.heads..rows {
                 let n = t.n_of(r);
                 let q = &t.q[t.q_offset(r)..][..d];
                 let row = &mut scores[r * n_max..r * n_max + n];
                 if n >= pb + 16 {
-                    // SAFETY: K rows `pb..pb + 16` lie below `n <= n_max`, inside `keys`
-                    // (validated), each of `d` floats; the store is of `row[pb..pb + 16]`.
+                    // SAFETY: the block's 16 rows of `d` floats lie inside `keys` (validated
+                    // sizes, or the widened block); the store is of `row[pb..pb + 16]`.
                     unsafe {
-                        let s = dots16(q.as_ptr(), t.keys.as_ptr().add(pb * stride), stride, d);
+                        let s = dots16(q.as_ptr(), keys.as_ptr(), stride, d);
                         _mm512_storeu_ps(row.as_mut_ptr().add(pb), _mm512_mul_ps(s, scale));
                     }
                 } else {
                     for (p, s) in row.iter_mut().enumerate().skip(pb) {
+                        let k = &keys[(p - pb) * stride..(p - pb) * stride + d];
                         // SAFETY: inside this function's features; slices bound the reads.
-                        *s = unsafe { dot_512(q, &t.keys[p * stride..p * stride + d]) } * t.scale;
+                        *s = unsafe { dot_512(q, k) } * t.scale;
                     }
                 }
             }
@@ -382,15 +454,18 @@ mod x86 {
             out[o..o + d].fill(0.0);
         }
         for pb in (0..n_max).step_by(V_BLOCK) {
+            let in_block = (n_max - pb).min(V_BLOCK);
+            let (values, stride) = block_f32(t.values, t.stride, pb, in_block, d, vbuf);
             for r in t.first_token(pb) * t.heads..rows {
                 let end = t.n_of(r).min(pb + V_BLOCK);
                 let w = &scores[r * n_max + pb..r * n_max + end];
                 let o = &mut out[t.q_offset(r)..][..d];
                 let mut c = 0;
                 // SAFETY (every call): columns `c..c + 16 * M` lie inside the query's `d`
-                // output floats and inside V rows `pb..end` (below `n_max`, validated).
+                // output floats and inside the block's V rows `pb..end` (below `n_max`:
+                // validated sizes, or the widened block).
                 unsafe {
-                    let (o, v) = (o.as_mut_ptr(), t.values.as_ptr().add(pb * stride));
+                    let (o, v) = (o.as_mut_ptr(), values.as_ptr());
                     while c + 128 <= d {
                         axpy_rows::<8>(o.add(c), v.add(c), stride, w);
                         c += 128;
