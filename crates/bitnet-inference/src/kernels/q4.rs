@@ -160,8 +160,9 @@ fn quantize_row(row: &[f32], codes: &mut [u8], scales: &mut [f16]) {
             0.0
         };
         for (j, &v) in group.iter().enumerate() {
-            // NaN becomes 0 (`as` maps NaN to 0).
-            let q = (v * inv).round_ties_even().clamp(-8.0, 7.0) as i32 + 8;
+            // Clamped first, so the no-libm rounding applies; NaN becomes 0 (`as` maps
+            // NaN to 0).
+            let q = super::quant::round_half_even_small((v * inv).clamp(-8.0, 7.0)) as i32 + 8;
             let (byte, shift) = code_slot(g * Q4_GROUP + j);
             codes[byte] |= (q as u8) << shift;
         }

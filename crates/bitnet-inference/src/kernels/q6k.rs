@@ -216,7 +216,7 @@ impl Int12Activations {
             for (q, &v) in q.iter_mut().zip(row) {
                 // NaN becomes 0 (`as` saturates and maps NaN to 0); clamping first keeps
                 // rounding errors of `v·s` inside the range.
-                *q = (v * *s).clamp(-ACT_MAX, ACT_MAX).round_ties_even() as i16;
+                *q = super::quant::round_half_even_small((v * *s).clamp(-ACT_MAX, ACT_MAX)) as i16;
             }
         }
         self.low.clear();
