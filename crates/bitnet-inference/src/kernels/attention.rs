@@ -30,6 +30,14 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     fn as_f32(rows: &[Self]) -> Option<&[f32]>;
     /// `dst[i] = src[i]` as f32, exactly.
     fn widen(src: &[Self], dst: &mut [f32]);
+    /// [`KvElem::widen`] of a row of `16·k` elements, inlined into the AVX-512 kernel.
+    ///
+    /// # Safety
+    /// Only inlined into functions with AVX-512F; `src.len() == dst.len()`, a multiple of 16.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen_512(src: &[Self], dst: &mut [f32]) {
+        Self::widen(src, dst)
+    }
 }
 
 impl KvElem for f32 {
@@ -50,6 +58,19 @@ impl KvElem for half::f16 {
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen_512(src: &[Self], dst: &mut [f32]) {
+        use std::arch::x86_64::*;
+        debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(16));
+        for i in (0..src.len().min(dst.len()) / 16 * 16).step_by(16) {
+            // SAFETY: 16 elements at `i` of both slices (the caller's contract); AVX-512F.
+            unsafe {
+                let v = _mm512_cvtph_ps(_mm256_loadu_si256(src.as_ptr().add(i).cast()));
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), v);
+            }
+        }
     }
     fn widen(src: &[Self], dst: &mut [f32]) {
         assert_eq!(src.len(), dst.len(), "widen size");
@@ -355,6 +376,7 @@ mod x86 {
     /// Rows `first..first + n` of `rows` (`stride` apart, `d` used) as f32: where they are in
     /// place for f32, else widened into `buf`. Returns the first row's start and the stride.
     #[inline]
+    #[target_feature(enable = "avx512f")]
     fn block_f32<'a, T: KvElem>(
         rows: &'a [T],
         stride: usize,
@@ -369,7 +391,9 @@ mod x86 {
         buf.resize(n * d, 0.0);
         for i in 0..n {
             let at = (first + i) * stride;
-            T::widen(&rows[at..at + d], &mut buf[i * d..(i + 1) * d]);
+            // SAFETY: inlined into the AVX-512 kernel; both rows are `d` long, a multiple of
+            // 16 (the blocked kernel's condition).
+            unsafe { T::widen_512(&rows[at..at + d], &mut buf[i * d..(i + 1) * d]) };
         }
         (&buf[..], d)
     }
