@@ -30,7 +30,9 @@ fn chunk_rows(rows: usize, step: usize) -> usize {
     // Multiples of the kernel's step (4 rows, the decode tile; 16 for AMX tiles): with 4 they
     // split 2B-4T's widths (2560, 6912, and 640 up to 8 threads) into exactly `4 × threads`
     // tasks at 2 to 16 threads, so no round of the pool runs with idle threads (multiples of
-    // 16 left ~16% of 16 threads idle).
+    // 16 left ~16% of 16 threads idle). At least 8 rows, so a tiny matrix is not cut into
+    // tasks that cost more to hand out than to run (8 is a multiple of every step but 16,
+    // and `next_multiple_of(16)` is already 16 or more).
     let tasks = rayon::current_num_threads() * 4;
     rows.div_ceil(tasks).next_multiple_of(step).max(8)
 }
