@@ -15,10 +15,11 @@
 //! on every path, so the paths differ only by the order of the float additions in the dots
 //! and by fused multiply-adds.
 //!
-//! The cache holds f32 (exact) or f16 ([`KvElem`]). A task over an f16 cache has its rows
-//! widened to f32 (exactly) into a per-thread scratch, once for all its queries, and then
-//! runs as an f32 task: an f16 cache gives the bits an f32 cache holding the same values
-//! would, and decode reads half the bytes per cached position.
+//! The cache holds f32 (exact) or f16 ([`KvElem`]). f16 rows are widened to f32 (exactly)
+//! once for all the task's queries: block by block in L1 by the blocked AVX-512 kernel, the
+//! whole task into a per-thread scratch on the other paths. An f16 cache thus gives the bits
+//! an f32 cache holding the same values would, and decode reads half the bytes per cached
+//! position.
 
 use std::cell::RefCell;
 
@@ -75,8 +76,8 @@ impl KvElem for half::f16 {
     fn widen(src: &[Self], dst: &mut [f32]) {
         assert_eq!(src.len(), dst.len(), "widen size");
         #[cfg(target_arch = "x86_64")]
-        if x86::level() != x86::Level::Scalar {
-            // SAFETY: AVX2 levels and up include F16C (`x86::level`); sizes checked.
+        if is_x86_feature_detected!("avx") && is_x86_feature_detected!("f16c") {
+            // SAFETY: the features were detected; sizes checked.
             return unsafe { x86::widen_f16c(src, dst) };
         }
         for (d, s) in dst.iter_mut().zip(src) {
