@@ -176,12 +176,7 @@ impl Int12Path {
     /// The best path of this CPU (scalar when `BITNET_KERNEL=scalar`).
     pub fn detect() -> Self {
         static PATH: std::sync::OnceLock<Int12Path> = std::sync::OnceLock::new();
-        *PATH.get_or_init(|| {
-            *Self::available()
-                .last()
-                .filter(|_| !std::env::var("BITNET_KERNEL").is_ok_and(|k| k == "scalar"))
-                .unwrap_or(&Int12Path::Scalar)
-        })
+        *PATH.get_or_init(|| super::best_path(Self::available(), Int12Path::Scalar))
     }
 
     /// Every path this CPU runs, best last.

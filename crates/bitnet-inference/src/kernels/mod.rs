@@ -65,6 +65,15 @@ pub trait TernaryKernel: Send + Sync {
     }
 }
 
+/// The last (best) of `available`, or `scalar` when `BITNET_KERNEL=scalar` asks for the
+/// portable path: how the lm_head kernels pick their instruction set.
+pub(crate) fn best_path<P: Copy>(available: Vec<P>, scalar: P) -> P {
+    if std::env::var("BITNET_KERNEL").is_ok_and(|k| k == "scalar") {
+        return scalar;
+    }
+    available.last().copied().unwrap_or(scalar)
+}
+
 /// The kernel for this machine, or the one named by `BITNET_KERNEL` (for tests and
 /// comparisons). Unknown or unsupported names are an error rather than a silent fallback.
 pub fn select_kernel() -> crate::Result<&'static dyn TernaryKernel> {

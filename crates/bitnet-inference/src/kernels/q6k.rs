@@ -262,24 +262,10 @@ pub enum Path {
 impl Path {
     pub fn detect() -> Path {
         static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
-        *PATH.get_or_init(|| {
-            if std::env::var("BITNET_KERNEL").is_ok_and(|k| k == "scalar") {
-                return Path::Scalar;
-            }
-            #[cfg(target_arch = "x86_64")]
-            {
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                    return Path::Avx512;
-                }
-                if is_x86_feature_detected!("avx2") {
-                    return Path::Avx2;
-                }
-            }
-            Path::Scalar
-        })
+        *PATH.get_or_init(|| super::best_path(Self::available(), Path::Scalar))
     }
 
-    /// All paths this CPU can run (for tests and benchmarks).
+    /// All paths this CPU can run (for tests and benchmarks), best last.
     pub fn available() -> Vec<Path> {
         #[allow(unused_mut)]
         let mut v = vec![Path::Scalar];
