@@ -1,27 +1,41 @@
 //! Causal attention of a tile of consecutive query tokens of one sequence over its cache, for
-//! one group of query heads that share a KV head (GQA), in f32: `softmax(q·kᵀ·scale) · v`
-//! with the max subtracted before `exp`.
+//! one group of query heads that share a KV head (GQA), in f32: `softmax(q·kᵀ·scale) · v`.
 //!
-//! Each K and V row is read once for all the queries of the task: every head of the group of
-//! every token of the tile. In prefill, a tile of tokens thus loads each cached row once
-//! instead of once per token; in decode the tile is one token. Token `j` of the tile attends
-//! to positions `0..n_pos + j` (causal: the tile's tokens sit at consecutive positions).
+//! Positions are taken in chunks of [`CHUNK`]. For every query row a chunk gives a partial
+//! result: the max of its scores, the sum of `exp(score − max)`, and the V rows weighted by
+//! those exponentials. [`fold`] merges the chunks in order (rescaling by `exp` of the change
+//! of max) and [`RunningSoftmax::finish`] divides by the sum. Decode spreads the chunks of
+//! one query over threads and folds them afterwards; prefill walks them in turn; both fold
+//! the same partials in the same order, so they give the same bits. The chunk is a constant,
+//! so results do not depend on the thread count.
+//!
+//! Within a chunk, each K and V row is read once for all the queries of the task: every head
+//! of the group of every token of the tile. Token `j` of the tile attends to positions
+//! `0..n_pos + j` (causal: the tile's tokens sit at consecutive positions).
 //!
 //! The arithmetic of one (query, position) does not depend on the tile: the same dot (lanes,
-//! accumulators and reduction order), the same scalar `exp` and sums, the same multiply-adds
-//! into the output in position order. A tile gives bit for bit the outputs of its tokens one
-//! at a time, on every path. The q·k dots and the V accumulation use AVX-512 or AVX2+FMA
-//! where the CPU has them (chosen at run time); `exp` and the softmax sum are the scalar ones
-//! on every path, so the paths differ only by the order of the float additions in the dots
+//! accumulators and reduction order), the same `exp` ([`super::exp`], the same bits on every
+//! path), the same multiply-adds into the output in position order. A tile gives bit for bit
+//! the outputs of its tokens one at a time, on every path. The q·k dots, the exponentials
+//! and the V accumulation use AVX-512 or AVX2+FMA where the CPU has them (chosen at run
+//! time); the paths differ only by the order of the float additions in the dots and sums
 //! and by fused multiply-adds.
 //!
 //! The cache holds f32 (exact) or f16 ([`KvElem`]). f16 rows are widened to f32 (exactly)
-//! once for all the task's queries: block by block in L1 by the blocked AVX-512 kernel, the
-//! whole task into a per-thread scratch on the other paths. An f16 cache thus gives the bits
-//! an f32 cache holding the same values would, and decode reads half the bytes per cached
-//! position.
+//! once for all the task's queries: block by block in L1 by the blocked AVX-512 kernel, a
+//! chunk at a time into a per-thread scratch on the other paths. An f16 cache thus gives the
+//! bits an f32 cache holding the same values would, and decode reads half the bytes per
+//! cached position.
 
 use std::cell::RefCell;
+use std::ops::Range;
+
+use super::exp::exp_nonpositive;
+
+/// Positions a query's softmax takes at once (see the module comment). 256 positions of 128
+/// floats are 128 KB of K (or V) rows: a decode chunk task is long enough to stream, and a
+/// 4096-position context gives 16 chunks a KV head to spread over threads.
+pub const CHUNK: usize = 256;
 
 /// An element type of the KV cache.
 pub trait KvElem: Copy + Default + Send + Sync + 'static {
@@ -89,8 +103,11 @@ impl KvElem for half::f16 {
 thread_local! {
     /// The blocked kernel's widened K and V blocks.
     static WIDE: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-    /// A whole task's keys and values, widened for the paths without the blocked kernel.
-    static WIDE_TASK: RefCell<(Vec<f32>, Vec<f32>)> =
+    /// A chunk's keys and values, widened for the paths without the blocked kernel.
+    static WIDE_CHUNK: RefCell<(Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
+    /// [`attend`]'s partial rows of one chunk and running softmax of each query row.
+    static PARTIALS: RefCell<(Vec<f32>, Vec<RunningSoftmax>)> =
         const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -118,6 +135,7 @@ pub struct AttentionTask<'a, T = f32> {
 
 impl<'a, T> AttentionTask<'a, T> {
     /// The same task over other rows (same positions and queries).
+    #[cfg(test)]
     fn with_rows<U>(&self, keys: &'a [U], values: &'a [U], stride: usize) -> AttentionTask<'a, U> {
         AttentionTask {
             q: self.q,
@@ -134,10 +152,19 @@ impl<'a, T> AttentionTask<'a, T> {
     }
 
     /// Query rows: `tokens * heads`, row `r` is head `r % heads` of token `r / heads`.
-    fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.tokens * self.heads
     }
-    /// Positions the last token attends to: the score rows' length.
+    /// Chunks of [`CHUNK`] positions the last token attends to.
+    pub fn chunks(&self) -> usize {
+        self.n_max().div_ceil(CHUNK)
+    }
+    /// Floats of the partial rows of one chunk: `rows() * (head_dim + 2)`; query row `r`'s
+    /// is at `r * (head_dim + 2)` and holds `[max, sum, Σ exp(s − max)·v (head_dim floats)]`.
+    pub fn partial_len(&self) -> usize {
+        self.rows() * (self.head_dim + 2)
+    }
+    /// Positions the last token attends to.
     fn n_max(&self) -> usize {
         self.n_pos + self.tokens - 1
     }
@@ -153,64 +180,224 @@ impl<'a, T> AttentionTask<'a, T> {
     fn first_token(&self, p: usize) -> usize {
         (p + 1).saturating_sub(self.n_pos)
     }
+    /// The positions of chunk `c`.
+    fn span(&self, c: usize) -> Range<usize> {
+        c * CHUNK..((c + 1) * CHUNK).min(self.n_max())
+    }
+    /// The cache rows of `span`: row 0 is position `span.start`.
+    fn chunk_rows(&self, span: &Range<usize>) -> ChunkRows<'a, T> {
+        let at = span.start * self.stride;
+        ChunkRows {
+            keys: &self.keys[at..],
+            values: &self.values[at..],
+            stride: self.stride,
+        }
+    }
+}
+
+/// The K and V rows of one chunk: row `i` (position `span.start + i`) at `i * stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct ChunkRows<'a, T> {
+    keys: &'a [T],
+    values: &'a [T],
+    stride: usize,
+}
+
+/// The softmax of one query row so far: the largest score and the sum of `exp(s − max)`
+/// over the chunks folded into it.
+#[derive(Clone, Copy, Debug)]
+pub struct RunningSoftmax {
+    max: f32,
+    sum: f32,
+}
+
+impl RunningSoftmax {
+    /// Before the first chunk: folding chunk 0 into it gives that chunk's partial exactly.
+    pub const START: Self = RunningSoftmax {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+    };
+
+    /// `out` (the weighted sum of V rows) divided by the sum of the weights.
+    pub fn finish(self, out: &mut [f32]) {
+        for o in out {
+            *o /= self.sum;
+        }
+    }
+}
+
+/// Folds a chunk's partial row (`[max, sum, weighted V]`, see
+/// [`AttentionTask::partial_len`]) into a query's running softmax and its unnormalized
+/// output `out` (zeros before the first chunk): both are rescaled to the larger max.
+pub fn fold(partial: &[f32], state: &mut RunningSoftmax, out: &mut [f32]) {
+    let (m, s, o) = (partial[0], partial[1], &partial[2..]);
+    let max = state.max.max(m);
+    let (a, b) = (exp_nonpositive(state.max - max), exp_nonpositive(m - max));
+    state.sum = state.sum * a + s * b;
+    state.max = max;
+    for (x, &y) in out.iter_mut().zip(o) {
+        *x = *x * a + y * b;
+    }
 }
 
 /// Writes the outputs of the task's query heads to `out`, in the layout of `q` (the gaps
-/// between the tokens' rows are left alone); `scores` is scratch and grows to
-/// `tokens * heads * (n_pos + tokens - 1)` if it is shorter.
+/// between the tokens' rows are left alone): every chunk in turn, folded. `scores` is
+/// scratch and grows to `tokens * heads * CHUNK` if it is shorter.
 pub fn attend<T: KvElem>(task: &AttentionTask<T>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    if let (Some(keys), Some(values)) = (T::as_f32(task.keys), T::as_f32(task.values)) {
-        return attend_f32(&task.with_rows(keys, values, task.stride), scores, out);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if x86::level() == x86::Level::Avx512 && task.head_dim.is_multiple_of(16) {
-        let scores = prepare(task, scores, out);
-        // SAFETY: the level was detected on this CPU; `prepare` validated the sizes.
-        return unsafe { x86::attend_blocked_512(task, scores, out) };
-    }
-    let (d, n) = (task.head_dim, task.n_max());
+    attend_with(task, scores, out, chunk_dispatch)
+}
+
+/// Chunk `c` of the task: the partial rows (see [`AttentionTask::partial_len`]) of the query
+/// rows that attend to a position in it; the others are left alone. `scores` as in
+/// [`attend`].
+pub fn attend_chunk<T: KvElem>(
+    task: &AttentionTask<T>,
+    c: usize,
+    scores: &mut Vec<f32>,
+    partial: &mut [f32],
+) {
     assert!(
-        n > 0
-            && task.stride >= d
-            && task.keys.len().min(task.values.len()) >= (n - 1) * task.stride + d,
-        "attention cache size"
+        c < task.chunks(),
+        "attention chunk {c} of {}",
+        task.chunks()
     );
-    WIDE_TASK.with_borrow_mut(|(keys, values)| {
-        keys.resize(n * d, 0.0);
-        values.resize(n * d, 0.0);
-        for p in 0..n {
-            let (src, dst) = (p * task.stride..p * task.stride + d, p * d..(p + 1) * d);
-            T::widen(&task.keys[src.clone()], &mut keys[dst.clone()]);
-            T::widen(&task.values[src], &mut values[dst]);
+    assert!(
+        partial.len() >= task.partial_len(),
+        "attention partial size"
+    );
+    let scores = prepare(task, scores);
+    chunk_dispatch(task, task.span(c), scores, partial)
+}
+
+/// A chunk kernel: the partial rows of `span` from its cache rows.
+type ChunkFn<T> = fn(&AttentionTask<T>, Range<usize>, &mut [f32], &mut [f32]);
+
+/// [`attend`] through a given chunk kernel.
+fn attend_with<T>(t: &AttentionTask<T>, scores: &mut Vec<f32>, out: &mut [f32], chunk: ChunkFn<T>) {
+    let scores = prepare(t, scores);
+    assert_eq!(out.len(), t.q.len(), "attention output size");
+    let (d, rows) = (t.head_dim, t.rows());
+    PARTIALS.with_borrow_mut(|(partial, states)| {
+        partial.resize(t.partial_len(), 0.0);
+        states.clear();
+        states.resize(rows, RunningSoftmax::START);
+        for r in 0..rows {
+            out[t.q_offset(r)..][..d].fill(0.0);
         }
-        attend_f32(&task.with_rows(&keys[..], &values[..], d), scores, out)
+        for c in 0..t.chunks() {
+            let span = t.span(c);
+            let first = t.first_token(span.start) * t.heads;
+            chunk(t, span, scores, partial);
+            for r in first..rows {
+                let part = &partial[r * (d + 2)..][..d + 2];
+                fold(part, &mut states[r], &mut out[t.q_offset(r)..][..d]);
+            }
+        }
+        for (r, state) in states.iter().enumerate() {
+            state.finish(&mut out[t.q_offset(r)..][..d]);
+        }
     })
 }
 
-fn attend_f32(task: &AttentionTask, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let scores = prepare(task, scores, out);
+/// The best chunk kernel for this CPU and cache type.
+fn chunk_dispatch<T: KvElem>(
+    t: &AttentionTask<T>,
+    span: Range<usize>,
+    scores: &mut [f32],
+    partial: &mut [f32],
+) {
+    let rows = t.chunk_rows(&span);
+    if let (Some(keys), Some(values)) = (T::as_f32(rows.keys), T::as_f32(rows.values)) {
+        let rows = ChunkRows {
+            keys,
+            values,
+            stride: rows.stride,
+        };
+        return chunk_f32(t, span, rows, scores, partial);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86::level() == x86::Level::Avx512 && t.head_dim.is_multiple_of(16) {
+        // SAFETY: the level was detected on this CPU; `prepare` validated the sizes.
+        return unsafe { x86::blocked_512(t, span, rows, scores, partial) };
+    }
+    let d = t.head_dim;
+    WIDE_CHUNK.with_borrow_mut(|(keys, values)| {
+        let n = span.len();
+        keys.resize(n * d, 0.0);
+        values.resize(n * d, 0.0);
+        for i in 0..n {
+            let (src, dst) = (i * rows.stride..i * rows.stride + d, i * d..(i + 1) * d);
+            T::widen(&rows.keys[src.clone()], &mut keys[dst.clone()]);
+            T::widen(&rows.values[src], &mut values[dst]);
+        }
+        let wide = ChunkRows {
+            keys: &keys[..],
+            values: &values[..],
+            stride: d,
+        };
+        chunk_f32(t, span, wide, scores, partial)
+    })
+}
+
+/// The chunk kernel over f32 rows for this CPU.
+fn chunk_f32<T>(
+    t: &AttentionTask<T>,
+    span: Range<usize>,
+    rows: ChunkRows<f32>,
+    scores: &mut [f32],
+    partial: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         match x86::level() {
             // SAFETY: the level was detected on this CPU; `prepare` validated the sizes.
-            x86::Level::Avx512 => return unsafe { x86::attend_512(task, scores, out) },
+            x86::Level::Avx512 if t.head_dim.is_multiple_of(16) => {
+                return unsafe { x86::blocked_512(t, span, rows, scores, partial) }
+            }
             // SAFETY: as above.
-            x86::Level::Avx2 => return unsafe { x86::attend_256(task, scores, out) },
+            x86::Level::Avx512 => {
+                return unsafe { x86::rowwise_512(t, span, rows, scores, partial) }
+            }
+            // SAFETY: as above.
+            x86::Level::Avx2 => return unsafe { x86::chunk_256(t, span, rows, scores, partial) },
             x86::Level::Scalar => {}
         }
     }
-    attend_body(task, scores, out, dot_scalar, axpy_scalar)
+    chunk_scalar(t, span, rows, scores, partial)
 }
 
-/// The portable path (for tests and CPUs without the vector units).
+/// The portable chunk kernel (for tests and CPUs without the vector units).
+fn chunk_scalar<T>(
+    t: &AttentionTask<T>,
+    span: Range<usize>,
+    rows: ChunkRows<f32>,
+    scores: &mut [f32],
+    partial: &mut [f32],
+) {
+    chunk_body(
+        t,
+        span,
+        rows,
+        scores,
+        partial,
+        dot_scalar,
+        axpy_scalar,
+        exp_row_scalar,
+    )
+}
+
+/// The portable path, whole task (for tests).
 pub fn attend_scalar(task: &AttentionTask, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let scores = prepare(task, scores, out);
-    attend_body(task, scores, out, dot_scalar, axpy_scalar)
+    attend_with(task, scores, out, |t, span, scores, partial| {
+        let rows = t.chunk_rows(&span);
+        chunk_scalar(t, span, rows, scores, partial)
+    })
 }
 
-/// Validates the sizes every path indexes by, and returns the task's part of `scores`
-/// (grown if it is too short: never shrunk, so that it is filled once).
-fn prepare<'s, T>(t: &AttentionTask<T>, scores: &'s mut Vec<f32>, out: &[f32]) -> &'s mut [f32] {
+/// Validates the sizes every path indexes by, and returns the scores scratch of one chunk,
+/// `CHUNK` floats a query row (grown if it is too short: never shrunk, so that it is filled
+/// once).
+fn prepare<'s, T>(t: &AttentionTask<T>, scores: &'s mut Vec<f32>) -> &'s mut [f32] {
     let d = t.head_dim;
     assert!(
         d > 0 && t.heads > 0 && t.tokens > 0,
@@ -222,69 +409,84 @@ fn prepare<'s, T>(t: &AttentionTask<T>, scores: &'s mut Vec<f32>, out: &[f32]) -
     );
     let q_len = (t.tokens - 1) * t.q_stride + t.heads * d;
     assert_eq!(t.q.len(), q_len, "attention query size");
-    assert_eq!(out.len(), q_len, "attention output size");
     assert!(t.n_pos > 0 && t.stride >= d, "attention positions");
     let need = (t.n_max() - 1) * t.stride + d;
     assert!(
         t.keys.len() >= need && t.values.len() >= need,
         "attention cache size"
     );
-    let len = t.rows() * t.n_max();
+    let len = t.rows() * CHUNK;
     if scores.len() < len {
         scores.resize(len, 0.0);
     }
     &mut scores[..len]
 }
 
-/// The shared loop: scores, softmax, weighted sum of V rows. `dot(a, b)` and
-/// `axpy(out, w, v)` (`out += w·v`) are the only vector operations. Each K row, then each
-/// V row, is used by every query of the tile that attends to it before the next is read.
+/// The shared loop of one chunk: scores, their exponentials, weighted sum of V rows.
+/// `dot(a, b)`, `axpy(out, w, v)` (`out += w·v`) and `exp_row` (see [`exp_row_scalar`]) are
+/// the only vector operations. Each K row, then each V row, is used by every query of the
+/// tile that attends to it before the next is read.
 #[inline(always)]
-fn attend_body(
-    t: &AttentionTask,
+#[allow(clippy::too_many_arguments)]
+fn chunk_body<T>(
+    t: &AttentionTask<T>,
+    span: Range<usize>,
+    rows: ChunkRows<f32>,
     scores: &mut [f32],
-    out: &mut [f32],
+    partial: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
     axpy: impl Fn(&mut [f32], f32, &[f32]),
+    exp_row: impl Fn(&mut [f32]) -> (f32, f32),
 ) {
-    let (d, heads, n_max) = (t.head_dim, t.heads, t.n_max());
-    for p in 0..n_max {
-        let k = &t.keys[p * t.stride..p * t.stride + d];
-        for r in t.first_token(p) * heads..t.rows() {
+    let (d, heads, n_rows) = (t.head_dim, t.heads, t.rows());
+    let c0 = span.start;
+    for p in span.clone() {
+        let k = &rows.keys[(p - c0) * rows.stride..][..d];
+        for r in t.first_token(p) * heads..n_rows {
             let q = t.q_offset(r);
-            scores[r * n_max + p] = dot(&t.q[q..q + d], k) * t.scale;
+            scores[r * CHUNK + p - c0] = dot(&t.q[q..q + d], k) * t.scale;
         }
     }
-    softmax(t, scores);
-    for r in 0..t.rows() {
-        let o = t.q_offset(r);
-        out[o..o + d].fill(0.0);
-    }
-    for p in 0..n_max {
-        let v = &t.values[p * t.stride..p * t.stride + d];
-        for r in t.first_token(p) * heads..t.rows() {
-            let o = t.q_offset(r);
-            axpy(&mut out[o..o + d], scores[r * n_max + p], v);
+    start_partials(t, &span, scores, partial, exp_row);
+    for p in span.clone() {
+        let v = &rows.values[(p - c0) * rows.stride..][..d];
+        for r in t.first_token(p) * heads..n_rows {
+            let w = scores[r * CHUNK + p - c0];
+            axpy(&mut partial[r * (d + 2) + 2..][..d], w, v);
         }
     }
 }
 
-/// Each query row's scores (the first `n_of(r)` of its `n_max`) become its softmax.
+/// For each query row that attends into `span`: its scores become `exp(s − max)`, and its
+/// partial row gets `[max, sum, zeros]`.
 #[inline(always)]
-fn softmax<T>(t: &AttentionTask<T>, scores: &mut [f32]) {
-    let n_max = t.n_max();
-    for r in 0..t.rows() {
-        let s = &mut scores[r * n_max..r * n_max + t.n_of(r)];
-        let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0f32;
-        for v in s.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        for v in s.iter_mut() {
-            *v /= sum;
-        }
+fn start_partials<T>(
+    t: &AttentionTask<T>,
+    span: &Range<usize>,
+    scores: &mut [f32],
+    partial: &mut [f32],
+    exp_row: impl Fn(&mut [f32]) -> (f32, f32),
+) {
+    let d = t.head_dim;
+    for r in t.first_token(span.start) * t.heads..t.rows() {
+        let n = t.n_of(r).min(span.end) - span.start;
+        let (max, sum) = exp_row(&mut scores[r * CHUNK..][..n]);
+        let part = &mut partial[r * (d + 2)..][..d + 2];
+        part[0] = max;
+        part[1] = sum;
+        part[2..].fill(0.0);
     }
+}
+
+/// `s ← exp(s − max)` for the row's scores; returns `(max, Σ exp)`.
+fn exp_row_scalar(s: &mut [f32]) -> (f32, f32) {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f32;
+    for v in s.iter_mut() {
+        *v = exp_nonpositive(*v - max);
+        sum += *v;
+    }
+    (max, sum)
 }
 
 /// Eight independent accumulators (as the forward pass always summed).
@@ -313,8 +515,10 @@ fn axpy_scalar(out: &mut [f32], w: f32, v: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{attend_body, softmax, AttentionTask, KvElem, WIDE};
+    use super::super::exp::{exp_nonpositive, x86::exp16, x86::exp8};
+    use super::{chunk_body, start_partials, AttentionTask, ChunkRows, KvElem, CHUNK, WIDE};
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     #[derive(Clone, Copy, PartialEq)]
     pub(super) enum Level {
@@ -342,37 +546,7 @@ mod x86 {
     /// Positions of V rows accumulated per pass over a query's output (in registers): 32 rows
     /// of 128 floats are 16 KB, which stay in L1 while every query of the tile reads them.
     const V_BLOCK: usize = 32;
-
-    /// The AVX-512 path. Head sizes of whole 16-float vectors run the blocked kernel; others
-    /// the shared loop.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn attend_512(t: &AttentionTask, scores: &mut [f32], out: &mut [f32]) {
-        if t.head_dim.is_multiple_of(16) {
-            // SAFETY: the caller guarantees the feature and validated the sizes.
-            unsafe { attend_blocked_512(t, scores, out) }
-        } else {
-            // SAFETY: as above.
-            unsafe { rowwise_512(t, scores, out) }
-        }
-    }
-
-    /// [`blocked_512`] for any cache element type (`head_dim % 16 == 0`).
-    ///
-    /// # Safety
-    /// AVX-512F; `t` and the slice sizes as `prepare` validates them.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn attend_blocked_512<T: KvElem>(
-        t: &AttentionTask<T>,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        // SAFETY (all arms): the caller guarantees the feature and validated the sizes.
-        match t.head_dim {
-            128 => unsafe { blocked_512::<T, 128>(t, scores, out) },
-            64 => unsafe { blocked_512::<T, 64>(t, scores, out) },
-            _ => unsafe { blocked_512::<T, 0>(t, scores, out) },
-        }
-    }
+    const _: () = assert!(CHUNK.is_multiple_of(V_BLOCK) && CHUNK.is_multiple_of(16));
 
     /// Rows `first..first + n` of `rows` (`stride` apart, `d` used) as f32: where they are in
     /// place for f32, else widened into `buf`. Returns the first row's start and the stride.
@@ -399,22 +573,60 @@ mod x86 {
         (&buf[..], d)
     }
 
-    /// The shared loop with AVX-512 dots and axpys: one (query, position) at a time.
+    /// The shared chunk loop with AVX-512 dots, exponentials and axpys: one (query,
+    /// position) at a time.
+    ///
+    /// # Safety
+    /// AVX-512F; `t` and the slice sizes as `prepare` validates them.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rowwise_512(t: &AttentionTask, scores: &mut [f32], out: &mut [f32]) {
-        attend_body(
+    pub(super) unsafe fn rowwise_512<T>(
+        t: &AttentionTask<T>,
+        span: Range<usize>,
+        rows: ChunkRows<f32>,
+        scores: &mut [f32],
+        partial: &mut [f32],
+    ) {
+        chunk_body(
             t,
+            span,
+            rows,
             scores,
-            out,
-            // SAFETY (both closures): they run inside this function, whose features the
+            partial,
+            // SAFETY (all closures): they run inside this function, whose features the
             // caller guarantees; slice lengths bound every access.
             |a, b| unsafe { dot_512(a, b) },
             |o, w, v| unsafe { axpy_512(o, w, v) },
+            |s| exp_row_512(s),
         )
     }
 
-    /// The blocked kernel for `head_dim % 16 == 0` (`D` is the head size, or 0 for "read it
-    /// from the task"), with the arithmetic of [`rowwise_512`] for every (query, position):
+    /// The shared chunk loop with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `t` and the slice sizes as `prepare` validates them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn chunk_256<T>(
+        t: &AttentionTask<T>,
+        span: Range<usize>,
+        rows: ChunkRows<f32>,
+        scores: &mut [f32],
+        partial: &mut [f32],
+    ) {
+        chunk_body(
+            t,
+            span,
+            rows,
+            scores,
+            partial,
+            // SAFETY: as in `rowwise_512`.
+            |a, b| unsafe { dot_256(a, b) },
+            |o, w, v| unsafe { axpy_256(o, w, v) },
+            |s| exp_row_256(s),
+        )
+    }
+
+    /// The blocked chunk kernel for `head_dim % 16 == 0`, any cache element type, with the
+    /// arithmetic of [`rowwise_512`] for every (query, position):
     ///
     /// * scores: 16 K rows at a time (8 KB, in L1) against every query of the tile; a
     ///   query's 16 dots are [`dot_acc`] each, reduced together by [`hsum16`], which adds the
@@ -425,70 +637,80 @@ mod x86 {
     /// # Safety
     /// AVX-512F; `t` and the slice sizes as `prepare` validates them.
     #[target_feature(enable = "avx512f")]
-    unsafe fn blocked_512<T: KvElem, const D: usize>(
+    pub(super) unsafe fn blocked_512<T, E: KvElem>(
         t: &AttentionTask<T>,
+        span: Range<usize>,
+        rows: ChunkRows<E>,
         scores: &mut [f32],
-        out: &mut [f32],
+        partial: &mut [f32],
     ) {
         WIDE.with_borrow_mut(|(kbuf, vbuf)| {
-            // SAFETY: the caller's contract, passed on.
-            unsafe { blocked_512_with::<T, D>(t, scores, out, kbuf, vbuf) }
+            let bufs = (kbuf, vbuf);
+            // SAFETY (all arms): the caller's contract, passed on.
+            match t.head_dim {
+                128 => unsafe {
+                    blocked_512_with::<T, E, 128>(t, span, rows, scores, partial, bufs)
+                },
+                64 => unsafe { blocked_512_with::<T, E, 64>(t, span, rows, scores, partial, bufs) },
+                _ => unsafe { blocked_512_with::<T, E, 0>(t, span, rows, scores, partial, bufs) },
+            }
         })
     }
 
-    /// [`blocked_512`] with its scratch for widened K and V blocks (f16 caches: each block
-    /// is widened once, in L1, for every query of the task).
+    /// [`blocked_512`] for head size `D` (0: read it from the task), with its scratch for
+    /// widened K and V blocks (f16 caches: each block is widened once, in L1, for every
+    /// query of the task).
     #[target_feature(enable = "avx512f")]
-    unsafe fn blocked_512_with<T: KvElem, const D: usize>(
+    unsafe fn blocked_512_with<T, E: KvElem, const D: usize>(
         t: &AttentionTask<T>,
+        span: Range<usize>,
+        rows: ChunkRows<E>,
         scores: &mut [f32],
-        out: &mut [f32],
-        kbuf: &mut Vec<f32>,
-        vbuf: &mut Vec<f32>,
+        partial: &mut [f32],
+        (kbuf, vbuf): (&mut Vec<f32>, &mut Vec<f32>),
     ) {
         let d = if D == 0 { t.head_dim } else { D };
         debug_assert!(d == t.head_dim && d.is_multiple_of(16));
-        let (n_max, rows) = (t.n_max(), t.rows());
+        let (n_rows, c0) = (t.rows(), span.start);
         let scale = _mm512_set1_ps(t.scale);
-        for pb in (0..n_max).step_by(16) {
-            let in_block = (n_max - pb).min(16);
-            let (keys, stride) = block_f32(t.keys, t.stride, pb, in_block, d, kbuf);
-            for r in t.first_token(pb) * t.heads..rows {
-                let n = t.n_of(r);
+        for pb in span.clone().step_by(16) {
+            let in_block = (span.end - pb).min(16);
+            let (keys, stride) = block_f32(rows.keys, rows.stride, pb - c0, in_block, d, kbuf);
+            for r in t.first_token(pb) * t.heads..n_rows {
+                let n = t.n_of(r).min(span.end);
                 let q = &t.q[t.q_offset(r)..][..d];
-                let row = &mut scores[r * n_max..r * n_max + n];
+                let row = &mut scores[r * CHUNK..][..n - c0];
                 if n >= pb + 16 {
                     // SAFETY: the block's 16 rows of `d` floats lie inside `keys` (validated
-                    // sizes, or the widened block); the store is of `row[pb..pb + 16]`.
+                    // sizes, or the widened block); the store is of `row[pb - c0..][..16]`.
                     unsafe {
                         let s = dots16(q.as_ptr(), keys.as_ptr(), stride, d);
-                        _mm512_storeu_ps(row.as_mut_ptr().add(pb), _mm512_mul_ps(s, scale));
+                        let at = row.as_mut_ptr().add(pb - c0);
+                        _mm512_storeu_ps(at, _mm512_mul_ps(s, scale));
                     }
                 } else {
-                    for (p, s) in row.iter_mut().enumerate().skip(pb) {
-                        let k = &keys[(p - pb) * stride..(p - pb) * stride + d];
+                    for p in pb..n {
+                        let k = &keys[(p - pb) * stride..][..d];
                         // SAFETY: inside this function's features; slices bound the reads.
-                        *s = unsafe { dot_512(q, k) } * t.scale;
+                        row[p - c0] = unsafe { dot_512(q, k) } * t.scale;
                     }
                 }
             }
         }
-        softmax(t, scores);
-        for r in 0..rows {
-            let o = t.q_offset(r);
-            out[o..o + d].fill(0.0);
-        }
-        for pb in (0..n_max).step_by(V_BLOCK) {
-            let in_block = (n_max - pb).min(V_BLOCK);
-            let (values, stride) = block_f32(t.values, t.stride, pb, in_block, d, vbuf);
-            for r in t.first_token(pb) * t.heads..rows {
+        start_partials(t, &span, scores, partial, |s| exp_row_512(s));
+        for pb in span.clone().step_by(V_BLOCK) {
+            let in_block = (span.end - pb).min(V_BLOCK);
+            let (values, stride) = block_f32(rows.values, rows.stride, pb - c0, in_block, d, vbuf);
+            for r in t.first_token(pb) * t.heads..n_rows {
+                // At most the span's end: a row that attends past it stops at the chunk's
+                // end, a multiple of `V_BLOCK` from `pb`.
                 let end = t.n_of(r).min(pb + V_BLOCK);
-                let w = &scores[r * n_max + pb..r * n_max + end];
-                let o = &mut out[t.q_offset(r)..][..d];
+                let w = &scores[r * CHUNK + pb - c0..r * CHUNK + end - c0];
+                let o = &mut partial[r * (d + 2) + 2..][..d];
                 let mut c = 0;
                 // SAFETY (every call): columns `c..c + 16 * M` lie inside the query's `d`
-                // output floats and inside the block's V rows `pb..end` (below `n_max`:
-                // validated sizes, or the widened block).
+                // output floats and inside the block's V rows `pb..end` (validated sizes, or
+                // the widened block).
                 unsafe {
                     let (o, v) = (o.as_mut_ptr(), values.as_ptr());
                     while c + 128 <= d {
@@ -509,6 +731,91 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// [`super::exp_row_scalar`] with 16 exponentials at a time (the same bits each; the sum
+    /// in 16 lanes, then [`hsum`]; a tail of under 16 one by one after it).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp_row_512(s: &mut [f32]) -> (f32, f32) {
+        let (n, p) = (s.len(), s.as_mut_ptr());
+        let whole = n / 16 * 16;
+        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+        // SAFETY (both blocks): every access is of elements below `whole <= n`.
+        unsafe {
+            for i in (0..whole).step_by(16) {
+                vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(p.add(i)));
+            }
+        }
+        let mut lanes = [0f32; 16];
+        // SAFETY: 16 floats written.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), vmax) };
+        let max = s[whole..]
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let (vm, mut acc) = (_mm512_set1_ps(max), _mm512_setzero_ps());
+        // SAFETY: as above.
+        unsafe {
+            for i in (0..whole).step_by(16) {
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vm));
+                _mm512_storeu_ps(p.add(i), e);
+                acc = _mm512_add_ps(acc, e);
+            }
+        }
+        let mut sum = hsum(acc);
+        for v in &mut s[whole..] {
+            *v = exp_nonpositive(*v - max);
+            sum += *v;
+        }
+        (max, sum)
+    }
+
+    /// [`exp_row_512`] with 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_row_256(s: &mut [f32]) -> (f32, f32) {
+        let (n, p) = (s.len(), s.as_mut_ptr());
+        let whole = n / 8 * 8;
+        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+        // SAFETY (both blocks): every access is of elements below `whole <= n`.
+        unsafe {
+            for i in (0..whole).step_by(8) {
+                vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(i)));
+            }
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats written.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
+        let max = s[whole..]
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let (vm, mut acc) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+        // SAFETY: as above.
+        unsafe {
+            for i in (0..whole).step_by(8) {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+                _mm256_storeu_ps(p.add(i), e);
+                acc = _mm256_add_ps(acc, e);
+            }
+        }
+        let mut sum = hsum_256(acc);
+        for v in &mut s[whole..] {
+            *v = exp_nonpositive(*v - max);
+            sum += *v;
+        }
+        (max, sum)
+    }
+
+    /// The sum of 8 lanes: halves, then pairs.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum_256(v: __m256) -> f32 {
+        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        let v = _mm_add_ss(v, _mm_movehdup_ps(v));
+        _mm_cvtss_f32(v)
     }
 
     /// The two accumulators of a dot of `n` floats, summed, over its whole 16-float vectors
@@ -647,18 +954,6 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_256(t: &AttentionTask, scores: &mut [f32], out: &mut [f32]) {
-        attend_body(
-            t,
-            scores,
-            out,
-            // SAFETY: as in `rowwise_512`.
-            |a, b| unsafe { dot_256(a, b) },
-            |o, w, v| unsafe { axpy_256(o, w, v) },
-        )
-    }
-
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn dot_512(a: &[f32], b: &[f32]) -> f32 {
@@ -749,24 +1044,37 @@ mod x86 {
     /// one it must match bit for bit.
     #[cfg(test)]
     pub(super) fn paths() -> Vec<(&'static str, super::AttendFn)> {
+        use super::attend_with;
         let mut v: Vec<(&'static str, super::AttendFn)> = Vec::new();
         if is_x86_feature_detected!("avx512f") {
             v.push(("avx512", |t, s, o| {
-                let s = super::prepare(t, s, o);
-                // SAFETY: feature detected above; `prepare` validated the sizes.
-                unsafe { attend_512(t, s, o) }
+                attend_with(t, s, o, |t, span, s, p| {
+                    let rows = t.chunk_rows(&span);
+                    // SAFETY: feature detected above; `attend_with` validated the sizes.
+                    unsafe {
+                        if t.head_dim.is_multiple_of(16) {
+                            blocked_512(t, span, rows, s, p)
+                        } else {
+                            rowwise_512(t, span, rows, s, p)
+                        }
+                    }
+                })
             }));
             v.push(("avx512-rowwise", |t, s, o| {
-                let s = super::prepare(t, s, o);
-                // SAFETY: as above.
-                unsafe { rowwise_512(t, s, o) }
+                attend_with(t, s, o, |t, span, s, p| {
+                    let rows = t.chunk_rows(&span);
+                    // SAFETY: as above.
+                    unsafe { rowwise_512(t, span, rows, s, p) }
+                })
             }));
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             v.push(("avx2", |t, s, o| {
-                let s = super::prepare(t, s, o);
-                // SAFETY: as above.
-                unsafe { attend_256(t, s, o) }
+                attend_with(t, s, o, |t, span, s, p| {
+                    let rows = t.chunk_rows(&span);
+                    // SAFETY: as above.
+                    unsafe { chunk_256(t, span, rows, s, p) }
+                })
             }));
         }
         v
@@ -904,7 +1212,9 @@ mod tests {
     /// that start at position 0 and that end inside a block of 16 or 32 positions, head sizes
     /// the blocked AVX-512 kernel specializes (128, 64), takes generically (48, 144) or leaves
     /// to the row-wise loop (100, 7).
-    const CASES: [(usize, usize, usize, usize, usize); 13] = [
+    /// Then contexts of several chunks: a tile across a chunk's end, a context of exactly
+    /// one and two chunks, decode over three.
+    const CASES: [(usize, usize, usize, usize, usize); 18] = [
         (128, 4, 1, 1, 5),
         (128, 4, 77, 1, 5),
         (128, 4, 1, 16, 5),
@@ -918,6 +1228,11 @@ mod tests {
         (144, 1, 20, 6, 2),
         (16, 3, 5, 7, 1),
         (7, 2, 9, 4, 2),
+        (128, 4, 250, 16, 5),
+        (128, 1, 256, 1, 1),
+        (64, 2, 512, 4, 2),
+        (128, 4, 600, 1, 5),
+        (100, 2, 255, 3, 1),
     ];
 
     #[test]
@@ -967,6 +1282,38 @@ mod tests {
                     );
                     let in_task = range.contains(&i) && (i - range.start) % q_stride < heads * d;
                     assert_eq!(a == UNTOUCHED, !in_task, "{name} d={d} [{i}] written: {a}");
+                }
+            }
+        }
+    }
+
+    /// Decode spreads a query's chunks over threads: the chunks computed in any order into
+    /// their own partial rows and folded in order give `attend`'s bits.
+    #[test]
+    fn chunks_apart_then_folded_equal_attend_bit_for_bit() {
+        let mut scores = Vec::new();
+        for (d, heads, n_pos, tokens, kv_heads) in CASES {
+            let case = Case::new(d, heads, n_pos, tokens, kv_heads);
+            let want = case.run_tokens(attend, &mut scores);
+            for j in 0..tokens {
+                let (task, range) = case.task(j, 1);
+                let n = task.chunks();
+                let mut parts = vec![f32::NAN; n * task.partial_len()];
+                for c in (0..n).rev() {
+                    let part = &mut parts[c * task.partial_len()..][..task.partial_len()];
+                    attend_chunk(&task, c, &mut scores, part);
+                }
+                for h in 0..heads {
+                    let (mut state, mut out) = (RunningSoftmax::START, vec![0.0; d]);
+                    for c in 0..n {
+                        let at = c * task.partial_len() + h * (d + 2);
+                        fold(&parts[at..at + d + 2], &mut state, &mut out);
+                    }
+                    state.finish(&mut out);
+                    let got = out.iter().map(|x| x.to_bits());
+                    let o = range.start + h * d;
+                    let same = got.eq(want[o..o + d].iter().map(|x| x.to_bits()));
+                    assert!(same, "d={d} heads={heads} n={n_pos} token {j} head {h}");
                 }
             }
         }

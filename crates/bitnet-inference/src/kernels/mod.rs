@@ -17,6 +17,7 @@ pub mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod avxvnni;
 mod dense;
+pub mod exp;
 pub mod int8;
 mod matmul;
 #[cfg(target_arch = "aarch64")]

@@ -6,7 +6,7 @@
 //! ternary linears quantize activations per token to int8 exactly as transformers does.
 
 use super::{Activation, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
-use crate::kernels::attention::KvElem;
+use crate::kernels::attention::{AttentionTask, KvElem, RunningSoftmax};
 use crate::kernels::{self, QuantizedActivations, TernaryKernel};
 use crate::model::Linear;
 use crate::{Error, Result};
@@ -208,6 +208,10 @@ pub struct ForwardState {
     v: Vec<f32>,
     /// Attention output `[max_batch, q_dim]`.
     attn: Vec<f32>,
+    /// Decode attention's partial results, one per (entry, KV head, chunk of positions) when
+    /// one sequence's positions are split over threads; grows to the largest split seen
+    /// (a few MB at most: fewer than 4 × threads (entry, KV head) pairs are split).
+    attn_partials: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
     /// Output of o_proj / down_proj `[max_batch, hidden]`.
@@ -256,6 +260,7 @@ impl ForwardState {
             + self.k.len()
             + self.v.len()
             + self.attn.len()
+            + self.attn_partials.len()
             + self.gate.len()
             + self.up.len()
             + self.proj.len()
@@ -265,8 +270,8 @@ impl ForwardState {
 }
 
 thread_local! {
-    /// Attention scores of one (tile of tokens, KV head) task; grows once, to
-    /// [`ATTENTION_TILE`] × the query heads of a group × the context length at most.
+    /// Attention scores of one chunk of a (tile of tokens, KV head) task; grows once, to
+    /// [`ATTENTION_TILE`] × the query heads of a group × [`kernels::attention::CHUNK`].
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -399,6 +404,7 @@ impl Model {
             k: vec![0.0; max_batch * c.kv_dim()],
             v: vec![0.0; max_batch * c.kv_dim()],
             attn: vec![0.0; max_batch * c.q_dim()],
+            attn_partials: Vec::new(),
             gate: vec![0.0; max_batch * c.ffn_size],
             up: vec![0.0; max_batch * c.ffn_size],
             proj: vec![0.0; max_batch * c.hidden_size],
@@ -659,23 +665,27 @@ impl Model {
     /// tokens and the query heads of the group.
     ///
     /// Otherwise (decode): one task per (entry, KV head), which reads each row once for the
-    /// group's query heads. When that gives fewer tasks than threads (decode of one sequence:
-    /// 5 KV heads for 2B-4T), one task per query head instead, so every thread has work.
+    /// group's query heads. When that gives too few tasks to keep every thread busy and
+    /// balanced (under 4 a thread: decode of one sequence has 5 KV heads for 2B-4T), one
+    /// task per (entry, KV head, chunk of positions) instead, whose partial results are then
+    /// folded per query head.
     ///
     /// The arithmetic of each query head is the same in every case, bit for bit.
     fn attention(&self, batch: &Batch, layer: usize, state: &mut ForwardState) {
         let (kv, q, attn) = (&state.kv, &state.q, &mut state.attn);
+        let parts = &mut state.attn_partials;
         match &kv.data {
             KvData::F32 { keys, values } => {
-                self.attention_over(batch, kv, &keys[layer], &values[layer], q, attn)
+                self.attention_over(batch, kv, &keys[layer], &values[layer], q, attn, parts)
             }
             KvData::F16 { keys, values } => {
-                self.attention_over(batch, kv, &keys[layer], &values[layer], q, attn)
+                self.attention_over(batch, kv, &keys[layer], &values[layer], q, attn, parts)
             }
         }
     }
 
     /// [`Self::attention`] over one layer's cache rows of element type `T`.
+    #[allow(clippy::too_many_arguments)]
     fn attention_over<T: KvElem>(
         &self,
         batch: &Batch,
@@ -684,34 +694,38 @@ impl Model {
         values: &[T],
         q: &[f32],
         attn: &mut [f32],
+        partials: &mut Vec<f32>,
     ) {
         let c = &self.config;
         let (d, qd, kvd, group) = (c.head_dim, c.q_dim(), c.kv_dim(), c.gqa_group());
         let scale = 1.0 / (d as f32).sqrt();
         let pool = kernels::pool::SpinPool::current();
-        // Query heads `first_head..first_head + heads` (of one KV head) of the entries
-        // `first..first + tokens` (a run of consecutive positions of one sequence), written to
-        // `out`: their rows of `attn`, from the first head of the first entry to the last
-        // head of the last one.
+        // The task of query heads `first_head..first_head + heads` (of one KV head) of the
+        // entries `first..first + tokens` (a run of consecutive positions of one sequence).
+        let task = |first: usize, tokens: usize, heads: usize, first_head: usize| {
+            let (e, last) = (batch[first], batch[first + tokens - 1]);
+            let kv_head = first_head / group;
+            let q0 = first * qd + first_head * d;
+            let base = kv.offset(e.slot, 0) + kv_head * d;
+            let end = kv.offset(e.slot, last.pos) + kv_head * d + d;
+            AttentionTask {
+                q: &q[q0..q0 + (tokens - 1) * qd + heads * d],
+                q_stride: qd,
+                tokens,
+                heads,
+                keys: &keys[base..end],
+                values: &values[base..end],
+                stride: kvd,
+                n_pos: e.pos + 1,
+                head_dim: d,
+                scale,
+            }
+        };
+        // Writes the task's outputs to `out`: its rows of `attn`, from the first head of the
+        // first entry to the last head of the last one.
         let attend =
             |first: usize, tokens: usize, heads: usize, first_head: usize, out: &mut [f32]| {
-                let (e, last) = (batch[first], batch[first + tokens - 1]);
-                let kv_head = first_head / group;
-                let q0 = first * qd + first_head * d;
-                let base = kv.offset(e.slot, 0) + kv_head * d;
-                let end = kv.offset(e.slot, last.pos) + kv_head * d + d;
-                let task = kernels::attention::AttentionTask {
-                    q: &q[q0..q0 + out.len()],
-                    q_stride: qd,
-                    tokens,
-                    heads,
-                    keys: &keys[base..end],
-                    values: &values[base..end],
-                    stride: kvd,
-                    n_pos: e.pos + 1,
-                    head_dim: d,
-                    scale,
-                };
+                let task = task(first, tokens, heads, first_head);
                 SCORES.with_borrow_mut(|scores| kernels::attention::attend(&task, scores, out));
             };
         if let Some(tile) = attention_tile(batch, pool.threads()) {
@@ -734,23 +748,50 @@ impl Model {
             });
             return;
         }
-        let heads_per_task = if batch.len() * c.n_kv_heads >= pool.threads() {
-            group
-        } else {
-            1
-        };
-        let tasks_per_entry = c.n_heads / heads_per_task;
-        pool.for_each_chunk_mut(
-            &mut attn[..batch.len() * qd],
-            heads_per_task * d,
-            &|task, out| {
-                let (i, first_head) = (
-                    task / tasks_per_entry,
-                    task % tasks_per_entry * heads_per_task,
-                );
-                attend(i, 1, heads_per_task, first_head, out);
-            },
-        );
+        let n_kv = c.n_kv_heads;
+        let attn = &mut attn[..batch.len() * qd];
+        let chunks = |i: usize| (batch[i].pos + 1).div_ceil(kernels::attention::CHUNK);
+        let split: usize = (0..batch.len()).map(|i| n_kv * chunks(i)).sum();
+        if batch.len() * n_kv >= 4 * pool.threads() || split == batch.len() * n_kv {
+            pool.for_each_chunk_mut(attn, group * d, &|t, out| {
+                attend(t / n_kv, 1, group, t % n_kv * group, out)
+            });
+            return;
+        }
+        // Task `t` of the split: the first of entry `i`'s is the sum of the earlier
+        // entries' counts; within an entry, KV head after KV head, chunk after chunk.
+        let first_of = |i: usize| (0..i).map(|i| n_kv * chunks(i)).sum::<usize>();
+        let part_len = group * (d + 2);
+        if partials.len() < split * part_len {
+            partials.resize(split * part_len, 0.0);
+        }
+        let partials = &mut partials[..split * part_len];
+        pool.for_each_chunk_mut(partials, part_len, &|t, part| {
+            let mut i = 0;
+            while t >= first_of(i + 1) {
+                i += 1;
+            }
+            let k = t - first_of(i);
+            let task = task(i, 1, group, k / chunks(i) * group);
+            let chunk = k % chunks(i);
+            SCORES.with_borrow_mut(|scores| {
+                kernels::attention::attend_chunk(&task, chunk, scores, part)
+            });
+        });
+        let partials = &*partials;
+        pool.for_each_chunk_mut(attn, group * d, &|t, out| {
+            let (i, kv_head) = (t / n_kv, t % n_kv);
+            let first = first_of(i) + kv_head * chunks(i);
+            for (h, out) in out.chunks_exact_mut(d).enumerate() {
+                let mut state = RunningSoftmax::START;
+                out.fill(0.0);
+                for chunk in first..first + chunks(i) {
+                    let part = &partials[chunk * part_len + h * (d + 2)..][..d + 2];
+                    kernels::attention::fold(part, &mut state, out);
+                }
+                state.finish(out);
+            }
+        });
     }
 }
 
@@ -947,7 +988,10 @@ mod tests {
     }
 
     fn random_model() -> Model {
-        let c = config();
+        random_model_with(config())
+    }
+
+    fn random_model_with(c: ModelConfig) -> Model {
         let mut rng = Rng::new(7);
         let mut ternary = |rows: usize, cols: usize| {
             Linear::ternary(
@@ -1013,6 +1057,32 @@ mod tests {
         for (i, &t) in tokens.iter().enumerate() {
             model.forward(&entries(&[t], 0, i), &mut single).unwrap();
             assert_eq!(single.logits(0), whole.logits(i), "position {i}");
+        }
+    }
+
+    /// Past one chunk of positions, decode splits a sequence's attention into chunks spread
+    /// over threads (one sequence, or two of different lengths in one batch) and folds them;
+    /// prefill walks the chunks in turn. The logits are the same bits.
+    #[test]
+    fn long_contexts_decode_like_prefill_bit_for_bit() {
+        let model = random_model_with(ModelConfig {
+            max_context: 700,
+            ..config()
+        });
+        let n = 2 * kernels::attention::CHUNK + 60;
+        let tokens: Vec<u32> = (0..n as u32).map(|i| i * 7 % 50).collect();
+        let mut whole = model.new_state(1, n, n).unwrap();
+        model.forward(&entries(&tokens, 0, 0), &mut whole).unwrap();
+        let mut step = model.new_state(2, n, 2).unwrap();
+        for (i, &t) in tokens.iter().enumerate() {
+            let mut batch = entries(&[t], 0, i);
+            if i < n / 2 {
+                batch.extend(entries(&[t], 1, i));
+            }
+            model.forward(&batch, &mut step).unwrap();
+            for k in 0..batch.len() {
+                assert_eq!(step.logits(k), whole.logits(i), "position {i}, entry {k}");
+            }
         }
     }
 
