@@ -1,7 +1,9 @@
 /* A minimal llama-bench for machines without Python packages: pp = one prompt of N random
  * tokens decoded as one batch, tg = N tokens decoded one at a time, each repeated R times after
  * a warm-up; prints CSV rows `engine,threads,test,avg_ts,stddev_ts` like `bitnet bench -o csv`
- * lets a script pair them up.
+ * lets a script pair them up. With DEPTH, each measurement starts after DEPTH random tokens
+ * are in the cache (llama-bench's -d; the test is named e.g. `tg64 @ d4000`); the KV cache is
+ * llama.cpp's default, f16.
  *
  * Written against the llama.h that the PyPI package llama-cpp-python installs (its bundled
  * llama.cpp); build and run with that package's shared libraries:
@@ -9,7 +11,7 @@
  *   SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
  *   gcc -O2 -o llama_cpp_bench tools/llama_cpp_bench.c -I$SP/include -L$SP/llama_cpp/lib \
  *       -lllama -lggml -lggml-base -Wl,-rpath,'$ORIGIN'
- *   ./llama_cpp_bench MODEL.gguf THREADS N_PROMPT N_GEN REPS
+ *   ./llama_cpp_bench MODEL.gguf THREADS N_PROMPT N_GEN REPS [DEPTH]
  */
 #include <llama.h>
 #include <math.h>
@@ -34,9 +36,23 @@ static void quiet_log(enum ggml_log_level level, const char *text, void *data) {
     if (level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
 }
 
-/* One measurement in tokens/s, or a negative value if llama_decode failed. */
-static double run_once(struct llama_context *ctx, int vocab, int n, int batched) {
+/* Decodes `n` random tokens in batches of at most `batch`; 0 on success. */
+static int fill(struct llama_context *ctx, int vocab, int n, int batch) {
+    llama_token *toks = malloc(sizeof(llama_token) * (size_t)(n > 0 ? n : 1));
+    for (int i = 0; i < n; i++) toks[i] = random_token(vocab);
+    int rc = 0;
+    for (int i = 0; i < n && rc == 0; i += batch)
+        rc = llama_decode(ctx, llama_batch_get_one(&toks[i], n - i < batch ? n - i : batch));
+    free(toks);
+    return rc;
+}
+
+/* One measurement in tokens/s after `depth` cached tokens, or a negative value if
+ * llama_decode failed. */
+static double run_once(struct llama_context *ctx, int vocab, int n, int batched, int depth,
+                       int batch) {
     llama_memory_clear(llama_get_memory(ctx), 1);
+    if (fill(ctx, vocab, depth, batch) != 0) return -1.0;
     llama_token *toks = malloc(sizeof(llama_token) * (size_t)n);
     for (int i = 0; i < n; i++) toks[i] = random_token(vocab);
     double t = now();
@@ -52,14 +68,14 @@ static double run_once(struct llama_context *ctx, int vocab, int n, int batched)
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6) {
-        fprintf(stderr, "usage: %s MODEL.gguf THREADS N_PROMPT N_GEN REPS\n", argv[0]);
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: %s MODEL.gguf THREADS N_PROMPT N_GEN REPS [DEPTH]\n", argv[0]);
         return 2;
     }
     const char *path = argv[1];
     int threads = atoi(argv[2]), n_prompt = atoi(argv[3]), n_gen = atoi(argv[4]);
-    int reps = atoi(argv[5]);
-    if (threads < 1 || n_prompt < 0 || n_gen < 0 || reps < 1) {
+    int reps = atoi(argv[5]), depth = argc == 7 ? atoi(argv[6]) : 0;
+    if (threads < 1 || n_prompt < 0 || n_gen < 0 || reps < 1 || depth < 0) {
         fprintf(stderr, "threads and reps must be >= 1, token counts >= 0\n");
         return 2;
     }
@@ -74,8 +90,9 @@ int main(int argc, char **argv) {
     int vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
     struct llama_context_params cp = llama_context_default_params();
     int longest = n_prompt > n_gen ? n_prompt : n_gen;
-    cp.n_ctx = (uint32_t)longest + 16;
-    cp.n_batch = cp.n_ubatch = (uint32_t)(n_prompt > 0 ? n_prompt : 1);
+    int batch = n_prompt > 0 ? n_prompt : (depth > 0 ? 512 : 1);
+    cp.n_ctx = (uint32_t)(depth + longest + 16);
+    cp.n_batch = cp.n_ubatch = (uint32_t)batch;
     cp.n_threads = cp.n_threads_batch = threads;
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) {
@@ -85,10 +102,10 @@ int main(int argc, char **argv) {
     for (int batched = 1; batched >= 0; batched--) {
         int n = batched ? n_prompt : n_gen;
         if (n == 0) continue;
-        run_once(ctx, vocab, n, batched); /* warm-up */
+        run_once(ctx, vocab, n, batched, depth, batch); /* warm-up */
         double sum = 0, sq = 0;
         for (int r = 0; r < reps; r++) {
-            double ts = run_once(ctx, vocab, n, batched);
+            double ts = run_once(ctx, vocab, n, batched, depth, batch);
             if (ts < 0) {
                 fprintf(stderr, "%s: llama_decode failed\n", path);
                 return 1;
@@ -98,8 +115,10 @@ int main(int argc, char **argv) {
         }
         double mean = sum / reps;
         double var = reps > 1 ? (sq - reps * mean * mean) / (reps - 1) : 0;
-        printf("llama.cpp,%d,%s%d,%.3f,%.3f\n", threads, batched ? "pp" : "tg", n, mean,
-               var > 0 ? sqrt(var) : 0.0);
+        char test[64];
+        int len = snprintf(test, sizeof test, "%s%d", batched ? "pp" : "tg", n);
+        if (depth > 0) snprintf(test + len, sizeof test - (size_t)len, " @ d%d", depth);
+        printf("llama.cpp,%d,%s,%.3f,%.3f\n", threads, test, mean, var > 0 ? sqrt(var) : 0.0);
         fflush(stdout);
     }
     llama_free(ctx);
