@@ -3,10 +3,10 @@
 //! activations (`s = 127 / max|w|`, round half to even), so `w ≈ q / s`.
 //!
 //! Three products: against 12-bit per-token activations (what the model uses: exact
-//! integer sums, AVX-512 VNNI on the activations' two byte planes, or AVX2), against int8
-//! activations (`(Σ q_w·q_a) / (s_w·s_a)`, VNNI; the first version, kept for the kernel
-//! comparison in `examples/membw.rs`) and against f32 activations (`(Σ q_w·x) / s_w`).
-//! All have scalar fallbacks.
+//! integer sums, AVX-512 VNNI or NEON `sdot` on the activations' two byte planes, or AVX2 /
+//! NEON on 16-bit lanes), against int8 activations (`(Σ q_w·q_a) / (s_w·s_a)`, VNNI or
+//! NEON; the first version, kept for the kernel comparison in `examples/membw.rs`) and
+//! against f32 activations (`(Σ q_w·x) / s_w`). All have scalar fallbacks.
 
 use super::q6k::Int12Activations;
 use super::{DenseMatrix, QuantizedActivations, BLOCK_WEIGHTS};
@@ -132,6 +132,11 @@ pub fn int8_matmul_int8(w: &Int8Matrix, acts: &QuantizedActivations, out: &mut [
     let vnni = is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vnni");
+    #[cfg(target_arch = "aarch64")]
+    let (neon, sdot) = (
+        std::arch::is_aarch64_feature_detected!("neon"),
+        std::arch::is_aarch64_feature_detected!("dotprod"),
+    );
     par_rows(rows, &|r| {
         let wr = w.row(r);
         for t in 0..n_tok {
@@ -144,7 +149,18 @@ pub fn int8_matmul_int8(w: &Int8Matrix, acts: &QuantizedActivations, out: &mut [
             } else {
                 dot_i8_scalar(wr, a)
             };
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            let d = if neon && sdot {
+                // SAFETY: features detected above; the kernel reads only below the
+                // shorter row's length.
+                unsafe { arm::dot_i8_sdot(wr, a) }
+            } else if neon {
+                // SAFETY: as above.
+                unsafe { arm::dot_i8_neon(wr, a) }
+            } else {
+                dot_i8_scalar(wr, a)
+            };
+            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
             let d = dot_i8_scalar(wr, a);
             // SAFETY: (t, r) is inside `out` (checked) and row r is this task's alone.
             unsafe { o.put(t * rows + r, d as f32 / (w.scales[r] * acts.scale(t))) };
@@ -170,6 +186,12 @@ pub enum Int12Path {
     /// Activations split into two unsigned bytes, two `vpdpbusd` per 64 weights.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// Weights widened to 16 bits, `smlal`.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    /// Activations as two signed bytes, two `sdot` per 16 weights.
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
 }
 
 impl Int12Path {
@@ -195,7 +217,46 @@ impl Int12Path {
                 v.push(Int12Path::Avx512Vnni);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                v.push(Int12Path::Neon);
+                if std::arch::is_aarch64_feature_detected!("dotprod") {
+                    v.push(Int12Path::NeonDot);
+                }
+            }
+        }
         v
+    }
+
+    /// `Σ_k w[r][k]·a[t][k]`, exact; `acts` must be `w.padded_cols` wide.
+    fn dot(self, w: &Int8Matrix, r: usize, acts: &Int12Activations, t: usize) -> i64 {
+        debug_assert_eq!(acts.cols(), w.padded_cols);
+        match self {
+            Int12Path::Scalar => dot_i8_i16_scalar(w.row(r), acts.row(t)),
+            // SAFETY: the path's features were detected (`available`, and callers only
+            // take paths from it); both rows have `padded_cols` elements, a multiple of
+            // 128, and the kernels read only below the shorter row's length.
+            #[cfg(target_arch = "x86_64")]
+            Int12Path::Avx2 => unsafe { x86::dot_i8_i16_avx2(w.row(r), acts.row(t)) },
+            #[cfg(target_arch = "x86_64")]
+            Int12Path::Avx512Vnni => {
+                let (low, high) = acts.split_row(t);
+                // SAFETY: as above.
+                let (sl, sh) = unsafe { x86::dot_i8_split_vnni(w.row(r), low, high) };
+                // Σ w·a = Σ w·low + 256·(Σ w·high − 8·Σ w).
+                sl as i64 + 256 * (sh as i64 - 8 * w.sums[r] as i64)
+            }
+            // SAFETY: as above.
+            #[cfg(target_arch = "aarch64")]
+            Int12Path::Neon => unsafe { arm::dot_i8_i16_neon(w.row(r), acts.row(t)) },
+            #[cfg(target_arch = "aarch64")]
+            Int12Path::NeonDot => {
+                let (low, high) = acts.split_row(t);
+                // SAFETY: as above, for the three rows.
+                unsafe { arm::dot_i8_split_sdot(w.row(r), low, high) }
+            }
+        }
     }
 }
 
@@ -215,23 +276,8 @@ pub fn int8_matmul_int12_with(
     );
     let o = Out(out.as_mut_ptr());
     par_rows(rows, &|r| {
-        let wr = w.row(r);
         for t in 0..n_tok {
-            let d: i64 = match path {
-                Int12Path::Scalar => dot_i8_i16_scalar(wr, acts.row(t)),
-                // SAFETY: the path's features were detected (`available`); both rows have
-                // `padded_cols` elements, a multiple of 128.
-                #[cfg(target_arch = "x86_64")]
-                Int12Path::Avx2 => unsafe { x86::dot_i8_i16_avx2(wr, acts.row(t)) },
-                #[cfg(target_arch = "x86_64")]
-                Int12Path::Avx512Vnni => {
-                    let (low, high) = acts.split_row(t);
-                    // SAFETY: as above.
-                    let (sl, sh) = unsafe { x86::dot_i8_split_vnni(wr, low, high) };
-                    // Σ w·a = Σ w·low + 256·(Σ w·high − 8·Σ w).
-                    sl as i64 + 256 * (sh as i64 - 8 * w.sums[r] as i64)
-                }
-            };
+            let d = path.dot(w, r, acts, t);
             // SAFETY: (t, r) is inside `out` (checked) and row r is this task's alone.
             unsafe { o.put(t * rows + r, d as f32 / (w.scales[r] * acts.scale(t))) };
         }
@@ -409,6 +455,174 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// Columns between flushes of the int32 lanes into an i64 (bounds at each kernel).
+    const CHUNK: usize = 4096;
+
+    /// Each int32 lane of `acc` plus the products of its four signed byte pairs: `sdot`
+    /// (inline `asm!`, the intrinsic is unstable).
+    ///
+    /// Safety: needs dotprod.
+    #[inline(always)]
+    unsafe fn sdot(acc: int32x4_t, x: int8x16_t, y: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: `sdot` only reads and writes these registers; callers are compiled with
+        // (and only run where the CPU has) dotprod.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {x:v}.16b, {y:v}.16b",
+                acc = inout(vreg) acc,
+                x = in(vreg) x,
+                y = in(vreg) y,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        acc
+    }
+
+    /// `Σ w·a` of an int8 row with 12-bit activations: weights widened to 16 bits, `smlal`
+    /// into four int32 accumulators, flushed to i64 every 4096 columns (a lane then holds
+    /// 256 products, `|Σ| ≤ 256·128·2047 < 2^26`). A tail under 16 columns is scalar.
+    ///
+    /// Safety: needs NEON.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_i8_i16_neon(w: &[i8], a: &[i16]) -> i64 {
+        let n = w.len().min(a.len());
+        let (pw, pa) = (w.as_ptr(), a.as_ptr());
+        let mut total = 0i64;
+        let mut i = 0;
+        while i + 16 <= n {
+            let end = (i + CHUNK).min(n);
+            let mut acc = [vdupq_n_s32(0); 4];
+            while i + 16 <= end {
+                // SAFETY: elements i..i+16 are below `n` in both slices.
+                let (wv, a0, a1) = unsafe {
+                    (
+                        vld1q_s8(pw.add(i)),
+                        vld1q_s16(pa.add(i)),
+                        vld1q_s16(pa.add(i + 8)),
+                    )
+                };
+                let (w0, w1) = (vmovl_s8(vget_low_s8(wv)), vmovl_high_s8(wv));
+                acc[0] = vmlal_s16(acc[0], vget_low_s16(w0), vget_low_s16(a0));
+                acc[1] = vmlal_high_s16(acc[1], w0, a0);
+                acc[2] = vmlal_s16(acc[2], vget_low_s16(w1), vget_low_s16(a1));
+                acc[3] = vmlal_high_s16(acc[3], w1, a1);
+                i += 16;
+            }
+            total += acc.iter().map(|&v| vaddlvq_s32(v)).sum::<i64>();
+        }
+        total + super::dot_i8_i16_scalar(&w[i..n], &a[i..n])
+    }
+
+    /// `Σ w·a` from the activations' byte planes `a = 256·(high − 8) + low`
+    /// (`Int12Activations::split_row`) with `sdot`, which takes signed bytes: `low` is
+    /// read as signed (`low − 256` when `low ≥ 128`) and the borrow moved to the high
+    /// plane, `a = 256·h + low_s` with `h = high − 8 + [low ≥ 128]` in -8..=8. Lanes are
+    /// flushed to i64 every 4096 columns (a lane then holds 512 products of each plane,
+    /// `|Σ w·low_s| ≤ 512·128·128 = 2^23`). A tail under 16 columns is scalar.
+    ///
+    /// Safety: needs NEON and dotprod.
+    #[target_feature(enable = "neon,dotprod")]
+    pub(super) unsafe fn dot_i8_split_sdot(w: &[i8], low: &[u8], high: &[u8]) -> i64 {
+        let n = w.len().min(low.len()).min(high.len());
+        let (pw, pl, ph) = (w.as_ptr(), low.as_ptr(), high.as_ptr());
+        let eight = vdupq_n_s8(8);
+        let mut total = 0i64;
+        let mut i = 0;
+        while i + 16 <= n {
+            let end = (i + CHUNK).min(n);
+            // Two pairs of accumulators, for alternate 16-column steps: independent chains.
+            let (mut sl, mut sh) = ([vdupq_n_s32(0); 2], [vdupq_n_s32(0); 2]);
+            let mut step = |i: usize, u: usize| {
+                // SAFETY: callers pass i + 16 ≤ n: bytes i..i+16 are in the three slices.
+                let (wv, l, hv) = unsafe {
+                    (
+                        vld1q_s8(pw.add(i)),
+                        vreinterpretq_s8_u8(vld1q_u8(pl.add(i))),
+                        vreinterpretq_s8_u8(vld1q_u8(ph.add(i))),
+                    )
+                };
+                // h = high − (8 + (low_s >> 7)), the shift being −1 where low_s < 0.
+                let h = vsubq_s8(hv, vsraq_n_s8::<7>(eight, l));
+                // SAFETY: dotprod is enabled for this function and present.
+                unsafe {
+                    sl[u] = sdot(sl[u], wv, l);
+                    sh[u] = sdot(sh[u], wv, h);
+                }
+            };
+            while i + 32 <= end {
+                step(i, 0);
+                step(i + 16, 1);
+                i += 32;
+            }
+            if i + 16 <= end {
+                step(i, 0);
+                i += 16;
+            }
+            let lanes = |v: [int32x4_t; 2]| vaddlvq_s32(v[0]) + vaddlvq_s32(v[1]);
+            total += lanes(sl) + 256 * lanes(sh);
+        }
+        for k in i..n {
+            total += w[k] as i64 * (256 * (high[k] as i64 - 8) + low[k] as i64);
+        }
+        total
+    }
+
+    /// `Σ w·a` of two int8 rows: products widened to 16 bits (`|w·a| ≤ 2^14`), adjacent
+    /// pairs accumulated into int32 lanes. Every partial sum is a sum of some of the
+    /// products, so it fits int32 wherever the scalar sum does (rows under 2^17 columns).
+    /// A tail under 16 columns is scalar.
+    ///
+    /// Safety: needs NEON.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_i8_neon(w: &[i8], a: &[i8]) -> i32 {
+        let n = w.len().min(a.len());
+        let mut acc = [vdupq_n_s32(0); 2];
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: bytes i..i+16 are below `n` in both slices.
+            let (wv, av) = unsafe { (vld1q_s8(w.as_ptr().add(i)), vld1q_s8(a.as_ptr().add(i))) };
+            acc[0] = vpadalq_s16(acc[0], vmull_s8(vget_low_s8(wv), vget_low_s8(av)));
+            acc[1] = vpadalq_s16(acc[1], vmull_high_s8(wv, av));
+            i += 16;
+        }
+        vaddvq_s32(vaddq_s32(acc[0], acc[1])) + super::dot_i8_scalar(&w[i..n], &a[i..n])
+    }
+
+    /// [`dot_i8_neon`] with `sdot`; the same int32 bounds.
+    ///
+    /// Safety: needs NEON and dotprod.
+    #[target_feature(enable = "neon,dotprod")]
+    pub(super) unsafe fn dot_i8_sdot(w: &[i8], a: &[i8]) -> i32 {
+        let n = w.len().min(a.len());
+        let mut acc = [vdupq_n_s32(0); 2];
+        let mut step = |i: usize, u: usize| {
+            // SAFETY: callers pass i + 16 ≤ n: bytes i..i+16 are in both slices; dotprod is
+            // enabled for this function and present.
+            unsafe {
+                let (wv, av) = (vld1q_s8(w.as_ptr().add(i)), vld1q_s8(a.as_ptr().add(i)));
+                acc[u] = sdot(acc[u], wv, av);
+            }
+        };
+        let mut i = 0;
+        while i + 32 <= n {
+            step(i, 0);
+            step(i + 16, 1);
+            i += 32;
+        }
+        if i + 16 <= n {
+            step(i, 0);
+            i += 16;
+        }
+        vaddvq_s32(vaddq_s32(acc[0], acc[1])) + super::dot_i8_scalar(&w[i..n], &a[i..n])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,6 +718,101 @@ mod tests {
         }
         assert_eq!(acts.row(0)[0], -2047);
         assert_eq!(acts.row(0)[1], 2047);
+    }
+
+    /// Every int8 value, spread along a row.
+    fn int8_sweep(n: usize, mul: usize) -> Vec<i8> {
+        (0..n).map(|k| ((k * mul + 11) % 256) as u8 as i8).collect()
+    }
+
+    /// 12-bit activations with scale 1: `x` holds integers in -2047..=2047 and ±2047.
+    fn int12_of(x: &[f32], n_tok: usize, cols: usize) -> Int12Activations {
+        let mut acts = Int12Activations::default();
+        acts.quantize(x, n_tok, cols, cols);
+        for t in 0..n_tok {
+            assert_eq!(acts.scale(t), 1.0);
+        }
+        acts
+    }
+
+    #[test]
+    fn int12_paths_are_exact_at_the_extremes() {
+        // One 128-block, past one 4096-column flush of the int32 lanes, and a wide row
+        // whose extreme sum (16384·128·2047) needs more than 32 bits.
+        for cols in [128usize, 4096 + 384, 16384] {
+            let rows = [
+                vec![-128i8; cols],
+                vec![127; cols],
+                (0..cols)
+                    .map(|k| if k % 2 == 0 { -128 } else { 127 })
+                    .collect(),
+                int8_sweep(cols, 37),
+            ];
+            let m = Int8Matrix {
+                rows: rows.len(),
+                cols,
+                padded_cols: cols,
+                values: rows.concat(),
+                scales: vec![1.0; rows.len()],
+                sums: rows
+                    .iter()
+                    .map(|r| r.iter().map(|&v| v as i32).sum())
+                    .collect(),
+            };
+            // Tokens: all -2047, all 2047, alternating, every 12-bit value.
+            let mut x = vec![-2047.0f32; cols];
+            x.extend(std::iter::repeat_n(2047.0, cols));
+            x.extend((0..cols).map(|k| if k % 3 == 0 { -2047.0 } else { 2047.0 }));
+            x.extend((0..cols).map(|k| ((k * 13) % 4095) as f32 - 2047.0));
+            let acts = int12_of(&x, 4, cols);
+            assert_eq!(
+                dot_i8_i16_scalar(m.row(0), acts.row(0)),
+                cols as i64 * 128 * 2047
+            );
+            for path in Int12Path::available() {
+                for r in 0..rows.len() {
+                    for t in 0..4 {
+                        assert_eq!(
+                            path.dot(&m, r, &acts, t),
+                            dot_i8_i16_scalar(m.row(r), acts.row(t)),
+                            "{path:?} {cols} columns, row {r}, token {t}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_kernels_take_any_length() {
+        let neon = std::arch::is_aarch64_feature_detected!("neon");
+        let sdot = neon && std::arch::is_aarch64_feature_detected!("dotprod");
+        for n in [1usize, 15, 16, 17, 31, 32, 33, 48, 100, 4096 + 47] {
+            let (w, a8) = (int8_sweep(n, 37), int8_sweep(n, 101));
+            let x: Vec<f32> = (0..n).map(|k| ((k * 13) % 4095) as f32 - 2047.0).collect();
+            let acts = int12_of(&x, 1, n);
+            let (low, high) = acts.split_row(0);
+            let want12 = dot_i8_i16_scalar(&w, acts.row(0));
+            let want8 = dot_i8_scalar(&w, &a8);
+            let worst8 = dot_i8_scalar(&vec![-128; n], &vec![-128; n]);
+            if neon {
+                // SAFETY: NEON detected; the kernels take any lengths.
+                unsafe {
+                    assert_eq!(arm::dot_i8_i16_neon(&w, acts.row(0)), want12, "{n}");
+                    assert_eq!(arm::dot_i8_neon(&w, &a8), want8, "{n}");
+                    assert_eq!(arm::dot_i8_neon(&vec![-128; n], &vec![-128; n]), worst8);
+                }
+            }
+            if sdot {
+                // SAFETY: NEON and dotprod detected; the kernels take any lengths.
+                unsafe {
+                    assert_eq!(arm::dot_i8_split_sdot(&w, low, high), want12, "{n}");
+                    assert_eq!(arm::dot_i8_sdot(&w, &a8), want8, "{n}");
+                    assert_eq!(arm::dot_i8_sdot(&vec![-128; n], &vec![-128; n]), worst8);
+                }
+            }
+        }
     }
 
     #[test]

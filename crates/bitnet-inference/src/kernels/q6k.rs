@@ -178,7 +178,8 @@ pub struct Int12Activations {
     values: Vec<i16>,
     scales: Vec<f32>,
     /// Each value as `256·(high − 8) + low` with `low` in 0..=255 and `high` in 0..=15, as
-    /// the unsigned operands of the int8-weight kernel ([`super::int8::int8_matmul_int12`]).
+    /// the unsigned operands of the int8-weight kernel ([`super::int8::int8_matmul_int12`];
+    /// its NEON `sdot` path makes them signed on the fly).
     low: Vec<u8>,
     high: Vec<u8>,
 }
@@ -248,8 +249,8 @@ impl Int12Activations {
     }
 }
 
-/// The block product this CPU runs: the widest of AVX-512BW, AVX2, scalar, or scalar when
-/// `BITNET_KERNEL=scalar` asks for the portable path.
+/// The block product this CPU runs: the widest of AVX-512BW, AVX2, NEON, scalar, or scalar
+/// when `BITNET_KERNEL=scalar` asks for the portable path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
     Scalar,
@@ -257,6 +258,9 @@ pub enum Path {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// Codes times sub-block scale with `smull`, then `smlal` with the activations.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
 }
 
 impl Path {
@@ -278,7 +282,31 @@ impl Path {
                 v.push(Path::Avx512);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                v.push(Path::Neon);
+            }
+        }
         v
+    }
+
+    /// [`block_dot_scalar`] on this path; `blk` is one block and `a` 256 values.
+    fn block_dot(self, blk: &[u8], a: &[i16]) -> i32 {
+        assert!(blk.len() == Q6K_BLOCK_BYTES && a.len() == Q6K_BLOCK);
+        match self {
+            Path::Scalar => block_dot_scalar(blk, a),
+            // SAFETY: the feature was detected (`detect`/`available`); `blk` is 210 bytes
+            // and `a` 256 values (asserted).
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => unsafe { x86::block_dot_avx2(blk, a) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => unsafe { x86::block_dot_avx512(blk, a) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "aarch64")]
+            Path::Neon => unsafe { arm::block_dot_neon(blk, a) },
+        }
     }
 
     /// `Σ_b d_b · dot_b` of one row with one activation row (before the activation scale).
@@ -288,17 +316,7 @@ impl Path {
             .chunks_exact(Q6K_BLOCK_BYTES)
             .zip(a.chunks_exact(Q6K_BLOCK))
         {
-            let s = match self {
-                Path::Scalar => block_dot_scalar(blk, a),
-                // SAFETY: the feature was detected (`detect`/`available`); `blk` is 210
-                // bytes and `a` 256 values (chunks_exact).
-                #[cfg(target_arch = "x86_64")]
-                Path::Avx2 => unsafe { x86::block_dot_avx2(blk, a) },
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                Path::Avx512 => unsafe { x86::block_dot_avx512(blk, a) },
-            };
-            acc += block_d(blk) * s as f32;
+            acc += block_d(blk) * self.block_dot(blk, a) as f32;
         }
         acc
     }
@@ -331,6 +349,9 @@ pub fn dequantize_row_with(path: Path, row: &[u8], out: &mut [f32]) {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Path::Avx512 => unsafe { x86::dequantize_row_avx512(row, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Path::Neon => unsafe { arm::dequantize_row_neon(row, out) },
     }
 }
 
@@ -575,6 +596,119 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    /// The 256 codes (`q + 32`) of a block in weight order, one 16-weight sub-block a
+    /// vector (layout at [`super::block_codes`]).
+    ///
+    /// Safety: needs NEON; `blk` has at least 192 bytes.
+    #[inline(always)]
+    unsafe fn codes(blk: &[u8]) -> [uint8x16_t; 16] {
+        let (m4, top) = (vdupq_n_u8(0x0F), vdupq_n_u8(0x30));
+        let p = blk.as_ptr();
+        let mut out = [vdupq_n_u8(0); 16];
+        for h in 0..2 {
+            for v in 0..2 {
+                // SAFETY: ql bytes 64h + 16v (+ 32) .. +16 and qh bytes 128 + 32h + 16v .. +16
+                // are all below 192.
+                let (ql0, ql1, qh) = unsafe {
+                    (
+                        vld1q_u8(p.add(64 * h + 16 * v)),
+                        vld1q_u8(p.add(64 * h + 32 + 16 * v)),
+                        vld1q_u8(p.add(128 + 32 * h + 16 * v)),
+                    )
+                };
+                // Weights 128h + 32k + 16v .. +16 (sub-block 8h + 2k + v); qh bits 2k, 2k+1
+                // moved to bits 4, 5.
+                let j = 8 * h + v;
+                // SAFETY: register-only NEON arithmetic; callers run only where NEON is.
+                unsafe {
+                    out[j] = vorrq_u8(vandq_u8(ql0, m4), vandq_u8(vshlq_n_u8::<4>(qh), top));
+                    out[j + 2] = vorrq_u8(vandq_u8(ql1, m4), vandq_u8(vshlq_n_u8::<2>(qh), top));
+                    out[j + 4] = vorrq_u8(vshrq_n_u8::<4>(ql0), vandq_u8(qh, top));
+                    out[j + 6] = vorrq_u8(vshrq_n_u8::<4>(ql1), vandq_u8(vshrq_n_u8::<2>(qh), top));
+                }
+            }
+        }
+        out
+    }
+
+    /// [`super::block_dot_scalar`]: per sub-block, the centred codes times the scale with
+    /// `smull` (`|q·sc| ≤ 32·128 = 4096`, 16 bits), then `smlal` with the activations into
+    /// four int32 accumulators. Every partial sum is a sum of some of the block's 256
+    /// products, so it stays under the block bound `256·4096·2047 < 2^31`.
+    ///
+    /// Safety: needs NEON; `blk` has 210 bytes and `a` 256 values.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn block_dot_neon(blk: &[u8], a: &[i16]) -> i32 {
+        debug_assert!(blk.len() >= 210 && a.len() >= 256);
+        let c32 = vdupq_n_s8(32);
+        // SAFETY: `blk` has at least 192 bytes (caller).
+        let codes = unsafe { codes(blk) };
+        let mut acc = [vdupq_n_s32(0); 4];
+        for (j, &c) in codes.iter().enumerate() {
+            let q = vsubq_s8(vreinterpretq_s8_u8(c), c32);
+            let sc = vdupq_n_s8(blk[192 + j] as i8);
+            let (lo, hi) = (
+                vmull_s8(vget_low_s8(q), vget_low_s8(sc)),
+                vmull_high_s8(q, sc),
+            );
+            // SAFETY: values 16j .. 16j + 16 are below 256, inside `a` (caller).
+            let (a0, a1) = unsafe {
+                (
+                    vld1q_s16(a.as_ptr().add(16 * j)),
+                    vld1q_s16(a.as_ptr().add(16 * j + 8)),
+                )
+            };
+            acc[0] = vmlal_s16(acc[0], vget_low_s16(lo), vget_low_s16(a0));
+            acc[1] = vmlal_high_s16(acc[1], lo, a0);
+            acc[2] = vmlal_s16(acc[2], vget_low_s16(hi), vget_low_s16(a1));
+            acc[3] = vmlal_high_s16(acc[3], hi, a1);
+        }
+        vaddvq_s32(vaddq_s32(
+            vaddq_s32(acc[0], acc[1]),
+            vaddq_s32(acc[2], acc[3]),
+        ))
+    }
+
+    /// [`super::dequantize_row`]: centred codes widened to 32 bits, converted and
+    /// multiplied by `d·sc`, the same two roundings (both exact) as the scalar path.
+    ///
+    /// Safety: needs NEON.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dequantize_row_neon(row: &[u8], out: &mut [f32]) {
+        let c32 = vdupq_n_s8(32);
+        for (blk, o) in row.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
+            let d = super::block_d(blk);
+            // SAFETY: `blk` has 210 bytes (chunks_exact).
+            let codes = unsafe { codes(blk) };
+            for (j, &c) in codes.iter().enumerate() {
+                let q = vsubq_s8(vreinterpretq_s8_u8(c), c32);
+                let (lo, hi) = (vmovl_s8(vget_low_s8(q)), vmovl_high_s8(q));
+                let quads = [
+                    vmovl_s16(vget_low_s16(lo)),
+                    vmovl_high_s16(lo),
+                    vmovl_s16(vget_low_s16(hi)),
+                    vmovl_high_s16(hi),
+                ];
+                let s = d * blk[192 + j] as i8 as f32;
+                for (k, v) in quads.into_iter().enumerate() {
+                    // SAFETY: values 16j + 4k .. +4 are below 256, inside `o`
+                    // (chunks_exact_mut).
+                    unsafe {
+                        vst1q_f32(
+                            o.as_mut_ptr().add(16 * j + 4 * k),
+                            vmulq_n_f32(vcvtq_f32_s32(v), s),
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,20 +763,33 @@ mod tests {
         cases.push((worst.clone(), vec![2047; 256]));
         let mut top = vec![0xFFu8; Q6K_BLOCK_BYTES]; // codes 63, scales −1
         top[192..208].fill(0x7F);
-        cases.push((top, vec![2047; 256]));
+        cases.push((top.clone(), vec![2047; 256]));
+        // Codes 63 at scale −128 and codes 0 at 127, against alternating activations.
+        top[192..208].fill(0x80);
+        cases.push((top, (0..256).map(|j| [2047, -2047][j % 2]).collect()));
+        let mut scales_127 = worst.clone();
+        scales_127[192..208].fill(0x7F);
+        cases.push((
+            scales_127,
+            (0..256).map(|j| [-2047, 2047][j % 3 / 2]).collect(),
+        ));
+        // Random blocks against extreme activations, and every 12-bit value.
+        for seed in 100..110 {
+            let a = (0..256)
+                .map(|_| [-2047, 2047][(r() % 2) as usize])
+                .collect();
+            cases.push((random_blocks(1, seed), a));
+        }
+        for start in (0..4095).step_by(256) {
+            let a = (0..256)
+                .map(|j| ((start + j) % 4095) as i16 - 2047)
+                .collect();
+            cases.push((random_blocks(1, start as u64), a));
+        }
         for (blk, a) in &cases {
             let want = block_dot_scalar(blk, a);
             for path in Path::available() {
-                let got = match path {
-                    Path::Scalar => block_dot_scalar(blk, a),
-                    // SAFETY: `available` checked the features; sizes as required.
-                    #[cfg(target_arch = "x86_64")]
-                    Path::Avx2 => unsafe { x86::block_dot_avx2(blk, a) },
-                    // SAFETY: as above.
-                    #[cfg(target_arch = "x86_64")]
-                    Path::Avx512 => unsafe { x86::block_dot_avx512(blk, a) },
-                };
-                assert_eq!(got, want, "{path:?}");
+                assert_eq!(path.block_dot(blk, a), want, "{path:?}");
             }
         }
         assert_eq!(
@@ -654,8 +801,13 @@ mod tests {
 
     #[test]
     fn matmul_matches_the_dequantized_product_and_paths_agree() {
-        let (rows, cols, n_tok) = (300, 512, 3);
-        let mut r = rng(5);
+        for (rows, cols, n_tok) in [(1, 256, 1), (300, 512, 3), (7, 4096, 2)] {
+            matmul_case(rows, cols, n_tok);
+        }
+    }
+
+    fn matmul_case(rows: usize, cols: usize, n_tok: usize) {
+        let mut r = rng(5 + cols as u64);
         let w: Vec<f32> = (0..rows * cols)
             .map(|_| ((r() % 20001) as f32 / 10000.0 - 1.0) * 0.05)
             .collect();
@@ -693,8 +845,18 @@ mod tests {
 
     #[test]
     fn vector_dequantization_equals_scalar_bit_for_bit() {
-        for (seed, blocks) in [(1u64, 1usize), (2, 3), (3, 10)] {
-            let row = random_blocks(blocks, seed);
+        for (seed, blocks) in [(1u64, 1usize), (2, 3), (3, 10), (4, 2)] {
+            let mut row = random_blocks(blocks, seed);
+            if seed == 4 {
+                // Extremes: codes 0 at scale −128, codes 63 at scale 127, largest f16 `d`.
+                row[..192].fill(0);
+                row[192..208].fill(0x80);
+                row[210..402].fill(0xFF);
+                row[402..418].fill(0x7F);
+                for b in row.chunks_exact_mut(Q6K_BLOCK_BYTES) {
+                    b[208..].copy_from_slice(&f16::MAX.to_le_bytes());
+                }
+            }
             let mut want = vec![0.0; blocks * 256];
             super::dequantize_row(&row, &mut want);
             for path in Path::available() {
