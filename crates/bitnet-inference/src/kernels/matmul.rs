@@ -27,14 +27,28 @@ thread_local! {
 }
 
 fn chunk_rows(rows: usize, step: usize) -> usize {
-    // Multiples of the kernel's step (4 rows, the decode tile; 16 for AMX tiles): with 4 they
-    // split 2B-4T's widths (2560, 6912, and 640 up to 8 threads) into exactly `4 × threads`
-    // tasks at 2 to 16 threads, so no round of the pool runs with idle threads (multiples of
-    // 16 left ~16% of 16 threads idle). At least 8 rows, so a tiny matrix is not cut into
-    // tasks that cost more to hand out than to run (8 is a multiple of every step but 16,
-    // and `next_multiple_of(16)` is already 16 or more).
-    let tasks = rayon::current_num_threads() * 4;
-    rows.div_ceil(tasks).next_multiple_of(step).max(8)
+    chunk_rows_for(rows, step, rayon::current_num_threads())
+}
+
+/// Rows per task: a multiple of the kernel's step (4 rows, the decode tile; 16 for AMX
+/// tiles) of at least 8 rows, so a tiny matrix is not cut into tasks that cost more to hand
+/// out than to run, and at most about `rows / (4 × threads)`. Among those, the one whose
+/// busiest thread gets the fewest rows (whole rounds of tasks × rows a task), the larger on
+/// ties. With 4-row steps 2B-4T's widths (640, 2560, 6912) split into exactly `4 × threads`
+/// tasks; with 16-row AMX tiles that split can leave threads idle in the last round (640
+/// rows at 8 threads: 20 tasks of 32 rows are 3 rounds, 96 rows on the busiest thread; 40
+/// tasks of 16 rows are 5 rounds, 80 rows), so smaller tasks are taken there.
+fn chunk_rows_for(rows: usize, step: usize, threads: usize) -> usize {
+    let coarsest = rows.div_ceil(threads * 4).next_multiple_of(step).max(8);
+    if threads == 1 {
+        return coarsest;
+    }
+    let finest = 8usize.next_multiple_of(step).min(coarsest);
+    let busiest = |c: usize| rows.div_ceil(c).div_ceil(threads) * c;
+    (finest..=coarsest)
+        .step_by(step)
+        .min_by_key(|&c| (busiest(c), std::cmp::Reverse(c)))
+        .unwrap_or(coarsest)
 }
 
 /// `out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r]` for every activation row
@@ -146,4 +160,35 @@ pub fn dense_matmul(w: &DenseMatrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_rows_for;
+
+    #[test]
+    fn tasks_fill_every_thread() {
+        for threads in 1..=16 {
+            for rows in [1, 7, 640, 2560, 6912, 128256] {
+                for step in [4, 16] {
+                    let c = chunk_rows_for(rows, step, threads);
+                    assert!(c >= 8 && c % step == 0, "{rows} rows, step {step}: {c}");
+                    // Never a busier thread than the coarsest split (4 tasks a thread).
+                    let busiest = |c: usize| rows.div_ceil(c).div_ceil(threads) * c;
+                    let coarsest = rows.div_ceil(threads * 4).next_multiple_of(step).max(8);
+                    assert!(c <= coarsest && busiest(c) <= busiest(coarsest));
+                }
+            }
+        }
+        // Decode steps: 2B-4T's widths in exactly 4 tasks a thread, as before.
+        for threads in [2, 4, 8, 16] {
+            for rows in [2560usize, 6912] {
+                assert_eq!(rows.div_ceil(chunk_rows_for(rows, 4, threads)), 4 * threads);
+            }
+        }
+        // AMX tiles: 640 rows at 8 threads in 40 tasks (5 rounds), not 20 (3 rounds of 32);
+        // 2560 at 16 threads in 80 tasks of 32 rows (5 rounds), not 54 of 48 (4 rounds).
+        assert_eq!(chunk_rows_for(640, 16, 8), 16);
+        assert_eq!(chunk_rows_for(2560, 16, 16), 32);
+    }
 }
