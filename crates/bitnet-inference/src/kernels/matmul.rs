@@ -172,7 +172,10 @@ mod tests {
             for rows in [1, 7, 640, 2560, 6912, 128256] {
                 for step in [4, 16] {
                     let c = chunk_rows_for(rows, step, threads);
-                    assert!(c >= 8 && c % step == 0, "{rows} rows, step {step}: {c}");
+                    assert!(
+                        c >= 8 && c.is_multiple_of(step),
+                        "{rows} rows, step {step}: {c}"
+                    );
                     // Never a busier thread than the coarsest split (4 tasks a thread).
                     let busiest = |c: usize| rows.div_ceil(c).div_ceil(threads) * c;
                     let coarsest = rows.div_ceil(threads * 4).next_multiple_of(step).max(8);
