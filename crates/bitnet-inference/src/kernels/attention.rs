@@ -750,10 +750,7 @@ mod x86 {
         let mut lanes = [0f32; 16];
         // SAFETY: 16 floats written.
         unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), vmax) };
-        let max = s[whole..]
-            .iter()
-            .chain(&lanes)
-            .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let max = row_max(&s[whole..], &lanes);
         let (vm, mut acc) = (_mm512_set1_ps(max), _mm512_setzero_ps());
         // SAFETY: as above.
         unsafe {
@@ -763,12 +760,7 @@ mod x86 {
                 acc = _mm512_add_ps(acc, e);
             }
         }
-        let mut sum = hsum(acc);
-        for v in &mut s[whole..] {
-            *v = exp_nonpositive(*v - max);
-            sum += *v;
-        }
-        (max, sum)
+        (max, exp_tail(&mut s[whole..], max, hsum(acc)))
     }
 
     /// [`exp_row_512`] with 8 lanes.
@@ -787,10 +779,7 @@ mod x86 {
         let mut lanes = [0f32; 8];
         // SAFETY: 8 floats written.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
-        let max = s[whole..]
-            .iter()
-            .chain(&lanes)
-            .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let max = row_max(&s[whole..], &lanes);
         let (vm, mut acc) = (_mm256_set1_ps(max), _mm256_setzero_ps());
         // SAFETY: as above.
         unsafe {
@@ -800,12 +789,26 @@ mod x86 {
                 acc = _mm256_add_ps(acc, e);
             }
         }
-        let mut sum = hsum_256(acc);
-        for v in &mut s[whole..] {
+        (max, exp_tail(&mut s[whole..], max, hsum_256(acc)))
+    }
+
+    /// The max of a row from its vector lanes' maxima and its tail.
+    #[inline(always)]
+    fn row_max(tail: &[f32], lanes: &[f32]) -> f32 {
+        tail.iter()
+            .chain(lanes)
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+    }
+
+    /// The exponentials of a row's tail (after its whole vectors), added one by one to the
+    /// vectors' `sum`.
+    #[inline(always)]
+    fn exp_tail(tail: &mut [f32], max: f32, mut sum: f32) -> f32 {
+        for v in tail {
             *v = exp_nonpositive(*v - max);
             sum += *v;
         }
-        (max, sum)
+        sum
     }
 
     /// The sum of 8 lanes: halves, then pairs.

@@ -457,32 +457,11 @@ mod x86 {
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
+    use super::super::neon::sdot;
     use std::arch::aarch64::*;
-    use std::arch::asm;
 
     /// Columns between flushes of the int32 lanes into an i64 (bounds at each kernel).
     const CHUNK: usize = 4096;
-
-    /// Each int32 lane of `acc` plus the products of its four signed byte pairs: `sdot`
-    /// (inline `asm!`, the intrinsic is unstable).
-    ///
-    /// Safety: needs dotprod.
-    #[inline(always)]
-    unsafe fn sdot(acc: int32x4_t, x: int8x16_t, y: int8x16_t) -> int32x4_t {
-        let mut acc = acc;
-        // SAFETY: `sdot` only reads and writes these registers; callers are compiled with
-        // (and only run where the CPU has) dotprod.
-        unsafe {
-            asm!(
-                "sdot {acc:v}.4s, {x:v}.16b, {y:v}.16b",
-                acc = inout(vreg) acc,
-                x = in(vreg) x,
-                y = in(vreg) y,
-                options(pure, nomem, nostack, preserves_flags),
-            );
-        }
-        acc
-    }
 
     /// `Σ w·a` of an int8 row with 12-bit activations: weights widened to 16 bits, `smlal`
     /// into four int32 accumulators, flushed to i64 every 4096 columns (a lane then holds

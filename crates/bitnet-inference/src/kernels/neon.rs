@@ -16,6 +16,28 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
+/// Each int32 lane of `acc` plus the products of its four signed byte pairs of `x` and `y`:
+/// `sdot` (inline `asm!`, the intrinsic is unstable). Shared by every kernel that has a
+/// dotprod path.
+///
+/// # Safety
+/// Only inlined into functions compiled with dotprod, run where the CPU has it.
+#[inline(always)]
+pub(crate) unsafe fn sdot(acc: int32x4_t, x: int8x16_t, y: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    // SAFETY: `sdot` only reads and writes these registers; dotprod per the contract.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {x:v}.16b, {y:v}.16b",
+            acc = inout(vreg) acc,
+            x = in(vreg) x,
+            y = in(vreg) y,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
 /// NEON with the dot-product extension; construct only through `available_kernels`.
 pub struct NeonDotKernel(());
 
@@ -132,17 +154,9 @@ unsafe fn tile_dot<const WR: usize, const TA: usize>(
                 for (k, &c) in c.iter().enumerate() {
                     // SAFETY: a[j] is valid for `blocks * 128` bytes (Tile contract).
                     let q = unsafe { vld1q_s8(a[j].add(b * 128 + 16 * k)) };
-                    // SAFETY: `sdot` only reads and writes these registers; this function
-                    // is compiled with (and only run where the CPU has) dotprod.
-                    unsafe {
-                        asm!(
-                            "sdot {acc:v}.4s, {c:v}.16b, {q:v}.16b",
-                            acc = inout(vreg) s,
-                            c = in(vreg) c,
-                            q = in(vreg) q,
-                            options(pure, nomem, nostack, preserves_flags),
-                        );
-                    }
+                    // SAFETY: this function is compiled with (and only run where the CPU
+                    // has) dotprod.
+                    s = unsafe { sdot(s, c, q) };
                 }
                 acc[i][j] = s;
             }

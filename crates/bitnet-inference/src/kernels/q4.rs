@@ -499,30 +499,10 @@ mod x86 {
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
+    use super::super::neon::sdot;
     use super::{ActRow, LANES, Q4_SUPER, SUPER_BYTES};
     use half::f16;
     use std::arch::aarch64::*;
-    use std::arch::asm;
-
-    /// The int32 lanes of `Σ u·a` over four bytes each: `sdot`.
-    ///
-    /// Safety: needs dotprod.
-    #[inline(always)]
-    unsafe fn dot4_sdot(acc: int32x4_t, u: int8x16_t, a: int8x16_t) -> int32x4_t {
-        let mut acc = acc;
-        // SAFETY: `sdot` only reads and writes these registers; callers are compiled with
-        // (and only run where the CPU has) dotprod.
-        unsafe {
-            asm!(
-                "sdot {acc:v}.4s, {u:v}.16b, {a:v}.16b",
-                acc = inout(vreg) acc,
-                u = in(vreg) u,
-                a = in(vreg) a,
-                options(pure, nomem, nostack, preserves_flags),
-            );
-        }
-        acc
-    }
 
     /// The same with plain NEON: products widened to int16 (`|u·a| ≤ 15·64`), adjacent
     /// pairs added twice, so each int32 lane gets its own four bytes.
@@ -546,7 +526,7 @@ mod arm {
         // SAFETY (of the calls): the caller guarantees NEON, and dotprod when SDOT.
         let dot4 = |acc, u, a| unsafe {
             if SDOT {
-                dot4_sdot(acc, u, a)
+                sdot(acc, u, a)
             } else {
                 dot4_widen(acc, u, a)
             }
