@@ -701,12 +701,33 @@ mod x86 {
         for pb in span.clone().step_by(V_BLOCK) {
             let in_block = (span.end - pb).min(V_BLOCK);
             let (values, stride) = block_f32(rows.values, rows.stride, pb - c0, in_block, d, vbuf);
-            for r in t.first_token(pb) * t.heads..n_rows {
+            let mut r = t.first_token(pb) * t.heads;
+            while r < n_rows {
                 // At most the span's end: a row that attends past it stops at the chunk's
                 // end, a multiple of `V_BLOCK` from `pb`.
                 let end = t.n_of(r).min(pb + V_BLOCK);
-                let w = &scores[r * CHUNK + pb - c0..r * CHUNK + end - c0];
-                let o = &mut partial[r * (d + 2) + 2..][..d];
+                let w = |r: usize| &scores[r * CHUNK + pb - c0..r * CHUNK + end - c0];
+                // Two heads of one token (the same positions) at once, when whole 128-float
+                // steps cover the head: each V row loaded once for both, and 16 independent
+                // accumulator chains. Each output's multiply-adds are those of one row.
+                if d.is_multiple_of(128) && r + 1 < n_rows && (r + 1) % t.heads != 0 {
+                    let (head, tail) = partial[r * (d + 2) + 2..].split_at_mut(d + 2);
+                    let (o1, o2) = (&mut head[..d], &mut tail[..d]);
+                    for c in (0..d).step_by(128) {
+                        // SAFETY: columns `c..c + 128` lie inside both queries' `d` output
+                        // floats and inside the block's V rows `pb..end` (validated sizes,
+                        // or the widened block); `w(r)` and `w(r + 1)` have one length.
+                        unsafe {
+                            let v = values.as_ptr().add(c);
+                            let (o1, o2) = (o1.as_mut_ptr().add(c), o2.as_mut_ptr().add(c));
+                            axpy_rows2(o1, o2, v, stride, w(r), w(r + 1));
+                        }
+                    }
+                    r += 2;
+                    continue;
+                }
+                let (w, o) = (w(r), &mut partial[r * (d + 2) + 2..][..d]);
+                r += 1;
                 let mut c = 0;
                 // SAFETY (every call): columns `c..c + 16 * M` lie inside the query's `d`
                 // output floats and inside the block's V rows `pb..end` (validated sizes, or
@@ -932,6 +953,42 @@ mod x86 {
             }
             for (c, a) in acc.iter().enumerate() {
                 _mm512_storeu_ps(out.add(16 * c), *a);
+            }
+        }
+    }
+
+    /// [`axpy_rows`]`::<8>` for two outputs over the same rows, with weights `w1` and `w2`
+    /// of one length: each output gets the multiply-adds it would get alone.
+    ///
+    /// # Safety
+    /// AVX-512F; 128 floats writable at `o1` and at `o2` (apart) and readable at each of the
+    /// `w1.len()` rows.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn axpy_rows2(
+        o1: *mut f32,
+        o2: *mut f32,
+        v: *const f32,
+        stride: usize,
+        w1: &[f32],
+        w2: &[f32],
+    ) {
+        debug_assert_eq!(w1.len(), w2.len());
+        // SAFETY: every access is inside the ranges of the caller's contract.
+        unsafe {
+            let mut a: [__m512; 8] = std::array::from_fn(|c| _mm512_loadu_ps(o1.add(16 * c)));
+            let mut b: [__m512; 8] = std::array::from_fn(|c| _mm512_loadu_ps(o2.add(16 * c)));
+            for (p, (&x, &y)) in w1.iter().zip(w2).enumerate() {
+                let (vx, vy, row) = (_mm512_set1_ps(x), _mm512_set1_ps(y), v.add(p * stride));
+                for c in 0..8 {
+                    let vr = _mm512_loadu_ps(row.add(16 * c));
+                    a[c] = _mm512_fmadd_ps(vx, vr, a[c]);
+                    b[c] = _mm512_fmadd_ps(vy, vr, b[c]);
+                }
+            }
+            for c in 0..8 {
+                _mm512_storeu_ps(o1.add(16 * c), a[c]);
+                _mm512_storeu_ps(o2.add(16 * c), b[c]);
             }
         }
     }
