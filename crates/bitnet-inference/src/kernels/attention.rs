@@ -710,7 +710,7 @@ mod x86 {
                 // Two heads of one token (the same positions) at once, when whole 128-float
                 // steps cover the head: each V row loaded once for both, and 16 independent
                 // accumulator chains. Each output's multiply-adds are those of one row.
-                if d.is_multiple_of(128) && r + 1 < n_rows && (r + 1) % t.heads != 0 {
+                if d.is_multiple_of(128) && r + 1 < n_rows && !(r + 1).is_multiple_of(t.heads) {
                     let (head, tail) = partial[r * (d + 2) + 2..].split_at_mut(d + 2);
                     let (o1, o2) = (&mut head[..d], &mut tail[..d]);
                     for c in (0..d).step_by(128) {
