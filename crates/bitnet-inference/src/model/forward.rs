@@ -796,8 +796,8 @@ impl Model {
 }
 
 /// Entries per prefill attention task (at most): 16 tokens × 4 query heads of 128 read each
-/// K/V row once for 64 queries, while the task's scores (64 × the context, 128 KB at 512
-/// positions) stay in L2.
+/// K/V row once for 64 queries, while the task's scores and partial results of a chunk of
+/// positions (64 × 256 floats and 64 × 130: under 100 KB) stay in L2.
 const ATTENTION_TILE: usize = 16;
 
 /// Whether `b` is the token after `a` in the same sequence.
