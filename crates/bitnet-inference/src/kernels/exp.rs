@@ -1,5 +1,5 @@
 //! `exp(x)` for `x ≤ 0`, the softmax's exponential, in f32 without libm: scalar, AVX2 (8
-//! lanes) and AVX-512 (16 lanes) give the same bits, so a softmax's weights do not depend
+//! lanes), AVX-512 (16 lanes) and NEON (4 lanes) give the same bits, so a softmax's weights do not depend
 //! on the instruction set.
 //!
 //! The method is the classic one (Cody–Waite reduction, then a polynomial; the coefficients
@@ -120,6 +120,41 @@ pub mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+pub mod neon {
+    use super::*;
+    use std::arch::aarch64::*;
+
+    /// [`exp_nonpositive`] of 4 lanes (NEON is part of every aarch64 CPU). Multiplies and
+    /// adds stay separate instructions (`vmulq`/`vaddq`, never `vfmaq`), as in the scalar
+    /// code, so every lane has the scalar bits.
+    #[inline]
+    pub fn exp4(x: float32x4_t) -> float32x4_t {
+        // SAFETY: register-only NEON arithmetic; NEON is a baseline aarch64 feature.
+        unsafe {
+            let round = vdupq_n_f32(ROUND);
+            let n = vsubq_f32(vaddq_f32(vmulq_f32(x, vdupq_n_f32(LOG2_E)), round), round);
+            let r = vsubq_f32(
+                vsubq_f32(x, vmulq_f32(n, vdupq_n_f32(LN2_HEAD))),
+                vmulq_f32(n, vdupq_n_f32(LN2_TAIL)),
+            );
+            let mut p = vdupq_n_f32(P[0]);
+            for &c in &P[1..] {
+                p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(c));
+            }
+            let y = vaddq_f32(
+                vaddq_f32(vmulq_f32(p, vmulq_f32(r, r)), r),
+                vdupq_n_f32(1.0),
+            );
+            // Truncation as `as i32` does (`n` is integral; NaN gives 0 on both).
+            let bits = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)));
+            let e = vmulq_f32(y, vreinterpretq_f32_s32(bits));
+            let low = vcltq_f32(x, vdupq_n_f32(LOW));
+            vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(e), low))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +197,20 @@ mod tests {
         }
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert!(exp_nonpositive(f32::NAN).is_nan());
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_lanes_equal_the_scalar_bits() {
+        use std::arch::aarch64::*;
+        let xs = inputs();
+        for c in xs.chunks_exact(4) {
+            let want = [0, 1, 2, 3].map(|i| exp_nonpositive(c[i]).to_bits());
+            let mut got = [0f32; 4];
+            // SAFETY: 4 floats read and written; NEON is a baseline aarch64 feature.
+            unsafe { vst1q_f32(got.as_mut_ptr(), neon::exp4(vld1q_f32(c.as_ptr()))) };
+            assert_eq!(got.map(f32::to_bits), want, "neon {c:?}");
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
