@@ -445,19 +445,33 @@ fn chunk_body<T>(
 ) {
     let (d, heads, n_rows) = (t.head_dim, t.heads, t.rows());
     let c0 = span.start;
-    for p in span.clone() {
-        let k = &rows.keys[(p - c0) * rows.stride..][..d];
-        for r in t.first_token(p) * heads..n_rows {
-            let q = t.q_offset(r);
-            scores[r * CHUNK + p - c0] = dot(&t.q[q..q + d], k) * t.scale;
-        }
-    }
+    scores_rowwise(t, &span, &rows, scores, dot);
     start_partials(t, &span, scores, partial, exp_row);
     for p in span.clone() {
         let v = &rows.values[(p - c0) * rows.stride..][..d];
         for r in t.first_token(p) * heads..n_rows {
             let w = scores[r * CHUNK + p - c0];
             axpy(&mut partial[r * (d + 2) + 2..][..d], w, v);
+        }
+    }
+}
+
+/// The scaled scores of every (query row, position of `span`) it attends to, one K row at a
+/// time against every query.
+#[inline(always)]
+fn scores_rowwise<T>(
+    t: &AttentionTask<T>,
+    span: &Range<usize>,
+    rows: &ChunkRows<f32>,
+    scores: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    let (d, c0) = (t.head_dim, span.start);
+    for p in span.clone() {
+        let k = &rows.keys[(p - c0) * rows.stride..][..d];
+        for r in t.first_token(p) * t.heads..t.rows() {
+            let q = t.q_offset(r);
+            scores[r * CHUNK + p - c0] = dot(&t.q[q..q + d], k) * t.scale;
         }
     }
 }

@@ -3,7 +3,8 @@
 
 use super::super::exp::x86::{exp16, exp8};
 use super::{
-    chunk_body, exp_tail, row_max, start_partials, AttentionTask, ChunkRows, KvElem, CHUNK, WIDE,
+    chunk_body, exp_tail, row_max, scores_rowwise, start_partials, AttentionTask, ChunkRows,
+    KvElem, CHUNK, WIDE,
 };
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -15,18 +16,25 @@ pub(super) enum Level {
     Avx512,
 }
 
+/// The best level this CPU has, or a lower one where `BITNET_KERNEL` forces a ternary
+/// kernel without AVX-512 (`avx2`, `avxvnni`: AVX2) or the portable path (`scalar`), so that
+/// a forced run measures what such a CPU would run.
 pub(super) fn level() -> Level {
     static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
-        if is_x86_feature_detected!("avx512f") {
-            Level::Avx512
-        } else if is_x86_feature_detected!("avx2")
+        let avx2 = is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            Level::Avx2
-        } else {
-            Level::Scalar
+            && is_x86_feature_detected!("f16c");
+        let forced = std::env::var("BITNET_KERNEL").unwrap_or_default();
+        match forced.as_str() {
+            "scalar" => Level::Scalar,
+            _ if is_x86_feature_detected!("avx512f")
+                && !matches!(forced.as_str(), "avx2" | "avxvnni") =>
+            {
+                Level::Avx512
+            }
+            _ if avx2 => Level::Avx2,
+            _ => Level::Scalar,
         }
     })
 }
@@ -100,17 +108,78 @@ pub(super) unsafe fn chunk_256<T>(
     scores: &mut [f32],
     partial: &mut [f32],
 ) {
-    chunk_body(
-        t,
-        span,
-        rows,
-        scores,
-        partial,
-        // SAFETY: as in `rowwise_512`.
-        |a, b| unsafe { dot_256(a, b) },
-        |o, w, v| unsafe { axpy_256(o, w, v) },
-        |s| exp_row_256(s),
-    )
+    if !t.head_dim.is_multiple_of(8) {
+        return chunk_body(
+            t,
+            span,
+            rows,
+            scores,
+            partial,
+            // SAFETY: as in `rowwise_512`.
+            |a, b| unsafe { dot_256(a, b) },
+            |o, w, v| unsafe { axpy_256(o, w, v) },
+            |s| exp_row_256(s),
+        );
+    }
+    // SAFETY: as in `rowwise_512`.
+    scores_rowwise(t, &span, &rows, scores, |a, b| unsafe { dot_256(a, b) });
+    start_partials(t, &span, scores, partial, |s| exp_row_256(s));
+    // The V sums as `blocked_512` takes them: [`V_BLOCK`] rows at a time against every query,
+    // its output held in registers (64 floats at a time: AVX2 has 16 vector registers) with
+    // the multiply-adds of `axpy_256` in position order, so the bits are `chunk_body`'s.
+    let (d, c0, n_rows) = (t.head_dim, span.start, t.rows());
+    for pb in span.clone().step_by(V_BLOCK) {
+        let v = &rows.values[(pb - c0) * rows.stride..];
+        for r in t.first_token(pb) * t.heads..n_rows {
+            let end = t.n_of(r).min(pb + V_BLOCK);
+            let w = &scores[r * CHUNK + pb - c0..r * CHUNK + end - c0];
+            let o = &mut partial[r * (d + 2) + 2..][..d];
+            let mut c = 0;
+            // SAFETY (every call): columns `c..c + 8 M` lie inside the query's `d` output
+            // floats and inside the V rows `pb..end` (validated sizes).
+            unsafe {
+                let (o, v) = (o.as_mut_ptr(), v.as_ptr());
+                while c + 64 <= d {
+                    axpy_rows_256::<8>(o.add(c), v.add(c), rows.stride, w);
+                    c += 64;
+                }
+                if c + 32 <= d {
+                    axpy_rows_256::<4>(o.add(c), v.add(c), rows.stride, w);
+                    c += 32;
+                }
+                if c + 16 <= d {
+                    axpy_rows_256::<2>(o.add(c), v.add(c), rows.stride, w);
+                    c += 16;
+                }
+                if c + 8 <= d {
+                    axpy_rows_256::<1>(o.add(c), v.add(c), rows.stride, w);
+                }
+            }
+        }
+    }
+}
+
+/// [`axpy_rows`] with 8-float vectors: `out[0..8 M] += w[p] · v_p[0..8 M]` for `p` in
+/// order, with the multiply-adds of [`axpy_256`].
+///
+/// # Safety
+/// AVX2 and FMA; `8 M` floats writable at `out` and readable at each of the `w.len()` rows.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_rows_256<const M: usize>(out: *mut f32, v: *const f32, stride: usize, w: &[f32]) {
+    // SAFETY: every access is inside the ranges of the caller's contract.
+    unsafe {
+        let mut acc: [__m256; M] = std::array::from_fn(|c| _mm256_loadu_ps(out.add(8 * c)));
+        for (p, &wp) in w.iter().enumerate() {
+            let (vw, row) = (_mm256_set1_ps(wp), v.add(p * stride));
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(vw, _mm256_loadu_ps(row.add(8 * c)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(8 * c), *a);
+        }
+    }
 }
 
 /// The blocked chunk kernel for `head_dim % 16 == 0`, any cache element type, with the
