@@ -796,25 +796,31 @@ mod tests {
         }
     }
 
-    /// The blocked AVX-512 kernel (16 dots reduced together, outputs in registers) adds in
-    /// the order of the row-wise one, so the two agree bit for bit.
+    /// The blocked kernels (AVX-512: 16 dots reduced together; AVX2: 4 dots sharing each
+    /// query load; both: outputs in registers) add in the order of their row-wise loops, so
+    /// the two agree bit for bit.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn blocked_avx512_equals_rowwise_bit_for_bit() {
+    fn blocked_kernels_equal_rowwise_bit_for_bit() {
         let paths = x86::paths();
         let get = |name| paths.iter().find(|p| p.0 == name).map(|p| p.1);
-        let (Some(blocked), Some(rowwise)) = (get("avx512"), get("avx512-rowwise")) else {
-            eprintln!("no AVX-512 on this CPU: nothing to compare");
-            return;
-        };
-        let mut scores = Vec::new();
-        for (d, heads, n_pos, tokens, kv_heads) in CASES {
-            let case = Case::new(d, heads, n_pos, tokens, kv_heads);
-            for run in [Case::run_tile, Case::run_tokens] {
-                let a = run(&case, blocked, &mut scores);
-                let b = run(&case, rowwise, &mut scores);
-                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(same, "d={d} heads={heads} n={n_pos} tokens={tokens}");
+        for (blocked, rowwise) in [("avx512", "avx512-rowwise"), ("avx2", "avx2-rowwise")] {
+            let (Some(blocked_fn), Some(rowwise_fn)) = (get(blocked), get(rowwise)) else {
+                eprintln!("{blocked}: not on this CPU, nothing to compare");
+                continue;
+            };
+            let mut scores = Vec::new();
+            for (d, heads, n_pos, tokens, kv_heads) in CASES {
+                let case = Case::new(d, heads, n_pos, tokens, kv_heads);
+                for run in [Case::run_tile, Case::run_tokens] {
+                    let a = run(&case, blocked_fn, &mut scores);
+                    let b = run(&case, rowwise_fn, &mut scores);
+                    let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(
+                        same,
+                        "{blocked} d={d} heads={heads} n={n_pos} tokens={tokens}"
+                    );
+                }
             }
         }
     }

@@ -3,8 +3,7 @@
 
 use super::super::exp::x86::{exp16, exp8};
 use super::{
-    chunk_body, exp_tail, row_max, scores_rowwise, start_partials, AttentionTask, ChunkRows,
-    KvElem, CHUNK, WIDE,
+    chunk_body, exp_tail, row_max, start_partials, AttentionTask, ChunkRows, KvElem, CHUNK, WIDE,
 };
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -96,7 +95,33 @@ pub(super) unsafe fn rowwise_512<T>(
     )
 }
 
-/// The shared chunk loop with AVX2 and FMA.
+/// The shared chunk loop with AVX2 and FMA: one (query, position) at a time.
+///
+/// # Safety
+/// AVX2 and FMA; `t` and the slice sizes as `prepare` validates them.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rowwise_256<T>(
+    t: &AttentionTask<T>,
+    span: Range<usize>,
+    rows: ChunkRows<f32>,
+    scores: &mut [f32],
+    partial: &mut [f32],
+) {
+    chunk_body(
+        t,
+        span,
+        rows,
+        scores,
+        partial,
+        // SAFETY: as in `rowwise_512`.
+        |a, b| unsafe { dot_256(a, b) },
+        |o, w, v| unsafe { axpy_256(o, w, v) },
+        |s| exp_row_256(s),
+    )
+}
+
+/// The AVX2 chunk kernel: [`rowwise_256`]'s arithmetic for every (query, position), with
+/// the scores 4 K rows at a time and the V sums in registers when `head_dim % 8 == 0`.
 ///
 /// # Safety
 /// AVX2 and FMA; `t` and the slice sizes as `prepare` validates them.
@@ -109,20 +134,10 @@ pub(super) unsafe fn chunk_256<T>(
     partial: &mut [f32],
 ) {
     if !t.head_dim.is_multiple_of(8) {
-        return chunk_body(
-            t,
-            span,
-            rows,
-            scores,
-            partial,
-            // SAFETY: as in `rowwise_512`.
-            |a, b| unsafe { dot_256(a, b) },
-            |o, w, v| unsafe { axpy_256(o, w, v) },
-            |s| exp_row_256(s),
-        );
+        // SAFETY: the caller's contract, passed on.
+        return unsafe { rowwise_256(t, span, rows, scores, partial) };
     }
-    // SAFETY: as in `rowwise_512`.
-    scores_rowwise(t, &span, &rows, scores, |a, b| unsafe { dot_256(a, b) });
+    scores_256(t, &span, &rows, scores);
     start_partials(t, &span, scores, partial, |s| exp_row_256(s));
     // The V sums as `blocked_512` takes them: [`V_BLOCK`] rows at a time against every query,
     // its output held in registers (64 floats at a time: AVX2 has 16 vector registers) with
@@ -157,6 +172,77 @@ pub(super) unsafe fn chunk_256<T>(
             }
         }
     }
+}
+
+/// [`super::scores_rowwise`] with [`dot_256`]'s arithmetic, 4 K rows at a time for the
+/// queries that attend to all 4 ([`dots4_256`]: each query load serves 4 rows); the others
+/// one position at a time.
+///
+/// # Safety
+/// AVX2 and FMA; `t` and the slice sizes as `prepare` validates them; `head_dim % 8 == 0`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_256<T>(
+    t: &AttentionTask<T>,
+    span: &Range<usize>,
+    rows: &ChunkRows<f32>,
+    scores: &mut [f32],
+) {
+    let (d, c0, stride) = (t.head_dim, span.start, rows.stride);
+    debug_assert!(d.is_multiple_of(8));
+    for p in span.clone().step_by(4) {
+        let keys = &rows.keys[(p - c0) * stride..];
+        for r in t.first_token(p) * t.heads..t.rows() {
+            let q = &t.q[t.q_offset(r)..][..d];
+            let n = t.n_of(r).min(span.end);
+            let row = &mut scores[r * CHUNK..][..n - c0];
+            if n >= p + 4 {
+                // SAFETY: rows `p..p + 4` of the chunk, `d` floats each, lie inside
+                // `rows.keys` (validated sizes: they are before the span's end).
+                let s = unsafe { dots4_256(q.as_ptr(), keys.as_ptr(), stride, d) };
+                for (j, s) in s.into_iter().enumerate() {
+                    row[p - c0 + j] = s * t.scale;
+                }
+            } else {
+                for j in p..n {
+                    // SAFETY: inside this function's features; slices bound the reads.
+                    row[j - c0] = unsafe { dot_256(q, &keys[(j - p) * stride..][..d]) } * t.scale;
+                }
+            }
+        }
+    }
+}
+
+/// [`dot_256`] of `q` (`d` floats, `d % 8 == 0`) with the 4 rows at `k`, `k + stride`, …,
+/// the same multiply-adds and reduction for each.
+///
+/// # Safety
+/// AVX2 and FMA; `d` floats readable at `q` and at each of the 4 rows.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots4_256(q: *const f32, k: *const f32, stride: usize, d: usize) -> [f32; 4] {
+    let z = _mm256_setzero_ps();
+    let (mut s0, mut s1) = ([z; 4], [z; 4]);
+    let mut i = 0;
+    // SAFETY: every load is of elements below `d` of `q` or of one of the 4 rows.
+    unsafe {
+        while i + 16 <= d {
+            let (q0, q1) = (_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(q.add(i + 8)));
+            for j in 0..4 {
+                let row = k.add(j * stride + i);
+                s0[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(row), s0[j]);
+                s1[j] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(row.add(8)), s1[j]);
+            }
+            i += 16;
+        }
+        if i + 8 <= d {
+            let q0 = _mm256_loadu_ps(q.add(i));
+            for (j, s) in s0.iter_mut().enumerate() {
+                *s = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k.add(j * stride + i)), *s);
+            }
+        }
+    }
+    std::array::from_fn(|j| hsum_256(_mm256_add_ps(s0[j], s1[j])))
 }
 
 /// [`axpy_rows`] with 8-float vectors: `out[0..8 M] += w[p] · v_p[0..8 M]` for `p` in
@@ -605,11 +691,7 @@ unsafe fn dot_256(a: &[f32], b: &[f32]) -> f32 {
             i += 8;
         }
     }
-    let v = _mm256_add_ps(s0, s1);
-    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    let v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    let mut s = _mm_cvtss_f32(v);
+    let mut s = hsum_256(_mm256_add_ps(s0, s1));
     for k in i..n {
         s += a[k] * b[k];
     }
@@ -670,6 +752,13 @@ pub(super) fn paths() -> Vec<(&'static str, super::AttendFn)> {
                 let rows = t.chunk_rows(&span);
                 // SAFETY: as above.
                 unsafe { chunk_256(t, span, rows, s, p) }
+            })
+        }));
+        v.push(("avx2-rowwise", |t, s, o| {
+            attend_with(t, s, o, |t, span, s, p| {
+                let rows = t.chunk_rows(&span);
+                // SAFETY: as above.
+                unsafe { rowwise_256(t, span, rows, s, p) }
             })
         }));
     }
