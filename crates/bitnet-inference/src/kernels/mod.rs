@@ -66,6 +66,38 @@ pub trait TernaryKernel: Send + Sync {
     }
 }
 
+/// Vector levels of the float kernels on x86 (activation quantization, attention).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum X86Level {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+/// The best [`X86Level`] this CPU has (AVX-512: F and BW; AVX2: with FMA and F16C), or a
+/// lower one where `BITNET_KERNEL` forces a ternary kernel without AVX-512 (`avx2`,
+/// `avxvnni`: AVX2) or the portable path (`scalar`), so that a forced run measures what such
+/// a CPU would run.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn x86_level() -> X86Level {
+    static LEVEL: std::sync::OnceLock<X86Level> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        let forced = std::env::var("BITNET_KERNEL").unwrap_or_default();
+        match forced.as_str() {
+            "scalar" => X86Level::Scalar,
+            "avx2" | "avxvnni" if avx2 => X86Level::Avx2,
+            _ if avx512 => X86Level::Avx512,
+            _ if avx2 => X86Level::Avx2,
+            _ => X86Level::Scalar,
+        }
+    })
+}
+
 /// The last (best) of `available`, or `scalar` when `BITNET_KERNEL=scalar` asks for the
 /// portable path: how the lm_head kernels pick their instruction set.
 pub(crate) fn best_path<P: Copy>(available: Vec<P>, scalar: P) -> P {

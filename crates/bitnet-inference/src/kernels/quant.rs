@@ -62,25 +62,7 @@ mod x86 {
     use super::quantize_one;
     use std::arch::x86_64::*;
 
-    #[derive(Clone, Copy, PartialEq)]
-    pub(super) enum Level {
-        Scalar,
-        Avx2,
-        Avx512,
-    }
-
-    pub(super) fn level() -> Level {
-        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                Level::Avx512
-            } else if is_x86_feature_detected!("avx2") {
-                Level::Avx2
-            } else {
-                Level::Scalar
-            }
-        })
-    }
+    pub(super) use crate::kernels::{x86_level as level, X86Level as Level};
 
     /// Max of `|x|` ignoring NaN, as the scalar fold does (`f32::max` ignores NaN; `vmaxps`
     /// returns its second operand when either is NaN, so the accumulator goes second).

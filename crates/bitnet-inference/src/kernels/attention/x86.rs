@@ -8,35 +8,7 @@ use super::{
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-#[derive(Clone, Copy, PartialEq)]
-pub(super) enum Level {
-    Scalar,
-    Avx2,
-    Avx512,
-}
-
-/// The best level this CPU has, or a lower one where `BITNET_KERNEL` forces a ternary
-/// kernel without AVX-512 (`avx2`, `avxvnni`: AVX2) or the portable path (`scalar`), so that
-/// a forced run measures what such a CPU would run.
-pub(super) fn level() -> Level {
-    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let avx2 = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
-        let forced = std::env::var("BITNET_KERNEL").unwrap_or_default();
-        match forced.as_str() {
-            "scalar" => Level::Scalar,
-            _ if is_x86_feature_detected!("avx512f")
-                && !matches!(forced.as_str(), "avx2" | "avxvnni") =>
-            {
-                Level::Avx512
-            }
-            _ if avx2 => Level::Avx2,
-            _ => Level::Scalar,
-        }
-    })
-}
+pub(super) use crate::kernels::{x86_level as level, X86Level as Level};
 
 /// Positions of V rows accumulated per pass over a query's output (in registers): 32 rows
 /// of 128 floats are 16 KB, which stay in L1 while every query of the tile reads them.
