@@ -1,5 +1,7 @@
-//! The x86 chunk kernels: AVX-512 (blocked for head sizes that are multiples of 16, else
-//! row-wise) and AVX2+FMA, chosen at run time by [`level`].
+//! The x86 chunk kernels, chosen at run time by [`level`]: AVX-512 (blocked for head sizes
+//! that are multiples of 16, else row-wise) and AVX2+FMA (scores 4 K rows at a time and V
+//! sums in registers for head sizes that are multiples of 8, else row-wise). A blocked
+//! kernel gives its row-wise loop's bits.
 
 use super::super::exp::x86::{exp16, exp8};
 use super::{
