@@ -1,12 +1,13 @@
-//! `cargo run --example batch -- MODEL`: several prompts generated together, checked against
+//! `cargo run --example batch -- [MODEL]`: several prompts generated together, checked against
 //! one-at-a-time greedy decoding.
+//! MODEL defaults to the shipped models/bitnet-tiny.
 use bitnet_inference::engine::{GenerationConfig, InferenceEngine};
 use std::time::Instant;
 
 fn main() -> bitnet_inference::Result<()> {
-    let model = std::env::args().nth(1).unwrap_or_else(|| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed").into()
-    });
+    let model = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/bitnet-tiny").into());
     let prompts = [
         "The capital of France is",
         "Once upon a time",

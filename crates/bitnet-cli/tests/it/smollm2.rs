@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-mod common;
+use crate::common;
 use common::{bitnet_ok, final_ppl};
 
 fn model() -> PathBuf {

@@ -1,0 +1,19 @@
+//! The integration tests of this crate, in one test binary (one link instead of one per
+//! file).
+
+mod chat_smollm2;
+mod common;
+mod generation_engine;
+mod gguf_load;
+mod gguf_types;
+mod gguf_write;
+mod hf_loader;
+#[cfg(feature = "hub")]
+mod hub;
+#[cfg(feature = "hub")]
+mod hub_server;
+mod oracle_logits;
+mod q6_k;
+mod readme;
+mod round_scales;
+mod tokenizer_fixtures;
