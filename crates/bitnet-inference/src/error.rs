@@ -7,11 +7,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    /// The OS error's text is part of this error's own message, so it is not also given as
+    /// its `source()` (an error chain printed whole, as anyhow's `{:#}` does, would say it
+    /// twice).
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file exists but its contents are not what the format promises.
     #[error("{path}: {message}")]
@@ -43,7 +45,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
     pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {

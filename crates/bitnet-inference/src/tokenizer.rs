@@ -68,6 +68,9 @@ pub struct Tokenizer {
     /// through their post-processor instead.
     add_bos: bool,
     add_eos: bool,
+    /// `tokenizer.json` models: whether their post-processor puts BOS first when special
+    /// tokens are added (found by encoding a sample, so whatever the processor's form).
+    post_adds_bos: bool,
     description: String,
 }
 
@@ -150,6 +153,14 @@ impl Tokenizer {
             eos.extend(tk.token_to_id(t));
         }
         dedup(&mut eos);
+        let post_adds_bos = bos.is_some_and(|b| {
+            let first = |special| {
+                tk.encode_fast("a", special)
+                    .ok()
+                    .and_then(|e| e.get_ids().first().copied())
+            };
+            first(true) == Some(b) && first(false) != Some(b)
+        });
         let model_type = json["model"]["type"].as_str().unwrap_or("?").to_string();
         let description = format!(
             "tokenizer.json ({}) {model_type}, {} tokens",
@@ -166,6 +177,7 @@ impl Tokenizer {
             eos,
             add_bos: false,
             add_eos: false,
+            post_adds_bos,
             description,
         })
     }
@@ -306,6 +318,7 @@ impl Tokenizer {
             eos,
             add_bos,
             add_eos,
+            post_adds_bos: false,
             description: format!("GGUF {what}, {n} tokens"),
         };
         let extra: Vec<u32> = END_TOKENS.iter().filter_map(|t| tok.token_id(t)).collect();
@@ -397,9 +410,10 @@ impl Tokenizer {
         }
     }
 
-    /// Whether `encode(_, true)` adds BOS itself (GGUF vocabularies with `add_bos_token`).
+    /// Whether `encode(_, true)` puts BOS first: GGUF vocabularies with `add_bos_token` (or
+    /// their pre-tokenizer's default), `tokenizer.json` models whose post-processor adds it.
     pub fn adds_bos(&self) -> bool {
-        self.add_bos
+        self.add_bos || self.post_adds_bos
     }
 
     pub fn describe(&self) -> String {
@@ -416,7 +430,7 @@ impl Tokenizer {
             "{}; bos {bos}; end tokens [{}]; adds bos: {}",
             self.description,
             eos.join(", "),
-            self.add_bos
+            self.adds_bos()
         )
     }
 }

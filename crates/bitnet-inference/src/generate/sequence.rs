@@ -150,7 +150,8 @@ impl Sequence {
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finish
     }
-    /// The error that ended the sequence (a full context), if any.
+    /// The error that ended the sequence (a full context), if any. The text generated until
+    /// then is still in [`Sequence::delta`].
     pub fn error(&self) -> Option<&str> {
         self.error.as_deref()
     }
@@ -233,6 +234,13 @@ impl Sequence {
                      (use a larger context size, or a sliding window)",
                     self.context, self.n_generated
                 ));
+                // Release what was held back (an unfinished character, a possible stop
+                // string), so a caller that wants the text so far has all of it.
+                self.piece.clear();
+                self.utf8.finish_into(&mut self.piece);
+                if !self.stops.push(&self.piece, &mut self.delta) {
+                    self.stops.finish(&mut self.delta);
+                }
                 if let Some(t) = self.first_token {
                     self.stats.decode_time = t.elapsed();
                 }

@@ -98,6 +98,20 @@ pub fn write_gguf(
     export: &GgufExport,
     path: &Path,
 ) -> Result<GgufWritten> {
+    write_gguf_with_progress(config, weights, tokenizer, export, path, &mut |_, _| {})
+}
+
+/// [`write_gguf`], calling `progress(done, total)` as it goes: once a step for the embedding,
+/// each layer, and the output layer with the file's write (`total` = layers + 2).
+pub fn write_gguf_with_progress(
+    config: &ModelConfig,
+    weights: &ModelWeights,
+    tokenizer: &[(String, GgufValue)],
+    export: &GgufExport,
+    path: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<GgufWritten> {
+    let total = weights.layers.len() + 2;
     let arch = export.architecture.as_str();
     if !matches!(
         export.ternary_type,
@@ -155,6 +169,7 @@ pub fn write_gguf(
         &weights.token_embedding,
         export.embedding_type,
     )?;
+    progress(1, total);
     for (i, l) in weights.layers.iter().enumerate() {
         let b = |s: &str| format!("blk.{i}.{s}");
         add_norm(&mut w, &b("attn_norm.weight"), &l.attn_norm);
@@ -196,12 +211,14 @@ pub fn write_gguf(
             export,
             &mut written,
         )?;
+        progress(i + 2, total);
     }
     add_norm(&mut w, "output_norm.weight", &weights.output_norm);
     if let Some(head) = &weights.lm_head {
         add_linear(&mut w, "output.weight", head, export, &mut written)?;
     }
     w.write(path)?;
+    progress(total, total);
     Ok(written)
 }
 

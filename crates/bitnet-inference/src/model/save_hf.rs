@@ -106,6 +106,12 @@ fn write_files(
         safetensors::SafeTensorError::IoError(io) => Error::io(&st, io),
         other => Error::format(&st, other.to_string()),
     })?;
+    // safetensors writes through a private temporary file (mode 0600); give the weights the
+    // permissions every other file here gets (0666 less the umask, as config.json has).
+    let mode = std::fs::metadata(&cfg)
+        .map_err(|e| Error::io(&cfg, e))?
+        .permissions();
+    std::fs::set_permissions(&st, mode).map_err(|e| Error::io(&st, e))?;
     for (name, bytes) in files {
         if name.contains('/') || name.contains('\\') || name.starts_with('.') {
             return Err(Error::Invalid(format!("{name}: not a plain file name")));
