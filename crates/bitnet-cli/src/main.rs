@@ -8,7 +8,8 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "bitnet",
-    version,
+    // The version, git commit and enabled cargo features (build.rs).
+    version = env!("BITNET_VERSION_LONG"),
     about = "Exact, fast inference for BitNet b1.58 models"
 )]
 struct Cli {

@@ -15,9 +15,10 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file or Hugging Face model directory.
-    #[arg(short, long)]
-    model: PathBuf,
+    /// GGUF file or Hugging Face model directory (default: $BITNET_MODEL, else the
+    /// bitnet-tiny model shipped in the repository).
+    #[arg(short, long, env = "BITNET_MODEL")]
+    model: Option<PathBuf>,
     /// Input: JSONL (`{"id": .., "prompt": .. | "messages": [..], options..}` a line) or plain
     /// text (one prompt a line).
     #[arg(short, long)]
@@ -32,7 +33,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     parallel: usize,
     /// Context size of each sequence (default: the model's, at most 2048).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
     /// Tokens per forward call at most (decode tokens of every sequence plus prompt chunks).
     #[arg(short = 'b', long = "batch-size", default_value_t = 256)]
@@ -156,6 +157,60 @@ fn item_config(
     Ok(c)
 }
 
+/// The keys an input item may have.
+const KNOWN_KEYS: [&str; 17] = [
+    "id",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "logit_bias",
+    "n",
+];
+
+/// Levenshtein distance, to suggest the key a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// An error for the first key of `o` that is not an option this command knows.
+fn check_keys(o: &Map<String, Value>) -> anyhow::Result<()> {
+    if let Some(k) = o.keys().find(|k| !KNOWN_KEYS.contains(&k.as_str())) {
+        let near = KNOWN_KEYS
+            .iter()
+            .min_by_key(|known| edit_distance(k, known))
+            .filter(|known| edit_distance(k, known) <= 2)
+            .map(|known| format!(" (did you mean `{known}`?)"))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "unknown key `{k}`{near}; the keys are {}",
+            KNOWN_KEYS.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Parses one JSONL line into an item (or the id and the reason it is bad).
 fn parse_json_item(
     m: &LoadedEngineModel,
@@ -170,6 +225,7 @@ fn parse_json_item(
         .ok_or_else(|| (json!(line_no), format!("line {line_no}: not a JSON object")))?;
     let id = o.get("id").cloned().unwrap_or(json!(line_no));
     let fail = |msg: String| (id.clone(), msg);
+    check_keys(o).map_err(|e| fail(format!("item {id} (line {line_no}): {e}")))?;
     let config = item_config(o, base).map_err(|e| fail(e.to_string()))?;
     let prompt = match (o.get("prompt"), o.get("messages")) {
         (Some(Value::String(p)), None) => m.encode_prompt(p).map_err(|e| fail(e.to_string()))?,
@@ -202,34 +258,28 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// The first field of each CSV record (quoted fields may hold newlines and commas).
-fn csv_first_fields(text: &str) -> Vec<String> {
+/// The CSV records of `text` (quoted fields may hold newlines and commas): each one's text
+/// (without its newline) and fields.
+fn csv_records(text: &str) -> Vec<(&str, Vec<String>)> {
     let mut out = Vec::new();
-    let mut field = String::new();
-    let (mut in_quotes, mut first, mut chars) = (false, true, text.chars().peekable());
-    while let Some(c) = chars.next() {
+    let (mut fields, mut field) = (Vec::new(), String::new());
+    let (mut in_quotes, mut start) = (false, 0);
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
         match c {
-            '"' if in_quotes && chars.peek() == Some(&'"') => {
+            '"' if in_quotes && chars.peek().is_some_and(|&(_, n)| n == '"') => {
                 chars.next();
-                if first {
-                    field.push('"');
-                }
+                field.push('"');
             }
             '"' => in_quotes = !in_quotes,
-            ',' if !in_quotes => {
-                if first {
-                    out.push(std::mem::take(&mut field));
-                }
-                first = false;
-            }
+            ',' if !in_quotes => fields.push(std::mem::take(&mut field)),
             '\n' if !in_quotes => {
-                if first {
-                    out.push(std::mem::take(&mut field));
-                }
-                first = true;
+                fields.push(std::mem::take(&mut field));
+                let raw = text[start..i].strip_suffix('\r').unwrap_or(&text[start..i]);
+                out.push((raw, std::mem::take(&mut fields)));
+                start = i + 1;
             }
-            _ if first => field.push(c),
-            _ => {}
+            _ => field.push(c),
         }
     }
     out
@@ -237,25 +287,92 @@ fn csv_first_fields(text: &str) -> Vec<String> {
 
 const CSV_HEADER: &str = "id,text,error,finish_reason,prompt_tokens,completion_tokens\n";
 
-/// Ids already written to `out` (a truncated last line is ignored).
-fn done_ids(path: &Path, format: Format) -> anyhow::Result<HashSet<String>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
-        Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
-    };
-    Ok(match format {
+/// One row of an existing output: its raw text, and its id and whether it is an error row
+/// (None for a line that is not a row, such as a truncated last line or the CSV header).
+type OutputRow<'a> = (&'a str, Option<(String, bool)>);
+
+/// The rows of an existing output (a truncated last line is not a row).
+fn output_rows(text: &str, format: Format) -> Vec<OutputRow<'_>> {
+    match format {
         Format::Jsonl => text
             .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter_map(|v| v.get("id").map(id_key))
+            .map(|l| {
+                let row = serde_json::from_str::<Value>(l).ok().and_then(|v| {
+                    let error = v.get("error").is_some_and(|e| !e.is_null());
+                    v.get("id").map(|id| (id_key(id), error))
+                });
+                (l, row)
+            })
             .collect(),
         Format::Csv => {
             // Only complete records (ending with a newline) count.
             let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-            csv_first_fields(complete).into_iter().skip(1).collect()
+            let mut rows: Vec<OutputRow<'_>> = csv_records(complete)
+                .into_iter()
+                .enumerate()
+                .map(|(i, (raw, f))| {
+                    let row = (i > 0 && !f.is_empty()).then(|| {
+                        let error = f.get(2).is_some_and(|e| !e.is_empty());
+                        (f[0].clone(), error)
+                    });
+                    (raw, row)
+                })
+                .collect();
+            let rest = &text[complete.len()..];
+            if !rest.is_empty() {
+                rows.push((rest, None));
+            }
+            rows
         }
-    })
+    }
+}
+
+/// What an earlier run left in `path`: the ids done (rows without an error) and the ids that
+/// failed (to be tried again).
+fn previous_results(
+    path: &Path,
+    format: Format,
+) -> anyhow::Result<(HashSet<String>, HashSet<String>)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
+    };
+    let (mut done, mut failed) = (HashSet::new(), HashSet::new());
+    for (_, row) in output_rows(&text, format) {
+        match row {
+            Some((id, false)) => {
+                done.insert(id);
+            }
+            Some((id, true)) => {
+                failed.insert(id);
+            }
+            None => {}
+        }
+    }
+    failed.retain(|id| !done.contains(id));
+    Ok((done, failed))
+}
+
+/// Removes the error rows of `retry` from `path` (they are about to be tried again), by
+/// writing the rest beside it and renaming.
+fn drop_error_rows(path: &Path, format: Format, retry: &HashSet<String>) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut kept = String::with_capacity(text.len());
+    for (raw, row) in output_rows(&text, format) {
+        if matches!(&row, Some((id, true)) if retry.contains(id)) {
+            continue;
+        }
+        kept.push_str(raw);
+        kept.push('\n');
+    }
+    let tmp = path.with_file_name(format!(
+        ".{}.partial",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    std::fs::write(&tmp, kept).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 struct Output {
@@ -346,14 +463,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .find(|l| !l.trim().is_empty())
             .is_some_and(|l| l.trim_start().starts_with('{'));
 
-    let mut m = super::load(&a.model)?;
+    let mut m = super::load(&super::model_or_default(a.model.as_deref())?)?;
     a.model_flags.apply(&mut m.model)?;
     let base = a.gen.config(&m.generation, 128);
-    let done = done_ids(&a.output, format)?;
-    let mut out = Output::open(&a.output, format)?;
+    let (done, failed) = previous_results(&a.output, format)?;
 
     // Parse everything first: bad lines become error rows at once.
     let mut queue: VecDeque<Item> = VecDeque::new();
+    let mut bad: Vec<(Value, String)> = Vec::new();
+    let mut retried: HashSet<String> = HashSet::new();
     let (mut skipped, mut errors, mut total) = (0usize, 0usize, 0usize);
     for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
@@ -375,18 +493,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Ok(item) => &item.id,
             Err((id, _)) => id,
         };
-        if done.contains(&id_key(id)) {
+        let key = id_key(id);
+        if done.contains(&key) {
             skipped += 1;
             continue;
+        }
+        if failed.contains(&key) {
+            retried.insert(key);
         }
         total += 1;
         match parsed {
             Ok(item) => queue.push_back(item),
-            Err((id, msg)) => {
-                out.write(&error_row(&id, &msg))?;
-                errors += 1;
-            }
+            Err(e) => bad.push(e),
         }
+    }
+    // Items that failed before are tried again: their old error rows go.
+    if !retried.is_empty() {
+        drop_error_rows(&a.output, format, &retried)?;
+    }
+    let mut out = Output::open(&a.output, format)?;
+    for (id, msg) in bad {
+        out.write(&error_row(&id, &msg))?;
+        errors += 1;
     }
 
     let bar = indicatif::ProgressBar::new(total as u64);
@@ -398,6 +526,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bar.println(format!(
             "skipping {skipped} items already in {}",
             a.output.display()
+        ));
+    }
+    if !retried.is_empty() {
+        bar.println(format!(
+            "trying again {} items that failed before",
+            retried.len()
         ));
     }
 
@@ -467,15 +601,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let seq = runner.remove(slot).expect("finished slot has a sequence");
             let id = ids[slot].take().unwrap_or(Value::Null);
             let prompt_tokens = seq.prompt_len();
-            let row = match seq.into_generation() {
-                Ok(g) => {
-                    tokens_out += g.tokens.len();
-                    json!({"id": id, "text": g.text, "finish_reason": g.finish_reason.as_str(),
+            let row = if seq.error().is_some() {
+                // The context filled up: the text so far, ended by length as when
+                // max_tokens is reached.
+                let mut seq = seq;
+                let mut text = String::new();
+                seq.take_delta(&mut text);
+                tokens_out += seq.generated().len();
+                json!({"id": id, "text": text, "finish_reason": "length",
+                       "prompt_tokens": prompt_tokens, "completion_tokens": seq.generated().len()})
+            } else {
+                match seq.into_generation() {
+                    Ok(g) => {
+                        tokens_out += g.tokens.len();
+                        json!({"id": id, "text": g.text, "finish_reason": g.finish_reason.as_str(),
                            "prompt_tokens": prompt_tokens, "completion_tokens": g.tokens.len()})
-                }
-                Err(e) => {
-                    errors += 1;
-                    error_row(&id, &e.to_string())
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        error_row(&id, &e.to_string())
+                    }
                 }
             };
             out.write(&row)?;

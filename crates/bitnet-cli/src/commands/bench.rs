@@ -9,9 +9,10 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file or model directory.
-    #[arg(short, long)]
-    model: PathBuf,
+    /// GGUF file or Hugging Face model directory (default: $BITNET_MODEL, else the
+    /// bitnet-tiny model shipped in the repository).
+    #[arg(short, long, env = "BITNET_MODEL")]
+    model: Option<PathBuf>,
     /// Prompt lengths to test (comma-separated; 0 skips).
     #[arg(
         short = 'p',
@@ -151,7 +152,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut m = load(&a.model)?;
+    let path = super::model_or_default(a.model.as_deref())?;
+    let mut m = load(&path)?;
     a.model_flags.apply(&mut m.model)?;
     let model = &m.model;
     let threads = rayon::current_num_threads();
@@ -196,7 +198,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let rss = peak_rss_bytes().unwrap_or(0);
     let kernel = model.kernel_name();
     let kv_type = format!("{:?}", model.kv_type()).to_lowercase();
-    let name = a.model.display().to_string();
+    let name = a.model.as_deref().unwrap_or(&path).display().to_string();
     match a.output {
         Format::Md => {
             println!("| model | size | params | kernel | threads | test | t/s | peak RSS |");

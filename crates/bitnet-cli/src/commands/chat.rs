@@ -1,10 +1,15 @@
-//! `bitnet chat`: interactive multi-turn chat. The KV cache holds the conversation so far;
-//! each turn prefills only the tokens the cache does not already hold.
+//! `bitnet chat`: interactive multi-turn chat. The conversation is kept as the token ids the
+//! model saw and generated (not re-tokenized from text, which can split an answer
+//! differently), and the KV cache holds them: each turn prefills only the new user turn.
+//! When the context fills, the oldest exchanges are left out (or, mid-answer, the window
+//! slides), with a note, unless `--no-context-shift`.
 
 use super::gen_flags::GenFlags;
 use bitnet_inference::chat::ChatMessage;
 use bitnet_inference::engine::LoadedEngineModel;
-use bitnet_inference::generate::{GenerationConfig, SamplingStrategy, TokenStream};
+use bitnet_inference::generate::{
+    ContextOverflow, GenerationConfig, SamplingStrategy, TokenStream,
+};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +30,7 @@ pub struct Args {
     #[command(flatten)]
     model_flags: super::ModelFlags,
     /// Context size (default: the model's, at most 4096).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
     /// Tokens per prefill batch.
     #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
@@ -50,18 +55,87 @@ Ctrl-C stops the current answer.";
 struct Session {
     system: Option<String>,
     messages: Vec<ChatMessage>,
-    /// Tokens whose keys and values are in slot 0.
+    /// Messages at the start of `messages` the model no longer sees (left out when the
+    /// context was full); `/save` still writes them.
+    dropped: usize,
+    /// The conversation as the model saw it: the last turn's prompt and the ids it generated
+    /// (after any slide of the window). Empty: the next turn renders the whole conversation.
+    history: Vec<u32>,
+    /// The template's text of the last turn's prompt, to check that the template renders
+    /// the past the same way before `history` is extended.
+    history_text: String,
+    /// Tokens whose keys and values are in slot 0 (a prefix of `history`).
     cached: Vec<u32>,
 }
 
+/// Stands for the last answer while the template renders what follows it.
+const ANSWER_MARK: &str = "\u{E000}bitnet-chat-answer\u{E001}";
+
 impl Session {
+    fn new(system: Option<String>) -> Self {
+        Session {
+            system,
+            messages: Vec::new(),
+            dropped: 0,
+            history: Vec::new(),
+            history_text: String::new(),
+            cached: Vec::new(),
+        }
+    }
+
+    /// Every message, those left out of the context included.
     fn conversation(&self) -> Vec<ChatMessage> {
+        self.conversation_from(0)
+    }
+
+    /// The messages the model sees.
+    fn visible(&self) -> Vec<ChatMessage> {
+        self.conversation_from(self.dropped)
+    }
+
+    fn conversation_from(&self, first: usize) -> Vec<ChatMessage> {
         let mut all = Vec::with_capacity(self.messages.len() + 1);
         if let Some(s) = &self.system {
             all.push(ChatMessage::new("system", s.clone()));
         }
-        all.extend(self.messages.iter().cloned());
+        all.extend(
+            self.messages[first.min(self.messages.len())..]
+                .iter()
+                .cloned(),
+        );
         all
+    }
+
+    fn reset(&mut self) {
+        self.messages.clear();
+        self.dropped = 0;
+        self.history.clear();
+        self.history_text.clear();
+        self.cached.clear();
+    }
+
+    /// The text to append to `history` for the visible conversation (which ends with the new
+    /// user message after the last answer), when the template renders the past exactly as it
+    /// did for the last turn: the rest of the last answer's turn (say, its end token) and
+    /// the new user turn with the assistant's opening. None otherwise.
+    fn continuation(
+        &self,
+        template: &bitnet_inference::chat::ChatTemplate,
+    ) -> anyhow::Result<Option<String>> {
+        let mut conv = self.visible();
+        let n = conv.len();
+        if self.history.is_empty() || n < 2 || conv[n - 2].role != "assistant" {
+            return Ok(None);
+        }
+        conv[n - 2].content = ANSWER_MARK.to_string();
+        let text = template.render(&conv, true)?;
+        let Some(at) = text.find(ANSWER_MARK) else {
+            return Ok(None);
+        };
+        if text[..at] != self.history_text || text[at + ANSWER_MARK.len()..].contains(ANSWER_MARK) {
+            return Ok(None);
+        }
+        Ok(Some(text[at + ANSWER_MARK.len()..].to_string()))
     }
 }
 
@@ -116,7 +190,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eprintln!("note: chat streams its answers; --beams is ignored");
         config.strategy = SamplingStrategy::Sample;
     }
-    let ctx = a.ctx_size.unwrap_or(4096).min(m.model.config.max_context);
+    let shift = a.gen.context_shift(true);
+    if shift {
+        config.context_overflow = ContextOverflow::Slide { keep: a.gen.keep };
+    }
+    let ctx = super::context_size(a.ctx_size, &m.model, 4096)?;
     let mut state = m.model.new_state(1, ctx, a.batch_size)?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -148,10 +226,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
 
-    let mut session = Session {
-        system: a.system.clone(),
-        messages: Vec::new(),
-        cached: Vec::new(),
+    let mut session = Session::new(a.system.clone());
+    let turn = Turn {
+        m: &m,
+        template: &template,
+        config: &config,
+        context: ctx,
+        shift,
     };
     while let Some(line) = input.read()? {
         let line = line.trim();
@@ -164,12 +245,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             match name {
                 "help" | "?" => println!("{HELP}"),
                 "reset" => {
-                    session.messages.clear();
-                    session.cached.clear();
+                    session.reset();
                     println!("[conversation reset]");
                 }
                 "system" => {
                     session.system = (!arg.is_empty()).then(|| arg.to_string());
+                    session.history.clear();
                     println!(
                         "[system prompt {}]",
                         if arg.is_empty() { "removed" } else { "set" }
@@ -196,18 +277,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         session.messages.push(ChatMessage::new("user", line));
         interrupted.store(false, Ordering::SeqCst);
-        match answer(
-            &m,
-            &template,
-            &mut state,
-            &mut session,
-            &config,
-            &interrupted,
-        ) {
+        match turn.answer(&mut state, &mut session, &interrupted) {
             Ok(text) => session.messages.push(ChatMessage::new("assistant", text)),
             Err(e) => {
                 println!("[error: {e:#}; /reset starts a new conversation]");
                 session.messages.pop();
+                session.dropped = session.dropped.min(session.messages.len());
             }
         }
     }
@@ -215,64 +290,148 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Generates the assistant's answer to the conversation, streaming it to stdout.
-fn answer(
-    m: &LoadedEngineModel,
-    template: &bitnet_inference::chat::ChatTemplate,
-    state: &mut bitnet_inference::model::ForwardState,
-    session: &mut Session,
-    config: &GenerationConfig,
-    interrupted: &AtomicBool,
-) -> anyhow::Result<String> {
-    let start = Instant::now();
-    let rendered = template.render(&session.conversation(), true)?;
-    let mut prompt = m.tokenizer.encode(&rendered, false)?;
-    if let (true, Some(bos)) = (m.tokenizer.adds_bos(), m.tokenizer.bos_id()) {
-        if prompt.first() != Some(&bos) {
-            prompt.insert(0, bos);
-        }
-    }
-    let reuse = session
-        .cached
-        .iter()
-        .zip(&prompt)
-        .take_while(|(a, b)| a == b)
-        .count();
-    // Until this turn ends, the cache holds only the common prefix for sure.
-    session.cached.truncate(reuse);
-    let stop_ids = config.stop_ids(&m.end_tokens);
-    let mut stream =
-        TokenStream::new(&m.model, &m.pieces, state, &prompt, reuse, config, stop_ids)?;
-    let mut text = String::new();
-    let mut stdout = std::io::stdout();
-    let mut cancelled = false;
-    loop {
-        if interrupted.swap(false, Ordering::SeqCst) {
-            stream.cancel();
-            cancelled = true;
-        }
-        match stream.next_text()? {
-            Some(piece) => {
-                stdout.write_all(piece.as_bytes())?;
-                stdout.flush()?;
-                text.push_str(piece);
+/// What every turn of a chat shares.
+struct Turn<'a> {
+    m: &'a LoadedEngineModel,
+    template: &'a bitnet_inference::chat::ChatTemplate,
+    config: &'a GenerationConfig,
+    context: usize,
+    /// Leave old exchanges out when the conversation no longer fits.
+    shift: bool,
+}
+
+impl Turn<'_> {
+    /// The whole visible conversation rendered and tokenized (BOS added as the model asks).
+    fn render(&self, session: &Session) -> anyhow::Result<(Vec<u32>, String)> {
+        let rendered = self.template.render(&session.visible(), true)?;
+        let mut prompt = self.m.tokenizer.encode(&rendered, false)?;
+        if let (true, Some(bos)) = (self.m.tokenizer.adds_bos(), self.m.tokenizer.bos_id()) {
+            if prompt.first() != Some(&bos) {
+                prompt.insert(0, bos);
             }
-            None => break,
         }
+        Ok((prompt, rendered))
     }
-    let stats = stream.stats();
-    session.cached = stream.sequence().cached_tokens().to_vec();
-    println!();
-    eprintln!(
-        "[{} tokens, {:.1} tok/s | prefill {} new tokens of {} ({} reused), {:.1} tok/s | {:.2} s{}]",
-        stats.generated_tokens,
-        stats.decode_tokens_per_second(),
-        stats.prompt_tokens - stats.cached_tokens,
-        stats.prompt_tokens,
-        stats.cached_tokens,
-        stats.prefill_tokens_per_second(),
-        start.elapsed().as_secs_f64(),
-        if cancelled { " | interrupted" } else { "" }
-    );
-    Ok(text)
+
+    /// This turn's prompt: the history and the new user turn, else the whole conversation
+    /// rendered again. With context shift, the oldest exchanges are left out until the
+    /// prompt leaves room for an answer.
+    fn prompt(&self, session: &mut Session) -> anyhow::Result<Vec<u32>> {
+        let mut prompt = match session.continuation(self.template)? {
+            Some(delta) => {
+                let mut ids = session.history.clone();
+                ids.extend(self.m.tokenizer.encode(&delta, false)?);
+                ids
+            }
+            None => self.render(session)?.0,
+        };
+        // Room for at least part of the answer (the window slides for the rest).
+        let room = self.config.max_new_tokens.min(self.context / 4).max(1);
+        if !self.shift || prompt.len() + room <= self.context {
+            return Ok(prompt);
+        }
+        let before = session.dropped;
+        // Leave out whole exchanges (a user message and its answer), oldest first; the new
+        // user message always stays.
+        while prompt.len() + room > self.context && session.messages.len() - session.dropped > 1 {
+            session.dropped = (session.dropped + 2).min(session.messages.len() - 1);
+            prompt = self.render(session)?.0;
+        }
+        if session.dropped > before {
+            session.history.clear();
+            eprintln!(
+                "[context full ({} tokens): the oldest {} messages are left out \
+                 (--no-context-shift to stop instead)]",
+                self.context,
+                session.dropped - before
+            );
+        }
+        Ok(prompt)
+    }
+
+    /// Generates the assistant's answer to the conversation, streaming it to stdout.
+    fn answer(
+        &self,
+        state: &mut bitnet_inference::model::ForwardState,
+        session: &mut Session,
+        interrupted: &AtomicBool,
+    ) -> anyhow::Result<String> {
+        let m = self.m;
+        let start = Instant::now();
+        let prompt = self.prompt(session)?;
+        let reuse = session
+            .cached
+            .iter()
+            .zip(&prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // Until this turn ends, the cache holds only the common prefix for sure.
+        session.cached.truncate(reuse);
+        let stop_ids = self.config.stop_ids(&m.end_tokens);
+        let mut stream = TokenStream::new(
+            &m.model,
+            &m.pieces,
+            state,
+            &prompt,
+            reuse,
+            self.config,
+            stop_ids,
+        )?;
+        let mut text = String::new();
+        let mut stdout = std::io::stdout();
+        let mut cancelled = false;
+        loop {
+            if interrupted.swap(false, Ordering::SeqCst) {
+                stream.cancel();
+                cancelled = true;
+            }
+            match stream.next_text()? {
+                Some(piece) => {
+                    stdout.write_all(piece.as_bytes())?;
+                    stdout.flush()?;
+                    text.push_str(piece);
+                }
+                None => break,
+            }
+        }
+        let stats = stream.stats();
+        session.cached = stream.sequence().cached_tokens().to_vec();
+        session.history = stream.sequence().tokens().to_vec();
+        session.history_text = self.template.render(&session.visible(), true)?;
+        println!();
+        if stats.context_shifts > 0 {
+            eprintln!(
+                "[context full ({} tokens): the window slid {} time{} during this answer, \
+                 dropping older tokens (--no-context-shift to stop instead)]",
+                self.context,
+                stats.context_shifts,
+                if stats.context_shifts == 1 { "" } else { "s" }
+            );
+        }
+        let rate = |n: usize, r: f64| {
+            if n == 0 {
+                String::new()
+            } else {
+                format!(", {r:.1} tok/s")
+            }
+        };
+        eprintln!(
+            "[{} tokens{} | prefill {} new tokens of {} ({} reused){} | {:.2} s{}]",
+            stats.generated_tokens,
+            rate(
+                stats.generated_tokens.saturating_sub(1),
+                stats.decode_tokens_per_second()
+            ),
+            stats.prompt_tokens - stats.cached_tokens,
+            stats.prompt_tokens,
+            stats.cached_tokens,
+            rate(
+                stats.prompt_tokens - stats.cached_tokens,
+                stats.prefill_tokens_per_second()
+            ),
+            start.elapsed().as_secs_f64(),
+            if cancelled { " | interrupted" } else { "" }
+        );
+        Ok(text)
+    }
 }

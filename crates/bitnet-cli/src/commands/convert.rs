@@ -13,8 +13,10 @@ mod spm;
 
 use bitnet_inference::formats::ggml::GgmlType;
 use bitnet_inference::formats::gguf::{GgufFile, GgufValue};
-use bitnet_inference::model::save_gguf::{write_gguf, GgufExport};
+use bitnet_inference::kernels::{DenseMatrix, TernaryMatrix};
+use bitnet_inference::model::save_gguf::{write_gguf_with_progress, GgufExport};
 use bitnet_inference::model::save_hf::write_hf_dir;
+use bitnet_inference::model::{LinearWeights, ModelWeights};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -43,6 +45,12 @@ pub struct Args {
     /// still errors. gguf-i2s and hf-packed keep f32 scales and need no rounding.
     #[arg(long)]
     round_scales: bool,
+    /// Convert a model that is not ternary (its linears are float or other quantized types,
+    /// as in an ordinary Llama) to a ternary GGUF type anyway: each such weight matrix is
+    /// rounded to -1, 0, +1 times its mean |w|. A model not trained for this gives nonsense
+    /// afterwards, so without this flag it is refused.
+    #[arg(long)]
+    force_ternarize: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -66,7 +74,36 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         t => anyhow::bail!("--embedding-type {t}: expected f16, q8_0, q6_k or f32"),
     };
     let input = super::resolve_model(&a.input)?;
-    let m = bitnet_inference::model::load(&input)?;
+    let sp = super::loading_spinner(&input);
+    let m = bitnet_inference::model::load(&input);
+    sp.finish_and_clear();
+    let mut m = m?;
+    let dense = dense_linears(&m.weights);
+    if !dense.is_empty() {
+        let count: usize = dense.iter().map(|(_, n)| n).sum();
+        let types = dense.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ");
+        let total = m.weights.layers.len() * 7;
+        if !a.force_ternarize {
+            anyhow::bail!(
+                "{}: {count} of its {total} layer linears are not ternary ({types}): this is not \
+                 a BitNet b1.58 model, and rounding its weights to -1/0/+1 for {} would give \
+                 nonsense. Pass --force-ternarize to convert it anyway",
+                input.display(),
+                ternary_type.name()
+            );
+        }
+        eprintln!(
+            "warning: --force-ternarize: {count} of {total} layer linears ({types}) are rounded \
+             to -1/0/+1 times their mean |w|; a model not trained for ternary weights gives \
+             nonsense after this"
+        );
+        let sp = super::spinner("ternarizing");
+        let res = force_ternarize(&mut m.weights);
+        sp.finish_and_clear();
+        res?;
+    } else if a.force_ternarize {
+        eprintln!("note: --force-ternarize: the model is ternary already; nothing to do");
+    }
     let tokenizer = tokenizer_metadata(&input, &m.generation)?;
     let arch = a.arch.clone().unwrap_or_else(|| {
         if ternary_type == GgmlType::I2_S {
@@ -85,7 +122,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ".{}.partial",
         a.output.file_name().unwrap_or_default().to_string_lossy()
     ));
-    let res = write_gguf(
+    let bar = super::progress_bar(
+        m.weights.layers.len() as u64 + 2,
+        format!("writing {}", a.output.display()),
+    );
+    let res = write_gguf_with_progress(
         &m.config,
         &m.weights,
         &tokenizer,
@@ -97,7 +138,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             round_scales: a.round_scales,
         },
         &tmp,
+        &mut |done, _| bar.set_position(done as u64),
     );
+    bar.finish_and_clear();
     let written = match res {
         Ok(w) => w,
         Err(e) => {
@@ -105,7 +148,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    std::fs::rename(&tmp, &a.output)?;
+    std::fs::rename(&tmp, &a.output).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("{}: {e}", a.output.display())
+    })?;
     if a.round_scales {
         eprintln!("{}", written.rounding_summary());
     }
@@ -129,11 +175,20 @@ fn run_hf(a: &Args) -> anyhow::Result<()> {
              scales as they are)"
         );
     }
+    if a.force_ternarize {
+        anyhow::bail!(
+            "--force-ternarize applies to GGUF outputs only (hf-packed writes a float model as \
+             a float LlamaForCausalLM)"
+        );
+    }
     if !a.embedding_type.eq_ignore_ascii_case("f16") {
         eprintln!("note: --embedding-type is ignored for hf-packed (the embedding keeps its type)");
     }
     let input = super::resolve_model(&a.input)?;
-    let m = bitnet_inference::model::load(&input)?;
+    let sp = super::loading_spinner(&input);
+    let m = bitnet_inference::model::load(&input);
+    sp.finish_and_clear();
+    let m = m?;
     let files = if input.is_dir() {
         let mut files = Vec::new();
         for name in HF_TOKENIZER_FILES {
@@ -154,7 +209,10 @@ fn run_hf(a: &Args) -> anyhow::Result<()> {
             input.display()
         );
     }
-    write_hf_dir(&m.config, &m.weights, &m.generation, &files, &a.output)?;
+    let sp = super::spinner(format!("writing {}", a.output.display()));
+    let res = write_hf_dir(&m.config, &m.weights, &m.generation, &files, &a.output);
+    sp.finish_and_clear();
+    res?;
     eprintln!(
         "wrote {} (HF packed, {}, {} parameters)",
         a.output.display(),
@@ -166,6 +224,78 @@ fn run_hf(a: &Args) -> anyhow::Result<()> {
         m.weights.parameter_count()
     );
     Ok(())
+}
+
+/// The layer linears that are not ternary: each type and how many have it.
+fn dense_linears(w: &ModelWeights) -> Vec<(&'static str, usize)> {
+    let mut kinds: Vec<(&'static str, usize)> = Vec::new();
+    for l in &w.layers {
+        for lin in [
+            &l.q_proj,
+            &l.k_proj,
+            &l.v_proj,
+            &l.o_proj,
+            &l.gate_proj,
+            &l.up_proj,
+            &l.down_proj,
+        ] {
+            if let LinearWeights::Dense(d) = &lin.weights {
+                let t = d.data().type_name();
+                match kinds.iter_mut().find(|(k, _)| *k == t) {
+                    Some((_, n)) => *n += 1,
+                    None => kinds.push((t, 1)),
+                }
+            }
+        }
+    }
+    kinds
+}
+
+/// `--force-ternarize`: every non-ternary layer linear becomes ternary with one scale a
+/// tensor, BitNet b1.58's absmean rule (`round(w / mean|w|)` clipped to ±1), the scale
+/// rounded to an f16 value so that every ternary type stores it exactly.
+fn force_ternarize(w: &mut ModelWeights) -> anyhow::Result<()> {
+    for l in &mut w.layers {
+        for lin in [
+            &mut l.q_proj,
+            &mut l.k_proj,
+            &mut l.v_proj,
+            &mut l.o_proj,
+            &mut l.gate_proj,
+            &mut l.up_proj,
+            &mut l.down_proj,
+        ] {
+            if let LinearWeights::Dense(d) = &lin.weights {
+                lin.weights = LinearWeights::Ternary(absmean_ternary(d)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn absmean_ternary(d: &DenseMatrix) -> anyhow::Result<TernaryMatrix> {
+    let (rows, cols) = (d.rows(), d.cols());
+    let mut row = vec![0f32; cols];
+    let mut sum = 0f64;
+    for r in 0..rows {
+        d.row_to_f32(r, &mut row);
+        sum += row.iter().map(|x| x.abs() as f64).sum::<f64>();
+    }
+    let mean = ((sum / (rows * cols).max(1) as f64) as f32).max(1e-4);
+    // To the nearest value with f16's 10 mantissa bits (f16's normal range, given the floor).
+    let gamma = f32::from_bits((mean.to_bits() + 0x1000) & !0x1fff);
+    Ok(TernaryMatrix::from_rows_parallel_with(
+        rows,
+        cols,
+        || vec![0f32; cols],
+        |row, r, trits| {
+            d.row_to_f32(r, row);
+            for (t, &x) in trits.iter_mut().zip(row.iter()) {
+                *t = (x / gamma).round_ties_even().clamp(-1.0, 1.0) as i8;
+            }
+            Ok(gamma)
+        },
+    )?)
 }
 
 /// Files of a model directory that go with an HF conversion.

@@ -3,7 +3,7 @@
 
 use bitnet_inference::formats::ggml::GgmlType;
 use bitnet_inference::model::dummy;
-use bitnet_inference::model::save_gguf::{write_gguf, GgufExport};
+use bitnet_inference::model::save_gguf::{write_gguf_with_progress, GgufExport};
 use bitnet_inference::model::{Activation, ModelConfig};
 use std::path::PathBuf;
 
@@ -94,8 +94,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     });
     let started = std::time::Instant::now();
-    let weights = dummy::random_weights(&c, a.seed)?;
-    write_gguf(
+    let sp = super::spinner(format!("random weights for {} layers", c.n_layers));
+    let weights = dummy::random_weights(&c, a.seed);
+    sp.finish_and_clear();
+    let weights = weights?;
+    let bar = super::progress_bar(
+        c.n_layers as u64 + 2,
+        format!("writing {}", a.output.display()),
+    );
+    let res = write_gguf_with_progress(
         &c,
         &weights,
         &dummy::byte_vocab_metadata(c.vocab_size),
@@ -107,7 +114,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             round_scales: false,
         },
         &a.output,
-    )?;
+        &mut |done, _| bar.set_position(done as u64),
+    );
+    bar.finish_and_clear();
+    res?;
     let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
     eprintln!(
         "wrote {} ({:.1} MiB, {} parameters) in {:.1} s",

@@ -56,9 +56,12 @@ pub struct GenFlags {
     #[arg(long)]
     pub ignore_eos: bool,
     /// When the context is full, drop the older half of the conversation (keeping the first
-    /// --keep tokens) and go on, instead of failing.
-    #[arg(long)]
+    /// --keep tokens) and go on, instead of failing [default: on for chat, off otherwise].
+    #[arg(long, overrides_with = "no_context_shift")]
     pub context_shift: bool,
+    /// Fail when the context is full instead of sliding it.
+    #[arg(long, overrides_with = "context_shift")]
+    pub no_context_shift: bool,
     /// Tokens kept at the start when the context shifts.
     #[arg(long, default_value_t = 1)]
     pub keep: usize,
@@ -84,7 +87,7 @@ impl GenFlags {
              frequency_penalty => frequency_penalty, seed => seed);
         c.stop_strings = self.stop.clone();
         c.ignore_eos = self.ignore_eos;
-        if self.context_shift {
+        if self.context_shift(false) {
             c.context_overflow = ContextOverflow::Slide { keep: self.keep };
         }
         if let Some(b) = self.beams.filter(|&b| b > 1) {
@@ -95,6 +98,15 @@ impl GenFlags {
             };
         }
         c
+    }
+
+    /// Whether the context slides when full: the flags, else `default`.
+    pub fn context_shift(&self, default: bool) -> bool {
+        match (self.context_shift, self.no_context_shift) {
+            (true, _) => true,
+            (_, true) => false,
+            _ => default,
+        }
     }
 
     /// KV slots a single generation needs.

@@ -3,11 +3,12 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file or model directory.
-    #[arg(short, long)]
-    model: PathBuf,
+    /// GGUF file or Hugging Face model directory (default: $BITNET_MODEL, else the
+    /// bitnet-tiny model shipped in the repository).
+    #[arg(short, long, env = "BITNET_MODEL")]
+    model: Option<PathBuf>,
     /// Context size to size the KV cache for (default: the model's).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
 }
 
@@ -16,7 +17,11 @@ fn mib(bytes: usize) -> String {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = model::load(&super::resolve_model(&a.model)?)?;
+    let path = super::model_or_default(a.model.as_deref())?;
+    let sp = super::loading_spinner(&path);
+    let m = model::load(&path);
+    sp.finish_and_clear();
+    let m = m?;
     let c = &m.config;
     println!("model:        {}", m.path.display());
     println!("format:       {}", m.format);

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file or model directory.
-    #[arg(short, long)]
-    model: PathBuf,
+    /// GGUF file or Hugging Face model directory (default: $BITNET_MODEL, else the
+    /// bitnet-tiny model shipped in the repository).
+    #[arg(short, long, env = "BITNET_MODEL")]
+    model: Option<PathBuf>,
     /// Comma-separated token ids, run as one sequence from position 0.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
@@ -19,7 +20,7 @@ pub struct Args {
 /// Always exact: activations between layers and the KV cache are f32 in every mode this
 /// engine has.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = load(&a.model)?;
+    let m = load(&super::model_or_default(a.model.as_deref())?)?;
     let n = a.ids.len();
     let vocab = m.model.config.vocab_size;
     let all = eval::sequence_logits(&m.model, &a.ids)?;

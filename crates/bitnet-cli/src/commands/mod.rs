@@ -17,13 +17,152 @@ pub mod run;
 pub mod tokenize;
 
 use bitnet_inference::engine::LoadedEngineModel;
+use bitnet_inference::generate::GenerationStats;
 use bitnet_inference::model::Model;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 /// Loads a model as every front end uses it: weights, tokenizer, chat template, end tokens.
-/// `path` may be a Hugging Face hub id (see [`resolve_model`]).
+/// `path` may be a Hugging Face hub id (see [`resolve_model`]). A spinner shows on stderr
+/// while it loads, when stderr is a terminal.
 pub fn load(path: &Path) -> anyhow::Result<LoadedEngineModel> {
-    Ok(LoadedEngineModel::load(&resolve_model(path)?)?)
+    let path = resolve_model(path)?;
+    let sp = loading_spinner(&path);
+    let m = LoadedEngineModel::load(&path);
+    sp.finish_and_clear();
+    Ok(m?)
+}
+
+/// A spinner saying which model is loading and how big it is (hidden off a terminal).
+pub fn loading_spinner(path: &Path) -> ProgressBar {
+    let bytes: u64 = if path.is_dir() {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    } else {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    };
+    spinner(format!(
+        "loading {} ({:.1} MiB)",
+        path.display(),
+        bytes as f64 / (1 << 20) as f64
+    ))
+}
+
+/// Progress bars are drawn only when stderr is a terminal.
+fn draw_progress() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+/// A spinner on stderr with `msg` and the time so far, ticking by itself; hidden unless
+/// stderr is a terminal. End it with `finish_and_clear`.
+pub fn spinner(msg: impl Into<String>) -> ProgressBar {
+    if !draw_progress() {
+        return ProgressBar::hidden();
+    }
+    let sp = ProgressBar::new_spinner().with_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    sp.set_message(msg.into());
+    sp.enable_steady_tick(std::time::Duration::from_millis(120));
+    sp
+}
+
+/// A bar of `len` steps on stderr (hidden unless stderr is a terminal).
+pub fn progress_bar(len: u64, msg: impl Into<String>) -> ProgressBar {
+    if !draw_progress() {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b.set_message(msg.into());
+    b.enable_steady_tick(std::time::Duration::from_millis(250));
+    b
+}
+
+/// The prompt of `-p TEXT`, `-p -` (standard input) or `-f FILE`. One trailing newline of
+/// a file or of standard input is dropped, as llama.cpp does.
+pub fn read_prompt(prompt: Option<&str>, file: Option<&Path>) -> anyhow::Result<String> {
+    let mut text = match (prompt, file) {
+        (Some(_), Some(_)) => anyhow::bail!("give the prompt with -p or -f, not both"),
+        (Some("-"), None) => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(|e| anyhow::anyhow!("<stdin>: {e}"))?;
+            s
+        }
+        (Some(p), None) => return Ok(p.to_string()),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+        }
+        (None, None) => anyhow::bail!("no prompt: give -p TEXT, -p - (standard input) or -f FILE"),
+    };
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
+}
+
+/// `-c/--ctx-size`: a positive number of tokens.
+pub fn parse_ctx_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("the context size must be at least 1 token".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A count that must be at least 1.
+pub fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The statistics line of a generation: prefill and decode counts and rates, why it ended.
+/// A rate is printed only where there was something to time (no prefill rate when nothing
+/// was run, as with `-n 0`; no decode rate for fewer than two tokens).
+pub fn stats_line(s: &GenerationStats, finish: &str) -> String {
+    let prefilled = s.prompt_tokens - s.cached_tokens;
+    let ran = !s.time_to_first_token.is_zero() || s.generated_tokens > 0;
+    let prefill = if !ran {
+        format!("prefill: {prefilled} tokens (not run)")
+    } else {
+        format!(
+            "prefill: {prefilled} tokens, {:.1} tok/s",
+            s.prefill_tokens_per_second()
+        )
+    };
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let decode = if s.generated_tokens < 2 {
+        format!(
+            "decode: {} token{}",
+            s.generated_tokens,
+            plural(s.generated_tokens)
+        )
+    } else {
+        format!(
+            "decode: {} tokens, {:.1} tok/s",
+            s.generated_tokens,
+            s.decode_tokens_per_second()
+        )
+    };
+    format!("{prefill} | {decode} | finish: {finish}")
 }
 
 /// `--offline`: resolve hub ids from the cache alone (as HF_HUB_OFFLINE=1).
@@ -41,17 +180,26 @@ pub struct ModelFlags {
     /// decode reads per cached position).
     #[arg(long = "kv-type", default_value = "f32", value_parser = parse_kv_type)]
     pub kv_type: bitnet_inference::model::forward::KvType,
+    /// How Q4_0/Q4_1/Q8_0 linears are multiplied: `exact` (f32 activations, the file's exact
+    /// weights) or `q8` (activations quantized to Q8 blocks, integer dots, as llama.cpp).
+    #[arg(long = "quant-acts", default_value = "exact", value_parser = parse_quant_acts)]
+    pub quant_acts: bitnet_inference::kernels::qblock::QuantActs,
 }
 
 impl ModelFlags {
     pub fn apply(&self, model: &mut bitnet_inference::model::forward::Model) -> anyhow::Result<()> {
         model.set_lm_head_quant(self.lm_head)?;
         model.set_kv_type(self.kv_type);
+        model.set_quant_acts(self.quant_acts);
         Ok(())
     }
 }
 
 fn parse_kv_type(s: &str) -> Result<bitnet_inference::model::forward::KvType, String> {
+    s.parse()
+}
+
+fn parse_quant_acts(s: &str) -> Result<bitnet_inference::kernels::qblock::QuantActs, String> {
     s.parse()
 }
 
@@ -145,8 +293,18 @@ pub fn model_or_default(model: Option<&Path>) -> anyhow::Result<PathBuf> {
         })
 }
 
-/// Context size for a run: the user's, else the model's capped at 4096 (the KV cache is
-/// planned for all of it at start).
-pub fn context_size(requested: Option<usize>, model: &Model) -> usize {
-    requested.unwrap_or_else(|| model.config.max_context.min(4096))
+/// Context size for a run: the user's, else the model's capped at `cap` (the KV cache is
+/// planned for all of it at start). A size beyond the model's is an error naming both.
+pub fn context_size(requested: Option<usize>, model: &Model, cap: usize) -> anyhow::Result<usize> {
+    let max = model.config.max_context;
+    match requested {
+        Some(0) => anyhow::bail!("the context size must be at least 1 token"),
+        Some(c) if c > max => {
+            anyhow::bail!(
+                "context size {c} (-c) is larger than the model's maximum of {max} tokens"
+            )
+        }
+        Some(c) => Ok(c),
+        None => Ok(max.min(cap)),
+    }
 }

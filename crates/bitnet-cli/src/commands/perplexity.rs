@@ -4,17 +4,18 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file or model directory.
-    #[arg(short, long)]
-    model: PathBuf,
+    /// GGUF file or Hugging Face model directory (default: $BITNET_MODEL, else the
+    /// bitnet-tiny model shipped in the repository).
+    #[arg(short, long, env = "BITNET_MODEL")]
+    model: Option<PathBuf>,
     /// The text file to score.
     #[arg(short = 'f', long)]
     file: PathBuf,
     /// Tokens per chunk.
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 512)]
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 512, value_parser = super::parse_ctx_size)]
     ctx_size: usize,
-    /// Score at most this many chunks.
-    #[arg(long)]
+    /// Score at most this many chunks (at least 1).
+    #[arg(long, value_parser = super::parse_positive)]
     chunks: Option<usize>,
     /// Tokens per forward call.
     #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
@@ -24,7 +25,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut m = load(&a.model)?;
+    let mut m = load(&super::model_or_default(a.model.as_deref())?)?;
     a.model_flags.apply(&mut m.model)?;
     let text = std::fs::read_to_string(&a.file)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;

@@ -1,8 +1,12 @@
 use super::gen_flags::GenFlags;
 use super::{context_size, load};
-use bitnet_inference::generate::{generate, ContextOverflow};
+use bitnet_inference::generate::{
+    generate_with, ContextOverflow, GenerationStats, SamplingStrategy, TokenStream,
+};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -10,13 +14,16 @@ pub struct Args {
     /// bitnet-tiny model shipped in the repository).
     #[arg(short, long, env = "BITNET_MODEL")]
     model: Option<PathBuf>,
-    /// The prompt text.
-    #[arg(short, long)]
-    prompt: String,
+    /// The prompt text; `-` reads it from standard input.
+    #[arg(short, long, required_unless_present = "file", conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Read the prompt from this file.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
     #[command(flatten)]
     gen: GenFlags,
     /// Context size (default: the model's, at most 4096).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
     /// Tokens per prefill batch.
     #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
@@ -26,42 +33,96 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let text = super::read_prompt(a.prompt.as_deref(), a.file.as_deref())?;
     let mut m = load(&super::model_or_default(a.model.as_deref())?)?;
     a.model_flags.apply(&mut m.model)?;
     let config = a.gen.config(&m.generation, 128);
-    let prompt = m.tokenizer.encode(&a.prompt, true)?;
-    let mut ctx = context_size(a.ctx_size, &m.model);
-    if config.context_overflow == ContextOverflow::Error {
-        // The cache need not be larger than this run can use.
-        ctx = ctx.min(prompt.len() + config.max_new_tokens);
+    let prompt = m.tokenizer.encode(&text, true)?;
+    let mut ctx = context_size(a.ctx_size, &m.model, 4096)?;
+    if prompt.len() > ctx {
+        anyhow::bail!(
+            "the prompt is {} tokens, more than the context size {ctx}{}",
+            prompt.len(),
+            if a.ctx_size.is_some() {
+                String::new()
+            } else {
+                format!(" (the model's is {})", m.model.config.max_context)
+            }
+        );
     }
-    let mut state =
-        m.model
-            .new_state(a.gen.slots(), ctx.max(1), a.batch_size.max(a.gen.slots()))?;
+    if config.context_overflow == ContextOverflow::Error {
+        let need = prompt.len() + config.max_new_tokens;
+        if need > ctx {
+            anyhow::bail!(
+                "the prompt ({} tokens) and -n {} need {need} tokens, more than the context \
+                 size {ctx}; lower -n{}, or pass --context-shift",
+                prompt.len(),
+                config.max_new_tokens,
+                if ctx < m.model.config.max_context {
+                    format!(
+                        ", raise -c (the model allows {})",
+                        m.model.config.max_context
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        // The cache need not be larger than this run can use.
+        ctx = need.max(1);
+    }
+    let mut state = m
+        .model
+        .new_state(a.gen.slots(), ctx, a.batch_size.max(a.gen.slots()))?;
     let stdout = std::io::stdout();
-    let g = generate(
-        &m.model,
-        &m.tokenizer,
-        &mut state,
-        &prompt,
-        &config,
-        |text| {
-            let mut out = stdout.lock();
-            out.write_all(text.as_bytes())
-                .and_then(|_| out.flush())
-                .map_err(|e| bitnet_inference::Error::io("<stdout>", e))
-        },
-    )?;
+    let write = |text: &str| {
+        let mut out = stdout.lock();
+        out.write_all(text.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(|e| bitnet_inference::Error::io("<stdout>", e))
+    };
+    let stop_ids = config.stop_ids(m.tokenizer.eos_ids());
+    let (stats, finish): (GenerationStats, &str) =
+        if let SamplingStrategy::BeamSearch { .. } = config.strategy {
+            let g = generate_with(
+                &m.model, &m.pieces, &mut state, &prompt, &config, stop_ids, write,
+            )?;
+            (g.stats, g.finish_reason.as_str())
+        } else {
+            // Ctrl-C ends the answer and still prints the statistics; a second one quits.
+            let interrupted = Arc::new(AtomicBool::new(false));
+            {
+                let flag = interrupted.clone();
+                ctrlc::set_handler(move || {
+                    if flag.swap(true, Ordering::SeqCst) {
+                        std::process::exit(130);
+                    }
+                })?;
+            }
+            let mut stream = TokenStream::new(
+                &m.model, &m.pieces, &mut state, &prompt, 0, &config, stop_ids,
+            )?;
+            loop {
+                if interrupted.load(Ordering::SeqCst) {
+                    stream.cancel();
+                }
+                match stream.next_text()? {
+                    Some(piece) => write(piece)?,
+                    None => break,
+                }
+            }
+            let reason = stream.finish_reason().map_or("cancelled", |r| r.as_str());
+            (stream.stats(), reason)
+        };
     println!();
-    let s = &g.stats;
     eprintln!(
-        "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {} | kernel {}",
-        s.prompt_tokens,
-        s.prefill_tokens_per_second(),
-        s.generated_tokens,
-        s.decode_tokens_per_second(),
-        g.finish_reason.as_str(),
+        "{} | kernel {}",
+        super::stats_line(&stats, finish),
         m.model.kernel_name()
     );
+    if finish == "cancelled" {
+        // As for any program stopped by Ctrl-C (SIGINT).
+        std::process::exit(130);
+    }
     Ok(())
 }

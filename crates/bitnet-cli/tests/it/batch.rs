@@ -204,3 +204,137 @@ fn killed_run_resumes_where_it_stopped() {
     assert!(err.contains(&format!("{n} skipped")), "{err}");
     assert_eq!(rows(&out).len(), n);
 }
+
+/// An item with a key this command does not know (`max_tokenz`) ran with the defaults; now
+/// it is an error row naming the key and the item.
+#[test]
+fn unknown_keys_are_errors_naming_key_and_item() {
+    let d = dir("unknown-key");
+    let input = d.join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"typo\", \"prompt\": \"hello\", \"max_tokenz\": 5}\n\
+         {\"id\": \"fine\", \"prompt\": \"hello\", \"max_tokens\": 3}\n",
+    )
+    .unwrap();
+    let out = d.join("out.jsonl");
+    let o = batch(&["-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = rows(&out);
+    let typo = rows.iter().find(|r| r["id"] == "typo").unwrap();
+    let e = typo["error"].as_str().unwrap_or_else(|| panic!("{typo}"));
+    assert!(
+        e.contains("`max_tokenz`") && e.contains("typo") && e.contains("`max_tokens`"),
+        "{e}"
+    );
+    let fine = rows.iter().find(|r| r["id"] == "fine").unwrap();
+    assert_eq!(fine["completion_tokens"], 3);
+}
+
+/// Errored rows counted as done, so a re-run after fixing the input skipped them.
+#[test]
+fn a_rerun_retries_the_items_that_failed() {
+    let d = dir("retry");
+    let input = d.join("in.jsonl");
+    let good = "{\"id\": \"item-one\", \"prompt\": \"hello\", \"max_tokens\": 4}";
+    std::fs::write(
+        &input,
+        format!("{good}\n{{\"id\": \"item-two\", \"prompt\": \"the cat\", \"stop\": 5}}\n"),
+    )
+    .unwrap();
+    for out in [d.join("out.jsonl"), d.join("out.csv")] {
+        let run = || {
+            let o = batch(&[
+                "-i",
+                input.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--temp",
+                "0",
+                "-n",
+                "6",
+            ])
+            .output()
+            .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        };
+        run();
+        let first = std::fs::read_to_string(&out).unwrap();
+        assert!(first.contains("`stop`"), "{first}");
+        // The input fixed: the failed item runs again, the done one is skipped.
+        std::fs::write(
+            &input,
+            format!(
+                "{good}\n{{\"id\": \"item-two\", \"prompt\": \"the cat\", \"stop\": \"ZZQQ\"}}\n"
+            ),
+        )
+        .unwrap();
+        let err = run();
+        assert!(
+            err.contains("1 skipped") && err.contains("0 errors"),
+            "{err}"
+        );
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(
+            !text.contains("`stop`"),
+            "the old error row is gone: {text}"
+        );
+        assert_eq!(text.matches("item-two").count(), 1, "{text}");
+        assert_eq!(text.matches("item-one").count(), 1, "{text}");
+        if out.extension().unwrap() == "jsonl" {
+            let later = rows(&out)
+                .into_iter()
+                .find(|r| r["id"] == "item-two")
+                .unwrap();
+            assert_eq!(later["text"], greedy_alone("the cat", 6));
+        } else {
+            assert!(text.contains("\nitem-two,"), "{text}");
+        }
+        // Put the bad input back for the other format.
+        std::fs::write(
+            &input,
+            format!("{good}\n{{\"id\": \"item-two\", \"prompt\": \"the cat\", \"stop\": 5}}\n"),
+        )
+        .unwrap();
+    }
+}
+
+/// An item that reached the end of the context lost its text (an error row); it keeps it
+/// now, with finish reason `length`.
+#[test]
+fn an_item_that_fills_the_context_keeps_its_text() {
+    let d = dir("ctx-end");
+    let input = d.join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"long\", \"prompt\": \"hello\", \"max_tokens\": 500}\n",
+    )
+    .unwrap();
+    let out = d.join("out.jsonl");
+    let o = batch(&[
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "-c",
+        "24",
+    ])
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = &rows(&out)[0];
+    assert_eq!(r["finish_reason"], "length", "{r}");
+    assert!(r.get("error").is_none(), "{r}");
+    let (p, c) = (
+        r["prompt_tokens"].as_u64().unwrap(),
+        r["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(c > 0 && p + c >= 24, "{r}");
+    assert!(!r["text"].as_str().unwrap().is_empty(), "{r}");
+}

@@ -186,3 +186,80 @@ fn terminal_session_ctrl_c_stops_the_answer_and_keeps_the_session() {
     // The shell prints chat's exit status once it has quit.
     t.wait("exit", |s| s.contains("[chat exited with status 0]"));
 }
+
+/// Runs `bitnet chat` with `args` (no model from the environment) on the piped `script`;
+/// returns its exit status, stdout and stderr.
+fn chat_piped(args: &[&str], script: &str) -> (std::process::ExitStatus, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .arg("chat")
+        .args(args)
+        .env("BITNET_THREADS", "2")
+        .env_remove("BITNET_MODEL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status,
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// The "prefill N new tokens" figures of the stats lines.
+fn prefilled(text: &str) -> Vec<usize> {
+    text.split(" new tokens of")
+        .filter_map(|s| s.rsplit("prefill ").next())
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// With the shipped model, turn 2 re-prefilled 385 of 399 tokens: the template's "Assistant: "
+/// ends with a space, and the answer re-tokenized with it splits differently from the ids the
+/// model generated. The history is now the ids themselves: turn 2 prefills the new user turn
+/// (its end token, "User: ...", the assistant's opening) and the last answer token.
+#[test]
+fn shipped_model_turn_two_prefills_only_the_new_turn() {
+    let (status, _, err) = chat_piped(
+        &["--temp", "0", "-n", "40"],
+        "Tell me a story about a fish\nwhat happened next\n",
+    );
+    assert!(status.success(), "{err}");
+    let (p, r) = (prefilled(&err), reused(&err));
+    assert_eq!((p.len(), r.len()), (2, 2), "{err}");
+    assert_eq!(r[0], 0);
+    assert!(r[1] > 10, "turn 2 reuses turn 1: {err}");
+    // "<|eot_id|>User: what happened next<|eot_id|>Assistant: " and the last answer token.
+    assert!(p[1] <= 16, "turn 2 prefills {} tokens: {err}", p[1]);
+}
+
+/// A full context no longer ends the chat on turn 3: the window slides (or the oldest
+/// exchanges are left out), with a note; `--no-context-shift` gives the old error.
+#[test]
+fn full_context_slides_with_a_note() {
+    let script = "hello there\ntell me more\nand then what\nwhy is that\n";
+    let args = ["--temp", "0", "--ignore-eos", "-n", "40", "-c", "96"];
+    let (status, out, err) = chat_piped(&args, script);
+    assert!(status.success(), "{err}");
+    assert!(!out.contains("[error"), "{out}\n{err}");
+    assert_eq!(reused(&err).len(), 4, "four answers: {err}");
+    assert!(err.contains("[context full (96 tokens)"), "{err}");
+    let mut off = args.to_vec();
+    off.push("--no-context-shift");
+    let (status, out, err) = chat_piped(&off, script);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains("[error:") && out.contains("context"),
+        "{out}\n{err}"
+    );
+    assert!(!err.contains("[context full"), "{err}");
+}

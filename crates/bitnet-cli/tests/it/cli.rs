@@ -169,3 +169,312 @@ fn prompt_longer_than_context_is_an_error() {
     ]);
     assert_clean_error(&o, &["context"]);
 }
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bitnet-tiny")
+}
+
+/// `bitnet` with no model from the environment and stdin fed `input`.
+fn bitnet_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .env("BITNET_THREADS", "2")
+        .env_remove("BITNET_MODEL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The OS error of a missing file was printed twice ("No such file or directory (os error
+/// 2): No such file or directory (os error 2)"): the I/O error was both in the message and
+/// its source.
+#[test]
+fn os_errors_are_printed_once() {
+    let dir = temp_dir("os-error");
+    let missing = dir.join("missing.gguf");
+    for args in [
+        vec!["inspect", "-m", missing.to_str().unwrap()],
+        vec!["run", "-m", missing.to_str().unwrap(), "-p", "hi"],
+        vec![
+            "convert",
+            missing.to_str().unwrap(),
+            dir.join("out.gguf").to_str().unwrap(),
+            "--to",
+            "gguf-tq2_0",
+        ],
+        vec![
+            "tokenize",
+            "--tokenizer",
+            missing.to_str().unwrap(),
+            "-p",
+            "x",
+        ],
+    ] {
+        let o = bitnet(&args);
+        assert_clean_error(&o, &["missing.gguf"]);
+        let err = stderr(&o);
+        assert_eq!(err.matches("os error 2").count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn version_names_the_commit_and_features() {
+    let o = bitnet(&["--version"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(
+        out.starts_with(&format!("bitnet {}", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
+    assert!(out.contains("(commit "), "{out}");
+    // A git checkout gives a hex commit; a tarball says "unknown".
+    let commit = out
+        .split("(commit ")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    assert!(
+        commit == "unknown" || commit.chars().all(|c| c.is_ascii_hexdigit()),
+        "{out}"
+    );
+    let features = out.split("features: ").nth(1).unwrap().trim_end();
+    assert_eq!(
+        features.contains("hub"),
+        cfg!(feature = "hub"),
+        "features listed: {out}"
+    );
+}
+
+#[test]
+fn prompt_comes_from_a_file_or_stdin() {
+    let dir = temp_dir("prompt-file");
+    let file = dir.join("prompt.txt");
+    std::fs::write(&file, "Once upon a time\n").unwrap();
+    let args = |p: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["run", "-n", "12", "--temp", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(p.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |p: &[&str], input: &str| {
+        let a = args(p);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = bitnet_stdin(&a, input);
+        assert!(o.status.success(), "{p:?}: {}", stderr(&o));
+        (stdout(&o), stderr(&o))
+    };
+    let (want, want_err) = run(&["-p", "Once upon a time"], "");
+    assert!(want_err.contains("prefill: 5 tokens"), "{want_err}");
+    // The file's trailing newline is dropped, as llama.cpp does.
+    let (from_file, err) = run(&["-f", file.to_str().unwrap()], "");
+    assert_eq!(from_file, want);
+    assert!(err.contains("prefill: 5 tokens"), "{err}");
+    let (from_stdin, _) = run(&["-p", "-"], "Once upon a time\n");
+    assert_eq!(from_stdin, want);
+    // tokenize takes them too.
+    let o = bitnet_stdin(&["tokenize", "-f", file.to_str().unwrap()], "");
+    let p = bitnet_stdin(&["tokenize", "-p", "Once upon a time"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), stdout(&p));
+    // Both at once, or neither, is an error.
+    let o = bitnet_stdin(&["run", "-p", "x", "-f", file.to_str().unwrap()], "");
+    assert!(!o.status.success());
+    let o = bitnet_stdin(&["run", "-n", "1"], "");
+    assert!(!o.status.success());
+}
+
+/// Ctrl-C (SIGINT) during `bitnet run` ends the answer and still prints the statistics.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_still_prints_the_statistics() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args([
+            "run",
+            "-p",
+            "Once upon a time",
+            "--temp",
+            "0",
+            "--ignore-eos",
+        ])
+        .args(["--context-shift", "-n", "100000000"])
+        .env("BITNET_THREADS", "2")
+        .env_remove("BITNET_MODEL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for text, so the handler is installed and decoding is under way.
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    out.read_exact(&mut first).unwrap();
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("prefill: 5 tokens") && err.contains("| finish: cancelled"),
+        "{err}"
+    );
+    assert!(err.contains("decode: ") && err.contains("tok/s"), "{err}");
+}
+
+/// Every command that takes `-m` falls back to the shipped bitnet-tiny, as `run` does.
+#[test]
+fn every_model_command_defaults_to_the_shipped_model() {
+    let dir = temp_dir("default-model");
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "Once upon a time there was a little fish. ".repeat(40),
+    )
+    .unwrap();
+    let input = dir.join("in.txt");
+    std::fs::write(&input, "hello\n").unwrap();
+    let npy = dir.join("l.npy");
+    let out = dir.join("out.jsonl");
+    for args in [
+        vec!["inspect"],
+        vec!["tokenize", "-p", "hello"],
+        vec!["logits", "--ids", "0,1,2", "-o", npy.to_str().unwrap()],
+        vec![
+            "perplexity",
+            "-f",
+            text.to_str().unwrap(),
+            "-c",
+            "64",
+            "--chunks",
+            "1",
+        ],
+        vec!["bench", "-p", "8", "-n", "2", "-r", "1"],
+        vec![
+            "batch",
+            "-i",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "-n",
+            "2",
+        ],
+    ] {
+        let o = bitnet_stdin(&args, "");
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    let o = bitnet_stdin(&["inspect"], "");
+    assert!(stdout(&o).contains("bitnet-tiny"), "{}", stdout(&o));
+}
+
+/// `inspect` said "adds bos: false" for bitnet-tiny while `run` and `tokenize` put BOS
+/// first (its tokenizer.json's post-processor adds it).
+#[test]
+fn inspect_and_tokenize_agree_on_bos() {
+    let o = bitnet_stdin(&["inspect"], "");
+    let text = stdout(&o);
+    assert!(text.contains("adds bos: true"), "{text}");
+    let o = bitnet_stdin(&["tokenize", "-p", "Once upon a time"], "");
+    let ids: Vec<u32> = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(ids[0], 0, "BOS <|begin_of_text|> first: {ids:?}");
+    // The same on the test fixture, whatever its tokenizer does.
+    let packed = fixtures().join("bitnet-packed");
+    let o = bitnet(&["inspect", "-m", packed.to_str().unwrap()]);
+    let text = stdout(&o);
+    let adds = text.contains("adds bos: true");
+    let bos: Option<u32> = text
+        .split("; bos ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok());
+    let o = bitnet(&["tokenize", "-m", packed.to_str().unwrap(), "-p", "hello"]);
+    let ids: Vec<u32> = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        adds,
+        bos.is_some() && ids.first() == bos.as_ref(),
+        "{text} {ids:?}"
+    );
+}
+
+/// `-n 600 -c 1024` said "context size 605"; `-c 0` said 1.
+#[test]
+fn context_errors_give_the_real_numbers() {
+    let o = bitnet_stdin(
+        &["run", "-p", "Once upon a time", "-n", "600", "-c", "1024"],
+        "",
+    );
+    assert_clean_error(&o, &["1024", "512"]);
+    assert!(!stderr(&o).contains("605"), "{}", stderr(&o));
+    let o = bitnet_stdin(&["run", "-p", "Once upon a time", "-n", "600"], "");
+    assert_clean_error(&o, &["5 tokens", "-n 600", "605", "context size 512"]);
+    let o = bitnet_stdin(&["run", "-p", "Once upon a time", "-c", "0"], "");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--ctx-size") && err.contains("at least 1"),
+        "{err}"
+    );
+    // What fits runs.
+    let o = bitnet_stdin(
+        &["run", "-p", "Once upon a time", "-n", "8", "-c", "13"],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn perplexity_chunks_zero_is_about_the_flag() {
+    let o = bitnet_stdin(
+        &[
+            "perplexity",
+            "-f",
+            tiny().join("validation.txt").to_str().unwrap(),
+            "--chunks",
+            "0",
+        ],
+        "",
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--chunks") && err.contains("at least 1"),
+        "{err}"
+    );
+    assert!(!err.contains("the text has"), "{err}");
+}
+
+/// `run -n 0` printed a prefill rate of millions of tokens a second.
+#[test]
+fn run_with_no_tokens_prints_no_rates() {
+    let o = bitnet_stdin(&["run", "-p", "Once upon a time", "-n", "0"], "");
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let line = err.lines().find(|l| l.starts_with("prefill:")).unwrap();
+    assert!(!line.contains("tok/s"), "{line}");
+    assert!(line.contains("decode: 0 tokens"), "{line}");
+    // One token: a prefill rate, no decode rate.
+    let o = bitnet_stdin(
+        &["run", "-p", "Once upon a time", "-n", "1", "--temp", "0"],
+        "",
+    );
+    let err = stderr(&o);
+    let line = err.lines().find(|l| l.starts_with("prefill:")).unwrap();
+    assert_eq!(line.matches("tok/s").count(), 1, "{line}");
+}

@@ -860,3 +860,30 @@ fn round_scales_converts_the_tiny_model_to_tq_types() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `hf-packed` wrote `model.safetensors` with mode 0600 (the safetensors crate writes through
+/// a private temporary file); it gets the permissions the other files get now.
+#[cfg(unix)]
+#[test]
+fn hf_packed_weights_have_the_usual_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("bitnet-convert-perm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("hf");
+    convert(&fixture("bitnet-packed"), &out, "hf-packed", "f16");
+    let mode = |name: &str| {
+        std::fs::metadata(out.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    // What a file created here gets: 0666 less the umask.
+    let probe = dir.join("probe");
+    std::fs::write(&probe, b"x").unwrap();
+    let usual = std::fs::metadata(&probe).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("model.safetensors"), usual);
+    assert_eq!(mode("config.json"), usual);
+    assert_eq!(mode("tokenizer.json"), usual);
+}

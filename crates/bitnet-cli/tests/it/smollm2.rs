@@ -118,3 +118,45 @@ fn quantized_lm_heads_cost_what_the_docs_say() {
     ]);
     assert!(err.contains("expected f16, int8, q6k or q4"), "{err}");
 }
+
+/// Converting SmolLM2 (a float Llama, Q4_1) to a ternary type succeeded silently and gave
+/// nonsense; it is refused now unless `--force-ternarize`, which warns and writes a truly
+/// ternary file.
+#[test]
+fn converting_a_float_model_to_ternary_needs_force() {
+    let dir = std::env::temp_dir().join(format!("bitnet-smollm2-tern-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("tq2.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["convert", model().to_str().unwrap(), out.to_str().unwrap()])
+        .args(["--to", "gguf-tq2_0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("210 of its 210 layer linears are not ternary")
+            && err.contains("--force-ternarize"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let out = dir.join("forced.gguf");
+    let (_, err) = bitnet_ok(&[
+        "convert",
+        model().to_str().unwrap(),
+        out.to_str().unwrap(),
+        // I2_S: TQ types need a hidden size that is a multiple of 256 (SmolLM2's is 576).
+        "--to",
+        "gguf-i2s",
+        "--arch",
+        "bitnet",
+        "--force-ternarize",
+    ]);
+    assert!(err.contains("warning: --force-ternarize"), "{err}");
+    let (text, _) = bitnet_ok(&["inspect", "-m", out.to_str().unwrap()]);
+    assert!(
+        text.contains("I2_S"),
+        "the linears are stored ternary: {text}"
+    );
+}
