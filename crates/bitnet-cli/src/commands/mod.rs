@@ -285,6 +285,7 @@ pub fn model_or_default(model: Option<&Path>) -> anyhow::Result<PathBuf> {
         .into_iter()
         .flatten()
         .find(|p| p.join("config.json").is_file())
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "no model given (-m MODEL or BITNET_MODEL) and the shipped models/bitnet-tiny \
