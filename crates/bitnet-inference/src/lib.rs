@@ -7,6 +7,7 @@
 //! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
 //! - [`generate`]: sampling, stop conditions, beam search, streaming, batched generation.
 //! - [`engine`]: the library API ([`engine::InferenceEngine`], [`engine::TextGenerator`]).
+//! - [`scheduler`]: continuous batching of many requests ([`scheduler::StreamingEngine`]).
 //!
 //! Quick start (the same lines as README.md's; a test keeps the two equal):
 //!
@@ -34,6 +35,7 @@ pub mod generate;
 pub mod hub;
 pub mod kernels;
 pub mod model;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

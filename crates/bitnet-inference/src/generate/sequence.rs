@@ -408,33 +408,55 @@ impl<'a> BatchRunner<'a> {
     /// One forward call. Decoding sequences go first, then prompt chunks fill the rest of the
     /// batch. Returns false when there was nothing to run.
     pub fn step(&mut self) -> Result<bool> {
-        self.batch.clear();
-        self.rows.clear();
-        let cap = self.state.max_batch();
-        for decoding in [true, false] {
-            for (slot, s) in self.seqs.iter_mut().enumerate() {
-                let Some(s) = s else { continue };
-                if s.is_finished() || (s.pending() == 1) != decoding {
-                    continue;
-                }
-                let room = cap - self.batch.len();
-                if room == 0 {
-                    break;
-                }
-                if s.feed(&mut self.batch, room) {
-                    self.rows.push(slot);
-                }
-            }
-        }
-        if self.batch.is_empty() {
-            return Ok(false);
-        }
-        self.model.forward(&self.batch, self.state)?;
-        for (i, &slot) in self.rows.iter().enumerate() {
-            if let Some(s) = self.seqs[slot].as_mut() {
-                s.accept(self.state.logits(i), self.pieces);
-            }
-        }
-        Ok(true)
+        step_sequences(
+            self.model,
+            self.pieces,
+            self.state,
+            &mut self.seqs,
+            &mut self.batch,
+            &mut self.rows,
+        )
     }
+}
+
+/// One forward call over `seqs` (indexed by KV slot): the next token of every decoding
+/// sequence first, then prompt chunks in slot order up to the state's `max_batch` tokens;
+/// each sequence whose last fed token produced logits samples from them. `batch` and `rows`
+/// are scratch. Returns false when there was nothing to run.
+pub(crate) fn step_sequences(
+    model: &Model,
+    pieces: &TokenPieces,
+    state: &mut ForwardState,
+    seqs: &mut [Option<Sequence>],
+    batch: &mut Vec<BatchEntry>,
+    rows: &mut Vec<usize>,
+) -> Result<bool> {
+    batch.clear();
+    rows.clear();
+    let cap = state.max_batch();
+    for decoding in [true, false] {
+        for (slot, s) in seqs.iter_mut().enumerate() {
+            let Some(s) = s else { continue };
+            if s.is_finished() || (s.pending() == 1) != decoding {
+                continue;
+            }
+            let room = cap - batch.len();
+            if room == 0 {
+                break;
+            }
+            if s.feed(batch, room) {
+                rows.push(slot);
+            }
+        }
+    }
+    if batch.is_empty() {
+        return Ok(false);
+    }
+    model.forward(batch, state)?;
+    for (i, &slot) in rows.iter().enumerate() {
+        if let Some(s) = seqs[slot].as_mut() {
+            s.accept(state.logits(i), pieces);
+        }
+    }
+    Ok(true)
 }

@@ -16,4 +16,5 @@ mod oracle_logits;
 mod q6_k;
 mod readme;
 mod round_scales;
+mod scheduler;
 mod tokenizer_fixtures;

@@ -1,0 +1,356 @@
+//! The continuous-batching scheduler on the shipped bitnet-tiny model: a request's tokens do
+//! not depend on what else runs, on when it was admitted or on prefix-cache hits; queue and
+//! context limits are refused at once; cancellation frees the slot; many threads and async
+//! tasks share one scheduler.
+
+use bitnet_inference::engine::{EngineConfig, LoadedEngineModel, TextGenerator};
+use bitnet_inference::generate::asynch::{block_on, next};
+use bitnet_inference::generate::{FinishReason, GenerationConfig};
+use bitnet_inference::scheduler::{
+    DynamicBatchProcessor, Event, Request, RequestError, SchedulerConfig, Shutdown, StreamingEngine,
+};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+const CONTEXT: usize = 256;
+
+fn model() -> Arc<LoadedEngineModel> {
+    static MODEL: OnceLock<Arc<LoadedEngineModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bitnet-tiny");
+            Arc::new(LoadedEngineModel::load(&dir).unwrap())
+        })
+        .clone()
+}
+
+fn config(max_running: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_running,
+        context_size: Some(CONTEXT),
+        step_tokens: 32,
+        ..Default::default()
+    }
+}
+
+/// 64 requests: four families sharing long prefixes (prefix-cache hits), sampled with their
+/// own seeds and temperatures, some greedy, one with a stop string, varied lengths.
+fn requests() -> Vec<Request> {
+    let m = model();
+    let stems = [
+        "Once upon a time, in a small village by the sea, there lived",
+        "The little dog ran to the park because",
+        "Tom and Lily wanted to build a big sandcastle. They",
+        "One day, a bird",
+    ];
+    (0..64)
+        .map(|i| {
+            let text = format!("{} {}", stems[i % 4], ["", "a", "the", "very"][i / 16]);
+            let prompt = m.encode_prompt(text.trim_end()).unwrap();
+            let mut c = GenerationConfig::default()
+                .with_max_new_tokens(8 + (i * 7) % 20)
+                .with_seed(1000 + i as u64)
+                .with_temperature(if i % 5 == 0 {
+                    0.0
+                } else {
+                    0.6 + (i % 3) as f32 * 0.2
+                });
+            if i % 9 == 0 {
+                c = c.with_stop_string(".");
+            }
+            Request::new(prompt, c)
+        })
+        .collect()
+}
+
+/// The same request generated alone, by the single-sequence path of `TextGenerator`.
+fn alone(r: &Request) -> (Vec<u32>, String, FinishReason) {
+    let mut g = TextGenerator::new(
+        model(),
+        EngineConfig {
+            context_size: Some(CONTEXT),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = g.generate_ids(&r.prompt, &r.config).unwrap();
+    (out.tokens, out.text, out.finish_reason)
+}
+
+#[test]
+fn tokens_do_not_depend_on_the_batch_admission_step_or_prefix_cache() {
+    let reqs = requests();
+    let expected: Vec<_> = reqs.iter().map(alone).collect();
+
+    // All 64 at once, admitted over arbitrary steps (0-3 new requests a step), then all 64
+    // again: the second wave finds its prompts in the prefix cache.
+    let mut p = DynamicBatchProcessor::new(model(), &config(64)).unwrap();
+    let mut rng = 12345u64;
+    let mut hits = [0; 2];
+    for wave in 0..2 {
+        let mut streams = Vec::new();
+        let mut pending = reqs.iter().enumerate();
+        loop {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            for _ in 0..(rng >> 62) {
+                if let Some((i, r)) = pending.next() {
+                    streams.push((i, p.submit(r.clone()).unwrap()));
+                }
+            }
+            if !p.step() && pending.len() == 0 {
+                break;
+            }
+        }
+        p.run_until_idle();
+        for (i, s) in streams {
+            let got = s.collect_all().unwrap();
+            let (tokens, text, reason) = &expected[i];
+            assert_eq!(&got.tokens, tokens, "wave {wave}, request {i}: tokens");
+            assert_eq!(&got.text, text, "wave {wave}, request {i}: text");
+            assert_eq!(got.finish_reason, Some(*reason), "wave {wave}, request {i}");
+            assert_eq!(got.usage.completion_tokens, tokens.len());
+            hits[wave] += usize::from(got.usage.cached_tokens > 0);
+        }
+    }
+    // The second wave finds most prompts cached (a slot whose prefix another request is
+    // using at that moment is not free, so not all of them).
+    assert!(hits[1] >= 48, "cache hits by wave: {hits:?}");
+    let stats = p.stats();
+    assert_eq!(stats.prefix_hits as usize, hits[0] + hits[1]);
+    assert_eq!(stats.finished, 128);
+}
+
+#[test]
+fn prefix_cache_with_few_slots_evicts_and_stays_exact() {
+    // Two running requests and eight KV slots: the cache keeps six idle prefixes, evicting
+    // the least recently used; requests alone and through it give the same tokens.
+    let reqs = requests();
+    let m = model();
+    let mut cfg = config(2);
+    let per_slot = 2 * 10 * CONTEXT * 256 * 4; // layers · context · kv_dim · f32, K and V
+    cfg.kv_cache_bytes = Some(8 * per_slot);
+    let mut p = DynamicBatchProcessor::new(m, &cfg).unwrap();
+    assert_eq!(p.stats().kv_cache_bytes, 8 * per_slot);
+    for r in reqs.iter().step_by(5) {
+        let s = p.submit(r.clone()).unwrap();
+        p.run_until_idle();
+        let got = s.collect_all().unwrap();
+        assert_eq!(got.tokens, alone(r).0);
+    }
+    assert!(p.stats().prefix_hits > 0, "{:?}", p.stats());
+
+    // A budget below the running requests' needs is refused with the figures.
+    cfg.kv_cache_bytes = Some(per_slot);
+    let err = DynamicBatchProcessor::new(model(), &cfg).err().unwrap();
+    assert!(err.to_string().contains("2 running requests need"), "{err}");
+}
+
+#[test]
+fn limits_are_refused_at_once_with_typed_errors() {
+    let m = model();
+    let mut cfg = config(1);
+    cfg.max_queue = 2;
+    let p = DynamicBatchProcessor::new(m.clone(), &cfg).unwrap();
+    let short = Request::new(
+        m.encode_prompt("Hello").unwrap(),
+        GenerationConfig::greedy(4),
+    );
+    let _a = p.submit(short.clone()).unwrap();
+    let _b = p.submit(short.clone()).unwrap();
+    assert_eq!(
+        p.submit(short.clone()).err(),
+        Some(RequestError::QueueFull { capacity: 2 })
+    );
+    let long = Request::new(vec![5; CONTEXT + 1], GenerationConfig::greedy(4));
+    assert_eq!(
+        p.submit(long).err(),
+        Some(RequestError::PromptTooLong {
+            tokens: CONTEXT + 1,
+            context: CONTEXT
+        })
+    );
+    let empty = Request::new(vec![], GenerationConfig::greedy(4));
+    assert_eq!(p.submit(empty).err(), Some(RequestError::EmptyPrompt));
+    let bad = Request::new(vec![0, 4096], GenerationConfig::greedy(4));
+    assert_eq!(
+        p.submit(bad).err(),
+        Some(RequestError::BadToken {
+            id: 4096,
+            vocab: 4096
+        })
+    );
+}
+
+#[test]
+fn a_full_context_ends_the_request_with_its_error_and_others_go_on() {
+    let m = model();
+    let mut p = DynamicBatchProcessor::new(m.clone(), &config(2)).unwrap();
+    let prompt = m.encode_prompt("Once upon a time").unwrap();
+    let mut endless = GenerationConfig::greedy(100_000);
+    endless.ignore_eos = true;
+    let full = p.submit(Request::new(prompt.clone(), endless)).unwrap();
+    let ok = p
+        .submit(Request::new(prompt, GenerationConfig::greedy(5)))
+        .unwrap();
+    p.run_until_idle();
+    match full.collect_all() {
+        Err(RequestError::ContextFull(msg)) => assert!(msg.contains("256"), "{msg}"),
+        other => panic!("expected a full context, got {other:?}"),
+    }
+    assert_eq!(ok.collect_all().unwrap().tokens.len(), 5);
+}
+
+#[test]
+fn cancelling_frees_the_slot_during_prefill_and_decode() {
+    let m = model();
+    let mut cfg = config(1);
+    cfg.step_tokens = 8;
+    let mut p = DynamicBatchProcessor::new(m.clone(), &cfg).unwrap();
+    let long_prompt = m
+        .encode_prompt(&"The little dog ran to the park. ".repeat(12))
+        .unwrap();
+    assert!(long_prompt.len() > 40);
+    let reqs = requests();
+
+    // Dropped during its prefill (8 tokens a step): the next request gets the slot.
+    let a = p
+        .submit(Request::new(long_prompt, GenerationConfig::greedy(50)))
+        .unwrap();
+    p.step();
+    p.step();
+    drop(a);
+    let b = p.submit(reqs[1].clone()).unwrap();
+    p.run_until_idle();
+    assert_eq!(b.collect_all().unwrap().tokens, alone(&reqs[1]).0);
+    assert_eq!(p.stats().cancelled, 1);
+
+    // Cancelled while decoding: the stream ends with `Cancelled` and the tokens so far.
+    let mut endless = reqs[2].config.clone().with_max_new_tokens(1000);
+    endless.ignore_eos = true;
+    let c = p
+        .submit(Request::new(reqs[2].prompt.clone(), endless))
+        .unwrap();
+    while p.stats().generated_tokens < 5 + 20 {
+        p.step();
+    }
+    c.cancel();
+    p.step();
+    let got = c.collect_all().unwrap();
+    assert_eq!(got.finish_reason, Some(FinishReason::Cancelled));
+    assert!(!got.tokens.is_empty());
+    assert!(p.is_idle());
+}
+
+#[test]
+fn decoding_requests_get_a_token_every_step_while_a_long_prompt_is_prefilled() {
+    let m = model();
+    let mut cfg = config(2);
+    cfg.step_tokens = 8;
+    let mut p = DynamicBatchProcessor::new(m.clone(), &cfg).unwrap();
+    let mut endless = GenerationConfig::greedy(1000);
+    endless.ignore_eos = true;
+    let a = p
+        .submit(Request::new(m.encode_prompt("Once").unwrap(), endless))
+        .unwrap();
+    p.step(); // a's prompt, first token
+    let long_prompt = m
+        .encode_prompt(&"Tom and Lily played in the garden. ".repeat(10))
+        .unwrap();
+    let steps_to_prefill = long_prompt.len().div_ceil(7);
+    let b = p
+        .submit(Request::new(long_prompt, GenerationConfig::greedy(1)))
+        .unwrap();
+    let mut a_tokens = 0;
+    for _ in 0..steps_to_prefill {
+        p.step();
+        while let Some(e) = a.try_recv() {
+            a_tokens += matches!(e, Event::Token { .. }) as usize;
+        }
+    }
+    // The first step's token came before the loop; every later step gave one more.
+    assert!(
+        a_tokens >= steps_to_prefill,
+        "{a_tokens} tokens in {steps_to_prefill} steps"
+    );
+    a.cancel();
+    p.run_until_idle();
+    assert_eq!(b.collect_all().unwrap().tokens.len(), 1);
+}
+
+#[test]
+fn streaming_engine_serves_threads_and_async_tasks() {
+    let reqs = requests();
+    let engine = StreamingEngine::start(model(), &config(8)).unwrap();
+    std::thread::scope(|scope| {
+        for chunk in reqs.chunks(16).take(3) {
+            let submitter = engine.submitter();
+            scope.spawn(move || {
+                let streams: Vec<_> = chunk
+                    .iter()
+                    .map(|r| submitter.submit(r.clone()).unwrap())
+                    .collect();
+                for (r, s) in chunk.iter().zip(streams) {
+                    assert_eq!(s.collect_all().unwrap().tokens, alone(r).0);
+                }
+            });
+        }
+        // An async client on this thread meanwhile.
+        let r = &reqs[50];
+        let mut s = engine.submit(r.clone()).unwrap();
+        let text = block_on(async {
+            let mut text = String::new();
+            while let Some(e) = next(&mut s).await {
+                match e {
+                    Event::Token { text: t, .. } => text.push_str(&t),
+                    Event::Finished { text: t, .. } => text.push_str(&t),
+                    Event::Error(e) => panic!("{e}"),
+                }
+            }
+            text
+        });
+        assert_eq!(text, alone(r).1);
+    });
+
+    // A text prompt, then a shutdown that finishes what is queued.
+    let s = engine
+        .submit_text("Once upon a time", GenerationConfig::greedy(6))
+        .unwrap();
+    let submitter = engine.submitter();
+    engine.shutdown(Shutdown::Finish);
+    assert_eq!(s.collect_all().unwrap().tokens.len(), 6);
+    assert_eq!(
+        submitter.submit(reqs[0].clone()).err(),
+        Some(RequestError::ShuttingDown)
+    );
+}
+
+#[test]
+fn dropping_the_engine_cancels_requests_in_flight() {
+    let engine = StreamingEngine::start(model(), &config(1)).unwrap();
+    let mut endless = GenerationConfig::greedy(1_000_000);
+    endless.ignore_eos = true;
+    endless.context_overflow = bitnet_inference::generate::ContextOverflow::Slide { keep: 0 };
+    let prompt = model().encode_prompt("Once").unwrap();
+    let running = engine
+        .submit(Request::new(prompt.clone(), endless))
+        .unwrap();
+    let queued = engine
+        .submit(Request::new(prompt, GenerationConfig::greedy(5)))
+        .unwrap();
+    assert!(matches!(running.recv(), Some(Event::Token { .. })));
+    drop(engine);
+    let last = running.last();
+    assert!(
+        matches!(
+            last,
+            Some(Event::Finished {
+                reason: FinishReason::Cancelled,
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+    assert_eq!(queued.collect_all().err(), Some(RequestError::ShuttingDown));
+}
