@@ -25,6 +25,9 @@ pub struct Args {
     /// System prompt.
     #[arg(long)]
     system: Option<String>,
+    /// Read the system prompt from this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "system")]
+    system_file: Option<PathBuf>,
     #[command(flatten)]
     gen: GenFlags,
     #[command(flatten)]
@@ -226,7 +229,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
 
-    let mut session = Session::new(a.system.clone());
+    let system = match &a.system_file {
+        Some(f) => Some(super::read_prompt(None, Some(f))?),
+        None => a.system.clone(),
+    };
+    let mut session = Session::new(system);
     let turn = Turn {
         m: &m,
         template: &template,

@@ -263,3 +263,30 @@ fn full_context_slides_with_a_note() {
     );
     assert!(!err.contains("[context full"), "{err}");
 }
+
+/// The system prompt may come from a file, as run's prompt may (`-f`).
+#[test]
+fn system_prompt_from_a_file() {
+    let dir = std::env::temp_dir().join(format!("bitnet-chat-sysf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("system.txt");
+    std::fs::write(&file, "You answer in one line.\n").unwrap();
+    let save = dir.join("conv.json");
+    let script = format!("hi\n/save {}\n", save.display());
+    let (status, _, err) = chat_piped(
+        &[
+            "--temp",
+            "0",
+            "-n",
+            "4",
+            "--system-file",
+            file.to_str().unwrap(),
+        ],
+        &script,
+    );
+    assert!(status.success(), "{err}");
+    let conv: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&save).unwrap()).unwrap();
+    assert_eq!(conv[0]["role"], "system");
+    assert_eq!(conv[0]["content"], "You answer in one line.");
+}
