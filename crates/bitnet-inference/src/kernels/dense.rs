@@ -15,6 +15,9 @@ pub enum DenseData {
     BF16(Buffer<bf16>),
     /// ggml Q6_K blocks (`cols` a multiple of 256), dequantized exactly as they are read.
     Q6K(Buffer<u8>),
+    /// ggml Q4_0/Q4_1/Q8_0 blocks (`cols` a multiple of 32), multiplied by
+    /// [`super::qblock`] (exactly, or with Q8 activations).
+    Q32(super::qblock::BlockType, Buffer<u8>),
 }
 
 impl DenseData {
@@ -25,6 +28,7 @@ impl DenseData {
             DenseData::F16(_) => "f16",
             DenseData::BF16(_) => "bf16",
             DenseData::Q6K(_) => "q6_k",
+            DenseData::Q32(ty, _) => ty.name(),
         }
     }
 
@@ -35,6 +39,7 @@ impl DenseData {
             DenseData::F16(v) => v.is_mapped(),
             DenseData::BF16(v) => v.is_mapped(),
             DenseData::Q6K(v) => v.is_mapped(),
+            DenseData::Q32(_, v) => v.is_mapped(),
         }
     }
 
@@ -45,6 +50,7 @@ impl DenseData {
             DenseData::F16(v) => v.len() * 2,
             DenseData::BF16(v) => v.len() * 2,
             DenseData::Q6K(v) => v.len(),
+            DenseData::Q32(_, v) => v.len(),
         }
     }
 
@@ -57,6 +63,7 @@ impl DenseData {
             DenseData::Q6K(_) => cols
                 .is_multiple_of(super::q6k::Q6K_BLOCK)
                 .then(|| rows * cols / super::q6k::Q6K_BLOCK * super::q6k::Q6K_BLOCK_BYTES),
+            DenseData::Q32(ty, _) => ty.row_bytes(cols).map(|rb| rows * rb),
         }
     }
 
@@ -98,7 +105,10 @@ impl DenseMatrix {
                     "{} matrix [{rows}, {cols}] given {have} bytes, expected {want}",
                     data.type_name()
                 ),
-                None => format!("q6_k matrix [{rows}, {cols}]: rows are not whole 256-blocks"),
+                None => format!(
+                    "{} matrix [{rows}, {cols}]: rows are not whole blocks",
+                    data.type_name()
+                ),
             }));
         }
         Ok(Self { rows, cols, data })
@@ -119,7 +129,7 @@ impl DenseMatrix {
         self.data.byte_len()
     }
 
-    /// Bytes of one Q6_K row.
+    /// Bytes of one row of blocks (Q6_K or Q32).
     fn q6k_row(&self, v: &[u8], r: usize) -> std::ops::Range<usize> {
         let n = v.len() / self.rows.max(1);
         r * n..(r + 1) * n
@@ -133,7 +143,7 @@ impl DenseMatrix {
             DenseData::F32(v) => v.release(elems),
             DenseData::F16(v) => v.release(elems),
             DenseData::BF16(v) => v.release(elems),
-            DenseData::Q6K(v) => {
+            DenseData::Q6K(v) | DenseData::Q32(_, v) => {
                 let per_row = v.len() / self.rows.max(1);
                 v.release(rows.start * per_row..rows.end.min(self.rows) * per_row)
             }
@@ -176,6 +186,9 @@ impl DenseMatrix {
                 }
             }
             DenseData::Q6K(v) => super::q6k::dequantize_row_fast(&v[self.q6k_row(v, r)], out),
+            DenseData::Q32(ty, v) => {
+                super::qblock::dequantize_row_fast(*ty, &v[self.q6k_row(v, r)], out)
+            }
         }
     }
 
@@ -184,7 +197,7 @@ impl DenseMatrix {
     pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
         let span = r * self.cols..(r + 1) * self.cols;
         assert_eq!(x.len(), self.cols, "dense dot width");
-        if let DenseData::Q6K(_) = &self.data {
+        if let DenseData::Q6K(_) | DenseData::Q32(..) = &self.data {
             // The f32 product of the exactly dequantized row (as `dense_matmul` does it).
             return DECODED_ROW.with_borrow_mut(|row| {
                 row.resize(self.cols, 0.0);
@@ -218,6 +231,12 @@ impl DenseMatrix {
                 super::q6k::dequantize_row(&v[self.q6k_row(v, r)], &mut row);
                 dot_f32(&row, x)
             }
+            DenseData::Q32(ty, v) => {
+                let r = span.start / self.cols.max(1);
+                let mut row = vec![0.0; self.cols];
+                super::qblock::dequantize_row(*ty, &v[self.q6k_row(v, r)], &mut row);
+                dot_f32(&row, x)
+            }
         }
     }
 }
@@ -242,7 +261,7 @@ pub(super) fn dot_f32_best(w: &[f32], x: &[f32]) -> f32 {
 
 /// Eight independent accumulators: lets the compiler vectorize, and keeps the rounding
 /// error of long rows small.
-fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+pub(super) fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
     dot_converted(w, x, |v| *v)
 }
 
@@ -263,6 +282,25 @@ fn dot_converted<T>(w: &[T], x: &[f32], to_f32: impl Fn(&T) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// The f32 kernel's instruction set: `Some(true)` for AVX-512, `Some(false)` for AVX2 (with
+/// FMA and F16C), `None` for the portable loop. The exact block kernels ([`super::qblock`])
+/// follow it, so that they sum in its order.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn f32_level() -> Option<bool> {
+    match x86::level() {
+        x86::Level::Avx512 => Some(true),
+        x86::Level::Avx2 => Some(false),
+        x86::Level::Scalar => None,
+    }
+}
+
+/// The f32 kernel's dot product on a given level (`true`: AVX-512, `false`: AVX2), for tests
+/// that compare the block kernels with it; `None` where this CPU lacks the level.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(super) fn dot_f32_at(avx512: bool, w: &[f32], x: &[f32]) -> Option<f32> {
+    x86::dot_f32_at(avx512, w, x)
+}
+
 /// AVX-512 and AVX2+FMA+F16C dot products of f32/f16/bf16 rows with f32 vectors.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -272,13 +310,13 @@ mod x86 {
     use std::ops::Range;
 
     #[derive(Clone, Copy, PartialEq)]
-    enum Level {
+    pub(super) enum Level {
         Scalar,
         Avx2,
         Avx512,
     }
 
-    fn level() -> Level {
+    pub(super) fn level() -> Level {
         static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
         *LEVEL.get_or_init(|| {
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
@@ -307,6 +345,22 @@ mod x86 {
         }
     }
 
+    #[cfg(test)]
+    pub(super) fn dot_f32_at(avx512: bool, w: &[f32], x: &[f32]) -> Option<f32> {
+        assert_eq!(w.len(), x.len());
+        // SAFETY: both slices have `w.len()` elements; each function runs only where its
+        // features were detected.
+        if avx512 {
+            (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+                .then(|| unsafe { f32_512(w.as_ptr(), x.as_ptr(), w.len()) })
+        } else {
+            (is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c"))
+            .then(|| unsafe { f32_256(w.as_ptr(), x.as_ptr(), w.len()) })
+        }
+    }
+
     /// `None` where this CPU has neither vector unit.
     pub(super) fn dot(data: &DenseData, span: Range<usize>, x: &[f32]) -> Option<f32> {
         debug_assert_eq!(span.len(), x.len());
@@ -325,8 +379,8 @@ mod x86 {
                 (DenseData::F16(v), _) => f16_256(v[span].as_ptr(), x.as_ptr(), n),
                 (DenseData::BF16(v), Level::Avx512) => bf16_512(v[span].as_ptr(), x.as_ptr(), n),
                 (DenseData::BF16(v), _) => bf16_256(v[span].as_ptr(), x.as_ptr(), n),
-                // Handled by the caller (`dot_row`) with the Q6_K kernels.
-                (DenseData::Q6K(_), _) => return None,
+                // Handled by the caller (`dot_row`) with the block kernels.
+                (DenseData::Q6K(_) | DenseData::Q32(..), _) => return None,
             }
         })
     }

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 
 /// A pointer to an output buffer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(pub(super) *mut f32);
 // SAFETY: the tasks given one `SharedOut` write disjoint index sets (distinct output rows),
 // and the buffer outlives them (the pool, or rayon, returns only when every task is done).
 unsafe impl Send for SharedOut {}
@@ -15,7 +15,7 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// Taking `self` makes closures capture the whole wrapper, not its raw field.
-    fn at(self, i: usize) -> *mut f32 {
+    pub(super) fn at(self, i: usize) -> *mut f32 {
         // SAFETY: callers pass indices inside the buffer (see the call sites).
         unsafe { self.0.add(i) }
     }
@@ -26,7 +26,7 @@ thread_local! {
     static DOTS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn chunk_rows(rows: usize, step: usize) -> usize {
+pub(super) fn chunk_rows(rows: usize, step: usize) -> usize {
     chunk_rows_for(rows, step, rayon::current_num_threads())
 }
 
@@ -127,11 +127,35 @@ fn ternary_chunk(
     });
 }
 
-/// `out[t][r] = Σ_k W[r][k]·x[t][k]` in f32; `x` is `[n_tok, w.cols()]`.
+/// `out[t][r] = Σ_k W[r][k]·x[t][k]` in f32; `x` is `[n_tok, w.cols()]`. Q4_0/Q4_1/Q8_0
+/// matrices are multiplied exactly ([`super::qblock::QuantActs::Exact`]).
 pub fn dense_matmul(w: &DenseMatrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
+    dense_matmul_with(w, x, n_tok, out, super::qblock::QuantActs::Exact)
+}
+
+/// [`dense_matmul`], with Q4_0/Q4_1/Q8_0 matrices multiplied as `acts` says (other types
+/// are always exact).
+pub fn dense_matmul_with(
+    w: &DenseMatrix,
+    x: &[f32],
+    n_tok: usize,
+    out: &mut [f32],
+    acts: super::qblock::QuantActs,
+) {
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n_tok * cols, "dense_matmul input size");
     assert_eq!(out.len(), n_tok * rows, "dense_matmul output size");
+    if let super::DenseData::Q32(ty, data) = w.data() {
+        use super::qblock::{self, QuantActs};
+        match acts {
+            QuantActs::Exact => qblock::matmul_exact(*ty, data, rows, cols, x, n_tok, out),
+            QuantActs::Q8 => qblock::Q8_ACTS.with_borrow_mut(|a| {
+                a.quantize(x, n_tok, cols);
+                qblock::matmul_q8(*ty, data, rows, cols, a, out)
+            }),
+        }
+        return;
+    }
     let chunk = chunk_rows(rows, 4);
     let out_ptr = SharedOut(out.as_mut_ptr());
     if let super::DenseData::Q6K(_) = w.data() {

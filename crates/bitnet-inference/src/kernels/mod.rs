@@ -25,6 +25,7 @@ pub mod neon;
 pub mod pool;
 pub mod q4;
 pub mod q6k;
+pub mod qblock;
 pub mod quant;
 pub mod scalar;
 mod ternary;
@@ -34,7 +35,7 @@ mod tests;
 mod tiles;
 
 pub use dense::{DenseData, DenseMatrix};
-pub use matmul::{dense_matmul, ternary_matmul, ternary_matmul_rayon};
+pub use matmul::{dense_matmul, dense_matmul_with, ternary_matmul, ternary_matmul_rayon};
 pub use ternary::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS, TILE_ROWS};
 
 use std::ops::Range;

@@ -26,6 +26,8 @@ pub struct Model {
     lm_head_quant: Option<QuantizedHead>,
     /// The element type of the KV caches [`Model::new_state`] makes.
     kv_type: KvType,
+    /// How activations meet Q4_0/Q4_1/Q8_0 weights ([`Model::set_quant_acts`]).
+    quant_acts: kernels::qblock::QuantActs,
 }
 
 /// A quantized lm_head for logits (see [`LmHeadQuant`]).
@@ -312,6 +314,7 @@ impl Model {
             rope_sin,
             lm_head_quant: None,
             kv_type: KvType::F32,
+            quant_acts: kernels::qblock::QuantActs::Exact,
         })
     }
 
@@ -370,6 +373,17 @@ impl Model {
 
     pub fn kv_type(&self) -> KvType {
         self.kv_type
+    }
+
+    /// Chooses how Q4_0/Q4_1/Q8_0 linears (and such an lm_head or tied embedding, unless
+    /// [`Model::set_lm_head_quant`] replaced it) are multiplied: exactly (the default), or
+    /// with activations quantized to Q8 blocks as llama.cpp does ([`kernels::qblock`]).
+    pub fn set_quant_acts(&mut self, mode: kernels::qblock::QuantActs) {
+        self.quant_acts = mode;
+    }
+
+    pub fn quant_acts(&self) -> kernels::qblock::QuantActs {
+        self.quant_acts
     }
 
     pub fn kernel_name(&self) -> &'static str {
@@ -589,11 +603,12 @@ impl Model {
                 None => {}
             }
             match &self.weights.lm_head {
-                None => kernels::dense_matmul(
+                None => kernels::dense_matmul_with(
                     &self.weights.token_embedding,
                     &state.normed[..m * hd],
                     m,
                     out,
+                    self.quant_acts,
                 ),
                 Some(head) => self.linears(
                     &state.normed[..m * hd],
@@ -636,7 +651,9 @@ impl Model {
                     }
                     kernels::ternary_matmul(self.kernel, w, acts, out);
                 }
-                LinearWeights::Dense(w) => kernels::dense_matmul(w, input, n, out),
+                LinearWeights::Dense(w) => {
+                    kernels::dense_matmul_with(w, input, n, out, self.quant_acts)
+                }
             }
         }
     }

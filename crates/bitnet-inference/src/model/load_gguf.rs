@@ -35,9 +35,9 @@
 //!   otherwise the weights are master weights and are ternarized as transformers' online
 //!   mode and the 1bitLLM code do: `γ = mean|W|` (f32, floored at 1e-5),
 //!   `t = clamp(round_half_even(W · (1/γ)), -1, 1)`, multiplier `1 / (1/γ)`.
-//! - `llama` files: float/quant linears stay dense (F16/BF16/F32 as stored, other types
-//!   dequantized to f32, except Q6_K, kept in its blocks); ternary-typed tensors (TQ*/I2_S)
-//!   run ternary.
+//! - `llama` files: float/quant linears stay dense (F16/BF16/F32 as stored, Q4_0, Q4_1,
+//!   Q8_0 and Q6_K kept in their blocks, other types dequantized to f32); ternary-typed
+//!   tensors (TQ*/I2_S) run ternary.
 //! - Optional llama.cpp `blk.N.<linear>.scale` tensors (one f32) multiply the multiplier.
 //!
 //! # Memory
@@ -60,6 +60,7 @@ use super::weights::{LayerWeights, Linear, ModelWeights, RmsNorm};
 use super::{LoadedModel, TensorSummary};
 use crate::formats::ggml::{self, GgmlType};
 use crate::formats::gguf::{GgufFile, GgufTensorInfo};
+use crate::kernels::qblock::{self, BlockType};
 use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix, BLOCK_WEIGHTS};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -378,7 +379,13 @@ impl<'a> Loader<'a> {
                 GgmlType::Q6_K if cols.is_multiple_of(ggml::QK_K) => {
                     self.file.mapped::<u8>(t).map(|m| DenseData::Q6K(m.into()))
                 }
-                _ => None,
+                ty => match BlockType::from_ggml(ty) {
+                    Some(bt) if cols.is_multiple_of(qblock::QK) => self
+                        .file
+                        .mapped::<u8>(t)
+                        .map(|m| DenseData::Q32(bt, m.into())),
+                    _ => None,
+                },
             };
             if let Some(d) = mapped {
                 return DenseMatrix::new(rows, cols, d)
@@ -402,6 +409,22 @@ impl<'a> Loader<'a> {
                     v.extend_from_slice(&data[map(r) * rb..(map(r) + 1) * rb]);
                 }
                 DenseData::Q6K(v.into())
+            }
+            // Q4_0/Q4_1/Q8_0 rows stay in their blocks too (reordered Q/K rows are copied).
+            ty if BlockType::from_ggml(ty).is_some() && cols.is_multiple_of(qblock::QK) => {
+                let bt = BlockType::from_ggml(ty).expect("checked by the guard");
+                let rb = bt.row_bytes(cols).expect("whole blocks (the guard)");
+                if data.len() != rows * rb {
+                    return Err(self.err(
+                        &t.name,
+                        format!("{} bytes, expected {}", data.len(), rows * rb),
+                    ));
+                }
+                let mut v = Vec::with_capacity(rows * rb);
+                for r in 0..rows {
+                    v.extend_from_slice(&data[map(r) * rb..(map(r) + 1) * rb]);
+                }
+                DenseData::Q32(bt, v.into())
             }
             GgmlType::I2_S => {
                 let scale =
@@ -827,6 +850,81 @@ mod tests {
         assert!(!i2s_packed_row(&data, 64, 384, &mut fast[..96]));
         data[5] = 0x0F;
         assert!(!i2s_packed_row(&data, 0, cols, &mut fast));
+    }
+
+    #[test]
+    fn q4_and_q8_matrices_stay_in_their_blocks_and_truncation_names_the_tensor() {
+        let (rows, cols) = (8, 64);
+        let dir = std::env::temp_dir().join(format!("bitnet-load-q32-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let rb = ty.row_bytes(cols).unwrap();
+            let mut bytes: Vec<u8> = (0..rows * rb).map(|i| (i * 37 % 251) as u8).collect();
+            for blk in bytes.chunks_exact_mut(ty.block_bytes()) {
+                blk[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                if ty == GgmlType::Q4_1 {
+                    blk[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+                }
+            }
+            let mut w = GgufWriter::new();
+            w.add_tensor_raw("m", &[cols as u64, rows as u64], ty.id(), bytes.clone());
+            let p = dir.join(format!("{}.gguf", ty.name()));
+            w.write(&p).unwrap();
+            let file = GgufFile::open(&p).unwrap();
+            let config = ModelConfig {
+                architecture: "llama".into(),
+                hidden_size: cols,
+                n_layers: 1,
+                n_heads: 1,
+                n_kv_heads: 1,
+                head_dim: cols,
+                ffn_size: cols,
+                vocab_size: rows,
+                max_context: 8,
+                rope_theta: 10000.0,
+                rms_norm_eps: 1e-5,
+                activation: Activation::Silu,
+                has_sub_norms: false,
+                tied_embeddings: true,
+            };
+            let l = Loader {
+                file: &file,
+                config: &config,
+            };
+            let t = file.tensor("m").unwrap();
+            let m = l.dense(t, rows, cols, &|r| r).unwrap();
+            assert!(m.data().is_mapped(), "{}", ty.name());
+            assert_eq!(m.data().type_name(), ty.name().to_lowercase());
+            assert_eq!(m.memory_bytes(), rows * rb);
+            // Reordered rows are copied in blocks; both decode as ggml's reference.
+            let rev = l.dense(t, rows, cols, &|r| rows - 1 - r).unwrap();
+            assert!(!rev.data().is_mapped());
+            let (mut a, mut b, mut want) = (vec![0f32; cols], vec![0f32; cols], vec![0f32; cols]);
+            for r in 0..rows {
+                m.row_to_f32(r, &mut a);
+                rev.row_to_f32(rows - 1 - r, &mut b);
+                ggml::dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut want).unwrap();
+                assert_eq!((&a, &b), (&want, &want), "{} row {r}", ty.name());
+            }
+            drop(file);
+            // A file cut inside the tensor: an error naming it.
+            let len = std::fs::metadata(&p).unwrap().len();
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.set_len(len - 5).unwrap();
+            drop(f);
+            let e = match GgufFile::open(&p) {
+                Err(e) => e.to_string(),
+                Ok(file) => {
+                    let l = Loader {
+                        file: &file,
+                        config: &config,
+                    };
+                    let t = file.tensor("m").unwrap();
+                    l.dense(t, rows, cols, &|r| r).unwrap_err().to_string()
+                }
+            };
+            assert!(e.contains("tensor `m`"), "{e}");
+        }
     }
 
     #[test]

@@ -296,8 +296,8 @@ fn dense(name: &str, m: &DenseMatrix) -> Tensor {
         ),
         DenseData::F16(v) => (Dtype::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         DenseData::F32(v) => return f32_tensor(name, shape, v),
-        // Q6_K weights are exact in f32 (not in bf16/f16).
-        DenseData::Q6K(_) => {
+        // Q6_K/Q4_0/Q4_1/Q8_0 weights are exact in f32 (not in bf16/f16).
+        DenseData::Q6K(_) | DenseData::Q32(..) => {
             let mut v = vec![0f32; m.rows() * m.cols()];
             for (r, row) in v.chunks_exact_mut(m.cols().max(1)).enumerate() {
                 m.row_to_f32(r, row);
