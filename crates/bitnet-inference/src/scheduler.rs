@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// How a processor is sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,6 +289,8 @@ struct InboxState {
 
 struct Inbox {
     state: Mutex<InboxState>,
+    /// The processor's counters as of its last step, for other threads.
+    published: Mutex<SchedulerStats>,
     wake: Condvar,
     next_id: AtomicU64,
     max_queue: usize,
@@ -396,6 +399,10 @@ pub struct SchedulerStats {
     pub queued: usize,
     /// KV cache bytes in all slots.
     pub kv_cache_bytes: usize,
+    /// Time in steps that ran a forward call, and the part of it inside the shared step
+    /// (forward pass and sampling): the rest is the scheduler's own overhead.
+    pub step_time: Duration,
+    pub compute_time: Duration,
 }
 
 /// The continuous-batching step loop over one model (see the module documentation). Drive
@@ -446,6 +453,7 @@ impl DynamicBatchProcessor {
             .new_state(n_slots, context, config.step_tokens.max(max_running))?;
         let inbox = Arc::new(Inbox {
             state: Mutex::new(InboxState::default()),
+            published: Mutex::new(SchedulerStats::default()),
             wake: Condvar::new(),
             next_id: AtomicU64::new(0),
             max_queue: config.max_queue,
@@ -517,6 +525,7 @@ impl DynamicBatchProcessor {
     /// One step: drops cancelled requests, admits waiting ones into free slots, runs one
     /// forward call and sends each request its new token. Returns whether anything ran.
     pub fn step(&mut self) -> bool {
+        let started = Instant::now();
         self.clock += 1;
         let abort = self.inbox.lock().abort;
         for i in 0..self.slots.len() {
@@ -532,6 +541,7 @@ impl DynamicBatchProcessor {
             }
         }
         self.admit();
+        let compute = Instant::now();
         let ran = step_sequences(
             &self.model.model,
             &self.model.pieces,
@@ -540,6 +550,7 @@ impl DynamicBatchProcessor {
             &mut self.batch,
             &mut self.rows,
         );
+        let compute = compute.elapsed();
         let ran = match ran {
             Ok(ran) => ran,
             Err(e) => {
@@ -557,6 +568,7 @@ impl DynamicBatchProcessor {
         };
         if ran {
             self.stats.steps += 1;
+            self.stats.compute_time += compute;
         }
         for i in 0..self.slots.len() {
             let (Some(a), Some(seq)) = (self.slots[i].active.as_mut(), self.seqs[i].as_mut())
@@ -576,6 +588,15 @@ impl DynamicBatchProcessor {
                 self.retire(i);
             }
         }
+        if ran {
+            self.stats.step_time += started.elapsed();
+        }
+        let now = self.stats();
+        *self
+            .inbox
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = now;
         ran
     }
 
@@ -798,6 +819,16 @@ impl StreamingEngine {
     /// A handle for other threads.
     pub fn submitter(&self) -> Submitter {
         self.submitter.clone()
+    }
+
+    /// The scheduler's counters as of its last step.
+    pub fn stats(&self) -> SchedulerStats {
+        *self
+            .submitter
+            .inbox
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn model(&self) -> &Arc<LoadedEngineModel> {

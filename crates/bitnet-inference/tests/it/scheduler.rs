@@ -87,7 +87,7 @@ fn tokens_do_not_depend_on_the_batch_admission_step_or_prefix_cache() {
     let mut p = DynamicBatchProcessor::new(model(), &config(64)).unwrap();
     let mut rng = 12345u64;
     let mut hits = [0; 2];
-    for wave in 0..2 {
+    for (wave, hits) in hits.iter_mut().enumerate() {
         let mut streams = Vec::new();
         let mut pending = reqs.iter().enumerate();
         loop {
@@ -111,7 +111,7 @@ fn tokens_do_not_depend_on_the_batch_admission_step_or_prefix_cache() {
             assert_eq!(&got.text, text, "wave {wave}, request {i}: text");
             assert_eq!(got.finish_reason, Some(*reason), "wave {wave}, request {i}");
             assert_eq!(got.usage.completion_tokens, tokens.len());
-            hits[wave] += usize::from(got.usage.cached_tokens > 0);
+            *hits += usize::from(got.usage.cached_tokens > 0);
         }
     }
     // The second wave finds most prompts cached (a slot whose prefix another request is
