@@ -23,7 +23,7 @@
 use crate::engine::LoadedEngineModel;
 use crate::generate::sequence::step_sequences;
 use crate::generate::{
-    FinishReason, GenerationConfig, GenerationStats, SamplingStrategy, Sequence,
+    FinishReason, GenerationConfig, GenerationStats, SamplingStrategy, Sequence, TokenLogprobs,
 };
 use crate::model::forward::KvType;
 use crate::model::{BatchEntry, ForwardState};
@@ -104,8 +104,13 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// One generated token and the text that became final with it (whole UTF-8 characters;
-    /// empty while a character or a possible stop string is incomplete).
-    Token { id: u32, text: String },
+    /// empty while a character or a possible stop string is incomplete), with its
+    /// log-probabilities when the request asked for them.
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// The end: the text held back until now, why it ended, counts and timings.
     Finished {
         text: String,
@@ -123,11 +128,22 @@ pub enum Event {
 pub struct Request {
     pub prompt: Vec<u32>,
     pub config: GenerationConfig,
+    /// Send each token's log-probability and those of this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Request {
     pub fn new(prompt: Vec<u32>, config: GenerationConfig) -> Self {
-        Request { prompt, config }
+        Request {
+            prompt,
+            config,
+            logprobs: None,
+        }
+    }
+
+    pub fn with_logprobs(mut self, top: usize) -> Self {
+        self.logprobs = Some(top);
+        self
     }
 }
 
@@ -210,9 +226,10 @@ impl RequestStream {
         let mut out = Completion::default();
         while let Some(e) = self.recv() {
             match e {
-                Event::Token { id, text } => {
+                Event::Token { id, text, logprobs } => {
                     out.tokens.push(id);
                     out.text.push_str(&text);
+                    out.logprobs.extend(logprobs);
                 }
                 Event::Finished {
                     text,
@@ -264,6 +281,8 @@ impl futures_core::Stream for RequestStream {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Completion {
     pub tokens: Vec<u32>,
+    /// One entry a token when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprobs>,
     pub text: String,
     pub finish_reason: Option<FinishReason>,
     pub usage: Usage,
@@ -582,7 +601,8 @@ impl DynamicBatchProcessor {
                 let mut text = String::new();
                 seq.take_delta(&mut text);
                 self.stats.generated_tokens += 1;
-                a.stream.push(Event::Token { id, text });
+                let logprobs = seq.take_logprobs();
+                a.stream.push(Event::Token { id, text, logprobs });
             }
             if seq.is_finished() || seq.error().is_some() {
                 self.retire(i);
@@ -631,7 +651,10 @@ impl DynamicBatchProcessor {
                 self.inbox.context,
             );
             match seq {
-                Ok(seq) => {
+                Ok(mut seq) => {
+                    if let Some(n) = q.request.logprobs {
+                        seq.set_logprobs(n);
+                    }
                     let reused = seq.stats().cached_tokens;
                     self.stats.admitted += 1;
                     self.stats.prompt_tokens += q.request.prompt.len() as u64;

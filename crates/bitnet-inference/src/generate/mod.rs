@@ -26,7 +26,7 @@ pub use asynch::AsyncTokenStream;
 pub use beam::beam_search;
 pub use config::{ContextOverflow, FinishReason, GenerationConfig, SamplingStrategy};
 pub use sampler::{argmax, Candidate, Rng, Sampler, SamplingParams};
-pub use sequence::{BatchRunner, Generation, GenerationStats, Sequence};
+pub use sequence::{BatchRunner, Generation, GenerationStats, Sequence, TokenLogprobs};
 pub use stop::StopStrings;
 pub use stream::{TokenPieces, Utf8Stream};
 

@@ -3,7 +3,7 @@
 //! to other sequences' decode tokens.
 
 use super::config::{ContextOverflow, FinishReason, GenerationConfig};
-use super::sampler::Sampler;
+use super::sampler::{log_softmax, Sampler};
 use super::stop::StopStrings;
 use super::stream::{TokenPieces, Utf8Stream};
 use crate::model::{BatchEntry, ForwardState, Model};
@@ -50,6 +50,16 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
+/// The model's log-probability of a chosen token (softmax of the raw logits, before
+/// penalties and temperature, as OpenAI reports them) and of the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `n` most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// One sequence: its tokens, its KV slot, its sampler and stop conditions. Drive it with a
 /// [`BatchRunner`] (or see [`super::generate`]). Buffers are reused: a step allocates nothing.
 pub struct Sequence {
@@ -74,6 +84,10 @@ pub struct Sequence {
     delta: String,
     finish: Option<FinishReason>,
     error: Option<String>,
+    /// Log-probabilities asked for (the number of alternatives), and those of the last token.
+    top_logprobs: Option<usize>,
+    logprob_scratch: Vec<f32>,
+    last_logprobs: Option<TokenLogprobs>,
     started: Instant,
     first_token: Option<Instant>,
     stats: GenerationStats,
@@ -123,6 +137,9 @@ impl Sequence {
             delta: String::new(),
             finish: None,
             error: None,
+            top_logprobs: None,
+            logprob_scratch: Vec::new(),
+            last_logprobs: None,
             started: Instant::now(),
             first_token: None,
             stats: GenerationStats {
@@ -135,6 +152,17 @@ impl Sequence {
             s.finish = Some(FinishReason::Length);
         }
         Ok(s)
+    }
+
+    /// Records the log-probability of each chosen token and of the `top` most likely ones
+    /// ([`Sequence::take_logprobs`]).
+    pub fn set_logprobs(&mut self, top: usize) {
+        self.top_logprobs = Some(top);
+    }
+
+    /// The log-probabilities of the last chosen token, once.
+    pub fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
+        self.last_logprobs.take()
     }
 
     pub fn slot(&self) -> usize {
@@ -292,6 +320,23 @@ impl Sequence {
         self.logits.clear();
         self.logits.extend_from_slice(row);
         let next = self.sampler.sample(&mut self.logits, &self.tokens);
+        if let Some(n) = self.top_logprobs {
+            log_softmax(row, &mut self.logprob_scratch);
+            let lp = &self.logprob_scratch;
+            let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+            for (id, &l) in lp.iter().enumerate() {
+                if top.len() < n || top.last().is_some_and(|&(_, worst)| l > worst) {
+                    let at = top.partition_point(|&(_, x)| x >= l);
+                    top.insert(at, (id as u32, l));
+                    top.truncate(n);
+                }
+            }
+            self.last_logprobs = Some(TokenLogprobs {
+                token: next,
+                logprob: lp.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY),
+                top,
+            });
+        }
         if self.first_token.is_none() {
             self.first_token = Some(now);
             self.stats.time_to_first_token = self.started.elapsed();

@@ -354,3 +354,39 @@ fn dropping_the_engine_cancels_requests_in_flight() {
     );
     assert_eq!(queued.collect_all().err(), Some(RequestError::ShuttingDown));
 }
+
+#[test]
+fn logprobs_are_the_model_distribution_of_each_token() {
+    let m = model();
+    let mut p = DynamicBatchProcessor::new(m.clone(), &config(2)).unwrap();
+    let prompt = m.encode_prompt("Once upon a time").unwrap();
+    let greedy = p
+        .submit(Request::new(prompt.clone(), GenerationConfig::greedy(6)).with_logprobs(3))
+        .unwrap();
+    let sampled = GenerationConfig::default()
+        .with_max_new_tokens(6)
+        .with_temperature(1.5)
+        .with_seed(7);
+    let sampled = p
+        .submit(Request::new(prompt, sampled).with_logprobs(0))
+        .unwrap();
+    p.run_until_idle();
+    let g = greedy.collect_all().unwrap();
+    assert_eq!(g.logprobs.len(), g.tokens.len());
+    for (lp, &id) in g.logprobs.iter().zip(&g.tokens) {
+        assert_eq!(lp.token, id);
+        assert_eq!(lp.top.len(), 3);
+        // Greedy picks the most likely token; the alternatives come most likely first and
+        // are probabilities of one distribution.
+        assert_eq!(lp.top[0], (id, lp.logprob));
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "{lp:?}");
+        let mass: f32 = lp.top.iter().map(|&(_, l)| l.exp()).sum();
+        assert!(mass <= 1.0 + 1e-5 && lp.logprob < 0.0, "{lp:?}");
+    }
+    let s = sampled.collect_all().unwrap();
+    assert_eq!(s.logprobs.len(), s.tokens.len());
+    assert!(s
+        .logprobs
+        .iter()
+        .all(|lp| lp.top.is_empty() && lp.logprob <= 0.0));
+}
