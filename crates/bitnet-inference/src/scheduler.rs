@@ -83,8 +83,6 @@ pub enum RequestError {
     BadToken { id: u32, vocab: usize },
     #[error("beam search is not batched; use TextGenerator for it")]
     Unsupported,
-    #[error("{0}")]
-    ContextFull(String),
     #[error("the scheduler is shutting down")]
     ShuttingDown,
     #[error("the model failed: {0}")]
@@ -718,15 +716,14 @@ impl DynamicBatchProcessor {
         slot.cached.extend_from_slice(seq.cached_tokens());
         slot.last_used = self.clock;
         let stats = seq.stats();
-        if let Some(e) = seq.error() {
-            a.stream
-                .push(Event::Error(RequestError::ContextFull(e.to_string())));
-            self.stats.finished += 1;
-            return;
-        }
         let mut text = String::new();
         seq.take_delta(&mut text);
-        let reason = seq.finish_reason().unwrap_or(FinishReason::Cancelled);
+        // A full context (without a sliding window) ends the request as OpenAI's API does:
+        // finish reason `length`, with the text so far.
+        let reason = match seq.error() {
+            Some(_) => FinishReason::Length,
+            None => seq.finish_reason().unwrap_or(FinishReason::Cancelled),
+        };
         if reason == FinishReason::Cancelled {
             self.stats.cancelled += 1;
         } else {

@@ -184,21 +184,34 @@ fn limits_are_refused_at_once_with_typed_errors() {
 }
 
 #[test]
-fn a_full_context_ends_the_request_with_its_error_and_others_go_on() {
+fn a_full_context_ends_the_request_by_length_and_others_go_on() {
     let m = model();
     let mut p = DynamicBatchProcessor::new(m.clone(), &config(2)).unwrap();
     let prompt = m.encode_prompt("Once upon a time").unwrap();
     let mut endless = GenerationConfig::greedy(100_000);
     endless.ignore_eos = true;
-    let full = p.submit(Request::new(prompt.clone(), endless)).unwrap();
+    let full = p
+        .submit(Request::new(prompt.clone(), endless.clone()))
+        .unwrap();
     let ok = p
-        .submit(Request::new(prompt, GenerationConfig::greedy(5)))
+        .submit(Request::new(prompt.clone(), GenerationConfig::greedy(5)))
         .unwrap();
     p.run_until_idle();
-    match full.collect_all() {
-        Err(RequestError::ContextFull(msg)) => assert!(msg.contains("256"), "{msg}"),
-        other => panic!("expected a full context, got {other:?}"),
-    }
+    let got = full.collect_all().unwrap();
+    assert_eq!(got.finish_reason, Some(FinishReason::Length));
+    // Every position of the context holds a token; the last one sampled is not run.
+    assert_eq!(got.tokens.len(), CONTEXT - prompt.len() + 1);
+    let mut g = TextGenerator::new(
+        m,
+        EngineConfig {
+            context_size: Some(CONTEXT),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut until_full = endless;
+    until_full.max_new_tokens = got.tokens.len();
+    assert_eq!(got.text, g.generate_ids(&prompt, &until_full).unwrap().text);
     assert_eq!(ok.collect_all().unwrap().tokens.len(), 5);
 }
 
