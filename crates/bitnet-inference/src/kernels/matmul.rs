@@ -150,7 +150,7 @@ pub fn dense_matmul_with(
         match acts {
             QuantActs::Exact => qblock::matmul_exact(*ty, data, rows, cols, x, n_tok, out),
             QuantActs::Q8 => qblock::Q8_ACTS.with_borrow_mut(|a| {
-                a.quantize(x, n_tok, cols);
+                a.quantize(x, n_tok, cols, *ty);
                 qblock::matmul_q8(*ty, data, rows, cols, a, out)
             }),
         }

@@ -300,24 +300,25 @@ fn exact_scalar(
 
 /// Activations quantized per 32-block to int8 as ggml's `quantize_row_q8_0`/`q8_1` do on
 /// x86 (`d = max|x| / 127`, `q = round_half_even(x · 127/max|x|)`, `d` stored as f16), with
-/// the block sums Q4_0/Q4_1/Q8_0 need. Scales are stored block-major (`[block][token]`) so
-/// a tile of tokens reads them contiguously.
+/// the per-block term the weight type needs ([`Q8Activations::quantize`]).
 #[derive(Debug, Default, Clone)]
 pub struct Q8Activations {
     cols: usize,
     n: usize,
+    ty: Option<BlockType>,
     qs: Vec<i8>,
-    /// `[cols/32][n]`: the f16-rounded `d`.
+    /// `[n][cols/32]`: the f16-rounded `d`.
     d: Vec<f32>,
-    /// `[cols/32][n]`: ggml's Q8_1 `s = f16(d · Σq)`.
-    s: Vec<f32>,
-    /// `[n][cols/32]`: `Σq` of each block.
-    sums: Vec<i32>,
+    /// `[n][cols/32]`: the block's constant term, multiplied by the weight block's `c_w`:
+    /// Q4_0 `(−8·Σq)·d` (with `c_w = d_w`: the codes are `q_w + 8`), Q4_1 ggml's Q8_1
+    /// `s = f16(d·Σq)` (with `c_w = m_w`), Q8_0 none.
+    c: Vec<f32>,
 }
 
 impl Q8Activations {
-    /// Quantizes the rows of `x: [n, cols]` (`cols` a multiple of 32).
-    pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
+    /// Quantizes the rows of `x: [n, cols]` (`cols` a multiple of 32) for weights of type
+    /// `ty`.
+    pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize, ty: BlockType) {
         assert!(
             cols.is_multiple_of(QK) && x.len() == n * cols,
             "Q8 activations"
@@ -325,27 +326,31 @@ impl Q8Activations {
         let nb = cols / QK;
         self.cols = cols;
         self.n = n;
+        self.ty = Some(ty);
         self.qs.resize(n * cols, 0);
         self.d.resize(n * nb, 0.0);
-        self.s.resize(n * nb, 0.0);
-        self.sums.resize(n * nb, 0);
-        for t in 0..n {
-            for b in 0..nb {
-                let xb = &x[t * cols + b * QK..t * cols + (b + 1) * QK];
-                let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-                let q = &mut self.qs[t * cols + b * QK..t * cols + (b + 1) * QK];
-                let mut sum = 0i32;
-                for (q, &v) in q.iter_mut().zip(xb) {
-                    // |v·id| ≤ 127 (up to rounding, hence the clamp); NaN becomes 0.
-                    *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
-                    sum += *q as i32;
-                }
-                self.d[b * n + t] = f16::from_f32(d).to_f32();
-                self.s[b * n + t] = f16::from_f32(sum as f32 * d).to_f32();
-                self.sums[t * nb + b] = sum;
+        self.c.resize(n * nb, 0.0);
+        for (i, (xb, q)) in x
+            .chunks_exact(QK)
+            .zip(self.qs.chunks_exact_mut(QK))
+            .enumerate()
+        {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in q.iter_mut().zip(xb) {
+                // |v·id| ≤ 127 (up to rounding, hence the clamp); NaN becomes 0.
+                *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+                sum += *q as i32;
             }
+            let d16 = f16::from_f32(d).to_f32();
+            self.d[i] = d16;
+            self.c[i] = match ty {
+                BlockType::Q4_0 => (-8 * sum) as f32 * d16,
+                BlockType::Q4_1 => f16::from_f32(sum as f32 * d).to_f32(),
+                BlockType::Q8_0 => 0.0,
+            };
         }
     }
 
@@ -367,8 +372,8 @@ thread_local! {
     pub(crate) static Q8_ACTS: RefCell<Q8Activations> = RefCell::new(Q8Activations::default());
 }
 
-/// The integer block products of the q8 mode: AVX-512 VNNI (256-bit `vpdpbusd`), AVX2
-/// (`vpmaddubsw`), or scalar.
+/// The integer block products of the q8 mode: AVX-512 VNNI (two blocks a `vpdpbusd`),
+/// AVX2 (`vpmaddubsw`), or scalar.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Q8Path {
     Scalar,
@@ -390,11 +395,15 @@ impl Q8Path {
         let mut v = vec![Q8Path::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c");
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
             if avx2 {
                 v.push(Q8Path::Avx2);
             }
             if avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx512vl")
             {
@@ -405,50 +414,80 @@ impl Q8Path {
     }
 }
 
-/// `Σ_j w_j·a_j` of one block (weights as the block stores them, `a` 32 int8): the integer
-/// every path must return.
-pub fn block_dot_scalar(ty: BlockType, blk: &[u8], a: &[i8]) -> i32 {
+/// The weights of a block as the integer dot products use them: Q4 codes `u` (0..=15, the
+/// weight being `(u − 8)·d` or `u·d + m`), Q8_0 values `q` (−128..=127).
+fn block_ints(ty: BlockType, blk: &[u8]) -> [i32; QK] {
+    let mut w = [0i32; QK];
     match ty {
         BlockType::Q4_0 | BlockType::Q4_1 => {
-            let (qs, off) = if ty == BlockType::Q4_0 {
-                (&blk[2..18], 8)
-            } else {
-                (&blk[4..20], 0)
-            };
-            (0..16)
-                .map(|j| {
-                    ((qs[j] & 0x0F) as i32 - off) * a[j] as i32
-                        + ((qs[j] >> 4) as i32 - off) * a[j + 16] as i32
-                })
-                .sum()
+            let qs = &blk[ty.block_bytes() - 16..];
+            for j in 0..16 {
+                w[j] = (qs[j] & 0x0F) as i32;
+                w[j + 16] = (qs[j] >> 4) as i32;
+            }
         }
-        BlockType::Q8_0 => blk[2..34]
-            .iter()
-            .zip(a)
-            .map(|(&w, &a)| w as i8 as i32 * a as i32)
-            .sum(),
+        BlockType::Q8_0 => {
+            for (o, &q) in w.iter_mut().zip(&blk[2..34]) {
+                *o = q as i8 as i32;
+            }
+        }
+    }
+    w
+}
+
+/// `Σ_j w_j·a_j` over one block (`w` from [`block_ints`]): the exact block sum, which with
+/// the constant term gives `Σ q_w·q_a` (tests).
+pub fn block_dot_scalar(ty: BlockType, blk: &[u8], a: &[i8]) -> i32 {
+    block_ints(ty, blk)
+        .iter()
+        .zip(a)
+        .map(|(&w, &a)| w * a as i32)
+        .sum()
+}
+
+/// A block's `d` and `c_w` (Q4_1: `m`; Q4_0: `d`; Q8_0: 0).
+fn block_dc(ty: BlockType, blk: &[u8]) -> (f32, f32) {
+    let d = f16_at(blk, 0);
+    match ty {
+        BlockType::Q4_0 => (d, d),
+        BlockType::Q4_1 => (d, f16_at(blk, 2)),
+        BlockType::Q8_0 => (d, 0.0),
     }
 }
 
-/// The float part of one block, the same on every path: `acc + (d_w·d_a)·Σ + m_w·s_a`
-/// (`m_w` is 0 but for Q4_1; `0·s_a` adds nothing but a signed zero, which `acc + …`
-/// absorbs the same way on every path).
-#[inline(always)]
-fn block_float(acc: f32, dw: f32, mw: f32, sumi: i32, d_a: f32, s_a: f32) -> f32 {
-    acc + dw * d_a * sumi as f32 + mw * s_a
+/// One (row, token) of the q8 product, the arithmetic every path reproduces:
+/// - 16 float lanes: blocks are taken in pairs; lane `l` of pair `p` gets the integer sum of
+///   weights `4(l mod 8) .. +4` of block `2p + l/8` times the activations
+///   (a `vpdpbusd` lane), converted to f32, times `d_w·d_a` (rounded), added to the lane (an
+///   odd last block feeds lanes 0..8 only);
+/// - the constant terms `c_w·c_a` summed in block order;
+/// - the lanes summed as a tree (`l + 8`, then `+ 4`, `+ 2`, `+ 1`), then the constant sum.
+fn row_dot_scalar(ty: BlockType, row: &[u8], a: &[i8], d_a: &[f32], c_a: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let mut konst = 0.0f32;
+    for (b, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
+        let w = block_ints(ty, blk);
+        let (dw, cw) = block_dc(ty, blk);
+        let sc = dw * d_a[b];
+        let ab = &a[b * QK..(b + 1) * QK];
+        for j in 0..8 {
+            let s: i32 = (4 * j..4 * j + 4).map(|i| w[i] * ab[i] as i32).sum();
+            let l = 8 * (b % 2) + j;
+            lanes[l] += s as f32 * sc;
+        }
+        konst += cw * c_a[b];
+    }
+    let mut s8 = [0.0f32; 8];
+    for l in 0..8 {
+        s8[l] = lanes[l] + lanes[l + 8];
+    }
+    let s4: [f32; 4] = std::array::from_fn(|l| s8[l] + s8[l + 4]);
+    let s2: [f32; 2] = std::array::from_fn(|l| s4[l] + s4[l + 2]);
+    (s2[0] + s2[1]) + konst
 }
 
-/// A block's `(d, m)` (`m` = 0 but for Q4_1).
-fn block_dm(ty: BlockType, blk: &[u8]) -> (f32, f32) {
-    let m = if ty == BlockType::Q4_1 {
-        f16_at(blk, 2)
-    } else {
-        0.0
-    };
-    (f16_at(blk, 0), m)
-}
-
-/// `out[t][r] = Σ_b (d_w·d_a)·Σ_j q_w·q_a (+ m_w·s_a)` over the Q8 blocks of `acts`.
+/// `out[t][r] = Σ_b (d_w·d_a)·Σ_j w·q_a + Σ_b c_w·c_a` over the Q8 blocks of `acts`
+/// (module docs; the order is [`row_dot_scalar`]'s).
 pub fn matmul_q8(
     ty: BlockType,
     data: &[u8],
@@ -473,6 +512,11 @@ pub fn matmul_q8_with(
     let rb = check(ty, data, rows, cols);
     let n_tok = acts.n;
     assert_eq!(acts.cols, cols, "Q8 matmul width");
+    assert_eq!(
+        acts.ty,
+        Some(ty),
+        "Q8 activations quantized for another weight type"
+    );
     assert_eq!(out.len(), n_tok * rows, "Q8 matmul output size");
     assert!(
         Q8Path::available().contains(&path),
@@ -494,13 +538,14 @@ pub fn matmul_q8_with(
                     match path {
                         Q8Path::Scalar => {
                             for (k, a) in acc[..tile].iter_mut().enumerate() {
-                                let q = acts.row(t + k);
-                                for (b, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
-                                    let sumi = block_dot_scalar(ty, blk, &q[b * QK..(b + 1) * QK]);
-                                    let i = b * n_tok + t + k;
-                                    let (dw, mw) = block_dm(ty, blk);
-                                    *a = block_float(*a, dw, mw, sumi, acts.d[i], acts.s[i]);
-                                }
+                                let s = (t + k) * nb..(t + k + 1) * nb;
+                                *a = row_dot_scalar(
+                                    ty,
+                                    row,
+                                    acts.row(t + k),
+                                    &acts.d[s.clone()],
+                                    &acts.c[s],
+                                );
                             }
                         }
                         #[cfg(target_arch = "x86_64")]
@@ -516,12 +561,11 @@ pub fn matmul_q8_with(
             }
         }
     });
-    let _ = nb;
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{block_float, TOKEN_BLOCK};
+    use super::TOKEN_BLOCK;
     use super::{BlockType, ExactPath, Q8Activations, Q8Path, PANEL, PANEL_MIN_TOKENS, QK};
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -1048,7 +1092,7 @@ mod x86 {
         acc: &mut [f32; 4],
     ) {
         assert!(row.len() == nb * ty.block_bytes() && acts.cols == nb * QK);
-        assert!(tile <= 4 && t + tile <= acts.n);
+        assert!((1..=4).contains(&tile) && t + tile <= acts.n);
         let vnni = path == Q8Path::Avx512Vnni;
         // SAFETY: the path came from feature detection (asserted by the caller); the row
         // holds `nb` whole blocks and every token row `nb · 32` values (asserted above).
@@ -1064,51 +1108,84 @@ mod x86 {
         }
     }
 
-    /// A block's weights as 32 unsigned bytes `u` in weight order, with `u − off = w`
-    /// (codes for Q4_0/Q4_1, `w + 128` for Q8_0).
+    /// The f16 at `p` as f32 (F16C's conversion is exact, as the scalar one is).
     ///
-    /// Safety: needs AVX2; `p` points at a whole block of type `TY`.
+    /// Safety: needs F16C; two bytes at `p` are readable.
     #[inline(always)]
-    unsafe fn codes_u8<const TY: u8>(p: *const u8) -> __m256i {
-        // SAFETY: the block's bytes are readable (caller).
+    unsafe fn f16_1(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees the feature and the bytes.
         unsafe {
-            if TY == Q8_0 {
-                _mm256_xor_si256(_mm256_loadu_si256(p.add(2).cast()), _mm256_set1_epi8(-128))
-            } else {
-                let qs = _mm_loadu_si128(p.add(if TY == Q4_0 { 2 } else { 4 }).cast());
-                let m4 = _mm_set1_epi8(0x0F);
-                _mm256_set_m128i(
-                    _mm_and_si128(_mm_srli_epi16::<4>(qs), m4),
-                    _mm_and_si128(qs, m4),
-                )
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                p.cast::<u16>().read_unaligned() as i32,
+            )))
+        }
+    }
+
+    /// A block's `(d, c_w)` as `super::block_dc` gives them.
+    ///
+    /// Safety: needs F16C; `p` points at a whole block of type `TY`.
+    #[inline(always)]
+    unsafe fn dc<const TY: u8>(p: *const u8) -> (f32, f32) {
+        // SAFETY: the block's first 4 bytes are readable (caller).
+        unsafe {
+            let d = f16_1(p);
+            match TY {
+                Q4_0 => (d, d),
+                Q4_1 => (d, f16_1(p.add(2))),
+                _ => (d, 0.0),
             }
         }
     }
 
-    /// Sum of the 8 int32 lanes.
+    /// A Q4 block's 32 codes in weight order (the low nibbles, then the high ones).
+    ///
+    /// Safety: needs AVX2; `p` points at a whole block of type `TY` (Q4_0 or Q4_1).
     #[inline(always)]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
-        // SAFETY: register arithmetic; the caller runs with AVX2.
+    unsafe fn q4_codes<const TY: u8>(p: *const u8) -> __m256i {
+        // SAFETY: the 16 code bytes end the block (caller).
         unsafe {
-            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-            _mm_cvtsi128_si32(s)
+            let qs = _mm_loadu_si128(p.add(if TY == Q4_0 { 2 } else { 4 }).cast());
+            let m4 = _mm_set1_epi8(0x0F);
+            _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16::<4>(qs), m4),
+                _mm_and_si128(qs, m4),
+            )
         }
     }
 
-    /// Offset of the unsigned codes: `w = u − off`.
-    const fn offset(ty: u8) -> i32 {
-        match ty {
-            Q4_0 => 8,
-            Q4_1 => 0,
-            _ => 128,
+    /// The lane tree of `super::row_dot_scalar` over 16 lanes.
+    ///
+    /// Safety: needs AVX-512F.
+    #[inline(always)]
+    unsafe fn tree_512(v: __m512) -> f32 {
+        // SAFETY: register arithmetic.
+        unsafe {
+            let s8 = _mm256_add_ps(
+                _mm512_castps512_ps256(v),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+            );
+            tree_256(s8)
         }
     }
 
-    /// Safety: needs AVX2, F16C, AVX-512 VNNI and VL; sizes as in [`q8_row`].
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+    /// The last three levels of the lane tree, over 8 lanes.
+    ///
+    /// Safety: needs AVX.
+    #[inline(always)]
+    unsafe fn tree_256(s8: __m256) -> f32 {
+        // SAFETY: register arithmetic.
+        unsafe {
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
+        }
+    }
+
+    /// Two blocks a `vpdpbusd` (16 lanes); Q8_0 as `|w|` times the activations signed by
+    /// `w` (`128·127·4` fits), the Q4 codes as they are.
+    ///
+    /// Safety: needs AVX-512F/BW/VL/VNNI, AVX2 and F16C; sizes as in [`q8_row`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
     unsafe fn q8_row_vnni<const TY: u8>(
         row: &[u8],
         nb: usize,
@@ -1118,33 +1195,97 @@ mod x86 {
         acc: &mut [f32; 4],
     ) {
         let bb = [18, 20, 34][TY as usize];
-        let (cols, nb_a, n) = (acts.cols, nb, acts.n);
+        let cols = acts.cols;
         let p = row.as_ptr();
-        for b in 0..nb {
-            // SAFETY: block b is inside the row; token rows t..t + tile exist, and values
-            // 32b .. 32b + 32 lie inside each (caller).
+        let mut lanes = [_mm512_setzero_ps(); 4];
+        let mut konst = [0.0f32; 4];
+        // Lanes 0..8 take the first float of a pair, 8..16 the second.
+        let pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut b = 0;
+        while b + 2 <= nb {
+            // SAFETY: blocks b, b + 1 are inside the row; values 32b .. 32b + 64 inside each
+            // token row; scales b, b + 1 inside each token's `nb` (caller).
             unsafe {
-                let blk = p.add(b * bb);
-                let u = codes_u8::<TY>(blk);
-                let (dw, mw) = dm::<TY>(blk);
+                let (p0, p1) = (p.add(b * bb), p.add((b + 1) * bb));
+                let (w, neg) = if TY == Q8_0 {
+                    let w = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(p0.add(2).cast())),
+                        _mm256_loadu_si256(p1.add(2).cast()),
+                    );
+                    (_mm512_abs_epi8(w), _mm512_movepi8_mask(w))
+                } else {
+                    let w = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(q4_codes::<TY>(p0)),
+                        q4_codes::<TY>(p1),
+                    );
+                    (w, 0)
+                };
+                let ((d0, c0), (d1, c1)) = (dc::<TY>(p0), dc::<TY>(p1));
+                let dw = _mm_setr_ps(d0, d1, 0.0, 0.0);
                 for k in 0..tile {
-                    let a =
-                        _mm256_loadu_si256(acts.qs.as_ptr().add((t + k) * cols + b * QK).cast());
-                    let dot = hsum_i32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a));
-                    let sumi = dot - offset(TY) * acts.sums[(t + k) * nb_a + b];
-                    let i = b * n + t + k;
-                    acc[k] = block_float(acc[k], dw, mw, sumi, acts.d[i], acts.s[i]);
+                    let tk = t + k;
+                    let a = _mm512_loadu_si512(acts.qs.as_ptr().add(tk * cols + b * QK).cast());
+                    let a = if TY == Q8_0 {
+                        _mm512_mask_sub_epi8(a, neg, _mm512_setzero_si512(), a)
+                    } else {
+                        a
+                    };
+                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a));
+                    let da =
+                        _mm_castpd_ps(_mm_load_sd(acts.d.as_ptr().add(tk * nb + b).cast::<f64>()));
+                    let sc =
+                        _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_mul_ps(dw, da)));
+                    lanes[k] = _mm512_add_ps(lanes[k], _mm512_mul_ps(dot, sc));
+                    let ca = acts.c.as_ptr().add(tk * nb + b);
+                    konst[k] += c0 * *ca;
+                    konst[k] += c1 * *ca.add(1);
+                }
+            }
+            b += 2;
+        }
+        if b < nb {
+            // SAFETY: the last block, as above (lanes 0..8 only).
+            unsafe {
+                let p0 = p.add(b * bb);
+                let (w, neg) = if TY == Q8_0 {
+                    let w = _mm256_loadu_si256(p0.add(2).cast());
+                    (_mm256_abs_epi8(w), _mm256_movepi8_mask(w))
+                } else {
+                    (q4_codes::<TY>(p0), 0)
+                };
+                let (d0, c0) = dc::<TY>(p0);
+                for k in 0..tile {
+                    let tk = t + k;
+                    let a = _mm256_loadu_si256(acts.qs.as_ptr().add(tk * cols + b * QK).cast());
+                    let a = if TY == Q8_0 {
+                        _mm256_mask_sub_epi8(a, neg, _mm256_setzero_si256(), a)
+                    } else {
+                        a
+                    };
+                    let dot = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a));
+                    let sc = _mm256_set1_ps(d0 * *acts.d.as_ptr().add(tk * nb + b));
+                    let lo =
+                        _mm256_add_ps(_mm512_castps512_ps256(lanes[k]), _mm256_mul_ps(dot, sc));
+                    lanes[k] = _mm512_castpd_ps(_mm512_insertf64x4::<0>(
+                        _mm512_castps_pd(lanes[k]),
+                        _mm256_castps_pd(lo),
+                    ));
+                    konst[k] += c0 * *acts.c.as_ptr().add(tk * nb + b);
                 }
             }
         }
+        for k in 0..tile {
+            // SAFETY: register arithmetic under AVX-512F.
+            acc[k] = unsafe { tree_512(lanes[k]) } + konst[k];
+        }
     }
 
-    /// `vpmaddubsw` of the unsigned codes with the activations (Q4: `15·127·2` fits in
-    /// int16), or of `|w|` with the activations signed by `w` (Q8_0: `128·127·2` fits).
+    /// One block a `vpmaddubsw` + `vpmaddwd` (8 lanes, `4j..4j+4` each, as a `vpdpbusd`
+    /// lane): Q4 codes `15·127·2` and Q8_0's `|w|` with signed activations `128·127·2` fit
+    /// in int16. Even blocks feed the first accumulator (lanes 0..8), odd ones the second.
     ///
-    /// Safety: needs AVX2 and F16C; sizes as in [`q8_row`].
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,f16c")]
+    /// Safety: needs AVX2, FMA and F16C; sizes as in [`q8_row`].
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q8_row_avx2<const TY: u8>(
         row: &[u8],
         nb: usize,
@@ -1154,60 +1295,42 @@ mod x86 {
         acc: &mut [f32; 4],
     ) {
         let bb = [18, 20, 34][TY as usize];
-        let (cols, n) = (acts.cols, acts.n);
+        let cols = acts.cols;
         let p = row.as_ptr();
         let ones = _mm256_set1_epi16(1);
+        let mut lanes = [[_mm256_setzero_ps(); 2]; 4];
+        let mut konst = [0.0f32; 4];
         for b in 0..nb {
-            // SAFETY: as in `q8_row_vnni`.
+            // SAFETY: block b is inside the row; values 32b .. 32b + 32 inside each token
+            // row; scale b inside each token's `nb` (caller).
             unsafe {
-                let blk = p.add(b * bb);
+                let p0 = p.add(b * bb);
                 let (u, w) = if TY == Q8_0 {
-                    let w = _mm256_loadu_si256(blk.add(2).cast());
+                    let w = _mm256_loadu_si256(p0.add(2).cast());
                     (_mm256_sign_epi8(w, w), w)
                 } else {
-                    (codes_u8::<TY>(blk), _mm256_setzero_si256())
+                    (q4_codes::<TY>(p0), _mm256_setzero_si256())
                 };
-                let (dw, mw) = dm::<TY>(blk);
+                let (d0, c0) = dc::<TY>(p0);
                 for k in 0..tile {
-                    let a =
-                        _mm256_loadu_si256(acts.qs.as_ptr().add((t + k) * cols + b * QK).cast());
+                    let tk = t + k;
+                    let a = _mm256_loadu_si256(acts.qs.as_ptr().add(tk * cols + b * QK).cast());
                     let a = if TY == Q8_0 {
                         _mm256_sign_epi8(a, w)
                     } else {
                         a
                     };
-                    let dot = hsum_i32(_mm256_madd_epi16(_mm256_maddubs_epi16(u, a), ones));
-                    let sumi = if TY == Q4_0 {
-                        dot - 8 * acts.sums[(t + k) * nb + b]
-                    } else {
-                        dot
-                    };
-                    let i = b * n + t + k;
-                    acc[k] = block_float(acc[k], dw, mw, sumi, acts.d[i], acts.s[i]);
+                    let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), ones);
+                    let sc = _mm256_set1_ps(d0 * *acts.d.as_ptr().add(tk * nb + b));
+                    let l = &mut lanes[k][b % 2];
+                    *l = _mm256_add_ps(*l, _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc));
+                    konst[k] += c0 * *acts.c.as_ptr().add(tk * nb + b);
                 }
             }
         }
-    }
-
-    /// A block's `(d, m)` as `super::block_dm` gives them (F16C's conversion is exact, as
-    /// the scalar one is).
-    ///
-    /// Safety: needs F16C; `p` points at a whole block of type `TY`.
-    #[inline(always)]
-    unsafe fn dm<const TY: u8>(p: *const u8) -> (f32, f32) {
-        // SAFETY: the block's first 4 bytes are readable (caller).
-        unsafe {
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                p.cast::<u16>().read_unaligned() as i32,
-            )));
-            let m = if TY == Q4_1 {
-                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                    p.add(2).cast::<u16>().read_unaligned() as i32,
-                )))
-            } else {
-                0.0
-            };
-            (d, m)
+        for k in 0..tile {
+            // SAFETY: register arithmetic under AVX2.
+            acc[k] = unsafe { tree_256(_mm256_add_ps(lanes[k][0], lanes[k][1])) } + konst[k];
         }
     }
 }

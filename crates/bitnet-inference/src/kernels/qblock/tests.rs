@@ -151,7 +151,7 @@ fn exact_products_equal_the_f32_kernels_on_dequantized_weights_bit_for_bit() {
 fn q8_activations_follow_ggml() {
     let x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.5) * 0.37).collect();
     let mut a = Q8Activations::default();
-    a.quantize(&x, 1, 64);
+    a.quantize(&x, 1, 64, BlockType::Q4_0);
     // ggml's Q8_0 blocks of the same values (d = max/127 as f16, q rounded).
     let want = ggml::quantize_q8_0(&x).unwrap();
     for b in 0..2 {
@@ -165,14 +165,14 @@ fn q8_activations_follow_ggml() {
             .iter()
             .map(|&q| q as i32)
             .sum();
-        assert_eq!(a.sums[b], sum);
+        assert_eq!(a.c[b], (-8 * sum) as f32 * a.d[b]);
     }
     // All zeros and NaN: zero codes and scales.
-    a.quantize(&[0.0; 32], 1, 32);
+    a.quantize(&[0.0; 32], 1, 32, BlockType::Q8_0);
     assert!(a.row(0).iter().all(|&q| q == 0) && a.d[0] == 0.0);
     let mut nan = vec![1.0f32; 32];
     nan[3] = f32::NAN;
-    a.quantize(&nan, 1, 32);
+    a.quantize(&nan, 1, 32, BlockType::Q4_1);
     assert_eq!(a.row(0)[3], 0);
 }
 
@@ -181,55 +181,62 @@ fn q8_block_dots_equal_scalar_on_random_and_extreme_blocks() {
     let mut r = rng(9);
     for ty in TYPES {
         let bb = ty.block_bytes();
-        let mut cases: Vec<(Vec<u8>, Vec<i8>)> = (0..50)
+        // Rows of 1, 2 and 3 blocks (the pair and the odd-block paths).
+        let mut cases: Vec<(Vec<u8>, Vec<i8>)> = (0..60)
             .map(|s| {
-                let a = (0..32)
+                let nb = 1 + s as usize % 3;
+                let a = (0..32 * nb)
                     .map(|_| (r() % 255) as i8)
                     .map(|v| v.max(-127))
                     .collect();
-                (random_blocks(ty, 1, s), a)
+                (random_blocks(ty, nb, s), a)
             })
             .collect();
         // Every code at its extremes against ±127.
         for fill in [0x00u8, 0xFF, 0x80, 0x7F, 0x88] {
-            let mut blk = random_blocks(ty, 1, fill as u64);
+            let mut blk = random_blocks(ty, 2, fill as u64);
             let off = bb - 16 * if ty == BlockType::Q8_0 { 2 } else { 1 };
-            blk[off..].fill(fill);
+            blk[off..bb].fill(fill);
+            blk[bb + off..].fill(fill);
             for a in [127i8, -127] {
-                cases.push((blk.clone(), vec![a; 32]));
-                cases.push((blk.clone(), (0..32).map(|j| [a, -a][j % 2]).collect()));
+                cases.push((blk.clone(), vec![a; 64]));
+                cases.push((blk.clone(), (0..64).map(|j| [a, -a][j % 2]).collect()));
             }
         }
-        for (blk, a) in &cases {
-            let want = block_dot_scalar(ty, blk, a);
-            // Through the matmul of one row and one token: same integer, same float.
+        for (row, a) in &cases {
+            let nb = a.len() / QK;
             let acts = Q8Activations {
-                cols: 32,
+                cols: a.len(),
                 n: 1,
+                ty: Some(ty),
                 qs: a.clone(),
-                d: vec![1.0],
-                s: vec![0.0],
-                sums: vec![a.iter().map(|&v| v as i32).sum()],
+                d: (0..nb).map(|b| 0.5 + b as f32).collect(),
+                c: (0..nb).map(|b| -3.0 + b as f32).collect(),
             };
-            let (d, m) = block_dm(ty, blk);
-            let expect = block_float(0.0, d, m, want, 1.0, 0.0);
+            let want = row_dot_scalar(ty, row, a, &acts.d, &acts.c);
             for path in Q8Path::available() {
                 let mut out = [f32::NAN];
-                matmul_q8_with(path, ty, blk, 1, 32, &acts, &mut out);
-                assert_eq!(out[0].to_bits(), expect.to_bits(), "{ty:?} {path:?}");
+                matmul_q8_with(path, ty, row, 1, a.len(), &acts, &mut out);
+                assert_eq!(
+                    out[0].to_bits(),
+                    want.to_bits(),
+                    "{ty:?} {path:?} {nb} blocks"
+                );
             }
         }
-        // The reference integer against the dequantized codes.
+        // The block sum with the constant term is Σ q_w·q_a of the dequantized codes.
         let (blk, a) = &cases[0];
-        let mut w = vec![0.0; 32];
-        let mut codes = blk.clone();
+        let mut codes = blk[..bb].to_vec();
         codes[..2].copy_from_slice(&f16::ONE.to_le_bytes());
         if ty == BlockType::Q4_1 {
             codes[2..4].copy_from_slice(&f16::ZERO.to_le_bytes());
         }
+        let mut w = vec![0.0; 32];
         dequantize_row(ty, &codes, &mut w);
         let direct: i32 = w.iter().zip(a).map(|(&w, &a)| w as i32 * a as i32).sum();
-        assert_eq!(block_dot_scalar(ty, blk, a), direct, "{ty:?}");
+        let sum: i32 = a[..32].iter().map(|&v| v as i32).sum();
+        let konst = if ty == BlockType::Q4_0 { -8 * sum } else { 0 };
+        assert_eq!(block_dot_scalar(ty, blk, a) + konst, direct, "{ty:?}");
     }
 }
 
@@ -248,7 +255,7 @@ fn q8_products_equal_scalar_and_stay_near_the_exact_product() {
                 .map(|_| (r() % 20001) as f32 / 10000.0 - 1.0)
                 .collect();
             let mut acts = Q8Activations::default();
-            acts.quantize(&x, n_tok, cols);
+            acts.quantize(&x, n_tok, cols, ty);
             let mut want = vec![0.0; rows * n_tok];
             matmul_q8_with(Q8Path::Scalar, ty, &data, rows, cols, &acts, &mut want);
             for path in Q8Path::available() {
