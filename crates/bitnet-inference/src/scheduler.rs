@@ -75,7 +75,7 @@ impl Default for SchedulerConfig {
 pub enum RequestError {
     #[error("the queue is full ({capacity} requests waiting); try again later")]
     QueueFull { capacity: usize },
-    #[error("the prompt has {tokens} tokens; the context holds {context}")]
+    #[error("the prompt of {tokens} tokens does not fit the context size {context}")]
     PromptTooLong { tokens: usize, context: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,

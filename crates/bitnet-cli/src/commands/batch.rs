@@ -1,16 +1,20 @@
-//! `bitnet batch`: many prompts from a file, generated together (one KV slot per sequence,
-//! one forward call per step), each result written and flushed as soon as it finishes.
+//! `bitnet batch`: many prompts from a file, generated together by the library's
+//! continuous-batching scheduler (one forward call per step; an item is admitted as soon as a
+//! slot frees up; prompts sharing a prefix reuse its KV), each result written and flushed as
+//! soon as it finishes.
 
 use super::gen_flags::GenFlags;
 use bitnet_inference::chat::ChatMessage;
 use bitnet_inference::engine::LoadedEngineModel;
-use bitnet_inference::generate::{
-    beam_search, BatchRunner, GenerationConfig, SamplingStrategy, Sequence,
+use bitnet_inference::generate::{beam_search, GenerationConfig, SamplingStrategy};
+use bitnet_inference::scheduler::{
+    DynamicBatchProcessor, Event, Request, RequestStream, SchedulerConfig,
 };
 use serde_json::{json, Map, Value};
 use std::collections::{HashSet, VecDeque};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -42,6 +46,14 @@ pub struct Args {
     gen: GenFlags,
     #[command(flatten)]
     model_flags: super::ModelFlags,
+}
+
+/// An item the scheduler is generating, and what it has sent so far.
+struct Running {
+    id: Value,
+    stream: RequestStream,
+    text: String,
+    tokens: usize,
 }
 
 /// One line of the input, parsed.
@@ -535,20 +547,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ));
     }
 
-    let ctx = a.ctx_size.unwrap_or(2048).min(m.model.config.max_context);
     let slots = a.parallel.max(1);
-    let mut state = m.model.new_state(slots, ctx, a.batch_size.max(slots))?;
+    let scheduler = SchedulerConfig {
+        max_running: slots,
+        // Items are handed over as slots free up: `slots` running, `slots` waiting.
+        max_queue: 2 * slots,
+        context_size: Some(a.ctx_size.unwrap_or(2048)),
+        step_tokens: a.batch_size.max(slots),
+        kv_cache_bytes: None,
+        prefix_cache: true,
+        threads: None,
+    };
+    let mut processor = DynamicBatchProcessor::new(Arc::new(m), &scheduler)?;
+    let m = processor.model().clone();
+    let ctx = processor.context_size();
     let mut beam_state = None;
-    let mut runner = BatchRunner::new(&m.model, &m.pieces, &mut state);
-    let mut ids: Vec<Option<Value>> = vec![None; slots];
+    let mut running: Vec<Running> = Vec::with_capacity(2 * slots);
     let start = Instant::now();
     let mut tokens_out = 0usize;
     loop {
-        // Fill free slots.
-        while let (Some(slot), Some(item)) = (runner.free_slot(), queue.front()) {
-            let item_config = &item.config;
-            if let SamplingStrategy::BeamSearch { beams, .. } = item_config.strategy {
-                let item = queue.pop_front().expect("front exists");
+        // Hand items to the scheduler while it has room; beam search runs here, alone.
+        while running.len() < 2 * slots {
+            let Some(item) = queue.pop_front() else { break };
+            if let SamplingStrategy::BeamSearch { beams, .. } = item.config.strategy {
                 let st = match &mut beam_state {
                     Some(s) => s,
                     None => {
@@ -578,13 +599,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 bar.inc(1);
                 continue;
             }
-            let item = queue.pop_front().expect("front exists");
-            let stop = item.config.stop_ids(&m.end_tokens);
-            match Sequence::new(slot, &item.prompt, 0, &item.config, stop, ctx) {
-                Ok(seq) => {
-                    runner.insert(seq)?;
-                    ids[slot] = Some(item.id);
-                }
+            match processor.submit(Request::new(item.prompt, item.config)) {
+                Ok(stream) => running.push(Running {
+                    id: item.id,
+                    stream,
+                    text: String::new(),
+                    tokens: 0,
+                }),
                 Err(e) => {
                     out.write(&error_row(&item.id, &e.to_string()))?;
                     errors += 1;
@@ -592,38 +613,45 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        if runner.active() == 0 && queue.is_empty() {
+        if running.is_empty() && queue.is_empty() {
             break;
         }
-        runner.step()?;
-        let finished: Vec<usize> = runner.finished_slots().collect();
-        for slot in finished {
-            let seq = runner.remove(slot).expect("finished slot has a sequence");
-            let id = ids[slot].take().unwrap_or(Value::Null);
-            let prompt_tokens = seq.prompt_len();
-            let row = if seq.error().is_some() {
-                // The context filled up: the text so far, ended by length as when
-                // max_tokens is reached.
-                let mut seq = seq;
-                let mut text = String::new();
-                seq.take_delta(&mut text);
-                tokens_out += seq.generated().len();
-                json!({"id": id, "text": text, "finish_reason": "length",
-                       "prompt_tokens": prompt_tokens, "completion_tokens": seq.generated().len()})
-            } else {
-                match seq.into_generation() {
-                    Ok(g) => {
-                        tokens_out += g.tokens.len();
-                        json!({"id": id, "text": g.text, "finish_reason": g.finish_reason.as_str(),
-                           "prompt_tokens": prompt_tokens, "completion_tokens": g.tokens.len()})
+        processor.step();
+        let mut i = 0;
+        while i < running.len() {
+            let r = &mut running[i];
+            let mut row = None;
+            while let Some(event) = r.stream.try_recv() {
+                match event {
+                    Event::Token { text, .. } => {
+                        r.text.push_str(&text);
+                        r.tokens += 1;
                     }
-                    Err(e) => {
+                    Event::Finished {
+                        text,
+                        reason,
+                        usage,
+                        ..
+                    } => {
+                        r.text.push_str(&text);
+                        row = Some(
+                            json!({"id": r.id, "text": r.text, "finish_reason": reason.as_str(),
+                            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}),
+                        );
+                    }
+                    Event::Error(e) => {
                         errors += 1;
-                        error_row(&id, &e.to_string())
+                        row = Some(error_row(&r.id, &e.to_string()));
                     }
                 }
+            }
+            let Some(row) = row else {
+                i += 1;
+                continue;
             };
+            tokens_out += r.tokens;
             out.write(&row)?;
+            running.swap_remove(i);
             bar.inc(1);
             bar.set_message(format!(
                 "{:.1} tok/s",
