@@ -1,15 +1,15 @@
-//! `bitnet chat`: interactive multi-turn chat. The conversation is kept as the token ids the
-//! model saw and generated (not re-tokenized from text, which can split an answer
-//! differently), and the KV cache holds them: each turn prefills only the new user turn.
+//! `bitnet chat`: interactive multi-turn chat, a client of the library's scheduler. The
+//! conversation is kept as the token ids the model saw and generated (not re-tokenized from
+//! text, which can split an answer differently), and the scheduler's prefix cache holds their
+//! keys and values: each turn prefills only the new user turn.
 //! When the context fills, the oldest exchanges are left out (or, mid-answer, the window
 //! slides), with a note, unless `--no-context-shift`.
 
 use super::gen_flags::GenFlags;
 use bitnet_inference::chat::ChatMessage;
 use bitnet_inference::engine::LoadedEngineModel;
-use bitnet_inference::generate::{
-    ContextOverflow, GenerationConfig, SamplingStrategy, TokenStream,
-};
+use bitnet_inference::generate::{ContextOverflow, GenerationConfig, SamplingStrategy};
+use bitnet_inference::scheduler::{DynamicBatchProcessor, Event, Request, SchedulerConfig};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,8 +67,6 @@ struct Session {
     /// The template's text of the last turn's prompt, to check that the template renders
     /// the past the same way before `history` is extended.
     history_text: String,
-    /// Tokens whose keys and values are in slot 0 (a prefix of `history`).
-    cached: Vec<u32>,
 }
 
 /// Stands for the last answer while the template renders what follows it.
@@ -82,7 +80,6 @@ impl Session {
             dropped: 0,
             history: Vec::new(),
             history_text: String::new(),
-            cached: Vec::new(),
         }
     }
 
@@ -114,7 +111,6 @@ impl Session {
         self.dropped = 0;
         self.history.clear();
         self.history_text.clear();
-        self.cached.clear();
     }
 
     /// The text to append to `history` for the visible conversation (which ends with the new
@@ -198,7 +194,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         config.context_overflow = ContextOverflow::Slide { keep: a.gen.keep };
     }
     let ctx = super::context_size(a.ctx_size, &m.model, 4096)?;
-    let mut state = m.model.new_state(1, ctx, a.batch_size)?;
+    let scheduler = SchedulerConfig {
+        max_running: 1,
+        max_queue: 1,
+        context_size: Some(ctx),
+        step_tokens: a.batch_size,
+        kv_cache_bytes: None,
+        prefix_cache: true,
+        threads: None,
+    };
+    let mut processor = DynamicBatchProcessor::new(Arc::new(m), &scheduler)?;
+    let m = processor.model().clone();
 
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -284,7 +290,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         session.messages.push(ChatMessage::new("user", line));
         interrupted.store(false, Ordering::SeqCst);
-        match turn.answer(&mut state, &mut session, &interrupted) {
+        match turn.answer(&mut processor, &mut session, &interrupted) {
             Ok(text) => session.messages.push(ChatMessage::new("assistant", text)),
             Err(e) => {
                 println!("[error: {e:#}; /reset starts a new conversation]");
@@ -359,51 +365,48 @@ impl Turn<'_> {
     /// Generates the assistant's answer to the conversation, streaming it to stdout.
     fn answer(
         &self,
-        state: &mut bitnet_inference::model::ForwardState,
+        processor: &mut DynamicBatchProcessor,
         session: &mut Session,
         interrupted: &AtomicBool,
     ) -> anyhow::Result<String> {
-        let m = self.m;
         let start = Instant::now();
         let prompt = self.prompt(session)?;
-        let reuse = session
-            .cached
-            .iter()
-            .zip(&prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // Until this turn ends, the cache holds only the common prefix for sure.
-        session.cached.truncate(reuse);
-        let stop_ids = self.config.stop_ids(&m.end_tokens);
-        let mut stream = TokenStream::new(
-            &m.model,
-            &m.pieces,
-            state,
-            &prompt,
-            reuse,
-            self.config,
-            stop_ids,
-        )?;
+        let stream = processor.submit(Request::new(prompt.clone(), self.config.clone()))?;
         let mut text = String::new();
+        let mut generated = Vec::new();
         let mut stdout = std::io::stdout();
         let mut cancelled = false;
-        loop {
+        let mut finished = None;
+        while finished.is_none() {
             if interrupted.swap(false, Ordering::SeqCst) {
                 stream.cancel();
                 cancelled = true;
             }
-            match stream.next_text()? {
-                Some(piece) => {
-                    stdout.write_all(piece.as_bytes())?;
-                    stdout.flush()?;
-                    text.push_str(piece);
-                }
-                None => break,
+            processor.step();
+            while let Some(event) = stream.try_recv() {
+                let piece = match event {
+                    Event::Token { id, text, .. } => {
+                        generated.push(id);
+                        text
+                    }
+                    Event::Finished { text, stats, .. } => {
+                        finished = Some(stats);
+                        text
+                    }
+                    Event::Error(e) => return Err(e.into()),
+                };
+                stdout.write_all(piece.as_bytes())?;
+                stdout.flush()?;
+                text.push_str(&piece);
             }
         }
-        let stats = stream.stats();
-        session.cached = stream.sequence().cached_tokens().to_vec();
-        session.history = stream.sequence().tokens().to_vec();
+        let stats = finished.unwrap_or_default();
+        // The ids the model saw, unless the window slid (then the next turn renders again).
+        session.history.clear();
+        if stats.context_shifts == 0 {
+            session.history.extend_from_slice(&prompt);
+            session.history.extend_from_slice(&generated);
+        }
         session.history_text = self.template.render(&session.visible(), true)?;
         println!();
         if stats.context_shifts > 0 {

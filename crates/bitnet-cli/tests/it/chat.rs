@@ -60,7 +60,15 @@ fn piped_turns_reuse_the_cache() {
     assert_eq!(r.len(), 3, "{err}");
     assert_eq!(r[0], 0);
     assert!(r[1] > 0, "the second turn reuses the first's cache: {err}");
-    assert_eq!(r[2], 0, "after /reset nothing is reused: {err}");
+    // After /reset the same first turn is found in the scheduler's prefix cache (all but
+    // the last prompt token, which is run again for its logits) and answered the same.
+    assert!(
+        err.lines().nth(2).unwrap().contains("prefill 1 new tokens"),
+        "{err}"
+    );
+    let answers: Vec<&str> = out.lines().filter(|l| !l.starts_with('[')).collect();
+    assert_eq!(answers.len(), 3, "{out}");
+    assert_eq!(answers[0], answers[2], "{out}");
     assert!(out.contains("[conversation reset]"));
     let conv: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&save).unwrap()).unwrap();
@@ -173,7 +181,9 @@ fn terminal_session_ctrl_c_stops_the_answer_and_keeps_the_session() {
     let s = t.wait("the third interrupt", |s| {
         s.matches("| interrupted]").count() == 3
     });
-    assert_eq!(reused(&s).last(), Some(&0), "nothing reused after /reset");
+    // After /reset only the template's opening can match the cached conversation.
+    let after_reset = *reused(&s).last().unwrap();
+    assert!(after_reset <= 4, "reused after /reset: {after_reset}");
     // Line editing: Up recalls the last line.
     t.keys(&["Up"]);
     t.wait("history recall", |s| {
