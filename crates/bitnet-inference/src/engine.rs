@@ -149,6 +149,20 @@ pub struct EngineConfig {
     /// The budget is soft: models in use are never evicted, so a model larger than the budget
     /// still loads (and is dropped once another replaces it).
     pub model_memory_budget: usize,
+    /// How loaded models compute (lm_head, KV cache type, quantized activations).
+    pub model: ModelOptions,
+}
+
+/// The choices that change how a loaded model computes or what memory it takes; the
+/// defaults compute the exact function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModelOptions {
+    /// The float lm_head as stored (exact) or a copy quantized at load (faster decode).
+    pub lm_head: crate::model::forward::LmHeadQuant,
+    /// KV cache elements: f32 (exact) or f16 (half the memory).
+    pub kv_type: crate::model::forward::KvType,
+    /// Q4_0/Q4_1/Q8_0 linears with exact f32 activations or llama.cpp's Q8 blocks.
+    pub quant_acts: crate::kernels::qblock::QuantActs,
 }
 
 impl Default for EngineConfig {
@@ -158,6 +172,7 @@ impl Default for EngineConfig {
             context_size: None,
             batch_size: 64,
             model_memory_budget: 0,
+            model: ModelOptions::default(),
         }
     }
 }
@@ -207,11 +222,19 @@ pub struct LoadedEngineModel {
 }
 
 impl LoadedEngineModel {
-    /// Loads a local model.
+    /// Loads a local model to compute the exact function.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, &ModelOptions::default())
+    }
+
+    /// Loads a local model to compute as `options` say.
+    pub fn load_with(path: &Path, options: &ModelOptions) -> Result<Self> {
         let start = Instant::now();
         let m = model::load(path)?;
-        let model = Model::new(m.config, m.weights)?;
+        let mut model = Model::new(m.config, m.weights)?;
+        model.set_lm_head_quant(options.lm_head)?;
+        model.set_kv_type(options.kv_type);
+        model.set_quant_acts(options.quant_acts);
         let pieces = TokenPieces::new(&m.tokenizer, model.config.vocab_size);
         let mut end_tokens = m.generation.eos_token_ids.clone();
         end_tokens.extend_from_slice(m.tokenizer.eos_ids());
@@ -285,6 +308,7 @@ impl LoadedEngineModel {
 /// ```
 pub struct ModelCache {
     budget: usize,
+    options: ModelOptions,
     /// Least recently used first.
     entries: Vec<CacheEntry>,
 }
@@ -298,8 +322,14 @@ struct CacheEntry {
 impl ModelCache {
     /// An empty cache keeping at most `budget_bytes` of weights that no one holds.
     pub fn new(budget_bytes: usize) -> Self {
+        Self::with_options(budget_bytes, ModelOptions::default())
+    }
+
+    /// An empty cache whose models load with `options`.
+    pub fn with_options(budget_bytes: usize, options: ModelOptions) -> Self {
         ModelCache {
             budget: budget_bytes,
+            options,
             entries: Vec::new(),
         }
     }
@@ -325,7 +355,7 @@ impl ModelCache {
         if let Some(m) = self.touch(&key) {
             return Ok(m);
         }
-        let model = Arc::new(LoadedEngineModel::load(path)?);
+        let model = Arc::new(LoadedEngineModel::load_with(path, &self.options)?);
         let bytes = model.model.weights.memory_bytes();
         self.trim(bytes);
         self.entries.push(CacheEntry {
@@ -423,7 +453,7 @@ impl InferenceEngine {
 
     pub fn with_config(config: EngineConfig) -> Self {
         InferenceEngine {
-            models: ModelCache::new(config.model_memory_budget),
+            models: ModelCache::with_options(config.model_memory_budget, config.model),
             config,
             generator: None,
         }

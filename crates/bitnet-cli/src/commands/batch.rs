@@ -475,8 +475,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .find(|l| !l.trim().is_empty())
             .is_some_and(|l| l.trim_start().starts_with('{'));
 
-    let mut m = super::load(&super::model_or_default(a.model.as_deref())?)?;
-    a.model_flags.apply(&mut m.model)?;
+    let m = super::load_with(
+        &super::model_or_default(a.model.as_deref())?,
+        &a.model_flags.options(),
+    )?;
     let base = a.gen.config(&m.generation, 128);
     let (done, failed) = previous_results(&a.output, format)?;
 

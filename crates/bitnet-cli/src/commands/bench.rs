@@ -1,7 +1,7 @@
 //! `bitnet bench`: llama-bench's tests (pp = one batched prompt, tg = generation one token at
 //! a time) with its JSON keys, so scripts written for llama-bench read ours.
 
-use super::load;
+use super::load_with;
 use bitnet_inference::generate::Rng;
 use bitnet_inference::model::{BatchEntry, Model};
 use std::path::PathBuf;
@@ -153,8 +153,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_or_default(a.model.as_deref())?;
-    let mut m = load(&path)?;
-    a.model_flags.apply(&mut m.model)?;
+    let m = load_with(&path, &a.model_flags.options())?;
     let model = &m.model;
     let threads = rayon::current_num_threads();
     let model_size = model.weights.memory_bytes();

@@ -181,8 +181,10 @@ impl Input {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut m = super::load(&super::model_or_default(a.model.as_deref())?)?;
-    a.model_flags.apply(&mut m.model)?;
+    let m = super::load_with(
+        &super::model_or_default(a.model.as_deref())?,
+        &a.model_flags.options(),
+    )?;
     let template = m.chat_template()?;
     let mut config = a.gen.config(&m.generation, 512);
     if let SamplingStrategy::BeamSearch { .. } = config.strategy {

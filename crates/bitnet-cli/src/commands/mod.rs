@@ -16,7 +16,7 @@ pub mod pull;
 pub mod run;
 pub mod tokenize;
 
-use bitnet_inference::engine::LoadedEngineModel;
+use bitnet_inference::engine::{LoadedEngineModel, ModelOptions};
 use bitnet_inference::generate::GenerationStats;
 use bitnet_inference::model::Model;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -27,9 +27,14 @@ use std::path::{Path, PathBuf};
 /// `path` may be a Hugging Face hub id (see [`resolve_model`]). A spinner shows on stderr
 /// while it loads, when stderr is a terminal.
 pub fn load(path: &Path) -> anyhow::Result<LoadedEngineModel> {
+    load_with(path, &ModelOptions::default())
+}
+
+/// [`load`] with the model computing as `options` say.
+pub fn load_with(path: &Path, options: &ModelOptions) -> anyhow::Result<LoadedEngineModel> {
     let path = resolve_model(path)?;
     let sp = loading_spinner(&path);
-    let m = LoadedEngineModel::load(&path);
+    let m = LoadedEngineModel::load_with(&path, options);
     sp.finish_and_clear();
     Ok(m?)
 }
@@ -187,11 +192,13 @@ pub struct ModelFlags {
 }
 
 impl ModelFlags {
-    pub fn apply(&self, model: &mut bitnet_inference::model::forward::Model) -> anyhow::Result<()> {
-        model.set_lm_head_quant(self.lm_head)?;
-        model.set_kv_type(self.kv_type);
-        model.set_quant_acts(self.quant_acts);
-        Ok(())
+    /// The library's options these flags stand for.
+    pub fn options(&self) -> ModelOptions {
+        ModelOptions {
+            lm_head: self.lm_head,
+            kv_type: self.kv_type,
+            quant_acts: self.quant_acts,
+        }
     }
 }
 

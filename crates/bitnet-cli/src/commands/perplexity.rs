@@ -1,4 +1,4 @@
-use super::load;
+use super::load_with;
 use bitnet_inference::eval;
 use std::path::PathBuf;
 
@@ -25,8 +25,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut m = load(&super::model_or_default(a.model.as_deref())?)?;
-    a.model_flags.apply(&mut m.model)?;
+    let m = load_with(
+        &super::model_or_default(a.model.as_deref())?,
+        &a.model_flags.options(),
+    )?;
     let text = std::fs::read_to_string(&a.file)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
     let tokens = m.tokenizer.encode(&text, true)?;

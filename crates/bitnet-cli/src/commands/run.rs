@@ -1,5 +1,5 @@
 use super::gen_flags::GenFlags;
-use super::{context_size, load};
+use super::{context_size, load_with};
 use bitnet_inference::generate::{
     generate_with, ContextOverflow, GenerationStats, SamplingStrategy, TokenStream,
 };
@@ -34,8 +34,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let text = super::read_prompt(a.prompt.as_deref(), a.file.as_deref())?;
-    let mut m = load(&super::model_or_default(a.model.as_deref())?)?;
-    a.model_flags.apply(&mut m.model)?;
+    let m = load_with(
+        &super::model_or_default(a.model.as_deref())?,
+        &a.model_flags.options(),
+    )?;
     let config = a.gen.config(&m.generation, 128);
     let prompt = m.tokenizer.encode(&text, true)?;
     let mut ctx = context_size(a.ctx_size, &m.model, 4096)?;

@@ -238,3 +238,38 @@ fn model_repo_is_a_value_and_fails_clearly_when_not_obtainable() {
         .unwrap_err();
     assert!(err.to_string().contains("no model is loaded"));
 }
+
+/// What the CLI's `--kv-type` and `--lm-head` do is engine configuration for a library user.
+#[test]
+fn model_options_are_engine_configuration() {
+    use bitnet_inference::engine::ModelOptions;
+    use bitnet_inference::model::forward::{KvType, LmHeadQuant};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed");
+    let run = |model: ModelOptions| {
+        let mut e = InferenceEngine::with_config(EngineConfig {
+            model,
+            context_size: Some(64),
+            ..Default::default()
+        });
+        e.load_model(path).unwrap();
+        let out = e.generate("hello", &GenerationConfig::greedy(4)).unwrap();
+        let m = e.model().unwrap();
+        (
+            out,
+            m.model.kv_type(),
+            m.model.lm_head_quant(),
+            e.memory_stats().unwrap(),
+        )
+    };
+    let (exact, kv, head, mem) = run(ModelOptions::default());
+    assert_eq!((kv, head), (KvType::F32, LmHeadQuant::None));
+    let options = ModelOptions {
+        kv_type: KvType::F16,
+        lm_head: LmHeadQuant::Int8,
+        ..Default::default()
+    };
+    let (quick, kv, head, mem16) = run(options);
+    assert_eq!((kv, head), (KvType::F16, LmHeadQuant::Int8));
+    assert_eq!(mem16.kv_cache_bytes * 2, mem.kv_cache_bytes);
+    assert_eq!(quick.tokens.len(), exact.tokens.len());
+}
