@@ -160,3 +160,46 @@ fn converting_a_float_model_to_ternary_needs_force() {
         "the linears are stored ternary: {text}"
     );
 }
+
+/// Q4_1/Q8_0 weights stay in their blocks (`kernels::qblock`). The exact mode gives the bits
+/// of the old f32 dequantization (PPL 18.1994 over 4 chunks, as printed before); `--quant-acts
+/// q8` quantizes activations to Q8 blocks as llama.cpp does and lands on llama.cpp's figure
+/// for the same attention arithmetic (`llama-perplexity -c 512 --chunks 4 -fa off -ctk f32
+/// -ctv f32`: 18.2268; its default flash attention with an f16 cache gives 18.3363).
+#[test]
+fn quantized_activations_match_llama_cpps_arithmetic() {
+    let m = model();
+    let ppl = |mode: &str| {
+        let (out, _) = bitnet_ok(&[
+            "perplexity",
+            "-m",
+            m.to_str().unwrap(),
+            "-f",
+            "/usr/share/common-licenses/GPL-3",
+            "-c",
+            "512",
+            "--chunks",
+            "4",
+            "--quant-acts",
+            mode,
+        ]);
+        (final_ppl(&out), out)
+    };
+    let (exact, out) = ppl("exact");
+    assert!(out.contains("PPL = 18.1994"), "exact mode: {exact}");
+    let (q8, _) = ppl("q8");
+    assert!(
+        (q8 / 18.2268 - 1.0).abs() < 0.005,
+        "--quant-acts q8: PPL {q8}, llama.cpp 18.2268"
+    );
+    let (_, err) = common::bitnet_err(&[
+        "perplexity",
+        "-m",
+        m.to_str().unwrap(),
+        "-f",
+        "x",
+        "--quant-acts",
+        "q4",
+    ]);
+    assert!(err.contains("expected exact or q8"), "{err}");
+}
