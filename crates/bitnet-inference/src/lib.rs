@@ -35,6 +35,7 @@ pub mod generate;
 pub mod hub;
 pub mod kernels;
 pub mod model;
+pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
 

@@ -8,6 +8,7 @@
 //! NEON; the first version, kept for the kernel comparison in `examples/membw.rs`) and
 //! against f32 activations (`(Σ q_w·x) / s_w`). All have scalar fallbacks.
 
+use super::matmul::{par_rows, SharedOut};
 use super::q6k::Int12Activations;
 use super::{DenseMatrix, QuantizedActivations, BLOCK_WEIGHTS};
 use rayon::prelude::*;
@@ -98,36 +99,12 @@ impl Int8Matrix {
     }
 }
 
-/// Splits `rows` output rows over the spinning pool; `f(r)` computes every token of row `r`.
-pub(super) fn par_rows(rows: usize, f: &(dyn Fn(usize) + Sync)) {
-    let chunk = 256;
-    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
-        for r in c * chunk..((c + 1) * chunk).min(rows) {
-            f(r);
-        }
-    });
-}
-
-#[derive(Clone, Copy)]
-pub(super) struct Out(pub(super) *mut f32);
-// SAFETY: the tasks sharing one `Out` write disjoint elements (distinct rows), and the
-// buffer outlives them (the pool returns when all are done).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-impl Out {
-    /// Writes element `i`; callers pass indices inside the buffer that no other task writes.
-    pub(super) unsafe fn put(self, i: usize, v: f32) {
-        // SAFETY: see above.
-        unsafe { *self.0.add(i) = v }
-    }
-}
-
 /// `out[t][r] = (Σ_k q_w[r][k]·q_a[t][k]) / (s_w[r]·s_a[t])`; `out` is `[n_tok, rows]`.
 pub fn int8_matmul_int8(w: &Int8Matrix, acts: &QuantizedActivations, out: &mut [f32]) {
     let (rows, n_tok) = (w.rows, acts.n_rows());
     assert_eq!(acts.padded_cols(), w.padded_cols, "int8 matmul width");
     assert_eq!(out.len(), rows * n_tok, "int8 matmul output size");
-    let o = Out(out.as_mut_ptr());
+    let o = SharedOut(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     let vnni = is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
@@ -274,7 +251,7 @@ pub fn int8_matmul_int12_with(
         Int12Path::available().contains(&path),
         "{path:?} not available"
     );
-    let o = Out(out.as_mut_ptr());
+    let o = SharedOut(out.as_mut_ptr());
     par_rows(rows, &|r| {
         for t in 0..n_tok {
             let d = path.dot(w, r, acts, t);
@@ -294,7 +271,7 @@ pub fn int8_matmul_f32(w: &Int8Matrix, x: &[f32], n_tok: usize, out: &mut [f32])
     let (rows, cols) = (w.rows, w.cols);
     assert_eq!(x.len(), n_tok * cols, "int8 matmul input size");
     assert_eq!(out.len(), rows * n_tok, "int8 matmul output size");
-    let o = Out(out.as_mut_ptr());
+    let o = SharedOut(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     let avx512 = is_x86_feature_detected!("avx512f");
     par_rows(rows, &|r| {

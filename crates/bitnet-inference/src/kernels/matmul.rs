@@ -19,6 +19,12 @@ impl SharedOut {
         // SAFETY: callers pass indices inside the buffer (see the call sites).
         unsafe { self.0.add(i) }
     }
+
+    /// Writes element `i`; callers pass indices inside the buffer that no other task writes.
+    pub(super) unsafe fn put(self, i: usize, v: f32) {
+        // SAFETY: the caller's promise above; the buffer outlives every task.
+        unsafe { *self.0.add(i) = v }
+    }
 }
 
 thread_local! {
@@ -182,6 +188,16 @@ pub fn dense_matmul_with(
                 // SAFETY: (t, r) is inside `out` and row r belongs to this task alone.
                 unsafe { *out_ptr.at(t * rows + r) = v };
             }
+        }
+    });
+}
+
+/// Splits `rows` output rows over the spinning pool; `f(r)` computes every token of row `r`.
+pub(super) fn par_rows(rows: usize, f: &(dyn Fn(usize) + Sync)) {
+    let chunk = 256;
+    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
+        for r in c * chunk..((c + 1) * chunk).min(rows) {
+            f(r);
         }
     });
 }

@@ -22,7 +22,7 @@
 //! fixed tree and divided by the activation scale) is the same on every path, so every path
 //! returns the same bits.
 
-use super::int8::{par_rows, Out};
+use super::matmul::{par_rows, SharedOut};
 use super::q6k::Int12Activations;
 use super::DenseMatrix;
 use half::f16;
@@ -368,7 +368,7 @@ pub fn q4_matmul_with(path: Q4Path, w: &Q4Matrix, acts: &Q4Activations, out: &mu
         Q4Path::available().contains(&path),
         "{path:?} not available"
     );
-    let o = Out(out.as_mut_ptr());
+    let o = SharedOut(out.as_mut_ptr());
     par_rows(rows, &|r| {
         let (codes, scales) = w.row(r);
         for t in 0..n_tok {

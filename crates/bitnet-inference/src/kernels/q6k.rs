@@ -8,7 +8,7 @@
 //! The float part (`d · Σ` per block, summed over the row in block order, divided by the
 //! activation scale) is the same code on every path, so every path returns the same bits.
 
-use super::int8::{par_rows, Out};
+use super::matmul::{par_rows, SharedOut};
 use crate::formats::mmap::Buffer;
 use crate::{Error, Result};
 use half::f16;
@@ -379,7 +379,7 @@ pub fn q6k_matmul_with(path: Path, w: &Q6kMatrix, acts: &Int12Activations, out: 
     assert_eq!(acts.cols, w.padded_cols, "Q6_K matmul width");
     assert_eq!(out.len(), rows * n_tok, "Q6_K matmul output size");
     assert!(Path::available().contains(&path), "{path:?} not available");
-    let o = Out(out.as_mut_ptr());
+    let o = SharedOut(out.as_mut_ptr());
     par_rows(rows, &|r| {
         let wr = w.row(r);
         for t in 0..n_tok {

@@ -4,8 +4,8 @@
 use super::config::{Activation, ModelConfig};
 use super::weights::{LayerWeights, Linear, ModelWeights, RmsNorm};
 use crate::formats::gguf::GgufValue;
-use crate::generate::Rng;
 use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
+use crate::rng::Rng;
 use crate::Result;
 use half::f16;
 

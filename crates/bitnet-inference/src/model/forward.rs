@@ -981,9 +981,9 @@ fn check_shapes(c: &ModelConfig, w: &ModelWeights) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generate::Rng;
     use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
     use crate::model::{LayerWeights, Linear};
+    use crate::rng::Rng;
 
     fn config() -> ModelConfig {
         ModelConfig {
