@@ -194,6 +194,7 @@ impl ExactPath {
 
 /// Token rows under which decode-style kernels (blocks decoded in registers) run; from it on,
 /// panels of decoded rows are multiplied with tiles of tokens.
+#[cfg(target_arch = "x86_64")]
 const PANEL_MIN_TOKENS: usize = 4;
 /// Tokens a panel is multiplied with before the next panel is decoded (their rows stay in
 /// L2: 64 × 1536 × 4 bytes = 384 KiB at most for SmolLM2's widest input).
@@ -381,6 +382,12 @@ pub enum Q8Path {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// `smull` + pairwise adds into the 4-byte lanes.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    /// `sdot` (the 4-byte lanes directly).
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
 }
 
 impl Q8Path {
@@ -408,6 +415,15 @@ impl Q8Path {
                 && is_x86_feature_detected!("avx512vl")
             {
                 v.push(Q8Path::Avx512Vnni);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                v.push(Q8Path::Neon);
+                if std::arch::is_aarch64_feature_detected!("dotprod") {
+                    v.push(Q8Path::NeonDot);
+                }
             }
         }
         v
@@ -550,6 +566,8 @@ pub fn matmul_q8_with(
                         }
                         #[cfg(target_arch = "x86_64")]
                         _ => x86::q8_row(path, ty, row, nb, acts, t, tile, &mut acc),
+                        #[cfg(target_arch = "aarch64")]
+                        _ => arm::q8_row(path, ty, row, nb, acts, t, tile, &mut acc),
                     }
                     for (k, &v) in acc[..tile].iter().enumerate() {
                         // SAFETY: (t + k, r) is inside `out` (checked) and row r belongs to
@@ -1332,6 +1350,147 @@ mod x86 {
             // SAFETY: register arithmetic under AVX2.
             acc[k] = unsafe { tree_256(_mm256_add_ps(lanes[k][0], lanes[k][1])) } + konst[k];
         }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::{BlockType, Q8Activations, Q8Path, QK};
+    use std::arch::aarch64::*;
+
+    /// `acc[k]` for tokens `t .. t + tile` (tile ≤ 4) of one row on a NEON path, with the
+    /// lanes of `super::row_dot_scalar`: a block's 32 weights as two 16-byte vectors, each
+    /// giving 4 lanes of 4-byte sums (signed: Q4 codes 0..=15, Q8_0 values), even blocks into
+    /// lanes 0..8, odd ones into 8..16.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn q8_row(
+        path: Q8Path,
+        ty: BlockType,
+        row: &[u8],
+        nb: usize,
+        acts: &Q8Activations,
+        t: usize,
+        tile: usize,
+        acc: &mut [f32; 4],
+    ) {
+        assert!(row.len() == nb * ty.block_bytes() && acts.cols == nb * QK);
+        assert!((1..=4).contains(&tile) && t + tile <= acts.n);
+        // SAFETY: the path came from feature detection (asserted by the caller); sizes
+        // asserted above.
+        unsafe {
+            if path == Q8Path::NeonDot {
+                q8_row_dot(ty, row, nb, acts, t, tile, acc)
+            } else {
+                q8_row_neon(ty, row, nb, acts, t, tile, acc)
+            }
+        }
+    }
+
+    /// A block's weights as two signed byte vectors in weight order.
+    ///
+    /// Safety: needs NEON; `blk` is a whole block of type `ty`.
+    #[inline(always)]
+    unsafe fn weights(ty: BlockType, blk: &[u8]) -> [int8x16_t; 2] {
+        debug_assert_eq!(blk.len(), ty.block_bytes());
+        // SAFETY: the loads read bytes 2..34 (Q8_0) or the last 16 bytes (Q4) of the block.
+        unsafe {
+            if ty == BlockType::Q8_0 {
+                [
+                    vld1q_s8(blk.as_ptr().add(2).cast()),
+                    vld1q_s8(blk.as_ptr().add(18).cast()),
+                ]
+            } else {
+                let qs = vld1q_u8(blk.as_ptr().add(blk.len() - 16));
+                [
+                    vreinterpretq_s8_u8(vandq_u8(qs, vdupq_n_u8(0x0F))),
+                    vreinterpretq_s8_u8(vshrq_n_u8::<4>(qs)),
+                ]
+            }
+        }
+    }
+
+    /// Lanes `4j..4j+4` summed (four int32 lanes) with `smull` and pairwise adds.
+    ///
+    /// Safety: needs NEON.
+    #[inline(always)]
+    unsafe fn dot4_widen(w: int8x16_t, a: int8x16_t) -> int32x4_t {
+        // |w·a| ≤ 128·127 fits int16; register arithmetic only.
+        let lo = vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(a)));
+        let hi = vpaddlq_s16(vmull_high_s8(w, a));
+        vpaddq_s32(lo, hi)
+    }
+
+    /// Lanes `4j..4j+4` summed with `sdot`.
+    ///
+    /// Safety: needs NEON and dotprod.
+    #[inline(always)]
+    unsafe fn dot4_sdot(w: int8x16_t, a: int8x16_t) -> int32x4_t {
+        // SAFETY: the caller runs with dotprod.
+        unsafe { super::super::neon::sdot(vdupq_n_s32(0), w, a) }
+    }
+
+    macro_rules! q8_row_body {
+        ($ty:expr, $row:expr, $nb:expr, $acts:expr, $t:expr, $tile:expr, $acc:expr, $dot:expr) => {{
+            let (ty, row, nb, acts, t, tile, acc) = ($ty, $row, $nb, $acts, $t, $tile, $acc);
+            let bb = ty.block_bytes();
+            let mut lanes = [[vdupq_n_f32(0.0); 4]; 4];
+            let mut konst = [0.0f32; 4];
+            for (b, blk) in row.chunks_exact(bb).enumerate() {
+                let (dw, cw) = super::block_dc(ty, blk);
+                // SAFETY: `blk` is a whole block (chunks_exact).
+                let w = unsafe { weights(ty, blk) };
+                for k in 0..tile {
+                    let tk = t + k;
+                    let a = &acts.row(tk)[b * QK..(b + 1) * QK];
+                    // SAFETY: `a` has 32 values.
+                    let (a0, a1) = unsafe { (vld1q_s8(a.as_ptr()), vld1q_s8(a.as_ptr().add(16))) };
+                    let sc = dw * acts.d[tk * nb + b];
+                    let half = 2 * (b % 2);
+                    for (h, (wv, av)) in [(w[0], a0), (w[1], a1)].into_iter().enumerate() {
+                        // SAFETY: the enclosing function enables the features `$dot` needs.
+                        let d = vcvtq_f32_s32(unsafe { $dot(wv, av) });
+                        let l = &mut lanes[k][half + h];
+                        *l = vaddq_f32(*l, vmulq_n_f32(d, sc));
+                    }
+                    konst[k] += cw * acts.c[tk * nb + b];
+                }
+            }
+            for k in 0..tile {
+                let [e0, e1, o0, o1] = lanes[k];
+                let (s8a, s8b) = (vaddq_f32(e0, o0), vaddq_f32(e1, o1));
+                let s4 = vaddq_f32(s8a, s8b);
+                let s2 = vadd_f32(vget_low_f32(s4), vget_high_f32(s4));
+                acc[k] = (vget_lane_f32::<0>(s2) + vget_lane_f32::<1>(s2)) + konst[k];
+            }
+        }};
+    }
+
+    /// Safety: needs NEON; sizes as in [`q8_row`].
+    #[target_feature(enable = "neon")]
+    unsafe fn q8_row_neon(
+        ty: BlockType,
+        row: &[u8],
+        nb: usize,
+        acts: &Q8Activations,
+        t: usize,
+        tile: usize,
+        acc: &mut [f32; 4],
+    ) {
+        q8_row_body!(ty, row, nb, acts, t, tile, acc, dot4_widen)
+    }
+
+    /// Safety: needs NEON and dotprod; sizes as in [`q8_row`].
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn q8_row_dot(
+        ty: BlockType,
+        row: &[u8],
+        nb: usize,
+        acts: &Q8Activations,
+        t: usize,
+        tile: usize,
+        acc: &mut [f32; 4],
+    ) {
+        q8_row_body!(ty, row, nb, acts, t, tile, acc, dot4_sdot)
     }
 }
 
