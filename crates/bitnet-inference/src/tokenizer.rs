@@ -20,10 +20,10 @@
 //! the `llama` model runs llama.cpp's SentencePiece algorithm (merge the best-scoring adjacent
 //! pair that is a token, byte fallback through `<0xNN>`, `▁` for spaces, a space prefix).
 
-use crate::formats::gguf::{GgufMetadata, GgufValue};
+use crate::formats::gguf::{GgufMetadata, MetadataReader, MetadataView};
 use crate::{Error, Result};
 use std::collections::{BinaryHeap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 use tokenizers as hf;
 
@@ -185,9 +185,12 @@ impl Tokenizer {
     /// Builds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`). `path` names the file
     /// in errors.
     pub fn from_gguf(meta: &GgufMetadata, path: &Path) -> Result<Self> {
-        let m = Meta { meta, path };
-        let kind = m.str("tokenizer.ggml.model")?;
-        let tokens = m.str_array("tokenizer.ggml.tokens")?;
+        let m = MetadataView {
+            metadata: meta,
+            path,
+        };
+        let kind = m.get_str("tokenizer.ggml.model")?.to_string();
+        let tokens = owned(m.get_str_array("tokenizer.ggml.tokens")?);
         let n = tokens.len();
         if n == 0 {
             return Err(Error::config(
@@ -226,9 +229,9 @@ impl Tokenizer {
 
         let (model, pieces, default_add_bos, what) = match kind.as_str() {
             "gpt2" => {
-                let merges = m.str_array("tokenizer.ggml.merges")?;
+                let merges = owned(m.get_str_array("tokenizer.ggml.merges")?);
                 let pre = m.opt_str("tokenizer.ggml.pre")?.unwrap_or_default();
-                let (regexes, ignore_merges, add_bos) = pre_tokenizer(&pre).ok_or_else(|| {
+                let (regexes, ignore_merges, add_bos) = pre_tokenizer(pre).ok_or_else(|| {
                     Error::config(
                         path,
                         "tokenizer.ggml.pre",
@@ -256,7 +259,7 @@ impl Tokenizer {
                 (model, pieces, add_bos, format!("gpt2 BPE (pre `{pre}`)"))
             }
             "llama" => {
-                let scores = m.f32_array("tokenizer.ggml.scores")?;
+                let scores = m.get_f32_array("tokenizer.ggml.scores")?;
                 if scores.len() != n {
                     return Err(Error::config(
                         path,
@@ -909,110 +912,14 @@ impl Spm {
     }
 }
 
-/// Typed access to GGUF metadata with errors naming the file and key.
-struct Meta<'a> {
-    meta: &'a GgufMetadata,
-    path: &'a Path,
-}
-
-impl Meta<'_> {
-    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
-        Error::config(PathBuf::from(self.path), key, msg)
-    }
-    fn get(&self, key: &str) -> Result<&GgufValue> {
-        self.meta.get(key).ok_or_else(|| self.err(key, "missing"))
-    }
-    fn str(&self, key: &str) -> Result<String> {
-        match self.get(key)? {
-            GgufValue::String(s) => Ok(s.clone()),
-            v => Err(self.err(key, format!("expected a string, found {v:?}"))),
-        }
-    }
-    fn opt_str(&self, key: &str) -> Result<Option<String>> {
-        if self.meta.contains_key(key) {
-            self.str(key).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.meta.get(key) {
-            None => Ok(None),
-            Some(GgufValue::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.err(key, format!("expected a bool, found {v:?}"))),
-        }
-    }
-    fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
-        let v = match self.meta.get(key) {
-            None => return Ok(None),
-            Some(v) => v,
-        };
-        int_of(v)
-            .and_then(|i| u64::try_from(i).ok())
-            .map(Some)
-            .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v:?}")))
-    }
-    fn array(&self, key: &str) -> Result<&[GgufValue]> {
-        match self.get(key)? {
-            GgufValue::Array(a) => Ok(a),
-            _ => Err(self.err(key, "expected an array")),
-        }
-    }
-    fn str_array(&self, key: &str) -> Result<Vec<String>> {
-        self.array(key)?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                GgufValue::String(s) => Ok(s.clone()),
-                _ => Err(self.err(key, format!("element {i} is not a string"))),
-            })
-            .collect()
-    }
-    fn f32_array(&self, key: &str) -> Result<Vec<f32>> {
-        self.array(key)?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                GgufValue::F32(x) => Ok(*x),
-                GgufValue::F64(x) => Ok(*x as f32),
-                _ => Err(self.err(key, format!("element {i} is not a float"))),
-            })
-            .collect()
-    }
-    fn opt_i32_array(&self, key: &str) -> Result<Option<Vec<i32>>> {
-        if !self.meta.contains_key(key) {
-            return Ok(None);
-        }
-        self.array(key)?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                int_of(v)
-                    .and_then(|x| i32::try_from(x).ok())
-                    .ok_or_else(|| self.err(key, format!("element {i} is not an integer")))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
-    }
-}
-
-fn int_of(v: &GgufValue) -> Option<i128> {
-    Some(match *v {
-        GgufValue::U8(x) => x as i128,
-        GgufValue::I8(x) => x as i128,
-        GgufValue::U16(x) => x as i128,
-        GgufValue::I16(x) => x as i128,
-        GgufValue::U32(x) => x as i128,
-        GgufValue::I32(x) => x as i128,
-        GgufValue::U64(x) => x as i128,
-        GgufValue::I64(x) => x as i128,
-        _ => return None,
-    })
+fn owned(v: Vec<&str>) -> Vec<String> {
+    v.into_iter().map(str::to_string).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::gguf::GgufValue;
 
     fn s(x: &str) -> GgufValue {
         GgufValue::String(x.to_string())

@@ -572,14 +572,23 @@ impl GgufFile {
     pub fn get(&self, key: &str) -> Option<&GgufValue> {
         self.metadata.get(key)
     }
+}
+
+/// Typed reads of GGUF metadata, with errors naming the file and key: one implementation for
+/// every reader of GGUF metadata (the model loader, the tokenizer, conversion).
+pub trait MetadataReader {
+    /// The value of `key`, if present.
+    fn value(&self, key: &str) -> Option<&GgufValue>;
+    /// The file the metadata came from, for errors.
+    fn source(&self) -> &Path;
 
     fn missing(&self, key: &str) -> Error {
-        Error::config(&self.path, key, "missing from the GGUF metadata")
+        Error::config(self.source(), key, "missing from the GGUF metadata")
     }
 
     fn wrong(&self, key: &str, v: &GgufValue, expected: &str) -> Error {
         Error::config(
-            &self.path,
+            self.source(),
             key,
             format!(
                 "expected {expected}, found {} {}",
@@ -590,94 +599,156 @@ impl GgufFile {
     }
 
     /// A non-negative integer of any width; `None` if absent, an error if mistyped.
-    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
-        self.get(key)
+    fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
+        self.value(key)
             .map(|v| {
                 v.as_u64()
                     .ok_or_else(|| self.wrong(key, v, "a non-negative integer"))
             })
             .transpose()
     }
-    pub fn get_u64(&self, key: &str) -> Result<u64> {
+    fn get_u64(&self, key: &str) -> Result<u64> {
         self.opt_u64(key)?.ok_or_else(|| self.missing(key))
     }
-    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         self.opt_u64(key)?
             .map(|v| {
                 usize::try_from(v)
-                    .map_err(|_| Error::config(&self.path, key, format!("{v} is too large")))
+                    .map_err(|_| Error::config(self.source(), key, format!("{v} is too large")))
             })
             .transpose()
     }
-    pub fn get_usize(&self, key: &str) -> Result<usize> {
+    fn get_usize(&self, key: &str) -> Result<usize> {
         self.opt_usize(key)?.ok_or_else(|| self.missing(key))
     }
-    pub fn opt_u32(&self, key: &str) -> Result<Option<u32>> {
+    fn opt_u32(&self, key: &str) -> Result<Option<u32>> {
         self.opt_u64(key)?
             .map(|v| {
                 u32::try_from(v)
-                    .map_err(|_| Error::config(&self.path, key, format!("{v} does not fit u32")))
+                    .map_err(|_| Error::config(self.source(), key, format!("{v} does not fit u32")))
             })
             .transpose()
     }
-    pub fn get_u32(&self, key: &str) -> Result<u32> {
+    fn get_u32(&self, key: &str) -> Result<u32> {
         self.opt_u32(key)?.ok_or_else(|| self.missing(key))
     }
-    pub fn opt_i64(&self, key: &str) -> Result<Option<i64>> {
-        self.get(key)
+    fn opt_i64(&self, key: &str) -> Result<Option<i64>> {
+        self.value(key)
             .map(|v| v.as_i64().ok_or_else(|| self.wrong(key, v, "an integer")))
             .transpose()
     }
-    pub fn get_i64(&self, key: &str) -> Result<i64> {
+    fn get_i64(&self, key: &str) -> Result<i64> {
         self.opt_i64(key)?.ok_or_else(|| self.missing(key))
     }
-    pub fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
-        self.get(key)
+    fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
+        self.value(key)
             .map(|v| v.as_f32().ok_or_else(|| self.wrong(key, v, "a float")))
             .transpose()
     }
-    pub fn get_f32(&self, key: &str) -> Result<f32> {
+    fn get_f32(&self, key: &str) -> Result<f32> {
         self.opt_f32(key)?.ok_or_else(|| self.missing(key))
     }
-    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
-        self.get(key)
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        self.value(key)
             .map(|v| v.as_bool().ok_or_else(|| self.wrong(key, v, "a bool")))
             .transpose()
     }
-    pub fn get_bool(&self, key: &str) -> Result<bool> {
+    fn get_bool(&self, key: &str) -> Result<bool> {
         self.opt_bool(key)?.ok_or_else(|| self.missing(key))
     }
-    pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
-        self.get(key)
+    fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+        self.value(key)
             .map(|v| v.as_str().ok_or_else(|| self.wrong(key, v, "a string")))
             .transpose()
     }
-    pub fn get_str(&self, key: &str) -> Result<&str> {
+    fn get_str(&self, key: &str) -> Result<&str> {
         self.opt_str(key)?.ok_or_else(|| self.missing(key))
     }
-    pub fn opt_array(&self, key: &str) -> Result<Option<&[GgufValue]>> {
-        self.get(key)
+    fn opt_array(&self, key: &str) -> Result<Option<&[GgufValue]>> {
+        self.value(key)
             .map(|v| v.as_array().ok_or_else(|| self.wrong(key, v, "an array")))
             .transpose()
     }
-    pub fn get_array(&self, key: &str) -> Result<&[GgufValue]> {
+    fn get_array(&self, key: &str) -> Result<&[GgufValue]> {
         self.opt_array(key)?.ok_or_else(|| self.missing(key))
     }
     /// An array of strings.
-    pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
+    fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
         self.get_array(key)?
             .iter()
             .enumerate()
             .map(|(i, v)| {
                 v.as_str().ok_or_else(|| {
                     Error::config(
-                        &self.path,
+                        self.source(),
                         key,
                         format!("element {i} is {}, expected a string", v.type_name()),
                     )
                 })
             })
             .collect()
+    }
+    /// An array of floats (f32 or f64 elements).
+    fn get_f32_array(&self, key: &str) -> Result<Vec<f32>> {
+        self.get_array(key)?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_f32().ok_or_else(|| {
+                    Error::config(
+                        self.source(),
+                        key,
+                        format!("element {i} is {}, expected a float", v.type_name()),
+                    )
+                })
+            })
+            .collect()
+    }
+    /// An array of integers that fit i32; `None` if absent.
+    fn opt_i32_array(&self, key: &str) -> Result<Option<Vec<i32>>> {
+        let Some(values) = self.opt_array(key)? else {
+            return Ok(None);
+        };
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_i64()
+                    .and_then(|x| i32::try_from(x).ok())
+                    .ok_or_else(|| {
+                        Error::config(
+                            self.source(),
+                            key,
+                            format!("element {i} is {}, expected an i32", v.display()),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
+impl MetadataReader for GgufFile {
+    fn value(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+    fn source(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A metadata map read on its own (as the tokenizer does), with the file it came from.
+pub struct MetadataView<'a> {
+    pub metadata: &'a GgufMetadata,
+    pub path: &'a Path,
+}
+
+impl MetadataReader for MetadataView<'_> {
+    fn value(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+    fn source(&self) -> &Path {
+        self.path
     }
 }
 

@@ -59,7 +59,7 @@ use super::config::{Activation, GenerationDefaults, ModelConfig};
 use super::weights::{LayerWeights, Linear, ModelWeights, RmsNorm};
 use super::{LoadedModel, TensorSummary};
 use crate::formats::ggml::{self, GgmlType};
-use crate::formats::gguf::{GgufFile, GgufTensorInfo};
+use crate::formats::gguf::{GgufFile, GgufTensorInfo, MetadataReader};
 use crate::kernels::qblock::{self, BlockType};
 use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix, BLOCK_WEIGHTS};
 use crate::tokenizer::Tokenizer;

@@ -2,7 +2,7 @@
 //! encoding, bad files, and the real SmolLM2 file when installed.
 
 use bitnet_inference::formats::ggml::{self, GgmlType};
-use bitnet_inference::formats::gguf::{GgufFile, GgufValue, GgufWriter};
+use bitnet_inference::formats::gguf::{GgufFile, GgufValue, GgufWriter, MetadataReader};
 use bitnet_inference::kernels::{DenseData, TernaryMatrix};
 use bitnet_inference::model::load_gguf::{self, unpermute_row};
 use bitnet_inference::model::{Activation, Linear, LinearWeights};

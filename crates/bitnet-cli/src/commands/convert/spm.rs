@@ -17,7 +17,7 @@
 
 use super::{generation_config_json, special_text, template_processing, JsonVocab};
 use anyhow::{anyhow, bail, Result};
-use bitnet_inference::formats::gguf::{GgufMetadata, GgufValue};
+use bitnet_inference::formats::gguf::{GgufMetadata, GgufValue, MetadataReader, MetadataView};
 use bitnet_inference::model::GenerationDefaults;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -317,59 +317,35 @@ pub(super) fn gguf_metadata(
     Ok(meta)
 }
 
-/// Typed reads of GGUF metadata with errors naming the file and key.
+/// What a GGUF-to-SentencePiece conversion reads from the metadata (through the library's
+/// one typed reader), with errors that say what the value is needed for.
 struct Meta<'a> {
-    meta: &'a GgufMetadata,
-    path: &'a Path,
+    view: MetadataView<'a>,
 }
 
 impl Meta<'_> {
     fn err(&self, key: &str, what: impl std::fmt::Display) -> anyhow::Error {
         anyhow!(
             "{}: {key}: {what} (needed to write a SentencePiece tokenizer.json)",
-            self.path.display()
+            self.view.path.display()
         )
     }
 
-    fn array(&self, key: &str) -> Result<&[GgufValue]> {
-        match self.meta.get(key) {
-            Some(GgufValue::Array(a)) => Ok(a),
-            Some(_) => Err(self.err(key, "not an array")),
-            None => Err(self.err(key, "missing")),
-        }
+    fn read<T>(&self, r: bitnet_inference::Result<T>) -> Result<T> {
+        r.map_err(|e| anyhow!("{e} (needed to write a SentencePiece tokenizer.json)"))
     }
 
     fn id(&self, key: &str, n: usize) -> Result<Option<usize>> {
-        let Some(v) = self.meta.get(key) else {
-            return Ok(None);
-        };
-        match int_of(v) {
-            Some(i) if (0..n as i64).contains(&i) => Ok(Some(i as usize)),
-            _ => Err(self.err(key, format!("{v:?} is not a token id below {n}"))),
+        match self.read(self.view.opt_u64(key))? {
+            None => Ok(None),
+            Some(i) if i < n as u64 => Ok(Some(i as usize)),
+            Some(i) => Err(self.err(key, format!("{i} is not a token id below {n}"))),
         }
     }
 
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.meta.get(key) {
-            None => Ok(default),
-            Some(GgufValue::Bool(b)) => Ok(*b),
-            Some(v) => Err(self.err(key, format!("{v:?} is not a bool"))),
-        }
+        Ok(self.read(self.view.opt_bool(key))?.unwrap_or(default))
     }
-}
-
-fn int_of(v: &GgufValue) -> Option<i64> {
-    Some(match *v {
-        GgufValue::U8(x) => x.into(),
-        GgufValue::I8(x) => x.into(),
-        GgufValue::U16(x) => x.into(),
-        GgufValue::I16(x) => x.into(),
-        GgufValue::U32(x) => x.into(),
-        GgufValue::I32(x) => x.into(),
-        GgufValue::U64(x) => i64::try_from(x).ok()?,
-        GgufValue::I64(x) => x,
-        _ => return None,
-    })
 }
 
 /// `tokenizer.json` and `tokenizer_config.json` (Llama-2's form) for a GGUF `llama`
@@ -379,40 +355,28 @@ pub(super) fn tokenizer_files(
     meta: &GgufMetadata,
     generation: &GenerationDefaults,
 ) -> Result<Vec<(String, Vec<u8>)>> {
-    let m = Meta { meta, path };
+    let m = Meta {
+        view: MetadataView {
+            metadata: meta,
+            path,
+        },
+    };
     let tokens: Vec<String> = m
-        .array("tokenizer.ggml.tokens")?
-        .iter()
-        .map(|v| match v {
-            GgufValue::String(s) => Ok(s.clone()),
-            _ => Err(m.err("tokenizer.ggml.tokens", "holds a non-string")),
-        })
-        .collect::<Result<_>>()?;
+        .read(m.view.get_str_array("tokenizer.ggml.tokens"))?
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     let n = tokens.len();
-    let scores: Vec<f32> = m
-        .array("tokenizer.ggml.scores")?
-        .iter()
-        .map(|v| match *v {
-            GgufValue::F32(x) => Ok(x),
-            GgufValue::F64(x) => Ok(x as f32),
-            _ => Err(m.err("tokenizer.ggml.scores", "holds a non-float")),
-        })
-        .collect::<Result<_>>()?;
+    let scores = m.read(m.view.get_f32_array("tokenizer.ggml.scores"))?;
     if scores.len() != n {
         return Err(m.err(
             "tokenizer.ggml.scores",
             format!("{} scores for {n} tokens", scores.len()),
         ));
     }
-    let types: Vec<i64> = match meta.get("tokenizer.ggml.token_type") {
+    let types: Vec<i64> = match m.read(m.view.opt_i32_array("tokenizer.ggml.token_type"))? {
         None => vec![TT_NORMAL.into(); n],
-        Some(_) => m
-            .array("tokenizer.ggml.token_type")?
-            .iter()
-            .map(|v| {
-                int_of(v).ok_or_else(|| m.err("tokenizer.ggml.token_type", "holds a non-integer"))
-            })
-            .collect::<Result<_>>()?,
+        Some(t) => t.into_iter().map(i64::from).collect(),
     };
     if types.len() != n {
         return Err(m.err(
