@@ -629,31 +629,38 @@ mod x86 {
         // SAFETY: the block's bytes are readable (caller); register arithmetic otherwise.
         unsafe {
             let d = f16_512(p, 0);
-            let (lo, hi) = if TY == Q8_0 {
-                (
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2).cast())),
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(18).cast())),
-                )
-            } else {
-                let qs = _mm_loadu_si128(p.add(if TY == Q4_0 { 2 } else { 4 }).cast());
-                let m4 = _mm_set1_epi8(0x0F);
-                let lo = _mm512_cvtepu8_epi32(_mm_and_si128(qs, m4));
-                let hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(qs), m4));
-                if TY == Q4_0 {
-                    let c8 = _mm512_set1_epi32(8);
-                    (_mm512_sub_epi32(lo, c8), _mm512_sub_epi32(hi, c8))
-                } else {
-                    (lo, hi)
-                }
-            };
-            let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d);
-            let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d);
-            if TY == Q4_1 {
-                let m = f16_512(p, 2);
-                (_mm512_add_ps(lo, m), _mm512_add_ps(hi, m))
-            } else {
-                (lo, hi)
+            if TY == Q8_0 {
+                let lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2).cast()));
+                let hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(18).cast()));
+                return (
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
+                );
             }
+            // Q4: the 16 values a code can stand for, computed once (the scalar decoder's
+            // roundings: `(k − 8)·d`, or `k·d` then `+ m`), then looked up by `vpermps`,
+            // which reads only the low 4 bits of each index: the high nibble of a byte, or
+            // the neighbour's nibble that a 16-bit shift brings in, is ignored.
+            let table = if TY == Q4_0 {
+                let k = _mm512_setr_ps(
+                    -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0,
+                    6.0, 7.0,
+                );
+                _mm512_mul_ps(k, d)
+            } else {
+                let k = _mm512_setr_ps(
+                    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+                    15.0,
+                );
+                _mm512_add_ps(_mm512_mul_ps(k, d), f16_512(p, 2))
+            };
+            let qs = _mm_loadu_si128(p.add(if TY == Q4_0 { 2 } else { 4 }).cast());
+            let lo = _mm512_cvtepu8_epi32(qs);
+            let hi = _mm512_cvtepu8_epi32(_mm_srli_epi16::<4>(qs));
+            (
+                _mm512_permutexvar_ps(lo, table),
+                _mm512_permutexvar_ps(hi, table),
+            )
         }
     }
 
@@ -817,7 +824,7 @@ mod x86 {
         }
     }
 
-    /// Decode-sized products: each block decoded in registers once for up to 4 tokens.
+    /// Decode-sized products: each block decoded in registers once for up to 3 tokens.
     ///
     /// Safety: needs AVX-512F and BW; sizes as in [`exact`].
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -830,35 +837,57 @@ mod x86 {
         n_tok: usize,
         put: &dyn Fn(usize, usize, f32),
     ) {
-        let (bb, nb) = ([18, 20, 34][TY as usize], cols / QK);
         for r in span {
-            let row = data[r * rb..(r + 1) * rb].as_ptr();
+            let row = &data[r * rb..(r + 1) * rb];
             let mut t = 0;
             while t < n_tok {
                 let tile = (n_tok - t).min(3);
-                let xs: [*const f32; 3] =
-                    std::array::from_fn(|k| x[(t + k.min(tile - 1)) * cols..].as_ptr());
-                let mut a = [[_mm512_setzero_ps(); 2]; 3];
-                for b in 0..nb {
-                    // SAFETY: block b of row r lies inside `data` (rb = nb·bb) and values
-                    // 32b..32b+32 inside each token's row of `x` (cols = 32·nb).
-                    unsafe {
-                        let (w0, w1) = decode_512::<TY>(row.add(b * bb));
-                        for k in 0..3 {
-                            if k < tile {
-                                let xp = xs[k].add(b * QK);
-                                a[k][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[k][0]);
-                                a[k][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a[k][1]);
-                            }
-                        }
+                let xt = &x[t * cols..(t + tile) * cols];
+                // SAFETY: the row holds cols/32 whole blocks and `xt` `tile` rows of `cols`
+                // values; AVX-512F/BW as this function.
+                unsafe {
+                    match tile {
+                        3 => fused_row_512::<TY, 3>(row, xt, cols, t, r, put),
+                        2 => fused_row_512::<TY, 2>(row, xt, cols, t, r, put),
+                        _ => fused_row_512::<TY, 1>(row, xt, cols, t, r, put),
                     }
-                }
-                for (k, acc) in a.iter().enumerate().take(tile) {
-                    // SAFETY: register arithmetic under AVX-512F.
-                    put(t + k, r, unsafe { finish_512(acc[0], acc[1]) });
                 }
                 t += tile;
             }
+        }
+    }
+
+    /// One row times `T` token rows (`xt`, `T · cols` values), outputs `(t + k, r)`.
+    ///
+    /// Safety: needs AVX-512F and BW; `row` holds `cols / 32` whole blocks of type `TY`.
+    #[inline(always)]
+    unsafe fn fused_row_512<const TY: u8, const T: usize>(
+        row: &[u8],
+        xt: &[f32],
+        cols: usize,
+        t: usize,
+        r: usize,
+        put: &dyn Fn(usize, usize, f32),
+    ) {
+        let (bb, nb) = ([18, 20, 34][TY as usize], cols / QK);
+        assert!(row.len() >= nb * bb && xt.len() >= T * cols);
+        let (row, xt) = (row.as_ptr(), xt.as_ptr());
+        let mut a = [[_mm512_setzero_ps(); 2]; T];
+        for b in 0..nb {
+            // SAFETY: block b lies inside the row and values 32b..32b+32 inside each token's
+            // row (asserted above); the features as the caller guarantees.
+            unsafe {
+                let (w0, w1) = decode_512::<TY>(row.add(b * bb));
+                for (k, ak) in a.iter_mut().enumerate() {
+                    let xp = xt.add(k * cols + b * QK);
+                    ak[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), ak[0]);
+                    ak[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), ak[1]);
+                }
+            }
+        }
+        for (k, acc) in a.iter().enumerate() {
+            // SAFETY: register arithmetic under AVX-512F.
+            put(t + k, r, unsafe { finish_512(acc[0], acc[1]) });
         }
     }
 
