@@ -54,12 +54,26 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `bitnet inspect | head` should end quietly, as Unix tools do, not panic in `println!`:
+/// Rust ignores SIGPIPE by default, so a write to a closed pipe is an error that `println!`
+/// turns into a panic. Every subcommand here writes its results to stdout; a network server
+/// subcommand must not do this (a client hanging up would end the process).
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE and no handler of ours is replaced.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -478,3 +478,30 @@ fn run_with_no_tokens_prints_no_rates() {
     let line = err.lines().find(|l| l.starts_with("prefill:")).unwrap();
     assert_eq!(line.matches("tok/s").count(), 1, "{line}");
 }
+
+/// `bitnet tokenize -f BIG | head -c 16`: the reader leaves early (the output is larger than
+/// a pipe's buffer) and the command ends quietly, not with a "failed printing to stdout" panic.
+#[test]
+fn a_closed_stdout_pipe_ends_the_command_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let dir = std::env::temp_dir().join(format!("bitnet-sigpipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("big.txt");
+    std::fs::write(&big, "the cat sat on the mat. ".repeat(20_000)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["tokenize", "-m"])
+        .arg(fixtures().join("bitnet-packed"))
+        .arg("-f")
+        .arg(&big)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
