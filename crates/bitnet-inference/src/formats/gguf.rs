@@ -672,59 +672,50 @@ pub trait MetadataReader {
     fn get_array(&self, key: &str) -> Result<&[GgufValue]> {
         self.opt_array(key)?.ok_or_else(|| self.missing(key))
     }
-    /// An array of strings.
-    fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
-        self.get_array(key)?
+    /// Every element of `values` (the array at `key`) read by `read`, which gives None for
+    /// an element that is not `expected`.
+    fn elements<'v, T>(
+        &self,
+        key: &str,
+        values: &'v [GgufValue],
+        expected: &str,
+        read: impl Fn(&'v GgufValue) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        values
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                v.as_str().ok_or_else(|| {
+                read(v).ok_or_else(|| {
                     Error::config(
                         self.source(),
                         key,
-                        format!("element {i} is {}, expected a string", v.type_name()),
+                        format!(
+                            "element {i} is {} {}, expected {expected}",
+                            v.type_name(),
+                            v.display()
+                        ),
                     )
                 })
             })
             .collect()
     }
+    /// An array of strings.
+    fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
+        self.elements(key, self.get_array(key)?, "a string", GgufValue::as_str)
+    }
     /// An array of floats (f32 or f64 elements).
     fn get_f32_array(&self, key: &str) -> Result<Vec<f32>> {
-        self.get_array(key)?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_f32().ok_or_else(|| {
-                    Error::config(
-                        self.source(),
-                        key,
-                        format!("element {i} is {}, expected a float", v.type_name()),
-                    )
-                })
-            })
-            .collect()
+        self.elements(key, self.get_array(key)?, "a float", GgufValue::as_f32)
     }
     /// An array of integers that fit i32; `None` if absent.
     fn opt_i32_array(&self, key: &str) -> Result<Option<Vec<i32>>> {
         let Some(values) = self.opt_array(key)? else {
             return Ok(None);
         };
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_i64()
-                    .and_then(|x| i32::try_from(x).ok())
-                    .ok_or_else(|| {
-                        Error::config(
-                            self.source(),
-                            key,
-                            format!("element {i} is {}, expected an i32", v.display()),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        self.elements(key, values, "an i32", |v| {
+            v.as_i64().and_then(|x| i32::try_from(x).ok())
+        })
+        .map(Some)
     }
 }
 
