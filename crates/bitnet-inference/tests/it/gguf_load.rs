@@ -501,7 +501,11 @@ fn smollm2_loads() {
         ggml::dequantize_row(info.ggml_type, &data[g * rb..(g + 1) * rb], &mut want).unwrap();
         assert_eq!(got, want, "row {r}");
     }
-    // The embedding (Q8_0) is dequantized to f32.
+    // The embedding (Q8_0) and the linears (Q4_1) stay in their blocks, viewed in the file
+    // map, and decode as ggml's reference does.
+    assert_eq!(w.token_embedding.data().type_name(), "q8_0");
+    assert!(w.token_embedding.data().is_mapped());
+    assert_eq!(q.data().type_name(), "q4_1");
     let mut row = vec![0f32; 576];
     w.token_embedding.row_to_f32(49151, &mut row);
     let e = f.tensor("token_embd.weight").unwrap();
