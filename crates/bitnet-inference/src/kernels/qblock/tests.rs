@@ -89,6 +89,8 @@ fn exact_products_equal_the_f32_kernels_on_dequantized_weights_bit_for_bit() {
     for ty in TYPES {
         for (rows, cols, n_tok) in [
             (1, 32, 1),
+            (10, 96, 1),
+            (7, 576, 2),
             (13, 64, 2),
             (9, 576, 3),
             (8, 96, 4),
