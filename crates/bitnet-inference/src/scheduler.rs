@@ -83,6 +83,9 @@ pub enum RequestError {
     BadToken { id: u32, vocab: usize },
     #[error("beam search is not batched; use TextGenerator for it")]
     Unsupported,
+    /// A sampling value out of its range (the message names the field).
+    #[error("{0}")]
+    InvalidConfig(String),
     #[error("the scheduler is shutting down")]
     ShuttingDown,
     #[error("the model failed: {0}")]
@@ -341,6 +344,10 @@ impl Inbox {
         if let SamplingStrategy::BeamSearch { .. } = request.config.strategy {
             return Err(RequestError::Unsupported);
         }
+        request
+            .config
+            .validate()
+            .map_err(RequestError::InvalidConfig)?;
         let mut s = self.lock();
         if s.closed {
             return Err(RequestError::ShuttingDown);

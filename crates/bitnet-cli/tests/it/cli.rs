@@ -505,3 +505,36 @@ fn a_closed_stdout_pipe_ends_the_command_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Sampling values out of range are refused by name, not turned into nonsense.
+#[test]
+fn sampling_flags_out_of_range_are_refused() {
+    let m = fixtures().join("bitnet-packed");
+    for (flag, value, field) in [
+        ("--temp", "nan", "temperature"),
+        ("--top-p", "0", "top_p"),
+        ("--min-p", "2", "min_p"),
+        ("--repeat-penalty=-1", "", "repetition_penalty"),
+    ] {
+        let mut args = vec![
+            "run",
+            "-m",
+            m.to_str().unwrap(),
+            "-p",
+            "hi",
+            "-n",
+            "2",
+            flag,
+        ];
+        if !value.is_empty() {
+            args.push(value);
+        }
+        let o = bitnet(&args);
+        assert!(!o.status.success(), "{flag} {value}");
+        let err = stderr(&o);
+        assert!(
+            err.contains(field) && !err.contains("panicked"),
+            "{flag} {value}: {err}"
+        );
+    }
+}

@@ -62,6 +62,7 @@ pub fn beam_search(
     config: &GenerationConfig,
     stop_ids: &[u32],
 ) -> Result<Generation> {
+    config.validate().map_err(crate::Error::Invalid)?;
     let SamplingStrategy::BeamSearch {
         beams: n,
         length_penalty,

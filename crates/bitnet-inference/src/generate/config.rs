@@ -191,6 +191,80 @@ impl GenerationConfig {
         }
     }
 
+    /// Checks that every sampling value is a number in its range, so a bad value is refused
+    /// with its name instead of quietly producing nonsense. The message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |name: &str, v: f32, ok: bool, range: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(format!("{name} = {v}: expected {range}"))
+            }
+        };
+        let t = self.temperature;
+        check("temperature", t, t >= 0.0, "a number ≥ 0 (0 is greedy)")?;
+        let p = self.top_p;
+        check(
+            "top_p",
+            p,
+            p > 0.0 && p <= 1.0,
+            "a number in (0, 1] (1 disables)",
+        )?;
+        let p = self.min_p;
+        check(
+            "min_p",
+            p,
+            (0.0..=1.0).contains(&p),
+            "a number in [0, 1] (0 disables)",
+        )?;
+        let p = self.typical_p;
+        check(
+            "typical_p",
+            p,
+            p > 0.0 && p <= 1.0,
+            "a number in (0, 1] (1 disables)",
+        )?;
+        let r = self.repetition_penalty;
+        check(
+            "repetition_penalty",
+            r,
+            r > 0.0,
+            "a number > 0 (1 disables)",
+        )?;
+        check(
+            "presence_penalty",
+            self.presence_penalty,
+            true,
+            "a finite number",
+        )?;
+        check(
+            "frequency_penalty",
+            self.frequency_penalty,
+            true,
+            "a finite number",
+        )?;
+        for &(id, bias) in &self.logit_bias {
+            // -inf bans a token; anything else must be a number.
+            if bias.is_nan() || bias == f32::INFINITY {
+                return Err(format!(
+                    "logit_bias for token {id} = {bias}: expected a number or -inf"
+                ));
+            }
+        }
+        if let SamplingStrategy::BeamSearch {
+            beams,
+            length_penalty,
+            ..
+        } = self.strategy
+        {
+            if beams == 0 {
+                return Err("beams = 0: expected at least 1".into());
+            }
+            check("length_penalty", length_penalty, true, "a finite number")?;
+        }
+        Ok(())
+    }
+
     /// The ids that end this generation: the model's end tokens (unless `ignore_eos`) and
     /// `stop_token_ids`.
     pub fn stop_ids(&self, model_end_tokens: &[u32]) -> Vec<u32> {

@@ -107,6 +107,7 @@ impl Sequence {
         if prompt.is_empty() {
             return Err(Error::Invalid("the prompt has no tokens".into()));
         }
+        config.validate().map_err(Error::Invalid)?;
         if prompt.len() > context {
             return Err(Error::Invalid(format!(
                 "the prompt of {} tokens does not fit the context size {context}",

@@ -403,3 +403,43 @@ fn logprobs_are_the_model_distribution_of_each_token() {
         .iter()
         .all(|lp| lp.top.is_empty() && lp.logprob <= 0.0));
 }
+
+#[test]
+fn sampling_values_out_of_range_are_refused_by_name() {
+    let m = model();
+    let p = DynamicBatchProcessor::new(m.clone(), &config(1)).unwrap();
+    let prompt = m.encode_prompt("Hello").unwrap();
+    let with = |f: &dyn Fn(&mut GenerationConfig)| {
+        let mut c = GenerationConfig::default();
+        f(&mut c);
+        p.submit(Request::new(prompt.clone(), c)).err()
+    };
+    for (field, bad) in [
+        ("temperature", with(&|c| c.temperature = f32::NAN)),
+        ("temperature", with(&|c| c.temperature = -0.5)),
+        ("top_p", with(&|c| c.top_p = 0.0)),
+        ("top_p", with(&|c| c.top_p = 1.5)),
+        ("min_p", with(&|c| c.min_p = -0.1)),
+        ("typical_p", with(&|c| c.typical_p = f32::INFINITY)),
+        ("repetition_penalty", with(&|c| c.repetition_penalty = 0.0)),
+        ("presence_penalty", with(&|c| c.presence_penalty = f32::NAN)),
+        (
+            "frequency_penalty",
+            with(&|c| c.frequency_penalty = f32::NEG_INFINITY),
+        ),
+        ("logit_bias", with(&|c| c.logit_bias = vec![(3, f32::NAN)])),
+    ] {
+        match bad {
+            Some(RequestError::InvalidConfig(msg)) => assert!(msg.starts_with(field), "{msg}"),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    // The edges of each range are fine, and a banned token (-inf bias) too.
+    assert!(with(&|c| {
+        c.temperature = 0.0;
+        c.top_p = 1.0;
+        c.min_p = 1.0;
+        c.logit_bias = vec![(3, f32::NEG_INFINITY)];
+    })
+    .is_none());
+}
