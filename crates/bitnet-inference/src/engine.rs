@@ -31,9 +31,10 @@ pub use crate::generate::{
     StreamChunk,
 };
 
+use crate::backend::{self, Backend, BackendState};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::generate::{self, AsyncTokenStream, TokenPieces, TokenStream};
-use crate::model::{self, ForwardState, GenerationDefaults, Model};
+use crate::model::{self, GenerationDefaults, Model};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use std::fmt;
@@ -210,7 +211,10 @@ pub fn process_rss_bytes() -> Option<u64> {
 
 /// A loaded model and what generation needs from its files; shared by generators.
 pub struct LoadedEngineModel {
-    pub model: Model,
+    /// The model on its compute backend.
+    pub model: Box<dyn Backend>,
+    /// How it was asked to compute.
+    pub options: ModelOptions,
     pub tokenizer: Tokenizer,
     pub pieces: TokenPieces,
     pub chat_template: Option<String>,
@@ -235,13 +239,15 @@ impl LoadedEngineModel {
         model.set_lm_head_quant(options.lm_head)?;
         model.set_kv_type(options.kv_type);
         model.set_quant_acts(options.quant_acts);
-        let pieces = TokenPieces::new(&m.tokenizer, model.config.vocab_size);
+        let model = backend::build(model);
+        let pieces = TokenPieces::new(&m.tokenizer, model.config().vocab_size);
         let mut end_tokens = m.generation.eos_token_ids.clone();
         end_tokens.extend_from_slice(m.tokenizer.eos_ids());
         end_tokens.sort_unstable();
         end_tokens.dedup();
         Ok(LoadedEngineModel {
             model,
+            options: *options,
             tokenizer: m.tokenizer,
             pieces,
             chat_template: m.chat_template,
@@ -356,7 +362,7 @@ impl ModelCache {
             return Ok(m);
         }
         let model = Arc::new(LoadedEngineModel::load_with(path, &self.options)?);
-        let bytes = model.model.weights.memory_bytes();
+        let bytes = model.model.weights().memory_bytes();
         self.trim(bytes);
         self.entries.push(CacheEntry {
             key,
@@ -575,7 +581,7 @@ pub struct TextGenerator {
     shared: Arc<LoadedEngineModel>,
     config: EngineConfig,
     pool: Option<Arc<rayon::ThreadPool>>,
-    state: Option<ForwardState>,
+    state: Option<Box<dyn BackendState>>,
     last: Option<PerformanceProfile>,
 }
 
@@ -616,11 +622,11 @@ impl TextGenerator {
         self.config
             .context_size
             .unwrap_or(4096)
-            .min(self.shared.model.config.max_context)
+            .min(self.shared.model.config().max_context)
     }
 
     /// A state with at least `slots` slots (reused when it has them).
-    fn state(&mut self, slots: usize) -> Result<&mut ForwardState> {
+    fn state(&mut self, slots: usize) -> Result<&mut dyn BackendState> {
         let fits = self.state.as_ref().is_some_and(|s| s.n_slots() >= slots);
         if !fits {
             self.state = None; // free the old cache first
@@ -878,7 +884,7 @@ impl TextGenerator {
     /// Memory held now: weights, this generator's KV cache and scratch, the process RSS.
     pub fn memory_stats(&self) -> MemoryStats {
         MemoryStats {
-            weights_bytes: self.shared.model.weights.memory_bytes(),
+            weights_bytes: self.shared.model.weights().memory_bytes(),
             kv_cache_bytes: self.state.as_ref().map_or(0, |s| s.kv_bytes()),
             scratch_bytes: self.state.as_ref().map_or(0, |s| s.scratch_bytes())
                 + self.shared.pieces.memory_bytes(),
@@ -963,7 +969,7 @@ mod tests {
         LoadedEngineModel::load(&fixture(name))
             .unwrap()
             .model
-            .weights
+            .weights()
             .memory_bytes()
     }
 

@@ -1,11 +1,12 @@
 //! Model evaluation: perplexity the way llama.cpp's `llama-perplexity` computes it.
 
-use crate::model::{BatchEntry, Model};
+use crate::backend::Backend;
+use crate::model::BatchEntry;
 use crate::{Error, Result};
 
 /// The logits of every position of `ids` run as one sequence from position 0:
 /// `[ids.len(), vocab]`, row-major. This is `bitnet logits`.
-pub fn sequence_logits(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
+pub fn sequence_logits(model: &dyn Backend, ids: &[u32]) -> Result<Vec<f32>> {
     let n = ids.len();
     let mut state = model.new_state(1, n.max(1), n.max(1))?;
     let batch: Vec<BatchEntry> = ids
@@ -18,8 +19,8 @@ pub fn sequence_logits(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
             logits: true,
         })
         .collect();
-    model.forward(&batch, &mut state)?;
-    let mut all = Vec::with_capacity(n * model.config.vocab_size);
+    model.forward(&batch, state.as_mut())?;
+    let mut all = Vec::with_capacity(n * model.config().vocab_size);
     for i in 0..n {
         all.extend_from_slice(state.logits(i));
     }
@@ -47,7 +48,7 @@ impl Perplexity {
 /// BOS), runs each chunk from position 0, and scores the predictions of tokens
 /// `context/2 + 1 .. context`. `on_chunk(i, running_ppl)` reports progress.
 pub fn perplexity(
-    model: &Model,
+    model: &dyn Backend,
     tokens: &[u32],
     context: usize,
     max_chunks: Option<usize>,
@@ -74,7 +75,7 @@ pub fn perplexity(
     let mut nll = 0.0f64;
     let mut scored = 0usize;
     let mut batch = Vec::with_capacity(batch_size);
-    let mut row = vec![0.0f32; model.config.vocab_size];
+    let mut row = vec![0.0f32; model.config().vocab_size];
     for c in 0..chunks {
         let chunk = &tokens[c * context..(c + 1) * context];
         for start in (0..context).step_by(batch_size) {
@@ -89,7 +90,7 @@ pub fn perplexity(
                 slot: 0,
                 logits: pos >= first && pos + 1 < context,
             }));
-            model.forward(&batch, &mut state)?;
+            model.forward(&batch, state.as_mut())?;
             let mut k = 0;
             for pos in start..end {
                 if pos >= first && pos + 1 < context {

@@ -4,6 +4,7 @@
 //! - [`formats`]: readers (and writers) of GGUF, safetensors and the ggml block types.
 //! - [`kernels`]: packed ternary weights, int8 activations, integer dot products per ISA.
 //! - [`model`]: the model description, one loader per format, and the forward pass.
+//! - [`backend`]: the compute-backend seam ([`backend::Backend`]); the CPU backend.
 //! - [`tokenizer`], [`chat`]: text to ids and back; chat templates.
 //! - [`generate`]: sampling, stop conditions, beam search, streaming, batched generation.
 //! - [`engine`]: the library API ([`engine::InferenceEngine`], [`engine::TextGenerator`]).
@@ -25,6 +26,7 @@
 //! # Ok::<(), bitnet_inference::Error>(())
 //! ```
 
+pub mod backend;
 pub mod chat;
 pub mod engine;
 pub mod error;

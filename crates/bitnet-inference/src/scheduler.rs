@@ -20,13 +20,13 @@
 //! cached prefix holds the bits a fresh prefill would write; so a request's tokens do not
 //! depend on the other requests, on when it was admitted or on prefix-cache hits (tested).
 
+use crate::backend::BackendState;
 use crate::engine::LoadedEngineModel;
 use crate::generate::sequence::step_sequences;
 use crate::generate::{
     FinishReason, GenerationConfig, GenerationStats, SamplingStrategy, Sequence, TokenLogprobs,
 };
-use crate::model::forward::KvType;
-use crate::model::{BatchEntry, ForwardState};
+use crate::model::BatchEntry;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -433,7 +433,7 @@ pub struct SchedulerStats {
 /// it with [`DynamicBatchProcessor::step`], or hand it to a [`StreamingEngine`].
 pub struct DynamicBatchProcessor {
     model: Arc<LoadedEngineModel>,
-    state: ForwardState,
+    state: Box<dyn BackendState>,
     inbox: Arc<Inbox>,
     slots: Vec<Slot>,
     /// The sequence of each busy slot.
@@ -448,16 +448,12 @@ pub struct DynamicBatchProcessor {
 
 impl DynamicBatchProcessor {
     pub fn new(model: Arc<LoadedEngineModel>, config: &SchedulerConfig) -> crate::Result<Self> {
-        let c = &model.model.config;
+        let c = model.model.config();
         let context = config.context_size.unwrap_or(4096).min(c.max_context);
         let max_running = config.max_running.max(1);
-        let value_bytes = match model.model.kv_type() {
-            KvType::F32 => 4,
-            KvType::F16 => 2,
-        };
-        // Keys and values of every layer for one sequence (the products fit: the model's
-        // state below allocates them).
-        let per_slot = 2 * c.n_layers * context * c.kv_dim() * value_bytes;
+        // Keys and values of every layer for one sequence (the product fits: the model's
+        // state below allocates it).
+        let per_slot = context * model.model.kv_bytes_per_position();
         let n_slots = match config.kv_cache_bytes {
             None => max_running,
             Some(budget) => {

@@ -2,8 +2,9 @@
 //! a time) with its JSON keys, so scripts written for llama-bench read ours.
 
 use super::load_with;
+use bitnet_inference::backend::{Backend, BackendState};
 use bitnet_inference::generate::Rng;
-use bitnet_inference::model::{BatchEntry, Model};
+use bitnet_inference::model::BatchEntry;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -93,7 +94,7 @@ impl TestResult {
 /// Tokens a second of one run: `n_prompt` tokens in batches, or `n_gen` single steps, after
 /// `depth` tokens (not timed) have filled the cache.
 fn time_run(
-    model: &Model,
+    model: &dyn Backend,
     n_prompt: usize,
     n_gen: usize,
     depth: usize,
@@ -101,7 +102,7 @@ fn time_run(
     seed: u64,
 ) -> anyhow::Result<f64> {
     let mut rng = Rng::new(seed);
-    let vocab = model.config.vocab_size as u64;
+    let vocab = model.config().vocab_size as u64;
     let n = n_prompt + n_gen;
     let max_batch = if n_prompt + depth > 0 {
         batch.min(n_prompt.max(depth))
@@ -110,20 +111,21 @@ fn time_run(
     };
     let mut state = model.new_state(1, depth + n, max_batch)?;
     let mut entries = Vec::with_capacity(state.max_batch());
-    let mut prefill = |positions: std::ops::Range<usize>, state: &mut _| -> anyhow::Result<()> {
-        for chunk_start in positions.clone().step_by(max_batch) {
-            let end = (chunk_start + max_batch).min(positions.end);
-            entries.clear();
-            entries.extend((chunk_start..end).map(|pos| BatchEntry {
-                token: (rng.next_u64() % vocab) as u32,
-                pos,
-                slot: 0,
-                logits: pos + 1 == positions.end,
-            }));
-            model.forward(&entries, state)?;
-        }
-        Ok(())
-    };
+    let mut prefill =
+        |positions: std::ops::Range<usize>, state: &mut dyn BackendState| -> anyhow::Result<()> {
+            for chunk_start in positions.clone().step_by(max_batch) {
+                let end = (chunk_start + max_batch).min(positions.end);
+                entries.clear();
+                entries.extend((chunk_start..end).map(|pos| BatchEntry {
+                    token: (rng.next_u64() % vocab) as u32,
+                    pos,
+                    slot: 0,
+                    logits: pos + 1 == positions.end,
+                }));
+                model.forward(&entries, state)?;
+            }
+            Ok(())
+        };
     prefill(0..depth, &mut state)?;
     let start = Instant::now();
     if n_prompt > 0 {
@@ -154,10 +156,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_or_default(a.model.as_deref())?;
     let m = load_with(&path, &a.model_flags.options())?;
-    let model = &m.model;
+    let model: &dyn Backend = &m.model;
     let threads = rayon::current_num_threads();
-    let model_size = model.weights.memory_bytes();
-    let n_params = model.weights.parameter_count();
+    let model_size = model.weights().memory_bytes();
+    let n_params = model.weights().parameter_count();
     let mut tests: Vec<TestResult> = a
         .n_prompt
         .iter()
@@ -196,7 +198,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let rss = peak_rss_bytes().unwrap_or(0);
     let kernel = model.kernel_name();
-    let kv_type = format!("{:?}", model.kv_type()).to_lowercase();
+    let kv_type = format!("{:?}", m.options.kv_type).to_lowercase();
     let name = a.model.as_deref().unwrap_or(&path).display().to_string();
     match a.output {
         Format::Md => {

@@ -22,7 +22,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let m = load(&super::model_or_default(a.model.as_deref())?)?;
     let n = a.ids.len();
-    let vocab = m.model.config.vocab_size;
+    let vocab = m.model.config().vocab_size;
     let all = eval::sequence_logits(&m.model, &a.ids)?;
     let file = std::fs::File::create(&a.output)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.output.display()))?;

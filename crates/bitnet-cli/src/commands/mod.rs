@@ -18,7 +18,6 @@ pub mod tokenize;
 
 use bitnet_inference::engine::{LoadedEngineModel, ModelOptions};
 use bitnet_inference::generate::GenerationStats;
-use bitnet_inference::model::Model;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -303,8 +302,12 @@ pub fn model_or_default(model: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 /// Context size for a run: the user's, else the model's capped at `cap` (the KV cache is
 /// planned for all of it at start). A size beyond the model's is an error naming both.
-pub fn context_size(requested: Option<usize>, model: &Model, cap: usize) -> anyhow::Result<usize> {
-    let max = model.config.max_context;
+pub fn context_size(
+    requested: Option<usize>,
+    model: &dyn bitnet_inference::backend::Backend,
+    cap: usize,
+) -> anyhow::Result<usize> {
+    let max = model.config().max_context;
     match requested {
         Some(0) => anyhow::bail!("the context size must be at least 1 token"),
         Some(c) if c > max => {

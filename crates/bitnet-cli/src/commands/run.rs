@@ -48,7 +48,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if a.ctx_size.is_some() {
                 String::new()
             } else {
-                format!(" (the model's is {})", m.model.config.max_context)
+                format!(" (the model's is {})", m.model.config().max_context)
             }
         );
     }
@@ -60,10 +60,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                  size {ctx}; lower -n{}, or pass --context-shift",
                 prompt.len(),
                 config.max_new_tokens,
-                if ctx < m.model.config.max_context {
+                if ctx < m.model.config().max_context {
                     format!(
                         ", raise -c (the model allows {})",
-                        m.model.config.max_context
+                        m.model.config().max_context
                     )
                 } else {
                     String::new()

@@ -12,7 +12,8 @@ use super::sampler::{log_softmax, Sampler};
 use super::sequence::{Generation, GenerationStats};
 use super::stop::StopStrings;
 use super::stream::{TokenPieces, Utf8Stream};
-use crate::model::{BatchEntry, ForwardState, Model};
+use crate::backend::{Backend, BackendState};
+use crate::model::BatchEntry;
 use crate::{Error, Result};
 use std::time::Instant;
 
@@ -55,9 +56,9 @@ fn cut_at_stop(stops: &[String], text: &str) -> (String, bool) {
 
 /// Beam search from `prompt`; `state` needs at least `beams` slots.
 pub fn beam_search(
-    model: &Model,
+    model: &dyn Backend,
     pieces: &TokenPieces,
-    state: &mut ForwardState,
+    state: &mut dyn BackendState,
     prompt: &[u32],
     config: &GenerationConfig,
     stop_ids: &[u32],
@@ -94,7 +95,7 @@ pub fn beam_search(
         )));
     }
     let start = Instant::now();
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
     let mut sampler = Sampler::new(config.sampling_params());
     let norm = |score: f64, len: usize| score / (len.max(1) as f64).powf(length_penalty as f64);
 

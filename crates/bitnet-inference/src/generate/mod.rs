@@ -30,7 +30,7 @@ pub use sequence::{BatchRunner, Generation, GenerationStats, Sequence, TokenLogp
 pub use stop::StopStrings;
 pub use stream::{TokenPieces, Utf8Stream};
 
-use crate::model::{ForwardState, Model};
+use crate::backend::{Backend, BackendState};
 use crate::tokenizer::Tokenizer;
 use crate::Result;
 
@@ -47,23 +47,23 @@ pub struct StreamChunk {
 /// `on_text` with each piece of final text. `state` needs one slot (or `beams` slots for
 /// beam search). Stop ids: the tokenizer's end tokens and the config's.
 pub fn generate(
-    model: &Model,
+    model: &dyn Backend,
     tokenizer: &Tokenizer,
-    state: &mut ForwardState,
+    state: &mut dyn BackendState,
     prompt: &[u32],
     config: &GenerationConfig,
     on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
-    let pieces = TokenPieces::new(tokenizer, model.config.vocab_size);
+    let pieces = TokenPieces::new(tokenizer, model.config().vocab_size);
     let stop_ids = config.stop_ids(tokenizer.eos_ids());
     generate_with(model, &pieces, state, prompt, config, stop_ids, on_text)
 }
 
 /// [`generate`] with a prebuilt piece table and explicit stop ids.
 pub fn generate_with(
-    model: &Model,
+    model: &dyn Backend,
     pieces: &TokenPieces,
-    state: &mut ForwardState,
+    state: &mut dyn BackendState,
     prompt: &[u32],
     config: &GenerationConfig,
     stop_ids: Vec<u32>,
@@ -91,9 +91,9 @@ pub fn generate_with(
 /// with its own config. `state` needs `prompts.len()` slots. Results come back in order;
 /// a prompt that fails (too long, context full) gives its own error.
 pub fn generate_batch(
-    model: &Model,
+    model: &dyn Backend,
     pieces: &TokenPieces,
-    state: &mut ForwardState,
+    state: &mut dyn BackendState,
     requests: &[(&[u32], &GenerationConfig)],
     model_end_tokens: &[u32],
 ) -> Result<Vec<Result<Generation>>> {
@@ -153,9 +153,9 @@ impl<'a> TokenStream<'a> {
     /// Starts generating from `prompt` in `slot` of `state`, whose cache already holds
     /// `prompt[..cached]` (see [`Sequence::new`]).
     pub fn new(
-        model: &'a Model,
+        model: &'a dyn Backend,
         pieces: &'a TokenPieces,
-        state: &'a mut ForwardState,
+        state: &'a mut dyn BackendState,
         prompt: &[u32],
         cached: usize,
         config: &GenerationConfig,

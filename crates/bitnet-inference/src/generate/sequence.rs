@@ -6,7 +6,8 @@ use super::config::{ContextOverflow, FinishReason, GenerationConfig};
 use super::sampler::{log_softmax, Sampler};
 use super::stop::StopStrings;
 use super::stream::{TokenPieces, Utf8Stream};
-use crate::model::{BatchEntry, ForwardState, Model};
+use crate::backend::{Backend, BackendState};
+use crate::model::BatchEntry;
 use crate::{Error, Result};
 use std::time::{Duration, Instant};
 
@@ -378,16 +379,20 @@ impl Sequence {
 /// holding the next token of every decoding sequence and prompt chunks of the others, up to
 /// the state's `max_batch` tokens. Each sequence owns one KV slot.
 pub struct BatchRunner<'a> {
-    model: &'a Model,
+    model: &'a dyn Backend,
     pieces: &'a TokenPieces,
-    state: &'a mut ForwardState,
+    state: &'a mut dyn BackendState,
     seqs: Vec<Option<Sequence>>,
     batch: Vec<BatchEntry>,
     rows: Vec<usize>,
 }
 
 impl<'a> BatchRunner<'a> {
-    pub fn new(model: &'a Model, pieces: &'a TokenPieces, state: &'a mut ForwardState) -> Self {
+    pub fn new(
+        model: &'a dyn Backend,
+        pieces: &'a TokenPieces,
+        state: &'a mut dyn BackendState,
+    ) -> Self {
         let n = state.n_slots();
         let cap = state.max_batch();
         BatchRunner {
@@ -470,9 +475,9 @@ impl<'a> BatchRunner<'a> {
 /// each sequence whose last fed token produced logits samples from them. `batch` and `rows`
 /// are scratch. Returns false when there was nothing to run.
 pub(crate) fn step_sequences(
-    model: &Model,
+    model: &dyn Backend,
     pieces: &TokenPieces,
-    state: &mut ForwardState,
+    state: &mut dyn BackendState,
     seqs: &mut [Option<Sequence>],
     batch: &mut Vec<BatchEntry>,
     rows: &mut Vec<usize>,

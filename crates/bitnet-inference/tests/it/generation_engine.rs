@@ -256,8 +256,8 @@ fn model_options_are_engine_configuration() {
         let m = e.model().unwrap();
         (
             out,
-            m.model.kv_type(),
-            m.model.lm_head_quant(),
+            m.options.kv_type,
+            m.options.lm_head,
             e.memory_stats().unwrap(),
         )
     };
