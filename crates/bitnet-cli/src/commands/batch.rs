@@ -11,7 +11,7 @@ use bitnet_inference::scheduler::{
     DynamicBatchProcessor, Event, Request, RequestStream, SchedulerConfig,
 };
 use serde_json::{json, Map, Value};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -486,6 +486,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut queue: VecDeque<Item> = VecDeque::new();
     let mut bad: Vec<(Value, String)> = Vec::new();
     let mut retried: HashSet<String> = HashSet::new();
+    let mut first_line: HashMap<String, usize> = HashMap::new();
+    let mut repeated: HashSet<String> = HashSet::new();
     let (mut skipped, mut errors, mut total) = (0usize, 0usize, 0usize);
     for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
@@ -508,6 +510,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Err((id, _)) => id,
         };
         let key = id_key(id);
+        // Ids key the output and resuming: a second item with an id already used in this
+        // input (explicitly, or as the line-number default) is an error, never run as if
+        // it were the first.
+        if let Some(&first) = first_line.get(&key) {
+            let msg = format!(
+                "line {line_no}: id {key} is already the id of line {first}; ids must be unique \
+                 (give this item its own \"id\")"
+            );
+            total += 1;
+            bad.push((id.clone(), msg));
+            // This run writes the complaint again: last run's copy goes.
+            repeated.insert(key);
+            continue;
+        }
+        first_line.insert(key.clone(), line_no);
         if done.contains(&key) {
             skipped += 1;
             continue;
@@ -521,9 +538,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Err(e) => bad.push(e),
         }
     }
-    // Items that failed before are tried again: their old error rows go.
-    if !retried.is_empty() {
-        drop_error_rows(&a.output, format, &retried)?;
+    // Items that failed before are tried again, and repeated ids are reported again: their
+    // old error rows go.
+    let stale: HashSet<String> = retried.union(&repeated).cloned().collect();
+    if !stale.is_empty() && a.output.exists() {
+        drop_error_rows(&a.output, format, &stale)?;
     }
     let mut out = Output::open(&a.output, format)?;
     for (id, msg) in bad {

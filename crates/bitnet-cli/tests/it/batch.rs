@@ -338,3 +338,56 @@ fn an_item_that_fills_the_context_keeps_its_text() {
     assert!(c > 0 && p + c >= 24, "{r}");
     assert!(!r["text"].as_str().unwrap().is_empty(), "{r}");
 }
+
+/// Ids key the output and resuming: a repeated id (explicit, or a line number used as the
+/// default id) is an error row naming both lines, the other items run, and a re-run neither
+/// skips a duplicate as done nor piles up its complaint.
+#[test]
+fn duplicate_ids_are_errors_and_never_skipped_as_done() {
+    let d = dir("dup-ids");
+    let input = d.join("in.jsonl");
+    std::fs::write(
+        &input,
+        [
+            r#"{"id": 3, "prompt": "hello", "max_tokens": 4}"#,
+            r#"{"id": "x", "prompt": "the cat", "max_tokens": 4}"#,
+            r#"{"prompt": "no id: line 3 is its id", "max_tokens": 4}"#,
+            r#"{"id": "x", "prompt": "a second x", "max_tokens": 4}"#,
+            r#"{"id": "y", "prompt": "fine", "max_tokens": 4}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = d.join("out.jsonl");
+    for run in 0..2 {
+        let o = batch(&["-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let rs = rows(&out);
+        let errors: Vec<&Value> = rs
+            .iter()
+            .filter(|r| r["finish_reason"] == "error")
+            .collect();
+        let done: Vec<&Value> = rs
+            .iter()
+            .filter(|r| r["finish_reason"] != "error")
+            .collect();
+        assert_eq!(done.len(), 3, "run {run}: {rs:?}");
+        assert_eq!(errors.len(), 2, "run {run}: {rs:?}");
+        let msgs: Vec<&str> = errors
+            .iter()
+            .map(|r| r["error"].as_str().unwrap())
+            .collect();
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("line 3") && m.contains("line 1")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("line 4") && m.contains("line 2")),
+            "{msgs:?}"
+        );
+    }
+}
