@@ -14,7 +14,7 @@ use std::process::ExitCode;
 )]
 struct Cli {
     /// Worker threads for the matrix kernels (default: all cores).
-    #[arg(short = 't', long, global = true, env = "BITNET_THREADS")]
+    #[arg(short = 't', long, global = true, env = "BITNET_THREADS", value_parser = commands::parse_threads)]
     threads: Option<usize>,
     /// Resolve Hugging Face hub ids from the local cache alone (as HF_HUB_OFFLINE=1).
     #[arg(long, global = true)]

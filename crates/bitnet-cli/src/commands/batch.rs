@@ -34,13 +34,13 @@ pub struct Args {
     #[arg(long, value_parser = ["jsonl", "csv"])]
     format: Option<String>,
     /// Sequences generated together (KV slots).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::in_range(1, 1024))]
     parallel: usize,
     /// Context size of each sequence (default: the model's, at most 2048).
     #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
     /// Tokens per forward call at most (decode tokens of every sequence plus prompt chunks).
-    #[arg(short = 'b', long = "batch-size", default_value_t = 256)]
+    #[arg(short = 'b', long = "batch-size", default_value_t = 256, value_parser = super::in_range(1, 65536))]
     batch_size: usize,
     #[command(flatten)]
     gen: GenFlags,

@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
     /// Tokens per forward call in prompt processing.
-    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512, value_parser = super::in_range(1, 65536))]
     batch_size: usize,
     #[command(flatten)]
     model_flags: super::ModelFlags,

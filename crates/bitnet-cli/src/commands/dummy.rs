@@ -26,19 +26,19 @@ pub struct Args {
     /// for I2_S, which bitnet.cpp loads).
     #[arg(long)]
     arch: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::in_range(1, 65536))]
     hidden: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::in_range(1, 1024))]
     layers: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::in_range(1, 1024))]
     heads: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::in_range(1, 1024))]
     kv_heads: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::in_range(1, 262144))]
     ffn: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::in_range(1, 4194304))]
     vocab: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::in_range(1, 4194304))]
     context: Option<usize>,
     /// FFN activation: relu2 or silu.
     #[arg(long)]
@@ -85,6 +85,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("unknown activation {act:?} (relu2, silu)"))?;
     }
     c.validate(&a.output)?;
+    check_memory(&c)?;
     let ternary_type = ggml_type(&a.ternary_type)?;
     let arch = a.arch.clone().unwrap_or_else(|| {
         if ternary_type == GgmlType::I2_S {
@@ -126,5 +127,38 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         weights.parameter_count(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Refuses a shape whose weights cannot fit in this machine's memory, before allocating
+/// them: an f16 embedding and 2-bit ternary linears, counted with checked arithmetic.
+fn check_memory(c: &ModelConfig) -> anyhow::Result<()> {
+    let bytes = (|| {
+        let attn = c.q_dim().checked_add(c.kv_dim())?.checked_mul(2)?;
+        let per_layer = c
+            .hidden_size
+            .checked_mul(attn.checked_add(c.ffn_size.checked_mul(3)?)?)?;
+        let ternary = per_layer.checked_mul(c.n_layers)? / 4;
+        let embedding = c.vocab_size.checked_mul(c.hidden_size)?.checked_mul(2)?;
+        embedding.checked_add(ternary)
+    })()
+    .ok_or_else(|| anyhow::anyhow!("this shape has more weights than a machine can address"))?;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<usize>()
+            .ok()?
+            .checked_mul(1024)
+    });
+    if let Some(available) = available {
+        if bytes > available {
+            anyhow::bail!(
+                "this shape needs about {:.1} GiB of weights; {:.1} GiB of memory is available",
+                bytes as f64 / (1u64 << 30) as f64,
+                available as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use bitnet_inference::model::GenerationDefaults;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct GenFlags {
     /// Tokens to generate at most.
-    #[arg(short = 'n', long = "max-tokens")]
+    #[arg(short = 'n', long = "max-tokens", value_parser = super::in_range(0, 1 << 30))]
     pub max_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy [default: model's, else 0.8].
     #[arg(long)]
@@ -44,7 +44,7 @@ pub struct GenFlags {
     #[arg(long = "stop", value_name = "TEXT")]
     pub stop: Vec<String>,
     /// Beam search with N beams (1: off).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::in_range(1, 64))]
     pub beams: Option<usize>,
     /// Beam search: scores divided by length^P.
     #[arg(long, default_value_t = 1.0)]

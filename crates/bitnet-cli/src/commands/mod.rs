@@ -319,3 +319,28 @@ pub fn context_size(
         None => Ok(max.min(cap)),
     }
 }
+
+/// A flag's parser for a count in `lo..=hi`; the error says the accepted range.
+pub fn in_range(lo: usize, hi: usize) -> impl Fn(&str) -> Result<usize, String> + Clone {
+    move |s: &str| {
+        let v: usize = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a whole number (expected {lo} to {hi})"))?;
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!("{v} is out of range (expected {lo} to {hi})"))
+        }
+    }
+}
+
+/// The most threads `-t` takes: four per core here (more only thrashes).
+pub fn max_threads() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `-t`'s parser: 1 to [`max_threads`].
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    in_range(1, max_threads())(s).map_err(|e| format!("{e}; 4 threads a core at most"))
+}

@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long, value_parser = super::parse_positive)]
     chunks: Option<usize>,
     /// Tokens per forward call.
-    #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
+    #[arg(short = 'b', long = "batch-size", default_value_t = 64, value_parser = super::in_range(1, 65536))]
     batch_size: usize,
     #[command(flatten)]
     model_flags: super::ModelFlags,

@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
     /// Tokens per prefill batch.
-    #[arg(short = 'b', long = "batch-size", default_value_t = 64)]
+    #[arg(short = 'b', long = "batch-size", default_value_t = 64, value_parser = super::in_range(1, 65536))]
     batch_size: usize,
     #[command(flatten)]
     model_flags: super::ModelFlags,

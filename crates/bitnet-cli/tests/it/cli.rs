@@ -538,3 +538,50 @@ fn sampling_flags_out_of_range_are_refused() {
         );
     }
 }
+
+/// Counts from flags are checked against their range before use: no panic, no huge
+/// allocation, and the message says what is accepted.
+#[test]
+fn count_flags_say_their_range() {
+    let m = fixtures().join("bitnet-packed");
+    let m = m.to_str().unwrap();
+    let tmp = std::env::temp_dir().join(format!("bitnet-flags-{}.gguf", std::process::id()));
+    let out = tmp.to_str().unwrap();
+    for args in [
+        vec!["bench", "-m", m, "-b", "0", "-p", "8", "-n", "0"],
+        vec!["run", "-m", m, "-p", "hi", "-t", "0"],
+        vec!["run", "-m", m, "-p", "hi", "-t", "100000"],
+        vec!["run", "-m", m, "-p", "hi", "--beams", "0"],
+        vec!["run", "-m", m, "-p", "hi", "-n", "18446744073709551615"],
+        vec!["dummy", "-o", out, "--heads", "0"],
+    ] {
+        let o = bitnet(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(err.contains("out of range (expected"), "{args:?}: {err}");
+    }
+    // A shape no machine holds is refused before anything is allocated.
+    let o = bitnet(&[
+        "dummy",
+        "-o",
+        out,
+        "--vocab",
+        "4194304",
+        "--hidden",
+        "65536",
+        "--heads",
+        "512",
+        "--kv-heads",
+        "512",
+        "--layers",
+        "1024",
+        "--ffn",
+        "262144",
+    ]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("GiB of weights"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked") && !tmp.exists(), "{err}");
+}
