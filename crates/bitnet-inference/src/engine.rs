@@ -209,6 +209,18 @@ pub fn process_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// A rayon pool of `threads` compute threads (None: the caller's, rayon's global pool).
+pub(crate) fn thread_pool(threads: Option<usize>) -> Result<Option<rayon::ThreadPool>> {
+    threads
+        .map(|n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n.max(1))
+                .build()
+                .map_err(|e| Error::Invalid(format!("cannot start {n} threads: {e}")))
+        })
+        .transpose()
+}
+
 /// A loaded model and what generation needs from its files; shared by generators.
 pub struct LoadedEngineModel {
     /// The model on its compute backend.
@@ -587,15 +599,7 @@ pub struct TextGenerator {
 
 impl TextGenerator {
     pub fn new(shared: Arc<LoadedEngineModel>, config: EngineConfig) -> Result<Self> {
-        let pool = match config.threads {
-            Some(n) => Some(Arc::new(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n.max(1))
-                    .build()
-                    .map_err(|e| Error::Invalid(format!("cannot start {n} threads: {e}")))?,
-            )),
-            None => None,
-        };
+        let pool = thread_pool(config.threads)?.map(Arc::new);
         Ok(TextGenerator {
             shared,
             config,

@@ -35,6 +35,11 @@ use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// The most KV slots (running requests and cached prefixes) a processor plans.
+pub const MAX_SLOTS: usize = 4096;
+/// The most tokens one forward step may take.
+pub const MAX_STEP_TOKENS: usize = 65536;
+
 /// How a processor is sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -92,13 +97,24 @@ pub enum RequestError {
     Model(String),
 }
 
-/// Token counts of a finished request, as OpenAI's `usage` counts them.
+/// Token counts of a finished request, as OpenAI's `usage` counts them (read from its
+/// [`GenerationStats`] by [`Usage::of`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
     pub prompt_tokens: usize,
     /// Prompt tokens whose KV came from the prefix cache.
     pub cached_tokens: usize,
     pub completion_tokens: usize,
+}
+
+impl Usage {
+    pub fn of(stats: &GenerationStats) -> Self {
+        Usage {
+            prompt_tokens: stats.prompt_tokens,
+            cached_tokens: stats.cached_tokens,
+            completion_tokens: stats.generated_tokens,
+        }
+    }
 }
 
 /// What a request's stream carries.
@@ -112,11 +128,11 @@ pub enum Event {
         text: String,
         logprobs: Option<TokenLogprobs>,
     },
-    /// The end: the text held back until now, why it ended, counts and timings.
+    /// The end: the text held back until now, why it ended, counts and timings
+    /// ([`Usage::of`] gives the counts as OpenAI names them).
     Finished {
         text: String,
         reason: FinishReason,
-        usage: Usage,
         stats: GenerationStats,
     },
     /// The request failed; nothing follows.
@@ -235,12 +251,10 @@ impl RequestStream {
                 Event::Finished {
                     text,
                     reason,
-                    usage,
                     stats,
                 } => {
                     out.text.push_str(&text);
                     out.finish_reason = Some(reason);
-                    out.usage = usage;
                     out.stats = stats;
                 }
                 Event::Error(e) => return Err(e),
@@ -286,8 +300,13 @@ pub struct Completion {
     pub logprobs: Vec<TokenLogprobs>,
     pub text: String,
     pub finish_reason: Option<FinishReason>,
-    pub usage: Usage,
     pub stats: GenerationStats,
+}
+
+impl Completion {
+    pub fn usage(&self) -> Usage {
+        Usage::of(&self.stats)
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -343,6 +362,12 @@ impl Inbox {
         }
         if let SamplingStrategy::BeamSearch { .. } = request.config.strategy {
             return Err(RequestError::Unsupported);
+        }
+        if let Some(n) = request.logprobs.filter(|&n| n > self.vocab) {
+            return Err(RequestError::InvalidConfig(format!(
+                "logprobs = {n}: expected at most the vocabulary size {}",
+                self.vocab
+            )));
         }
         request
             .config
@@ -451,13 +476,25 @@ impl DynamicBatchProcessor {
         let c = model.model.config();
         let context = config.context_size.unwrap_or(4096).min(c.max_context);
         let max_running = config.max_running.max(1);
-        // Keys and values of every layer for one sequence (the product fits: the model's
-        // state below allocates it).
-        let per_slot = context * model.model.kv_bytes_per_position();
+        let step_tokens = config.step_tokens.max(max_running);
+        // Sizes a caller gives are checked before anything is planned in proportion to them.
+        if max_running > MAX_SLOTS || step_tokens > MAX_STEP_TOKENS {
+            return Err(crate::Error::Invalid(format!(
+                "max_running {max_running} and step_tokens {step_tokens}: expected at most \
+                 {MAX_SLOTS} and {MAX_STEP_TOKENS}"
+            )));
+        }
+        // Keys and values of every layer for one sequence.
+        let per_slot = context
+            .checked_mul(model.model.kv_bytes_per_position())
+            .ok_or_else(|| {
+                crate::Error::Invalid("the KV cache of one sequence overflows".into())
+            })?;
         let n_slots = match config.kv_cache_bytes {
             None => max_running,
             Some(budget) => {
-                let fit = budget / per_slot.max(1);
+                // More slots than MAX_SLOTS would only hold more cached prefixes.
+                let fit = (budget / per_slot.max(1)).min(MAX_SLOTS);
                 if fit < max_running {
                     return Err(crate::Error::Invalid(format!(
                         "a KV cache budget of {budget} bytes holds {fit} sequences of {context} \
@@ -468,9 +505,7 @@ impl DynamicBatchProcessor {
                 fit
             }
         };
-        let state = model
-            .model
-            .new_state(n_slots, context, config.step_tokens.max(max_running))?;
+        let state = model.model.new_state(n_slots, context, step_tokens)?;
         let inbox = Arc::new(Inbox {
             state: Mutex::new(InboxState::default()),
             published: Mutex::new(SchedulerStats::default()),
@@ -633,11 +668,10 @@ impl DynamicBatchProcessor {
                 q.stream.push(Event::Finished {
                     text: String::new(),
                     reason: FinishReason::Cancelled,
-                    usage: Usage {
+                    stats: GenerationStats {
                         prompt_tokens: q.request.prompt.len(),
                         ..Default::default()
                     },
-                    stats: GenerationStats::default(),
                 });
                 continue;
             }
@@ -735,11 +769,6 @@ impl DynamicBatchProcessor {
         a.stream.push(Event::Finished {
             text,
             reason,
-            usage: Usage {
-                prompt_tokens: stats.prompt_tokens,
-                cached_tokens: stats.cached_tokens,
-                completion_tokens: stats.generated_tokens,
-            },
             stats,
         });
     }
@@ -792,15 +821,7 @@ pub struct StreamingEngine {
 impl StreamingEngine {
     /// Plans the KV cache and starts the scheduler thread.
     pub fn start(model: Arc<LoadedEngineModel>, config: &SchedulerConfig) -> crate::Result<Self> {
-        let pool = match config.threads {
-            Some(n) => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n.max(1))
-                    .build()
-                    .map_err(|e| crate::Error::Invalid(format!("cannot start {n} threads: {e}")))?,
-            ),
-            None => None,
-        };
+        let pool = crate::engine::thread_pool(config.threads)?;
         let mut processor = DynamicBatchProcessor::new(model.clone(), config)?;
         let submitter = processor.submitter();
         let context = processor.context_size();

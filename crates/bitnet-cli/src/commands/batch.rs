@@ -8,7 +8,7 @@ use bitnet_inference::chat::ChatMessage;
 use bitnet_inference::engine::LoadedEngineModel;
 use bitnet_inference::generate::{beam_search, GenerationConfig, SamplingStrategy};
 use bitnet_inference::scheduler::{
-    DynamicBatchProcessor, Event, Request, RequestStream, SchedulerConfig,
+    DynamicBatchProcessor, Event, Request, RequestStream, SchedulerConfig, Usage,
 };
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -651,9 +651,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     Event::Finished {
                         text,
                         reason,
-                        usage,
-                        ..
+                        stats,
                     } => {
+                        let usage = Usage::of(&stats);
                         r.text.push_str(&text);
                         row = Some(
                             json!({"id": r.id, "text": r.text, "finish_reason": reason.as_str(),

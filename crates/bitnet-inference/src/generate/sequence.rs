@@ -325,6 +325,7 @@ impl Sequence {
         if let Some(n) = self.top_logprobs {
             log_softmax(row, &mut self.logprob_scratch);
             let lp = &self.logprob_scratch;
+            let n = n.min(lp.len());
             let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
             for (id, &l) in lp.iter().enumerate() {
                 if top.len() < n || top.last().is_some_and(|&(_, worst)| l > worst) {

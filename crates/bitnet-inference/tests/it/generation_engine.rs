@@ -242,7 +242,7 @@ fn model_repo_is_a_value_and_fails_clearly_when_not_obtainable() {
 /// What the CLI's `--kv-type` and `--lm-head` do is engine configuration for a library user.
 #[test]
 fn model_options_are_engine_configuration() {
-    use bitnet_inference::engine::ModelOptions;
+    use bitnet_inference::engine::{LoadedEngineModel, ModelOptions};
     use bitnet_inference::model::forward::{KvType, LmHeadQuant};
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed");
     let run = |model: ModelOptions| {
@@ -271,5 +271,17 @@ fn model_options_are_engine_configuration() {
     let (quick, kv, head, mem16) = run(options);
     assert_eq!((kv, head), (KvType::F16, LmHeadQuant::Int8));
     assert_eq!(mem16.kv_cache_bytes * 2, mem.kv_cache_bytes);
+    // The int8 lm_head computes different (close) logits than the exact one.
+    let logits = |options: ModelOptions| {
+        let m = LoadedEngineModel::load_with(path.as_ref(), &options).unwrap();
+        bitnet_inference::eval::sequence_logits(&m.model, &[1, 2, 3]).unwrap()
+    };
+    let (a, b) = (logits(ModelOptions::default()), logits(options));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff > 0.0 && diff < 0.5, "int8 lm_head vs exact: {diff}");
     assert_eq!(quick.tokens.len(), exact.tokens.len());
 }

@@ -110,8 +110,8 @@ fn tokens_do_not_depend_on_the_batch_admission_step_or_prefix_cache() {
             assert_eq!(&got.tokens, tokens, "wave {wave}, request {i}: tokens");
             assert_eq!(&got.text, text, "wave {wave}, request {i}: text");
             assert_eq!(got.finish_reason, Some(*reason), "wave {wave}, request {i}");
-            assert_eq!(got.usage.completion_tokens, tokens.len());
-            *hits += usize::from(got.usage.cached_tokens > 0);
+            assert_eq!(got.usage().completion_tokens, tokens.len());
+            *hits += usize::from(got.usage().cached_tokens > 0);
         }
     }
     // The second wave finds most prompts cached (a slot whose prefix another request is
@@ -181,6 +181,16 @@ fn limits_are_refused_at_once_with_typed_errors() {
             vocab: 4096
         })
     );
+    // Sizes a request or a caller merely claims are checked before they cost memory.
+    let many = Request::new(vec![0, 5], GenerationConfig::greedy(4)).with_logprobs(usize::MAX);
+    assert!(matches!(
+        p.submit(many).err(),
+        Some(RequestError::InvalidConfig(m)) if m.contains("vocabulary size 4096")
+    ));
+    let mut huge = config(1);
+    huge.step_tokens = usize::MAX;
+    let err = DynamicBatchProcessor::new(m.clone(), &huge).err().unwrap();
+    assert!(err.to_string().contains("step_tokens"), "{err}");
 }
 
 #[test]
