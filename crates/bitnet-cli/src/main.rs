@@ -13,7 +13,7 @@ use std::process::ExitCode;
     about = "Exact, fast inference for BitNet b1.58 models"
 )]
 struct Cli {
-    /// Worker threads for the matrix kernels (default: all cores).
+    /// Compute threads in total (default: one per core).
     #[arg(short = 't', long, global = true, env = "BITNET_THREADS", value_parser = commands::parse_threads)]
     threads: Option<usize>,
     /// Resolve Hugging Face hub ids from the local cache alone (as HF_HUB_OFFLINE=1).
@@ -79,6 +79,9 @@ fn restore_sigpipe() {
 
 fn try_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The model computes on its own `-t` threads; rayon's pool, which only load-time
+    // repacking uses, gets the same count so that `-t N` holds while loading too.
+    commands::set_threads(cli.threads);
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))

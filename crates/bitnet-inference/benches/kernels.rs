@@ -1,6 +1,7 @@
 //! Kernel micro-benchmarks on the bitnet-b1.58-2B-4T linear shapes, for every kernel this
 //! CPU runs: GEMV (one activation row, decode) and GEMM (64 rows, prefill), through
-//! `ternary_matmul` so the threading is included (set `RAYON_NUM_THREADS`).
+//! `ternary_matmul` on a spinning pool of `RAYON_NUM_THREADS` threads (default: one per
+//! core), as a CPU backend runs it, so the threading is included.
 //!
 //! `cargo bench -p bitnet-inference --bench kernels`; divan prints bytes/s of packed weights
 //! and items/s = integer operations (2 per weight × row: multiply and add).
@@ -55,15 +56,21 @@ fn run(b: Bencher, kernel: &str, rows: usize, cols: usize, n: usize) {
 
 type Matmul = fn(&dyn kernels::TernaryKernel, &TernaryMatrix, &QuantizedActivations, &mut [f32]);
 
+/// The compute threads of a backend built with as many threads as rayon's pool has.
+fn pool() -> kernels::pool::SpinPool {
+    kernels::pool::SpinPool::new(rayon::current_num_threads())
+}
+
 fn run_with(b: Bencher, kernel: &str, rows: usize, cols: usize, n: usize, matmul: Matmul) {
     let k = kernels::kernel_by_name(kernel).unwrap();
     let (w, mut a) = setup(rows, cols, n);
     k.prepare(&mut a);
     let mut out = vec![0.0f32; rows * n];
+    let pool = pool();
     b.counter(BytesCount::new(rows * w.padded_cols() / 4))
         .counter(ItemsCount::new(2 * rows * cols * n))
         .bench_local(|| {
-            matmul(k, black_box(&w), black_box(&a), &mut out);
+            pool.install(|| matmul(k, black_box(&w), black_box(&a), &mut out));
             black_box(&out);
         });
 }
@@ -164,12 +171,15 @@ fn gemv_dram_24x6912x2560(b: Bencher, kernel: &str) {
     // Distinct copies (the clones are separate allocations, so nothing is shared in cache).
     let ws: Vec<TernaryMatrix> = (0..count).map(|_| w0.clone()).collect();
     let mut out = vec![0.0f32; rows];
+    let pool = pool();
     b.counter(BytesCount::new(count * rows * w0.padded_cols() / 4))
         .counter(ItemsCount::new(2 * count * rows * cols))
         .bench_local(|| {
-            for w in &ws {
-                kernels::ternary_matmul(k, black_box(w), black_box(&a), &mut out);
-            }
+            pool.install(|| {
+                for w in &ws {
+                    kernels::ternary_matmul(k, black_box(w), black_box(&a), &mut out);
+                }
+            });
             black_box(&out);
         });
 }

@@ -57,7 +57,7 @@ fn main() {
     }
 
     // int8 dot-product rate: 64 rows × 4096 columns (256 KiB, cache resident), one token,
-    // many times over, on the rayon/spin pool of the current thread count.
+    // many times over, on a spinning pool of each thread count.
     let (rows, cols) = (64usize, 4096usize);
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 7919 % 255) as f32 - 127.0) / 127.0)
@@ -69,10 +69,7 @@ fn main() {
     acts.quantize(&x, 1, cols);
     let mut out = vec![0.0f32; rows];
     for threads in 1..=max_threads {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = bitnet_inference::kernels::pool::SpinPool::new(threads);
         let reps = 4000;
         let secs = pool.install(|| {
             int8_matmul_int8(&m, &acts, &mut out);
@@ -134,10 +131,7 @@ fn main() {
 
 /// Seconds of the best of five runs of `f` on a pool of `threads`.
 fn timed(threads: usize, f: &(dyn Fn() + Sync)) -> f64 {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
+    let pool = bitnet_inference::kernels::pool::SpinPool::new(threads);
     pool.install(|| {
         f();
         (0..5)

@@ -19,11 +19,11 @@ fn main() -> bitnet_inference::Result<()> {
     let threads = arg(args.next(), 2);
     let n = arg(args.next(), 16);
     let tokens = arg(args.next(), 64);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .map_err(|e| bitnet_inference::Error::Invalid(e.to_string()))?;
-    let m = Arc::new(LoadedEngineModel::load(model.as_ref())?);
+    let options = bitnet_inference::engine::ModelOptions {
+        threads: Some(threads),
+        ..Default::default()
+    };
+    let m = Arc::new(LoadedEngineModel::load_with(model.as_ref(), &options)?);
     let stems = [
         "Once upon a time",
         "The little dog",

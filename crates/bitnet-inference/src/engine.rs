@@ -34,7 +34,7 @@ pub use crate::generate::{
 use crate::backend::{self, Backend, BackendState};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::generate::{self, AsyncTokenStream, TokenPieces, TokenStream};
-use crate::model::{self, GenerationDefaults, Model};
+use crate::model::{self, GenerationDefaults};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use std::fmt;
@@ -138,8 +138,6 @@ impl From<ModelRepo> for ModelSource {
 /// Engine-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
-    /// Worker threads for the kernels (None: rayon's global pool, all cores).
-    pub threads: Option<usize>,
     /// Context size of a generator's KV cache (None: the model's, at most 4096).
     pub context_size: Option<usize>,
     /// Tokens per forward call (prefill chunk size; also the batch size of
@@ -154,22 +152,11 @@ pub struct EngineConfig {
     pub model: ModelOptions,
 }
 
-/// The choices that change how a loaded model computes or what memory it takes; the
-/// defaults compute the exact function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ModelOptions {
-    /// The float lm_head as stored (exact) or a copy quantized at load (faster decode).
-    pub lm_head: crate::model::forward::LmHeadQuant,
-    /// KV cache elements: f32 (exact) or f16 (half the memory).
-    pub kv_type: crate::model::forward::KvType,
-    /// Q4_0/Q4_1/Q8_0 linears with exact f32 activations or llama.cpp's Q8 blocks.
-    pub quant_acts: crate::kernels::qblock::QuantActs,
-}
+pub use crate::backend::ModelOptions;
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            threads: None,
             context_size: None,
             batch_size: 64,
             model_memory_budget: 0,
@@ -209,18 +196,6 @@ pub fn process_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A rayon pool of `threads` compute threads (None: the caller's, rayon's global pool).
-pub(crate) fn thread_pool(threads: Option<usize>) -> Result<Option<rayon::ThreadPool>> {
-    threads
-        .map(|n| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n.max(1))
-                .build()
-                .map_err(|e| Error::Invalid(format!("cannot start {n} threads: {e}")))
-        })
-        .transpose()
-}
-
 /// A loaded model and what generation needs from its files; shared by generators.
 pub struct LoadedEngineModel {
     /// The model on its compute backend.
@@ -247,11 +222,7 @@ impl LoadedEngineModel {
     pub fn load_with(path: &Path, options: &ModelOptions) -> Result<Self> {
         let start = Instant::now();
         let m = model::load(path)?;
-        let mut model = Model::new(m.config, m.weights)?;
-        model.set_lm_head_quant(options.lm_head)?;
-        model.set_kv_type(options.kv_type);
-        model.set_quant_acts(options.quant_acts);
-        let model = backend::build(model);
+        let model = backend::build(m.config, m.weights, options)?;
         let pieces = TokenPieces::new(&m.tokenizer, model.config().vocab_size);
         let mut end_tokens = m.generation.eos_token_ids.clone();
         end_tokens.extend_from_slice(m.tokenizer.eos_ids());
@@ -592,18 +563,15 @@ impl InferenceEngine {
 pub struct TextGenerator {
     shared: Arc<LoadedEngineModel>,
     config: EngineConfig,
-    pool: Option<Arc<rayon::ThreadPool>>,
     state: Option<Box<dyn BackendState>>,
     last: Option<PerformanceProfile>,
 }
 
 impl TextGenerator {
     pub fn new(shared: Arc<LoadedEngineModel>, config: EngineConfig) -> Result<Self> {
-        let pool = thread_pool(config.threads)?.map(Arc::new);
         Ok(TextGenerator {
             shared,
             config,
-            pool,
             state: None,
             last: None,
         })
@@ -639,13 +607,6 @@ impl TextGenerator {
             self.state = Some(self.shared.model.new_state(slots, ctx, batch)?);
         }
         Ok(self.state.as_mut().expect("state just made"))
-    }
-
-    fn install<R: Send>(pool: &Option<Arc<rayon::ThreadPool>>, f: impl FnOnce() -> R + Send) -> R {
-        match pool {
-            Some(p) => p.install(f),
-            None => f(),
-        }
     }
 
     fn record(&mut self, stats: &GenerationStats, total: Duration) {
@@ -688,20 +649,17 @@ impl TextGenerator {
             _ => 1,
         };
         let shared = self.shared.clone();
-        let pool = self.pool.clone();
         let stop_ids = config.stop_ids(&shared.end_tokens);
         let state = self.state(slots)?;
-        let g = Self::install(&pool, || {
-            generate::generate_with(
-                &shared.model,
-                &shared.pieces,
-                state,
-                prompt,
-                config,
-                stop_ids,
-                |_| Ok(()),
-            )
-        })?;
+        let g = generate::generate_with(
+            &shared.model,
+            &shared.pieces,
+            state,
+            prompt,
+            config,
+            stop_ids,
+            |_| Ok(()),
+        )?;
         self.record(&g.stats, start.elapsed());
         Ok(g)
     }
@@ -734,7 +692,6 @@ impl TextGenerator {
         self.state(1)?;
         let TextGenerator {
             shared,
-            pool,
             state,
             last,
             ..
@@ -751,7 +708,6 @@ impl TextGenerator {
         )?;
         Ok(TextStream {
             inner,
-            pool: pool.clone(),
             load_time: shared.load_time,
             started: Instant::now(),
             last,
@@ -804,34 +760,30 @@ impl TextGenerator {
             .model
             .new_state(1, ctx, self.config.batch_size)?;
         let shared = self.shared.clone();
-        let pool = self.pool.clone();
         let config = config.clone();
         Ok(AsyncTokenStream::spawn(move |tx| {
             let stop_ids = config.stop_ids(&shared.end_tokens);
-            let run = || {
-                let stream = TokenStream::new(
-                    &shared.model,
-                    &shared.pieces,
-                    &mut state,
-                    &ids,
-                    0,
-                    &config,
-                    stop_ids,
-                );
-                match stream {
-                    Err(e) => {
-                        tx.send(Err(e));
-                    }
-                    Ok(stream) => {
-                        for item in stream {
-                            if !tx.send(item) {
-                                break;
-                            }
+            let stream = TokenStream::new(
+                &shared.model,
+                &shared.pieces,
+                &mut state,
+                &ids,
+                0,
+                &config,
+                stop_ids,
+            );
+            match stream {
+                Err(e) => {
+                    tx.send(Err(e));
+                }
+                Ok(stream) => {
+                    for item in stream {
+                        if !tx.send(item) {
+                            break;
                         }
                     }
                 }
-            };
-            Self::install(&pool, run)
+            }
         }))
     }
 
@@ -872,17 +824,14 @@ impl TextGenerator {
         requests: &[(&[u32], &GenerationConfig)],
     ) -> Result<Vec<Result<Generation>>> {
         let shared = self.shared.clone();
-        let pool = self.pool.clone();
         let state = self.state(requests.len().max(1))?;
-        Self::install(&pool, || {
-            generate::generate_batch(
-                &shared.model,
-                &shared.pieces,
-                state,
-                requests,
-                &shared.end_tokens,
-            )
-        })
+        generate::generate_batch(
+            &shared.model,
+            &shared.pieces,
+            state,
+            requests,
+            &shared.end_tokens,
+        )
     }
 
     /// Memory held now: weights, this generator's KV cache and scratch, the process RSS.
@@ -902,10 +851,9 @@ impl TextGenerator {
     }
 }
 
-/// The iterator of [`TextGenerator::generate_stream`]; runs on the engine's threads.
+/// The iterator of [`TextGenerator::generate_stream`].
 pub struct TextStream<'a> {
     inner: TokenStream<'a>,
-    pool: Option<Arc<rayon::ThreadPool>>,
     load_time: Duration,
     started: Instant,
     last: &'a mut Option<PerformanceProfile>,
@@ -930,11 +878,7 @@ impl Iterator for TextStream<'_> {
     type Item = Result<StreamChunk>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let inner = &mut self.inner;
-        let item = match &self.pool {
-            Some(p) => p.install(|| inner.next()),
-            None => inner.next(),
-        };
+        let item = self.inner.next();
         if item.is_none() {
             let s = self.inner.stats();
             *self.last = Some(PerformanceProfile {
@@ -963,8 +907,11 @@ mod tests {
 
     fn engine(budget: usize) -> InferenceEngine {
         InferenceEngine::with_config(EngineConfig {
-            threads: Some(1),
             model_memory_budget: budget,
+            model: ModelOptions {
+                threads: Some(1),
+                ..Default::default()
+            },
             ..Default::default()
         })
     }

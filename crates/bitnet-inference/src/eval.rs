@@ -1,7 +1,7 @@
 //! Model evaluation: perplexity the way llama.cpp's `llama-perplexity` computes it.
 
 use crate::backend::Backend;
-use crate::model::BatchEntry;
+use crate::backend::BatchEntry;
 use crate::{Error, Result};
 
 /// The logits of every position of `ids` run as one sequence from position 0:

@@ -21,12 +21,12 @@
 //! depend on the other requests, on when it was admitted or on prefix-cache hits (tested).
 
 use crate::backend::BackendState;
+use crate::backend::BatchEntry;
 use crate::engine::LoadedEngineModel;
 use crate::generate::sequence::step_sequences;
 use crate::generate::{
     FinishReason, GenerationConfig, GenerationStats, SamplingStrategy, Sequence, TokenLogprobs,
 };
-use crate::model::BatchEntry;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,8 +57,6 @@ pub struct SchedulerConfig {
     pub kv_cache_bytes: Option<usize>,
     /// Reuse the KV of cached prefixes.
     pub prefix_cache: bool,
-    /// Compute threads (None: rayon's global pool).
-    pub threads: Option<usize>,
 }
 
 impl Default for SchedulerConfig {
@@ -70,7 +68,6 @@ impl Default for SchedulerConfig {
             step_tokens: 64,
             kv_cache_bytes: None,
             prefix_cache: true,
-            threads: None,
         }
     }
 }
@@ -821,16 +818,12 @@ pub struct StreamingEngine {
 impl StreamingEngine {
     /// Plans the KV cache and starts the scheduler thread.
     pub fn start(model: Arc<LoadedEngineModel>, config: &SchedulerConfig) -> crate::Result<Self> {
-        let pool = crate::engine::thread_pool(config.threads)?;
         let mut processor = DynamicBatchProcessor::new(model.clone(), config)?;
         let submitter = processor.submitter();
         let context = processor.context_size();
         let worker = std::thread::Builder::new()
             .name("bitnet-scheduler".into())
-            .spawn(move || match pool {
-                Some(p) => p.install(|| processor.serve()),
-                None => processor.serve(),
-            })
+            .spawn(move || processor.serve())
             .map_err(|e| {
                 crate::Error::Invalid(format!("cannot start the scheduler thread: {e}"))
             })?;

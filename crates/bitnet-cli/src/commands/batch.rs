@@ -577,7 +577,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         step_tokens: a.batch_size.max(slots),
         kv_cache_bytes: None,
         prefix_cache: true,
-        threads: None,
     };
     let mut processor = DynamicBatchProcessor::new(Arc::new(m), &scheduler)?;
     let m = processor.model().clone();

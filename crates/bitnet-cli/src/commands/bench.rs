@@ -2,9 +2,9 @@
 //! a time) with its JSON keys, so scripts written for llama-bench read ours.
 
 use super::load_with;
+use bitnet_inference::backend::BatchEntry;
 use bitnet_inference::backend::{Backend, BackendState};
 use bitnet_inference::generate::Rng;
-use bitnet_inference::model::BatchEntry;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -157,7 +157,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_or_default(a.model.as_deref())?;
     let m = load_with(&path, &a.model_flags.options())?;
     let model: &dyn Backend = &m.model;
-    let threads = rayon::current_num_threads();
+    let threads = super::threads();
     let model_size = model.weights().memory_bytes();
     let n_params = model.weights().parameter_count();
     let mut tests: Vec<TestResult> = a

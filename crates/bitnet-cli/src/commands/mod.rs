@@ -29,11 +29,16 @@ pub fn load(path: &Path) -> anyhow::Result<LoadedEngineModel> {
     load_with(path, &ModelOptions::default())
 }
 
-/// [`load`] with the model computing as `options` say.
+/// [`load`] with the model computing as `options` say, on `-t`'s threads unless `options`
+/// names a count.
 pub fn load_with(path: &Path, options: &ModelOptions) -> anyhow::Result<LoadedEngineModel> {
     let path = resolve_model(path)?;
     let sp = loading_spinner(&path);
-    let m = LoadedEngineModel::load_with(&path, options);
+    let options = ModelOptions {
+        threads: options.threads.or(Some(threads())),
+        ..*options
+    };
+    let m = LoadedEngineModel::load_with(&path, &options);
     sp.finish_and_clear();
     Ok(m?)
 }
@@ -169,6 +174,22 @@ pub fn stats_line(s: &GenerationStats, finish: &str) -> String {
     format!("{prefill} | {decode} | finish: {finish}")
 }
 
+/// `-t`: compute threads in total (0: not given, one per core).
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the compute threads of every model the commands load (`-t`).
+pub fn set_threads(threads: Option<usize>) {
+    THREADS.store(threads.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The compute threads models run on: `-t`'s count, or one per core.
+pub fn threads() -> usize {
+    match THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// `--offline`: resolve hub ids from the cache alone (as HF_HUB_OFFLINE=1).
 static OFFLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -179,11 +200,11 @@ pub struct ModelFlags {
     /// the file stores it, or against a copy quantized at load, with the final hidden state
     /// at 12 bits: `int8`, `q6k` or `q4`; faster decode, see docs/PERFORMANCE.md.
     #[arg(long = "lm-head", default_value = "f16", value_parser = parse_lm_head)]
-    pub lm_head: bitnet_inference::model::forward::LmHeadQuant,
+    pub lm_head: bitnet_inference::backend::LmHeadQuant,
     /// KV cache element type: `f32` (exact) or `f16` (half the memory, and half the bytes
     /// decode reads per cached position).
     #[arg(long = "kv-type", default_value = "f32", value_parser = parse_kv_type)]
-    pub kv_type: bitnet_inference::model::forward::KvType,
+    pub kv_type: bitnet_inference::backend::KvType,
     /// How Q4_0/Q4_1/Q8_0 linears are multiplied: `exact` (f32 activations, the file's exact
     /// weights) or `q8` (activations quantized to Q8 blocks, integer dots, as llama.cpp).
     #[arg(long = "quant-acts", default_value = "exact", value_parser = parse_quant_acts)]
@@ -197,11 +218,12 @@ impl ModelFlags {
             lm_head: self.lm_head,
             kv_type: self.kv_type,
             quant_acts: self.quant_acts,
+            ..Default::default()
         }
     }
 }
 
-fn parse_kv_type(s: &str) -> Result<bitnet_inference::model::forward::KvType, String> {
+fn parse_kv_type(s: &str) -> Result<bitnet_inference::backend::KvType, String> {
     s.parse()
 }
 
@@ -209,7 +231,7 @@ fn parse_quant_acts(s: &str) -> Result<bitnet_inference::kernels::qblock::QuantA
     s.parse()
 }
 
-fn parse_lm_head(s: &str) -> Result<bitnet_inference::model::forward::LmHeadQuant, String> {
+fn parse_lm_head(s: &str) -> Result<bitnet_inference::backend::LmHeadQuant, String> {
     s.parse()
 }
 

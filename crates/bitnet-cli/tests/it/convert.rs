@@ -2,8 +2,9 @@
 //! the same tokenizer ids as the source; SentencePiece tokenizers go tokenizer.json → GGUF →
 //! tokenizer.json with the ids of Hugging Face `tokenizers` and llama.cpp.
 
+use bitnet_inference::backend::cpu::CpuBackend;
 use bitnet_inference::formats::gguf::{GgufFile, GgufMetadata, GgufValue};
-use bitnet_inference::model::{self, Model};
+use bitnet_inference::model;
 use bitnet_inference::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ fn logits_and_ids(path: &Path) -> (Vec<f32>, Vec<u32>) {
         .tokenizer
         .encode("Once upon a time, the robot said: hello!", true)
         .unwrap();
-    let model = Model::new(m.config, m.weights).unwrap();
+    let model = CpuBackend::new(m.config, m.weights).unwrap();
     let seq: Vec<u32> = ids.iter().copied().take(12).collect();
     (
         bitnet_inference::eval::sequence_logits(&model, &seq).unwrap(),

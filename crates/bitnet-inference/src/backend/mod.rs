@@ -7,13 +7,118 @@
 //! so a device with its own memory copies out only the rows that are sampled. Everything
 //! above this module (`generate`, `eval`, `scheduler`, `engine`) sees only these traits.
 //!
-//! Backends: [`cpu`] (the forward pass of [`crate::model::forward`]). A new one is a new
-//! module here and one line in [`build`].
+//! Backends: [`cpu`] (its forward pass is `cpu/forward.rs`). A new one is a new module
+//! here and one line in [`build`].
 
 pub mod cpu;
 
-use crate::model::{Batch, ModelConfig, ModelWeights};
+use crate::model::{ModelConfig, ModelWeights};
 use crate::Result;
+
+/// Where a model computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// This machine's CPU cores ([`cpu::CpuBackend`]).
+    #[default]
+    Cpu,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    /// The names `--device` takes.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            _ => Err(format!("unknown device `{s}`: expected cpu")),
+        }
+    }
+}
+
+/// How a loaded model computes: device, threads, and the choices that change what it
+/// computes or what memory it takes. The defaults compute the exact function on every core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModelOptions {
+    pub device: Device,
+    /// Compute threads of a CPU backend, in total (None: one per core).
+    pub threads: Option<usize>,
+    /// The float lm_head as stored (exact) or a copy quantized at load (faster decode).
+    pub lm_head: LmHeadQuant,
+    /// KV cache elements: f32 (exact) or f16 (half the memory).
+    pub kv_type: KvType,
+    /// Q4_0/Q4_1/Q8_0 linears with exact f32 activations or llama.cpp's Q8 blocks.
+    pub quant_acts: crate::kernels::qblock::QuantActs,
+}
+
+/// How the logits of a float lm_head (or tied embedding) are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LmHeadQuant {
+    /// Exactly, in f32 against the weights as the file stores them (f16, bf16 or f32).
+    #[default]
+    None,
+    /// Against an int8 copy made at load (per-row f32 scale) and activations quantized per
+    /// token to 12 bits: half the memory traffic of f16 in decode, at a small cost in
+    /// accuracy. The embedding lookup still reads the file's rows, so it stays exact.
+    Int8,
+    /// Against a Q6_K copy made at load (ggml's block format, 6.56 bits a weight: 41% of
+    /// the bytes of f16) and activations quantized per token to 12 bits.
+    Q6K,
+    /// Against a 4-bit copy made at load (an f16 scale per 32 weights, 4.5 bits a weight:
+    /// 28% of the bytes of f16) and activations quantized per token to 12 bits.
+    Q4,
+}
+
+impl std::str::FromStr for LmHeadQuant {
+    type Err = String;
+    /// The names the command line takes: `f16` (exact), `int8`, `q6k`, `q4`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" | "exact" => Ok(LmHeadQuant::None),
+            "int8" => Ok(LmHeadQuant::Int8),
+            "q6k" | "q6_k" => Ok(LmHeadQuant::Q6K),
+            "q4" => Ok(LmHeadQuant::Q4),
+            _ => Err(format!(
+                "unknown lm_head type `{s}`: expected f16, int8, q6k or q4"
+            )),
+        }
+    }
+}
+
+/// One token of a forward call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchEntry {
+    pub token: u32,
+    /// Its position in its sequence (0-based); the KV cache holds positions `0..pos`.
+    pub pos: usize,
+    /// The KV cache slot of its sequence.
+    pub slot: usize,
+    /// Whether the caller wants this token's logits.
+    pub logits: bool,
+}
+
+/// The tokens of one forward call.
+pub type Batch = [BatchEntry];
+
+/// The element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    /// Exact: keys and values as the forward pass computed them.
+    #[default]
+    F32,
+    /// Rounded to f16 as they are stored (as llama.cpp's default cache): half the memory,
+    /// and half the bytes decode reads per cached position.
+    F16,
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            _ => Err(format!("unknown KV cache type `{s}`: expected f32 or f16")),
+        }
+    }
+}
 
 /// A model ready to compute on some device.
 pub trait Backend: Send + Sync {
@@ -53,9 +158,18 @@ pub trait BackendState: Send {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
-/// The backend for a loaded model: the one place where backends are chosen.
-pub fn build(model: crate::model::Model) -> Box<dyn Backend> {
-    Box::new(model)
+/// The backend for a loaded model, as `options` say: the one place where backends are
+/// chosen.
+pub fn build(
+    config: ModelConfig,
+    weights: ModelWeights,
+    options: &ModelOptions,
+) -> Result<Box<dyn Backend>> {
+    match options.device {
+        Device::Cpu => Ok(Box::new(cpu::CpuBackend::with_options(
+            config, weights, options,
+        )?)),
+    }
 }
 
 /// A boxed backend is a backend (so `&Box<dyn Backend>` passes where `&dyn Backend` goes).

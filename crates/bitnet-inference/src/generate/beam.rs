@@ -12,8 +12,8 @@ use super::sampler::{log_softmax, Sampler};
 use super::sequence::{Generation, GenerationStats};
 use super::stop::StopStrings;
 use super::stream::{TokenPieces, Utf8Stream};
+use crate::backend::BatchEntry;
 use crate::backend::{Backend, BackendState};
-use crate::model::BatchEntry;
 use crate::{Error, Result};
 use std::time::Instant;
 

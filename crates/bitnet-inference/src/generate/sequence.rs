@@ -6,8 +6,8 @@ use super::config::{ContextOverflow, FinishReason, GenerationConfig};
 use super::sampler::{log_softmax, Sampler};
 use super::stop::StopStrings;
 use super::stream::{TokenPieces, Utf8Stream};
+use crate::backend::BatchEntry;
 use crate::backend::{Backend, BackendState};
-use crate::model::BatchEntry;
 use crate::{Error, Result};
 use std::time::{Duration, Instant};
 

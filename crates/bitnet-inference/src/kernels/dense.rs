@@ -309,28 +309,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    #[derive(Clone, Copy, PartialEq)]
-    pub(super) enum Level {
-        Scalar,
-        Avx2,
-        Avx512,
-    }
-
-    pub(super) fn level() -> Level {
-        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                Level::Avx512
-            } else if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                Level::Avx2
-            } else {
-                Level::Scalar
-            }
-        })
-    }
+    pub(super) use crate::kernels::{x86_level as level, X86Level as Level};
 
     /// `Σ w·x` of f32 rows; `None` where this CPU has neither vector unit.
     pub(super) fn dot_f32(w: &[f32], x: &[f32]) -> Option<f32> {

@@ -172,10 +172,10 @@ pub enum Int12Path {
 }
 
 impl Int12Path {
-    /// The best path of this CPU (scalar when `BITNET_KERNEL=scalar`).
+    /// The best path of this CPU, or the portable one where the backend computing chose it.
     pub fn detect() -> Self {
-        static PATH: std::sync::OnceLock<Int12Path> = std::sync::OnceLock::new();
-        *PATH.get_or_init(|| super::best_path(Self::available(), Int12Path::Scalar))
+        static AVAILABLE: std::sync::OnceLock<Vec<Int12Path>> = std::sync::OnceLock::new();
+        super::best_path(AVAILABLE.get_or_init(Self::available), Int12Path::Scalar)
     }
 
     /// Every path this CPU runs, best last.

@@ -33,7 +33,7 @@ thread_local! {
 }
 
 pub(super) fn chunk_rows(rows: usize, step: usize) -> usize {
-    chunk_rows_for(rows, step, rayon::current_num_threads())
+    chunk_rows_for(rows, step, super::pool::threads())
 }
 
 /// Rows per task: a multiple of the kernel's step (4 rows, the decode tile; 16 for AMX
@@ -60,9 +60,9 @@ fn chunk_rows_for(rows: usize, step: usize, threads: usize) -> usize {
 /// `out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r]` for every activation row
 /// `t`; `out` is `[acts.n_rows(), w.rows()]`, row-major.
 ///
-/// Runs on the persistent spinning pool ([`super::pool::SpinPool::current`], as many
-/// threads as the rayon pool it is called from): measured faster than rayon for decode-sized products (see
-/// `benches/kernels.rs`, `threads_*`).
+/// Runs on the spinning pool installed by the backend computing ([`super::pool`]), or on
+/// the calling thread where none is: measured faster than rayon for decode-sized products
+/// (see `benches/kernels.rs`, `threads_*`).
 pub fn ternary_matmul(
     kernel: &dyn TernaryKernel,
     w: &TernaryMatrix,
@@ -71,7 +71,7 @@ pub fn ternary_matmul(
 ) {
     let (rows, chunk) = check_ternary(kernel, w, acts, out);
     let out_ptr = SharedOut(out.as_mut_ptr());
-    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
+    super::pool::run(rows.div_ceil(chunk), &|c| {
         ternary_chunk(kernel, w, acts, out_ptr, c, chunk)
     });
 }
@@ -166,7 +166,7 @@ pub fn dense_matmul_with(
     let out_ptr = SharedOut(out.as_mut_ptr());
     if let super::DenseData::Q6K(_) = w.data() {
         // Each row dequantized once (exactly) for all tokens; `dot_row` does the same.
-        super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
+        super::pool::run(rows.div_ceil(chunk), &|c| {
             super::dense::DECODED_ROW.with_borrow_mut(|row| {
                 row.resize(cols, 0.0);
                 for r in c * chunk..((c + 1) * chunk).min(rows) {
@@ -181,7 +181,7 @@ pub fn dense_matmul_with(
         });
         return;
     }
-    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
+    super::pool::run(rows.div_ceil(chunk), &|c| {
         for r in c * chunk..((c + 1) * chunk).min(rows) {
             for t in 0..n_tok {
                 let v = w.dot_row(r, &x[t * cols..(t + 1) * cols]);
@@ -195,7 +195,7 @@ pub fn dense_matmul_with(
 /// Splits `rows` output rows over the spinning pool; `f(r)` computes every token of row `r`.
 pub(super) fn par_rows(rows: usize, f: &(dyn Fn(usize) + Sync)) {
     let chunk = 256;
-    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
+    super::pool::run(rows.div_ceil(chunk), &|c| {
         for r in c * chunk..((c + 1) * chunk).min(rows) {
             f(r);
         }

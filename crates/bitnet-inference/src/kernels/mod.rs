@@ -76,33 +76,86 @@ pub(crate) enum X86Level {
     Avx512,
 }
 
-/// The best [`X86Level`] this CPU has (AVX-512: F and BW; AVX2: with FMA and F16C), or a
-/// lower one where `BITNET_KERNEL` forces a ternary kernel without AVX-512 (`avx2`,
-/// `avxvnni`: AVX2) or the portable path (`scalar`), so that a forced run measures what such
-/// a CPU would run.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn x86_level() -> X86Level {
-    static LEVEL: std::sync::OnceLock<X86Level> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
-        let avx2 = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
-        let forced = std::env::var("BITNET_KERNEL").unwrap_or_default();
-        match forced.as_str() {
-            "scalar" => X86Level::Scalar,
-            "avx2" | "avxvnni" if avx2 => X86Level::Avx2,
-            _ if avx512 => X86Level::Avx512,
-            _ if avx2 => X86Level::Avx2,
-            _ => X86Level::Scalar,
-        }
-    })
+/// The kernels a CPU backend computes with, chosen once when it is built: the ternary
+/// kernel, and the level of the float kernels (activation quantization, attention, dense
+/// dots) and of the lm_head and block kernels, which follow it.
+///
+/// `BITNET_KERNEL` names the ternary kernel (for tests and comparisons); forcing one without
+/// AVX-512 (`avx2`, `avxvnni`) puts the float kernels at AVX2 and `scalar` puts everything on
+/// the portable path, so that a forced run measures what such a CPU would run.
+#[derive(Clone, Copy)]
+pub struct KernelChoice {
+    pub ternary: &'static dyn TernaryKernel,
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) float: X86Level,
+    /// Everything on the portable path (`BITNET_KERNEL=scalar`).
+    pub(crate) portable: bool,
 }
 
-/// The last (best) of `available`, or `scalar` when `BITNET_KERNEL=scalar` asks for the
-/// portable path: how the lm_head kernels pick their instruction set.
-pub(crate) fn best_path<P: Copy>(available: Vec<P>, scalar: P) -> P {
-    if std::env::var("BITNET_KERNEL").is_ok_and(|k| k == "scalar") {
+impl std::fmt::Debug for KernelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelChoice")
+            .field("ternary", &self.ternary.name())
+            .finish()
+    }
+}
+
+impl KernelChoice {
+    /// The best kernels of this CPU, or those `BITNET_KERNEL` names (an error when it names
+    /// one this CPU or build lacks).
+    pub fn detect() -> crate::Result<Self> {
+        Ok(Self::around(select_kernel()?))
+    }
+
+    /// The choice around a given ternary kernel.
+    pub fn around(ternary: &'static dyn TernaryKernel) -> Self {
+        let portable = ternary.name() == "scalar";
+        #[cfg(target_arch = "x86_64")]
+        let float = {
+            let avx512 =
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            match ternary.name() {
+                "scalar" => X86Level::Scalar,
+                "avx2" | "avxvnni" if avx2 => X86Level::Avx2,
+                _ if avx512 => X86Level::Avx512,
+                _ if avx2 => X86Level::Avx2,
+                _ => X86Level::Scalar,
+            }
+        };
+        KernelChoice {
+            ternary,
+            #[cfg(target_arch = "x86_64")]
+            float,
+            portable,
+        }
+    }
+
+    /// What kernels use outside a backend's pool (kernel tests, load-time work):
+    /// [`KernelChoice::detect`] once, or the machine's best where `BITNET_KERNEL` is invalid.
+    pub fn machine() -> Self {
+        static MACHINE: std::sync::OnceLock<KernelChoice> = std::sync::OnceLock::new();
+        *MACHINE.get_or_init(|| Self::detect().unwrap_or_else(|_| Self::around(best_kernel())))
+    }
+
+    /// The choice of the backend whose pool this thread computes for ([`pool::kernels`]).
+    pub(crate) fn current() -> Self {
+        pool::kernels()
+    }
+}
+
+/// The float kernels' level for the backend this thread computes for.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn x86_level() -> X86Level {
+    KernelChoice::current().float
+}
+
+/// The last (best) of `available`, or `scalar` where the current choice is the portable
+/// path: how the lm_head and block kernels pick their instruction set.
+pub(crate) fn best_path<P: Copy>(available: &[P], scalar: P) -> P {
+    if KernelChoice::current().portable {
         return scalar;
     }
     available.last().copied().unwrap_or(scalar)

@@ -262,10 +262,10 @@ pub enum Q4Path {
 }
 
 impl Q4Path {
-    /// The best path of this CPU (scalar when `BITNET_KERNEL=scalar`).
+    /// The best path of this CPU, or the portable one where the backend computing chose it.
     pub fn detect() -> Self {
-        static PATH: std::sync::OnceLock<Q4Path> = std::sync::OnceLock::new();
-        *PATH.get_or_init(|| super::best_path(Self::available(), Q4Path::Scalar))
+        static AVAILABLE: std::sync::OnceLock<Vec<Q4Path>> = std::sync::OnceLock::new();
+        super::best_path(AVAILABLE.get_or_init(Self::available), Q4Path::Scalar)
     }
 
     /// Every path this CPU runs, best last.

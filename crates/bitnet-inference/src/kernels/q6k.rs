@@ -265,8 +265,8 @@ pub enum Path {
 
 impl Path {
     pub fn detect() -> Path {
-        static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
-        *PATH.get_or_init(|| super::best_path(Self::available(), Path::Scalar))
+        static AVAILABLE: std::sync::OnceLock<Vec<Path>> = std::sync::OnceLock::new();
+        super::best_path(AVAILABLE.get_or_init(Self::available), Path::Scalar)
     }
 
     /// All paths this CPU can run (for tests and benchmarks), best last.

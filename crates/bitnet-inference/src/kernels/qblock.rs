@@ -250,7 +250,7 @@ pub fn matmul_exact_with(
     );
     let chunk = chunk_rows(rows, 4);
     let o = SharedOut(out.as_mut_ptr());
-    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
+    super::pool::run(rows.div_ceil(chunk), &|c| {
         let span = c * chunk..((c + 1) * chunk).min(rows);
         // Writes output (t, r) of this task's rows: inside `out` (checked) and no other
         // task's.
@@ -392,8 +392,8 @@ pub enum Q8Path {
 
 impl Q8Path {
     pub fn detect() -> Q8Path {
-        static PATH: std::sync::OnceLock<Q8Path> = std::sync::OnceLock::new();
-        *PATH.get_or_init(|| super::best_path(Self::available(), Q8Path::Scalar))
+        static AVAILABLE: std::sync::OnceLock<Vec<Q8Path>> = std::sync::OnceLock::new();
+        super::best_path(AVAILABLE.get_or_init(Self::available), Q8Path::Scalar)
     }
 
     /// Every path this CPU runs, best last.
@@ -541,7 +541,7 @@ pub fn matmul_q8_with(
     let chunk = chunk_rows(rows, 4);
     let o = SharedOut(out.as_mut_ptr());
     let nb = cols / QK;
-    super::pool::SpinPool::current().run(rows.div_ceil(chunk), &|c| {
+    super::pool::run(rows.div_ceil(chunk), &|c| {
         let span = c * chunk..((c + 1) * chunk).min(rows);
         for t0 in (0..n_tok).step_by(TOKEN_BLOCK) {
             let tokens = t0..(t0 + TOKEN_BLOCK).min(n_tok);

@@ -311,7 +311,7 @@ impl QuantizedActivations {
         };
         let chunks = n_rows.div_ceil(PARALLEL_ROWS / 2);
         let per = n_rows.div_ceil(chunks);
-        super::pool::SpinPool::current().run(chunks, &|c| {
+        super::pool::run(chunks, &|c| {
             for r in c * per..((c + 1) * per).min(n_rows) {
                 // SAFETY: row r < n_rows lies inside the buffers sized above (values
                 // n_rows·padded, scales and sums n_rows), and each row belongs to one chunk.
@@ -366,7 +366,7 @@ impl QuantizedActivations {
         self.tiled.resize(groups * group_bytes);
         let values = self.values.bytes();
         let tiled = self.tiled.bytes_mut();
-        super::pool::SpinPool::current().for_each_chunk_mut(tiled, group_bytes, &|g, dst| {
+        super::pool::for_each_chunk_mut(tiled, group_bytes, &|g, dst| {
             for t in 0..TILE_ROWS {
                 let r = g * TILE_ROWS + t;
                 if r >= n {

@@ -341,12 +341,43 @@ fn spin_pool_chunks_cover_the_slice_once() {
 }
 
 #[test]
-fn spin_pool_follows_the_rayon_pool_size() {
-    for n in [1, 3] {
-        let rp = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .unwrap();
-        assert_eq!(rp.install(|| pool::SpinPool::current().threads()), n);
-    }
+fn an_installed_pool_runs_the_kernel_loops_and_workers_leave_with_it() {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    // Without a pool, loops run on the calling thread alone.
+    assert_eq!(pool::threads(), 1);
+    let seen = Mutex::new(HashSet::new());
+    let record = |_| {
+        seen.lock().unwrap().insert(std::thread::current().id());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    pool::run(16, &record);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    let p = pool::SpinPool::new(3);
+    p.install(|| {
+        assert_eq!(pool::threads(), 3);
+        // A loop inside a task runs inline instead of waiting for the busy pool.
+        pool::run(3, &|_| pool::run(4, &record));
+    });
+    assert_eq!(pool::threads(), 1, "the pool is uninstalled after the call");
+    assert!(seen.lock().unwrap().len() > 1, "the workers took tasks");
+    // Dropping the pool joins its workers (a leak would hang here instead).
+    drop(p);
+}
+
+#[test]
+fn a_pool_computes_with_its_own_kernel_choice() {
+    let scalar = KernelChoice::around(&scalar::ScalarKernel);
+    let p = pool::SpinPool::with_kernels(2, scalar);
+    let names = std::sync::Mutex::new(Vec::new());
+    p.install(|| {
+        pool::run(8, &|_| {
+            names
+                .lock()
+                .unwrap()
+                .push(KernelChoice::current().ternary.name());
+        })
+    });
+    assert!(names.into_inner().unwrap().iter().all(|&n| n == "scalar"));
+    assert!(KernelChoice::current().portable == KernelChoice::machine().portable);
 }

@@ -1,9 +1,8 @@
-//! The model: one description ([`ModelConfig`]), one weight set ([`ModelWeights`]) filled by
-//! one loader per file format, and one forward pass ([`forward`]) that every front end uses.
+//! The model: one description ([`ModelConfig`]) and one weight set ([`ModelWeights`]) filled
+//! by one loader per file format. Backends ([`crate::backend`]) compute with them.
 
 pub mod config;
 pub mod dummy;
-pub mod forward;
 pub mod load_gguf;
 pub mod load_hf;
 pub mod save_gguf;
@@ -11,7 +10,6 @@ pub mod save_hf;
 pub mod weights;
 
 pub use config::{Activation, GenerationDefaults, ModelConfig};
-pub use forward::{Batch, BatchEntry, ForwardState, Model};
 pub use weights::{LayerWeights, Linear, LinearWeights, ModelWeights, RmsNorm};
 
 use crate::tokenizer::Tokenizer;

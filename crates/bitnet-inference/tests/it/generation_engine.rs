@@ -2,14 +2,17 @@
 //! strings, streaming (sync and async), context limits and beam search.
 
 use bitnet_inference::engine::{
-    ContextOverflow, EngineConfig, FinishReason, GenerationConfig, InferenceEngine, ModelRepo,
-    SamplingStrategy,
+    ContextOverflow, EngineConfig, FinishReason, GenerationConfig, InferenceEngine, ModelOptions,
+    ModelRepo, SamplingStrategy,
 };
 use bitnet_inference::generate::asynch::{block_on, next};
 
 fn engine() -> InferenceEngine {
     let mut e = InferenceEngine::with_config(EngineConfig {
-        threads: Some(2),
+        model: ModelOptions {
+            threads: Some(2),
+            ..Default::default()
+        },
         ..Default::default()
     });
     e.load_model(concat!(
@@ -242,8 +245,8 @@ fn model_repo_is_a_value_and_fails_clearly_when_not_obtainable() {
 /// What the CLI's `--kv-type` and `--lm-head` do is engine configuration for a library user.
 #[test]
 fn model_options_are_engine_configuration() {
+    use bitnet_inference::backend::{KvType, LmHeadQuant};
     use bitnet_inference::engine::{LoadedEngineModel, ModelOptions};
-    use bitnet_inference::model::forward::{KvType, LmHeadQuant};
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitnet-packed");
     let run = |model: ModelOptions| {
         let mut e = InferenceEngine::with_config(EngineConfig {

@@ -1,9 +1,10 @@
 //! Our GGUF writer against our loader: a random model written as TQ2_0, TQ1_0 and I2_S
 //! loads back with the same trits, scales and logits as the model in memory.
 
+use bitnet_inference::backend::cpu::CpuBackend;
 use bitnet_inference::formats::ggml::GgmlType;
 use bitnet_inference::model::save_gguf::{write_gguf, GgufExport};
-use bitnet_inference::model::{self, dummy, Model, ModelConfig};
+use bitnet_inference::model::{self, dummy, ModelConfig};
 
 fn small_config() -> ModelConfig {
     ModelConfig {
@@ -19,7 +20,7 @@ fn small_config() -> ModelConfig {
     }
 }
 
-fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
+fn logits(model: &CpuBackend, ids: &[u32]) -> Vec<f32> {
     bitnet_inference::eval::sequence_logits(model, ids).unwrap()
 }
 
@@ -27,7 +28,8 @@ fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
 fn written_gguf_files_load_back_identically() {
     let config = small_config();
     let ids = [1u32, 77, 255, 299, 3, 42];
-    let reference = Model::new(config.clone(), dummy::random_weights(&config, 5).unwrap()).unwrap();
+    let reference =
+        CpuBackend::new(config.clone(), dummy::random_weights(&config, 5).unwrap()).unwrap();
     let expected = logits(&reference, &ids);
     let dir = std::env::temp_dir().join(format!("bitnet-gguf-write-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -54,7 +56,7 @@ fn written_gguf_files_load_back_identically() {
         let loaded = model::load(&path).unwrap();
         assert_eq!(loaded.config.activation, config.activation, "{arch}");
         assert_eq!(loaded.tokenizer.vocab_size(), config.vocab_size);
-        let m = Model::new(loaded.config, loaded.weights).unwrap();
+        let m = CpuBackend::new(loaded.config, loaded.weights).unwrap();
         assert_eq!(logits(&m, &ids), expected, "{} ({arch})", ty.name());
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -2,8 +2,9 @@
 //! The fixtures are hardened so that a correct engine lands within ~1e-5 and every wrong
 //! arithmetic scheme lands above 0.04 (see tools/README.md).
 
+use bitnet_inference::backend::cpu::CpuBackend;
 use bitnet_inference::formats::npy;
-use bitnet_inference::model::{self, Model};
+use bitnet_inference::model;
 use std::path::{Path, PathBuf};
 
 /// The ids of a fixture's `ids.json` (`{"ids": [...]}`).
@@ -19,7 +20,7 @@ fn fixtures_dir() -> PathBuf {
 /// Logits of every position of `ids`, run as one sequence.
 fn engine_logits(path: &Path, ids: &[u32]) -> (Vec<f32>, usize) {
     let loaded = model::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let model = Model::new(loaded.config, loaded.weights).unwrap();
+    let model = CpuBackend::new(loaded.config, loaded.weights).unwrap();
     let vocab = model.config.vocab_size;
     let out = bitnet_inference::eval::sequence_logits(&model, ids).unwrap();
     (out, vocab)

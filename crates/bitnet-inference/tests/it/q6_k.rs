@@ -2,10 +2,11 @@
 //! decodes our blocks to exactly what our decoder gives, within Q6_K's error of the input,
 //! and a model written with a Q6_K embedding loads back with that embedding.
 
+use bitnet_inference::backend::cpu::CpuBackend;
 use bitnet_inference::formats::ggml::{self, GgmlType};
 use bitnet_inference::formats::gguf::GgufFile;
 use bitnet_inference::model::save_gguf::{write_gguf, GgufExport};
-use bitnet_inference::model::{self, dummy, Model, ModelConfig};
+use bitnet_inference::model::{self, dummy, ModelConfig};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -199,7 +200,7 @@ fn q6_k_embedding_writes_and_loads_back() {
             assert!(data.is_mapped());
             q6_k_products_match_the_dequantized_embedding(&loaded, &ids);
         }
-        let m = Model::new(loaded.config, loaded.weights).unwrap();
+        let m = CpuBackend::new(loaded.config, loaded.weights).unwrap();
         logits.push(bitnet_inference::eval::sequence_logits(&m, &ids).unwrap());
     }
     // The Q6_K model's logits are near the f16 model's. This random model amplifies small
@@ -217,8 +218,8 @@ fn q6_k_embedding_writes_and_loads_back() {
 /// embedding dequantized to f32 (the product runs on the exactly dequantized rows), and its
 /// Q6_K lm_head (12-bit activations) shares the file's blocks and stays close.
 fn q6_k_products_match_the_dequantized_embedding(loaded: &model::LoadedModel, ids: &[u32]) {
+    use bitnet_inference::backend::LmHeadQuant;
     use bitnet_inference::kernels::{DenseData, DenseMatrix};
-    use bitnet_inference::model::forward::LmHeadQuant;
     let e = &loaded.weights.token_embedding;
     let mut f32_rows = vec![0f32; e.rows() * e.cols()];
     for (r, row) in f32_rows.chunks_exact_mut(e.cols()).enumerate() {
@@ -227,9 +228,9 @@ fn q6_k_products_match_the_dequantized_embedding(loaded: &model::LoadedModel, id
     let mut dequantized = loaded.weights.clone();
     dequantized.token_embedding =
         DenseMatrix::new(e.rows(), e.cols(), DenseData::F32(f32_rows.into())).unwrap();
-    let f32_model = Model::new(loaded.config.clone(), dequantized).unwrap();
+    let f32_model = CpuBackend::new(loaded.config.clone(), dequantized).unwrap();
     let want = bitnet_inference::eval::sequence_logits(&f32_model, ids).unwrap();
-    let mut q6 = Model::new(loaded.config.clone(), loaded.weights.clone()).unwrap();
+    let mut q6 = CpuBackend::new(loaded.config.clone(), loaded.weights.clone()).unwrap();
     let got = bitnet_inference::eval::sequence_logits(&q6, ids).unwrap();
     assert_eq!(want, got, "Q6_K lm_head vs the same weights in f32");
     q6.set_lm_head_quant(LmHeadQuant::Q6K).unwrap();

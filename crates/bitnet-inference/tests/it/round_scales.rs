@@ -3,10 +3,11 @@
 //! nearest f16. The file must hold exactly the model with f16-rounded scales (bit-equal
 //! logits), and that model must score the validation text like the original.
 
+use bitnet_inference::backend::cpu::CpuBackend;
 use bitnet_inference::formats::ggml::GgmlType;
 use bitnet_inference::kernels::TernaryMatrix;
 use bitnet_inference::model::save_gguf::{write_gguf, GgufExport};
-use bitnet_inference::model::{self, dummy, Linear, LinearWeights, Model, ModelWeights};
+use bitnet_inference::model::{self, dummy, Linear, LinearWeights, ModelWeights};
 use half::{bf16, f16};
 use std::path::{Path, PathBuf};
 
@@ -58,11 +59,11 @@ struct Eval {
 }
 
 impl Eval {
-    fn logits(&self, m: &Model) -> Vec<f32> {
+    fn logits(&self, m: &CpuBackend) -> Vec<f32> {
         bitnet_inference::eval::sequence_logits(m, &self.seq).unwrap()
     }
     /// llama.cpp-style perplexity over 8 chunks of 512 tokens (2040 scored).
-    fn ppl(&self, m: &Model) -> f64 {
+    fn ppl(&self, m: &CpuBackend) -> f64 {
         bitnet_inference::eval::perplexity(m, &self.tokens, 512, Some(8), self.bos, 128, |_, _| {})
             .unwrap()
             .value()
@@ -101,14 +102,14 @@ fn tiny_model_with_rounded_scales_writes_loads_and_scores_like_the_original() {
         bos: src.tokenizer.bos_id().filter(|b| tokens.first() == Some(b)),
         tokens,
     };
-    let original = Model::new(src.config.clone(), src.weights.clone()).unwrap();
+    let original = CpuBackend::new(src.config.clone(), src.weights.clone()).unwrap();
     let want = ev.logits(&original);
     let want_ppl = ev.ppl(&original);
     let range =
         want.iter().fold(f32::MIN, |a, &b| a.max(b)) - want.iter().fold(f32::MAX, |a, &b| a.min(b));
     let round_f16 = |s: f32| f16::from_f32(s).to_f32();
     let rounded = |f: &dyn Fn(f32) -> f32| {
-        Model::new(src.config.clone(), with_scales(&src.weights, f)).unwrap()
+        CpuBackend::new(src.config.clone(), with_scales(&src.weights, f)).unwrap()
     };
     let reference_logits = ev.logits(&rounded(&round_f16));
     // A coarser rounding (bf16 truncation, as storing the top half of the f32 would give)
@@ -179,7 +180,7 @@ fn tiny_model_with_rounded_scales_writes_loads_and_scores_like_the_original() {
                 }
             }
         }
-        let m = Model::new(loaded.config, loaded.weights).unwrap();
+        let m = CpuBackend::new(loaded.config, loaded.weights).unwrap();
         // Exactly the model with f16-rounded scales.
         let got = ev.logits(&m);
         assert_eq!(got, reference_logits, "{}", ty.name());

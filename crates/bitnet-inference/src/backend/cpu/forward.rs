@@ -1,32 +1,33 @@
 //! The forward pass: one loop over layers, over a batch of tokens that may belong to
 //! different sequences, each with its own positions and KV cache slot. Every buffer is
-//! planned when the [`ForwardState`] is created; a forward call allocates nothing.
+//! planned when the [`CpuState`] is created; a forward call allocates nothing.
 //!
 //! Exactness: activations between layers, the KV cache and all float math are f32, and the
 //! ternary linears quantize activations per token to int8 exactly as transformers does.
 
-use super::{Activation, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
+use crate::backend::{Batch, BatchEntry, KvType, LmHeadQuant, ModelOptions};
 use crate::kernels::attention::{AttentionTask, KvElem, RunningSoftmax};
-use crate::kernels::{self, QuantizedActivations, TernaryKernel};
-use crate::model::Linear;
+use crate::kernels::pool::{self, SpinPool};
+use crate::kernels::{self, KernelChoice, QuantizedActivations};
+use crate::model::{Activation, Linear, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
 use crate::{Error, Result};
 use std::cell::RefCell;
 
-/// A loaded model ready to run: description, weights, and the kernel chosen for this CPU.
-pub struct Model {
+/// A model ready to run on this CPU: description, weights, and what it computes with,
+/// chosen once when it is built: the kernels for this CPU and its own compute threads.
+pub struct CpuBackend {
     pub config: ModelConfig,
     pub weights: ModelWeights,
-    kernel: &'static dyn TernaryKernel,
-    /// `[max_context, head_dim / 2]` cos and sin of the RoPE angles, as transformers
-    /// computes them in f32.
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
+    kernels: KernelChoice,
+    /// The compute threads: the calling thread plus `threads - 1` workers, installed for
+    /// every forward call.
+    pool: SpinPool,
     /// The quantized copy of a float lm_head (or tied embedding) that logits use instead,
-    /// set by [`Model::set_lm_head_quant`].
+    /// set by [`CpuBackend::set_lm_head_quant`].
     lm_head_quant: Option<QuantizedHead>,
-    /// The element type of the KV caches [`Model::new_state`] makes.
+    /// The element type of the KV caches [`CpuBackend::new_state`] makes.
     kv_type: KvType,
-    /// How activations meet Q4_0/Q4_1/Q8_0 weights ([`Model::set_quant_acts`]).
+    /// How activations meet Q4_0/Q4_1/Q8_0 weights ([`CpuBackend::set_quant_acts`]).
     quant_acts: kernels::qblock::QuantActs,
 }
 
@@ -37,55 +38,6 @@ enum QuantizedHead {
     Q4(kernels::q4::Q4Matrix),
 }
 
-/// How the logits of a float lm_head (or tied embedding) are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LmHeadQuant {
-    /// Exactly, in f32 against the weights as the file stores them (f16, bf16 or f32).
-    #[default]
-    None,
-    /// Against an int8 copy made at load (per-row f32 scale) and activations quantized per
-    /// token to 12 bits: half the memory traffic of f16 in decode, at a small cost in
-    /// accuracy. The embedding lookup still reads the file's rows, so it stays exact.
-    Int8,
-    /// Against a Q6_K copy made at load (ggml's block format, 6.56 bits a weight: 41% of
-    /// the bytes of f16) and activations quantized per token to 12 bits.
-    Q6K,
-    /// Against a 4-bit copy made at load (an f16 scale per 32 weights, 4.5 bits a weight:
-    /// 28% of the bytes of f16) and activations quantized per token to 12 bits.
-    Q4,
-}
-
-impl std::str::FromStr for LmHeadQuant {
-    type Err = String;
-    /// The names the command line takes: `f16` (exact), `int8`, `q6k`, `q4`.
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f16" | "exact" => Ok(LmHeadQuant::None),
-            "int8" => Ok(LmHeadQuant::Int8),
-            "q6k" | "q6_k" => Ok(LmHeadQuant::Q6K),
-            "q4" => Ok(LmHeadQuant::Q4),
-            _ => Err(format!(
-                "unknown lm_head type `{s}`: expected f16, int8, q6k or q4"
-            )),
-        }
-    }
-}
-
-/// One token of a forward call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchEntry {
-    pub token: u32,
-    /// Its position in its sequence (0-based); the KV cache holds positions `0..pos`.
-    pub pos: usize,
-    /// The KV cache slot of its sequence.
-    pub slot: usize,
-    /// Whether the caller wants this token's logits.
-    pub logits: bool,
-}
-
-/// The tokens of one forward call.
-pub type Batch = [BatchEntry];
-
 /// Key/value cache: `[layer][slot][position][kv_dim]`, allocated once.
 struct KvCache {
     n_slots: usize,
@@ -94,7 +46,7 @@ struct KvCache {
     data: KvData,
 }
 
-/// The cache's rows in the element type chosen by [`Model::set_kv_type`].
+/// The cache's rows in the element type chosen by [`CpuBackend::set_kv_type`].
 enum KvData {
     F32 {
         keys: Vec<Vec<f32>>,
@@ -172,32 +124,14 @@ impl KvCache {
     }
 }
 
-/// The element type of the KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum KvType {
-    /// Exact: keys and values as the forward pass computed them.
-    #[default]
-    F32,
-    /// Rounded to f16 as they are stored (as llama.cpp's default cache): half the memory,
-    /// and half the bytes decode reads per cached position.
-    F16,
-}
-
-impl std::str::FromStr for KvType {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f32" => Ok(KvType::F32),
-            "f16" => Ok(KvType::F16),
-            _ => Err(format!("unknown KV cache type `{s}`: expected f32 or f16")),
-        }
-    }
-}
-
 /// Everything a forward call writes: KV caches of all slots, scratch for up to
 /// `max_batch` tokens, and the logits of the tokens that asked for them.
-pub struct ForwardState {
+pub struct CpuState {
     max_batch: usize,
+    /// `[context, head_dim / 2]` cos and sin of the RoPE angles, as transformers computes
+    /// them in f32: for the positions this state holds, not the model's maximum.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
     kv: KvCache,
     /// Residual stream `[max_batch, hidden]`.
     hidden: Vec<f32>,
@@ -230,7 +164,7 @@ pub struct ForwardState {
     n_logits: usize,
 }
 
-impl ForwardState {
+impl CpuState {
     pub fn n_slots(&self) -> usize {
         self.kv.n_slots
     }
@@ -267,7 +201,9 @@ impl ForwardState {
             + self.up.len()
             + self.proj.len()
             + self.logits.len()
-            + self.logit_rows.len())
+            + self.logit_rows.len()
+            + self.rope_cos.len()
+            + self.rope_sin.len())
     }
 }
 
@@ -277,45 +213,62 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-impl Model {
-    /// Validates the weights against the description and picks the kernel.
+impl CpuBackend {
+    /// Validates the weights against the description; computes with the machine's kernels
+    /// (or `BITNET_KERNEL`'s) on as many threads as the machine has cores.
     pub fn new(config: ModelConfig, weights: ModelWeights) -> Result<Self> {
-        Self::with_kernel(config, weights, kernels::select_kernel()?)
+        Self::with_options(config, weights, &ModelOptions::default())
     }
 
+    /// As `options` say: threads, lm_head, KV cache type, quantized activations. The kernels
+    /// are this CPU's best, or those `BITNET_KERNEL` names.
+    pub fn with_options(
+        config: ModelConfig,
+        weights: ModelWeights,
+        options: &ModelOptions,
+    ) -> Result<Self> {
+        let mut model = Self::build(config, weights, KernelChoice::detect()?, options.threads)?;
+        model.set_lm_head_quant(options.lm_head)?;
+        model.set_kv_type(options.kv_type);
+        model.set_quant_acts(options.quant_acts);
+        Ok(model)
+    }
+
+    /// With a given ternary kernel (the float kernels follow it, see [`KernelChoice`]).
     pub fn with_kernel(
         config: ModelConfig,
         weights: ModelWeights,
-        kernel: &'static dyn TernaryKernel,
+        kernel: &'static dyn kernels::TernaryKernel,
+    ) -> Result<Self> {
+        Self::build(config, weights, KernelChoice::around(kernel), None)
+    }
+
+    fn build(
+        config: ModelConfig,
+        weights: ModelWeights,
+        kernels: KernelChoice,
+        threads: Option<usize>,
     ) -> Result<Self> {
         check_shapes(&config, &weights)?;
-        let half = config.head_dim / 2;
-        let mut rope_cos = Vec::with_capacity(config.max_context * half);
-        let mut rope_sin = Vec::with_capacity(config.max_context * half);
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                1.0 / config
-                    .rope_theta
-                    .powf((2 * i) as f32 / config.head_dim as f32)
-            })
-            .collect();
-        for pos in 0..config.max_context {
-            for &f in &inv_freq {
-                let angle = pos as f32 * f;
-                rope_cos.push(angle.cos());
-                rope_sin.push(angle.sin());
-            }
-        }
+        let threads = match threads {
+            Some(0) => return Err(Error::Invalid("threads must be at least 1".into())),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
         Ok(Self {
             config,
             weights,
-            kernel,
-            rope_cos,
-            rope_sin,
+            kernels,
+            pool: SpinPool::with_kernels(threads, kernels),
             lm_head_quant: None,
             kv_type: KvType::F32,
             quant_acts: kernels::qblock::QuantActs::Exact,
         })
+    }
+
+    /// Compute threads (the caller of a forward call and the pool's workers).
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
     }
 
     /// Chooses how logits are computed (see [`LmHeadQuant`]). The quantized kinds quantize the
@@ -376,7 +329,7 @@ impl Model {
     }
 
     /// Chooses how Q4_0/Q4_1/Q8_0 linears (and such an lm_head or tied embedding, unless
-    /// [`Model::set_lm_head_quant`] replaced it) are multiplied: exactly (the default), or
+    /// [`CpuBackend::set_lm_head_quant`] replaced it) are multiplied: exactly (the default), or
     /// with activations quantized to Q8 blocks as llama.cpp does ([`kernels::qblock`]).
     pub fn set_quant_acts(&mut self, mode: kernels::qblock::QuantActs) {
         self.quant_acts = mode;
@@ -387,17 +340,12 @@ impl Model {
     }
 
     pub fn kernel_name(&self) -> &'static str {
-        self.kernel.name()
+        self.kernels.ternary.name()
     }
 
     /// Plans every buffer for `n_slots` sequences of up to `context` tokens each, processed
     /// `max_batch` tokens at a time.
-    pub fn new_state(
-        &self,
-        n_slots: usize,
-        context: usize,
-        max_batch: usize,
-    ) -> Result<ForwardState> {
+    pub fn new_state(&self, n_slots: usize, context: usize, max_batch: usize) -> Result<CpuState> {
         let c = &self.config;
         if context == 0 || context > c.max_context {
             return Err(Error::Invalid(format!(
@@ -408,7 +356,10 @@ impl Model {
         let (n_slots, max_batch) = (n_slots.max(1), max_batch.max(1));
         let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
         let lm_head_width = c.hidden_size.next_multiple_of(kernels::q4::Q4_SUPER);
-        Ok(ForwardState {
+        let (rope_cos, rope_sin) = rope_tables(c, context);
+        Ok(CpuState {
+            rope_cos,
+            rope_sin,
             max_batch,
             kv: KvCache::new(self.kv_type, c.n_layers, n_slots, context, c.kv_dim()),
             hidden: vec![0.0; max_batch * c.hidden_size],
@@ -435,8 +386,12 @@ impl Model {
 
     /// Runs `batch` through the model, writing K/V of every entry into its slot's cache and
     /// the logits of the entries that ask for them into `state` (see
-    /// [`ForwardState::logits`]). At most `state.max_batch()` entries a call.
-    pub fn forward(&self, batch: &Batch, state: &mut ForwardState) -> Result<()> {
+    /// [`CpuState::logits`]). At most `state.max_batch()` entries a call.
+    pub fn forward(&self, batch: &Batch, state: &mut CpuState) -> Result<()> {
+        self.pool.install(|| self.forward_on_pool(batch, state))
+    }
+
+    fn forward_on_pool(&self, batch: &Batch, state: &mut CpuState) -> Result<()> {
         let c = &self.config;
         let n = batch.len();
         if n == 0 || n > state.max_batch {
@@ -491,14 +446,15 @@ impl Model {
                     (&layer.v_proj, &mut state.v[..n * kvd]),
                 ],
             );
+            let (cos, sin, d) = (&state.rope_cos, &state.rope_sin, c.head_dim);
             par_rows(&mut state.q[..n * qd], qd, &|i, rows| {
                 for (j, row) in rows.chunks_exact_mut(qd).enumerate() {
-                    self.rope(row, batch[i + j].pos);
+                    rope(row, batch[i + j].pos, d, cos, sin);
                 }
             });
             par_rows(&mut state.k[..n * kvd], kvd, &|i, rows| {
                 for (j, row) in rows.chunks_exact_mut(kvd).enumerate() {
-                    self.rope(row, batch[i + j].pos);
+                    rope(row, batch[i + j].pos, d, cos, sin);
                 }
             });
             for (i, e) in batch.iter().enumerate() {
@@ -646,30 +602,14 @@ impl Model {
                 LinearWeights::Ternary(w) => {
                     if linear.input_norm.is_some() || !shared_quantized {
                         acts.quantize(input, n, cols);
-                        self.kernel.prepare(acts);
+                        self.kernels.ternary.prepare(acts);
                         shared_quantized = linear.input_norm.is_none();
                     }
-                    kernels::ternary_matmul(self.kernel, w, acts, out);
+                    kernels::ternary_matmul(self.kernels.ternary, w, acts, out);
                 }
                 LinearWeights::Dense(w) => {
                     kernels::dense_matmul_with(w, input, n, out, self.quant_acts)
                 }
-            }
-        }
-    }
-
-    /// NeoX-style rotary embedding of every head in `x` (rotate_half: pairs i, i + d/2).
-    fn rope(&self, x: &mut [f32], pos: usize) {
-        let d = self.config.head_dim;
-        let half = d / 2;
-        let cos = &self.rope_cos[pos * half..(pos + 1) * half];
-        let sin = &self.rope_sin[pos * half..(pos + 1) * half];
-        for head in x.chunks_exact_mut(d) {
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x0, x1) = (a[i], b[i]);
-                a[i] = x0 * cos[i] - x1 * sin[i];
-                b[i] = x1 * cos[i] + x0 * sin[i];
             }
         }
     }
@@ -688,7 +628,7 @@ impl Model {
     /// folded per query head.
     ///
     /// The arithmetic of each query head is the same in every case, bit for bit.
-    fn attention(&self, batch: &Batch, layer: usize, state: &mut ForwardState) {
+    fn attention(&self, batch: &Batch, layer: usize, state: &mut CpuState) {
         let (kv, q, attn) = (&state.kv, &state.q, &mut state.attn);
         let parts = &mut state.attn_partials;
         match &kv.data {
@@ -716,7 +656,6 @@ impl Model {
         let c = &self.config;
         let (d, qd, kvd, group) = (c.head_dim, c.q_dim(), c.kv_dim(), c.gqa_group());
         let scale = 1.0 / (d as f32).sqrt();
-        let pool = kernels::pool::SpinPool::current();
         // The task of query heads `first_head..first_head + heads` (of one KV head) of the
         // entries `first..first + tokens` (a run of consecutive positions of one sequence).
         let task = |first: usize, tokens: usize, heads: usize, first_head: usize| {
@@ -745,8 +684,8 @@ impl Model {
                 let task = task(first, tokens, heads, first_head);
                 SCORES.with_borrow_mut(|scores| kernels::attention::attend(&task, scores, out));
             };
-        if let Some(tile) = attention_tile(batch, pool.threads()) {
-            pool.for_each_chunk_mut(&mut attn[..batch.len() * qd], tile * qd, &|t, out| {
+        if let Some(tile) = attention_tile(batch, pool::threads()) {
+            pool::for_each_chunk_mut(&mut attn[..batch.len() * qd], tile * qd, &|t, out| {
                 let (first, end) = (t * tile, t * tile + out.len() / qd);
                 let mut run = first;
                 while run < end {
@@ -769,8 +708,8 @@ impl Model {
         let attn = &mut attn[..batch.len() * qd];
         let chunks = |i: usize| (batch[i].pos + 1).div_ceil(kernels::attention::CHUNK);
         let split: usize = (0..batch.len()).map(|i| n_kv * chunks(i)).sum();
-        if batch.len() * n_kv >= 4 * pool.threads() || split == batch.len() * n_kv {
-            pool.for_each_chunk_mut(attn, group * d, &|t, out| {
+        if batch.len() * n_kv >= 4 * pool::threads() || split == batch.len() * n_kv {
+            pool::for_each_chunk_mut(attn, group * d, &|t, out| {
                 attend(t / n_kv, 1, group, t % n_kv * group, out)
             });
             return;
@@ -783,7 +722,7 @@ impl Model {
             partials.resize(split * part_len, 0.0);
         }
         let partials = &mut partials[..split * part_len];
-        pool.for_each_chunk_mut(partials, part_len, &|t, part| {
+        pool::for_each_chunk_mut(partials, part_len, &|t, part| {
             let mut i = 0;
             while t >= first_of(i + 1) {
                 i += 1;
@@ -796,7 +735,7 @@ impl Model {
             });
         });
         let partials = &*partials;
-        pool.for_each_chunk_mut(attn, group * d, &|t, out| {
+        pool::for_each_chunk_mut(attn, group * d, &|t, out| {
             let (i, kv_head) = (t / n_kv, t % n_kv);
             let first = first_of(i) + kv_head * chunks(i);
             for (h, out) in out.chunks_exact_mut(d).enumerate() {
@@ -838,6 +777,38 @@ fn attention_tile(batch: &Batch, threads: usize) -> Option<usize> {
     (batch.len().div_ceil(tile) >= threads).then_some(tile)
 }
 
+/// `[context, head_dim / 2]` cos and sin of the RoPE angles for positions `0..context`.
+fn rope_tables(c: &ModelConfig, context: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = c.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / c.head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(context * half);
+    let mut sin = Vec::with_capacity(context * half);
+    for pos in 0..context {
+        for &f in &inv_freq {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// NeoX-style rotary embedding of every head of `d` in `x` (rotate_half: pairs i, i + d/2).
+fn rope(x: &mut [f32], pos: usize, d: usize, cos: &[f32], sin: &[f32]) {
+    let half = d / 2;
+    let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+    for head in x.chunks_exact_mut(d) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x0, x1) = (a[i], b[i]);
+            a[i] = x0 * cos[i] - x1 * sin[i];
+            b[i] = x1 * cos[i] + x0 * sin[i];
+        }
+    }
+}
+
 fn activate(act: Activation, g: f32) -> f32 {
     match act {
         Activation::Relu2 => {
@@ -863,16 +834,15 @@ fn add_in_place(acc: &mut [f32], x: &[f32], row_len: usize) {
 /// [`MIN_PIECE`] elements, so a decoded token's single row runs inline.
 fn par_rows(data: &mut [f32], row_len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
     let rows = data.len() / row_len;
-    let pool = kernels::pool::SpinPool::current();
     let per_piece = rows
-        .div_ceil(2 * pool.threads())
+        .div_ceil(2 * pool::threads())
         .max(MIN_PIECE.div_ceil(row_len))
         .max(1);
     if per_piece >= rows {
         f(0, data);
         return;
     }
-    pool.for_each_chunk_mut(data, per_piece * row_len, &|p, piece| {
+    pool::for_each_chunk_mut(data, per_piece * row_len, &|p, piece| {
         f(p * per_piece, piece)
     });
 }
@@ -1004,11 +974,11 @@ mod tests {
         }
     }
 
-    fn random_model() -> Model {
+    fn random_model() -> CpuBackend {
         random_model_with(config())
     }
 
-    fn random_model_with(c: ModelConfig) -> Model {
+    fn random_model_with(c: ModelConfig) -> CpuBackend {
         let mut rng = Rng::new(7);
         let mut ternary = |rows: usize, cols: usize| {
             Linear::ternary(
@@ -1048,7 +1018,7 @@ mod tests {
             output_norm: norm(64),
             lm_head: None,
         };
-        Model::with_kernel(c, weights, &kernels::scalar::ScalarKernel).unwrap()
+        CpuBackend::with_kernel(c, weights, &kernels::scalar::ScalarKernel).unwrap()
     }
 
     fn entries(tokens: &[u32], slot: usize, start: usize) -> Vec<BatchEntry> {
@@ -1124,7 +1094,7 @@ mod tests {
     fn quantized_lm_heads_are_close_and_can_be_turned_off() {
         let mut model = random_model();
         let tokens = [3u32, 17, 42, 0];
-        let run = |model: &Model| {
+        let run = |model: &CpuBackend| {
             let mut s = model.new_state(1, 32, 8).unwrap();
             model.forward(&entries(&tokens, 0, 0), &mut s).unwrap();
             (0..tokens.len())
@@ -1169,7 +1139,7 @@ mod tests {
     fn an_f16_kv_cache_halves_its_bytes_and_stays_close() {
         let mut model = random_model();
         let tokens = [3u32, 17, 42, 0, 9, 9, 1];
-        let run = |model: &Model| {
+        let run = |model: &CpuBackend| {
             let mut s = model.new_state(2, 32, 8).unwrap();
             model.forward(&entries(&tokens, 0, 0), &mut s).unwrap();
             let logits: Vec<Vec<f32>> = (0..tokens.len()).map(|i| s.logits(i).to_vec()).collect();

@@ -1,11 +1,15 @@
-//! The CPU backend: [`Model`]'s forward pass ([`crate::model::forward`]) over the kernels of
-//! [`crate::kernels`], one file per instruction set, chosen at run time.
+//! The CPU backend: the forward pass of [`forward`] over the kernels of [`crate::kernels`],
+//! one file per instruction set, chosen when the backend is built, on its own threads.
 
-use super::{Backend, BackendState};
-use crate::model::{Batch, ForwardState, Model, ModelConfig, ModelWeights};
+mod forward;
+
+pub use forward::{CpuBackend, CpuState};
+
+use super::{Backend, BackendState, Batch, KvType};
+use crate::model::{ModelConfig, ModelWeights};
 use crate::{Error, Result};
 
-impl Backend for Model {
+impl Backend for CpuBackend {
     fn config(&self) -> &ModelConfig {
         &self.config
     }
@@ -16,25 +20,27 @@ impl Backend for Model {
         context: usize,
         max_batch: usize,
     ) -> Result<Box<dyn BackendState>> {
-        Ok(Box::new(Model::new_state(self, slots, context, max_batch)?))
+        Ok(Box::new(CpuBackend::new_state(
+            self, slots, context, max_batch,
+        )?))
     }
 
     fn forward(&self, batch: &Batch, state: &mut dyn BackendState) -> Result<()> {
         let state = state
             .as_any_mut()
-            .downcast_mut::<ForwardState>()
+            .downcast_mut::<CpuState>()
             .ok_or_else(|| Error::Invalid("a state planned by another backend".into()))?;
-        Model::forward(self, batch, state)
+        CpuBackend::forward(self, batch, state)
     }
 
     fn kernel_name(&self) -> &str {
-        Model::kernel_name(self)
+        CpuBackend::kernel_name(self)
     }
 
     fn kv_bytes_per_position(&self) -> usize {
         let value_bytes = match self.kv_type() {
-            crate::model::forward::KvType::F32 => 4,
-            crate::model::forward::KvType::F16 => 2,
+            KvType::F32 => 4,
+            KvType::F16 => 2,
         };
         2 * self.config.n_layers * self.config.kv_dim() * value_bytes
     }
@@ -44,24 +50,24 @@ impl Backend for Model {
     }
 }
 
-impl BackendState for ForwardState {
+impl BackendState for CpuState {
     fn logits(&self, i: usize) -> &[f32] {
-        ForwardState::logits(self, i)
+        CpuState::logits(self, i)
     }
     fn n_slots(&self) -> usize {
-        ForwardState::n_slots(self)
+        CpuState::n_slots(self)
     }
     fn context(&self) -> usize {
-        ForwardState::context(self)
+        CpuState::context(self)
     }
     fn max_batch(&self) -> usize {
-        ForwardState::max_batch(self)
+        CpuState::max_batch(self)
     }
     fn kv_bytes(&self) -> usize {
-        ForwardState::kv_bytes(self)
+        CpuState::kv_bytes(self)
     }
     fn scratch_bytes(&self) -> usize {
-        ForwardState::scratch_bytes(self)
+        CpuState::scratch_bytes(self)
     }
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
