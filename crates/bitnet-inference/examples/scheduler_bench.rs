@@ -4,6 +4,7 @@
 //! tokens per second for both and the scheduler's own share of each step (admission,
 //! cancellation and event dispatch, i.e. the step minus forward pass and sampling).
 //! MODEL defaults to the shipped models/bitnet-tiny.
+use bitnet_inference::backend::Backend;
 use bitnet_inference::engine::LoadedEngineModel;
 use bitnet_inference::generate::GenerationConfig;
 use bitnet_inference::scheduler::{DynamicBatchProcessor, Request, SchedulerConfig};
@@ -43,7 +44,7 @@ fn main() -> bitnet_inference::Result<()> {
         let config = SchedulerConfig {
             max_running: running,
             max_queue: n,
-            context_size: Some(1024),
+            context_size: Some(m.model.config().max_context.min(1024)),
             prefix_cache: false,
             ..Default::default()
         };

@@ -196,6 +196,21 @@ pub fn process_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The context a generator or scheduler plans for: the one asked for, which must fit the
+/// model, or the model's maximum up to 4096 tokens.
+pub(crate) fn planned_context(requested: Option<usize>, max: usize) -> Result<usize> {
+    match requested {
+        None => Ok(max.min(4096)),
+        Some(0) => Err(Error::Invalid(
+            "context size 0: expected at least 1 token".into(),
+        )),
+        Some(c) if c > max => Err(Error::Invalid(format!(
+            "context size {c} is larger than the model's maximum of {max} tokens"
+        ))),
+        Some(c) => Ok(c),
+    }
+}
+
 /// A loaded model and what generation needs from its files; shared by generators.
 pub struct LoadedEngineModel {
     /// The model on its compute backend.
@@ -569,6 +584,7 @@ pub struct TextGenerator {
 
 impl TextGenerator {
     pub fn new(shared: Arc<LoadedEngineModel>, config: EngineConfig) -> Result<Self> {
+        planned_context(config.context_size, shared.model.config().max_context)?;
         Ok(TextGenerator {
             shared,
             config,
@@ -591,10 +607,8 @@ impl TextGenerator {
 
     /// The KV cache's context size.
     pub fn context_size(&self) -> usize {
-        self.config
-            .context_size
-            .unwrap_or(4096)
-            .min(self.shared.model.config().max_context)
+        let max = self.shared.model.config().max_context;
+        planned_context(self.config.context_size, max).unwrap_or(max)
     }
 
     /// A state with at least `slots` slots (reused when it has them).

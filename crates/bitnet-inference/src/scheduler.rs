@@ -471,7 +471,7 @@ pub struct DynamicBatchProcessor {
 impl DynamicBatchProcessor {
     pub fn new(model: Arc<LoadedEngineModel>, config: &SchedulerConfig) -> crate::Result<Self> {
         let c = model.model.config();
-        let context = config.context_size.unwrap_or(4096).min(c.max_context);
+        let context = crate::engine::planned_context(config.context_size, c.max_context)?;
         let max_running = config.max_running.max(1);
         let step_tokens = config.step_tokens.max(max_running);
         // Sizes a caller gives are checked before anything is planned in proportion to them.

@@ -569,11 +569,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
 
     let slots = a.parallel.max(1);
+    let context = super::context_size(a.ctx_size, &m.model, 2048)?;
     let scheduler = SchedulerConfig {
         max_running: slots,
         // Items are handed over as slots free up: `slots` running, `slots` waiting.
         max_queue: 2 * slots,
-        context_size: Some(a.ctx_size.unwrap_or(2048)),
+        context_size: Some(context),
         step_tokens: a.batch_size.max(slots),
         kv_cache_bytes: None,
         prefix_cache: true,

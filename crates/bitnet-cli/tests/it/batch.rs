@@ -391,3 +391,27 @@ fn duplicate_ids_are_errors_and_never_skipped_as_done() {
         );
     }
 }
+
+/// `-c` above the model's maximum was clamped silently; it is an error naming both numbers,
+/// before any item runs or any output is written.
+#[test]
+fn a_context_above_the_models_maximum_is_refused() {
+    let d = dir("ctx-too-big");
+    let input = d.join("in.jsonl");
+    std::fs::write(&input, "{\"id\": \"a\", \"prompt\": \"hello\"}\n").unwrap();
+    let out = d.join("out.jsonl");
+    let o = batch(&[
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-c",
+        "100000",
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("100000") && err.contains("maximum of"), "{err}");
+    assert!(!out.exists() || rows(&out).is_empty(), "no item ran");
+}

@@ -1,6 +1,7 @@
 //! The integration tests of this crate, in one test binary (one link instead of one per
 //! file).
 
+mod backend;
 mod chat_smollm2;
 mod common;
 mod generation_engine;

@@ -3,6 +3,7 @@
 //! context limits are refused at once; cancellation frees the slot; many threads and async
 //! tasks share one scheduler.
 
+use bitnet_inference::backend::Backend;
 use bitnet_inference::engine::{EngineConfig, LoadedEngineModel, TextGenerator};
 use bitnet_inference::generate::asynch::{block_on, next};
 use bitnet_inference::generate::{FinishReason, GenerationConfig};
@@ -452,4 +453,33 @@ fn sampling_values_out_of_range_are_refused_by_name() {
         c.logit_bias = vec![(3, f32::NEG_INFINITY)];
     })
     .is_none());
+}
+
+#[test]
+fn a_context_larger_than_the_model_is_an_error_not_a_silent_clamp() {
+    let max = model().model.config().max_context;
+    for bad in [0, max + 1] {
+        let config = SchedulerConfig {
+            context_size: Some(bad),
+            ..config(2)
+        };
+        let err = DynamicBatchProcessor::new(model(), &config).err().unwrap();
+        assert!(err.to_string().contains("context size"), "{err}");
+        let engine = EngineConfig {
+            context_size: Some(bad),
+            ..Default::default()
+        };
+        let err = TextGenerator::new(model(), engine).err().unwrap();
+        assert!(err.to_string().contains(&bad.to_string()), "{err}");
+    }
+    let config = SchedulerConfig {
+        context_size: Some(max),
+        ..config(2)
+    };
+    assert_eq!(
+        DynamicBatchProcessor::new(model(), &config)
+            .unwrap()
+            .context_size(),
+        max
+    );
 }
