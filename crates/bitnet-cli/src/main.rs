@@ -85,6 +85,7 @@ fn try_main() -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
+            .thread_name(|i| format!("bitnet-load-{i}"))
             .build_global()?;
     }
     commands::set_offline(cli.offline);

@@ -412,6 +412,9 @@ fn a_context_above_the_models_maximum_is_refused() {
     .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("100000") && err.contains("maximum of"), "{err}");
+    assert!(
+        err.contains("100000") && err.contains("maximum of"),
+        "{err}"
+    );
     assert!(!out.exists() || rows(&out).is_empty(), "no item ran");
 }

@@ -410,11 +410,6 @@ pub fn ternary_row(ty: GgmlType, bytes: &[u8], trits: &mut [i8]) -> Result<Vec<f
     Ok(scales)
 }
 
-/// Bytes of codes of an I2_S tensor of `n` elements (the scale follows them).
-pub fn i2s_code_bytes(n: usize) -> usize {
-    n / 4
-}
-
 /// The one f32 scale (multiplier) of an I2_S tensor of `n` elements.
 pub fn i2s_scale(data: &[u8], n: usize) -> Result<f32> {
     let at = n / 4;

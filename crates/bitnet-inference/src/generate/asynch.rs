@@ -42,10 +42,6 @@ impl ChunkSender {
         }
         true
     }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.cancelled.load(Ordering::Relaxed)
-    }
 }
 
 impl Drop for ChunkSender {

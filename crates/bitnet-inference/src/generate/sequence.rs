@@ -206,9 +206,6 @@ impl Sequence {
         out.push_str(&self.delta);
         self.delta.clear();
     }
-    pub fn clear_delta(&mut self) {
-        self.delta.clear();
-    }
     pub fn stats(&self) -> GenerationStats {
         let mut s = self.stats.clone();
         s.generated_tokens = self.n_generated;
@@ -410,11 +407,6 @@ impl<'a> BatchRunner<'a> {
         self.state.context()
     }
 
-    /// A slot with no sequence in it.
-    pub fn free_slot(&self) -> Option<usize> {
-        self.seqs.iter().position(|s| s.is_none())
-    }
-
     pub fn active(&self) -> usize {
         self.seqs.iter().filter(|s| s.is_some()).count()
     }
@@ -446,15 +438,6 @@ impl<'a> BatchRunner<'a> {
     /// Takes the sequence out of its slot.
     pub fn remove(&mut self, slot: usize) -> Option<Sequence> {
         self.seqs.get_mut(slot).and_then(|s| s.take())
-    }
-
-    /// The slots whose sequences are finished.
-    pub fn finished_slots(&self) -> impl Iterator<Item = usize> + '_ {
-        self.seqs
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.is_finished()))
-            .map(|(i, _)| i)
     }
 
     /// One forward call. Decoding sequences go first, then prompt chunks fill the rest of the

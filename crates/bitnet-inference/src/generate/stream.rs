@@ -47,11 +47,6 @@ impl Utf8Stream {
         self.pending.drain(..start);
     }
 
-    /// Whether bytes of an unfinished character are waiting.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
     /// Whatever is left at the end, invalid bytes replaced.
     pub fn finish(&mut self) -> String {
         let mut out = String::new();
