@@ -729,7 +729,9 @@ impl TextGenerator {
     }
 
     /// Completes `prompt` on a background thread as an async `Stream` of [`StreamChunk`]s
-    /// (with its own KV cache sized for the request).
+    /// (with its own KV cache sized for the request). Requests made this way do not share
+    /// forward calls; many concurrent requests belong on one
+    /// [`crate::scheduler::StreamingEngine`], which batches them continuously.
     ///
     /// ```
     /// use bitnet_inference::engine::{GenerationConfig, InferenceEngine};
