@@ -77,17 +77,20 @@ fn restore_sigpipe() {
     }
 }
 
+/// Runs `f` in a rayon pool of `-t` threads (one per core by default).
+fn on_threads(f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(commands::threads())
+        .thread_name(|i| format!("bitnet-pool-{i}"))
+        .build()?
+        .install(f)
+}
+
 fn try_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // The model computes on its own `-t` threads; rayon's pool, which only load-time
-    // repacking uses, gets the same count so that `-t N` holds while loading too.
+    // Every model the commands load computes (and loads) on `-t` threads in total;
+    // `convert` and `dummy`, which work on weights outside a model, get a pool of as many.
     commands::set_threads(cli.threads);
-    if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .thread_name(|i| format!("bitnet-load-{i}"))
-            .build_global()?;
-    }
     commands::set_offline(cli.offline);
     match cli.command {
         Command::Run(a) => commands::run::run(a),
@@ -98,8 +101,8 @@ fn try_main() -> anyhow::Result<()> {
         Command::Logits(a) => commands::logits::run(a),
         Command::Perplexity(a) => commands::perplexity::run(a),
         Command::Bench(a) => commands::bench::run(a),
-        Command::Dummy(a) => commands::dummy::run(a),
-        Command::Convert(a) => commands::convert::run(a),
+        Command::Dummy(a) => on_threads(|| commands::dummy::run(a)),
+        Command::Convert(a) => on_threads(|| commands::convert::run(a)),
         #[cfg(feature = "hub")]
         Command::Pull(a) => commands::pull::run(a),
         #[cfg(feature = "hub")]

@@ -234,24 +234,46 @@ impl LoadedEngineModel {
     }
 
     /// Loads a local model to compute as `options` say.
+    /// With `options.threads` set, loading (repacking, quantizing a copy of the lm_head) runs
+    /// on that many threads too, in a pool that ends with the load.
     pub fn load_with(path: &Path, options: &ModelOptions) -> Result<Self> {
         let start = Instant::now();
-        let m = model::load(path)?;
-        let model = backend::build(m.config, m.weights, options)?;
-        let pieces = TokenPieces::new(&m.tokenizer, model.config().vocab_size);
-        let mut end_tokens = m.generation.eos_token_ids.clone();
-        end_tokens.extend_from_slice(m.tokenizer.eos_ids());
+        let load = || -> Result<_> {
+            let model::LoadedModel {
+                config,
+                weights,
+                tokenizer,
+                chat_template,
+                generation,
+                path,
+                ..
+            } = model::load(path)?;
+            let model = backend::build(config, weights, options)?;
+            Ok((model, tokenizer, chat_template, generation, path))
+        };
+        let (model, tokenizer, chat_template, generation, path) = match options.threads {
+            None => load()?,
+            Some(n) => rayon::ThreadPoolBuilder::new()
+                .num_threads(n.max(1))
+                .thread_name(|i| format!("bitnet-load-{i}"))
+                .build()
+                .map_err(|e| Error::Invalid(format!("cannot start {n} loading threads: {e}")))?
+                .install(load)?,
+        };
+        let pieces = TokenPieces::new(&tokenizer, model.config().vocab_size);
+        let mut end_tokens = generation.eos_token_ids.clone();
+        end_tokens.extend_from_slice(tokenizer.eos_ids());
         end_tokens.sort_unstable();
         end_tokens.dedup();
         Ok(LoadedEngineModel {
             model,
             options: *options,
-            tokenizer: m.tokenizer,
+            tokenizer,
             pieces,
-            chat_template: m.chat_template,
-            generation: m.generation,
+            chat_template,
+            generation,
             end_tokens,
-            path: m.path,
+            path,
             load_time: start.elapsed(),
         })
     }

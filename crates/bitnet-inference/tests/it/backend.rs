@@ -90,9 +90,41 @@ fn backends_with_different_kernels_compute_side_by_side() {
     });
 }
 
+/// Threads of this process whose name starts with `prefix` (Linux; None elsewhere).
+fn threads_named(prefix: &str) -> Option<usize> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    Some(
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with(prefix))
+            .count(),
+    )
+}
+
 #[test]
 fn threads_are_the_backends_own() {
     let m = tiny();
+    // nextest runs each test in its own process, so the count is this test's alone.
+    if let Some(before) = threads_named("bitnet-compute") {
+        let b = CpuBackend::with_options(
+            m.config.clone(),
+            m.weights.clone(),
+            &ModelOptions {
+                threads: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        run(&b);
+        // The calling thread computes too: 3 threads are it and 2 workers.
+        assert_eq!(threads_named("bitnet-compute"), Some(before + 2));
+        drop(b);
+        assert_eq!(
+            threads_named("bitnet-compute"),
+            Some(before),
+            "joined on drop"
+        );
+    }
     for threads in [1, 3] {
         let options = ModelOptions {
             threads: Some(threads),
