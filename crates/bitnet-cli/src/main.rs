@@ -39,6 +39,8 @@ enum Command {
     Logits(commands::logits::Args),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(commands::perplexity::Args),
+    /// Serve the model over HTTP with OpenAI's API (continuous batching, streaming).
+    Serve(commands::serve::Args),
     /// Measure prompt processing (pp) and generation (tg) speed, as llama-bench does.
     Bench(commands::bench::Args),
     /// Write a model of any shape with random ternary weights (GGUF), for benchmarks.
@@ -54,8 +56,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    restore_sigpipe();
-    match try_main() {
+    let cli = Cli::parse();
+    // A server must survive clients that hang up; every other command writes to stdout.
+    if !matches!(cli.command, Command::Serve(_)) {
+        restore_sigpipe();
+    }
+    match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -86,8 +92,7 @@ fn on_threads(f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<(
         .install(f)
 }
 
-fn try_main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn try_main(cli: Cli) -> anyhow::Result<()> {
     // Every model the commands load computes (and loads) on `-t` threads in total;
     // `convert` and `dummy`, which work on weights outside a model, get a pool of as many.
     commands::set_threads(cli.threads);
@@ -100,6 +105,7 @@ fn try_main() -> anyhow::Result<()> {
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Logits(a) => commands::logits::run(a),
         Command::Perplexity(a) => commands::perplexity::run(a),
+        Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Dummy(a) => on_threads(|| commands::dummy::run(a)),
         Command::Convert(a) => on_threads(|| commands::convert::run(a)),

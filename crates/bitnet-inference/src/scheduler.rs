@@ -445,6 +445,15 @@ pub struct SchedulerStats {
     pub queued: usize,
     /// KV cache bytes in all slots.
     pub kv_cache_bytes: usize,
+    /// KV slots planned (running requests and cached prefixes), tokens each.
+    pub kv_slots: usize,
+    pub kv_slot_tokens: usize,
+    /// Tokens whose keys and values the running requests hold now.
+    pub kv_used_tokens: usize,
+    /// Free slots that hold a cached prefix now.
+    pub kv_cached_slots: usize,
+    /// Tokens in all forward calls: `batch_tokens / steps` is the mean batch size.
+    pub batch_tokens: u64,
     /// Time in steps that ran a forward call, and the part of it inside the shared step
     /// (forward pass and sampling): the rest is the scheduler's own overhead.
     pub step_time: Duration,
@@ -514,6 +523,8 @@ impl DynamicBatchProcessor {
         });
         let stats = SchedulerStats {
             kv_cache_bytes: state.kv_bytes(),
+            kv_slots: n_slots,
+            kv_slot_tokens: context,
             ..Default::default()
         };
         Ok(DynamicBatchProcessor {
@@ -561,6 +572,17 @@ impl DynamicBatchProcessor {
         SchedulerStats {
             running: self.running(),
             queued: self.inbox.lock().queue.len(),
+            kv_used_tokens: self
+                .seqs
+                .iter()
+                .flatten()
+                .map(|s| s.cached_tokens().len())
+                .sum(),
+            kv_cached_slots: self
+                .slots
+                .iter()
+                .filter(|s| s.active.is_none() && !s.cached.is_empty())
+                .count(),
             ..self.stats
         }
     }
@@ -620,6 +642,7 @@ impl DynamicBatchProcessor {
         };
         if ran {
             self.stats.steps += 1;
+            self.stats.batch_tokens += self.batch.len() as u64;
             self.stats.compute_time += compute;
         }
         for i in 0..self.slots.len() {
@@ -858,14 +881,14 @@ impl StreamingEngine {
         self.submitter.clone()
     }
 
-    /// The scheduler's counters as of its last step.
+    /// The scheduler's counters as of its last step; `queued` is counted now.
     pub fn stats(&self) -> SchedulerStats {
-        *self
-            .submitter
-            .inbox
-            .published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let inbox = &self.submitter.inbox;
+        let published = *inbox.published.lock().unwrap_or_else(|e| e.into_inner());
+        SchedulerStats {
+            queued: inbox.lock().queue.len(),
+            ..published
+        }
     }
 
     pub fn model(&self) -> &Arc<LoadedEngineModel> {

@@ -14,6 +14,7 @@ pub mod perplexity;
 #[cfg(feature = "hub")]
 pub mod pull;
 pub mod run;
+pub mod serve;
 pub mod tokenize;
 
 use bitnet_inference::engine::{LoadedEngineModel, ModelOptions};

@@ -1,0 +1,864 @@
+//! Routes and handlers: requests in, scheduler requests out, events back as OpenAI JSON or
+//! server-sent events.
+
+use crate::api::{self, Prompt, Sampling};
+use crate::error::ApiError;
+use crate::metrics::HttpLabels;
+use crate::{AppState, Loaded};
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bitnet_inference::engine::LoadedEngineModel;
+use bitnet_inference::generate::{FinishReason, TokenLogprobs};
+use bitnet_inference::scheduler::{Event, Request as SchedRequest, RequestStream};
+use futures_util::stream::{self, SelectAll, StreamExt};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+type AppStateRef = State<Arc<AppState>>;
+
+pub(crate) fn router(state: Arc<AppState>) -> anyhow::Result<Router> {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_by_id))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    let open = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics));
+    let mut app = api
+        .merge(open)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), count_http))
+        .with_state(state.clone());
+    let origins = &state.config.cors_origins;
+    if !origins.is_empty() {
+        let allow = if origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            let list = origins
+                .iter()
+                .map(|o| {
+                    HeaderValue::from_str(o)
+                        .map_err(|_| anyhow::anyhow!("--cors-origin {o:?} is not a valid origin"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            AllowOrigin::list(list)
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(allow)
+                .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    Ok(app)
+}
+
+// ------------------------------------------------------------------------------------------
+// Middleware and small routes.
+
+/// `Authorization: Bearer KEY` with one of the configured keys, when there are any.
+async fn auth(State(state): AppStateRef, req: Request, next: Next) -> Response {
+    let keys = &state.config.api_keys;
+    if keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(k)
+            if keys
+                .iter()
+                .any(|key| same_secret(key.as_bytes(), k.as_bytes())) =>
+        {
+            next.run(req).await
+        }
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid")
+            .with_code("invalid_api_key")
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "an API key is needed: send `Authorization: Bearer KEY`",
+        )
+        .with_code("missing_api_key")
+        .into_response(),
+    }
+}
+
+/// Compares without stopping at the first difference (the time taken tells nothing about
+/// where a guess went wrong).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+async fn count_http(State(state): AppStateRef, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let response = next.run(req).await;
+    state
+        .metrics
+        .http
+        .get_or_create(&HttpLabels {
+            route,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route {}", uri.path())).with_code("not_found")
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .with_code("method_not_allowed")
+}
+
+async fn health(State(state): AppStateRef) -> Response {
+    let status = if state.draining.load(Ordering::Acquire) {
+        "draining"
+    } else if state.loaded.get().is_none() {
+        "loading"
+    } else {
+        return Json(json!({"status": "ok"})).into_response();
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": status})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): AppStateRef) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn model_json(state: &AppState, l: &Loaded) -> Value {
+    json!({
+        "id": state.config.model_id,
+        "object": "model",
+        "created": l.created,
+        "owned_by": "bitnet-inference",
+        "context_length": l.context,
+        "vocab_size": l.vocab,
+    })
+}
+
+async fn models(State(state): AppStateRef) -> Result<Json<Value>, ApiError> {
+    let l = state.ready()?;
+    Ok(Json(
+        json!({"object": "list", "data": [model_json(&state, l)]}),
+    ))
+}
+
+async fn model_by_id(
+    State(state): AppStateRef,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let l = state.ready()?;
+    check_model(&state, Some(&id))?;
+    Ok(Json(model_json(&state, l)))
+}
+
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != state.config.model_id => Err(ApiError {
+            param: Some("model".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "the model `{m}` does not exist; this server serves `{}`",
+                    state.config.model_id
+                ),
+            )
+            .with_code("model_not_found")
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The whole body, at most `max_body_bytes` (413) within `request_timeout` (408).
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than {limit} bytes"),
+        )
+        .with_code("body_too_large")
+    };
+    let claimed = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    if claimed.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(body, limit);
+    match tokio::time::timeout(state.config.request_timeout, limited.collect()).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                state.config.request_timeout.as_secs_f64()
+            ),
+        )
+        .with_code("timeout")),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// A random 64-bit number (ids, and seeds of requests that give none).
+fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+// ------------------------------------------------------------------------------------------
+// Tokenizer routes.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeBody {
+    content: String,
+    add_special: Option<bool>,
+    with_pieces: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeBody {
+    tokens: Vec<u32>,
+}
+
+async fn tokenize(
+    State(state): AppStateRef,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let l = state.ready()?;
+    let bytes = read_body(&state, &headers, body).await?;
+    let b: TokenizeBody = api::typed(api::parse_object(&bytes)?)?;
+    let model = l.model.clone();
+    let add_special = b.add_special.unwrap_or(true);
+    let content = b.content;
+    let ids = tokio::task::spawn_blocking(move || model.tokenizer.encode(&content, add_special))
+        .await
+        .map_err(internal)?
+        .map_err(|e| ApiError::invalid("content", e.to_string()))?;
+    if b.with_pieces == Some(true) {
+        let tokens: Vec<Value> = ids
+            .iter()
+            .map(|&id| json!({"id": id, "piece": piece_text(&l.model, id)}))
+            .collect();
+        return Ok(Json(json!({"tokens": tokens})));
+    }
+    Ok(Json(json!({"tokens": ids})))
+}
+
+async fn detokenize(
+    State(state): AppStateRef,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let l = state.ready()?;
+    let bytes = read_body(&state, &headers, body).await?;
+    let b: DetokenizeBody = api::typed(api::parse_object(&bytes)?)?;
+    if let Some((i, id)) = b
+        .tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= l.vocab)
+    {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!(
+                "tokens[{i}] = {id}: expected a token id below the vocabulary size {}",
+                l.vocab
+            ),
+        ));
+    }
+    let content = l
+        .model
+        .tokenizer
+        .decode(&b.tokens)
+        .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(Json(json!({"content": content})))
+}
+
+fn piece_bytes(model: &LoadedEngineModel, id: u32) -> &[u8] {
+    model.pieces.get(id)
+}
+
+fn piece_text(model: &LoadedEngineModel, id: u32) -> String {
+    String::from_utf8_lossy(piece_bytes(model, id)).into_owned()
+}
+
+// ------------------------------------------------------------------------------------------
+// Generation.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+async fn chat(
+    State(state): AppStateRef,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let start = Instant::now();
+    let l = state.ready()?;
+    let bytes = read_body(&state, &headers, body).await?;
+    let req = api::chat_request(&bytes, &l.defaults, l.context, l.vocab)?;
+    check_model(&state, req.sampling.model.as_deref())?;
+    let model = l.model.clone();
+    let messages = req.messages;
+    let ids = tokio::task::spawn_blocking(move || model.encode_chat(&messages))
+        .await
+        .map_err(internal)?
+        .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))?;
+    generate(state, Kind::Chat, vec![ids], req.sampling, start).await
+}
+
+async fn completions(
+    State(state): AppStateRef,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let start = Instant::now();
+    let l = state.ready()?;
+    let bytes = read_body(&state, &headers, body).await?;
+    let req = api::completion_request(&bytes, &l.defaults, l.context, l.vocab)?;
+    check_model(&state, req.sampling.model.as_deref())?;
+    let model = l.model.clone();
+    let prompts = req.prompts;
+    let ids = tokio::task::spawn_blocking(move || {
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                Prompt::Text(t) => model.encode_prompt(&t),
+                Prompt::Ids(ids) => Ok(ids),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    generate(state, Kind::Completion, ids, req.sampling, start).await
+}
+
+/// What every chunk or answer of one request shares.
+struct Reply {
+    state: Arc<AppState>,
+    model: Arc<LoadedEngineModel>,
+    kind: Kind,
+    id: String,
+    created: u64,
+    fingerprint: String,
+    logprobs: bool,
+    include_usage: bool,
+    prompt_tokens: usize,
+    start: Instant,
+}
+
+type Merged = SelectAll<stream::Map<RequestStream, Box<dyn FnMut(Event) -> (usize, Event) + Send>>>;
+
+/// Submits one scheduler request per choice and answers, streamed or not.
+async fn generate(
+    state: Arc<AppState>,
+    kind: Kind,
+    prompts: Vec<Vec<u32>>,
+    s: Sampling,
+    start: Instant,
+) -> Result<Response, ApiError> {
+    let l = state.ready()?;
+    let field = match kind {
+        Kind::Chat => "messages",
+        Kind::Completion => "prompt",
+    };
+    let context = l.context;
+    for p in &prompts {
+        if p.is_empty() {
+            return Err(ApiError::invalid(field, "the prompt is empty"));
+        }
+        if p.len() >= context {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "the prompt has {} tokens; this server's context size is {context} tokens \
+                     (the prompt and at least one generated token must fit)",
+                    p.len()
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        if let Some(m) = s.max_tokens.filter(|&m| p.len() + m > context) {
+            return Err(ApiError::invalid(
+                s.max_tokens_field,
+                format!(
+                    "the prompt has {} tokens and {} = {m}: together {} tokens, more than this \
+                     server's context size of {context} tokens",
+                    p.len(),
+                    s.max_tokens_field,
+                    p.len() + m
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+    }
+    let seed = s.seed.unwrap_or_else(random_u64);
+    let mut streams = Vec::with_capacity(prompts.len() * s.n);
+    for p in &prompts {
+        for _ in 0..s.n {
+            let index = streams.len();
+            let mut config = s.config.clone();
+            config.max_new_tokens = s.max_tokens.unwrap_or(context - p.len());
+            // Each choice its own generator; choice 0 is what the same seed gives alone.
+            config.seed = seed.wrapping_add(index as u64);
+            let mut r = SchedRequest::new(p.clone(), config);
+            if let Some(k) = s.logprobs {
+                r = r.with_logprobs(k);
+            }
+            // On an error the streams submitted so far are dropped, which cancels them.
+            streams.push(
+                l.engine
+                    .submit(r)
+                    .map_err(|e| ApiError::from_request_error(&e, field))?,
+            );
+        }
+    }
+    let n_choices = streams.len();
+    let merged: Merged = stream::select_all(streams.into_iter().enumerate().map(|(i, st)| {
+        let tag: Box<dyn FnMut(Event) -> (usize, Event) + Send> = Box::new(move |e| (i, e));
+        StreamExt::map(st, tag)
+    }));
+    let id_prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    };
+    let reply = Reply {
+        model: l.model.clone(),
+        kind,
+        id: format!(
+            "{id_prefix}-{:016x}{:08x}",
+            random_u64(),
+            random_u64() as u32
+        ),
+        created: crate::unix_now(),
+        fingerprint: l.fingerprint.clone(),
+        logprobs: s.logprobs.is_some(),
+        include_usage: s.include_usage,
+        prompt_tokens: prompts.iter().map(Vec::len).sum(),
+        start,
+        state: state.clone(),
+    };
+    if s.stream {
+        let streamer = Streamer::new(reply, merged, n_choices);
+        let events = stream::unfold(streamer, |mut st| async move {
+            let data = st.next_data().await?;
+            Some((Ok::<_, Infallible>(SseEvent::default().data(data)), st))
+        });
+        let keep_alive = KeepAlive::new()
+            .interval(state.config.keep_alive)
+            .text("keep-alive");
+        Ok(Sse::new(events).keep_alive(keep_alive).into_response())
+    } else {
+        whole(reply, merged, n_choices).await
+    }
+}
+
+/// One choice as it is generated.
+#[derive(Default)]
+struct ChoiceAcc {
+    text: String,
+    logprobs: Vec<TokenLogprobs>,
+    /// Logprobs not yet sent (a streamed token whose text is still held back).
+    pending: Vec<TokenLogprobs>,
+    finish: Option<FinishReason>,
+    completion_tokens: usize,
+    last_token: Option<Instant>,
+    /// Characters of text so far (completions' `text_offset`).
+    offset: usize,
+}
+
+impl Reply {
+    /// Latency histograms for a token of `c`.
+    fn observe_token(&self, c: &mut ChoiceAcc) {
+        let now = Instant::now();
+        let m = &self.state.metrics;
+        match c.last_token {
+            None => m.ttft.observe((now - self.start).as_secs_f64()),
+            Some(t) => m.itl.observe((now - t).as_secs_f64()),
+        }
+        c.last_token = Some(now);
+        c.completion_tokens += 1;
+    }
+
+    fn usage(&self, choices: &[ChoiceAcc], cached: usize) -> Value {
+        let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        })
+    }
+
+    fn token_entry(&self, id: u32, logprob: f32) -> Value {
+        json!({
+            "token": piece_text(&self.model, id),
+            "logprob": logprob,
+            "bytes": piece_bytes(&self.model, id),
+        })
+    }
+
+    /// `logprobs` of a choice (or of a chunk) for these tokens; `offset`: characters of
+    /// text before the first (completions).
+    fn logprobs_json(&self, lps: &[TokenLogprobs], offset: &mut usize) -> Value {
+        match self.kind {
+            Kind::Chat => {
+                let content: Vec<Value> = lps
+                    .iter()
+                    .map(|t| {
+                        let mut e = self.token_entry(t.token, t.logprob);
+                        e["top_logprobs"] = t
+                            .top
+                            .iter()
+                            .map(|&(id, lp)| self.token_entry(id, lp))
+                            .collect();
+                        e
+                    })
+                    .collect();
+                json!({"content": content})
+            }
+            Kind::Completion => {
+                let mut tokens = Vec::new();
+                let mut token_logprobs = Vec::new();
+                let mut top = Vec::new();
+                let mut offsets = Vec::new();
+                for t in lps {
+                    let text = piece_text(&self.model, t.token);
+                    offsets.push(*offset);
+                    *offset += text.chars().count();
+                    tokens.push(text);
+                    token_logprobs.push(t.logprob);
+                    let alts: serde_json::Map<String, Value> = t
+                        .top
+                        .iter()
+                        .map(|&(id, lp)| (piece_text(&self.model, id), json!(lp)))
+                        .collect();
+                    top.push(Value::Object(alts));
+                }
+                json!({
+                    "tokens": tokens,
+                    "token_logprobs": token_logprobs,
+                    "top_logprobs": top,
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+
+    fn error_field(&self) -> &'static str {
+        match self.kind {
+            Kind::Chat => "messages",
+            Kind::Completion => "prompt",
+        }
+    }
+}
+
+/// A non-streamed answer: every choice read to its end.
+async fn whole(reply: Reply, mut merged: Merged, n: usize) -> Result<Response, ApiError> {
+    let mut choices: Vec<ChoiceAcc> = (0..n).map(|_| ChoiceAcc::default()).collect();
+    let mut cached = 0;
+    while let Some((i, event)) = merged.next().await {
+        let c = &mut choices[i];
+        match event {
+            Event::Token { text, logprobs, .. } => {
+                reply.observe_token(c);
+                c.text.push_str(&text);
+                c.logprobs.extend(logprobs);
+            }
+            Event::Finished {
+                text,
+                reason,
+                stats,
+            } => {
+                c.text.push_str(&text);
+                c.finish = Some(reason);
+                cached += stats.cached_tokens;
+            }
+            // Dropping `merged` cancels the other choices.
+            Event::Error(e) => return Err(ApiError::from_request_error(&e, reply.error_field())),
+        }
+    }
+    reply
+        .state
+        .metrics
+        .request_duration
+        .observe(reply.start.elapsed().as_secs_f64());
+    let usage = reply.usage(&choices, cached);
+    let out: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let logprobs = if reply.logprobs {
+                reply.logprobs_json(&c.logprobs, &mut 0)
+            } else {
+                Value::Null
+            };
+            let finish = c.finish.map(FinishReason::as_str);
+            match reply.kind {
+                Kind::Chat => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }),
+                Kind::Completion => json!({
+                    "index": i,
+                    "text": c.text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }),
+            }
+        })
+        .collect();
+    let object = match reply.kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    Ok(Json(json!({
+        "id": reply.id,
+        "object": object,
+        "created": reply.created,
+        "model": reply.state.config.model_id,
+        "system_fingerprint": reply.fingerprint,
+        "choices": out,
+        "usage": usage,
+    }))
+    .into_response())
+}
+
+/// A streamed answer: chunks in OpenAI's format, then the usage chunk if asked, then
+/// `[DONE]`. Dropping it (the client went away) drops the request streams, which cancels
+/// them at the scheduler's next step.
+struct Streamer {
+    reply: Reply,
+    merged: Merged,
+    choices: Vec<ChoiceAcc>,
+    cached: usize,
+    out: VecDeque<String>,
+    ended: bool,
+}
+
+impl Streamer {
+    fn new(reply: Reply, merged: Merged, n: usize) -> Self {
+        let mut s = Streamer {
+            reply,
+            merged,
+            choices: (0..n).map(|_| ChoiceAcc::default()).collect(),
+            cached: 0,
+            out: VecDeque::new(),
+            ended: false,
+        };
+        if s.reply.kind == Kind::Chat {
+            // OpenAI opens each choice with the assistant's role.
+            for i in 0..n {
+                let c = s.chunk(
+                    i,
+                    json!({"role": "assistant", "content": ""}),
+                    Value::Null,
+                    None,
+                );
+                s.out.push_back(c);
+            }
+        }
+        s
+    }
+
+    fn chunk(&self, i: usize, content: Value, logprobs: Value, finish: Option<&str>) -> String {
+        let r = &self.reply;
+        let choice = match r.kind {
+            Kind::Chat => json!({
+                "index": i,
+                "delta": content,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+            Kind::Completion => json!({
+                "index": i,
+                "text": content,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+        };
+        let object = match r.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let mut v = json!({
+            "id": r.id,
+            "object": object,
+            "created": r.created,
+            "model": r.state.config.model_id,
+            "system_fingerprint": r.fingerprint,
+            "choices": [choice],
+        });
+        if r.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v.to_string()
+    }
+
+    /// A chunk carrying `text` (and the logprobs waiting for it) for choice `i`.
+    fn text_chunk(&mut self, i: usize, text: String) -> String {
+        let pending = std::mem::take(&mut self.choices[i].pending);
+        let logprobs = if self.reply.logprobs {
+            let mut offset = self.choices[i].offset;
+            let v = self.reply.logprobs_json(&pending, &mut offset);
+            self.choices[i].offset = offset;
+            v
+        } else {
+            Value::Null
+        };
+        let content = match self.reply.kind {
+            Kind::Chat => json!({"content": text}),
+            Kind::Completion => json!(text),
+        };
+        self.chunk(i, content, logprobs, None)
+    }
+
+    fn on_event(&mut self, i: usize, event: Event) {
+        match event {
+            Event::Token { text, logprobs, .. } => {
+                self.reply.observe_token(&mut self.choices[i]);
+                self.choices[i].pending.extend(logprobs);
+                // Text still held back (part of a character or of a possible stop string)
+                // waits, with its logprobs, for the token that completes it.
+                if !text.is_empty() {
+                    let c = self.text_chunk(i, text);
+                    self.out.push_back(c);
+                }
+            }
+            Event::Finished {
+                text,
+                reason,
+                stats,
+            } => {
+                self.cached += stats.cached_tokens;
+                if !text.is_empty() || !self.choices[i].pending.is_empty() {
+                    let c = self.text_chunk(i, text);
+                    self.out.push_back(c);
+                }
+                self.choices[i].finish = Some(reason);
+                let empty = match self.reply.kind {
+                    Kind::Chat => json!({}),
+                    Kind::Completion => json!(""),
+                };
+                let c = self.chunk(i, empty, Value::Null, Some(reason.as_str()));
+                self.out.push_back(c);
+            }
+            Event::Error(e) => {
+                let err = ApiError::from_request_error(&e, self.reply.error_field());
+                self.out.push_back(err.body().to_string());
+            }
+        }
+    }
+
+    /// The next `data:` payload, None after `[DONE]`.
+    async fn next_data(&mut self) -> Option<String> {
+        loop {
+            if let Some(d) = self.out.pop_front() {
+                return Some(d);
+            }
+            if self.ended {
+                return None;
+            }
+            match self.merged.next().await {
+                Some((i, event)) => self.on_event(i, event),
+                None => {
+                    self.ended = true;
+                    let r = &self.reply;
+                    r.state
+                        .metrics
+                        .request_duration
+                        .observe(r.start.elapsed().as_secs_f64());
+                    if r.include_usage {
+                        let mut v = json!({
+                            "id": r.id,
+                            "object": match r.kind {
+                                Kind::Chat => "chat.completion.chunk",
+                                Kind::Completion => "text_completion",
+                            },
+                            "created": r.created,
+                            "model": r.state.config.model_id,
+                            "system_fingerprint": r.fingerprint,
+                            "choices": [],
+                        });
+                        v["usage"] = r.usage(&self.choices, self.cached);
+                        self.out.push_back(v.to_string());
+                    }
+                    self.out.push_back("[DONE]".into());
+                }
+            }
+        }
+    }
+}
