@@ -862,3 +862,114 @@ impl Streamer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::ServerConfig;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::OnceLock;
+    use tower::ServiceExt;
+
+    fn app(config: ServerConfig) -> (Arc<AppState>, Router) {
+        let state = Arc::new(AppState {
+            config,
+            loaded: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            metrics: Metrics::new(Arc::new(OnceLock::new())),
+        });
+        let r = router(state.clone()).unwrap();
+        (state, r)
+    }
+
+    async fn call(r: &Router, method: &str, uri: &str, key: Option<&str>) -> (StatusCode, Value) {
+        let mut req = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let resp = r
+            .clone()
+            .oneshot(req.body(Body::from("{}")).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn loading_and_draining_answer_503() {
+        let (state, r) = app(ServerConfig::default());
+        let (s, v) = call(&r, "GET", "/health", None).await;
+        assert_eq!(
+            (s, v["status"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("loading"))
+        );
+        for (m, uri) in [
+            ("GET", "/v1/models"),
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/tokenize"),
+        ] {
+            let (s, v) = call(&r, m, uri, None).await;
+            assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+            assert_eq!(v["error"]["code"], "model_loading", "{uri}");
+            assert_eq!(v["error"]["type"], "unavailable_error", "{uri}");
+        }
+        state.draining.store(true, Ordering::Release);
+        let (s, v) = call(&r, "GET", "/health", None).await;
+        assert_eq!(
+            (s, v["status"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("draining"))
+        );
+        let (s, v) = call(&r, "POST", "/v1/completions", None).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("shutting_down"))
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_routes_and_methods() {
+        let (_, r) = app(ServerConfig {
+            api_keys: vec!["sesame".into()],
+            ..Default::default()
+        });
+        let (s, v) = call(&r, "GET", "/v1/models", None).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("missing_api_key"))
+        );
+        let (s, v) = call(&r, "GET", "/v1/models", Some("sesam")).await;
+        assert_eq!(
+            (s, v["error"]["type"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("authentication_error"))
+        );
+        // The right key gets through (to the 503 of a model still loading).
+        let (s, _) = call(&r, "GET", "/v1/models", Some("sesame")).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        // Health needs no key.
+        assert_eq!(
+            call(&r, "GET", "/health", None).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let (s, v) = call(&r, "GET", "/v2/nothing", None).await;
+        assert_eq!(
+            (s, v["error"]["type"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found_error"))
+        );
+        let (s, v) = call(&r, "GET", "/v1/chat/completions", Some("sesame")).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+        );
+        assert!(
+            same_secret(b"abc", b"abc")
+                && !same_secret(b"abc", b"abd")
+                && !same_secret(b"abc", b"abcd")
+        );
+    }
+}

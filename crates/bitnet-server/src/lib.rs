@@ -221,10 +221,12 @@ async fn serve(
     };
     let mut loader = Some(loader);
 
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut graceful = Some(hyper_util::server::graceful::GracefulShutdown::new());
     let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    // Set once draining: in-flight requests finish (or the timeout passes).
+    let mut drained: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -247,11 +249,23 @@ async fn serve(
                     .timer(TokioTimer::new())
                     .header_read_timeout(config.request_timeout)
                     .serve_connection(TokioIo::new(tcp), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(permit);
-                });
+                match &graceful {
+                    Some(g) => {
+                        let conn = g.watch(conn);
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                            drop(permit);
+                        });
+                    }
+                    // While draining, a new connection is answered 503 (a load balancer
+                    // sees the server leave) and closed; it is not waited for.
+                    None => {
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                            drop(permit);
+                        });
+                    }
+                }
             }
             done = async { loader.as_mut().expect("polled only while loading").await }, if loader.is_some() => {
                 loader = None;
@@ -261,21 +275,24 @@ async fn serve(
                     Err(e) => anyhow::bail!("the model loader failed: {e}"),
                 }
             }
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if drained.is_none() => {
+                state.draining.store(true, Ordering::Release);
+                eprintln!(
+                    "shutting down: new requests get 503; waiting up to {} s for those in flight",
+                    config.shutdown_timeout.as_secs_f64()
+                );
+                let g = graceful.take().expect("shutdown starts once");
+                let timeout = config.shutdown_timeout;
+                drained = Some(Box::pin(async move {
+                    if tokio::time::timeout(timeout, g.shutdown()).await.is_err() {
+                        eprintln!("shutdown timeout: cancelling the requests still running");
+                    }
+                }));
+            }
+            _ = async { drained.as_mut().expect("polled only while draining").await }, if drained.is_some() => break,
         }
     }
     drop(listener);
-    state.draining.store(true, Ordering::Release);
-    eprintln!(
-        "shutting down: no new requests; waiting up to {:?} for those in flight",
-        config.shutdown_timeout
-    );
-    if tokio::time::timeout(config.shutdown_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!("shutdown timeout: cancelling the requests still running");
-    }
     // Returning drops the runtime's tasks (their request streams cancel), then the engine.
     Ok(())
 }
