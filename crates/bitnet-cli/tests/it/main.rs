@@ -12,5 +12,6 @@ mod hub;
 #[path = "../../../bitnet-inference/tests/it/hub_server.rs"]
 mod hub_server;
 mod readme;
+mod serve;
 mod smollm2;
 mod tiny_model;

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -21,8 +22,9 @@ class Server:
 
     def __init__(self, *args, startup_timeout=60):
         self.args = [BIN, "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        env = {k: v for k, v in os.environ.items() if k not in ("BITNET_MODEL", "BITNET_API_KEY")}
         self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
         self.stderr_lines = []
         line = self.proc.stdout.readline()
@@ -71,17 +73,21 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null"), dict(e.headers)
 
-    def raw(self, data, timeout=30, send_pause=None):
+    def raw(self, data, timeout=30, send_pause=None, slow_from=0):
         """Sends raw bytes (in pieces of 64 KiB, or byte by byte with a pause), reads until
         the server closes or answers; returns (status or None, the whole answer)."""
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
         try:
             try:
                 step = 1 if send_pause else 65536
-                for i in range(0, len(data), step):
+                sock.sendall(data[:slow_from])
+                for i in range(slow_from, len(data), step):
                     sock.sendall(data[i : i + step])
                     if send_pause:
-                        time.sleep(send_pause)
+                        # Stop sending once the server has answered (else its close could
+                        # reset the connection and lose the answer).
+                        if select.select([sock], [], [], send_pause)[0]:
+                            break
             except OSError:
                 pass  # the server answered (and closed) before the whole request was sent
             out = b""

@@ -1,0 +1,88 @@
+"""Requests a careless or hostile client sends: each gets a clear error, the server stays up
+and serves everyone else as before."""
+
+import json
+import time
+
+import pytest
+
+from conftest import Server
+
+GOOD = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def srv():
+    s = Server("--request-timeout", "1.5", "--max-body", "64K")
+    yield s
+    assert s.stop() == 0
+
+
+def post_raw(srv, body, extra=b""):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return srv.raw(head + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def error_of(out):
+    return json.loads(out.partition(b"\r\n\r\n")[2])["error"]
+
+
+def test_hostile_requests_and_the_server_stays_well(srv):
+    status, reference, _ = srv.post("/v1/completions", GOOD)
+    assert status == 200
+    cases = [
+        # (body, status, param or None)
+        (b'{"prompt": "Once upon', 400, None),  # truncated JSON
+        (b'{"prompt": "abc\xff\xfe"}', 400, None),  # invalid UTF-8
+        (b"[" * 10000 + b"]" * 10000, 400, None),  # nesting deeper than the parser allows
+        (b"", 400, None),
+        (b"null", 400, None),
+        (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "x", "max_tokens": 10**15}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "x", "max_tokens": -1}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "x", "n": 10**9}).encode(), 400, "n"),
+        (json.dumps({"prompt": "x", "n": 1.5}).encode(), 400, "n"),
+        (json.dumps({"prompt": "x", "logprobs": 10**6}).encode(), 400, "logprobs"),
+        (json.dumps({"prompt": "x", "stop": ["a"] * 1000}).encode(), 400, "stop"),
+        (json.dumps({"prompt": "x", "temperature": float("nan")}).encode().replace(b"NaN", b"1e999"), 400, None),
+        (json.dumps({"prompt": "x", "seed": 2**70}).encode(), 400, "seed"),
+        (json.dumps({"prompt": [2**40]}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": [100000]}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": [[1, 2]] * 1000}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "x", "unknown_field": True}).encode(), 400, "unknown_field"),
+        (json.dumps({"prompt": "x", "stream_options": {"include_usage": True}}).encode(), 400, "stream_options"),
+        (json.dumps({"prompt": "x", "logit_bias": {"abc": 1}}).encode(), 400, "logit_bias"),
+        (json.dumps({"prompt": []}).encode(), 400, "prompt"),
+    ]
+    for body, want, param in cases:
+        status, out = post_raw(srv, body)
+        assert status == want, (body[:80], out[:300])
+        err = error_of(out)
+        assert err["message"] and err["type"] == "invalid_request_error", err
+        if param:
+            assert err["param"] == param, (body[:80], err)
+    # A body over --max-body: 413, whatever the claimed length.
+    status, out = post_raw(srv, b'{"prompt": "' + b"a" * (200 << 10) + b'"}')
+    assert status == 413
+    status, out = srv.raw(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999\r\n\r\n{")
+    assert status == 413
+    # A slow body (slowloris): cut at the request timeout with a 408.
+    t = time.time()
+    body = json.dumps(GOOD).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    status, out = srv.raw(head + body, send_pause=0.1, slow_from=len(head))
+    assert status == 408 and time.time() - t < 5, out[:200]
+    # Slow headers: the connection is closed at the timeout.
+    t = time.time()
+    status, out = srv.raw(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100, send_pause=0.05)
+    assert time.time() - t < 5 and status in (None, 408)
+    # Not HTTP at all.
+    status, out = srv.raw(b"\x00\x01\x02 garbage\r\n\r\n")
+    assert status in (None, 400)
+    # Nothing of that changed what others get.
+    status, again, _ = srv.post("/v1/completions", GOOD)
+    assert status == 200 and again["choices"][0]["text"] == reference["choices"][0]["text"]
+    assert srv.proc.poll() is None
+    m = srv.wait_idle()
+    assert m["bitnet_requests_running"] == 0
