@@ -40,6 +40,7 @@ pub(crate) fn router(state: Arc<AppState>) -> anyhow::Result<Router> {
         .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let open = Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .route("/metrics", get(metrics));
     let mut app = api
@@ -146,6 +147,12 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
         format!("{method} is not allowed on {}", uri.path()),
     )
     .with_code("method_not_allowed")
+}
+
+/// The built-in page: a chat with streaming and a live dashboard of `/metrics`, one file with
+/// its script and styles, embedded in the binary (it works offline).
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("web/index.html"))
 }
 
 async fn health(State(state): AppStateRef) -> Response {

@@ -7,23 +7,23 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether python3 with `openai`, `httpx` and `pytest` is here. Missing, it is a failure
+/// Whether python3 with `openai`, `httpx`, `pytest` and `selenium` is here. Missing, it is a failure
 /// unless BITNET_SKIP_PY_SERVER=1.
 fn python_ok() -> bool {
     let ok = Command::new("python3")
-        .args(["-c", "import openai, httpx, pytest"])
+        .args(["-c", "import openai, httpx, pytest, selenium"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok && std::env::var("BITNET_SKIP_PY_SERVER").is_ok_and(|v| v == "1") {
         eprintln!(
-            "python3 with openai, httpx, pytest not found; skipped (BITNET_SKIP_PY_SERVER=1)"
+            "python3 with openai, httpx, pytest, selenium not found; skipped (BITNET_SKIP_PY_SERVER=1)"
         );
         return false;
     }
     assert!(
         ok,
-        "the server tests need python3 with `openai`, `httpx` and `pytest` (scripts/test \
-         installs them in its venv), or set BITNET_SKIP_PY_SERVER=1 to skip"
+        "the server tests need python3 with `openai`, `httpx`, `pytest` and `selenium` \
+         (scripts/test installs them in its venv), or set BITNET_SKIP_PY_SERVER=1 to skip"
     );
     true
 }
@@ -38,6 +38,7 @@ fn serve_python_suite() {
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"])
         .arg(&dir)
         .env("BITNET_BIN", env!("CARGO_BIN_EXE_bitnet"))
+        .env("BITNET_SCREENSHOT_DIR", env!("CARGO_TARGET_TMPDIR"))
         .env_remove("BITNET_MODEL")
         .env_remove("BITNET_API_KEY")
         .stdout(Stdio::piped())
