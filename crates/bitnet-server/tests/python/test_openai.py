@@ -233,8 +233,8 @@ def test_errors_413(server):
     assert status == 413 and b'"body_too_large"' in out
 
 
-def test_api_key():
-    s = Server("--api-key", "sesame")
+def test_api_key_and_cors():
+    s = Server("--api-key", "sesame", "--cors-origin", "http://app.example")
     try:
         ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sesame", max_retries=0)
         assert ok.models.list().data[0].id == "bitnet-tiny"
@@ -244,6 +244,18 @@ def test_api_key():
                 bad.models.list()
         assert s.get("/health")[0] == 200  # no key needed
         assert s.get("/v1/models")[0] == 401
+        # CORS: a browser's preflight from the allowed origin passes (without a key), another
+        # origin gets no allowance.
+        pre = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type"}
+        r = httpx.options(s.url + "/v1/chat/completions", headers=pre)
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.options(s.url + "/v1/chat/completions", headers={**pre, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": "http://app.example", "Authorization": "Bearer sesame"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
     finally:
         assert s.stop() == 0
 
