@@ -45,8 +45,8 @@ fn serve_python_suite() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start python3 -m pytest");
-    // Bounded: the suite takes about a minute on 2 cores.
-    let limit = Duration::from_secs(480);
+    // Bounded: the suite takes about 80 s on a quiet 2-core machine, 7 minutes on a busy one.
+    let limit = Duration::from_secs(900);
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait for pytest") {
