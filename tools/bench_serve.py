@@ -17,8 +17,8 @@ project; build it from the llama.cpp that the PyPI `llama-cpp-python` source bun
     cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF \\
         -DBUILD_SHARED_LIBS=OFF && cmake --build build --target llama-server -j
 
-Both servers are started first and each concurrency level is measured on one, then the other.
-Each server gets the threads given, a slot for every client of the largest concurrency and
+For each concurrency level both servers are started with a slot per client, and the level is
+measured on one, then the other. Each server gets the threads given,
 --ctx-size tokens per request (llama-server: -c ctx×slots split over -np slots), an f16 KV
 cache on both sides, and one warm-up request. Speed is printed, never asserted.
 """
@@ -177,25 +177,28 @@ def main():
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    slots = max(levels)
     servers = [("bitnet serve", start_bitnet)]
     if args.llama_server:
         servers.append(("llama-server", start_llama))
     else:
         print("llama-server not given (--llama-server): measuring bitnet serve alone", file=sys.stderr)
     table = {}
-    # Both servers run (idle) side by side; each level is measured on one, then the other, so
-    # that a busy moment of the machine falls on both alike.
-    running = []
-    try:
-        for name, start in servers:
-            proc, url = start(args, slots)
-            running.append((name, proc, url))
-            wait_ready(url, proc)
-        prompts = prompts_as_ids(running[0][2], 64, args.prompt_tokens)
-        for _, _, url in running:
-            one_request(url, prompts[0], 8)  # warm-up
-        for c in levels:
+    prompts = None
+    # For each level both servers start with a slot per client (what one would tune for that
+    # load: llama-server's attention spans its slots' whole cache, so idle slots cost it),
+    # then the level runs on one, then the other, so that a busy moment of the machine falls
+    # on both alike.
+    for c in levels:
+        running = []
+        try:
+            for name, start in servers:
+                proc, url = start(args, c)
+                running.append((name, proc, url))
+                wait_ready(url, proc)
+            if prompts is None:
+                prompts = prompts_as_ids(running[0][2], 64, args.prompt_tokens)
+            for _, _, url in running:
+                one_request(url, prompts[-1], 8)  # warm-up
             per = args.requests or (2 if c < 16 else 1)
             for name, _, url in running:
                 r = level(url, prompts, c, per, args.max_tokens)
@@ -203,13 +206,13 @@ def main():
                 print(f"{name:13} c={c:<3} TTFT p50 {r['ttft_p50']*1e3:8.1f} ms  p99 {r['ttft_p99']*1e3:8.1f} ms"
                       f"  ITL p50 {r['itl_p50']*1e3:7.1f} ms  p99 {r['itl_p99']*1e3:7.1f} ms"
                       f"  {r['tok_s']:7.1f} tok/s  ({r['requests']} requests, {r['wall_s']:.1f} s)", flush=True)
-    finally:
-        for _, proc, _ in running:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        finally:
+            for _, proc, _ in running:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     print()
     print(f"model {os.path.basename(args.model)}, {args.threads} threads, prompts of {args.prompt_tokens} "
           f"tokens, {args.max_tokens} generated each")
