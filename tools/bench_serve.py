@@ -100,7 +100,9 @@ def one_request(url, prompt, max_tokens):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             c = json.loads(line[6:])
-            if not c.get("choices") or not c["choices"][0].get("text"):
+            # A token's chunk, whether or not its text is empty (a random model's tokens can
+            # be pieces of characters); not the final chunk with only the finish reason.
+            if not c.get("choices") or (c["choices"][0].get("finish_reason") and not c["choices"][0].get("text")):
                 continue
             now = time.perf_counter()
             if first is None:
