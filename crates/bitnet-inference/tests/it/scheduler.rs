@@ -483,3 +483,39 @@ fn a_context_larger_than_the_model_is_an_error_not_a_silent_clamp() {
         max
     );
 }
+
+#[test]
+fn stats_count_batch_tokens_and_kv_use() {
+    let m = model();
+    let mut p = DynamicBatchProcessor::new(m.clone(), &config(2)).unwrap();
+    let s = p.stats();
+    assert_eq!(
+        (s.kv_slots, s.kv_slot_tokens, s.kv_used_tokens),
+        (2, CONTEXT, 0)
+    );
+    let prompt = m.encode_prompt("Once upon a time").unwrap();
+    let a = p
+        .submit(Request::new(prompt.clone(), GenerationConfig::greedy(6)))
+        .unwrap();
+    let b = p
+        .submit(Request::new(
+            m.encode_prompt("The little fish").unwrap(),
+            GenerationConfig::greedy(4),
+        ))
+        .unwrap();
+    assert_eq!(p.stats().queued, 2);
+    p.step();
+    let s = p.stats();
+    assert_eq!((s.running, s.queued), (2, 0));
+    assert!(s.kv_used_tokens > 0 && s.kv_used_tokens <= 2 * CONTEXT);
+    p.run_until_idle();
+    let (ca, cb) = (a.collect_all().unwrap(), b.collect_all().unwrap());
+    let s = p.stats();
+    // Every prompt token and every generated token but the last went through a forward step.
+    let prompts = (ca.usage().prompt_tokens + cb.usage().prompt_tokens) as u64;
+    let generated = (ca.tokens.len() + cb.tokens.len()) as u64;
+    assert_eq!(s.batch_tokens, prompts + generated - 2);
+    assert!(s.steps > 0 && s.batch_tokens > s.steps);
+    // Nothing runs; both slots keep their prefixes cached.
+    assert_eq!((s.running, s.kv_used_tokens, s.kv_cached_slots), (0, 0, 2));
+}
