@@ -11,6 +11,8 @@
 //! here and one line in [`build`].
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::model::{ModelConfig, ModelWeights};
 use crate::Result;
