@@ -10,7 +10,8 @@
 struct dim3 {
     unsigned x, y, z;
 };
-static dim3 threadIdx, blockIdx, blockDim, gridDim;
+// Per host thread: tests launch from several threads at once.
+static thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 #define __global__
 #define __device__

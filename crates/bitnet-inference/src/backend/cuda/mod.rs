@@ -1,4 +1,4 @@
-//! The CUDA backend (feature `cuda`): the forward pass of [`crate::model::forward`] on an
+//! The CUDA backend (feature `cuda`): the CPU backend's forward pass (`cpu/forward.rs`) on an
 //! NVIDIA GPU, with the weights, the KV caches and every buffer in device memory; a forward
 //! call copies back only the logits rows that were asked for.
 //!
@@ -25,8 +25,37 @@ mod weights;
 
 pub use device::driver_present;
 
-use super::{Backend, BackendState};
-use crate::model::{Activation, Batch, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
+/// The options the CUDA backend cannot honour yet, named as the command line names them
+/// (`None`: it supports them all).
+pub fn unsupported(options: &super::ModelOptions) -> Option<&'static str> {
+    use super::{KvType, LmHeadQuant};
+    use crate::kernels::qblock::QuantActs;
+    if options.kv_type != KvType::F32 {
+        return Some("--kv-type f16");
+    }
+    if options.lm_head != LmHeadQuant::None {
+        return Some("a quantized lm_head (--lm-head int8/q6k/q4)");
+    }
+    if options.quant_acts != QuantActs::Exact {
+        return Some("--quant-acts q8");
+    }
+    None
+}
+
+/// CUDA GPUs this machine has (0 without a driver, or where it fails to start).
+pub fn device_count() -> usize {
+    if !driver_present() {
+        return 0;
+    }
+    use cudarc::driver::result;
+    if result::init().is_err() {
+        return 0;
+    }
+    result::device::get_count().map_or(0, |n| n.max(0) as usize)
+}
+
+use super::{Backend, BackendState, Batch};
+use crate::model::{Activation, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
 use crate::{Error, Result};
 use device::{Arg, DevBuf, Gpu, Kernel};
 use std::sync::Arc;
