@@ -34,10 +34,15 @@ impl Arg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
     EmbedRows,
-    RmsNorm,
-    QuantizeRows,
-    TernaryMatmul,
-    DenseMatmul,
+    RmsPartials,
+    RmsApply,
+    AbsmaxPartials,
+    QuantizeApply,
+    ZeroInts,
+    TernaryPartial,
+    TernaryFinish,
+    DensePartials,
+    DenseFinish,
     Rope,
     KvStore,
     Attention,
@@ -47,12 +52,17 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 11] = [
+    pub(crate) const ALL: [Kernel; 16] = [
         Kernel::EmbedRows,
-        Kernel::RmsNorm,
-        Kernel::QuantizeRows,
-        Kernel::TernaryMatmul,
-        Kernel::DenseMatmul,
+        Kernel::RmsPartials,
+        Kernel::RmsApply,
+        Kernel::AbsmaxPartials,
+        Kernel::QuantizeApply,
+        Kernel::ZeroInts,
+        Kernel::TernaryPartial,
+        Kernel::TernaryFinish,
+        Kernel::DensePartials,
+        Kernel::DenseFinish,
         Kernel::Rope,
         Kernel::KvStore,
         Kernel::Attention,
@@ -65,10 +75,15 @@ impl Kernel {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Kernel::EmbedRows => "embed_rows",
-            Kernel::RmsNorm => "rms_norm",
-            Kernel::QuantizeRows => "quantize_rows",
-            Kernel::TernaryMatmul => "ternary_matmul",
-            Kernel::DenseMatmul => "dense_matmul",
+            Kernel::RmsPartials => "rms_partials",
+            Kernel::RmsApply => "rms_apply",
+            Kernel::AbsmaxPartials => "absmax_partials",
+            Kernel::QuantizeApply => "quantize_apply",
+            Kernel::ZeroInts => "zero_ints",
+            Kernel::TernaryPartial => "ternary_partial",
+            Kernel::TernaryFinish => "ternary_finish",
+            Kernel::DensePartials => "dense_partials",
+            Kernel::DenseFinish => "dense_finish",
             Kernel::Rope => "rope",
             Kernel::KvStore => "kv_store",
             Kernel::Attention => "attention",

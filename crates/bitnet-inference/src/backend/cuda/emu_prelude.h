@@ -30,6 +30,13 @@ static inline int __dp4a(int a, int b, int c) {
     return c;
 }
 
+// Launches run one thread after another, so a plain add is atomic here.
+static inline int atomicAdd(int* p, int v) {
+    int old = *p;
+    *p = old + v;
+    return old;
+}
+
 // Calls kernel `f` with its arguments read from the addresses in `args` (one per
 // parameter, as cuLaunchKernel takes them).
 template <typename F, F f>

@@ -60,103 +60,152 @@ extern "C" __global__ void embed_rows(float* hidden, const void* emb, int ty, co
     }
 }
 
-// out[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, one thread a row, with the CPU's order of
-// additions (16 interleaved partial sums added in order), so the same bits.
-extern "C" __global__ void rms_norm(float* out, const float* x, const float* w, int n, int d,
-                                    float eps) {
-    int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= n) {
+// RMSNorm in two launches, with the CPU's order of additions (backend/cpu/forward.rs
+// `sum_of_squares`: element i to partial sum i % 16, each in column order, then the 16 added
+// in order), so the same bits. First, part[r·16 + j] = Σ_{i ≡ j (mod 16)} x[r][i]², one thread
+// per (row, j). Grid: ⌈16n/block⌉.
+extern "C" __global__ void rms_partials(float* part, const float* x, int n, int d) {
+    int g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= n * 16) {
         return;
     }
-    const float* row = x + (i64)r * d;
-    float acc[16];
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        acc[j] = 0.0f;
+    const float* row = x + (i64)(g / 16) * d;
+    float acc = 0.0f;
+    for (int i = g % 16; i < d; i += 16) {
+        float v = row[i];
+        acc += v * v;
     }
-    for (int base = 0; base < d; base += 16) {
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-            if (base + j < d) {
-                float v = row[base + j];
-                acc[j] += v * v;
-            }
-        }
+    part[g] = acc;
+}
+
+// Then out[r][i] = w[i] · (x[r][i] · 1/sqrt(mean + eps)), mean = (Σ_j part[r·16 + j]) / d.
+// Grid: (⌈d/block⌉, n).
+extern "C" __global__ void rms_apply(float* out, const float* x, const float* w,
+                                     const float* part, int d, float eps) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int r = blockIdx.y;
+    if (i >= d) {
+        return;
     }
-    float sum = 0.0f;
+    const float* p = part + (i64)r * 16;
+    float sum = p[0];
 #pragma unroll
-    for (int j = 0; j < 16; j++) {
-        sum += acc[j];
+    for (int j = 1; j < 16; j++) {
+        sum += p[j];
     }
     float mean = sum / (float)d;
     float inv = 1.0f / sqrtf(mean + eps);
-    float* o = out + (i64)r * d;
-    for (int i = 0; i < d; i++) {
-        o[i] = w[i] * (row[i] * inv);
-    }
+    out[(i64)r * d + i] = w[i] * (x[(i64)r * d + i] * inv);
 }
 
 // Per-token absmax int8 quantization, as transformers' BitNet (and kernels/quant.rs):
-// s = 127 / max(max|x|, 1e-5), q = clamp(round_half_even(x·s), -128, 127), NaN → 0.
-// One thread a row; the row is zero-padded to `padded` columns. Writes s and Σq.
-extern "C" __global__ void quantize_rows(i8* q, float* scales, int* sums, const float* x, int n,
-                                         int cols, int padded) {
-    int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= n) {
+// s = 127 / max(max|x|, 1e-5), q = clamp(round_half_even(x·s), -128, 127), NaN → 0, rows
+// zero-padded to `padded` columns; also s and Σq per row. Two launches; a max and an integer
+// sum are exact in any order. First the max |x| of each piece of QUANT_PIECE columns, one
+// thread per (row, piece), and Σq zeroed. Grid: ⌈n·pieces/block⌉.
+#define QUANT_PIECE 64
+extern "C" __global__ void absmax_partials(float* pmax, int* sums, const float* x, int n,
+                                           int cols, int pieces) {
+    int g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= n * pieces) {
         return;
     }
+    int r = g / pieces;
+    int c0 = (g % pieces) * QUANT_PIECE;
+    int c1 = c0 + QUANT_PIECE < cols ? c0 + QUANT_PIECE : cols;
     const float* row = x + (i64)r * cols;
+    float m = 0.0f;
+    for (int i = c0; i < c1; i++) {
+        m = fmaxf(m, fabsf(row[i]));
+    }
+    pmax[g] = m;
+    if (g % pieces == 0) {
+        sums[r] = 0;
+    }
+}
+
+// Then each element from its row's max. Grid: (⌈padded/block⌉, n).
+extern "C" __global__ void quantize_apply(i8* q, float* scales, int* sums, const float* x,
+                                          const float* pmax, int cols, int padded, int pieces) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int r = blockIdx.y;
+    if (i >= padded) {
+        return;
+    }
+    if (i >= cols) {
+        q[(i64)r * padded + i] = 0;
+        return;
+    }
     float max = 0.0f;
-    for (int i = 0; i < cols; i++) {
-        max = fmaxf(max, fabsf(row[i]));
+    for (int c = 0; c < pieces; c++) {
+        max = fmaxf(max, pmax[(i64)r * pieces + c]);
     }
     max = fmaxf(max, 1e-5f);
     float scale = 127.0f / max;
-    i8* out = q + (i64)r * padded;
-    int sum = 0;
-    for (int i = 0; i < cols; i++) {
-        float v = row[i] * scale;
-        int k = 0;
-        if (v == v) {
-            v = fminf(fmaxf(v, -128.0f), 127.0f);
-            k = (int)rintf(v);
-        }
-        out[i] = (i8)k;
-        sum += k;
+    float v = x[(i64)r * cols + i] * scale;
+    int k = 0;
+    if (v == v) {
+        v = fminf(fmaxf(v, -128.0f), 127.0f);
+        k = (int)rintf(v);
     }
-    for (int i = cols; i < padded; i++) {
-        out[i] = 0;
+    q[(i64)r * padded + i] = (i8)k;
+    if (k != 0) {
+        atomicAdd(&sums[r], k);
     }
-    scales[r] = scale;
-    sums[r] = sum;
+    if (i == 0) {
+        scales[r] = scale;
+    }
 }
 
-// out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r], exactly as the CPU.
+// out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r], exactly as the CPU, in three
+// launches: zero the integer sums, add the pieces of K (integer atomics: exact in any order),
+// scale.
 //
 // Weights (weights.rs, `pack_ternary`): word `kw * rows + r` holds the 16 codes
 // (trit + 1) of row r, columns 16kw..16kw+15; column 16kw + 4j + b sits in bits 8b+2j..8b+2j+1,
 // so `(word >> 2j) & 0x03030303` is the four codes of columns 16kw+4j..+3 as bytes, against
 // the four int8 activations of one 32-bit word: one dp4a. Consecutive threads take
 // consecutive rows, so a warp's weight loads are one coalesced 128-byte line.
-// Σ trit·q = Σ code·q − Σ q. Grid: (⌈rows/block⌉, n).
-extern "C" __global__ void ternary_matmul(float* out, const u32* w, const float* mult,
-                                          const i8* q, const float* scales, const int* sums,
-                                          int rows, int kwords) {
+// Σ trit·q = Σ code·q − Σ q.
+extern "C" __global__ void zero_ints(int* a, int count) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) {
+        a[i] = 0;
+    }
+}
+
+// acc[t][r] += Σ code·q over words kw of piece z (`piece` words each).
+// Grid: (⌈rows/block⌉, n, ⌈kwords/piece⌉).
+extern "C" __global__ void ternary_partial(int* acc, const u32* w, const i8* q, int rows,
+                                           int kwords, int piece) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     int t = blockIdx.y;
     if (r >= rows) {
         return;
     }
+    int k0 = blockIdx.z * piece;
+    int k1 = k0 + piece < kwords ? k0 + piece : kwords;
     const int* a = (const int*)(q + (i64)t * kwords * 16);
-    int acc = 0;
-    for (int kw = 0; kw < kwords; kw++) {
+    int sum = 0;
+    for (int kw = k0; kw < k1; kw++) {
         u32 word = w[(i64)kw * rows + r];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            acc = __dp4a((int)((word >> (2 * j)) & 0x03030303u), a[kw * 4 + j], acc);
+            sum = __dp4a((int)((word >> (2 * j)) & 0x03030303u), a[kw * 4 + j], sum);
         }
     }
-    int dot = acc - sums[t];
+    atomicAdd(&acc[(i64)t * rows + r], sum);
+}
+
+// Grid: (⌈rows/block⌉, n).
+extern "C" __global__ void ternary_finish(float* out, const int* acc, const float* mult,
+                                          const float* scales, const int* sums, int rows) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    int t = blockIdx.y;
+    if (r >= rows) {
+        return;
+    }
+    int dot = acc[(i64)t * rows + r] - sums[t];
     out[(i64)t * rows + r] = (float)dot / scales[t] * mult[r];
 }
 
@@ -188,43 +237,49 @@ __device__ __forceinline__ float dot8(const float* a, const float* b, int n) {
     return sum + tail;
 }
 
-// dot8 of a dense weight row (any DENSE_* type, widened exactly) with x.
-__device__ __forceinline__ float dot8_dense(const void* w, int ty, i64 base, const float* x,
-                                           int n) {
-    float acc[8];
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        acc[i] = 0.0f;
+// out[t][r] = Σ_k W[r][k]·x[t][k] in f32 (the CPU's dot8 order), W dense of type `ty`, in two
+// launches. First part[t][r][i] = dot8's accumulator i (i < 8: columns ≡ i mod 8 of the
+// whole groups of 8, in order) or its tail (i = 8), one thread each: the 8 threads of a row
+// read 8 adjacent weights. Grid: (⌈9·rows/block⌉, n).
+extern "C" __global__ void dense_partials(float* part, const void* w, int ty, const float* x,
+                                          int rows, int cols) {
+    int g = blockIdx.x * blockDim.x + threadIdx.x;
+    int t = blockIdx.y;
+    if (g >= rows * 9) {
+        return;
     }
-    int chunks = n / 8;
-    for (int c = 0; c < chunks; c++) {
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            acc[i] += dense_at(w, ty, base + c * 8 + i) * x[c * 8 + i];
+    int r = g / 9;
+    int i = g % 9;
+    const float* xt = x + (i64)t * cols;
+    i64 base = (i64)r * cols;
+    int chunks = cols / 8;
+    float acc = 0.0f;
+    if (i < 8) {
+        for (int c = 0; c < chunks; c++) {
+            acc += dense_at(w, ty, base + c * 8 + i) * xt[c * 8 + i];
+        }
+    } else {
+        for (int k = chunks * 8; k < cols; k++) {
+            acc += dense_at(w, ty, base + k) * xt[k];
         }
     }
-    float tail = 0.0f;
-    for (int k = chunks * 8; k < n; k++) {
-        tail += dense_at(w, ty, base + k) * x[k];
-    }
-    float sum = acc[0];
-#pragma unroll
-    for (int i = 1; i < 8; i++) {
-        sum += acc[i];
-    }
-    return sum + tail;
+    part[((i64)t * rows + r) * 9 + i] = acc;
 }
 
-// out[t][r] = Σ_k W[r][k]·x[t][k] in f32 (dot8's order), W dense of type `ty`.
-// Grid: (⌈rows/block⌉, n).
-extern "C" __global__ void dense_matmul(float* out, const void* w, int ty, const float* x,
-                                        int rows, int cols) {
+// Then out[t][r] = (acc0 + acc1 + … + acc7) + tail, added in that order. Grid: (⌈rows/block⌉, n).
+extern "C" __global__ void dense_finish(float* out, const float* part, int rows) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     int t = blockIdx.y;
     if (r >= rows) {
         return;
     }
-    out[(i64)t * rows + r] = dot8_dense(w, ty, (i64)r * cols, x + (i64)t * cols, cols);
+    const float* p = part + ((i64)t * rows + r) * 9;
+    float sum = p[0];
+#pragma unroll
+    for (int i = 1; i < 8; i++) {
+        sum += p[i];
+    }
+    out[(i64)t * rows + r] = sum + p[8];
 }
 
 // NeoX rotary embedding (rotate_half: pairs i, i + d/2) of every head of every row, with the
@@ -304,6 +359,7 @@ extern "C" __global__ void attention(float* out, const float* q, const float* kc
     int n_pos = pos[t] + 1;
     float* o = out + ((i64)t * heads + h) * d;
     float part[MAX_HEAD_DIM];
+    float scores[ATTN_CHUNK];
     for (int i = 0; i < d; i++) {
         o[i] = 0.0f;
     }
@@ -313,14 +369,16 @@ extern "C" __global__ void attention(float* out, const float* q, const float* kc
         int c1 = c0 + ATTN_CHUNK < n_pos ? c0 + ATTN_CHUNK : n_pos;
         float m = -__uint_as_float(0x7f800000u);
         for (int p = c0; p < c1; p++) {
-            m = fmaxf(m, dot8(qv, kc + base + (i64)p * kv_dim, d) * scale);
+            float sc = dot8(qv, kc + base + (i64)p * kv_dim, d) * scale;
+            scores[p - c0] = sc;
+            m = fmaxf(m, sc);
         }
         for (int i = 0; i < d; i++) {
             part[i] = 0.0f;
         }
         float sum = 0.0f;
         for (int p = c0; p < c1; p++) {
-            float e = exp_nonpositive(dot8(qv, kc + base + (i64)p * kv_dim, d) * scale - m);
+            float e = exp_nonpositive(scores[p - c0] - m);
             sum += e;
             const float* vr = vc + base + (i64)p * kv_dim;
             for (int i = 0; i < d; i++) {

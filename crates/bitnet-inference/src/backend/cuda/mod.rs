@@ -288,37 +288,21 @@ impl CudaBackend {
     /// As [`Gpu::launch`]: the arguments match the kernel's parameters and the grid touches
     /// only memory inside the buffers passed.
     unsafe fn launch(&self, kernel: Kernel, grid: (usize, usize), args: &[Arg]) -> Result<()> {
-        let blocks = grid.0.div_ceil(BLOCK as usize).max(1);
         // SAFETY: the caller's contract.
-        unsafe {
-            self.gpu.launch(
-                kernel,
-                [blocks as u32, grid.1.max(1) as u32, 1],
-                [BLOCK, 1, 1],
-                args,
-            )
-        }
+        unsafe { launch(&self.gpu, kernel, (grid.0, grid.1, 1), args) }
     }
 
     /// `out[..n·d] = rmsnorm(x[..n·d])` with `norm` (rows of `d`).
-    fn rms_norm(&self, out: &DevBuf, x: &DevBuf, norm: &NormDev, n: usize, d: usize) -> Result<()> {
-        check_fits(&[(out, n * d * 4), (x, n * d * 4), (&norm.weight, d * 4)])?;
-        // SAFETY: rms_norm(out, x, w, n, d, eps) reads n·d floats of x and d of w and
-        // writes n·d of out; the sizes were checked above.
-        unsafe {
-            self.launch(
-                Kernel::RmsNorm,
-                (n, 1),
-                &[
-                    out.arg(),
-                    x.arg(),
-                    norm.weight.arg(),
-                    Arg::I32(n as i32),
-                    Arg::I32(d as i32),
-                    Arg::F32(norm.eps),
-                ],
-            )
-        }
+    fn rms_norm(
+        &self,
+        s: &CudaState,
+        out: &DevBuf,
+        x: &DevBuf,
+        norm: &NormDev,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        rms_norm(&self.gpu, out, x, norm, &s.norm_parts, n, d)
     }
 
     /// Quantizes `n` rows of `cols` floats of `x` into the state's int8 activations.
@@ -330,29 +314,17 @@ impl CudaBackend {
         cols: usize,
         padded: usize,
     ) -> Result<()> {
-        check_fits(&[
-            (x, n * cols * 4),
-            (&s.acts, n * padded),
-            (&s.act_scales, n * 4),
-            (&s.act_sums, n * 4),
-        ])?;
-        // SAFETY: quantize_rows(q, scales, sums, x, n, cols, padded) reads n·cols floats and
-        // writes n·padded bytes, n scales and n sums; sizes checked above.
-        unsafe {
-            self.launch(
-                Kernel::QuantizeRows,
-                (n, 1),
-                &[
-                    s.acts.arg(),
-                    s.act_scales.arg(),
-                    s.act_sums.arg(),
-                    x.arg(),
-                    Arg::I32(n as i32),
-                    Arg::I32(cols as i32),
-                    Arg::I32(padded as i32),
-                ],
-            )
-        }
+        quantize(
+            &self.gpu,
+            &s.acts,
+            &s.act_scales,
+            &s.act_sums,
+            &s.act_max,
+            x,
+            n,
+            cols,
+            padded,
+        )
     }
 
     /// Applies several linears to the same input rows `x: [n, cols]`, quantizing the input
@@ -368,7 +340,7 @@ impl CudaBackend {
         for &(l, out) in outs {
             let input = match &l.input_norm {
                 Some(norm) => {
-                    self.rms_norm(&s.linear_in, x, norm, n, l.cols)?;
+                    self.rms_norm(s, &s.linear_in, x, norm, n, l.cols)?;
                     &s.linear_in
                 }
                 None => x,
@@ -380,41 +352,35 @@ impl CudaBackend {
                         self.quantize(s, input, n, l.cols, l.padded_cols)?;
                         shared_quantized = l.input_norm.is_none();
                     }
-                    let kwords = l.padded_cols / 16;
-                    check_fits(&[
-                        (words, kwords * l.rows * 4),
-                        (multipliers, l.rows * 4),
-                        (&s.acts, n * l.padded_cols),
-                    ])?;
-                    // SAFETY: ternary_matmul reads kwords·rows words, rows multipliers,
-                    // n rows of kwords·16 int8 activations with their scales and sums, and
-                    // writes n·rows floats; sizes checked above (and in `quantize`).
-                    unsafe {
-                        self.launch(
-                            Kernel::TernaryMatmul,
-                            (l.rows, n),
-                            &[
-                                out.arg(),
-                                words.arg(),
-                                multipliers.arg(),
-                                s.acts.arg(),
-                                s.act_scales.arg(),
-                                s.act_sums.arg(),
-                                Arg::I32(l.rows as i32),
-                                Arg::I32(kwords as i32),
-                            ],
-                        )?;
-                    }
+                    let acts = CudaActs {
+                        q: &s.acts,
+                        scales: &s.act_scales,
+                        sums: &s.act_sums,
+                    };
+                    ternary(
+                        &self.gpu,
+                        out,
+                        &s.dots,
+                        words,
+                        multipliers,
+                        &acts,
+                        n,
+                        l.rows,
+                        l.padded_cols,
+                    )?;
                 }
-                LinearKind::Dense(d) => self.dense(out, d, input, n, l.rows, l.cols)?,
+                LinearKind::Dense(d) => self.dense(s, out, d, input, n, l.rows, l.cols)?,
             }
         }
         Ok(())
     }
 
-    /// `out[n, rows] = x[n, cols] · Wᵀ` for a dense `W: [rows, cols]`.
+    /// `out[n, rows] = x[n, cols] · Wᵀ` for a dense `W: [rows, cols]`, [`DENSE_GROUP`] rows
+    /// of `x` at a time through the state's partial sums.
+    #[allow(clippy::too_many_arguments)]
     fn dense(
         &self,
+        s: &CudaState,
         out: &DevBuf,
         w: &DenseDev,
         x: &DevBuf,
@@ -427,23 +393,37 @@ impl CudaBackend {
             (out, n * rows * 4),
             (x, n * cols * 4),
             (&w.values, rows * cols * elem),
+            (&s.dense_parts, DENSE_GROUP.min(n) * rows * 9 * 4),
         ])?;
-        // SAFETY: dense_matmul reads rows·cols weights of the declared type and n·cols floats,
-        // and writes n·rows floats; sizes checked above.
-        unsafe {
-            self.launch(
-                Kernel::DenseMatmul,
-                (rows, n),
-                &[
-                    out.arg(),
-                    w.values.arg(),
-                    Arg::I32(w.ty),
-                    x.arg(),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
-                ],
-            )
+        for first in (0..n).step_by(DENSE_GROUP) {
+            let g = DENSE_GROUP.min(n - first);
+            let x_at = Arg::Ptr(x.ptr() + (first * cols * 4) as u64);
+            let out_at = Arg::Ptr(out.ptr() + (first * rows * 4) as u64);
+            // SAFETY: dense_partials reads rows·cols weights of the declared type and g rows
+            // of x from row `first` (first + g ≤ n), and writes g·rows·9 partial sums;
+            // dense_finish reads those and writes g·rows floats of out from row `first`;
+            // sizes checked above.
+            unsafe {
+                self.launch(
+                    Kernel::DensePartials,
+                    (rows * 9, g),
+                    &[
+                        s.dense_parts.arg(),
+                        w.values.arg(),
+                        Arg::I32(w.ty),
+                        x_at,
+                        Arg::I32(rows as i32),
+                        Arg::I32(cols as i32),
+                    ],
+                )?;
+                self.launch(
+                    Kernel::DenseFinish,
+                    (rows, g),
+                    &[out_at, s.dense_parts.arg(), Arg::I32(rows as i32)],
+                )?;
+            }
         }
+        Ok(())
     }
 
     /// `acc[..total] += x[..total]`.
@@ -558,7 +538,7 @@ impl CudaBackend {
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            self.rms_norm(&s.normed, &s.hidden, &layer.attn_norm, n, hd)?;
+            self.rms_norm(s, &s.normed, &s.hidden, &layer.attn_norm, n, hd)?;
             self.linears(
                 s,
                 &s.normed,
@@ -618,7 +598,7 @@ impl CudaBackend {
             }
             let attn_in = match &layer.attn_sub_norm {
                 Some(norm) => {
-                    self.rms_norm(&s.normed, &s.attn, norm, n, qd)?;
+                    self.rms_norm(s, &s.normed, &s.attn, norm, n, qd)?;
                     &s.normed
                 }
                 None => &s.attn,
@@ -627,7 +607,7 @@ impl CudaBackend {
             self.add(&s.hidden, &s.proj, n * hd)?;
 
             // Feed-forward block.
-            self.rms_norm(&s.normed, &s.hidden, &layer.ffn_norm, n, hd)?;
+            self.rms_norm(s, &s.normed, &s.hidden, &layer.ffn_norm, n, hd)?;
             self.linears(
                 s,
                 &s.normed,
@@ -654,7 +634,7 @@ impl CudaBackend {
             }
             let down_in = match &layer.ffn_sub_norm {
                 Some(norm) => {
-                    self.rms_norm(&s.normed, &s.gate, norm, n, ffn)?;
+                    self.rms_norm(s, &s.normed, &s.gate, norm, n, ffn)?;
                     &s.normed
                 }
                 None => &s.gate,
@@ -683,15 +663,221 @@ impl CudaBackend {
                 ],
             )?;
         }
-        self.rms_norm(&s.normed, &s.logit_rows, &self.output_norm, m, hd)?;
+        self.rms_norm(s, &s.normed, &s.logit_rows, &self.output_norm, m, hd)?;
         let vocab = c.vocab_size;
         match &self.lm_head {
-            None => self.dense(&s.logits_dev, &self.embedding, &s.normed, m, vocab, hd)?,
+            None => self.dense(s, &s.logits_dev, &self.embedding, &s.normed, m, vocab, hd)?,
             Some(head) => self.linears(s, &s.normed, m, &[(head, &s.logits_dev)])?,
         }
         s.logits_dev.download(0, &mut s.logits[..m * vocab])?;
         Ok(())
     }
+}
+
+/// Queues `kernel` over `threads.0` threads (in blocks of [`BLOCK`]) × `threads.1` × `threads.2`.
+///
+/// # Safety
+/// As [`Gpu::launch`]: the arguments match the kernel's parameters and the grid touches
+/// only memory inside the buffers passed.
+unsafe fn launch(
+    gpu: &Arc<dyn Gpu>,
+    kernel: Kernel,
+    threads: (usize, usize, usize),
+    args: &[Arg],
+) -> Result<()> {
+    let blocks = threads.0.div_ceil(BLOCK as usize).max(1);
+    // SAFETY: the caller's contract.
+    unsafe {
+        gpu.launch(
+            kernel,
+            [
+                blocks as u32,
+                threads.1.max(1) as u32,
+                threads.2.max(1) as u32,
+            ],
+            [BLOCK, 1, 1],
+            args,
+        )
+    }
+}
+
+/// `out[..n·d] = rmsnorm(x[..n·d])` with `norm`, through `parts` (16 floats a row).
+fn rms_norm(
+    gpu: &Arc<dyn Gpu>,
+    out: &DevBuf,
+    x: &DevBuf,
+    norm: &NormDev,
+    parts: &DevBuf,
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    check_fits(&[
+        (out, n * d * 4),
+        (x, n * d * 4),
+        (&norm.weight, d * 4),
+        (parts, n * 16 * 4),
+    ])?;
+    // SAFETY: rms_partials reads n·d floats of x and writes 16n of parts; rms_apply reads
+    // them, d weights, and writes n·d floats of out; sizes checked above.
+    unsafe {
+        launch(
+            gpu,
+            Kernel::RmsPartials,
+            (n * 16, 1, 1),
+            &[parts.arg(), x.arg(), Arg::I32(n as i32), Arg::I32(d as i32)],
+        )?;
+        launch(
+            gpu,
+            Kernel::RmsApply,
+            (d, n, 1),
+            &[
+                out.arg(),
+                x.arg(),
+                norm.weight.arg(),
+                parts.arg(),
+                Arg::I32(d as i32),
+                Arg::F32(norm.eps),
+            ],
+        )
+    }
+}
+
+/// Columns of one piece of `absmax_partials` (`QUANT_PIECE` in kernels.cu).
+const QUANT_PIECE: usize = 64;
+
+/// Quantizes `n` rows of `cols` floats of `x` into `q` (rows of `padded` bytes), `scales`
+/// and `sums`, through `pmax` (`⌈cols / 64⌉` floats a row).
+#[allow(clippy::too_many_arguments)]
+fn quantize(
+    gpu: &Arc<dyn Gpu>,
+    q: &DevBuf,
+    scales: &DevBuf,
+    sums: &DevBuf,
+    pmax: &DevBuf,
+    x: &DevBuf,
+    n: usize,
+    cols: usize,
+    padded: usize,
+) -> Result<()> {
+    let pieces = cols.div_ceil(QUANT_PIECE).max(1);
+    check_fits(&[
+        (x, n * cols * 4),
+        (q, n * padded),
+        (scales, n * 4),
+        (sums, n * 4),
+        (pmax, n * pieces * 4),
+    ])?;
+    // SAFETY: absmax_partials reads n·cols floats, writes n·pieces maxima and n sums;
+    // quantize_apply reads them and writes n·padded bytes, n scales and adds into n sums;
+    // sizes checked above.
+    unsafe {
+        launch(
+            gpu,
+            Kernel::AbsmaxPartials,
+            (n * pieces, 1, 1),
+            &[
+                pmax.arg(),
+                sums.arg(),
+                x.arg(),
+                Arg::I32(n as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(pieces as i32),
+            ],
+        )?;
+        launch(
+            gpu,
+            Kernel::QuantizeApply,
+            (padded, n, 1),
+            &[
+                q.arg(),
+                scales.arg(),
+                sums.arg(),
+                x.arg(),
+                pmax.arg(),
+                Arg::I32(cols as i32),
+                Arg::I32(padded as i32),
+                Arg::I32(pieces as i32),
+            ],
+        )
+    }
+}
+
+/// Token rows a dense product takes at once (bounds its partial sums: 9 floats an output).
+const DENSE_GROUP: usize = 8;
+
+/// Words of K one `ternary_partial` thread sums (256 columns).
+const TERNARY_PIECE: usize = 16;
+
+/// `out[n, rows]` = the ternary product of `words`/`multipliers` (rows × padded_cols) with
+/// the quantized activations in `acts` (`q`, `scales`, `sums` of `n` rows), through the
+/// integer sums `dots` (n·rows).
+#[allow(clippy::too_many_arguments)]
+fn ternary(
+    gpu: &Arc<dyn Gpu>,
+    out: &DevBuf,
+    dots: &DevBuf,
+    words: &DevBuf,
+    multipliers: &DevBuf,
+    acts: &CudaActs,
+    n: usize,
+    rows: usize,
+    padded_cols: usize,
+) -> Result<()> {
+    let kwords = padded_cols / 16;
+    check_fits(&[
+        (out, n * rows * 4),
+        (dots, n * rows * 4),
+        (words, kwords * rows * 4),
+        (multipliers, rows * 4),
+        (acts.q, n * padded_cols),
+        (acts.scales, n * 4),
+        (acts.sums, n * 4),
+    ])?;
+    // SAFETY: zero_ints writes n·rows ints of dots; ternary_partial reads kwords·rows words
+    // and n rows of kwords·16 int8 activations and adds into n·rows ints; ternary_finish
+    // reads those, n scales and sums, rows multipliers, and writes n·rows floats; sizes
+    // checked above.
+    unsafe {
+        launch(
+            gpu,
+            Kernel::ZeroInts,
+            (n * rows, 1, 1),
+            &[dots.arg(), Arg::I32((n * rows) as i32)],
+        )?;
+        launch(
+            gpu,
+            Kernel::TernaryPartial,
+            (rows, n, kwords.div_ceil(TERNARY_PIECE)),
+            &[
+                dots.arg(),
+                words.arg(),
+                acts.q.arg(),
+                Arg::I32(rows as i32),
+                Arg::I32(kwords as i32),
+                Arg::I32(TERNARY_PIECE as i32),
+            ],
+        )?;
+        launch(
+            gpu,
+            Kernel::TernaryFinish,
+            (rows, n, 1),
+            &[
+                out.arg(),
+                dots.arg(),
+                multipliers.arg(),
+                acts.scales.arg(),
+                acts.sums.arg(),
+                Arg::I32(rows as i32),
+            ],
+        )
+    }
+}
+
+/// Quantized activation rows: int8 values, scales, sums.
+struct CudaActs<'a> {
+    q: &'a DevBuf,
+    scales: &'a DevBuf,
+    sums: &'a DevBuf,
 }
 
 /// Every `(buffer, bytes)` pair: the buffer holds at least that many bytes (the guard that
@@ -739,6 +925,13 @@ pub struct CudaState {
     acts: DevBuf,
     act_scales: DevBuf,
     act_sums: DevBuf,
+    /// Per row: the maxima of pieces of 64 columns (quantization), the 16 partial sums of
+    /// squares (RMSNorm); per (row, output): integer dot products (ternary linears).
+    act_max: DevBuf,
+    norm_parts: DevBuf,
+    dots: DevBuf,
+    /// The partial sums of dense products (`dense_partials`), for [`DENSE_GROUP`] rows.
+    dense_parts: DevBuf,
     /// i32 `[4][max_batch]`: tokens, positions, slots, rows that want logits.
     meta: DevBuf,
     logit_rows: DevBuf,
@@ -795,6 +988,15 @@ impl Backend for CudaBackend {
         let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
         let padded = wide.div_ceil(crate::kernels::BLOCK_WEIGHTS) * crate::kernels::BLOCK_WEIGHTS;
         let f = |elems: usize| max_batch * elems * 4;
+        // The widest ternary product: a layer's, or a ternary lm_head's.
+        let dot_rows = match &self.lm_head {
+            Some(LinearDev {
+                kind: LinearKind::Ternary { .. },
+                rows,
+                ..
+            }) => wide.max(*rows),
+            _ => wide,
+        };
         let sizes = [
             ("hidden", f(c.hidden_size)),
             ("normed", f(wide)),
@@ -809,6 +1011,13 @@ impl Backend for CudaBackend {
             ("int8 activations", max_batch * padded),
             ("activation scales", f(1)),
             ("activation sums", f(1)),
+            ("activation maxima", f(padded.div_ceil(QUANT_PIECE))),
+            ("RMSNorm partial sums", f(16)),
+            ("integer dot products", f(dot_rows)),
+            (
+                "dense partial sums",
+                DENSE_GROUP.min(max_batch) * wide.max(c.vocab_size) * 9 * 4,
+            ),
             ("batch metadata", f(4)),
             ("logit rows", f(c.hidden_size)),
             ("logits", f(c.vocab_size)),
@@ -868,6 +1077,10 @@ impl Backend for CudaBackend {
             acts: next(),
             act_scales: next(),
             act_sums: next(),
+            act_max: next(),
+            norm_parts: next(),
+            dots: next(),
+            dense_parts: next(),
             meta: next(),
             logit_rows: next(),
             logits_dev: next(),

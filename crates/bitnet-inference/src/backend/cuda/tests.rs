@@ -82,40 +82,15 @@ fn quantization_and_ternary_products_equal_the_cpu() {
     let words = upload(&gpu, &super::weights::pack_ternary(&w));
     let mult = upload(&gpu, w.multipliers());
     let out = DevBuf::new(&gpu, n * rows * 4, "out").unwrap();
-    // SAFETY: the buffers hold what the kernels touch for these sizes.
-    unsafe {
-        gpu.launch(
-            Kernel::QuantizeRows,
-            [1, 1, 1],
-            [32, 1, 1],
-            &[
-                q.arg(),
-                scales.arg(),
-                sums.arg(),
-                xd.arg(),
-                Arg::I32(n as i32),
-                Arg::I32(cols as i32),
-                Arg::I32(padded as i32),
-            ],
-        )
-        .unwrap();
-        gpu.launch(
-            Kernel::TernaryMatmul,
-            [(rows as u32).div_ceil(32), n as u32, 1],
-            [32, 1, 1],
-            &[
-                out.arg(),
-                words.arg(),
-                mult.arg(),
-                q.arg(),
-                scales.arg(),
-                sums.arg(),
-                Arg::I32(rows as i32),
-                Arg::I32((padded / 16) as i32),
-            ],
-        )
-        .unwrap();
-    }
+    let pmax = DevBuf::new(&gpu, n * cols.div_ceil(64) * 4, "maxima").unwrap();
+    let dots = DevBuf::new(&gpu, n * rows * 4, "dots").unwrap();
+    super::quantize(&gpu, &q, &scales, &sums, &pmax, &xd, n, cols, padded).unwrap();
+    let acts = super::CudaActs {
+        q: &q,
+        scales: &scales,
+        sums: &sums,
+    };
+    super::ternary(&gpu, &out, &dots, &words, &mult, &acts, n, rows, padded).unwrap();
     let q: Vec<i8> = download(&q, n * padded);
     let scales: Vec<f32> = download(&scales, n);
     let sums: Vec<i32> = download(&sums, n);
