@@ -45,14 +45,16 @@ pub(crate) enum Kernel {
     DenseFinish,
     Rope,
     KvStore,
-    Attention,
+    AttnScores,
+    AttnChunkStats,
+    AttnOutput,
     GateAct,
     AddInPlace,
     GatherRows,
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 16] = [
+    pub(crate) const ALL: [Kernel; 18] = [
         Kernel::EmbedRows,
         Kernel::RmsPartials,
         Kernel::RmsApply,
@@ -65,7 +67,9 @@ impl Kernel {
         Kernel::DenseFinish,
         Kernel::Rope,
         Kernel::KvStore,
-        Kernel::Attention,
+        Kernel::AttnScores,
+        Kernel::AttnChunkStats,
+        Kernel::AttnOutput,
         Kernel::GateAct,
         Kernel::AddInPlace,
         Kernel::GatherRows,
@@ -86,7 +90,9 @@ impl Kernel {
             Kernel::DenseFinish => "dense_finish",
             Kernel::Rope => "rope",
             Kernel::KvStore => "kv_store",
-            Kernel::Attention => "attention",
+            Kernel::AttnScores => "attn_scores",
+            Kernel::AttnChunkStats => "attn_chunk_stats",
+            Kernel::AttnOutput => "attn_output",
             Kernel::GateAct => "gate_act",
             Kernel::AddInPlace => "add_in_place",
             Kernel::GatherRows => "gather_rows",

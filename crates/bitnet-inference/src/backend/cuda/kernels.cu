@@ -337,66 +337,103 @@ __device__ __forceinline__ float exp_nonpositive(float x) {
 
 // Positions a softmax takes at once, as the CPU's (kernels/attention CHUNK).
 #define ATTN_CHUNK 256
-// The largest head the attention kernel takes (checked on the host).
-#define MAX_HEAD_DIM 256
 
-// Causal GQA attention, one thread per (row, query head): softmax(q·kᵀ·scale)·v over the
-// positions 0..=pos of the row's slot, with the CPU's portable arithmetic: chunks of 256
-// positions, each giving its max, Σ exp(s − max) and the exp-weighted V rows, folded in
-// order into a running softmax, divided by the sum at the end. Grid: (⌈heads/block⌉, n).
-extern "C" __global__ void attention(float* out, const float* q, const float* kc,
-                                     const float* vc, const int* slot, const int* pos,
-                                     int heads, int group, int head_dim, int kv_dim,
-                                     int context, float scale) {
-    int h = blockIdx.x * blockDim.x + threadIdx.x;
+// Causal GQA attention with the CPU's portable arithmetic (kernels/attention): positions in
+// chunks of 256, each giving its max, Σ exp(s − max) and the exp-weighted V rows, folded in
+// order into a running softmax, divided by the sum at the end. Three launches over a group of
+// rows, each thread computing values the CPU computes one by one, in its order:
+//
+// 1. scores[t][h][p] = (q[t][h] · k[p]) · scale for p ≤ pos[t] (dot8's order), one thread per
+//    (head, position). Grid: (⌈heads·span/block⌉, n), span = the largest pos + 1.
+extern "C" __global__ void attn_scores(float* scores, const float* q, const float* kc,
+                                       const int* slot, const int* pos, int heads, int group,
+                                       int head_dim, int kv_dim, int context, int span,
+                                       float scale) {
+    int g = blockIdx.x * blockDim.x + threadIdx.x;
     int t = blockIdx.y;
-    if (h >= heads) {
+    if (g >= heads * span) {
         return;
     }
-    int d = head_dim;
-    const float* qv = q + ((i64)t * heads + h) * d;
-    i64 base = (i64)slot[t] * context * kv_dim + (i64)(h / group) * d;
-    int n_pos = pos[t] + 1;
-    float* o = out + ((i64)t * heads + h) * d;
-    float part[MAX_HEAD_DIM];
-    float scores[ATTN_CHUNK];
-    for (int i = 0; i < d; i++) {
-        o[i] = 0.0f;
+    int h = g / span;
+    int p = g % span;
+    if (p > pos[t]) {
+        return;
     }
+    const float* qv = q + ((i64)t * heads + h) * head_dim;
+    const float* kr =
+        kc + ((i64)slot[t] * context + p) * kv_dim + (i64)(h / group) * head_dim;
+    scores[((i64)t * heads + h) * context + p] = dot8(qv, kr, head_dim) * scale;
+}
+
+// 2. Per (row, head, chunk): its max and Σ exp(s − max) in position order.
+//    stats[((t·heads + h)·chunks + c)·2 + {0, 1}]. Grid: (⌈heads·chunks/block⌉, n).
+extern "C" __global__ void attn_chunk_stats(float* stats, const float* scores, const int* pos,
+                                            int heads, int context, int chunks) {
+    int g = blockIdx.x * blockDim.x + threadIdx.x;
+    int t = blockIdx.y;
+    if (g >= heads * chunks) {
+        return;
+    }
+    int h = g / chunks;
+    int c = g % chunks;
+    int c0 = c * ATTN_CHUNK;
+    int n_pos = pos[t] + 1;
+    if (c0 >= n_pos) {
+        return;
+    }
+    int c1 = c0 + ATTN_CHUNK < n_pos ? c0 + ATTN_CHUNK : n_pos;
+    const float* sc = scores + ((i64)t * heads + h) * context;
+    float m = -__uint_as_float(0x7f800000u);
+    for (int p = c0; p < c1; p++) {
+        m = fmaxf(m, sc[p]);
+    }
+    float sum = 0.0f;
+    for (int p = c0; p < c1; p++) {
+        sum += exp_nonpositive(sc[p] - m);
+    }
+    float* st = stats + (((i64)t * heads + h) * chunks + c) * 2;
+    st[0] = m;
+    st[1] = sum;
+}
+
+// 3. Per (row, head, dimension i): each chunk's Σ exp(s − max)·v[p][i] in position order,
+//    folded chunk after chunk (rescaled to the larger max), divided by the sum.
+//    Grid: (⌈heads·head_dim/block⌉, n).
+extern "C" __global__ void attn_output(float* out, const float* scores, const float* stats,
+                                       const float* vc, const int* slot, const int* pos,
+                                       int heads, int group, int head_dim, int kv_dim,
+                                       int context, int chunks) {
+    int g = blockIdx.x * blockDim.x + threadIdx.x;
+    int t = blockIdx.y;
+    if (g >= heads * head_dim) {
+        return;
+    }
+    int h = g / head_dim;
+    int i = g % head_dim;
+    int n_pos = pos[t] + 1;
+    const float* sc = scores + ((i64)t * heads + h) * context;
+    const float* st = stats + ((i64)t * heads + h) * chunks * 2;
+    const float* vcol = vc + (i64)slot[t] * context * kv_dim + (i64)(h / group) * head_dim + i;
     float run_max = -__uint_as_float(0x7f800000u);
     float run_sum = 0.0f;
-    for (int c0 = 0; c0 < n_pos; c0 += ATTN_CHUNK) {
+    float o = 0.0f;
+    for (int c = 0; c * ATTN_CHUNK < n_pos; c++) {
+        int c0 = c * ATTN_CHUNK;
         int c1 = c0 + ATTN_CHUNK < n_pos ? c0 + ATTN_CHUNK : n_pos;
-        float m = -__uint_as_float(0x7f800000u);
+        float m = st[2 * c];
+        float sum = st[2 * c + 1];
+        float part = 0.0f;
         for (int p = c0; p < c1; p++) {
-            float sc = dot8(qv, kc + base + (i64)p * kv_dim, d) * scale;
-            scores[p - c0] = sc;
-            m = fmaxf(m, sc);
-        }
-        for (int i = 0; i < d; i++) {
-            part[i] = 0.0f;
-        }
-        float sum = 0.0f;
-        for (int p = c0; p < c1; p++) {
-            float e = exp_nonpositive(scores[p - c0] - m);
-            sum += e;
-            const float* vr = vc + base + (i64)p * kv_dim;
-            for (int i = 0; i < d; i++) {
-                part[i] += e * vr[i];
-            }
+            part += exp_nonpositive(sc[p] - m) * vcol[(i64)p * kv_dim];
         }
         float max = fmaxf(run_max, m);
         float a = exp_nonpositive(run_max - max);
         float b = exp_nonpositive(m - max);
         run_sum = run_sum * a + sum * b;
         run_max = max;
-        for (int i = 0; i < d; i++) {
-            o[i] = o[i] * a + part[i] * b;
-        }
+        o = o * a + part * b;
     }
-    for (int i = 0; i < d; i++) {
-        o[i] /= run_sum;
-    }
+    out[((i64)t * heads + h) * head_dim + i] = o / run_sum;
 }
 
 // g = act(g) · u element-wise: act 0 = relu(g)², 1 = silu(g) = g / (1 + exp(−g)).

@@ -171,12 +171,6 @@ impl CudaBackend {
                 "CUDA: the model's sizes exceed what the kernels index".into(),
             ));
         }
-        if config.head_dim > 256 {
-            return Err(Error::Invalid(format!(
-                "CUDA: head_dim {} is over the attention kernel's 256",
-                config.head_dim
-            )));
-        }
         let planned = planned_weight_bytes(&config, &weights);
         if let Some((free, total)) = gpu.memory_info() {
             if planned > free {
@@ -461,6 +455,99 @@ impl CudaBackend {
         }
     }
 
+    /// Causal GQA attention of the batch's rows over their slots' caches of one layer into
+    /// `s.attn`, [`ATTN_GROUP`] rows at a time (see `attn_*` in kernels.cu).
+    fn attention(
+        &self,
+        s: &CudaState,
+        batch: &Batch,
+        keys: &DevBuf,
+        values: &DevBuf,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (n, qd, heads, d) = (batch.len(), c.q_dim(), c.n_heads, c.head_dim);
+        let chunks = s.context.div_ceil(ATTN_CHUNK);
+        let cache = s.n_slots * s.context * c.kv_dim() * 4;
+        check_fits(&[
+            (&s.attn, n * qd * 4),
+            (&s.q, n * qd * 4),
+            (keys, cache),
+            (values, cache),
+            (&s.att_scores, ATTN_GROUP.min(n) * heads * s.context * 4),
+            (&s.att_stats, ATTN_GROUP.min(n) * heads * chunks * 2 * 4),
+        ])?;
+        let scale = 1.0 / (d as f32).sqrt();
+        for first in (0..n).step_by(ATTN_GROUP) {
+            let g = ATTN_GROUP.min(n - first);
+            let span = batch[first..first + g]
+                .iter()
+                .map(|e| e.pos + 1)
+                .max()
+                .unwrap_or(1);
+            let at = |buf: &DevBuf, elems: usize| Arg::Ptr(buf.ptr() + (first * elems * 4) as u64);
+            let meta = |section: Meta| match s.meta_arg(section) {
+                Arg::Ptr(p) => Arg::Ptr(p + (first * 4) as u64),
+                other => other,
+            };
+            // SAFETY: rows first..first+g of the batch (≤ n): attn_scores reads their q rows
+            // and the cache rows 0..=pos of their slots (pos < context, slot < n_slots, checked
+            // in `run`) and writes g·heads·context scores; attn_chunk_stats reads those and
+            // writes g·heads·chunks·2 floats; attn_output reads both and the V cache rows, and
+            // writes g·q_dim floats of attn; sizes checked above.
+            unsafe {
+                self.launch(
+                    Kernel::AttnScores,
+                    (heads * span, g),
+                    &[
+                        s.att_scores.arg(),
+                        at(&s.q, qd),
+                        keys.arg(),
+                        meta(Meta::Slot),
+                        meta(Meta::Pos),
+                        Arg::I32(heads as i32),
+                        Arg::I32(c.gqa_group() as i32),
+                        Arg::I32(d as i32),
+                        Arg::I32(c.kv_dim() as i32),
+                        Arg::I32(s.context as i32),
+                        Arg::I32(span as i32),
+                        Arg::F32(scale),
+                    ],
+                )?;
+                self.launch(
+                    Kernel::AttnChunkStats,
+                    (heads * chunks, g),
+                    &[
+                        s.att_stats.arg(),
+                        s.att_scores.arg(),
+                        meta(Meta::Pos),
+                        Arg::I32(heads as i32),
+                        Arg::I32(s.context as i32),
+                        Arg::I32(chunks as i32),
+                    ],
+                )?;
+                self.launch(
+                    Kernel::AttnOutput,
+                    (heads * d, g),
+                    &[
+                        at(&s.attn, qd),
+                        s.att_scores.arg(),
+                        s.att_stats.arg(),
+                        values.arg(),
+                        meta(Meta::Slot),
+                        meta(Meta::Pos),
+                        Arg::I32(heads as i32),
+                        Arg::I32(c.gqa_group() as i32),
+                        Arg::I32(d as i32),
+                        Arg::I32(c.kv_dim() as i32),
+                        Arg::I32(s.context as i32),
+                        Arg::I32(chunks as i32),
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     fn run(&self, batch: &Batch, s: &mut CudaState) -> Result<()> {
         let c = &self.config;
         let n = batch.len();
@@ -535,7 +622,6 @@ impl CudaBackend {
             )?;
         }
 
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
             self.rms_norm(s, &s.normed, &s.hidden, &layer.attn_norm, n, hd)?;
@@ -573,29 +659,7 @@ impl CudaBackend {
                     ],
                 )?;
             }
-            check_fits(&[(&s.attn, n * qd * 4), (&s.q, n * qd * 4)])?;
-            // SAFETY: attention reads n rows of q, and for each the cache rows 0..=pos of its
-            // slot (inside the caches, as above), and writes n·q_dim floats of attn.
-            unsafe {
-                self.launch(
-                    Kernel::Attention,
-                    (c.n_heads, n),
-                    &[
-                        s.attn.arg(),
-                        s.q.arg(),
-                        keys.arg(),
-                        values.arg(),
-                        s.meta_arg(Meta::Slot),
-                        s.meta_arg(Meta::Pos),
-                        Arg::I32(c.n_heads as i32),
-                        Arg::I32(c.gqa_group() as i32),
-                        Arg::I32(c.head_dim as i32),
-                        Arg::I32(kvd as i32),
-                        Arg::I32(s.context as i32),
-                        Arg::F32(scale),
-                    ],
-                )?;
-            }
+            self.attention(s, batch, keys, values)?;
             let attn_in = match &layer.attn_sub_norm {
                 Some(norm) => {
                     self.rms_norm(s, &s.normed, &s.attn, norm, n, qd)?;
@@ -802,6 +866,12 @@ fn quantize(
     }
 }
 
+/// Positions a softmax chunk takes (`ATTN_CHUNK` in kernels.cu, the CPU's `CHUNK`).
+const ATTN_CHUNK: usize = 256;
+
+/// Token rows attention takes at once (bounds its scores: heads × context floats a row).
+const ATTN_GROUP: usize = 8;
+
 /// Token rows a dense product takes at once (bounds its partial sums: 9 floats an output).
 const DENSE_GROUP: usize = 8;
 
@@ -930,6 +1000,9 @@ pub struct CudaState {
     act_max: DevBuf,
     norm_parts: DevBuf,
     dots: DevBuf,
+    /// Attention's scores and per-chunk (max, Σ exp) for [`ATTN_GROUP`] rows.
+    att_scores: DevBuf,
+    att_stats: DevBuf,
     /// The partial sums of dense products (`dense_partials`), for [`DENSE_GROUP`] rows.
     dense_parts: DevBuf,
     /// i32 `[4][max_batch]`: tokens, positions, slots, rows that want logits.
@@ -1015,6 +1088,14 @@ impl Backend for CudaBackend {
             ("RMSNorm partial sums", f(16)),
             ("integer dot products", f(dot_rows)),
             (
+                "attention scores",
+                ATTN_GROUP.min(max_batch) * c.n_heads * context * 4,
+            ),
+            (
+                "attention chunk statistics",
+                ATTN_GROUP.min(max_batch) * c.n_heads * context.div_ceil(ATTN_CHUNK) * 2 * 4,
+            ),
+            (
                 "dense partial sums",
                 DENSE_GROUP.min(max_batch) * wide.max(c.vocab_size) * 9 * 4,
             ),
@@ -1080,6 +1161,8 @@ impl Backend for CudaBackend {
             act_max: next(),
             norm_parts: next(),
             dots: next(),
+            att_scores: next(),
+            att_stats: next(),
             dense_parts: next(),
             meta: next(),
             logit_rows: next(),
