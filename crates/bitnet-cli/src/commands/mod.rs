@@ -197,6 +197,10 @@ static OFFLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 /// How the model computes, shared by the commands that run one for text or speed.
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub struct ModelFlags {
+    /// Where the model computes: `cpu`, `cuda` (the first NVIDIA GPU), `cuda:N`, or `auto`
+    /// (CUDA where this build, the machine and the other flags allow it, else the CPU).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: bitnet_inference::backend::Device,
     /// How logits are computed from a float lm_head / tied embedding: `f16` exactly as
     /// the file stores it, or against a copy quantized at load, with the final hidden state
     /// at 12 bits: `int8`, `q6k` or `q4`; faster decode, see docs/PERFORMANCE.md.
@@ -216,12 +220,17 @@ impl ModelFlags {
     /// The library's options these flags stand for.
     pub fn options(&self) -> ModelOptions {
         ModelOptions {
+            device: self.device,
             lm_head: self.lm_head,
             kv_type: self.kv_type,
             quant_acts: self.quant_acts,
             ..Default::default()
         }
     }
+}
+
+fn parse_device(s: &str) -> Result<bitnet_inference::backend::Device, String> {
+    s.parse()
 }
 
 fn parse_kv_type(s: &str) -> Result<bitnet_inference::backend::KvType, String> {

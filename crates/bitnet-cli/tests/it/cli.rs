@@ -585,3 +585,51 @@ fn count_flags_say_their_range() {
     );
     assert!(!err.contains("panicked") && !tmp.exists(), "{err}");
 }
+
+/// `--device`: a bad name lists the accepted ones; `cuda` without a GPU (or in a build
+/// without the `cuda` feature) is one clear line; the CUDA backend's unsupported options are
+/// named before any GPU is touched. (On a GPU machine, scripts/test-cuda runs the GPU.)
+#[test]
+fn device_flag_errors_are_clear() {
+    let o = bitnet(&["run", "-p", "Hi", "-n", "1", "--device", "gpu"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("expected cpu, cuda, cuda:N"),
+        "{}",
+        stderr(&o)
+    );
+    let o = bitnet(&[
+        "run",
+        "-p",
+        "Hi",
+        "-n",
+        "1",
+        "--device",
+        "cuda",
+        "--kv-type",
+        "f16",
+    ]);
+    if cfg!(feature = "cuda") {
+        assert_clean_error(&o, &["CUDA backend does not support --kv-type f16"]);
+    } else {
+        assert_clean_error(&o, &["no CUDA backend"]);
+    }
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        eprintln!("SKIP: device_flag_errors_are_clear (no-driver case): this machine has a GPU");
+        return;
+    }
+    let o = bitnet(&["run", "-p", "Hi", "-n", "1", "--device", "cuda"]);
+    assert_clean_error(&o, &[]);
+    // No driver library, or one whose driver finds no device.
+    let wants: &[&str] = if cfg!(feature = "cuda") {
+        &[
+            "no NVIDIA driver",
+            "the driver did not initialize",
+            "no device 0",
+        ]
+    } else {
+        &["no CUDA backend"]
+    };
+    let err = stderr(&o);
+    assert!(wants.iter().any(|w| err.contains(w)), "{err}");
+}

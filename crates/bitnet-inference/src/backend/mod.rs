@@ -11,6 +11,8 @@
 //! here and one line in [`build`].
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::model::{ModelConfig, ModelWeights};
 use crate::Result;
@@ -21,15 +23,38 @@ pub enum Device {
     /// This machine's CPU cores ([`cpu::CpuBackend`]).
     #[default]
     Cpu,
+    /// The NVIDIA GPU of this CUDA ordinal (`cuda::CudaBackend`; builds with the `cuda`
+    /// feature).
+    Cuda(usize),
+    /// The first CUDA GPU where the build has the `cuda` feature, the machine a driver and a
+    /// GPU, and the CUDA backend supports the options asked for; else the CPU.
+    Auto,
 }
 
 impl std::str::FromStr for Device {
     type Err = String;
-    /// The names `--device` takes.
+    /// The names `--device` takes: `cpu`, `cuda` (GPU 0), `cuda:N`, `auto`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "cpu" => Ok(Device::Cpu),
-            _ => Err(format!("unknown device `{s}`: expected cpu")),
+            "cuda" => Ok(Device::Cuda(0)),
+            "auto" => Ok(Device::Auto),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Device::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device `{s}`: expected cpu, cuda, cuda:N (a GPU ordinal) or auto"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::Auto => write!(f, "auto"),
         }
     }
 }
@@ -165,11 +190,49 @@ pub fn build(
     weights: ModelWeights,
     options: &ModelOptions,
 ) -> Result<Box<dyn Backend>> {
-    match options.device {
-        Device::Cpu => Ok(Box::new(cpu::CpuBackend::with_options(
+    let cpu = |config, weights| -> Result<Box<dyn Backend>> {
+        Ok(Box::new(cpu::CpuBackend::with_options(
             config, weights, options,
-        )?)),
+        )?))
+    };
+    match options.device {
+        Device::Cpu => cpu(config, weights),
+        Device::Cuda(ordinal) => build_cuda(config, weights, options, ordinal),
+        Device::Auto => {
+            #[cfg(feature = "cuda")]
+            if cuda::unsupported(options).is_none() && cuda::device_count() > 0 {
+                return build_cuda(config, weights, options, 0);
+            }
+            cpu(config, weights)
+        }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn build_cuda(
+    config: ModelConfig,
+    weights: ModelWeights,
+    options: &ModelOptions,
+    ordinal: usize,
+) -> Result<Box<dyn Backend>> {
+    if let Some(what) = cuda::unsupported(options) {
+        return Err(crate::Error::Invalid(format!(
+            "the CUDA backend does not support {what} yet; use --device cpu"
+        )));
+    }
+    Ok(Box::new(cuda::CudaBackend::new(config, weights, ordinal)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn build_cuda(
+    _: ModelConfig,
+    _: ModelWeights,
+    _: &ModelOptions,
+    ordinal: usize,
+) -> Result<Box<dyn Backend>> {
+    Err(crate::Error::Invalid(format!(
+        "device cuda:{ordinal}: this build has no CUDA backend (build with the `cuda` feature)"
+    )))
 }
 
 /// A boxed backend is a backend (so `&Box<dyn Backend>` passes where `&dyn Backend` goes).

@@ -1,0 +1,457 @@
+//! The CUDA backend's kernels and forward pass, run on the CPU emulator (`emu.rs`) against the
+//! CPU backend. Each test prints one `SKIP:` line and passes where no C++ compiler exists.
+
+use super::device::{Arg, DevBuf, Gpu, Kernel};
+use super::emu::EmuGpu;
+use super::CudaBackend;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, BackendState, BatchEntry};
+use crate::kernels::{self, DenseData, DenseMatrix, QuantizedActivations, TernaryMatrix};
+use crate::model::{Activation, LayerWeights, Linear, ModelConfig, ModelWeights, RmsNorm};
+use crate::rng::Rng;
+use std::sync::Arc;
+
+/// The emulated GPU, its kernels compiled once per test process.
+fn emulator() -> Option<Arc<dyn Gpu>> {
+    static EMU: std::sync::OnceLock<std::result::Result<Arc<EmuGpu>, String>> =
+        std::sync::OnceLock::new();
+    let built = EMU.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("bitnet-cuda-emu-{}", std::process::id()));
+        let built = EmuGpu::build(&dir).expect("the kernels compile as C++");
+        built.map(Arc::new)
+    });
+    match built {
+        Ok(gpu) => Some(gpu.clone() as Arc<dyn Gpu>),
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            None
+        }
+    }
+}
+
+fn upload<T: bytemuck::Pod>(gpu: &Arc<dyn Gpu>, data: &[T]) -> DevBuf {
+    DevBuf::from_slice(gpu, data, "test data").unwrap()
+}
+
+fn download<T: bytemuck::Pod + Default + Clone>(buf: &DevBuf, n: usize) -> Vec<T> {
+    let mut out = vec![T::default(); n];
+    buf.download(0, &mut out).unwrap();
+    out
+}
+
+fn random_floats(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.next_f32() - 0.5) * scale).collect()
+}
+
+/// The int8 activations, their scales and sums are the CPU's, bit for bit, on rows with
+/// ties (x·s landing on .5), zeros, NaN and a column count that is not whole blocks; and the
+/// ternary products from them are the CPU's integers scaled by the same formula.
+#[test]
+fn quantization_and_ternary_products_equal_the_cpu() {
+    let Some(gpu) = emulator() else { return };
+    let mut rng = Rng::new(11);
+    let (n, cols, rows) = (5, 300, 70);
+    let mut x = random_floats(&mut rng, n * cols, 8.0);
+    // Row 1: max 127 so that x·s = x, with halves that round to even.
+    x[cols..2 * cols]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = (i % 9) as f32 - 4.5);
+    x[cols] = 127.0;
+    // Row 2: all zero (the 1e-5 floor); row 3: a NaN among values.
+    x[2 * cols..3 * cols].fill(0.0);
+    x[3 * cols + 7] = f32::NAN;
+    let padded = cols.div_ceil(128) * 128;
+
+    let mut cpu = QuantizedActivations::with_capacity(n, cols);
+    cpu.quantize(&x, n, cols);
+    let w = TernaryMatrix::from_rows(rows, cols, |r, t| {
+        for v in t.iter_mut() {
+            *v = (rng.next_u64() % 3) as i8 - 1;
+        }
+        Ok(0.25 + r as f32 / 64.0)
+    })
+    .unwrap();
+    let mut cpu_out = vec![0f32; n * rows];
+    kernels::ternary_matmul(&kernels::scalar::ScalarKernel, &w, &cpu, &mut cpu_out);
+
+    let xd = upload(&gpu, &x);
+    let q = DevBuf::new(&gpu, n * padded, "q").unwrap();
+    let scales = DevBuf::new(&gpu, n * 4, "scales").unwrap();
+    let sums = DevBuf::new(&gpu, n * 4, "sums").unwrap();
+    let words = upload(&gpu, &super::weights::pack_ternary(&w));
+    let mult = upload(&gpu, w.multipliers());
+    let out = DevBuf::new(&gpu, n * rows * 4, "out").unwrap();
+    let pmax = DevBuf::new(&gpu, n * cols.div_ceil(64) * 4, "maxima").unwrap();
+    let dots = DevBuf::new(&gpu, n * rows * 4, "dots").unwrap();
+    super::quantize(&gpu, &q, &scales, &sums, &pmax, &xd, n, cols, padded).unwrap();
+    let acts = super::CudaActs {
+        q: &q,
+        scales: &scales,
+        sums: &sums,
+    };
+    super::ternary(&gpu, &out, &dots, &words, &mult, &acts, n, rows, padded).unwrap();
+    let q: Vec<i8> = download(&q, n * padded);
+    let scales: Vec<f32> = download(&scales, n);
+    let sums: Vec<i32> = download(&sums, n);
+    for r in 0..n {
+        assert_eq!(&q[r * padded..(r + 1) * padded], cpu.row(r), "int8 row {r}");
+        assert_eq!(
+            scales[r].to_bits(),
+            cpu.scale(r).to_bits(),
+            "scale of row {r}"
+        );
+        assert_eq!(sums[r], cpu.sum(r), "sum of row {r}");
+    }
+    // Ties went to even: −3.5 → −4, −2.5 → −2, 0.5 → 0, 1.5 → 2, 2.5 → 2, 3.5 → 4.
+    assert_eq!(&q[padded + 1..padded + 9], &[-4, -2, -2, 0, 0, 2, 2, 4]);
+    let out: Vec<f32> = download(&out, n * rows);
+    for (i, (a, b)) in out.iter().zip(&cpu_out).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "output {i}: {a} vs {b}");
+    }
+}
+
+/// f16 and bf16 values (subnormals, infinities, negative zero) widen to the CPU's f32.
+#[test]
+fn embedding_rows_widen_f16_and_bf16_exactly() {
+    let Some(gpu) = emulator() else { return };
+    let bits: Vec<u16> = (0..=u16::MAX)
+        .step_by(7)
+        .chain([0x8000, 0x0001, 0x03ff, 0x7c00])
+        .collect();
+    let d = bits.len();
+    let tokens = upload(&gpu, &[0i32]);
+    for (ty, widen) in [
+        (
+            super::weights::DENSE_F16,
+            (|b| half::f16::from_bits(b).to_f32()) as fn(u16) -> f32,
+        ),
+        (super::weights::DENSE_BF16, |b| {
+            half::bf16::from_bits(b).to_f32()
+        }),
+    ] {
+        let emb = upload(&gpu, &bits);
+        let out = DevBuf::new(&gpu, d * 4, "out").unwrap();
+        // SAFETY: one token (row 0) of d values; out holds d floats.
+        unsafe {
+            gpu.launch(
+                Kernel::EmbedRows,
+                [(d as u32).div_ceil(128), 1, 1],
+                [128, 1, 1],
+                &[
+                    out.arg(),
+                    emb.arg(),
+                    Arg::I32(ty),
+                    tokens.arg(),
+                    Arg::I32(d as i32),
+                ],
+            )
+            .unwrap();
+        }
+        let got: Vec<f32> = download(&out, d);
+        for (&b, g) in bits.iter().zip(got) {
+            let want = widen(b);
+            assert!(
+                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                "type {ty}: {b:#06x} gave {g}, want {want}"
+            );
+        }
+    }
+}
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        architecture: "test".into(),
+        hidden_size: 64,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+        ffn_size: 96,
+        vocab_size: 50,
+        max_context: 64,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        activation: Activation::Relu2,
+        has_sub_norms: true,
+        tied_embeddings: true,
+    }
+}
+
+/// A random model of `config()`'s shape; `variant` adds what the 2B-4T shape lacks: SiLU, an
+/// untied f16 lm_head, a bf16 embedding, a dense f32 linear, a linear with its own input
+/// norm, no sub-norms.
+fn random_weights(c: &ModelConfig, variant: bool) -> ModelWeights {
+    let mut rng = Rng::new(7);
+    let mut ternary = |rows: usize, cols: usize| {
+        Linear::ternary(
+            TernaryMatrix::from_rows(rows, cols, |_, t| {
+                for v in t.iter_mut() {
+                    *v = (rng.next_u64() % 3) as i8 - 1;
+                }
+                Ok(0.05)
+            })
+            .unwrap(),
+        )
+    };
+    let mut rng2 = Rng::new(9);
+    let mut norm = |n: usize| RmsNorm {
+        weight: (0..n).map(|_| 0.5 + rng2.next_f32()).collect(),
+        eps: 1e-5,
+    };
+    let (hd, ffn) = (c.hidden_size, c.ffn_size);
+    let layers = (0..c.n_layers)
+        .map(|l| {
+            let mut q = ternary(c.q_dim(), hd);
+            let mut o = ternary(hd, c.q_dim());
+            if variant && l == 1 {
+                q.input_norm = Some(norm(hd));
+                let mut rng = Rng::new(3);
+                let vals = random_floats(&mut rng, hd * c.q_dim(), 0.2);
+                o = Linear::dense(
+                    DenseMatrix::new(hd, c.q_dim(), DenseData::F32(vals.into())).unwrap(),
+                );
+            }
+            LayerWeights {
+                attn_norm: norm(hd),
+                q_proj: q,
+                k_proj: ternary(c.kv_dim(), hd),
+                v_proj: ternary(c.kv_dim(), hd),
+                attn_sub_norm: (!variant).then(|| norm(c.q_dim())),
+                o_proj: o,
+                ffn_norm: norm(hd),
+                gate_proj: ternary(ffn, hd),
+                up_proj: ternary(ffn, hd),
+                ffn_sub_norm: (!variant).then(|| norm(ffn)),
+                down_proj: ternary(hd, ffn),
+            }
+        })
+        .collect();
+    let mut rng = Rng::new(8);
+    let emb = random_floats(&mut rng, c.vocab_size * hd, 1.0);
+    let token_embedding = if variant {
+        let b: Vec<half::bf16> = emb.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        DenseMatrix::new(c.vocab_size, hd, DenseData::BF16(b.into())).unwrap()
+    } else {
+        let h: Vec<half::f16> = emb.iter().map(|&v| half::f16::from_f32(v)).collect();
+        DenseMatrix::new(c.vocab_size, hd, DenseData::F16(h.into())).unwrap()
+    };
+    let lm_head = variant.then(|| {
+        let h: Vec<half::f16> = random_floats(&mut rng, c.vocab_size * hd, 1.0)
+            .iter()
+            .map(|&v| half::f16::from_f32(v))
+            .collect();
+        Linear::dense(DenseMatrix::new(c.vocab_size, hd, DenseData::F16(h.into())).unwrap())
+    });
+    ModelWeights {
+        token_embedding,
+        layers,
+        output_norm: norm(hd),
+        lm_head,
+    }
+}
+
+fn entries(tokens: &[u32], slot: usize, start: usize, logits: bool) -> Vec<BatchEntry> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &token)| BatchEntry {
+            token,
+            pos: start + i,
+            slot,
+            logits,
+        })
+        .collect()
+}
+
+/// Runs the same batches through both backends and checks every logits row: the same bits
+/// (`tol` 0) or within `tol` of the largest |logit|; returns the largest difference seen.
+fn compare(
+    cpu: &dyn Backend,
+    gpu: &dyn Backend,
+    slots: usize,
+    batches: &[Vec<BatchEntry>],
+    tol: f32,
+) -> f32 {
+    let ctx = cpu.config().max_context;
+    let max_batch = batches.iter().map(Vec::len).max().unwrap();
+    let mut cs = cpu.new_state(slots, ctx, max_batch).unwrap();
+    let mut gs = gpu.new_state(slots, ctx, max_batch).unwrap();
+    let mut worst = 0f32;
+    for (b, batch) in batches.iter().enumerate() {
+        cpu.forward(batch, &mut cs).unwrap();
+        gpu.forward(batch, &mut gs).unwrap();
+        let rows = batch.iter().filter(|e| e.logits).count();
+        for i in 0..rows {
+            let (c, g) = (cs.logits(i), gs.logits(i));
+            assert_eq!(c.len(), g.len());
+            let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (j, (a, b2)) in c.iter().zip(g).enumerate() {
+                let d = (a - b2).abs();
+                if tol == 0.0 {
+                    assert_eq!(
+                        a.to_bits(),
+                        b2.to_bits(),
+                        "batch {b} row {i} logit {j}: cpu {a} gpu {b2}"
+                    );
+                }
+                assert!(
+                    d <= tol * scale.max(1.0),
+                    "batch {b} row {i} logit {j}: cpu {a} gpu {b2}"
+                );
+                worst = worst.max(d);
+            }
+        }
+    }
+    worst
+}
+
+/// Prefill of two sequences in one batch (one asking for every logits row, one for none),
+/// then decode steps of both with a third joining late: the emulated CUDA backend gives the
+/// CPU backend's logits (its portable path, `ScalarKernel`) bit for bit for the 2B-4T layer
+/// shape (ReLU², sub-norms, tied f16 embedding); the variant layers (SiLU, whose `exp` is
+/// the platform's and so only on the emulator the CPU's) within 1e-3. Past 256 positions the
+/// attention folds a second chunk.
+#[test]
+fn forward_equals_the_cpu_backend_on_random_models() {
+    let Some(gpu) = emulator() else { return };
+    for variant in [false, true] {
+        let c = ModelConfig {
+            activation: if variant {
+                Activation::Silu
+            } else {
+                Activation::Relu2
+            },
+            has_sub_norms: !variant,
+            tied_embeddings: !variant,
+            max_context: 300,
+            ..config()
+        };
+        let w = random_weights(&c, variant);
+        let cpu =
+            CpuBackend::with_kernel(c.clone(), w.clone(), &kernels::scalar::ScalarKernel).unwrap();
+        let cuda = CudaBackend::on(gpu.clone(), c, w).unwrap();
+        let a: Vec<u32> = (0..250).map(|i| (i * 7 + 3) % 50).collect();
+        let b: Vec<u32> = (0..9).map(|i| (i * 11 + 1) % 50).collect();
+        let mut batches = vec![];
+        let mut first = entries(&a, 0, 0, true);
+        first.extend(entries(&b, 2, 0, false));
+        batches.push(first);
+        for step in 0..12 {
+            let mut batch = entries(&[(step * 5 + 2) % 50], 0, a.len() + step as usize, true);
+            batch.extend(entries(
+                &[(step * 3 + 4) % 50],
+                2,
+                b.len() + step as usize,
+                step % 2 == 0,
+            ));
+            if step >= 4 {
+                batch.extend(entries(&[(step * 13) % 50], 1, step as usize - 4, true));
+            }
+            batches.push(batch);
+        }
+        let worst = compare(&cpu, &cuda, 3, &batches, if variant { 1e-3 } else { 0.0 });
+        eprintln!("variant {variant}: largest logit difference {worst:e}");
+    }
+}
+
+/// Wrong entries are refused with the CPU backend's messages, and a state of another
+/// backend is refused.
+#[test]
+fn bad_entries_and_foreign_states_are_errors() {
+    let Some(gpu) = emulator() else { return };
+    let c = config();
+    let cuda = CudaBackend::on(gpu, c.clone(), random_weights(&c, false)).unwrap();
+    let mut s = cuda.new_state(1, 8, 4).unwrap();
+    for (e, msg) in [
+        (entries(&[50], 0, 0, true), "outside the vocabulary"),
+        (entries(&[1], 0, 8, true), "past the context"),
+        (entries(&[1], 1, 0, true), "slot 1 does not exist"),
+        (entries(&[1; 5], 0, 0, true), "1 to 4 tokens"),
+    ] {
+        let err = cuda.forward(&e, &mut s).unwrap_err().to_string();
+        assert!(err.contains(msg), "{err}");
+    }
+    assert!(cuda.new_state(1, 65, 4).is_err());
+    let cpu = CpuBackend::with_kernel(
+        c.clone(),
+        random_weights(&c, false),
+        &kernels::scalar::ScalarKernel,
+    )
+    .unwrap();
+    let mut cpu_state = Backend::new_state(&cpu, 1, 8, 4).unwrap();
+    let err = cuda
+        .forward(&entries(&[1], 0, 0, true), &mut cpu_state)
+        .unwrap_err();
+    assert!(err.to_string().contains("another backend"), "{err}");
+    assert_eq!(s.kv_bytes(), 2 * c.n_layers * 8 * c.kv_dim() * 4);
+}
+
+/// bitnet-tiny (the shipped trained model): the logits of a prompt and of 64 greedy steps
+/// are the CPU backend's (portable path) bit for bit, so the tokens are the same.
+#[test]
+fn bitnet_tiny_matches_the_cpu_backend() {
+    let Some(gpu) = emulator() else { return };
+    let mut dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bitnet-tiny");
+    if !dir.exists() {
+        // A test executable carried to a GPU machine (scripts/test-cuda) runs in the repo.
+        dir = "models/bitnet-tiny".into();
+    }
+    let m = crate::model::load(&dir).unwrap();
+    let cpu = CpuBackend::with_kernel(
+        m.config.clone(),
+        m.weights.clone(),
+        &kernels::scalar::ScalarKernel,
+    )
+    .unwrap();
+    let cuda = CudaBackend::on(gpu, m.config.clone(), m.weights).unwrap();
+    let prompt = m
+        .tokenizer
+        .encode("Once upon a time, there was a little fox who", true)
+        .unwrap();
+    let ctx = 128;
+    let mut cs = Backend::new_state(&cpu, 1, ctx, prompt.len()).unwrap();
+    let mut gs = cuda.new_state(1, ctx, prompt.len()).unwrap();
+    let argmax = |l: &[f32]| {
+        l.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            )
+            .0 as u32
+    };
+    let mut worst = 0f32;
+    let mut check = |c: &[f32], g: &[f32]| {
+        for (a, b) in c.iter().zip(g) {
+            assert_eq!(a.to_bits(), b.to_bits(), "cpu {a} gpu {b}");
+            worst = worst.max((a - b).abs());
+        }
+    };
+    let batch = entries(&prompt, 0, 0, true);
+    Backend::forward(&cpu, &batch, &mut cs).unwrap();
+    cuda.forward(&batch, &mut gs).unwrap();
+    for i in 0..prompt.len() {
+        check(cs.logits(i), gs.logits(i));
+    }
+    let (mut cpu_tok, mut gpu_tok) = (
+        argmax(cs.logits(prompt.len() - 1)),
+        argmax(gs.logits(prompt.len() - 1)),
+    );
+    let (mut cpu_text, mut gpu_text) = (vec![cpu_tok], vec![gpu_tok]);
+    for step in 0..63 {
+        let pos = prompt.len() + step;
+        Backend::forward(&cpu, &entries(&[cpu_tok], 0, pos, true), &mut cs).unwrap();
+        cuda.forward(&entries(&[gpu_tok], 0, pos, true), &mut gs)
+            .unwrap();
+        if cpu_tok == gpu_tok {
+            check(cs.logits(0), gs.logits(0));
+        }
+        cpu_tok = argmax(cs.logits(0));
+        gpu_tok = argmax(gs.logits(0));
+        cpu_text.push(cpu_tok);
+        gpu_text.push(gpu_tok);
+    }
+    eprintln!("bitnet-tiny: largest logit difference {worst:e}");
+    assert_eq!(gpu_text, cpu_text, "greedy tokens");
+}

@@ -1,0 +1,131 @@
+//! The weights in the layouts the CUDA kernels read, made on the host at load.
+
+use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
+use std::borrow::Cow;
+
+/// Element type codes of dense matrices, as `kernels.cu` names them (`DENSE_*`).
+pub(crate) const DENSE_F32: i32 = 0;
+pub(crate) const DENSE_F16: i32 = 1;
+pub(crate) const DENSE_BF16: i32 = 2;
+
+/// A ternary matrix for `ternary_matmul`: word `kw · rows + r` holds the codes (trit + 1) of
+/// row `r`, columns `16kw..16kw + 15`, column `16kw + 4j + b` in bits `8b + 2j`, so that
+/// `(word >> 2j) & 0x03030303` is four consecutive columns' codes as bytes. Words of one
+/// `kw` for consecutive rows are adjacent, which coalesces a warp's loads. The padding
+/// columns (up to `padded_cols`) hold code 1 (trit 0), as the CPU layout does.
+pub(crate) fn pack_ternary(m: &TernaryMatrix) -> Vec<u32> {
+    use rayon::prelude::*;
+    let rows = m.rows();
+    let kwords = m.padded_cols() / 16;
+    let mut out = vec![0u32; kwords * rows];
+    if rows == 0 {
+        return out;
+    }
+    out.par_chunks_mut(rows)
+        .enumerate()
+        .for_each(|(kw, words)| {
+            // The CPU layout: blocks of 128 columns in 32 bytes, byte j holding columns
+            // j, j+32, j+64, j+96 in bits 1-0, 3-2, 5-4, 7-6. Columns 16kw..16kw+15 are 16
+            // consecutive bytes of one block at one shift.
+            let (block, within) = (kw / 8, kw % 8 * 16);
+            let (byte0, shift) = (block * 32 + within % 32, 2 * (within / 32));
+            for (r, word) in words.iter_mut().enumerate() {
+                let bytes = &m.packed_row(r)[byte0..byte0 + 16];
+                let mut w = 0u32;
+                for (e, &byte) in bytes.iter().enumerate() {
+                    let code = ((byte >> shift) & 3) as u32;
+                    w |= code << (8 * (e % 4) + 2 * (e / 4));
+                }
+                *word = w;
+            }
+        });
+    out
+}
+
+/// A dense matrix's values as the kernels read them: the file's f32, f16 or bf16 as they
+/// are (borrowed, no copy), and ggml blocks (Q4_0, Q4_1, Q8_0, Q6_K) dequantized exactly to
+/// f32 as the CPU's exact path reads them.
+pub(crate) fn dense_values(m: &DenseMatrix) -> (i32, Cow<'_, [u8]>) {
+    match m.data() {
+        DenseData::F32(v) => (DENSE_F32, Cow::Borrowed(bytemuck::cast_slice(&v[..]))),
+        DenseData::F16(v) => (DENSE_F16, Cow::Borrowed(bytemuck::cast_slice(&v[..]))),
+        DenseData::BF16(v) => (DENSE_BF16, Cow::Borrowed(bytemuck::cast_slice(&v[..]))),
+        DenseData::Q6K(_) | DenseData::Q32(..) => {
+            let cols = m.cols();
+            let mut f = vec![0f32; m.rows() * cols];
+            for (r, row) in f.chunks_exact_mut(cols.max(1)).enumerate() {
+                m.row_to_f32(r, row);
+            }
+            (DENSE_F32, Cow::Owned(bytemuck::cast_slice(&f).to_vec()))
+        }
+    }
+}
+
+/// NeoX RoPE tables `[position][head_dim / 2]`, computed as the CPU forward pass computes
+/// them (f32, transformers' formula), so that both rotate by the same bits.
+pub(crate) fn rope_tables(head_dim: usize, theta: f32, positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for pos in 0..positions {
+        for &f in &inv_freq {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every weight comes back from the GPU layout as the CPU layout holds it, padding
+    /// columns included (code 1).
+    #[test]
+    fn ternary_words_decode_to_the_cpu_trits() {
+        let (rows, cols) = (5, 300);
+        let trit = |r: usize, c: usize| ((r * 7 + c * 13 + c / 5) % 3) as i8 - 1;
+        let m = TernaryMatrix::from_rows(rows, cols, |r, t| {
+            for (c, v) in t.iter_mut().enumerate() {
+                *v = trit(r, c);
+            }
+            Ok(1.0)
+        })
+        .unwrap();
+        let words = pack_ternary(&m);
+        let kwords = m.padded_cols() / 16;
+        assert_eq!(words.len(), kwords * rows);
+        for r in 0..rows {
+            for c in 0..m.padded_cols() {
+                let (kw, e) = (c / 16, c % 16);
+                let (j, b) = (e / 4, e % 4);
+                let code = (words[kw * rows + r] >> (8 * b + 2 * j)) & 3;
+                let want = if c < cols { trit(r, c) } else { 0 };
+                assert_eq!(code as i8 - 1, want, "row {r} column {c}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_dense_matrices_become_their_exact_f32() {
+        use crate::kernels::qblock::BlockType;
+        // One Q8_0 block: f16 scale 0.5, then 32 int8 values.
+        let mut block = vec![0u8; 34];
+        block[..2].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+        for (i, b) in block[2..].iter_mut().enumerate() {
+            *b = (i as i8 - 16) as u8;
+        }
+        let m = DenseMatrix::new(1, 32, DenseData::Q32(BlockType::Q8_0, block.into())).unwrap();
+        let (ty, bytes) = dense_values(&m);
+        assert_eq!(ty, DENSE_F32);
+        let f: &[f32] = bytemuck::cast_slice(&bytes);
+        for (i, &v) in f.iter().enumerate() {
+            assert_eq!(v, (i as f32 - 16.0) * 0.5);
+        }
+    }
+}
