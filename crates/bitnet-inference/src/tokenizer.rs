@@ -95,12 +95,22 @@ impl Tokenizer {
             .map_err(|e| Error::format(path, format!("not a tokenizer.json: {e}")))?;
         let mode = piece_mode(&json);
         let added = tk.get_added_tokens_decoder();
-        let n = tk
-            .get_vocab(true)
-            .values()
-            .copied()
-            .max()
-            .map_or(0, |m| m as usize + 1);
+        let vocab = tk.get_vocab(true);
+        let n = vocab.values().copied().max().map_or(0, |m| m as usize + 1);
+        // One piece per id up to the largest: ids may leave a few gaps, but the table must
+        // stay in proportion to the tokens the file really holds (a single id of 4e9
+        // would otherwise cost ~100 GB).
+        let limit = vocab.len().saturating_mul(2).saturating_add(1024);
+        if n > limit {
+            return Err(Error::format(
+                path,
+                format!(
+                    "token ids go up to {} but the file has only {} tokens: ids that sparse                      are not supported (at most {limit})",
+                    n - 1,
+                    vocab.len()
+                ),
+            ));
+        }
         let mut pieces = vec![Vec::new(); n];
         for (id, piece) in pieces.iter_mut().enumerate() {
             let id = id as u32;

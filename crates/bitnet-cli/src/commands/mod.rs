@@ -41,7 +41,12 @@ pub fn load_with(path: &Path, options: &ModelOptions) -> anyhow::Result<LoadedEn
     };
     let m = LoadedEngineModel::load_with(&path, &options);
     sp.finish_and_clear();
-    Ok(m?)
+    let m = m?;
+    // Sampling defaults the model's files set out of range (ignored at load).
+    for w in &m.generation.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(m)
 }
 
 /// A spinner saying which model is loading and how big it is (hidden off a terminal).

@@ -146,14 +146,39 @@ pub fn generation_defaults(file: &GgufFile) -> Result<GenerationDefaults> {
             }
         }
     }
-    Ok(GenerationDefaults {
-        temperature: file.opt_f32("general.sampling.temp")?,
-        top_k: file.opt_usize("general.sampling.top_k")?,
-        top_p: file.opt_f32("general.sampling.top_p")?,
-        repetition_penalty: file.opt_f32("general.sampling.penalty_repeat")?,
+    const KEYS: [&str; 4] = [
+        "general.sampling.temp",
+        "general.sampling.top_k",
+        "general.sampling.top_p",
+        "general.sampling.penalty_repeat",
+    ];
+    // A sampling value of the wrong type is ignored like an out-of-range one (it is only
+    // a default), with a warning naming the key.
+    let mut warnings = Vec::new();
+    let mut lenient = |v: Result<Option<f32>>| {
+        v.unwrap_or_else(|e| {
+            warnings.push(format!("{e}; ignored (the engine's default is used)"));
+            None
+        })
+    };
+    let temperature = lenient(file.opt_f32(KEYS[0]));
+    let top_p = lenient(file.opt_f32(KEYS[2]));
+    let repetition_penalty = lenient(file.opt_f32(KEYS[3]));
+    let top_k = file.opt_usize(KEYS[1]).unwrap_or_else(|e| {
+        warnings.push(format!("{e}; ignored (the engine's default is used)"));
+        None
+    });
+    let mut g = GenerationDefaults {
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
         eos_token_ids: eos,
         bos_token_id: file.opt_u32("tokenizer.ggml.bos_token_id")?,
-    })
+        warnings,
+    };
+    g.drop_invalid_sampling(&file.path, KEYS);
+    Ok(g)
 }
 
 fn is_bitnet(arch: &str) -> bool {
@@ -266,7 +291,7 @@ pub fn read_config(file: &GgufFile) -> Result<ModelConfig> {
         || file.tensor("blk.0.ffn_sub_norm.weight").is_some();
     let tied_embeddings = file.tensor("output.weight").is_none();
     let config = ModelConfig {
-        architecture: arch,
+        architecture: arch.clone(),
         hidden_size,
         n_layers,
         n_heads,
@@ -281,7 +306,22 @@ pub fn read_config(file: &GgufFile) -> Result<ModelConfig> {
         has_sub_norms,
         tied_embeddings,
     };
-    config.validate(path)?;
+    config.validate_named(path, &|name| {
+        let gguf = match name {
+            "hidden_size" => "embedding_length",
+            "num_hidden_layers" => "block_count",
+            "num_attention_heads" => "attention.head_count",
+            "num_key_value_heads" => "attention.head_count_kv",
+            "head_dim" => "attention.key_length",
+            "intermediate_size" => "feed_forward_length",
+            "vocab_size" => "vocab_size",
+            "max_position_embeddings" => "context_length",
+            "rope_theta" => "rope.freq_base",
+            "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
+            other => return other.to_string(),
+        };
+        k(gguf)
+    })?;
     Ok(config)
 }
 
@@ -738,6 +778,14 @@ pub fn load_weights(file: &GgufFile, config: &ModelConfig) -> Result<ModelWeight
         &ident
     };
 
+    let arch = file.architecture().unwrap_or(c.architecture.as_str());
+    super::config::check_layer_count(
+        &file.path,
+        &format!("{arch}.block_count"),
+        c.n_layers,
+        "blk.",
+        file.tensors.iter().map(|t| t.name.as_str()),
+    )?;
     let emb = l.get("token_embd.weight", &[h, c.vocab_size])?;
     let token_embedding = l.dense(emb, c.vocab_size, h, &ident)?;
     let mut layers = Vec::with_capacity(c.n_layers);

@@ -130,7 +130,7 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
     let hf = HfConfig::parse(&config_path, &json, &st)?;
     let weights = load_weights(&hf, &st)?;
 
-    let generation = read_generation(dir, &json)?;
+    let generation = read_generation(dir, &json, hf.config.vocab_size)?;
     let chat_template = read_chat_template(dir)?;
     let tokenizer = load_tokenizer(dir)?;
 
@@ -230,9 +230,12 @@ impl<'a> Keys<'a> {
             None => Ok(None),
             Some(v) => v
                 .as_f64()
+                .map(|x| x as f32)
                 .filter(|x| x.is_finite())
-                .map(|x| Some(x as f32))
-                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+                .map(Some)
+                .ok_or_else(|| {
+                    self.err(key, format!("expected a finite 32-bit number, found {v}"))
+                }),
         }
     }
 
@@ -256,17 +259,18 @@ impl<'a> Keys<'a> {
         }
     }
 
-    /// An int or a list of ints (token ids).
-    fn ids_opt(&self, key: &str) -> Result<Vec<u32>> {
+    /// An int or a list of ints (token ids), each below `vocab`.
+    fn ids_opt(&self, key: &str, vocab: usize) -> Result<Vec<u32>> {
         let bad = |v: &Value| {
             self.err(
                 key,
-                format!("expected a token id or a list of them, found {v}"),
+                format!("expected a token id below the vocabulary size {vocab} or a list of them, found {v}"),
             )
         };
         let one = |v: &Value| {
             v.as_u64()
                 .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| (n as usize) < vocab)
                 .ok_or_else(|| bad(v))
         };
         match self.get(key) {
@@ -389,6 +393,13 @@ impl HfConfig {
             tied_embeddings: !untied_lm_head,
         };
         config.validate(path)?;
+        super::config::check_layer_count(
+            path,
+            "num_hidden_layers",
+            n_layers,
+            "model.layers.",
+            st.names(),
+        )?;
         if has_sub_norms && config.q_dim() != hidden_size {
             return Err(k.err(
                 "head_dim",
@@ -870,13 +881,13 @@ fn online_ternary(w: &TensorRef<'_>, out: usize, inp: usize) -> Result<TernaryMa
 }
 
 /// `generation_config.json` (if any), falling back to `config.json`'s token ids.
-fn read_generation(dir: &Path, config: &Value) -> Result<GenerationDefaults> {
+fn read_generation(dir: &Path, config: &Value, vocab: usize) -> Result<GenerationDefaults> {
     let path = dir.join("generation_config.json");
     let config_path = dir.join("config.json");
     let ck = Keys::new(&config_path, config, "")?;
     let mut g = GenerationDefaults {
-        eos_token_ids: ck.ids_opt("eos_token_id")?,
-        bos_token_id: ck.ids_opt("bos_token_id")?.first().copied(),
+        eos_token_ids: ck.ids_opt("eos_token_id", vocab)?,
+        bos_token_id: ck.ids_opt("bos_token_id", vocab)?.first().copied(),
         ..Default::default()
     };
     if !path.is_file() {
@@ -884,17 +895,34 @@ fn read_generation(dir: &Path, config: &Value) -> Result<GenerationDefaults> {
     }
     let json = read_json(&path)?;
     let k = Keys::new(&path, &json, "")?;
-    let eos = k.ids_opt("eos_token_id")?;
+    let eos = k.ids_opt("eos_token_id", vocab)?;
     if !eos.is_empty() {
         g.eos_token_ids = eos;
     }
-    if let Some(&bos) = k.ids_opt("bos_token_id")?.first() {
+    if let Some(&bos) = k.ids_opt("bos_token_id", vocab)?.first() {
         g.bos_token_id = Some(bos);
     }
-    g.temperature = k.f32_opt("temperature")?;
-    g.top_k = k.usize_opt("top_k")?;
-    g.top_p = k.f32_opt("top_p")?;
-    g.repetition_penalty = k.f32_opt("repetition_penalty")?;
+    // Sampling values are defaults a request may override: one of the wrong type or out of
+    // range is ignored with a warning naming the key, not a reason to refuse the model.
+    let mut warnings = Vec::new();
+    let mut lenient = |v: Result<Option<f32>>| {
+        v.unwrap_or_else(|e| {
+            warnings.push(format!("{e}; ignored (the engine's default is used)"));
+            None
+        })
+    };
+    g.temperature = lenient(k.f32_opt("temperature"));
+    g.top_p = lenient(k.f32_opt("top_p"));
+    g.repetition_penalty = lenient(k.f32_opt("repetition_penalty"));
+    g.top_k = k.usize_opt("top_k").unwrap_or_else(|e| {
+        warnings.push(format!("{e}; ignored (the engine's default is used)"));
+        None
+    });
+    g.warnings = warnings;
+    g.drop_invalid_sampling(
+        &path,
+        ["temperature", "top_k", "top_p", "repetition_penalty"],
+    );
     // transformers decodes greedily when do_sample is false, whatever the temperature says.
     if k.bool_opt("do_sample")? == Some(false) {
         g.temperature = Some(0.0);

@@ -46,6 +46,48 @@ pub struct LoadedModel {
 
 /// Loads a GGUF file or a Hugging Face model directory.
 pub fn load(path: &Path) -> Result<LoadedModel> {
+    let loaded = load_unchecked(path)?;
+    check_ids(&loaded)?;
+    Ok(loaded)
+}
+
+/// Every token id the model's files name, and every id its tokenizer can produce, must
+/// have a row in the embedding (and so a logit): otherwise a prompt or a stop token would
+/// index past the weights.
+fn check_ids(m: &LoadedModel) -> Result<()> {
+    let vocab = m.config.vocab_size;
+    let n = m.tokenizer.vocab_size();
+    if n > vocab {
+        return Err(Error::Invalid(format!(
+            "{}: the tokenizer has {n} tokens but the model's vocabulary (embedding rows)              has {vocab}: ids {vocab}..{n} would have no embedding",
+            m.path.display()
+        )));
+    }
+    let g = &m.generation;
+    let ids = g
+        .eos_token_ids
+        .iter()
+        .map(|&id| ("eos_token_id", id))
+        .chain(g.bos_token_id.map(|id| ("bos_token_id", id)))
+        .chain(m.tokenizer.bos_id().map(|id| ("tokenizer BOS", id)))
+        .chain(
+            m.tokenizer
+                .eos_ids()
+                .iter()
+                .map(|&id| ("tokenizer EOS", id)),
+        );
+    for (what, id) in ids {
+        if id as usize >= vocab {
+            return Err(Error::Invalid(format!(
+                "{}: {what} {id} is not below the vocabulary size {vocab}",
+                m.path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn load_unchecked(path: &Path) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         load_hf::load(path)

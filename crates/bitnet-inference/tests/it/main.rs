@@ -21,3 +21,4 @@ mod readme;
 mod round_scales;
 mod scheduler;
 mod tokenizer_fixtures;
+mod untrusted;
