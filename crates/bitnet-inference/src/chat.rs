@@ -73,18 +73,114 @@ impl ChatTemplate {
     }
 
     /// Renders the conversation; `add_generation_prompt` appends the assistant's opening.
+    ///
+    /// A template comes with the model, from anyone: its render is bounded in work and in
+    /// output (see [`RenderLimits`]), so a template with nested loops or one that builds
+    /// gigabytes gives an error instead of hanging or exhausting memory.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self
-            .env
+        let input: usize = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum::<usize>()
+            + self.bos.len()
+            + self.eos.len();
+        let limits = RenderLimits::for_input(messages.len(), input);
+        self.render_limited(messages, add_generation_prompt, limits)
+    }
+
+    /// [`Self::render`] with explicit limits.
+    pub fn render_limited(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        limits: RenderLimits,
+    ) -> Result<String> {
+        let mut env = self.env.clone();
+        env.set_fuel(Some(limits.fuel));
+        let tmpl = env
             .get_template(NAME)
             .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
+        let mut out = LimitedWriter {
+            buf: Vec::new(),
+            limit: limits.max_output_bytes,
+            exceeded: false,
+        };
+        let ctx = minijinja::context! {
             messages => messages_value(messages),
             bos_token => &self.bos,
             eos_token => &self.eos,
             add_generation_prompt => add_generation_prompt,
-        })
-        .map_err(|e| Error::Template(format!("{e:#}")))
+        };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(Error::Template(format!(
+                    "the render took more than its budget of {} steps (a loop that does not end, or far more work than a conversation of {} messages needs)",
+                    limits.fuel,
+                    messages.len()
+                )))
+            }
+            Err(_) if out.exceeded => {
+                return Err(Error::Template(format!(
+                    "the render wrote more than {} bytes, the limit for a conversation of {} bytes",
+                    limits.max_output_bytes,
+                    messages
+                        .iter()
+                        .map(|m| m.content.len())
+                        .sum::<usize>()
+                )))
+            }
+            Err(e) => return Err(Error::Template(format!("{e:#}"))),
+        }
+        String::from_utf8(out.buf)
+            .map_err(|_| Error::Template("the render is not valid UTF-8".into()))
+    }
+}
+
+/// The bounds on one render of a chat template: work and memory (minijinja's fuel: about
+/// one unit per instruction, and one per ~64 bytes a value allocates) and output size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderLimits {
+    pub fuel: u64,
+    pub max_output_bytes: usize,
+}
+
+impl RenderLimits {
+    /// Limits in proportion to the conversation (`messages`, and `input_bytes` of roles,
+    /// contents and special tokens). Fuel: 2M (~128 MB of values, well under a second of
+    /// rendering; real templates use a few hundred units a message) plus 1000 a message
+    /// and 4 a byte. Output: 1 MiB plus 8 times the input (templates add markup around
+    /// each message, and may repeat the system prompt).
+    pub fn for_input(messages: usize, input_bytes: usize) -> Self {
+        let fuel = 2_000_000u64
+            .saturating_add((messages as u64).saturating_mul(1000))
+            .saturating_add((input_bytes as u64).saturating_mul(4));
+        RenderLimits {
+            fuel,
+            max_output_bytes: (1usize << 20).saturating_add(input_bytes.saturating_mul(8)),
+        }
+    }
+}
+
+/// Collects a render's output, failing the write that would pass `limit` bytes (minijinja
+/// then stops rendering).
+struct LimitedWriter {
+    buf: Vec<u8>,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for LimitedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(data.len()) > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("render output limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -332,6 +428,74 @@ fn py_float(f: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn renders_are_bounded_in_work_and_output() {
+        let msgs = [ChatMessage::new("user", "hi")];
+        // Nested loops that would run ~10^15 steps: out of fuel, quickly.
+        let t = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}{{ '' }}{% endfor %}{% endfor %}{% endfor %}",
+            "", "",
+        )
+        .unwrap();
+        let start = std::time::Instant::now();
+        let e = t.render(&msgs, true).unwrap_err().to_string();
+        let want = RenderLimits::for_input(1, 6).fuel;
+        assert!(e.contains(&format!("budget of {want} steps")), "{e}");
+        assert!(start.elapsed().as_secs() < 20, "{:?}", start.elapsed());
+        // Recursion through a macro: a clear error too (minijinja's own depth limit).
+        let t = ChatTemplate::new(
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(t.render(&msgs, true).is_err());
+        // Gigabytes of output from little work per byte: stopped at the output limit.
+        let t = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{{ messages[0].content }}{% endfor %}{% endfor %}",
+            "", "",
+        )
+        .unwrap();
+        let big = "x".repeat(10_000);
+        let e = t
+            .render(&[ChatMessage::new("user", big.as_str())], true)
+            .unwrap_err()
+            .to_string();
+        let want = RenderLimits::for_input(1, 10_004).max_output_bytes;
+        assert!(e.contains(&format!("more than {want} bytes")), "{e}");
+        // Big values built in one expression are charged too.
+        let t = ChatTemplate::new(
+            "{% set s = 'x' * 60000000 %}{% set t = s ~ s ~ s %}{{ t|length }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let e = t.render(&msgs, true).unwrap_err().to_string();
+        assert!(e.contains("budget") || e.contains("too large"), "{e}");
+        // Explicit limits: a render that fits its budget works, one over it does not.
+        let t = ChatTemplate::new("{% for m in messages %}{{ m.content }}{% endfor %}", "", "")
+            .unwrap();
+        let ok = RenderLimits {
+            fuel: 10_000,
+            max_output_bytes: 4,
+        };
+        assert_eq!(t.render_limited(&msgs, true, ok).unwrap(), "hi");
+        let tight = RenderLimits {
+            fuel: 10_000,
+            max_output_bytes: 1,
+        };
+        assert!(t.render_limited(&msgs, true, tight).is_err());
+        let starved = RenderLimits {
+            fuel: 1,
+            max_output_bytes: 100,
+        };
+        let e = t
+            .render_limited(&msgs, true, starved)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("budget of 1 steps"), "{e}");
+    }
+
     use super::*;
 
     #[test]

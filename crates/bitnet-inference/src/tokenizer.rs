@@ -105,7 +105,7 @@ impl Tokenizer {
             return Err(Error::format(
                 path,
                 format!(
-                    "token ids go up to {} but the file has only {} tokens: ids that sparse                      are not supported (at most {limit})",
+                    "token ids go up to {} but the file has only {} tokens: ids that sparse are not supported (at most {limit})",
                     n - 1,
                     vocab.len()
                 ),

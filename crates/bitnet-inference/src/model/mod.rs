@@ -59,7 +59,7 @@ fn check_ids(m: &LoadedModel) -> Result<()> {
     let n = m.tokenizer.vocab_size();
     if n > vocab {
         return Err(Error::Invalid(format!(
-            "{}: the tokenizer has {n} tokens but the model's vocabulary (embedding rows)              has {vocab}: ids {vocab}..{n} would have no embedding",
+            "{}: the tokenizer has {n} tokens but the model's vocabulary (embedding rows) has {vocab}: ids {vocab}..{n} would have no embedding",
             m.path.display()
         )));
     }
