@@ -1,0 +1,939 @@
+//! Randomized fuzzing of everything that reads untrusted input (issue 18, docs/RELIABILITY.md):
+//! GGUF files, Hugging Face directories (config.json, generation_config.json,
+//! tokenizer_config.json, tokenizer.json, safetensors), tokenizers on arbitrary text, and
+//! chat templates. Runs on the stable toolchain, in-process, single-threaded:
+//!
+//! ```text
+//! cargo run --profile ci -p bitnet-inference --example fuzz -- [--seconds N] [--seed N]
+//!     [--target gguf|hf|tokenizer|template|all] [--out DIR]
+//! ```
+//!
+//! Inputs are mutated from a seed corpus of the repository's own fixtures, structure-aware
+//! (a GGUF metadata value or a JSON value replaced by an edge case, a tensor's shape or type
+//! changed, a template assembled from Jinja fragments) and byte-level (flips, interesting
+//! integers, truncation, splices). There is no coverage instrumentation; instead an input
+//! whose outcome (the error message with numbers and paths stripped) is new joins the
+//! corpus, so mutations keep exploring from inputs that reached new checks.
+//!
+//! A finding is a panic, an input that takes more than `--hang-seconds` (default 10), or an
+//! allocation past `--max-alloc-mib` (default 2048; the process then aborts, and the input
+//! is in `OUT/current`). Findings are written to `OUT/findings/` and the exit status is 1.
+
+use bitnet_inference::chat::{ChatMessage, ChatTemplate};
+use bitnet_inference::formats::gguf::{GgufFile, GgufValue, GgufWriter};
+use bitnet_inference::model;
+use bitnet_inference::rng::Rng;
+use bitnet_inference::tokenizer::Tokenizer;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Counts live heap bytes and refuses (so the process aborts) past a cap: an input that
+/// makes the engine allocate in proportion to a number it merely claims is a finding.
+struct CappedAlloc;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static CAP: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+// SAFETY: every call is forwarded to `System` with the caller's layout unchanged; the
+// counter is only bookkeeping, and a refusal returns null, which `GlobalAlloc` allows.
+unsafe impl GlobalAlloc for CappedAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if LIVE.load(Ordering::Relaxed).saturating_add(layout.size()) > CAP.load(Ordering::Relaxed)
+        {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the caller upholds `alloc`'s contract, which we pass on unchanged.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System.alloc` with this layout (see `alloc`).
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let grow = new_size.saturating_sub(layout.size());
+        if LIVE.load(Ordering::Relaxed).saturating_add(grow) > CAP.load(Ordering::Relaxed) {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: as for `alloc`/`dealloc`: the caller's contract passed on unchanged.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(new_size, Ordering::Relaxed);
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CappedAlloc = CappedAlloc;
+
+static WATCH_EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/bitnet-tiny");
+
+struct Args {
+    seconds: f64,
+    seed: u64,
+    targets: Vec<String>,
+    out: PathBuf,
+    hang: Duration,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        seconds: 60.0,
+        seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+        targets: vec!["all".into()],
+        out: std::env::temp_dir().join("bitnet-fuzz"),
+        hang: Duration::from_secs(10),
+    };
+    let mut cap_mib = 2048usize;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
+        };
+        match flag.as_str() {
+            "--seconds" => a.seconds = val().parse().unwrap_or_else(|_| usage("--seconds")),
+            "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage("--seed")),
+            "--target" => a.targets = val().split(',').map(str::to_string).collect(),
+            "--out" => a.out = PathBuf::from(val()),
+            "--hang-seconds" => {
+                a.hang = Duration::from_secs(val().parse().unwrap_or_else(|_| usage("--hang")))
+            }
+            "--max-alloc-mib" => cap_mib = val().parse().unwrap_or_else(|_| usage("--max-alloc")),
+            other => usage(&format!("unknown flag {other}")),
+        }
+    }
+    if a.targets == ["all"] {
+        a.targets = TARGETS.iter().map(|s| s.to_string()).collect();
+    }
+    for t in &a.targets {
+        if !TARGETS.contains(&t.as_str()) {
+            usage(&format!("unknown target {t}"));
+        }
+    }
+    CAP.store(cap_mib << 20, Ordering::Relaxed);
+    a
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!(
+        "fuzz: {msg}\nusage: fuzz [--seconds N] [--seed N] [--target {}|all] [--out DIR] \
+         [--hang-seconds N] [--max-alloc-mib N]",
+        TARGETS.join("|")
+    );
+    std::process::exit(2)
+}
+
+const TARGETS: [&str; 4] = ["gguf", "hf", "tokenizer", "template"];
+
+/// One input: the files of a model (name → bytes), or a template and its messages, or a text.
+#[derive(Clone)]
+enum Input {
+    Files(Vec<(String, Vec<u8>)>),
+    Template(String, Vec<(String, String)>),
+    Text(String),
+}
+
+impl Input {
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Input::Files(files) => {
+                let mut out = Vec::new();
+                for (name, data) in files {
+                    out.extend_from_slice(format!("=== {name} {}\n", data.len()).as_bytes());
+                    out.extend_from_slice(data);
+                    out.push(b'\n');
+                }
+                out
+            }
+            Input::Template(t, msgs) => {
+                let msgs: Vec<_> = msgs
+                    .iter()
+                    .map(|(r, c)| serde_json::json!({"role": r, "content": c}))
+                    .collect();
+                serde_json::to_vec_pretty(&serde_json::json!({"template": t, "messages": msgs}))
+                    .unwrap_or_default()
+            }
+            Input::Text(t) => t.as_bytes().to_vec(),
+        }
+    }
+}
+
+struct Target {
+    name: &'static str,
+    corpus: Vec<Input>,
+    /// Outcome signatures seen (error text without numbers or paths).
+    seen: HashSet<String>,
+    execs: u64,
+    errors: u64,
+    oks: u64,
+    seeds: usize,
+    tokenizers: Vec<Tokenizer>,
+}
+
+/// Strips what varies between inputs of the same kind (digits, paths) from an outcome.
+fn signature(outcome: &str) -> String {
+    let mut s = String::with_capacity(outcome.len().min(200));
+    for w in outcome.split_whitespace().take(24) {
+        if w.contains('/') {
+            s.push_str("<path> ");
+            continue;
+        }
+        for c in w.chars().filter(|c| !c.is_ascii_digit()).take(40) {
+            s.push(c);
+        }
+        s.push(' ');
+    }
+    s
+}
+
+fn read(path: impl AsRef<Path>) -> Vec<u8> {
+    std::fs::read(path.as_ref()).unwrap_or_else(|e| panic!("seed {}: {e}", path.as_ref().display()))
+}
+
+fn seeds(name: &str) -> Vec<Input> {
+    let hf_dir = |d: &str| -> Input {
+        let dir = Path::new(FIXTURES).join(d);
+        let mut files = Vec::new();
+        for f in [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors",
+        ] {
+            let p = dir.join(f);
+            if p.is_file() {
+                files.push((f.to_string(), read(&p)));
+            }
+        }
+        Input::Files(files)
+    };
+    match name {
+        "gguf" => [
+            "bitnet-packed-gguf/model-i2s.gguf",
+            "bitnet-packed-gguf/model-tq10.gguf",
+            "bitnet-packed-gguf/model-tq20.gguf",
+            "bitnet-online-bf16-gguf/model-f32.gguf",
+        ]
+        .iter()
+        .map(|f| {
+            Input::Files(vec![(
+                "model.gguf".into(),
+                read(Path::new(FIXTURES).join(f)),
+            )])
+        })
+        .collect(),
+        "hf" => [
+            "bitnet-packed",
+            "bitnet-autobitlinear",
+            "bitnet-online-bf16",
+            "llama-bitnet",
+            "onebitllm",
+        ]
+        .iter()
+        .map(|d| hf_dir(d))
+        .collect(),
+        "tokenizer" => [
+            "Hello, world! The quick brown fox.",
+            "<|begin_of_text|>User: hi<|eot_id|>Assistant:",
+            "  leading   spaces\t\ttabs\n\nnewlines ",
+            "émojis 🦀🚀 中文 日本語 العربية ﷺ",
+            "<|eot_id|><|eot_id|><|end_of_text|><unk><s></s>",
+        ]
+        .iter()
+        .map(|t| Input::Text(t.to_string()))
+        .collect(),
+        "template" => {
+            let cfg: serde_json::Value =
+                serde_json::from_slice(&read(Path::new(TINY).join("tokenizer_config.json")))
+                    .unwrap_or_default();
+            let mut v = vec![bitnet_inference::chat::BITNET_2B4T_TEMPLATE.to_string()];
+            v.extend(cfg["chat_template"].as_str().map(str::to_string));
+            v.push(
+                "{% for m in messages %}{% if m.role == 'system' %}<<SYS>>{{ m.content }}<</SYS>>\
+                 {% elif loop.last %}[INST] {{ m.content | trim }} [/INST]{% else %}{{ m.content \
+                 }}{{ eos_token }}{% endif %}{% endfor %}"
+                    .to_string(),
+            );
+            let msgs = vec![
+                ("system".to_string(), "You are helpful.".to_string()),
+                ("user".to_string(), "Hi there".to_string()),
+            ];
+            v.into_iter()
+                .map(|t| Input::Template(t, msgs.clone()))
+                .collect()
+        }
+        _ => unreachable!(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Mutations.
+
+fn pick<'a, T>(rng: &mut Rng, v: &'a [T]) -> &'a T {
+    &v[(rng.next_u64() % v.len() as u64) as usize]
+}
+
+fn below(rng: &mut Rng, n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        (rng.next_u64() % n as u64) as usize
+    }
+}
+
+const INTERESTING: [u64; 22] = [
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    31,
+    32,
+    64,
+    255,
+    256,
+    4096,
+    65535,
+    65536,
+    1 << 24,
+    (1 << 24) + 1,
+    (1 << 31) - 1,
+    1 << 31,
+    u32::MAX as u64,
+    1 << 32,
+    1 << 62,
+    u64::MAX,
+];
+
+fn interesting(rng: &mut Rng) -> u64 {
+    let v = *pick(rng, &INTERESTING);
+    match below(rng, 4) {
+        0 => v.wrapping_add(1),
+        1 => v.wrapping_sub(1),
+        _ => v,
+    }
+}
+
+/// Byte-level mutations of one buffer.
+fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, focus: usize) {
+    // Most interesting bytes of a model are in the header: aim there half of the time.
+    let span = |rng: &mut Rng, len: usize| {
+        if len == 0 {
+            0
+        } else if below(rng, 2) == 0 {
+            below(rng, len.min(focus.max(1)))
+        } else {
+            below(rng, len)
+        }
+    };
+    for _ in 0..1 + below(rng, 4) {
+        let len = data.len();
+        match below(rng, 8) {
+            0 | 1 => {
+                if len > 0 {
+                    let i = span(rng, len);
+                    data[i] ^= 1 << below(rng, 8);
+                }
+            }
+            2 => {
+                if len > 0 {
+                    let i = span(rng, len);
+                    data[i] = rng.next_u64() as u8;
+                }
+            }
+            3 | 4 => {
+                let width = *pick(rng, &[1usize, 2, 4, 8]);
+                if len >= width {
+                    let i = span(rng, len - width + 1);
+                    let v = interesting(rng).to_le_bytes();
+                    data[i..i + width].copy_from_slice(&v[..width]);
+                }
+            }
+            5 => {
+                let cut = span(rng, len + 1);
+                data.truncate(cut);
+            }
+            6 => {
+                // Duplicate or delete a chunk.
+                if len > 1 {
+                    let a = span(rng, len);
+                    let n = 1 + below(rng, (len - a).min(64));
+                    if below(rng, 2) == 0 {
+                        let chunk = data[a..a + n].to_vec();
+                        let at = span(rng, len);
+                        data.splice(at..at, chunk);
+                    } else {
+                        data.drain(a..a + n);
+                    }
+                }
+            }
+            _ => {
+                // Interesting text (JSON numbers and words) inserted.
+                let t = *pick(
+                    rng,
+                    &[
+                        "-1",
+                        "0",
+                        "1e309",
+                        "NaN",
+                        "null",
+                        "[]",
+                        "{}",
+                        "\"\"",
+                        "4294967296",
+                        "18446744073709551616",
+                        "\\u0000",
+                        "\u{1F980}",
+                        "{{",
+                        "{%",
+                    ],
+                );
+                let at = span(rng, len + 1);
+                data.splice(at..at, t.bytes());
+            }
+        }
+    }
+}
+
+fn json_edge(rng: &mut Rng) -> serde_json::Value {
+    use serde_json::json;
+    match below(rng, 10) {
+        0 => json!(null),
+        1 => json!(-1),
+        2 => json!(0.5),
+        3 => json!(1e300),
+        4 => json!("x"),
+        5 => json!([]),
+        6 => json!({}),
+        7 => json!(true),
+        8 => json!([1, 2, 3]),
+        _ => json!(interesting(rng)),
+    }
+}
+
+/// Replaces one value (anywhere in the tree) by an edge case, or removes an object key.
+fn mutate_json(rng: &mut Rng, v: &mut serde_json::Value, depth: usize) {
+    use serde_json::Value;
+    let descend = depth < 6 && below(rng, 3) != 0;
+    match v {
+        Value::Object(o) if !o.is_empty() => {
+            let key = o
+                .keys()
+                .nth(below(rng, o.len()))
+                .cloned()
+                .unwrap_or_default();
+            if descend {
+                if let Some(child) = o.get_mut(&key) {
+                    return mutate_json(rng, child, depth + 1);
+                }
+            }
+            if below(rng, 4) == 0 {
+                o.remove(&key);
+            } else {
+                o.insert(key, json_edge(rng));
+            }
+        }
+        Value::Array(a) if !a.is_empty() => {
+            let i = below(rng, a.len());
+            if descend {
+                return mutate_json(rng, &mut a[i], depth + 1);
+            }
+            match below(rng, 3) {
+                0 => {
+                    a.remove(i);
+                }
+                1 => {
+                    let x = a[i].clone();
+                    a.insert(i, x);
+                }
+                _ => a[i] = json_edge(rng),
+            }
+        }
+        _ => *v = json_edge(rng),
+    }
+}
+
+fn gguf_edge(rng: &mut Rng, old: &GgufValue) -> GgufValue {
+    let n = interesting(rng);
+    match below(rng, 9) {
+        0 => GgufValue::U32(n as u32),
+        1 => GgufValue::U64(n),
+        2 => GgufValue::I32(n as i32),
+        3 => GgufValue::F32(*pick(
+            rng,
+            &[f32::NAN, f32::INFINITY, -1.0, 0.0, 1e30, 1e-30],
+        )),
+        4 => GgufValue::String(pick(rng, &["", "llama", "gpt2", "bitnet", "x"]).to_string()),
+        5 => GgufValue::Bool(below(rng, 2) == 0),
+        6 => match old {
+            GgufValue::Array(items) if !items.is_empty() => {
+                let mut items = items.clone();
+                match below(rng, 3) {
+                    0 => {
+                        let keep = below(rng, items.len());
+                        items.truncate(keep);
+                    }
+                    1 => {
+                        let i = below(rng, items.len());
+                        items[i] = gguf_edge(rng, &items[i]);
+                    }
+                    _ => items.extend(items[..items.len().min(8)].to_vec()),
+                }
+                GgufValue::Array(items)
+            }
+            _ => GgufValue::Array(vec![GgufValue::U32(n as u32); below(rng, 4)]),
+        },
+        7 => match old {
+            GgufValue::U32(v) => GgufValue::U32(v.wrapping_add(1)),
+            GgufValue::U64(v) => GgufValue::U64(v.wrapping_mul(2)),
+            _ => GgufValue::U32(0),
+        },
+        _ => GgufValue::U64(n),
+    }
+}
+
+/// Structure-aware GGUF mutation: metadata values, tensor shapes, types and presence.
+fn mutate_gguf(rng: &mut Rng, data: &[u8], scratch: &Path) -> Option<Vec<u8>> {
+    std::fs::write(scratch, data).ok()?;
+    let f = GgufFile::open(scratch).ok()?;
+    let mut meta: Vec<(String, GgufValue)> = f
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)> = f
+        .tensors
+        .iter()
+        .map(|t| {
+            let bytes = f.tensor_data(t).map(<[u8]>::to_vec).unwrap_or_default();
+            (t.name.clone(), t.dims.clone(), t.type_id, bytes)
+        })
+        .collect();
+    for _ in 0..1 + below(rng, 3) {
+        match below(rng, 10) {
+            0..=5 if !meta.is_empty() => {
+                let i = below(rng, meta.len());
+                if below(rng, 8) == 0 {
+                    meta.remove(i);
+                } else {
+                    let v = gguf_edge(rng, &meta[i].1);
+                    meta[i].1 = v;
+                }
+            }
+            6 if !tensors.is_empty() => {
+                let i = below(rng, tensors.len());
+                let t = &mut tensors[i];
+                if !t.1.is_empty() {
+                    let d = below(rng, t.1.len());
+                    t.1[d] = if below(rng, 2) == 0 {
+                        interesting(rng)
+                    } else {
+                        t.1[d] * 2
+                    };
+                }
+            }
+            7 if !tensors.is_empty() => {
+                let i = below(rng, tensors.len());
+                tensors[i].2 = *pick(rng, &[0, 1, 2, 8, 30, 34, 35, 36, 37, 99]);
+            }
+            8 if !tensors.is_empty() => {
+                let i = below(rng, tensors.len());
+                tensors.remove(i);
+            }
+            _ if !tensors.is_empty() => {
+                // A tensor renamed (layer numbers past the claimed count).
+                let i = below(rng, tensors.len());
+                let n = format!("blk.{}.attn_q.weight", interesting(rng));
+                tensors[i].0 = n;
+            }
+            _ => {}
+        }
+    }
+    let mut w = GgufWriter::new();
+    for (k, v) in meta {
+        w.add_metadata(k, v);
+    }
+    for (name, dims, ty, bytes) in tensors {
+        w.add_tensor_raw(name, &dims, ty, bytes);
+    }
+    Some(w.to_bytes())
+}
+
+const FRAGMENTS: [&str; 30] = [
+    "{% for m in messages %}",
+    "{% endfor %}",
+    "{% for i in range(1000) %}",
+    "{% for i in range(100000) %}",
+    "{% if loop.first %}",
+    "{% if m.role == 'user' %}",
+    "{% else %}",
+    "{% endif %}",
+    "{{ m.content }}",
+    "{{ m['content'] | trim }}",
+    "{{ m.role | capitalize }}",
+    "{{ bos_token }}",
+    "{{ eos_token }}",
+    "{{ messages | tojson }}",
+    "{{ 'x' * 1000 }}",
+    "{{ 'x' * 99999999 }}",
+    "{% set s = s ~ s %}",
+    "{% set s = 'ab' %}",
+    "{{ s }}",
+    "{{ raise_exception('no') }}",
+    "{{ strftime_now('%Y-%m-%d %A %B') }}",
+    "{{ m.content.split(' ') | join('|') }}",
+    "{{ m.content.upper() }}",
+    "{{ range(10) | list }}",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}",
+    "{{ f(0) }}",
+    "{{ messages[-1].content[::-1] }}",
+    "{{ (messages | length) * 1000000 }}",
+    "{% if add_generation_prompt %}Assistant: {% endif %}",
+    "text <|eot_id|>\n",
+];
+
+fn random_template(rng: &mut Rng) -> String {
+    let mut t = String::new();
+    for _ in 0..1 + below(rng, 12) {
+        t.push_str(pick::<&str>(rng, &FRAGMENTS));
+    }
+    t
+}
+
+fn random_text(rng: &mut Rng) -> String {
+    let pieces = [
+        "a",
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        "é",
+        "🦀",
+        "中",
+        "<|eot_id|>",
+        "<|begin_of_text|>",
+        "<s>",
+        "</s>",
+        "<0x0A>",
+        "▁",
+        "hello",
+        "Ġ",
+        "\u{0}",
+        "\u{FFFD}",
+        "'s",
+        "123",
+        "...",
+        "\r\n",
+    ];
+    let mut s = String::new();
+    for _ in 0..below(rng, 64) {
+        s.push_str(pick::<&str>(rng, &pieces));
+    }
+    s
+}
+
+fn mutate(rng: &mut Rng, input: &Input, scratch: &Path) -> Input {
+    match input {
+        Input::Files(files) => {
+            let mut files = files.clone();
+            let i = below(rng, files.len());
+            let (name, data) = &mut files[i];
+            let structured = below(rng, 2) == 0;
+            if name.ends_with(".gguf") {
+                match structured
+                    .then(|| mutate_gguf(rng, data, scratch))
+                    .flatten()
+                {
+                    Some(d) => *data = d,
+                    None => mutate_bytes(rng, data, 4096),
+                }
+            } else if name.ends_with(".json") && structured {
+                match serde_json::from_slice::<serde_json::Value>(data) {
+                    Ok(mut v) => {
+                        for _ in 0..1 + below(rng, 3) {
+                            mutate_json(rng, &mut v, 0);
+                        }
+                        *data = serde_json::to_vec(&v).unwrap_or_default();
+                    }
+                    Err(_) => mutate_bytes(rng, data, 4096),
+                }
+            } else {
+                // safetensors: the header is the first 8 + N bytes.
+                let focus = if name.ends_with(".safetensors") && data.len() >= 8 {
+                    8 + u64::from_le_bytes(data[..8].try_into().unwrap_or([0; 8])) as usize
+                } else {
+                    data.len()
+                };
+                mutate_bytes(rng, data, focus);
+            }
+            Input::Files(files)
+        }
+        Input::Template(t, msgs) => {
+            let mut t = t.clone();
+            let mut msgs = msgs.clone();
+            match below(rng, 4) {
+                0 => t = random_template(rng),
+                1 => {
+                    let at = (0..=t.len())
+                        .filter(|&i| t.is_char_boundary(i))
+                        .nth(below(rng, t.len() + 1))
+                        .unwrap_or(0);
+                    t.insert_str(at, pick::<&str>(rng, &FRAGMENTS));
+                }
+                2 => {
+                    let mut b = t.into_bytes();
+                    mutate_bytes(rng, &mut b, usize::MAX);
+                    t = String::from_utf8_lossy(&b).into_owned();
+                }
+                _ => {
+                    let role = pick(rng, &["user", "assistant", "system", "tool", ""]).to_string();
+                    msgs.push((role, random_text(rng)));
+                }
+            }
+            Input::Template(t, msgs)
+        }
+        Input::Text(s) => {
+            let mut b = s.clone().into_bytes();
+            if below(rng, 2) == 0 {
+                b.extend(random_text(rng).bytes());
+            } else {
+                mutate_bytes(rng, &mut b, usize::MAX);
+            }
+            Input::Text(String::from_utf8_lossy(&b).into_owned())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Execution.
+
+/// Runs one input; returns its outcome's text (an error's message, or a summary).
+fn execute(target: &Target, input: &Input, dir: &Path) -> String {
+    match (target.name, input) {
+        ("gguf", Input::Files(files)) => {
+            let path = dir.join("model.gguf");
+            if std::fs::write(&path, &files[0].1).is_err() {
+                return "write failed".into();
+            }
+            match model::load(&path) {
+                Err(e) => e.to_string(),
+                Ok(m) => exercise(&m),
+            }
+        }
+        ("hf", Input::Files(files)) => {
+            let d = dir.join("hf");
+            let _ = std::fs::remove_dir_all(&d);
+            let _ = std::fs::create_dir_all(&d);
+            for (name, data) in files {
+                let _ = std::fs::write(d.join(name), data);
+            }
+            match model::load(&d) {
+                Err(e) => e.to_string(),
+                Ok(m) => exercise(&m),
+            }
+        }
+        ("tokenizer", Input::Text(text)) => {
+            let mut out = String::new();
+            for tk in &target.tokenizers {
+                match tk.encode(text, true) {
+                    Err(e) => out.push_str(&e.to_string()),
+                    Ok(ids) => {
+                        let _ = tk.decode(&ids);
+                        out.push_str("ok ");
+                    }
+                }
+            }
+            out
+        }
+        ("template", Input::Template(t, msgs)) => match ChatTemplate::new(t, "<s>", "</s>") {
+            Err(e) => e.to_string(),
+            Ok(tmpl) => {
+                let msgs: Vec<ChatMessage> = msgs
+                    .iter()
+                    .map(|(r, c)| ChatMessage::new(r.as_str(), c.as_str()))
+                    .collect();
+                match tmpl.render(&msgs, true) {
+                    Err(e) => e.to_string(),
+                    Ok(s) => format!("ok {}", s.len().min(1)),
+                }
+            }
+        },
+        _ => "mismatched input".into(),
+    }
+}
+
+/// What a loaded model offers an attacker next: its tokenizer on text, its template.
+fn exercise(m: &model::LoadedModel) -> String {
+    let mut out = format!("ok {}", m.format);
+    if let Ok(ids) = m.tokenizer.encode("Hello <|eot_id|> world é🦀", true) {
+        let _ = m.tokenizer.decode(&ids);
+    }
+    if let Some(src) = &m.chat_template {
+        if let Ok(t) = ChatTemplate::new(src, "<s>", "</s>") {
+            if let Err(e) = t.render(&[ChatMessage::new("user", "hi")], true) {
+                out = e.to_string();
+            }
+        }
+    }
+    out
+}
+
+fn main() {
+    let args = parse_args();
+    let findings = args.out.join("findings");
+    std::fs::create_dir_all(&findings).expect("create the output directory");
+    let work = args.out.join("work");
+    std::fs::create_dir_all(&work).expect("create the work directory");
+    let mut rng = Rng::new(args.seed);
+    println!(
+        "fuzz: seed {}, {} s, targets {}, out {}",
+        args.seed,
+        args.seconds,
+        args.targets.join(","),
+        args.out.display()
+    );
+    let mut targets: Vec<Target> = args
+        .targets
+        .iter()
+        .map(|t| {
+            let name = TARGETS.iter().find(|n| **n == t).copied().unwrap_or("gguf");
+            let corpus = seeds(name);
+            let tokenizers = if name == "tokenizer" {
+                let mut v = vec![
+                    Tokenizer::from_file(&Path::new(TINY).join("tokenizer.json"))
+                        .expect("bitnet-tiny tokenizer"),
+                ];
+                if let Ok(f) =
+                    GgufFile::open(Path::new(FIXTURES).join("bitnet-packed-gguf/model-i2s.gguf"))
+                {
+                    v.extend(Tokenizer::from_gguf(&f.metadata, &f.path));
+                }
+                v
+            } else {
+                Vec::new()
+            };
+            Target {
+                name,
+                seeds: corpus.len(),
+                corpus,
+                seen: HashSet::new(),
+                execs: 0,
+                errors: 0,
+                oks: 0,
+                tokenizers,
+            }
+        })
+        .collect();
+    let start = Instant::now();
+    let deadline = Duration::from_secs_f64(args.seconds);
+    let mut n_findings = 0usize;
+    let scratch = work.join("scratch.gguf");
+    let mut round = 0usize;
+    std::panic::set_hook(Box::new(|_| {}));
+    // A watchdog for inputs that never finish (a `slow` check after the fact cannot see them).
+    static RUNNING_SINCE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    {
+        let (hang, current) = (args.hang, args.out.join("current"));
+        let epoch = Instant::now();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let since = RUNNING_SINCE_MS.load(Ordering::Relaxed);
+            let now = epoch.elapsed().as_millis() as u64;
+            if since > 0 && now.saturating_sub(since) > 3 * hang.as_millis() as u64 {
+                println!(
+                    "FINDING hang: an input ran over {} s; it is in {}",
+                    3 * hang.as_secs(),
+                    current.display()
+                );
+                std::process::exit(1);
+            }
+        });
+        RUNNING_SINCE_MS.store(0, Ordering::Relaxed);
+        WATCH_EPOCH.get_or_init(|| epoch);
+    }
+    while start.elapsed() < deadline {
+        let t = &mut targets[round % args.targets.len()];
+        round += 1;
+        let parent = pick(&mut rng, &t.corpus).clone();
+        let input = mutate(&mut rng, &parent, &scratch);
+        let bytes = input.bytes();
+        // Kept on disk before running: an abort (allocation past the cap) leaves it there.
+        let _ = std::fs::write(args.out.join("current"), &bytes);
+        let t0 = Instant::now();
+        let epoch = WATCH_EPOCH.get().copied().unwrap_or(t0);
+        RUNNING_SINCE_MS.store(1 + epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(t, &input, &work)));
+        RUNNING_SINCE_MS.store(0, Ordering::Relaxed);
+        let took = t0.elapsed();
+        t.execs += 1;
+        let problem = match &result {
+            Err(p) => Some(format!(
+                "panic: {}",
+                p.downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("?")
+            )),
+            Ok(_) if took > args.hang => Some(format!("slow: {:.1} s", took.as_secs_f64())),
+            Ok(_) => None,
+        };
+        if let Some(p) = problem {
+            n_findings += 1;
+            let f = findings.join(format!("{}-{}-{}", t.name, args.seed, t.execs));
+            let _ = std::fs::write(&f, &bytes);
+            println!("FINDING [{}] {p}: input in {}", t.name, f.display());
+            continue;
+        }
+        let outcome = result.unwrap_or_default();
+        if outcome.starts_with("ok") {
+            t.oks += 1;
+        } else {
+            t.errors += 1;
+        }
+        let sig = signature(&outcome);
+        if t.seen.insert(sig) && t.corpus.len() < 2000 {
+            let dir = args.out.join("corpus").join(t.name);
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::write(dir.join(format!("{}-{}", args.seed, t.execs)), &bytes);
+            t.corpus.push(input);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    for t in &targets {
+        println!(
+            "{:<9} {:>8} execs ({:>6.0}/s), {:>6} loaded or ran, {:>7} refused with an error, \
+             corpus {} ({} seeds + {} new outcomes)",
+            t.name,
+            t.execs,
+            t.execs as f64 / secs,
+            t.oks,
+            t.errors,
+            t.corpus.len(),
+            t.seeds,
+            t.corpus.len() - t.seeds
+        );
+    }
+    println!("fuzz: {n_findings} findings in {secs:.0} s");
+    if n_findings > 0 {
+        std::process::exit(1);
+    }
+}
