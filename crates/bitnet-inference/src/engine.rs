@@ -299,11 +299,56 @@ impl LoadedEngineModel {
         self.tokenizer.encode(text, true)
     }
 
+    /// [`Self::encode_prompt`] for a prompt that must fit `context` tokens: a longer one is
+    /// refused by its length in bytes before tokenizing (which costs ~100 bytes of memory a
+    /// byte), then by its tokens.
+    pub fn encode_prompt_within(&self, text: &str, context: usize) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode_within(text, true, context)
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "the prompt does not fit the context of {context} tokens: {e}"
+                ))
+            })
+    }
+
+    /// [`Self::encode_chat`] for a conversation that must fit `context` tokens: refused by
+    /// its length in bytes before rendering and before tokenizing, then by its tokens.
+    pub fn encode_chat_within(&self, messages: &[ChatMessage], context: usize) -> Result<Vec<u32>> {
+        let bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+        let max = self.tokenizer.max_text_bytes(context);
+        if bytes > max {
+            return Err(Error::Invalid(format!(
+                "the messages' {bytes} bytes cannot fit in the context of {context} tokens (at \
+                 most {max} bytes can, with this vocabulary); refused before tokenizing"
+            )));
+        }
+        let ids = self.encode_chat_unchecked(messages, Some(context))?;
+        if ids.len() > context {
+            return Err(Error::Invalid(format!(
+                "the conversation of {} tokens does not fit the context of {context} tokens",
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
     /// The prompt ids of a conversation rendered with the chat template (with the
     /// assistant's opening). The template writes BOS itself when the model wants one.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.encode_chat_unchecked(messages, None)
+    }
+
+    fn encode_chat_unchecked(
+        &self,
+        messages: &[ChatMessage],
+        context: Option<usize>,
+    ) -> Result<Vec<u32>> {
         let text = self.chat_template()?.render(messages, true)?;
-        let mut ids = self.tokenizer.encode(&text, false)?;
+        let mut ids = match context {
+            Some(c) => self.tokenizer.encode_within(&text, false, c)?,
+            None => self.tokenizer.encode(&text, false)?,
+        };
         if let (true, Some(bos)) = (self.tokenizer.adds_bos(), self.tokenizer.bos_id()) {
             if ids.first() != Some(&bos) {
                 ids.insert(0, bos);

@@ -72,6 +72,8 @@ pub struct Tokenizer {
     /// tokens are added (found by encoding a sample, so whatever the processor's form).
     post_adds_bos: bool,
     description: String,
+    /// The longest piece in bytes (computed on first use).
+    max_piece: OnceLock<usize>,
 }
 
 impl Tokenizer {
@@ -189,6 +191,7 @@ impl Tokenizer {
             add_eos: false,
             post_adds_bos,
             description,
+            max_piece: OnceLock::new(),
         })
     }
 
@@ -333,6 +336,7 @@ impl Tokenizer {
             add_eos,
             post_adds_bos: false,
             description: format!("GGUF {what}, {n} tokens"),
+            max_piece: OnceLock::new(),
         };
         let extra: Vec<u32> = END_TOKENS.iter().filter_map(|t| tok.token_id(t)).collect();
         tok.eos.extend(extra);
@@ -380,6 +384,48 @@ impl Tokenizer {
             out.extend(self.eos.first());
         }
         Ok(out)
+    }
+
+    /// The most bytes of text that could still encode to `max_tokens` tokens or fewer: no
+    /// token covers more than the longest piece of the vocabulary, and normalizers rarely
+    /// shrink text, so twice `max_tokens` × the longest piece (plus a little) is an upper
+    /// bound on what fits. Longer texts can be refused without tokenizing them, which costs
+    /// ~100 bytes of memory per byte of text.
+    pub fn max_text_bytes(&self, max_tokens: usize) -> usize {
+        let longest = *self
+            .max_piece
+            .get_or_init(|| self.pieces.iter().map(Vec::len).max().unwrap_or(1).max(1));
+        max_tokens
+            .saturating_mul(longest)
+            .saturating_mul(2)
+            .saturating_add(64)
+    }
+
+    /// [`Self::encode`] for a text that must fit in `max_tokens` tokens (a prompt and the
+    /// context it must fit): one too long by its length in bytes is refused before it is
+    /// tokenized (see [`Self::max_text_bytes`]), and one of more tokens after.
+    pub fn encode_within(
+        &self,
+        text: &str,
+        add_special: bool,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>> {
+        let max_bytes = self.max_text_bytes(max_tokens);
+        if text.len() > max_bytes {
+            return Err(Error::Invalid(format!(
+                "the text of {} bytes cannot fit in {max_tokens} tokens (at most {max_bytes} \
+                 bytes can, with this vocabulary); refused before tokenizing",
+                text.len()
+            )));
+        }
+        let ids = self.encode(text, add_special)?;
+        if ids.len() > max_tokens {
+            return Err(Error::Invalid(format!(
+                "the text is {} tokens, more than the {max_tokens} allowed",
+                ids.len()
+            )));
+        }
+        Ok(ids)
     }
 
     /// The concatenated bytes of the tokens as UTF-8 (invalid sequences become U+FFFD).

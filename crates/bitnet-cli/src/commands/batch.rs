@@ -229,6 +229,7 @@ fn parse_json_item(
     line: &str,
     line_no: usize,
     base: &GenerationConfig,
+    ctx: usize,
 ) -> Result<Item, (Value, String)> {
     let v: Value = serde_json::from_str(line)
         .map_err(|e| (json!(line_no), format!("line {line_no}: not JSON: {e}")))?;
@@ -240,14 +241,17 @@ fn parse_json_item(
     check_keys(o).map_err(|e| fail(format!("item {id} (line {line_no}): {e}")))?;
     let config = item_config(o, base).map_err(|e| fail(e.to_string()))?;
     let prompt = match (o.get("prompt"), o.get("messages")) {
-        (Some(Value::String(p)), None) => m.encode_prompt(p).map_err(|e| fail(e.to_string()))?,
+        (Some(Value::String(p)), None) => m
+            .encode_prompt_within(p, ctx)
+            .map_err(|e| fail(e.to_string()))?,
         (None, Some(msgs)) => {
             let msgs: Vec<ChatMessage> = serde_json::from_value(msgs.clone()).map_err(|e| {
                 fail(format!(
                     "`messages` must be a list of {{role, content}}: {e}"
                 ))
             })?;
-            m.encode_chat(&msgs).map_err(|e| fail(e.to_string()))?
+            m.encode_chat_within(&msgs, ctx)
+                .map_err(|e| fail(e.to_string()))?
         }
         (Some(_), Some(_)) => return Err(fail("give `prompt` or `messages`, not both".into())),
         (Some(p), None) => return Err(fail(format!("`prompt` must be a string, got {p}"))),
@@ -371,20 +375,17 @@ fn previous_results(
 fn drop_error_rows(path: &Path, format: Format, retry: &HashSet<String>) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // An incomplete last row is left out (`Output::open` would drop it too).
+    let text = &text[..complete_len(text.as_bytes(), format)];
     let mut kept = String::with_capacity(text.len());
-    for (raw, row) in output_rows(&text, format) {
+    for (raw, row) in output_rows(text, format) {
         if matches!(&row, Some((id, true)) if retry.contains(id)) {
             continue;
         }
         kept.push_str(raw);
         kept.push('\n');
     }
-    let tmp = path.with_file_name(format!(
-        ".{}.partial",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    std::fs::write(&tmp, kept).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    replace_file(path, kept.as_bytes())
 }
 
 struct Output {
@@ -393,21 +394,65 @@ struct Output {
     path: PathBuf,
 }
 
+/// The length of `text`'s complete rows: up to the last newline that ends a row (for CSV,
+/// one outside quotes: a quoted field may hold newlines).
+fn complete_len(text: &[u8], format: Format) -> usize {
+    match format {
+        Format::Jsonl => text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1),
+        Format::Csv => {
+            let (mut in_quotes, mut end) = (false, 0);
+            for (i, &b) in text.iter().enumerate() {
+                match b {
+                    b'"' => in_quotes = !in_quotes,
+                    b'\n' if !in_quotes => end = i + 1,
+                    _ => {}
+                }
+            }
+            end
+        }
+    }
+}
+
+/// Replaces `path` by `bytes` atomically: written beside it, synced, renamed over it.
+fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.partial",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    write().map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 impl Output {
+    /// Opens `path` for appending rows. Rows are appended whole (one write each, synced to
+    /// disk), so the file only ever holds complete rows; if a crash or a full disk left an
+    /// incomplete last row, it is dropped first (its item runs again).
     fn open(path: &Path, format: Format) -> anyhow::Result<Self> {
         let existing = std::fs::read(path).unwrap_or_default();
+        let complete = complete_len(&existing, format);
+        if complete < existing.len() {
+            eprintln!(
+                "{}: dropping an incomplete last row ({} bytes) that an interrupted run left; \
+                 its item runs again",
+                path.display(),
+                existing.len() - complete
+            );
+            replace_file(path, &existing[..complete])?;
+        }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        if existing.is_empty() {
-            if format == Format::Csv {
-                file.write_all(CSV_HEADER.as_bytes())?;
-            }
-        } else if !existing.ends_with(b"\n") {
-            // A killed run may have left half a row: start a new line.
-            file.write_all(b"\n")?;
+        if complete == 0 && format == Format::Csv {
+            file.write_all(CSV_HEADER.as_bytes())
+                .and_then(|_| file.sync_data())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         }
         Ok(Output {
             file,
@@ -436,9 +481,11 @@ impl Output {
                 )
             }
         };
+        // One write of the whole row, then synced: a row is on disk entirely or not at all
+        // (but for a power loss mid-write, which `open` repairs).
         self.file
             .write_all(line.as_bytes())
-            .and_then(|_| self.file.flush())
+            .and_then(|_| self.file.sync_data())
             .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))
     }
 }
@@ -481,6 +528,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     )?;
     let base = a.gen.config(&m.generation, 128);
     let (done, failed) = previous_results(&a.output, format)?;
+    // The context the scheduler will use (below): prompts longer are error rows, refused
+    // before they are tokenized when their length in bytes already says so.
+    let ctx = super::context_size(a.ctx_size, &m.model, 2048)?;
 
     // Parse everything first: bad lines become error rows at once.
     let mut queue: VecDeque<Item> = VecDeque::new();
@@ -495,9 +545,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         let line_no = i + 1;
         let parsed = if is_jsonl {
-            parse_json_item(&m, line, line_no, &base)
+            parse_json_item(&m, line, line_no, &base, ctx)
         } else {
-            m.encode_prompt(line)
+            m.encode_prompt_within(line, ctx)
                 .map(|prompt| Item {
                     id: json!(line_no),
                     prompt,
@@ -569,12 +619,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
 
     let slots = a.parallel.max(1);
-    let context = super::context_size(a.ctx_size, &m.model, 2048)?;
     let scheduler = SchedulerConfig {
         max_running: slots,
         // Items are handed over as slots free up: `slots` running, `slots` waiting.
         max_queue: 2 * slots,
-        context_size: Some(context),
+        context_size: Some(ctx),
         step_tokens: a.batch_size.max(slots),
         kv_cache_bytes: None,
         prefix_cache: true,

@@ -241,6 +241,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None => a.system.clone(),
     };
     let mut session = Session::new(system);
+    // Piped input: a failed turn makes the exit status non-zero (the other turns still run).
+    let (mut turns, mut failed) = (0usize, 0usize);
+    let max_message_bytes = m.tokenizer.max_text_bytes(ctx);
     let turn = Turn {
         m: &m,
         template: &template,
@@ -253,6 +256,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if line.is_empty() {
             continue;
         }
+        turns += 1;
         if let Some(cmd) = line.strip_prefix('/') {
             let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
             let arg = arg.trim();
@@ -280,13 +284,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                                 "[saved {} messages to {arg}]",
                                 session.conversation().len()
                             ),
-                            Err(e) => println!("[cannot write {arg}: {e}]"),
+                            Err(e) => {
+                                failed += 1;
+                                eprintln!("[error: cannot write {arg}: {e}]")
+                            }
                         }
                     }
                 }
                 "exit" | "quit" => break,
-                _ => println!("[unknown command /{name}; /help lists them]"),
+                _ => {
+                    failed += 1;
+                    eprintln!("[error: unknown command /{name}; /help lists them]")
+                }
             }
+            continue;
+        }
+        if line.len() > max_message_bytes {
+            // Refused before it is rendered or tokenized (which costs memory in proportion).
+            failed += 1;
+            eprintln!(
+                "[error: the message is {} bytes, more than the context of {ctx} tokens can \
+                 hold (at most {max_message_bytes} bytes with this vocabulary)]",
+                line.len()
+            );
             continue;
         }
         session.messages.push(ChatMessage::new("user", line));
@@ -294,13 +314,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         match turn.answer(&mut processor, &mut session, &interrupted) {
             Ok(text) => session.messages.push(ChatMessage::new("assistant", text)),
             Err(e) => {
-                println!("[error: {e:#}; /reset starts a new conversation]");
+                failed += 1;
+                eprintln!("[error: {e:#}; /reset starts a new conversation]");
                 session.messages.pop();
                 session.dropped = session.dropped.min(session.messages.len());
             }
         }
     }
     input.save_history();
+    if failed > 0 && !interactive {
+        anyhow::bail!(
+            "{failed} of {turns} inputs (messages and commands) failed; see the errors above"
+        );
+    }
     Ok(())
 }
 

@@ -39,8 +39,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &a.model_flags.options(),
     )?;
     let config = a.gen.config(&m.generation, 128);
-    let prompt = m.tokenizer.encode(&text, true)?;
     let mut ctx = context_size(a.ctx_size, &m.model, 4096)?;
+    // A prompt far too long for the context is refused by its length in bytes before
+    // tokenizing it costs memory in proportion; the token count is checked below.
+    let max_bytes = m.tokenizer.max_text_bytes(ctx);
+    if text.len() > max_bytes {
+        anyhow::bail!(
+            "the prompt is {} bytes, more than the context size {ctx} can hold (at most \
+             {max_bytes} bytes with this vocabulary)",
+            text.len()
+        );
+    }
+    let prompt = m.tokenizer.encode(&text, true)?;
     if prompt.len() > ctx {
         anyhow::bail!(
             "the prompt is {} tokens, more than the context size {ctx}{}",

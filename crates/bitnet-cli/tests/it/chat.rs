@@ -265,10 +265,11 @@ fn full_context_slides_with_a_note() {
     assert!(err.contains("[context full (96 tokens)"), "{err}");
     let mut off = args.to_vec();
     off.push("--no-context-shift");
+    // Errors go to stderr, and with piped input a failed turn fails the exit status.
     let (status, out, err) = chat_piped(&off, script);
-    assert!(status.success(), "{err}");
+    assert!(!status.success(), "{err}");
     assert!(
-        out.contains("[error:") && out.contains("context"),
+        err.contains("[error:") && err.contains("context") && !out.contains("[error"),
         "{out}\n{err}"
     );
     assert!(!err.contains("[context full"), "{err}");

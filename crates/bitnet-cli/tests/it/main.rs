@@ -15,3 +15,4 @@ mod readme;
 mod serve;
 mod smollm2;
 mod tiny_model;
+mod untrusted;
