@@ -737,3 +737,140 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The JSONL batch reader fuzzed (issue 18): item lines and earlier outputs, mutated from
+/// valid ones. Runs for `BITNET_FUZZ_SECONDS` (default 3); a panic fails the test.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use bitnet_inference::rng::Rng;
+
+    const SEEDS: [&str; 8] = [
+        r#"{"id": "a", "prompt": "hello", "max_tokens": 12}"#,
+        r#"{"id": 7, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}"#,
+        r#"{"prompt": "x", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 3}"#,
+        r#"{"id": "s", "prompt": "y", "stop": ["\n", "."], "logit_bias": {"5": -100}}"#,
+        r#"{"id": "b", "prompt": "z", "beams": 2, "max_completion_tokens": 3}"#,
+        r#"{"id": null, "prompt": "", "repetition_penalty": 1.1, "min_p": 0.05}"#,
+        r#"{"id": [1], "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}"#,
+        "plain text prompt",
+    ];
+
+    const EDGES: [&str; 20] = [
+        "-1",
+        "0",
+        "1e309",
+        "-0",
+        "NaN",
+        "null",
+        "[]",
+        "{}",
+        "\"\"",
+        "4294967296",
+        "18446744073709551616",
+        "1e-320",
+        "true",
+        "\"\\u0000\"",
+        "\"\\ud800\"",
+        "[[[[[[",
+        "}",
+        "\"🦀\"",
+        "9999999999999999999999",
+        "0.5",
+    ];
+
+    fn below(rng: &mut Rng, n: usize) -> usize {
+        (rng.next_u64() % n.max(1) as u64) as usize
+    }
+
+    fn mutate(rng: &mut Rng, line: &str) -> String {
+        let mut b = line.as_bytes().to_vec();
+        for _ in 0..1 + below(rng, 4) {
+            let len = b.len();
+            match below(rng, 5) {
+                0 if len > 0 => {
+                    let i = below(rng, len);
+                    b[i] ^= 1 << below(rng, 8);
+                }
+                1 => {
+                    let at = below(rng, len + 1);
+                    let e = EDGES[below(rng, EDGES.len())];
+                    b.splice(at..at, e.bytes());
+                }
+                2 if len > 0 => {
+                    let at = below(rng, len);
+                    let n = 1 + below(rng, (len - at).min(16));
+                    b.drain(at..at + n);
+                }
+                3 => {
+                    // A known key with an edge value.
+                    let key = KNOWN_KEYS[below(rng, KNOWN_KEYS.len())];
+                    let e = EDGES[below(rng, EDGES.len())];
+                    let at = b.iter().position(|&c| c == b'{').map_or(0, |i| i + 1);
+                    let ins = format!("\"{key}\": {e}, ");
+                    b.splice(at..at, ins.bytes());
+                }
+                _ => b.truncate(below(rng, len + 1)),
+            }
+        }
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    #[test]
+    fn jsonl_items_and_outputs_never_panic() {
+        let seconds: f64 = std::env::var("BITNET_FUZZ_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3.0);
+        let seed = std::env::var("BITNET_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../bitnet-inference/tests/fixtures/bitnet-packed");
+        let m = LoadedEngineModel::load(&fixture).unwrap();
+        let base = GenerationConfig::default();
+        let mut rng = Rng::new(seed);
+        let mut corpus: Vec<String> = SEEDS.iter().map(|s| s.to_string()).collect();
+        let mut seen = HashSet::new();
+        let (mut execs, mut ok) = (0u64, 0u64);
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < seconds {
+            let parent = below(&mut rng, corpus.len());
+            let line = mutate(&mut rng, &corpus[parent]);
+            execs += 1;
+            let outcome = match parse_json_item(&m, &line, 1, &base, 128) {
+                Ok(item) => {
+                    ok += 1;
+                    // (An empty prompt is refused when it is submitted.)
+                    assert!(item.prompt.len() <= 128, "{line}");
+                    item.config.validate().map_or_else(|e| e, |_| "ok".into())
+                }
+                Err((_, e)) => e,
+            };
+            let sig: String = outcome
+                .chars()
+                .filter(|c| !c.is_ascii_digit())
+                .take(60)
+                .collect();
+            if seen.insert(sig) && corpus.len() < 1000 {
+                corpus.push(line.clone());
+            }
+            // The same text as an earlier output, for resuming (both formats).
+            for format in [Format::Jsonl, Format::Csv] {
+                let text = format!("{line}\n{line}");
+                let rows = output_rows(&text, format);
+                let n = complete_len(text.as_bytes(), format);
+                assert!(n <= text.len());
+                assert!(rows.len() <= text.len() + 1);
+            }
+        }
+        eprintln!(
+            "jsonl fuzz: {execs} lines in {:.0} s, {ok} parsed into items, corpus {} ({} seeds)",
+            start.elapsed().as_secs_f64(),
+            corpus.len(),
+            SEEDS.len()
+        );
+        assert!(execs > 100, "only {execs} executions");
+    }
+}

@@ -80,11 +80,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let ctx = a.ctx_size.unwrap_or(c.max_context);
     let weights = m.weights.memory_bytes();
-    let kv = c.n_layers * 2 * ctx * c.kv_dim() * 4;
+    // Saturating: -c may be any size here (nothing is allocated), the product must not wrap.
+    let kv = [2, ctx, c.kv_dim(), 4]
+        .iter()
+        .fold(c.n_layers, |a, &b| a.saturating_mul(b));
     println!("\nmemory:");
     println!("  tensors in file:   {}", mib(file_bytes as usize));
     println!("  weights in memory: {} (repacked)", mib(weights));
     println!("  KV cache (f32):    {} for {ctx} tokens", mib(kv));
-    println!("  total:             {}", mib(weights + kv));
+    println!("  total:             {}", mib(weights.saturating_add(kv)));
     Ok(())
 }
