@@ -20,6 +20,9 @@
 //! is in `OUT/current`). Findings are written to `OUT/findings/` and the exit status is 1.
 
 use bitnet_inference::chat::{ChatMessage, ChatTemplate};
+use bitnet_inference::engine::{
+    EngineConfig, GenerationConfig, LoadedEngineModel, ModelOptions, TextGenerator,
+};
 use bitnet_inference::formats::gguf::{GgufFile, GgufValue, GgufWriter};
 use bitnet_inference::model;
 use bitnet_inference::rng::Rng;
@@ -735,7 +738,7 @@ fn execute(target: &Target, input: &Input, dir: &Path) -> String {
             }
             match model::load(&path) {
                 Err(e) => e.to_string(),
-                Ok(m) => exercise(&m),
+                Ok(m) => exercise(&m, &path),
             }
         }
         ("hf", Input::Files(files)) => {
@@ -747,7 +750,7 @@ fn execute(target: &Target, input: &Input, dir: &Path) -> String {
             }
             match model::load(&d) {
                 Err(e) => e.to_string(),
-                Ok(m) => exercise(&m),
+                Ok(m) => exercise(&m, &d),
             }
         }
         ("tokenizer", Input::Text(text)) => {
@@ -780,9 +783,29 @@ fn execute(target: &Target, input: &Input, dir: &Path) -> String {
     }
 }
 
-/// What a loaded model offers an attacker next: its tokenizer on text, its template.
-fn exercise(m: &model::LoadedModel) -> String {
+/// What a loaded model offers an attacker next: its tokenizer on text, its template, and a
+/// few tokens generated (one compute thread, a 32-token context).
+fn exercise(m: &model::LoadedModel, path: &Path) -> String {
     let mut out = format!("ok {}", m.format);
+    let options = ModelOptions {
+        threads: Some(1),
+        ..Default::default()
+    };
+    match LoadedEngineModel::load_with(path, &options) {
+        Err(e) => out = e.to_string(),
+        Ok(engine) => {
+            let config = EngineConfig {
+                context_size: Some(32),
+                model: options,
+                ..Default::default()
+            };
+            let generated = TextGenerator::new(std::sync::Arc::new(engine), config)
+                .and_then(|mut g| g.generate("Hello world", &GenerationConfig::greedy(3)));
+            if let Err(e) = generated {
+                out = e.to_string();
+            }
+        }
+    }
     if let Ok(ids) = m.tokenizer.encode("Hello <|eot_id|> world é🦀", true) {
         let _ = m.tokenizer.decode(&ids);
     }
@@ -847,6 +870,8 @@ fn main() {
     let mut n_findings = 0usize;
     let scratch = work.join("scratch.gguf");
     let mut round = 0usize;
+    // BITNET_FUZZ_VERBOSE=1 prints every outcome (to see what the mutations reach).
+    let verbose = std::env::var("BITNET_FUZZ_VERBOSE").is_ok_and(|v| v == "1");
     std::panic::set_hook(Box::new(|_| {}));
     // A watchdog for inputs that never finish (a `slow` check after the fact cannot see them).
     static RUNNING_SINCE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -904,6 +929,9 @@ fn main() {
             continue;
         }
         let outcome = result.unwrap_or_default();
+        if verbose {
+            println!("[{}] {}", t.name, outcome.chars().take(300).collect::<String>());
+        }
         if outcome.starts_with("ok") {
             t.oks += 1;
         } else {
