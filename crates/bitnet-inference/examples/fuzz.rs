@@ -930,7 +930,11 @@ fn main() {
         }
         let outcome = result.unwrap_or_default();
         if verbose {
-            println!("[{}] {}", t.name, outcome.chars().take(300).collect::<String>());
+            println!(
+                "[{}] {}",
+                t.name,
+                outcome.chars().take(300).collect::<String>()
+            );
         }
         if outcome.starts_with("ok") {
             t.oks += 1;
