@@ -239,6 +239,8 @@ impl LoadedEngineModel {
     pub fn load_with(path: &Path, options: &ModelOptions) -> Result<Self> {
         let start = Instant::now();
         let load = || -> Result<_> {
+            let m = model::load(path)?;
+            model::check_token_ids(&m)?;
             let model::LoadedModel {
                 config,
                 weights,
@@ -247,7 +249,7 @@ impl LoadedEngineModel {
                 generation,
                 path,
                 ..
-            } = model::load(path)?;
+            } = m;
             let model = backend::build(config, weights, options)?;
             Ok((model, tokenizer, chat_template, generation, path))
         };

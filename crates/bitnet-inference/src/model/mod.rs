@@ -46,15 +46,34 @@ pub struct LoadedModel {
 
 /// Loads a GGUF file or a Hugging Face model directory.
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    let loaded = load_unchecked(path)?;
-    check_ids(&loaded)?;
-    Ok(loaded)
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        load_hf::load(path)
+    } else {
+        let mut magic = [0u8; 4];
+        use std::io::Read;
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| f.read(&mut magic))
+            .map_err(|e| Error::io(path, e))?;
+        if n == 4 && &magic == b"GGUF" {
+            load_gguf::load(path)
+        } else {
+            Err(Error::format(
+                path,
+                format!(
+                    "not a GGUF file (magic {:?}, expected \"GGUF\") nor a model directory",
+                    String::from_utf8_lossy(&magic[..n])
+                ),
+            ))
+        }
+    }
 }
 
-/// Every token id the model's files name, and every id its tokenizer can produce, must
-/// have a row in the embedding (and so a logit): otherwise a prompt or a stop token would
-/// index past the weights.
-fn check_ids(m: &LoadedModel) -> Result<()> {
+/// Checks, before a model runs, that every token id its files name and every id its
+/// tokenizer can produce has a row in the embedding (and so a logit): a clear error at load
+/// instead of a failed request later (the forward pass refuses such ids too). Loading for
+/// `inspect` or `convert` does not require it.
+pub fn check_token_ids(m: &LoadedModel) -> Result<()> {
     let vocab = m.config.vocab_size;
     let n = m.tokenizer.vocab_size();
     if n > vocab {
@@ -85,30 +104,6 @@ fn check_ids(m: &LoadedModel) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn load_unchecked(path: &Path) -> Result<LoadedModel> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.is_dir() {
-        load_hf::load(path)
-    } else {
-        let mut magic = [0u8; 4];
-        use std::io::Read;
-        let n = std::fs::File::open(path)
-            .and_then(|mut f| f.read(&mut magic))
-            .map_err(|e| Error::io(path, e))?;
-        if n == 4 && &magic == b"GGUF" {
-            load_gguf::load(path)
-        } else {
-            Err(Error::format(
-                path,
-                format!(
-                    "not a GGUF file (magic {:?}, expected \"GGUF\") nor a model directory",
-                    String::from_utf8_lossy(&magic[..n])
-                ),
-            ))
-        }
-    }
 }
 
 /// Only the tokenizer of a model (GGUF metadata or the directory's `tokenizer.json`),

@@ -225,7 +225,16 @@ fn gguf_tokenizer_larger_than_the_vocabulary_is_refused() {
             }
         }
     });
-    load_err(&path, &["tokens-past-vocab.gguf", "325 tokens", "320"]);
+    // Loading for inspect or convert shows it as it is; loading to run refuses it.
+    let m = model::load(&path).unwrap();
+    assert_eq!((m.tokenizer.vocab_size(), m.config.vocab_size), (325, 320));
+    let e = match bitnet_inference::engine::LoadedEngineModel::load(&path) {
+        Ok(_) => panic!("a tokenizer past the vocabulary was accepted"),
+        Err(e) => e.to_string(),
+    };
+    for want in ["tokens-past-vocab.gguf", "325 tokens", "320"] {
+        assert!(e.contains(want), "`{e}` lacks `{want}`");
+    }
 }
 
 #[test]
