@@ -240,10 +240,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(f) => Some(super::read_prompt(None, Some(f))?),
         None => a.system.clone(),
     };
+    // A message longer than this cannot fit the context: refused before it is rendered or
+    // tokenized (which costs memory in proportion).
+    let max_message_bytes = m.tokenizer.max_text_bytes(ctx);
+    if let Some(s) = system.as_ref().filter(|s| s.len() > max_message_bytes) {
+        anyhow::bail!(
+            "the system prompt is {} bytes, more than the context of {ctx} tokens can hold (at \
+             most {max_message_bytes} bytes with this vocabulary)",
+            s.len()
+        );
+    }
     let mut session = Session::new(system);
     // Piped input: a failed turn makes the exit status non-zero (the other turns still run).
     let (mut turns, mut failed) = (0usize, 0usize);
-    let max_message_bytes = m.tokenizer.max_text_bytes(ctx);
     let turn = Turn {
         m: &m,
         template: &template,

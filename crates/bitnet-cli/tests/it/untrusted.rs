@@ -148,6 +148,23 @@ fn chat_errors_go_to_stderr_and_fail_the_exit_status_when_piped() {
     assert!(err.contains("2 of 4 inputs"), "{err}");
     // The good turns ran: two answers' stats lines.
     assert_eq!(err.matches("| prefill ").count(), 2, "{err}");
+    // A system prompt that cannot fit: refused before anything runs.
+    let d = dir("chat-system");
+    let f = d.join("system.txt");
+    std::fs::write(&f, &huge).unwrap();
+    let (o, _) = bitnet(
+        &[
+            "chat",
+            "-m",
+            m.to_str().unwrap(),
+            "--system-file",
+            f.to_str().unwrap(),
+        ],
+        b"hello\n",
+    );
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("the system prompt is 41943040 bytes"), "{err}");
     // All turns good: exit 0.
     let (o, _) = bitnet(
         &["chat", "-m", m.to_str().unwrap(), "--temp", "0", "-n", "2"],
