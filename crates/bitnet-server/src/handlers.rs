@@ -375,6 +375,8 @@ async fn chat(
     let bytes = read_body(&state, &headers, body).await?;
     let req = api::chat_request(&bytes, &l.defaults, l.context, l.vocab)?;
     check_model(&state, req.sampling.model.as_deref())?;
+    let bytes = req.messages.iter().map(|m| m.content.len()).sum();
+    fits_before_tokenizing(&l.model, "messages", bytes, l.context)?;
     let model = l.model.clone();
     let messages = req.messages;
     let ids = tokio::task::spawn_blocking(move || model.encode_chat(&messages))
@@ -394,6 +396,11 @@ async fn completions(
     let bytes = read_body(&state, &headers, body).await?;
     let req = api::completion_request(&bytes, &l.defaults, l.context, l.vocab)?;
     check_model(&state, req.sampling.model.as_deref())?;
+    for p in &req.prompts {
+        if let Prompt::Text(t) = p {
+            fits_before_tokenizing(&l.model, "prompt", t.len(), l.context)?;
+        }
+    }
     let model = l.model.clone();
     let prompts = req.prompts;
     let ids = tokio::task::spawn_blocking(move || {
@@ -409,6 +416,29 @@ async fn completions(
     .map_err(internal)?
     .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
     generate(state, Kind::Completion, ids, req.sampling, start).await
+}
+
+/// A text longer than any prompt of `context` tokens can be is refused by its length, before
+/// it is tokenized (which costs ~100 bytes of memory a byte); shorter ones are counted in
+/// tokens after.
+fn fits_before_tokenizing(
+    model: &LoadedEngineModel,
+    field: &'static str,
+    bytes: usize,
+    context: usize,
+) -> Result<(), ApiError> {
+    let max = model.tokenizer.max_text_bytes(context);
+    if bytes <= max {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        field,
+        format!(
+            "the {field} of {bytes} bytes cannot fit this server's context size of {context} \
+             tokens (at most {max} bytes can, with this vocabulary); refused before tokenizing"
+        ),
+    )
+    .with_code("context_length_exceeded"))
 }
 
 /// What every chunk or answer of one request shares.

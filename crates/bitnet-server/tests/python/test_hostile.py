@@ -86,3 +86,17 @@ def test_hostile_requests_and_the_server_stays_well(srv):
     assert srv.proc.poll() is None
     m = srv.wait_idle()
     assert m["bitnet_requests_running"] == 0
+
+
+def test_a_text_too_long_to_fit_is_refused_before_tokenizing(srv):
+    long = "a " * 30000  # 60 KB: under the body limit, far over what 512 tokens can hold
+    for path, body in [
+        ("/v1/completions", {"prompt": long, "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}], "max_tokens": 4}),
+    ]:
+        status, out, _ = srv.post(path, body)
+        assert status == 400, out
+        err = out["error"]
+        assert err["code"] == "context_length_exceeded", err
+        assert "before tokenizing" in err["message"] and "60000 bytes" in err["message"], err
+    assert srv.post("/v1/completions", GOOD)[0] == 200
