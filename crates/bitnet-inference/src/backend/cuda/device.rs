@@ -34,44 +34,28 @@ impl Arg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
     EmbedRows,
-    RmsPartials,
-    RmsApply,
-    AbsmaxPartials,
-    QuantizeApply,
-    ZeroInts,
-    TernaryPartial,
-    TernaryFinish,
-    DensePartials,
-    DenseFinish,
+    NormQuant,
+    TernaryGemv,
+    DenseGemv,
     Rope,
     KvStore,
     AttnScores,
     AttnChunkStats,
     AttnOutput,
-    GateAct,
-    AddInPlace,
     GatherRows,
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 18] = [
+    pub(crate) const ALL: [Kernel; 10] = [
         Kernel::EmbedRows,
-        Kernel::RmsPartials,
-        Kernel::RmsApply,
-        Kernel::AbsmaxPartials,
-        Kernel::QuantizeApply,
-        Kernel::ZeroInts,
-        Kernel::TernaryPartial,
-        Kernel::TernaryFinish,
-        Kernel::DensePartials,
-        Kernel::DenseFinish,
+        Kernel::NormQuant,
+        Kernel::TernaryGemv,
+        Kernel::DenseGemv,
         Kernel::Rope,
         Kernel::KvStore,
         Kernel::AttnScores,
         Kernel::AttnChunkStats,
         Kernel::AttnOutput,
-        Kernel::GateAct,
-        Kernel::AddInPlace,
         Kernel::GatherRows,
     ];
 
@@ -79,24 +63,23 @@ impl Kernel {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Kernel::EmbedRows => "embed_rows",
-            Kernel::RmsPartials => "rms_partials",
-            Kernel::RmsApply => "rms_apply",
-            Kernel::AbsmaxPartials => "absmax_partials",
-            Kernel::QuantizeApply => "quantize_apply",
-            Kernel::ZeroInts => "zero_ints",
-            Kernel::TernaryPartial => "ternary_partial",
-            Kernel::TernaryFinish => "ternary_finish",
-            Kernel::DensePartials => "dense_partials",
-            Kernel::DenseFinish => "dense_finish",
+            Kernel::NormQuant => "norm_quant",
+            Kernel::TernaryGemv => "ternary_gemv",
+            Kernel::DenseGemv => "dense_gemv",
             Kernel::Rope => "rope",
             Kernel::KvStore => "kv_store",
             Kernel::AttnScores => "attn_scores",
             Kernel::AttnChunkStats => "attn_chunk_stats",
             Kernel::AttnOutput => "attn_output",
-            Kernel::GateAct => "gate_act",
-            Kernel::AddInPlace => "add_in_place",
             Kernel::GatherRows => "gather_rows",
         }
+    }
+
+    /// Whether the kernel synchronizes its block's threads (`__syncthreads`): the CPU
+    /// emulator then runs them as fibers, the others as plain loops.
+    #[cfg(test)]
+    pub(crate) fn uses_barriers(self) -> bool {
+        matches!(self, Kernel::NormQuant | Kernel::TernaryGemv)
     }
 
     fn index(self) -> usize {
@@ -144,7 +127,29 @@ pub(crate) trait Gpu: Send + Sync {
     ) -> Result<()>;
     /// (free, total) bytes of device memory, where the device can tell.
     fn memory_info(&self) -> Option<(usize, usize)>;
+    /// Starts recording the launches that follow into a graph instead of running them;
+    /// `false` where the device has no graphs (the emulator), which then runs them as usual.
+    fn begin_capture(&self) -> Result<bool>;
+    /// Ends the recording begun by [`Gpu::begin_capture`]: the launches since, as a graph
+    /// ready to run ([`Gpu::launch_graph`]).
+    fn end_capture(&self) -> Result<Graph>;
+    /// Queues a recorded graph: its launches, in order, with the arguments they were
+    /// recorded with.
+    ///
+    /// # Safety
+    /// Every buffer the graph's kernels use is still allocated and in the state their
+    /// launches' contracts require.
+    unsafe fn launch_graph(&self, graph: Graph) -> Result<()>;
+    /// Frees a graph from [`Gpu::end_capture`].
+    ///
+    /// # Safety
+    /// `graph` came from this device, is freed once, and is not queued or running.
+    unsafe fn destroy_graph(&self, graph: Graph);
 }
+
+/// A recorded graph of launches, ready to run (a driver handle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Graph(u64);
 
 /// An allocation of device memory, freed on drop.
 pub(crate) struct DevBuf {
@@ -227,6 +232,9 @@ pub(crate) struct CudaGpu {
     context: cudarc::driver::sys::CUcontext,
     module: cudarc::driver::sys::CUmodule,
     functions: Vec<cudarc::driver::sys::CUfunction>,
+    /// Every copy and launch goes on this stream, in order (the legacy default stream
+    /// cannot be recorded into graphs).
+    stream: cudarc::driver::sys::CUstream,
     name: String,
 }
 
@@ -306,11 +314,14 @@ impl CudaGpu {
                 .map_err(|e| driver_error(&format!("kernel `{}`", k.name()), e))?;
             functions.push(f);
         }
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(|e| driver_error("creating a stream", e))?;
         Ok(CudaGpu {
             device,
             context,
             module,
             functions,
+            stream,
             name,
         })
     }
@@ -328,6 +339,8 @@ impl Drop for CudaGpu {
         // buffer holds an `Arc` to this device, so none is left to free.
         unsafe {
             let _ = cudarc::driver::result::ctx::set_current(self.context);
+            let _ = cudarc::driver::result::stream::synchronize(self.stream);
+            let _ = cudarc::driver::result::stream::destroy(self.stream);
             let _ = cudarc::driver::result::module::unload(self.module);
             let _ = cudarc::driver::result::primary_ctx::release(self.device);
         }
@@ -365,19 +378,28 @@ impl Gpu for CudaGpu {
     }
 
     unsafe fn upload(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        use cudarc::driver::result;
         self.bind()?;
-        // SAFETY: the caller's contract: the range lies inside one allocation.
-        unsafe { cudarc::driver::result::memcpy_htod_sync(dst, src) }
-            .map_err(|e| driver_error("copy to the GPU", e))
+        // SAFETY: the caller's contract: the range lies inside one allocation. The copy is
+        // queued after the stream's earlier work, and waited for before `src` is released.
+        unsafe {
+            result::memcpy_htod_async(dst, src, self.stream)
+                .and_then(|()| result::stream::synchronize(self.stream))
+        }
+        .map_err(|e| driver_error("a kernel or the copy to the GPU failed", e))
     }
 
     unsafe fn download(&self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
+        use cudarc::driver::result;
         self.bind()?;
-        // SAFETY: the caller's contract: the range lies inside one allocation. The copy on
-        // the default stream waits for the kernels queued before it, and reports their
-        // errors.
-        unsafe { cudarc::driver::result::memcpy_dtoh_sync(dst, src) }
-            .map_err(|e| driver_error("a kernel or the copy from the GPU failed", e))
+        // SAFETY: the caller's contract: the range lies inside one allocation. The copy is
+        // queued after the kernels before it, and waited for (which reports their errors)
+        // before `dst` is read.
+        unsafe {
+            result::memcpy_dtoh_async(dst, src, self.stream)
+                .and_then(|()| result::stream::synchronize(self.stream))
+        }
+        .map_err(|e| driver_error("a kernel or the copy from the GPU failed", e))
     }
 
     unsafe fn launch(
@@ -402,7 +424,7 @@ impl Gpu for CudaGpu {
                 (grid[0], grid[1], grid[2]),
                 (block[0], block[1], block[2]),
                 0,
-                std::ptr::null_mut(),
+                self.stream,
                 &mut params,
             )
         }
@@ -412,6 +434,60 @@ impl Gpu for CudaGpu {
     fn memory_info(&self) -> Option<(usize, usize)> {
         self.bind().ok()?;
         cudarc::driver::result::mem_get_info().ok()
+    }
+
+    fn begin_capture(&self) -> Result<bool> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        self.bind()?;
+        // SAFETY: the stream is this device's, alive while `self` is; thread-local mode
+        // leaves other threads' use of the driver alone.
+        unsafe {
+            cudarc::driver::result::stream::begin_capture(
+                self.stream,
+                CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| driver_error("starting a graph capture", e))?;
+        Ok(true)
+    }
+
+    fn end_capture(&self) -> Result<Graph> {
+        use cudarc::driver::{result, sys};
+        self.bind()?;
+        // SAFETY: the stream is capturing (begin_capture); the recorded graph is turned into
+        // an executable one and then released (the executable keeps what it needs).
+        unsafe {
+            let graph = result::stream::end_capture(self.stream)
+                .map_err(|e| driver_error("ending a graph capture", e))?;
+            let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0));
+            let _ = result::graph::destroy(graph);
+            let exec = exec.map_err(|e| driver_error("instantiating a graph", e))?;
+            Ok(Graph(exec as u64))
+        }
+    }
+
+    unsafe fn launch_graph(&self, graph: Graph) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `graph` is an executable graph of this device (end_capture); the caller
+        // keeps its buffers alive.
+        unsafe {
+            cudarc::driver::result::graph::launch(
+                graph.0 as cudarc::driver::sys::CUgraphExec,
+                self.stream,
+            )
+        }
+        .map_err(|e| driver_error("launching a graph", e))
+    }
+
+    unsafe fn destroy_graph(&self, graph: Graph) {
+        if self.bind().is_ok() {
+            // SAFETY: the caller's contract: from end_capture, freed once, not running.
+            let _ = unsafe {
+                cudarc::driver::result::graph::exec_destroy(
+                    graph.0 as cudarc::driver::sys::CUgraphExec,
+                )
+            };
+        }
     }
 }
 

@@ -45,7 +45,8 @@ impl EmuGpu {
         for k in Kernel::ALL {
             let n = k.name();
             src.push_str(&format!(
-                "    {{\"{n}\", &emu_wrap<decltype(&{n}), &{n}>::call}},\n"
+                "    {{\"{n}\", &emu_wrap<decltype(&{n}), &{n}>::call, {}}},\n",
+                k.uses_barriers()
             ));
         }
         src.push_str(
@@ -53,20 +54,10 @@ impl EmuGpu {
 extern "C" int emu_launch(const char* name, const unsigned* grid, const unsigned* block,
                           void** args) {
     for (const emu_kernel& k : EMU_KERNELS) {
-        if (std::strcmp(k.name, name) != 0) continue;
-        gridDim = {grid[0], grid[1], grid[2]};
-        blockDim = {block[0], block[1], block[2]};
-        for (unsigned bz = 0; bz < grid[2]; bz++)
-        for (unsigned by = 0; by < grid[1]; by++)
-        for (unsigned bx = 0; bx < grid[0]; bx++)
-        for (unsigned tz = 0; tz < block[2]; tz++)
-        for (unsigned ty = 0; ty < block[1]; ty++)
-        for (unsigned tx = 0; tx < block[0]; tx++) {
-            blockIdx = {bx, by, bz};
-            threadIdx = {tx, ty, tz};
-            k.call(args);
+        if (std::strcmp(k.name, name) == 0) {
+            emu_run(k.call, args, k.fibers, grid, block);
+            return 0;
         }
-        return 0;
     }
     return 1;
 }
@@ -185,4 +176,18 @@ impl Gpu for EmuGpu {
     fn memory_info(&self) -> Option<(usize, usize)> {
         None
     }
+
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn end_capture(&self) -> Result<super::device::Graph> {
+        Err(Error::Invalid("emulator: no graphs".into()))
+    }
+
+    unsafe fn launch_graph(&self, _graph: super::device::Graph) -> Result<()> {
+        Err(Error::Invalid("emulator: no graphs".into()))
+    }
+
+    unsafe fn destroy_graph(&self, _graph: super::device::Graph) {}
 }

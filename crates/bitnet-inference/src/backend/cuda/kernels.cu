@@ -1,10 +1,10 @@
 // The CUDA backend's kernels, compiled at run time by NVRTC (backend/cuda/device.rs) with
 // `--fmad=false`, so that every float operation rounds as the CPU's Rust code rounds it.
 //
-// First versions, correct before fast: each thread computes whole outputs (an element, a row,
-// a (token, head) pair) with plain loops, and no kernel uses shared memory, warp shuffles or
-// barriers. That also lets the unit tests run this very source on the CPU (backend/cuda/emu.rs
-// compiles it with g++ behind a small prelude and runs the threads as loops).
+// The unit tests run this very source on the CPU (backend/cuda/emu.rs compiles it with g++
+// behind a small prelude, emu_prelude.h, that runs a block's threads as fibers switching at
+// each __syncthreads()): so kernels use shared memory and barriers but no warp shuffles, and
+// every barrier is reached by all threads of a block.
 //
 // Only built-in types (no headers: NVRTC runs without the toolkit's include files).
 
@@ -39,6 +39,18 @@ __device__ __forceinline__ float bf16_to_f32(u16 h) {
     return __uint_as_float((u32)h << 16);
 }
 
+// Dense matrices (weights.rs `chunk_major`) are stored in chunks of 8 columns, chunk-major:
+// chunk c of row r (columns 8c..8c+7) at element (c·rows + r)·8, so that consecutive threads
+// taking consecutive rows read one contiguous line; the last cols % 8 columns of every row
+// follow as a row-major tail `[rows][cols % 8]`.
+__device__ __forceinline__ i64 chunk_major_index(int rows, int cols, i64 r, int i) {
+    int full = cols / 8 * 8;
+    if (i < full) {
+        return ((i64)(i / 8) * rows + r) * 8 + i % 8;
+    }
+    return (i64)full * rows + r * (cols - full) + (i - full);
+}
+
 // Element `i` of a dense matrix of type `ty`, as f32.
 __device__ __forceinline__ float dense_at(const void* w, int ty, i64 i) {
     if (ty == DENSE_F16) {
@@ -50,168 +62,351 @@ __device__ __forceinline__ float dense_at(const void* w, int ty, i64 i) {
     return ((const float*)w)[i];
 }
 
-// hidden[t][i] = embedding[tokens[t]][i]. Grid: (⌈d/block⌉, n).
+// 16 bytes, loaded at once.
+struct alignas(16) u32x4 {
+    u32 x, y, z, w;
+};
+
+// The 8 elements of chunk `idx` (see chunk_major_index) as f32, in one or two 16-byte loads.
+__device__ __forceinline__ void dense_chunk(const void* w, int ty, i64 idx, float* out) {
+    if (ty == DENSE_F32) {
+        const u32x4* p = (const u32x4*)w + idx * 2;
+        u32x4 a = p[0];
+        u32x4 b = p[1];
+        out[0] = __uint_as_float(a.x);
+        out[1] = __uint_as_float(a.y);
+        out[2] = __uint_as_float(a.z);
+        out[3] = __uint_as_float(a.w);
+        out[4] = __uint_as_float(b.x);
+        out[5] = __uint_as_float(b.y);
+        out[6] = __uint_as_float(b.z);
+        out[7] = __uint_as_float(b.w);
+        return;
+    }
+    u32x4 a = ((const u32x4*)w)[idx];
+    u32 words[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        u16 lo = (u16)(words[j] & 0xffffu);
+        u16 hi = (u16)(words[j] >> 16);
+        if (ty == DENSE_F16) {
+            out[2 * j] = f16_to_f32(lo);
+            out[2 * j + 1] = f16_to_f32(hi);
+        } else {
+            out[2 * j] = bf16_to_f32(lo);
+            out[2 * j + 1] = bf16_to_f32(hi);
+        }
+    }
+}
+
+// hidden[t][i] = embedding[tokens[t]][i] (a chunk-major [vocab, d] matrix).
+// Grid: (⌈d/block⌉, n).
 extern "C" __global__ void embed_rows(float* hidden, const void* emb, int ty, const int* tokens,
-                                      int d) {
+                                      int vocab, int d) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     int t = blockIdx.y;
     if (i < d) {
-        hidden[(i64)t * d + i] = dense_at(emb, ty, (i64)tokens[t] * d + i);
+        hidden[(i64)t * d + i] = dense_at(emb, ty, chunk_major_index(vocab, d, tokens[t], i));
     }
 }
 
-// RMSNorm in two launches, with the CPU's order of additions (backend/cpu/forward.rs
-// `sum_of_squares`: element i to partial sum i % 16, each in column order, then the 16 added
-// in order), so the same bits. First, part[r·16 + j] = Σ_{i ≡ j (mod 16)} x[r][i]², one thread
-// per (row, j). Grid: ⌈16n/block⌉.
-extern "C" __global__ void rms_partials(float* part, const float* x, int n, int d) {
-    int g = blockIdx.x * blockDim.x + threadIdx.x;
-    if (g >= n * 16) {
-        return;
+// Activation of a gated feed-forward: 0 = relu(g)², 1 = silu(g) = g / (1 + exp(−g)).
+__device__ __forceinline__ float gate_act(float g, float u, int act) {
+    float a;
+    if (act == 0) {
+        float r = fmaxf(g, 0.0f);
+        a = r * r;
+    } else {
+        a = g / (1.0f + expf(-g));
     }
-    const float* row = x + (i64)(g / 16) * d;
-    float acc = 0.0f;
-    for (int i = g % 16; i < d; i += 16) {
-        float v = row[i];
-        acc += v * v;
-    }
-    part[g] = acc;
+    return a * u;
 }
 
-// Then out[r][i] = w[i] · (x[r][i] · 1/sqrt(mean + eps)), mean = (Σ_j part[r·16 + j]) / d.
-// Grid: (⌈d/block⌉, n).
-extern "C" __global__ void rms_apply(float* out, const float* x, const float* w,
-                                     const float* part, int d, float eps) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    int r = blockIdx.y;
-    if (i >= d) {
-        return;
-    }
-    const float* p = part + (i64)r * 16;
-    float sum = p[0];
-#pragma unroll
-    for (int j = 1; j < 16; j++) {
-        sum += p[j];
-    }
-    float mean = sum / (float)d;
-    float inv = 1.0f / sqrtf(mean + eps);
-    out[(i64)r * d + i] = w[i] * (x[(i64)r * d + i] * inv);
+// Threads of a norm_quant block.
+#define NQ_THREADS 256
+
+// Element i of a norm_quant row's input: x, or act(x)·up for a gated feed-forward's output.
+__device__ __forceinline__ float nq_input(const float* x, const float* up, int act, int i) {
+    return up ? gate_act(x[i], up[i], act) : x[i];
 }
 
-// Per-token absmax int8 quantization, as transformers' BitNet (and kernels/quant.rs):
-// s = 127 / max(max|x|, 1e-5), q = clamp(round_half_even(x·s), -128, 127), NaN → 0, rows
-// zero-padded to `padded` columns; also s and Σq per row. Two launches; a max and an integer
-// sum are exact in any order. First the max |x| of each piece of QUANT_PIECE columns, one
-// thread per (row, piece), and Σq zeroed. Grid: ⌈n·pieces/block⌉.
-#define QUANT_PIECE 64
-extern "C" __global__ void absmax_partials(float* pmax, int* sums, const float* x, int n,
-                                           int cols, int pieces) {
-    int g = blockIdx.x * blockDim.x + threadIdx.x;
-    if (g >= n * pieces) {
-        return;
+// Reductions over a block of NQ_THREADS threads through `red` (NQ_THREADS slots) in two
+// steps (32 partial results, then one): exact for a max and an integer sum, whatever the
+// order. Every thread gets the result.
+__device__ __forceinline__ float block_max(float* red, float v) {
+    int tid = threadIdx.x;
+    red[tid] = v;
+    __syncthreads();
+    if (tid < 32) {
+        float m = red[tid];
+        for (int i = tid + 32; i < NQ_THREADS; i += 32) {
+            m = fmaxf(m, red[i]);
+        }
+        red[tid] = m;
     }
-    int r = g / pieces;
-    int c0 = (g % pieces) * QUANT_PIECE;
-    int c1 = c0 + QUANT_PIECE < cols ? c0 + QUANT_PIECE : cols;
-    const float* row = x + (i64)r * cols;
+    __syncthreads();
+    float m = red[0];
+    for (int i = 1; i < 32; i++) {
+        m = fmaxf(m, red[i]);
+    }
+    __syncthreads();
+    return m;
+}
+
+__device__ __forceinline__ int block_sum(int* red, int v) {
+    int tid = threadIdx.x;
+    red[tid] = v;
+    __syncthreads();
+    if (tid < 32) {
+        int s = red[tid];
+        for (int i = tid + 32; i < NQ_THREADS; i += 32) {
+            s += red[i];
+        }
+        red[tid] = s;
+    }
+    __syncthreads();
+    int s = red[0];
+    for (int i = 1; i < 32; i++) {
+        s += red[i];
+    }
+    return s;
+}
+
+// One row per block: optionally RMSNorm (weight `w`, with the CPU's order of additions:
+// backend/cpu/forward.rs `sum_of_squares`, element i to partial sum i % 16, each in column
+// order, then the 16 added in order, so the same bits), optionally writing the float result
+// to `normed`, then optionally the per-token absmax int8 quantization of transformers' BitNet
+// (and kernels/quant.rs): s = 127 / max(max|v|, 1e-5), q = clamp(round_half_even(v·s), -128,
+// 127), NaN → 0, rows zero-padded to `padded` columns; also s and Σq per row. A max and an
+// integer sum are exact in any order, so the block reduces them as a tree.
+// The input is `x`, or act(x)·up when `up` is given (gate_act, as the CPU computes it).
+// Grid: (n), block NQ_THREADS.
+extern "C" __global__ void norm_quant(i8* q, float* scales, int* sums, float* normed,
+                                      const float* x, const float* up, int act, const float* w,
+                                      float eps, int cols, int padded) {
+    __shared__ float part[16];
+    __shared__ float red_f[NQ_THREADS];
+    __shared__ int red_i[NQ_THREADS];
+    int r = blockIdx.x;
+    int tid = threadIdx.x;
+    const float* xr = x + (i64)r * cols;
+    const float* ur = up ? up + (i64)r * cols : (const float*)0;
+    float inv = 1.0f;
+    if (w) {
+        if (tid < 16) {
+            float acc = 0.0f;
+            for (int i = tid; i < cols; i += 16) {
+                float v = nq_input(xr, ur, act, i);
+                acc += v * v;
+            }
+            part[tid] = acc;
+        }
+        __syncthreads();
+        float sum = part[0];
+        for (int j = 1; j < 16; j++) {
+            sum += part[j];
+        }
+        float mean = sum / (float)cols;
+        inv = 1.0f / sqrtf(mean + eps);
+    }
     float m = 0.0f;
-    for (int i = c0; i < c1; i++) {
-        m = fmaxf(m, fabsf(row[i]));
+    for (int i = tid; i < cols; i += NQ_THREADS) {
+        float v = nq_input(xr, ur, act, i);
+        if (w) {
+            v = w[i] * (v * inv);
+        }
+        if (normed) {
+            normed[(i64)r * cols + i] = v;
+        }
+        m = fmaxf(m, fabsf(v));
     }
-    pmax[g] = m;
-    if (g % pieces == 0) {
-        sums[r] = 0;
-    }
-}
-
-// Then each element from its row's max. Grid: (⌈padded/block⌉, n).
-extern "C" __global__ void quantize_apply(i8* q, float* scales, int* sums, const float* x,
-                                          const float* pmax, int cols, int padded, int pieces) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    int r = blockIdx.y;
-    if (i >= padded) {
+    if (!q) {
         return;
     }
-    if (i >= cols) {
-        q[(i64)r * padded + i] = 0;
-        return;
+    float max = block_max(red_f, m);
+    float scale = 127.0f / fmaxf(max, 1e-5f);
+    int qsum = 0;
+    for (int i = tid; i < padded; i += NQ_THREADS) {
+        int k = 0;
+        if (i < cols) {
+            float v = nq_input(xr, ur, act, i);
+            if (w) {
+                v = w[i] * (v * inv);
+            }
+            v = v * scale;
+            if (v == v) {
+                v = fminf(fmaxf(v, -128.0f), 127.0f);
+                k = (int)rintf(v);
+            }
+        }
+        q[(i64)r * padded + i] = (i8)k;
+        qsum += k;
     }
-    float max = 0.0f;
-    for (int c = 0; c < pieces; c++) {
-        max = fmaxf(max, pmax[(i64)r * pieces + c]);
-    }
-    max = fmaxf(max, 1e-5f);
-    float scale = 127.0f / max;
-    float v = x[(i64)r * cols + i] * scale;
-    int k = 0;
-    if (v == v) {
-        v = fminf(fmaxf(v, -128.0f), 127.0f);
-        k = (int)rintf(v);
-    }
-    q[(i64)r * padded + i] = (i8)k;
-    if (k != 0) {
-        atomicAdd(&sums[r], k);
-    }
-    if (i == 0) {
+    int total = block_sum(red_i, qsum);
+    if (tid == 0) {
         scales[r] = scale;
+        sums[r] = total;
     }
 }
 
-// out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r], exactly as the CPU, in three
-// launches: zero the integer sums, add the pieces of K (integer atomics: exact in any order),
-// scale.
+// Ternary products, out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r], exactly as
+// the CPU (the integer sum is exact in any order).
 //
-// Weights (weights.rs, `pack_ternary`): word `kw * rows + r` holds the 16 codes
-// (trit + 1) of row r, columns 16kw..16kw+15; column 16kw + 4j + b sits in bits 8b+2j..8b+2j+1,
-// so `(word >> 2j) & 0x03030303` is the four codes of columns 16kw+4j..+3 as bytes, against
-// the four int8 activations of one 32-bit word: one dp4a. Consecutive threads take
-// consecutive rows, so a warp's weight loads are one coalesced 128-byte line.
-// Σ trit·q = Σ code·q − Σ q.
-extern "C" __global__ void zero_ints(int* a, int count) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < count) {
-        a[i] = 0;
+// Weights (weights.rs `pack_ternary`): 16-byte group `k4 · rows + r` holds the codes
+// (trit + 1) of row r, columns 64k4..64k4+63, as four words of 16 columns; in word j, column
+// 16j + 4i + b sits in bits 8b+2i..8b+2i+1, so `(word >> 2i) & 0x03030303` is the four codes of
+// columns 16j+4i..+3 as bytes, against the four int8 activations of one 32-bit word: one
+// dp4a. Σ trit·q = Σ code·q − Σ q.
+//
+// A block of TG_WARPS warps takes TG_ROWS = 32 consecutive rows (a lane each, so a warp's
+// weight loads are one contiguous 512-byte line) and TG_TOKENS tokens; its warps split K,
+// then add their integer sums through shared memory. The rows may be several linears'
+// (segments: rows [0, rows0) → out0, [rows0, rows0 + rows1) → out1, the rest → out2, each
+// `[n][its rows]`), which share one input; with `accumulate`, out += the product (the
+// residual stream: the same bits as adding afterwards). Grid: (⌈rows/32⌉, ⌈n/TG_TOKENS⌉),
+// block 32·TG_WARPS.
+#define TG_ROWS 32
+#define TG_WARPS 8
+#define TG_TOKENS 8
+
+__device__ __forceinline__ int dot_codes(u32 word, const int* a, int acc) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        acc = __dp4a((int)((word >> (2 * i)) & 0x03030303u), a[i], acc);
     }
+    return acc;
 }
 
-// acc[t][r] += Σ code·q over words kw of piece z (`piece` words each).
-// Grid: (⌈rows/block⌉, n, ⌈kwords/piece⌉).
-extern "C" __global__ void ternary_partial(int* acc, const u32* w, const i8* q, int rows,
-                                           int kwords, int piece) {
-    int r = blockIdx.x * blockDim.x + threadIdx.x;
-    int t = blockIdx.y;
-    if (r >= rows) {
-        return;
-    }
-    int k0 = blockIdx.z * piece;
-    int k1 = k0 + piece < kwords ? k0 + piece : kwords;
-    const int* a = (const int*)(q + (i64)t * kwords * 16);
-    int sum = 0;
-    for (int kw = k0; kw < k1; kw++) {
-        u32 word = w[(i64)kw * rows + r];
+extern "C" __global__ void ternary_gemv(float* out0, float* out1, float* out2, int rows0,
+                                        int rows1, int accumulate, const u32x4* w,
+                                        const float* mult, const i8* q, const float* scales,
+                                        const int* sums, int rows, int k4s, int padded, int n) {
+    __shared__ int part[TG_WARPS][TG_TOKENS][TG_ROWS];
+    int lane = threadIdx.x % TG_ROWS;
+    int warp = threadIdx.x / TG_ROWS;
+    int r = blockIdx.x * TG_ROWS + lane;
+    int t0 = blockIdx.y * TG_TOKENS;
+    int nt = n - t0 < TG_TOKENS ? n - t0 : TG_TOKENS;
+    int acc[TG_TOKENS];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            sum = __dp4a((int)((word >> (2 * j)) & 0x03030303u), a[kw * 4 + j], sum);
+    for (int t = 0; t < TG_TOKENS; t++) {
+        acc[t] = 0;
+    }
+    if (r < rows) {
+        const i8* qt = q + (i64)t0 * padded;
+#pragma unroll 2
+        for (int k4 = warp; k4 < k4s; k4 += TG_WARPS) {
+            u32x4 wv = w[(i64)k4 * rows + r];
+#pragma unroll
+            for (int t = 0; t < TG_TOKENS; t++) {
+                if (t < nt) {
+                    const u32x4* a4 = (const u32x4*)(qt + (i64)t * padded + (i64)k4 * 64);
+                    u32x4 a0 = a4[0], a1 = a4[1], a2 = a4[2], a3 = a4[3];
+                    int a[16] = {(int)a0.x, (int)a0.y, (int)a0.z, (int)a0.w,
+                                 (int)a1.x, (int)a1.y, (int)a1.z, (int)a1.w,
+                                 (int)a2.x, (int)a2.y, (int)a2.z, (int)a2.w,
+                                 (int)a3.x, (int)a3.y, (int)a3.z, (int)a3.w};
+                    int s = acc[t];
+                    s = dot_codes(wv.x, a, s);
+                    s = dot_codes(wv.y, a + 4, s);
+                    s = dot_codes(wv.z, a + 8, s);
+                    s = dot_codes(wv.w, a + 12, s);
+                    acc[t] = s;
+                }
+            }
         }
     }
-    atomicAdd(&acc[(i64)t * rows + r], sum);
+#pragma unroll
+    for (int t = 0; t < TG_TOKENS; t++) {
+        part[warp][t][lane] = acc[t];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < TG_TOKENS * TG_ROWS; idx += TG_WARPS * TG_ROWS) {
+        int t = idx / TG_ROWS;
+        int l = idx % TG_ROWS;
+        int row = blockIdx.x * TG_ROWS + l;
+        if (t >= nt || row >= rows) {
+            continue;
+        }
+        int dot = 0;
+        for (int k = 0; k < TG_WARPS; k++) {
+            dot += part[k][t][l];
+        }
+        int tok = t0 + t;
+        float v = (float)(dot - sums[tok]) / scales[tok] * mult[row];
+        float* o;
+        if (row < rows0) {
+            o = out0 + (i64)tok * rows0 + row;
+        } else if (row < rows0 + rows1) {
+            o = out1 + (i64)tok * rows1 + (row - rows0);
+        } else {
+            int rows2 = rows - rows0 - rows1;
+            o = out2 + (i64)tok * rows2 + (row - rows0 - rows1);
+        }
+        *o = accumulate ? *o + v : v;
+    }
 }
 
-// Grid: (⌈rows/block⌉, n).
-extern "C" __global__ void ternary_finish(float* out, const int* acc, const float* mult,
-                                          const float* scales, const int* sums, int rows) {
+// out[t][r] = Σ_k W[r][k]·x[t][k] in f32 with the CPU's portable order (kernels/dense.rs
+// `dot_converted`: eight interleaved accumulators, element k to accumulator k % 8, added in
+// order, then the tail's own sum; no FMA: the same bits), W a chunk-major dense matrix of
+// type `ty`. One thread per row and DG_TOKENS tokens: consecutive threads read consecutive
+// 16-byte chunks. With `accumulate`, out += the product. Grid: (⌈rows/block⌉, ⌈n/DG_TOKENS⌉).
+#define DG_TOKENS 4
+extern "C" __global__ void dense_gemv(float* out, const void* w, int ty, const float* x,
+                                      int rows, int cols, int n, int accumulate) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
-    int t = blockIdx.y;
+    int t0 = blockIdx.y * DG_TOKENS;
     if (r >= rows) {
         return;
     }
-    int dot = acc[(i64)t * rows + r] - sums[t];
-    out[(i64)t * rows + r] = (float)dot / scales[t] * mult[r];
+    int nt = n - t0 < DG_TOKENS ? n - t0 : DG_TOKENS;
+    int chunks = cols / 8;
+    float acc[DG_TOKENS][8];
+#pragma unroll
+    for (int t = 0; t < DG_TOKENS; t++) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            acc[t][i] = 0.0f;
+        }
+    }
+    const float* xt0 = x + (i64)t0 * cols;
+    for (int c = 0; c < chunks; c++) {
+        float wv[8];
+        dense_chunk(w, ty, (i64)c * rows + r, wv);
+#pragma unroll
+        for (int t = 0; t < DG_TOKENS; t++) {
+            if (t < nt) {
+                const float* xc = xt0 + (i64)t * cols + c * 8;
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    acc[t][i] += wv[i] * xc[i];
+                }
+            }
+        }
+    }
+    int full = chunks * 8;
+    int tail_n = cols - full;
+    for (int t = 0; t < nt; t++) {
+        const float* xr = xt0 + (i64)t * cols;
+        float tail = 0.0f;
+        for (int k = 0; k < tail_n; k++) {
+            tail += dense_at(w, ty, (i64)full * rows + (i64)r * tail_n + k) * xr[full + k];
+        }
+        float sum = acc[t][0];
+#pragma unroll
+        for (int i = 1; i < 8; i++) {
+            sum += acc[t][i];
+        }
+        float v = sum + tail;
+        float* o = out + (i64)(t0 + t) * rows + r;
+        *o = accumulate ? *o + v : v;
+    }
 }
 
-// The CPU's portable f32 dot (kernels/dense.rs `dot_converted`, kernels/attention
-// `dot_scalar`): eight interleaved accumulators (element k to accumulator k % 8), added in
-// order, then the tail's own sum. Same order, no FMA: the same bits.
+// The CPU's portable f32 dot (kernels/attention `dot_scalar`): eight interleaved
+// accumulators (element k to accumulator k % 8), added in order, then the tail's own sum.
+// Same order, no FMA: the same bits.
 __device__ __forceinline__ float dot8(const float* a, const float* b, int n) {
     float acc[8];
 #pragma unroll
@@ -235,51 +430,6 @@ __device__ __forceinline__ float dot8(const float* a, const float* b, int n) {
         sum += acc[i];
     }
     return sum + tail;
-}
-
-// out[t][r] = Σ_k W[r][k]·x[t][k] in f32 (the CPU's dot8 order), W dense of type `ty`, in two
-// launches. First part[t][r][i] = dot8's accumulator i (i < 8: columns ≡ i mod 8 of the
-// whole groups of 8, in order) or its tail (i = 8), one thread each: the 8 threads of a row
-// read 8 adjacent weights. Grid: (⌈9·rows/block⌉, n).
-extern "C" __global__ void dense_partials(float* part, const void* w, int ty, const float* x,
-                                          int rows, int cols) {
-    int g = blockIdx.x * blockDim.x + threadIdx.x;
-    int t = blockIdx.y;
-    if (g >= rows * 9) {
-        return;
-    }
-    int r = g / 9;
-    int i = g % 9;
-    const float* xt = x + (i64)t * cols;
-    i64 base = (i64)r * cols;
-    int chunks = cols / 8;
-    float acc = 0.0f;
-    if (i < 8) {
-        for (int c = 0; c < chunks; c++) {
-            acc += dense_at(w, ty, base + c * 8 + i) * xt[c * 8 + i];
-        }
-    } else {
-        for (int k = chunks * 8; k < cols; k++) {
-            acc += dense_at(w, ty, base + k) * xt[k];
-        }
-    }
-    part[((i64)t * rows + r) * 9 + i] = acc;
-}
-
-// Then out[t][r] = (acc0 + acc1 + … + acc7) + tail, added in that order. Grid: (⌈rows/block⌉, n).
-extern "C" __global__ void dense_finish(float* out, const float* part, int rows) {
-    int r = blockIdx.x * blockDim.x + threadIdx.x;
-    int t = blockIdx.y;
-    if (r >= rows) {
-        return;
-    }
-    const float* p = part + ((i64)t * rows + r) * 9;
-    float sum = p[0];
-#pragma unroll
-    for (int i = 1; i < 8; i++) {
-        sum += p[i];
-    }
-    out[(i64)t * rows + r] = sum + p[8];
 }
 
 // NeoX rotary embedding (rotate_half: pairs i, i + d/2) of every head of every row, with the
@@ -434,31 +584,6 @@ extern "C" __global__ void attn_output(float* out, const float* scores, const fl
         o = o * a + part * b;
     }
     out[((i64)t * heads + h) * head_dim + i] = o / run_sum;
-}
-
-// g = act(g) · u element-wise: act 0 = relu(g)², 1 = silu(g) = g / (1 + exp(−g)).
-extern "C" __global__ void gate_act(float* g, const float* u, int total, int act) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) {
-        return;
-    }
-    float x = g[i];
-    float a;
-    if (act == 0) {
-        float r = fmaxf(x, 0.0f);
-        a = r * r;
-    } else {
-        a = x / (1.0f + expf(-x));
-    }
-    g[i] = a * u[i];
-}
-
-// acc += x element-wise (the residual stream).
-extern "C" __global__ void add_in_place(float* acc, const float* x, int total) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < total) {
-        acc[i] += x[i];
-    }
 }
 
 // dst[j] = src[rows[j]] for rows of d floats (the rows that want logits). Grid: (⌈d/block⌉, m).

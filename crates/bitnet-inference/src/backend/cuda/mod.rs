@@ -75,11 +75,17 @@ pub struct CudaBackend {
     layers: Vec<LayerDev>,
     output_norm: NormDev,
     /// `None`: the tied embedding is the lm_head.
-    lm_head: Option<LinearDev>,
+    lm_head: Option<LinearGroup>,
     rope_cos: DevBuf,
     rope_sin: DevBuf,
     weight_bytes: usize,
     kernel_name: String,
+    /// Whether decode-sized forward calls are recorded into graphs and replayed
+    /// (`BITNET_CUDA_GRAPHS=0` turns it off, to measure what it saves).
+    use_graphs: bool,
+    /// Held for a forward call's copies and launches: one call at a time on the stream (a
+    /// graph capture records whatever the stream is given).
+    stream: std::sync::Mutex<()>,
 }
 
 struct NormDev {
@@ -87,9 +93,22 @@ struct NormDev {
     eps: f32,
 }
 
+/// A dense matrix in the kernels' chunk-major layout (`weights::chunk_major`).
 struct DenseDev {
     values: DevBuf,
     ty: i32,
+    rows: usize,
+    cols: usize,
+}
+
+impl DenseDev {
+    fn elem_bytes(&self) -> usize {
+        if self.ty == weights::DENSE_F32 {
+            4
+        } else {
+            2
+        }
+    }
 }
 
 enum LinearKind {
@@ -105,23 +124,41 @@ struct LinearDev {
     kind: LinearKind,
     input_norm: Option<NormDev>,
     rows: usize,
-    cols: usize,
     /// Columns rounded up to the ternary layout's blocks (= cols for dense linears).
     padded_cols: usize,
 }
 
+/// Linears that take the same input (q/k/v; gate/up; one alone).
+enum LinearGroup {
+    /// Ternary linears without input norms of their own, with their rows concatenated into
+    /// one matrix: one quantization and one launch for all.
+    Fused {
+        linear: LinearDev,
+        /// The rows of each member, in order (at most 3).
+        segments: Vec<usize>,
+    },
+    /// Each on its own (dense linears, or ones with their own input norm).
+    Separate(Vec<LinearDev>),
+}
+
 struct LayerDev {
     attn_norm: NormDev,
-    q: LinearDev,
-    k: LinearDev,
-    v: LinearDev,
+    qkv: LinearGroup,
     attn_sub_norm: Option<NormDev>,
-    o: LinearDev,
+    o: LinearGroup,
     ffn_norm: NormDev,
-    gate: LinearDev,
-    up: LinearDev,
+    gate_up: LinearGroup,
     ffn_sub_norm: Option<NormDev>,
-    down: LinearDev,
+    down: LinearGroup,
+}
+
+/// What a projection reads: `x` (`cols` floats a row), or act(x)·up for the gated
+/// feed-forward's output.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    x: &'a DevBuf,
+    gated: Option<(&'a DevBuf, i32)>,
+    cols: usize,
 }
 
 /// Bytes the device copy of the weights takes (planned before anything is allocated).
@@ -189,9 +226,20 @@ impl CudaBackend {
         };
         let dense = |m: &crate::kernels::DenseMatrix, what: &str| -> Result<DenseDev> {
             let (ty, bytes) = weights::dense_values(m);
+            let elem = if ty == weights::DENSE_F32 { 4 } else { 2 };
+            let values = weights::chunk_major(&bytes, elem, m.rows(), m.cols());
             Ok(DenseDev {
-                values: DevBuf::from_slice(&gpu, &bytes, what)?,
+                values: DevBuf::from_slice(&gpu, &values, what)?,
                 ty,
+                rows: m.rows(),
+                cols: m.cols(),
+            })
+        };
+        let ternary = |ms: &[&crate::kernels::TernaryMatrix], what: &str| -> Result<LinearKind> {
+            let mults: Vec<f32> = ms.iter().flat_map(|t| t.multipliers()).copied().collect();
+            Ok(LinearKind::Ternary {
+                words: DevBuf::from_slice(&gpu, &weights::pack_ternary(ms), what)?,
+                multipliers: DevBuf::from_slice(&gpu, &mults, &format!("{what} multipliers"))?,
             })
         };
         let linear = |l: &crate::model::Linear, what: &str| -> Result<LinearDev> {
@@ -200,26 +248,47 @@ impl CudaBackend {
                 None => None,
             };
             let (kind, padded_cols) = match &l.weights {
-                LinearWeights::Ternary(t) => (
-                    LinearKind::Ternary {
-                        words: DevBuf::from_slice(&gpu, &weights::pack_ternary(t), what)?,
-                        multipliers: DevBuf::from_slice(
-                            &gpu,
-                            t.multipliers(),
-                            &format!("{what} multipliers"),
-                        )?,
-                    },
-                    t.padded_cols(),
-                ),
+                LinearWeights::Ternary(t) => (ternary(&[t], what)?, t.padded_cols()),
                 LinearWeights::Dense(d) => (LinearKind::Dense(dense(d, what)?), d.cols()),
             };
             Ok(LinearDev {
                 kind,
                 input_norm,
                 rows: l.out_features(),
-                cols: l.in_features(),
                 padded_cols,
             })
+        };
+        let group = |ls: &[&crate::model::Linear], what: &str| -> Result<LinearGroup> {
+            let mats: Option<Vec<&crate::kernels::TernaryMatrix>> = ls
+                .iter()
+                .map(|l| match (&l.weights, &l.input_norm) {
+                    (LinearWeights::Ternary(t), None) => Some(t),
+                    _ => None,
+                })
+                .collect();
+            match mats {
+                Some(ms)
+                    if ms.iter().all(|t| {
+                        t.cols() == ms[0].cols() && t.padded_cols() == ms[0].padded_cols()
+                    }) =>
+                {
+                    let segments: Vec<usize> = ms.iter().map(|t| t.rows()).collect();
+                    Ok(LinearGroup::Fused {
+                        linear: LinearDev {
+                            kind: ternary(&ms, what)?,
+                            input_norm: None,
+                            rows: segments.iter().sum(),
+                            padded_cols: ms[0].padded_cols(),
+                        },
+                        segments,
+                    })
+                }
+                _ => Ok(LinearGroup::Separate(
+                    ls.iter()
+                        .map(|l| linear(l, what))
+                        .collect::<Result<Vec<_>>>()?,
+                )),
+            }
         };
         let mut layers = Vec::with_capacity(weights.layers.len());
         for (i, l) in weights.layers.iter().enumerate() {
@@ -228,20 +297,17 @@ impl CudaBackend {
                     .map(|n| norm(n, &format!("layer {i} {what}")))
                     .transpose()
             };
-            let lin =
-                |l: &crate::model::Linear, what: &str| linear(l, &format!("layer {i} {what}"));
+            let grp =
+                |ls: &[&crate::model::Linear], what: &str| group(ls, &format!("layer {i} {what}"));
             layers.push(LayerDev {
                 attn_norm: norm(&l.attn_norm, &format!("layer {i} attn_norm"))?,
-                q: lin(&l.q_proj, "q_proj")?,
-                k: lin(&l.k_proj, "k_proj")?,
-                v: lin(&l.v_proj, "v_proj")?,
+                qkv: grp(&[&l.q_proj, &l.k_proj, &l.v_proj], "q/k/v_proj")?,
                 attn_sub_norm: sub(&l.attn_sub_norm, "attn_sub_norm")?,
-                o: lin(&l.o_proj, "o_proj")?,
+                o: grp(&[&l.o_proj], "o_proj")?,
                 ffn_norm: norm(&l.ffn_norm, &format!("layer {i} ffn_norm"))?,
-                gate: lin(&l.gate_proj, "gate_proj")?,
-                up: lin(&l.up_proj, "up_proj")?,
+                gate_up: grp(&[&l.gate_proj, &l.up_proj], "gate/up_proj")?,
                 ffn_sub_norm: sub(&l.ffn_sub_norm, "ffn_sub_norm")?,
-                down: lin(&l.down_proj, "down_proj")?,
+                down: grp(&[&l.down_proj], "down_proj")?,
             });
         }
         let (cos, sin) =
@@ -252,13 +318,15 @@ impl CudaBackend {
             lm_head: weights
                 .lm_head
                 .as_ref()
-                .map(|h| linear(h, "lm_head"))
+                .map(|h| group(&[h], "lm_head"))
                 .transpose()?,
             rope_cos: DevBuf::from_slice(&gpu, &cos, "RoPE cos table")?,
             rope_sin: DevBuf::from_slice(&gpu, &sin, "RoPE sin table")?,
             layers,
             weight_bytes: planned,
             kernel_name: format!("cuda ({})", gpu.name()),
+            use_graphs: std::env::var("BITNET_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            stream: std::sync::Mutex::new(()),
             gpu,
             config,
             weights,
@@ -286,149 +354,166 @@ impl CudaBackend {
         unsafe { launch(&self.gpu, kernel, (grid.0, grid.1, 1), args) }
     }
 
-    /// `out[..n·d] = rmsnorm(x[..n·d])` with `norm` (rows of `d`).
-    fn rms_norm(
+    /// Applies the linears of `group` to `n` rows of `src` (after `norm`, where given) into
+    /// `outs` (one per member; with `accumulate`, added to them: the residual stream).
+    #[allow(clippy::too_many_arguments)]
+    fn project(
         &self,
         s: &CudaState,
-        out: &DevBuf,
-        x: &DevBuf,
-        norm: &NormDev,
+        src: Source,
+        norm: Option<&NormDev>,
         n: usize,
-        d: usize,
+        group: &LinearGroup,
+        outs: &[&DevBuf],
+        accumulate: bool,
     ) -> Result<()> {
-        rms_norm(&self.gpu, out, x, norm, &s.norm_parts, n, d)
+        match group {
+            LinearGroup::Fused { linear, segments } => {
+                let outs: Vec<(&DevBuf, usize)> =
+                    outs.iter().copied().zip(segments.iter().copied()).collect();
+                norm_quant(
+                    &self.gpu,
+                    Some(&s.quant()),
+                    None,
+                    src,
+                    norm,
+                    n,
+                    linear.padded_cols,
+                )?;
+                self.ternary(s, linear, n, &outs, accumulate)
+            }
+            LinearGroup::Separate(linears) => {
+                // The normed (or gated) input as floats, where a member needs them.
+                let needs_floats = linears
+                    .iter()
+                    .any(|l| l.input_norm.is_some() || matches!(l.kind, LinearKind::Dense(_)));
+                let floats = if needs_floats && (norm.is_some() || src.gated.is_some()) {
+                    norm_quant(&self.gpu, None, Some(&s.normed), src, norm, n, 0)?;
+                    Source {
+                        x: &s.normed,
+                        gated: None,
+                        cols: src.cols,
+                    }
+                } else {
+                    src
+                };
+                // Whether the state's int8 activations hold `src` after `norm`.
+                let mut quantized = false;
+                for (l, &out) in linears.iter().zip(outs) {
+                    match (&l.kind, &l.input_norm) {
+                        (LinearKind::Ternary { .. }, None) => {
+                            if !quantized {
+                                let (x, own) = if needs_floats {
+                                    (floats, None)
+                                } else {
+                                    (src, norm)
+                                };
+                                norm_quant(
+                                    &self.gpu,
+                                    Some(&s.quant()),
+                                    None,
+                                    x,
+                                    own,
+                                    n,
+                                    l.padded_cols,
+                                )?;
+                                quantized = true;
+                            }
+                            self.ternary(s, l, n, &[(out, l.rows)], accumulate)?;
+                        }
+                        (LinearKind::Ternary { .. }, Some(own)) => {
+                            norm_quant(
+                                &self.gpu,
+                                Some(&s.quant()),
+                                None,
+                                floats,
+                                Some(own),
+                                n,
+                                l.padded_cols,
+                            )?;
+                            quantized = false;
+                            self.ternary(s, l, n, &[(out, l.rows)], accumulate)?;
+                        }
+                        (LinearKind::Dense(d), None) => {
+                            self.dense(out, d, floats.x, n, accumulate)?;
+                        }
+                        (LinearKind::Dense(d), Some(own)) => {
+                            norm_quant(
+                                &self.gpu,
+                                None,
+                                Some(&s.linear_in),
+                                floats,
+                                Some(own),
+                                n,
+                                0,
+                            )?;
+                            self.dense(out, d, &s.linear_in, n, accumulate)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
-    /// Quantizes `n` rows of `cols` floats of `x` into the state's int8 activations.
-    fn quantize(
+    /// `outs` (segments of the rows of `l`) (+)= the ternary product of `l` with the state's
+    /// quantized activations of `n` rows.
+    fn ternary(
         &self,
         s: &CudaState,
-        x: &DevBuf,
+        l: &LinearDev,
         n: usize,
-        cols: usize,
-        padded: usize,
+        outs: &[(&DevBuf, usize)],
+        accumulate: bool,
     ) -> Result<()> {
-        quantize(
+        let LinearKind::Ternary { words, multipliers } = &l.kind else {
+            return Err(Error::Invalid(
+                "CUDA: internal error: not a ternary linear".into(),
+            ));
+        };
+        ternary_gemv(
             &self.gpu,
-            &s.acts,
-            &s.act_scales,
-            &s.act_sums,
-            &s.act_max,
-            x,
+            outs,
+            accumulate,
+            (words, multipliers),
+            &s.quant(),
             n,
-            cols,
-            padded,
+            l.rows,
+            l.padded_cols,
         )
     }
 
-    /// Applies several linears to the same input rows `x: [n, cols]`, quantizing the input
-    /// once for the ternary linears without an input norm of their own (as the CPU does).
-    fn linears(
-        &self,
-        s: &CudaState,
-        x: &DevBuf,
-        n: usize,
-        outs: &[(&LinearDev, &DevBuf)],
-    ) -> Result<()> {
-        let mut shared_quantized = false;
-        for &(l, out) in outs {
-            let input = match &l.input_norm {
-                Some(norm) => {
-                    self.rms_norm(s, &s.linear_in, x, norm, n, l.cols)?;
-                    &s.linear_in
-                }
-                None => x,
-            };
-            check_fits(&[(out, n * l.rows * 4), (input, n * l.cols * 4)])?;
-            match &l.kind {
-                LinearKind::Ternary { words, multipliers } => {
-                    if l.input_norm.is_some() || !shared_quantized {
-                        self.quantize(s, input, n, l.cols, l.padded_cols)?;
-                        shared_quantized = l.input_norm.is_none();
-                    }
-                    let acts = CudaActs {
-                        q: &s.acts,
-                        scales: &s.act_scales,
-                        sums: &s.act_sums,
-                    };
-                    ternary(
-                        &self.gpu,
-                        out,
-                        &s.dots,
-                        words,
-                        multipliers,
-                        &acts,
-                        n,
-                        l.rows,
-                        l.padded_cols,
-                    )?;
-                }
-                LinearKind::Dense(d) => self.dense(s, out, d, input, n, l.rows, l.cols)?,
-            }
-        }
-        Ok(())
-    }
-
-    /// `out[n, rows] = x[n, cols] · Wᵀ` for a dense `W: [rows, cols]`, [`DENSE_GROUP`] rows
-    /// of `x` at a time through the state's partial sums.
-    #[allow(clippy::too_many_arguments)]
+    /// `out[n, rows] (+)= x[n, cols] · Wᵀ` for a dense `W: [rows, cols]`.
     fn dense(
         &self,
-        s: &CudaState,
         out: &DevBuf,
         w: &DenseDev,
         x: &DevBuf,
         n: usize,
-        rows: usize,
-        cols: usize,
+        accumulate: bool,
     ) -> Result<()> {
-        let elem = if w.ty == weights::DENSE_F32 { 4 } else { 2 };
+        let (rows, cols) = (w.rows, w.cols);
         check_fits(&[
             (out, n * rows * 4),
             (x, n * cols * 4),
-            (&w.values, rows * cols * elem),
-            (&s.dense_parts, DENSE_GROUP.min(n) * rows * 9 * 4),
+            (&w.values, rows * cols * w.elem_bytes()),
         ])?;
-        for first in (0..n).step_by(DENSE_GROUP) {
-            let g = DENSE_GROUP.min(n - first);
-            let x_at = Arg::Ptr(x.ptr() + (first * cols * 4) as u64);
-            let out_at = Arg::Ptr(out.ptr() + (first * rows * 4) as u64);
-            // SAFETY: dense_partials reads rows·cols weights of the declared type and g rows
-            // of x from row `first` (first + g ≤ n), and writes g·rows·9 partial sums;
-            // dense_finish reads those and writes g·rows floats of out from row `first`;
-            // sizes checked above.
-            unsafe {
-                self.launch(
-                    Kernel::DensePartials,
-                    (rows * 9, g),
-                    &[
-                        s.dense_parts.arg(),
-                        w.values.arg(),
-                        Arg::I32(w.ty),
-                        x_at,
-                        Arg::I32(rows as i32),
-                        Arg::I32(cols as i32),
-                    ],
-                )?;
-                self.launch(
-                    Kernel::DenseFinish,
-                    (rows, g),
-                    &[out_at, s.dense_parts.arg(), Arg::I32(rows as i32)],
-                )?;
-            }
-        }
-        Ok(())
-    }
-
-    /// `acc[..total] += x[..total]`.
-    fn add(&self, acc: &DevBuf, x: &DevBuf, total: usize) -> Result<()> {
-        check_fits(&[(acc, total * 4), (x, total * 4)])?;
-        // SAFETY: add_in_place touches `total` floats of each; checked above.
+        // SAFETY: dense_gemv reads the rows·cols weights of the declared type (chunk-major)
+        // and n rows of x, and writes (or adds to) n·rows floats of out; sizes checked above.
         unsafe {
             self.launch(
-                Kernel::AddInPlace,
-                (total, 1),
-                &[acc.arg(), x.arg(), Arg::I32(total as i32)],
+                Kernel::DenseGemv,
+                (rows, n.div_ceil(DG_TOKENS)),
+                &[
+                    out.arg(),
+                    w.values.arg(),
+                    Arg::I32(w.ty),
+                    x.arg(),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                    Arg::I32(n as i32),
+                    Arg::I32(accumulate as i32),
+                ],
             )
         }
     }
@@ -460,12 +545,13 @@ impl CudaBackend {
     fn attention(
         &self,
         s: &CudaState,
-        batch: &Batch,
+        n: usize,
+        span: usize,
         keys: &DevBuf,
         values: &DevBuf,
     ) -> Result<()> {
         let c = &self.config;
-        let (n, qd, heads, d) = (batch.len(), c.q_dim(), c.n_heads, c.head_dim);
+        let (qd, heads, d) = (c.q_dim(), c.n_heads, c.head_dim);
         let chunks = s.context.div_ceil(ATTN_CHUNK);
         let cache = s.n_slots * s.context * c.kv_dim() * 4;
         check_fits(&[
@@ -479,11 +565,6 @@ impl CudaBackend {
         let scale = 1.0 / (d as f32).sqrt();
         for first in (0..n).step_by(ATTN_GROUP) {
             let g = ATTN_GROUP.min(n - first);
-            let span = batch[first..first + g]
-                .iter()
-                .map(|e| e.pos + 1)
-                .max()
-                .unwrap_or(1);
             let at = |buf: &DevBuf, elems: usize| Arg::Ptr(buf.ptr() + (first * elems * 4) as u64);
             let meta = |section: Meta| match s.meta_arg(section) {
                 Arg::Ptr(p) => Arg::Ptr(p + (first * 4) as u64),
@@ -577,22 +658,62 @@ impl CudaBackend {
                 )));
             }
         }
-        let (hd, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.ffn_size);
-
         // The batch's metadata: tokens, positions, slots, then the rows that want logits.
-        let mut meta = vec![0i32; 4 * s.max_batch];
+        let mb = s.max_batch;
+        s.meta_host.fill(0);
         let mut m = 0;
         for (i, e) in batch.iter().enumerate() {
-            meta[i] = e.token as i32;
-            meta[s.max_batch + i] = e.pos as i32;
-            meta[2 * s.max_batch + i] = e.slot as i32;
+            s.meta_host[i] = e.token as i32;
+            s.meta_host[mb + i] = e.pos as i32;
+            s.meta_host[2 * mb + i] = e.slot as i32;
             if e.logits {
-                meta[3 * s.max_batch + m] = i as i32;
+                s.meta_host[3 * mb + m] = i as i32;
                 m += 1;
             }
         }
-        s.meta.upload(0, &meta)?;
+        let _stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        s.meta.upload(0, &s.meta_host)?;
+        // Attention runs over the positions up to the batch's last, rounded up to whole
+        // softmax chunks (the kernels skip each row's later ones): the same launches for
+        // every step of a chunk, so a recorded graph serves them all.
+        let last = batch.iter().map(|e| e.pos + 1).max().unwrap_or(1);
+        let span = (last.div_ceil(ATTN_CHUNK) * ATTN_CHUNK).min(s.context);
+        let key = (n, m, span);
+        match s.graphs.get(key) {
+            // SAFETY: the graph was recorded from this state's buffers, which live as long as
+            // the state; the metadata it reads was just uploaded.
+            Some(graph) => unsafe { self.gpu.launch_graph(graph)? },
+            None if self.use_graphs && n <= GRAPH_MAX_TOKENS && self.gpu.begin_capture()? => {
+                let recorded = self.record(s, n, m, span);
+                let graph = self.gpu.end_capture();
+                let graph = match (recorded, graph) {
+                    (Ok(()), Ok(graph)) => graph,
+                    (recorded, Ok(graph)) => {
+                        // SAFETY: just recorded, never launched.
+                        unsafe { self.gpu.destroy_graph(graph) };
+                        return recorded;
+                    }
+                    (recorded, Err(e)) => return recorded.and(Err(e)),
+                };
+                s.graphs.insert(key, graph);
+                // SAFETY: as above.
+                unsafe { self.gpu.launch_graph(graph)? };
+            }
+            None => self.record(s, n, m, span)?,
+        }
+        s.n_logits = m;
+        if m > 0 {
+            s.logits_dev
+                .download(0, &mut s.logits[..m * c.vocab_size])?;
+        }
+        Ok(())
+    }
 
+    /// Queues the forward pass of `n` tokens (their metadata uploaded) with logits for `m`
+    /// of them, attention over `span` positions.
+    fn record(&self, s: &CudaState, n: usize, m: usize, span: usize) -> Result<()> {
+        let c = &self.config;
+        let (hd, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.ffn_size);
         check_fits(&[
             (&s.hidden, n * hd * 4),
             (
@@ -617,6 +738,7 @@ impl CudaBackend {
                     self.embedding.values.arg(),
                     Arg::I32(self.embedding.ty),
                     s.meta_arg(Meta::Tokens),
+                    Arg::I32(c.vocab_size as i32),
                     Arg::I32(hd as i32),
                 ],
             )?;
@@ -624,12 +746,19 @@ impl CudaBackend {
 
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            self.rms_norm(s, &s.normed, &s.hidden, &layer.attn_norm, n, hd)?;
-            self.linears(
+            let hidden = Source {
+                x: &s.hidden,
+                gated: None,
+                cols: hd,
+            };
+            self.project(
                 s,
-                &s.normed,
+                hidden,
+                Some(&layer.attn_norm),
                 n,
-                &[(&layer.q, &s.q), (&layer.k, &s.k), (&layer.v, &s.v)],
+                &layer.qkv,
+                &[&s.q, &s.k, &s.v],
+                false,
             )?;
             self.rope(s, &s.q, n, c.n_heads)?;
             self.rope(s, &s.k, n, c.n_kv_heads)?;
@@ -659,56 +788,40 @@ impl CudaBackend {
                     ],
                 )?;
             }
-            self.attention(s, batch, keys, values)?;
-            let attn_in = match &layer.attn_sub_norm {
-                Some(norm) => {
-                    self.rms_norm(s, &s.normed, &s.attn, norm, n, qd)?;
-                    &s.normed
-                }
-                None => &s.attn,
+            self.attention(s, n, span, keys, values)?;
+            let attn = Source {
+                x: &s.attn,
+                gated: None,
+                cols: qd,
             };
-            self.linears(s, attn_in, n, &[(&layer.o, &s.proj)])?;
-            self.add(&s.hidden, &s.proj, n * hd)?;
+            let sub = layer.attn_sub_norm.as_ref();
+            self.project(s, attn, sub, n, &layer.o, &[&s.hidden], true)?;
 
             // Feed-forward block.
-            self.rms_norm(s, &s.normed, &s.hidden, &layer.ffn_norm, n, hd)?;
-            self.linears(
+            self.project(
                 s,
-                &s.normed,
+                hidden,
+                Some(&layer.ffn_norm),
                 n,
-                &[(&layer.gate, &s.gate), (&layer.up, &s.up)],
+                &layer.gate_up,
+                &[&s.gate, &s.up],
+                false,
             )?;
             check_fits(&[(&s.gate, n * ffn * 4), (&s.up, n * ffn * 4)])?;
             let act = match c.activation {
                 Activation::Relu2 => 0,
                 Activation::Silu => 1,
             };
-            // SAFETY: gate_act touches n·ffn floats of gate and up; checked above.
-            unsafe {
-                self.launch(
-                    Kernel::GateAct,
-                    (n * ffn, 1),
-                    &[
-                        s.gate.arg(),
-                        s.up.arg(),
-                        Arg::I32((n * ffn) as i32),
-                        Arg::I32(act),
-                    ],
-                )?;
-            }
-            let down_in = match &layer.ffn_sub_norm {
-                Some(norm) => {
-                    self.rms_norm(s, &s.normed, &s.gate, norm, n, ffn)?;
-                    &s.normed
-                }
-                None => &s.gate,
+            let gated = Source {
+                x: &s.gate,
+                gated: Some((&s.up, act)),
+                cols: ffn,
             };
-            self.linears(s, down_in, n, &[(&layer.down, &s.proj)])?;
-            self.add(&s.hidden, &s.proj, n * hd)?;
+            let sub = layer.ffn_sub_norm.as_ref();
+            self.project(s, gated, sub, n, &layer.down, &[&s.hidden], true)?;
         }
 
         // Final norm and lm_head, only for the rows that want logits.
-        s.n_logits = m;
         if m == 0 {
             return Ok(());
         }
@@ -727,13 +840,29 @@ impl CudaBackend {
                 ],
             )?;
         }
-        self.rms_norm(s, &s.normed, &s.logit_rows, &self.output_norm, m, hd)?;
-        let vocab = c.vocab_size;
+        let rows = Source {
+            x: &s.logit_rows,
+            gated: None,
+            cols: hd,
+        };
         match &self.lm_head {
-            None => self.dense(s, &s.logits_dev, &self.embedding, &s.normed, m, vocab, hd)?,
-            Some(head) => self.linears(s, &s.normed, m, &[(head, &s.logits_dev)])?,
+            None => {
+                norm_quant(
+                    &self.gpu,
+                    None,
+                    Some(&s.normed),
+                    rows,
+                    Some(&self.output_norm),
+                    m,
+                    0,
+                )?;
+                self.dense(&s.logits_dev, &self.embedding, &s.normed, m, false)?;
+            }
+            Some(head) => {
+                let norm = Some(&self.output_norm);
+                self.project(s, rows, norm, m, head, &[&s.logits_dev], false)?;
+            }
         }
-        s.logits_dev.download(0, &mut s.logits[..m * vocab])?;
         Ok(())
     }
 }
@@ -765,102 +894,65 @@ unsafe fn launch(
     }
 }
 
-/// `out[..n·d] = rmsnorm(x[..n·d])` with `norm`, through `parts` (16 floats a row).
-fn rms_norm(
-    gpu: &Arc<dyn Gpu>,
-    out: &DevBuf,
-    x: &DevBuf,
-    norm: &NormDev,
-    parts: &DevBuf,
-    n: usize,
-    d: usize,
-) -> Result<()> {
-    check_fits(&[
-        (out, n * d * 4),
-        (x, n * d * 4),
-        (&norm.weight, d * 4),
-        (parts, n * 16 * 4),
-    ])?;
-    // SAFETY: rms_partials reads n·d floats of x and writes 16n of parts; rms_apply reads
-    // them, d weights, and writes n·d floats of out; sizes checked above.
-    unsafe {
-        launch(
-            gpu,
-            Kernel::RmsPartials,
-            (n * 16, 1, 1),
-            &[parts.arg(), x.arg(), Arg::I32(n as i32), Arg::I32(d as i32)],
-        )?;
-        launch(
-            gpu,
-            Kernel::RmsApply,
-            (d, n, 1),
-            &[
-                out.arg(),
-                x.arg(),
-                norm.weight.arg(),
-                parts.arg(),
-                Arg::I32(d as i32),
-                Arg::F32(norm.eps),
-            ],
-        )
-    }
-}
+/// Threads of a `norm_quant` block (`NQ_THREADS` in kernels.cu).
+const NQ_THREADS: u32 = 256;
 
-/// Columns of one piece of `absmax_partials` (`QUANT_PIECE` in kernels.cu).
-const QUANT_PIECE: usize = 64;
-
-/// Quantizes `n` rows of `cols` floats of `x` into `q` (rows of `padded` bytes), `scales`
-/// and `sums`, through `pmax` (`⌈cols / 64⌉` floats a row).
-#[allow(clippy::too_many_arguments)]
-fn quantize(
+/// One row per block of `norm_quant`: `n` rows of `src` (or act(x)·up), RMSNormed with
+/// `norm` where given, written as floats to `floats` where given, and quantized into `acts`
+/// (rows of `padded` bytes) where given.
+fn norm_quant(
     gpu: &Arc<dyn Gpu>,
-    q: &DevBuf,
-    scales: &DevBuf,
-    sums: &DevBuf,
-    pmax: &DevBuf,
-    x: &DevBuf,
+    acts: Option<&CudaActs>,
+    floats: Option<&DevBuf>,
+    src: Source,
+    norm: Option<&NormDev>,
     n: usize,
-    cols: usize,
     padded: usize,
 ) -> Result<()> {
-    let pieces = cols.div_ceil(QUANT_PIECE).max(1);
-    check_fits(&[
-        (x, n * cols * 4),
-        (q, n * padded),
-        (scales, n * 4),
-        (sums, n * 4),
-        (pmax, n * pieces * 4),
-    ])?;
-    // SAFETY: absmax_partials reads n·cols floats, writes n·pieces maxima and n sums;
-    // quantize_apply reads them and writes n·padded bytes, n scales and adds into n sums;
-    // sizes checked above.
+    let cols = src.cols;
+    let mut fits = vec![(src.x, n * cols * 4)];
+    if let Some((up, _)) = src.gated {
+        fits.push((up, n * cols * 4));
+    }
+    if let Some(norm) = norm {
+        fits.push((&norm.weight, cols * 4));
+    }
+    if let Some(out) = floats {
+        fits.push((out, n * cols * 4));
+    }
+    if let Some(a) = acts {
+        if padded < cols {
+            return Err(Error::Invalid(format!(
+                "CUDA: internal error: {cols} columns quantized into rows of {padded}"
+            )));
+        }
+        fits.extend([(a.q, n * padded), (a.scales, n * 4), (a.sums, n * 4)]);
+    }
+    check_fits(&fits)?;
+    let null = Arg::Ptr(0);
+    let (up, act) = src.gated.map_or((null, 0), |(up, act)| (up.arg(), act));
+    // SAFETY: norm_quant reads n rows of cols floats of x (and of up), cols norm weights,
+    // and writes n rows of cols floats (floats), of padded int8 values (q), n scales and
+    // n sums; every buffer it is given was checked above, and the absent ones are null,
+    // which the kernel does not touch.
     unsafe {
-        launch(
+        launch_blocks(
             gpu,
-            Kernel::AbsmaxPartials,
-            (n * pieces, 1, 1),
+            Kernel::NormQuant,
+            [n as u32, 1, 1],
+            NQ_THREADS,
             &[
-                pmax.arg(),
-                sums.arg(),
-                x.arg(),
-                Arg::I32(n as i32),
-                Arg::I32(cols as i32),
-                Arg::I32(pieces as i32),
-            ],
-        )?;
-        launch(
-            gpu,
-            Kernel::QuantizeApply,
-            (padded, n, 1),
-            &[
-                q.arg(),
-                scales.arg(),
-                sums.arg(),
-                x.arg(),
-                pmax.arg(),
+                acts.map_or(null, |a| a.q.arg()),
+                acts.map_or(null, |a| a.scales.arg()),
+                acts.map_or(null, |a| a.sums.arg()),
+                floats.map_or(null, |f| f.arg()),
+                src.x.arg(),
+                up,
+                Arg::I32(act),
+                norm.map_or(null, |w| w.weight.arg()),
+                Arg::F32(norm.map_or(0.0, |w| w.eps)),
                 Arg::I32(cols as i32),
                 Arg::I32(padded as i32),
-                Arg::I32(pieces as i32),
             ],
         )
     }
@@ -869,75 +961,121 @@ fn quantize(
 /// Positions a softmax chunk takes (`ATTN_CHUNK` in kernels.cu, the CPU's `CHUNK`).
 const ATTN_CHUNK: usize = 256;
 
+/// The largest forward call recorded into a graph (larger ones are launched as they come:
+/// their launches are few for their work).
+const GRAPH_MAX_TOKENS: usize = 64;
+
+/// Recorded forward passes of a state, by (tokens, logits rows, attention span); at most
+/// [`GraphCache::CAPACITY`], dropped all at once when full.
+struct GraphCache {
+    gpu: Arc<dyn Gpu>,
+    graphs: std::collections::HashMap<(usize, usize, usize), device::Graph>,
+}
+
+impl GraphCache {
+    const CAPACITY: usize = 64;
+
+    fn get(&self, key: (usize, usize, usize)) -> Option<device::Graph> {
+        self.graphs.get(&key).copied()
+    }
+
+    fn insert(&mut self, key: (usize, usize, usize), graph: device::Graph) {
+        if self.graphs.len() >= Self::CAPACITY {
+            self.clear();
+        }
+        self.graphs.insert(key, graph);
+    }
+
+    fn clear(&mut self) {
+        for (_, g) in self.graphs.drain() {
+            // SAFETY: recorded by this device; the driver frees a graph still running when
+            // it completes.
+            unsafe { self.gpu.destroy_graph(g) };
+        }
+    }
+}
+
+impl Drop for GraphCache {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 /// Token rows attention takes at once (bounds its scores: heads × context floats a row).
 const ATTN_GROUP: usize = 8;
 
-/// Token rows a dense product takes at once (bounds its partial sums: 9 floats an output).
-const DENSE_GROUP: usize = 8;
+/// Tokens a `dense_gemv` thread takes (`DG_TOKENS` in kernels.cu).
+const DG_TOKENS: usize = 4;
 
-/// Words of K one `ternary_partial` thread sums (256 columns).
-const TERNARY_PIECE: usize = 16;
+/// Rows, warps and tokens of a `ternary_gemv` block (`TG_*` in kernels.cu).
+const TG_ROWS: usize = 32;
+const TG_WARPS: u32 = 8;
+const TG_TOKENS: usize = 8;
 
-/// `out[n, rows]` = the ternary product of `words`/`multipliers` (rows × padded_cols) with
-/// the quantized activations in `acts` (`q`, `scales`, `sums` of `n` rows), through the
-/// integer sums `dots` (n·rows).
+/// `outs` (consecutive segments of the `rows` rows, at most 3, each `[n, its rows]`) (+)=
+/// the ternary product of `weights` (`pack_ternary`'s words, the per-row multipliers;
+/// rows × padded_cols) with the quantized activations of `n` rows in `acts`.
 #[allow(clippy::too_many_arguments)]
-fn ternary(
+fn ternary_gemv(
     gpu: &Arc<dyn Gpu>,
-    out: &DevBuf,
-    dots: &DevBuf,
-    words: &DevBuf,
-    multipliers: &DevBuf,
+    outs: &[(&DevBuf, usize)],
+    accumulate: bool,
+    weights: (&DevBuf, &DevBuf),
     acts: &CudaActs,
     n: usize,
     rows: usize,
     padded_cols: usize,
 ) -> Result<()> {
-    let kwords = padded_cols / 16;
-    check_fits(&[
-        (out, n * rows * 4),
-        (dots, n * rows * 4),
-        (words, kwords * rows * 4),
+    let (words, multipliers) = weights;
+    if outs.is_empty()
+        || outs.len() > 3
+        || outs.iter().map(|o| o.1).sum::<usize>() != rows
+        || padded_cols % 64 != 0
+    {
+        return Err(Error::Invalid(format!(
+            "CUDA: internal error: {} output segments for {rows} rows of {padded_cols} columns",
+            outs.len()
+        )));
+    }
+    let mut fits: Vec<(&DevBuf, usize)> = outs.iter().map(|&(o, r)| (o, n * r * 4)).collect();
+    fits.extend([
+        (words, padded_cols / 4 * rows),
         (multipliers, rows * 4),
         (acts.q, n * padded_cols),
         (acts.scales, n * 4),
         (acts.sums, n * 4),
-    ])?;
-    // SAFETY: zero_ints writes n·rows ints of dots; ternary_partial reads kwords·rows words
-    // and n rows of kwords·16 int8 activations and adds into n·rows ints; ternary_finish
-    // reads those, n scales and sums, rows multipliers, and writes n·rows floats; sizes
-    // checked above.
+    ]);
+    check_fits(&fits)?;
+    let seg = |i: usize| outs.get(i).copied().unwrap_or(outs[0]);
+    // SAFETY: ternary_gemv reads rows·padded_cols/4 bytes of words, rows multipliers, n rows
+    // of padded int8 activations with their scales and sums, and writes (or adds to) n rows
+    // of each segment's outputs; sizes checked above, segments add up to `rows`.
     unsafe {
-        launch(
+        launch_blocks(
             gpu,
-            Kernel::ZeroInts,
-            (n * rows, 1, 1),
-            &[dots.arg(), Arg::I32((n * rows) as i32)],
-        )?;
-        launch(
-            gpu,
-            Kernel::TernaryPartial,
-            (rows, n, kwords.div_ceil(TERNARY_PIECE)),
-            &[
-                dots.arg(),
-                words.arg(),
-                acts.q.arg(),
-                Arg::I32(rows as i32),
-                Arg::I32(kwords as i32),
-                Arg::I32(TERNARY_PIECE as i32),
+            Kernel::TernaryGemv,
+            [
+                rows.div_ceil(TG_ROWS) as u32,
+                n.div_ceil(TG_TOKENS) as u32,
+                1,
             ],
-        )?;
-        launch(
-            gpu,
-            Kernel::TernaryFinish,
-            (rows, n, 1),
+            32 * TG_WARPS,
             &[
-                out.arg(),
-                dots.arg(),
+                seg(0).0.arg(),
+                seg(1).0.arg(),
+                seg(2).0.arg(),
+                Arg::I32(seg(0).1 as i32),
+                Arg::I32(if outs.len() > 1 { seg(1).1 as i32 } else { 0 }),
+                Arg::I32(accumulate as i32),
+                words.arg(),
                 multipliers.arg(),
+                acts.q.arg(),
                 acts.scales.arg(),
                 acts.sums.arg(),
                 Arg::I32(rows as i32),
+                Arg::I32((padded_cols / 64) as i32),
+                Arg::I32(padded_cols as i32),
+                Arg::I32(n as i32),
             ],
         )
     }
@@ -948,6 +1086,22 @@ struct CudaActs<'a> {
     q: &'a DevBuf,
     scales: &'a DevBuf,
     sums: &'a DevBuf,
+}
+
+/// Queues `kernel` on `grid` blocks of `block` threads.
+///
+/// # Safety
+/// As [`Gpu::launch`]: the arguments match the kernel's parameters and the grid touches
+/// only memory inside the buffers passed.
+unsafe fn launch_blocks(
+    gpu: &Arc<dyn Gpu>,
+    kernel: Kernel,
+    grid: [u32; 3],
+    block: u32,
+    args: &[Arg],
+) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { gpu.launch(kernel, grid, [block, 1, 1], args) }
 }
 
 /// Every `(buffer, bytes)` pair: the buffer holds at least that many bytes (the guard that
@@ -990,25 +1144,20 @@ pub struct CudaState {
     attn: DevBuf,
     gate: DevBuf,
     up: DevBuf,
-    proj: DevBuf,
     /// int8 activations `[max_batch, padded width]`, their scales and sums.
     acts: DevBuf,
     act_scales: DevBuf,
     act_sums: DevBuf,
-    /// Per row: the maxima of pieces of 64 columns (quantization), the 16 partial sums of
-    /// squares (RMSNorm); per (row, output): integer dot products (ternary linears).
-    act_max: DevBuf,
-    norm_parts: DevBuf,
-    dots: DevBuf,
     /// Attention's scores and per-chunk (max, Σ exp) for [`ATTN_GROUP`] rows.
     att_scores: DevBuf,
     att_stats: DevBuf,
-    /// The partial sums of dense products (`dense_partials`), for [`DENSE_GROUP`] rows.
-    dense_parts: DevBuf,
     /// i32 `[4][max_batch]`: tokens, positions, slots, rows that want logits.
     meta: DevBuf,
     logit_rows: DevBuf,
     logits_dev: DevBuf,
+    /// The metadata as uploaded (planned at `new_state`: nothing allocated per call).
+    meta_host: Vec<i32>,
+    graphs: GraphCache,
     /// Host copy of the last call's logits, `[n_logits, vocab]`.
     logits: Vec<f32>,
     vocab: usize,
@@ -1018,6 +1167,15 @@ pub struct CudaState {
 }
 
 impl CudaState {
+    /// The int8 activations, their scales and sums.
+    fn quant(&self) -> CudaActs<'_> {
+        CudaActs {
+            q: &self.acts,
+            scales: &self.act_scales,
+            sums: &self.act_sums,
+        }
+    }
+
     fn meta_arg(&self, section: Meta) -> Arg {
         let i = match section {
             Meta::Tokens => 0,
@@ -1061,15 +1219,6 @@ impl Backend for CudaBackend {
         let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
         let padded = wide.div_ceil(crate::kernels::BLOCK_WEIGHTS) * crate::kernels::BLOCK_WEIGHTS;
         let f = |elems: usize| max_batch * elems * 4;
-        // The widest ternary product: a layer's, or a ternary lm_head's.
-        let dot_rows = match &self.lm_head {
-            Some(LinearDev {
-                kind: LinearKind::Ternary { .. },
-                rows,
-                ..
-            }) => wide.max(*rows),
-            _ => wide,
-        };
         let sizes = [
             ("hidden", f(c.hidden_size)),
             ("normed", f(wide)),
@@ -1080,13 +1229,9 @@ impl Backend for CudaBackend {
             ("attn", f(c.q_dim())),
             ("gate", f(c.ffn_size)),
             ("up", f(c.ffn_size)),
-            ("proj", f(c.hidden_size)),
             ("int8 activations", max_batch * padded),
             ("activation scales", f(1)),
             ("activation sums", f(1)),
-            ("activation maxima", f(padded.div_ceil(QUANT_PIECE))),
-            ("RMSNorm partial sums", f(16)),
-            ("integer dot products", f(dot_rows)),
             (
                 "attention scores",
                 ATTN_GROUP.min(max_batch) * c.n_heads * context * 4,
@@ -1094,10 +1239,6 @@ impl Backend for CudaBackend {
             (
                 "attention chunk statistics",
                 ATTN_GROUP.min(max_batch) * c.n_heads * context.div_ceil(ATTN_CHUNK) * 2 * 4,
-            ),
-            (
-                "dense partial sums",
-                DENSE_GROUP.min(max_batch) * wide.max(c.vocab_size) * 9 * 4,
             ),
             ("batch metadata", f(4)),
             ("logit rows", f(c.hidden_size)),
@@ -1154,20 +1295,20 @@ impl Backend for CudaBackend {
             attn: next(),
             gate: next(),
             up: next(),
-            proj: next(),
             acts: next(),
             act_scales: next(),
             act_sums: next(),
-            act_max: next(),
-            norm_parts: next(),
-            dots: next(),
             att_scores: next(),
             att_stats: next(),
-            dense_parts: next(),
             meta: next(),
             logit_rows: next(),
             logits_dev: next(),
             logits: vec![0.0; max_batch * c.vocab_size],
+            meta_host: vec![0; 4 * max_batch],
+            graphs: GraphCache {
+                gpu: self.gpu.clone(),
+                graphs: Default::default(),
+            },
             vocab: c.vocab_size,
             n_logits: 0,
             kv_bytes: kv_total,

@@ -79,18 +79,31 @@ fn quantization_and_ternary_products_equal_the_cpu() {
     let q = DevBuf::new(&gpu, n * padded, "q").unwrap();
     let scales = DevBuf::new(&gpu, n * 4, "scales").unwrap();
     let sums = DevBuf::new(&gpu, n * 4, "sums").unwrap();
-    let words = upload(&gpu, &super::weights::pack_ternary(&w));
+    let words = upload(&gpu, &super::weights::pack_ternary(&[&w]));
     let mult = upload(&gpu, w.multipliers());
     let out = DevBuf::new(&gpu, n * rows * 4, "out").unwrap();
-    let pmax = DevBuf::new(&gpu, n * cols.div_ceil(64) * 4, "maxima").unwrap();
-    let dots = DevBuf::new(&gpu, n * rows * 4, "dots").unwrap();
-    super::quantize(&gpu, &q, &scales, &sums, &pmax, &xd, n, cols, padded).unwrap();
     let acts = super::CudaActs {
         q: &q,
         scales: &scales,
         sums: &sums,
     };
-    super::ternary(&gpu, &out, &dots, &words, &mult, &acts, n, rows, padded).unwrap();
+    let src = super::Source {
+        x: &xd,
+        gated: None,
+        cols,
+    };
+    super::norm_quant(&gpu, Some(&acts), None, src, None, n, padded).unwrap();
+    super::ternary_gemv(
+        &gpu,
+        &[(&out, rows)],
+        false,
+        (&words, &mult),
+        &acts,
+        n,
+        rows,
+        padded,
+    )
+    .unwrap();
     let q: Vec<i8> = download(&q, n * padded);
     let scales: Vec<f32> = download(&scales, n);
     let sums: Vec<i32> = download(&sums, n);
@@ -143,6 +156,7 @@ fn embedding_rows_widen_f16_and_bf16_exactly() {
                     emb.arg(),
                     Arg::I32(ty),
                     tokens.arg(),
+                    Arg::I32(1),
                     Arg::I32(d as i32),
                 ],
             )

@@ -8,37 +8,75 @@ pub(crate) const DENSE_F32: i32 = 0;
 pub(crate) const DENSE_F16: i32 = 1;
 pub(crate) const DENSE_BF16: i32 = 2;
 
-/// A ternary matrix for `ternary_matmul`: word `kw · rows + r` holds the codes (trit + 1) of
-/// row `r`, columns `16kw..16kw + 15`, column `16kw + 4j + b` in bits `8b + 2j`, so that
-/// `(word >> 2j) & 0x03030303` is four consecutive columns' codes as bytes. Words of one
-/// `kw` for consecutive rows are adjacent, which coalesces a warp's loads. The padding
-/// columns (up to `padded_cols`) hold code 1 (trit 0), as the CPU layout does.
-pub(crate) fn pack_ternary(m: &TernaryMatrix) -> Vec<u32> {
+/// Ternary matrices of the same width, their rows concatenated, for `ternary_gemv`: the codes
+/// (trit + 1) of row `r`, columns `16kw..16kw + 15`, in word `(kw / 4 · rows + r) · 4 + kw %
+/// 4`, column `16kw + 4j + b` in bits `8b + 2j`, so that `(word >> 2j) & 0x03030303` is four
+/// consecutive columns' codes as bytes. A row's four words of 64 columns are one 16-byte
+/// load, and those of consecutive rows are adjacent, which coalesces a warp's loads. The
+/// padding columns (up to `padded_cols`, whole blocks of 128) hold code 1 (trit 0), as the
+/// CPU layout does.
+pub(crate) fn pack_ternary(ms: &[&TernaryMatrix]) -> Vec<u32> {
     use rayon::prelude::*;
-    let rows = m.rows();
-    let kwords = m.padded_cols() / 16;
+    let rows: usize = ms.iter().map(|m| m.rows()).sum();
+    let kwords = ms.first().map_or(0, |m| m.padded_cols() / 16);
     let mut out = vec![0u32; kwords * rows];
     if rows == 0 {
         return out;
     }
-    out.par_chunks_mut(rows)
+    let row_bytes: Vec<&[u8]> = ms
+        .iter()
+        .flat_map(|m| (0..m.rows()).map(|r| m.packed_row(r)))
+        .collect();
+    out.par_chunks_mut(rows * 4)
         .enumerate()
-        .for_each(|(kw, words)| {
-            // The CPU layout: blocks of 128 columns in 32 bytes, byte j holding columns
-            // j, j+32, j+64, j+96 in bits 1-0, 3-2, 5-4, 7-6. Columns 16kw..16kw+15 are 16
-            // consecutive bytes of one block at one shift.
-            let (block, within) = (kw / 8, kw % 8 * 16);
-            let (byte0, shift) = (block * 32 + within % 32, 2 * (within / 32));
-            for (r, word) in words.iter_mut().enumerate() {
-                let bytes = &m.packed_row(r)[byte0..byte0 + 16];
-                let mut w = 0u32;
-                for (e, &byte) in bytes.iter().enumerate() {
-                    let code = ((byte >> shift) & 3) as u32;
-                    w |= code << (8 * (e % 4) + 2 * (e / 4));
+        .for_each(|(k4, group)| {
+            for (words, bytes) in group.chunks_exact_mut(4).zip(&row_bytes) {
+                for (j, word) in words.iter_mut().enumerate() {
+                    // The CPU layout: blocks of 128 columns in 32 bytes, byte j holding
+                    // columns j, j+32, j+64, j+96 in bits 1-0, 3-2, 5-4, 7-6. Columns
+                    // 16kw..16kw+15 are 16 consecutive bytes of one block at one shift.
+                    let kw = k4 * 4 + j;
+                    let (block, within) = (kw / 8, kw % 8 * 16);
+                    let (byte0, shift) = (block * 32 + within % 32, 2 * (within / 32));
+                    let mut w = 0u32;
+                    for (e, &byte) in bytes[byte0..byte0 + 16].iter().enumerate() {
+                        let code = ((byte >> shift) & 3) as u32;
+                        w |= code << (8 * (e % 4) + 2 * (e / 4));
+                    }
+                    *word = w;
                 }
-                *word = w;
             }
         });
+    out
+}
+
+/// A row-major `[rows, cols]` matrix of `elem`-byte values in the kernels' chunk-major
+/// layout (`chunk_major_index` in kernels.cu): chunk `c` (columns `8c..8c + 7`) of row `r`
+/// at element `(c · rows + r) · 8`, then the last `cols % 8` columns of every row as a
+/// row-major tail.
+pub(crate) fn chunk_major(bytes: &[u8], elem: usize, rows: usize, cols: usize) -> Vec<u8> {
+    use rayon::prelude::*;
+    let chunks = cols / 8;
+    let (chunk_bytes, row_bytes) = (8 * elem, cols * elem);
+    let tail = (cols - chunks * 8) * elem;
+    let mut out = vec![0u8; bytes.len()];
+    let (body, tails) = out.split_at_mut(chunks * rows * chunk_bytes);
+    if chunk_bytes * rows > 0 {
+        body.par_chunks_mut(rows * chunk_bytes)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for (r, d) in dst.chunks_exact_mut(chunk_bytes).enumerate() {
+                    let at = r * row_bytes + c * chunk_bytes;
+                    d.copy_from_slice(&bytes[at..at + chunk_bytes]);
+                }
+            });
+    }
+    if tail > 0 {
+        for (r, d) in tails.chunks_exact_mut(tail).enumerate() {
+            let at = r * row_bytes + chunks * chunk_bytes;
+            d.copy_from_slice(&bytes[at..at + tail]);
+        }
+    }
     out
 }
 
@@ -97,14 +135,14 @@ mod tests {
             Ok(1.0)
         })
         .unwrap();
-        let words = pack_ternary(&m);
+        let words = pack_ternary(&[&m]);
         let kwords = m.padded_cols() / 16;
         assert_eq!(words.len(), kwords * rows);
         for r in 0..rows {
             for c in 0..m.padded_cols() {
                 let (kw, e) = (c / 16, c % 16);
                 let (j, b) = (e / 4, e % 4);
-                let code = (words[kw * rows + r] >> (8 * b + 2 * j)) & 3;
+                let code = (words[(kw / 4 * rows + r) * 4 + kw % 4] >> (8 * b + 2 * j)) & 3;
                 let want = if c < cols { trit(r, c) } else { 0 };
                 assert_eq!(code as i8 - 1, want, "row {r} column {c}");
             }
