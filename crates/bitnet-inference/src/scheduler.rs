@@ -25,7 +25,8 @@ use crate::backend::BatchEntry;
 use crate::engine::LoadedEngineModel;
 use crate::generate::sequence::step_sequences;
 use crate::generate::{
-    FinishReason, GenerationConfig, GenerationStats, SamplingStrategy, Sequence, TokenLogprobs,
+    FinishReason, GenerationConfig, GenerationStats, SamplingStrategy, Sequence, SharedConstraint,
+    TokenLogprobs,
 };
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -92,6 +93,10 @@ pub enum RequestError {
     ShuttingDown,
     #[error("the model failed: {0}")]
     Model(String),
+    /// The request's constraint could not start or failed mid-way (the message says why);
+    /// the text streamed before it stands.
+    #[error("{0}")]
+    Constraint(String),
 }
 
 /// Token counts of a finished request, as OpenAI's `usage` counts them (read from its
@@ -144,6 +149,9 @@ pub struct Request {
     pub config: GenerationConfig,
     /// Send each token's log-probability and those of this many alternatives.
     pub logprobs: Option<usize>,
+    /// Hold the output to this rule (constrained decoding): the request's sequence starts its
+    /// own constraint from it when it is admitted.
+    pub constraint: Option<SharedConstraint>,
 }
 
 impl Request {
@@ -152,11 +160,17 @@ impl Request {
             prompt,
             config,
             logprobs: None,
+            constraint: None,
         }
     }
 
     pub fn with_logprobs(mut self, top: usize) -> Self {
         self.logprobs = Some(top);
+        self
+    }
+
+    pub fn with_constraint(mut self, constraint: SharedConstraint) -> Self {
+        self.constraint = Some(constraint);
         self
     }
 }
@@ -705,10 +719,19 @@ impl DynamicBatchProcessor {
                 stop_ids,
                 self.inbox.context,
             );
+            let constraint = q.request.constraint.as_ref().map(|c| c.start()).transpose();
+            let seq = match (seq, constraint) {
+                (Ok(seq), Ok(c)) => Ok((seq, c)),
+                (Err(e), _) => Err(RequestError::Model(e.to_string())),
+                (_, Err(e)) => Err(RequestError::Constraint(e)),
+            };
             match seq {
-                Ok(mut seq) => {
+                Ok((mut seq, constraint)) => {
                     if let Some(n) = q.request.logprobs {
                         seq.set_logprobs(n);
+                    }
+                    if let Some(c) = constraint {
+                        seq.set_constraint(c);
                     }
                     let reused = seq.stats().cached_tokens;
                     self.stats.admitted += 1;
@@ -724,9 +747,7 @@ impl DynamicBatchProcessor {
                     });
                     running += 1;
                 }
-                Err(e) => q
-                    .stream
-                    .push(Event::Error(RequestError::Model(e.to_string()))),
+                Err(e) => q.stream.push(Event::Error(e)),
             }
         }
     }
@@ -775,6 +796,14 @@ impl DynamicBatchProcessor {
         let stats = seq.stats();
         let mut text = String::new();
         seq.take_delta(&mut text);
+        if let Some(e) = seq.constraint_error() {
+            // The request fails; text held back (part of a character or of a possible stop
+            // string) is not sent.
+            self.stats.finished += 1;
+            a.stream
+                .push(Event::Error(RequestError::Constraint(e.to_string())));
+            return;
+        }
         // A full context (without a sliding window) ends the request as OpenAI's API does:
         // finish reason `length`, with the text so far.
         let reason = match seq.error() {
