@@ -18,6 +18,7 @@ pub mod metrics;
 
 use anyhow::Context as _;
 use bitnet_inference::engine::LoadedEngineModel;
+use bitnet_inference::generate::json::JsonGrammars;
 use bitnet_inference::generate::GenerationConfig;
 use bitnet_inference::scheduler::{SchedulerConfig, StreamingEngine};
 use error::ApiError;
@@ -96,7 +97,13 @@ pub(crate) struct Loaded {
     /// Unix seconds of the load.
     pub created: u64,
     pub fingerprint: String,
+    /// The vocabulary as llguidance sees it, for `response_format` (or why this model's
+    /// vocabulary cannot be used for it).
+    pub json: Result<Arc<JsonGrammars>, String>,
 }
+
+/// Schema compilations at once (`AppState::compiles`).
+const MAX_COMPILES: usize = 2;
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -104,6 +111,8 @@ pub(crate) struct AppState {
     pub loaded: OnceLock<Loaded>,
     pub draining: AtomicBool,
     pub metrics: Metrics,
+    /// Schema compilations running at once at most (each is CPU work off the async threads).
+    pub compiles: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -163,6 +172,7 @@ async fn serve(
         loaded: OnceLock::new(),
         draining: AtomicBool::new(false),
         metrics: Metrics::new(stats.clone()),
+        compiles: tokio::sync::Semaphore::new(MAX_COMPILES),
     });
     let router = handlers::router(state.clone())?;
     {
@@ -194,7 +204,17 @@ async fn serve(
                 env!("CARGO_PKG_VERSION"),
                 model.model.kernel_name()
             );
+            let started = std::time::Instant::now();
+            let json = JsonGrammars::for_model(&model).map(Arc::new);
+            match &json {
+                Ok(_) => eprintln!(
+                    "response_format ready ({:.0} ms to index the vocabulary)",
+                    started.elapsed().as_secs_f64() * 1e3
+                ),
+                Err(e) => eprintln!("response_format unavailable for this model: {e}"),
+            }
             let loaded = Loaded {
+                json,
                 defaults: GenerationConfig::from_model(&model.generation),
                 engine,
                 model,

@@ -7,22 +7,24 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether python3 with `openai`, `httpx`, `pytest` and `selenium` is here. Missing, it is a failure
+/// Whether python3 with `openai`, `httpx`, `pytest`, `selenium` and `jsonschema` is here. Missing, it is a failure
 /// unless BITNET_SKIP_PY_SERVER=1.
 fn python_ok() -> bool {
     let ok = Command::new("python3")
-        .args(["-c", "import openai, httpx, pytest, selenium"])
+        .args(["-c", "import openai, httpx, pytest, selenium, jsonschema"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok && std::env::var("BITNET_SKIP_PY_SERVER").is_ok_and(|v| v == "1") {
         eprintln!(
-            "python3 with openai, httpx, pytest, selenium not found; skipped (BITNET_SKIP_PY_SERVER=1)"
+            "python3 with openai, httpx, pytest, selenium, jsonschema not found; skipped \
+             (BITNET_SKIP_PY_SERVER=1)"
         );
         return false;
     }
     assert!(
         ok,
-        "the server tests need python3 with `openai`, `httpx`, `pytest` and `selenium` \
+        "the server tests need python3 with `openai`, `httpx`, `pytest`, `selenium` and \
+         `jsonschema` \
          (scripts/test installs them in its venv), or set BITNET_SKIP_PY_SERVER=1 to skip"
     );
     true
