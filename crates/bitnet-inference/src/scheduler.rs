@@ -41,6 +41,20 @@ pub const MAX_SLOTS: usize = 4096;
 /// The most tokens one forward step may take.
 pub const MAX_STEP_TOKENS: usize = 65536;
 
+/// The context each sequence of `model` gets for `context_size` (None: the model's, at most
+/// 4096) and the bytes of KV cache one such sequence needs: what a KV budget is divided by
+/// to know how many requests it holds, each with the whole context.
+pub fn kv_bytes_per_sequence(
+    model: &LoadedEngineModel,
+    context_size: Option<usize>,
+) -> crate::Result<(usize, usize)> {
+    let context = crate::engine::planned_context(context_size, model.model.config().max_context)?;
+    let bytes = context
+        .checked_mul(model.model.kv_bytes_per_position())
+        .ok_or_else(|| crate::Error::Invalid("the KV cache of one sequence overflows".into()))?;
+    Ok((context, bytes))
+}
+
 /// How a processor is sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -454,9 +468,10 @@ pub struct SchedulerStats {
     /// Admissions that reused a cached prefix.
     pub prefix_hits: u64,
     pub generated_tokens: u64,
-    /// Requests running and waiting now.
+    /// Requests running and waiting now, and how many may run at once.
     pub running: usize,
     pub queued: usize,
+    pub max_running: usize,
     /// KV cache bytes in all slots.
     pub kv_cache_bytes: usize,
     /// KV slots planned (running requests and cached prefixes), tokens each.
@@ -494,7 +509,8 @@ pub struct DynamicBatchProcessor {
 impl DynamicBatchProcessor {
     pub fn new(model: Arc<LoadedEngineModel>, config: &SchedulerConfig) -> crate::Result<Self> {
         let c = model.model.config();
-        let context = crate::engine::planned_context(config.context_size, c.max_context)?;
+        // Keys and values of every layer for one sequence of the whole context.
+        let (context, per_slot) = kv_bytes_per_sequence(&model, config.context_size)?;
         let max_running = config.max_running.max(1);
         let step_tokens = config.step_tokens.max(max_running);
         // Sizes a caller gives are checked before anything is planned in proportion to them.
@@ -504,12 +520,6 @@ impl DynamicBatchProcessor {
                  {MAX_SLOTS} and {MAX_STEP_TOKENS}"
             )));
         }
-        // Keys and values of every layer for one sequence.
-        let per_slot = context
-            .checked_mul(model.model.kv_bytes_per_position())
-            .ok_or_else(|| {
-                crate::Error::Invalid("the KV cache of one sequence overflows".into())
-            })?;
         let n_slots = match config.kv_cache_bytes {
             None => max_running,
             Some(budget) => {
@@ -526,21 +536,23 @@ impl DynamicBatchProcessor {
             }
         };
         let state = model.model.new_state(n_slots, context, step_tokens)?;
+        let stats = SchedulerStats {
+            kv_cache_bytes: state.kv_bytes(),
+            kv_slots: n_slots,
+            kv_slot_tokens: context,
+            max_running,
+            ..Default::default()
+        };
         let inbox = Arc::new(Inbox {
             state: Mutex::new(InboxState::default()),
-            published: Mutex::new(SchedulerStats::default()),
+            // The sizes are known before the first step.
+            published: Mutex::new(stats),
             wake: Condvar::new(),
             next_id: AtomicU64::new(0),
             max_queue: config.max_queue,
             context,
             vocab: c.vocab_size,
         });
-        let stats = SchedulerStats {
-            kv_cache_bytes: state.kv_bytes(),
-            kv_slots: n_slots,
-            kv_slot_tokens: context,
-            ..Default::default()
-        };
         Ok(DynamicBatchProcessor {
             model,
             state,

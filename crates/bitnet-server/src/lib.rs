@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use bitnet_inference::engine::LoadedEngineModel;
 use bitnet_inference::generate::json::JsonGrammars;
 use bitnet_inference::generate::GenerationConfig;
-use bitnet_inference::scheduler::{SchedulerConfig, StreamingEngine};
+use bitnet_inference::scheduler::{kv_bytes_per_sequence, SchedulerConfig, StreamingEngine};
 use error::ApiError;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -37,14 +37,16 @@ pub struct ServerConfig {
     pub port: u16,
     /// The model's name in the API (`model` of requests, `/v1/models`).
     pub model_id: String,
-    /// Requests decoded together (KV slots for running requests).
-    pub parallel: usize,
+    /// Requests decoded together (KV slots for running requests); None: as many as
+    /// `kv_cache_bytes` holds with the whole context each, at most [`MAX_AUTO_PARALLEL`].
+    pub parallel: Option<usize>,
     /// Requests waiting for a slot; one more is a 429.
     pub max_queue: usize,
     /// Tokens every request may use, prompt and completion together (None: the model's, at
     /// most 4096).
     pub ctx_size: Option<usize>,
     /// Bytes of KV cache for running requests and cached prefixes (None: `parallel` slots).
+    /// Every slot holds a whole context: the budget divides into requests, not the context.
     pub kv_cache_bytes: Option<usize>,
     /// Tokens per forward step (decode tokens first, then prompt chunks).
     pub step_tokens: usize,
@@ -70,7 +72,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             model_id: "bitnet".into(),
-            parallel: 8,
+            parallel: Some(8),
             max_queue: 64,
             ctx_size: None,
             kv_cache_bytes: None,
@@ -100,6 +102,29 @@ pub(crate) struct Loaded {
     /// The vocabulary as llguidance sees it, for `response_format` (or why this model's
     /// vocabulary cannot be used for it).
     pub json: Result<Arc<JsonGrammars>, String>,
+}
+
+/// Requests run at once at most when the KV budget decides (`parallel: None`).
+pub const MAX_AUTO_PARALLEL: usize = 256;
+
+/// How many requests run at once: `parallel`, or as many whole-context sequences as the KV
+/// budget holds (at most [`MAX_AUTO_PARALLEL`]).
+fn running_for(config: &ServerConfig, model: &LoadedEngineModel) -> anyhow::Result<usize> {
+    let (context, per_seq) = kv_bytes_per_sequence(model, config.ctx_size)?;
+    match (config.parallel, config.kv_cache_bytes) {
+        (Some(n), _) => Ok(n),
+        (None, None) => anyhow::bail!("--parallel auto needs a KV budget (--kv-cache)"),
+        (None, Some(budget)) => {
+            let fit = budget / per_seq.max(1);
+            if fit == 0 {
+                anyhow::bail!(
+                    "a KV budget of {budget} bytes holds no sequence of {context} tokens \
+                     ({per_seq} bytes each): give --kv-cache at least {per_seq} or a smaller --ctx-size"
+                );
+            }
+            Ok(fit.min(MAX_AUTO_PARALLEL))
+        }
+    }
 }
 
 /// Schema compilations at once (`AppState::compiles`).
@@ -188,8 +213,9 @@ async fn serve(
         let config = config.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let model = Arc::new(load()?);
+            let running = running_for(&config, &model)?;
             let sched = SchedulerConfig {
-                max_running: config.parallel,
+                max_running: running,
                 max_queue: config.max_queue,
                 context_size: config.ctx_size,
                 step_tokens: config.step_tokens,
@@ -223,9 +249,17 @@ async fn serve(
                 created: unix_now(),
                 fingerprint,
             };
+            let kv = engine.stats();
             eprintln!(
-                "model {} ready: context {context} tokens, {} running at once, queue {}",
-                config.model_id, config.parallel, config.max_queue
+                "model {} ready: context {context} tokens for every request, {running} running \
+                 at once, queue {}; KV cache {} bytes: {} slots of {} bytes ({} for cached \
+                 prefixes)",
+                config.model_id,
+                config.max_queue,
+                kv.kv_cache_bytes,
+                kv.kv_slots,
+                kv.kv_cache_bytes / kv.kv_slots.max(1),
+                kv.kv_slots.saturating_sub(running)
             );
             let _ = state.loaded.set(loaded);
             // Weak: the metrics are part of the state they read.
