@@ -224,6 +224,7 @@ async fn serve(
             };
             let engine = StreamingEngine::start(model.clone(), &sched)?;
             let context = engine.context_size();
+            let kv = engine.stats();
             let vocab = model.model.config().vocab_size;
             let fingerprint = format!(
                 "bitnet-{}-{}",
@@ -249,7 +250,6 @@ async fn serve(
                 created: unix_now(),
                 fingerprint,
             };
-            let kv = engine.stats();
             eprintln!(
                 "model {} ready: context {context} tokens for every request, {running} running \
                  at once, queue {}; KV cache {} bytes: {} slots of {} bytes ({} for cached \

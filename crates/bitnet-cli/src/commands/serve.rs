@@ -23,7 +23,7 @@ pub struct Args {
     /// Requests generated together, each with the whole --ctx-size (running KV slots);
     /// `auto`: as many as the --kv-cache budget holds (at most 256).
     #[arg(long, default_value = "8", value_parser = parse_parallel)]
-    parallel: Option<usize>,
+    parallel: Parallel,
     /// Requests waiting for a slot at most; one more is refused with 429 and Retry-After.
     #[arg(long = "max-queue", default_value_t = 64, value_parser = super::in_range(1, 65536))]
     max_queue: usize,
@@ -83,13 +83,16 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-/// `--parallel`: a count or `auto` (None).
-fn parse_parallel(s: &str) -> Result<Option<usize>, String> {
+/// `--parallel`: a count, or `auto` (as many as the KV budget holds).
+#[derive(Clone, Copy, Debug)]
+struct Parallel(Option<usize>);
+
+fn parse_parallel(s: &str) -> Result<Parallel, String> {
     if s.trim() == "auto" {
-        return Ok(None);
+        return Ok(Parallel(None));
     }
     super::in_range(1, 1024)(s)
-        .map(Some)
+        .map(|n| Parallel(Some(n)))
         .map_err(|e| format!("{e}, or `auto`"))
 }
 
@@ -166,10 +169,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         host: a.host,
         port: a.port,
         model_id,
-        parallel: a.parallel,
+        parallel: a.parallel.0,
         max_queue: a.max_queue,
         ctx_size: a.ctx_size,
-        kv_cache_bytes: match (a.kv_cache, a.parallel) {
+        kv_cache_bytes: match (a.kv_cache, a.parallel.0) {
             (Some(KvCache::Bytes(b)), _) => Some(b),
             (Some(KvCache::Auto), _) | (None, None) => Some(auto_kv_budget()),
             (None, Some(_)) => None,

@@ -48,7 +48,7 @@ impl TokenMask {
 
     pub fn is_allowed(&self, id: u32) -> bool {
         let i = id as usize;
-        i < self.len && self.words[i / 32] >> (i % 32) & 1 == 1
+        i < self.len && (self.words[i / 32] >> (i % 32)) & 1 == 1
     }
 
     /// The bits, 32 ids a word, lowest id in the lowest bit (llguidance's layout), to be
@@ -80,7 +80,7 @@ impl TokenMask {
             }
             for (b, l) in chunk.iter_mut().enumerate() {
                 let id = w * 32 + b;
-                if id >= self.len || bits >> b & 1 == 0 {
+                if id >= self.len || (bits >> b) & 1 == 0 {
                     *l = f32::NEG_INFINITY;
                 }
             }
