@@ -75,7 +75,13 @@ impl TokenMask {
     pub fn apply(&self, logits: &mut [f32]) {
         for (w, chunk) in logits.chunks_mut(32).enumerate() {
             let bits = self.words.get(w).copied().unwrap_or(0);
-            if bits == u32::MAX && chunk.len() == 32 && (w + 1) * 32 <= self.len {
+            let whole = chunk.len() == 32 && (w + 1) * 32 <= self.len;
+            if whole && bits == u32::MAX {
+                continue;
+            }
+            // Most words of a grammar's mask allow nothing.
+            if bits == 0 || w * 32 >= self.len {
+                chunk.fill(f32::NEG_INFINITY);
                 continue;
             }
             for (b, l) in chunk.iter_mut().enumerate() {
