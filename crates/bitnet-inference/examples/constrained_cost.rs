@@ -81,10 +81,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok((c.tokens, c.text, secs))
     };
     let (tokens, text, constrained) =
-        run(Request::new(prompt.clone(), GenerationConfig::greedy(300)).with_constraint(constraint.clone()))?;
+        run(Request::new(prompt.clone(), GenerationConfig::greedy(300))
+            .with_constraint(constraint.clone()))?;
     // Again: the grammar's lexer states, built as the first run needed them, are shared.
     let (_, _, constrained_again) =
-        run(Request::new(prompt.clone(), GenerationConfig::greedy(300)).with_constraint(constraint.clone()))?;
+        run(Request::new(prompt.clone(), GenerationConfig::greedy(300))
+            .with_constraint(constraint.clone()))?;
     let n = tokens.len();
     let mut free = GenerationConfig::greedy(n);
     free.ignore_eos = true;
@@ -114,8 +116,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let per = |x: f64| x / (repeats * n) as f64 * 1e6;
     println!("model {model}: vocabulary {vocab} tokens, 1 thread, CPU time of this thread");
-    println!("index the vocabulary (once per model): {:.1} ms", index * 1e3);
-    println!("compile the schema (once per request): {:.2} ms", compile * 1e3);
+    println!(
+        "index the vocabulary (once per model): {:.1} ms",
+        index * 1e3
+    );
+    println!(
+        "compile the schema (once per request): {:.2} ms",
+        compile * 1e3
+    );
     println!("output ({n} tokens): {text}");
     println!(
         "per token, replayed {repeats} times: mask {:.1} us, take the token {:.1} us, apply the mask to the logits {:.1} us",

@@ -824,7 +824,10 @@ mod tests {
             .response_format
         };
         assert_eq!(format(r#"{"type":"text"}"#), None);
-        assert_eq!(format(r#"{"type":"json_object"}"#), Some(JsonFormat::Object));
+        assert_eq!(
+            format(r#"{"type":"json_object"}"#),
+            Some(JsonFormat::Object)
+        );
         assert_eq!(
             format(
                 r#"{"type":"json_schema","json_schema":{"name":"p-1","strict":true,

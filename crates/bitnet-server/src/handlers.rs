@@ -385,7 +385,15 @@ async fn chat(
         .await
         .map_err(internal)?
         .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))?;
-    generate(state, Kind::Chat, vec![ids], req.sampling, constraint, start).await
+    generate(
+        state,
+        Kind::Chat,
+        vec![ids],
+        req.sampling,
+        constraint,
+        start,
+    )
+    .await
 }
 
 async fn completions(
@@ -418,7 +426,15 @@ async fn completions(
     .await
     .map_err(internal)?
     .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-    generate(state, Kind::Completion, ids, req.sampling, constraint, start).await
+    generate(
+        state,
+        Kind::Completion,
+        ids,
+        req.sampling,
+        constraint,
+        start,
+    )
+    .await
 }
 
 /// Compiles `response_format` (None: free text) on a blocking thread, at most
@@ -448,9 +464,7 @@ async fn compile_format(
         .await
         .map_err(internal)?
         .map(Some)
-        .map_err(|e| {
-            ApiError::invalid(field, format!("{field}: {e}")).with_code("invalid_schema")
-        })
+        .map_err(|e| ApiError::invalid(field, format!("{field}: {e}")).with_code("invalid_schema"))
 }
 
 /// A text longer than any prompt of `context` tokens can be is refused by its length, before

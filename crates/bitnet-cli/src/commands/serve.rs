@@ -114,13 +114,11 @@ fn parse_kv_cache(s: &str) -> Result<KvCache, String> {
 /// `--kv-cache auto`: a quarter of the memory available now (`MemAvailable` of
 /// /proc/meminfo), or 1 GiB where that cannot be read.
 fn auto_kv_budget() -> usize {
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            let line = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-            kb.checked_mul(1024)
-        });
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        let line = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        kb.checked_mul(1024)
+    });
     available.map_or(1 << 30, |b| b / 4)
 }
 

@@ -85,14 +85,30 @@ fn serve_flag_errors() {
     // A KV budget that holds no whole context of bitnet-tiny (5,242,880 bytes at -c 256);
     // and one below --parallel's needs: each refused with the figures.
     let (_, err) = bitnet_err(&[
-        "serve", "--port", "0", "-c", "256", "--parallel", "auto", "--kv-cache", "4M",
+        "serve",
+        "--port",
+        "0",
+        "-c",
+        "256",
+        "--parallel",
+        "auto",
+        "--kv-cache",
+        "4M",
     ]);
     assert!(
         err.contains("holds no sequence of 256 tokens") && err.contains("5242880"),
         "{err}"
     );
     let (_, err) = bitnet_err(&[
-        "serve", "--port", "0", "-c", "256", "--parallel", "4", "--kv-cache", "15M",
+        "serve",
+        "--port",
+        "0",
+        "-c",
+        "256",
+        "--parallel",
+        "4",
+        "--kv-cache",
+        "15M",
     ]);
     assert!(err.contains("holds 3 sequences of 256 tokens"), "{err}");
     let (_, err) = bitnet_err(&["serve", "--parallel", "many"]);

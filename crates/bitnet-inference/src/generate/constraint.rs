@@ -64,7 +64,7 @@ impl TokenMask {
             .iter()
             .map(|w| w.count_ones() as usize)
             .sum();
-        if self.len % 32 != 0 {
+        if !self.len.is_multiple_of(32) {
             n += (self.words[full] & ((1u32 << (self.len % 32)) - 1)).count_ones() as usize;
         }
         n

@@ -108,7 +108,8 @@ impl JsonGrammars {
             .map_err(|_| "llguidance could not build its token trie".to_string())?;
         let env = Arc::new(ApproximateTokEnv::new(trie));
         let env: llguidance::toktrie::TokEnv = env;
-        let mut factory = ParserFactory::new_simple(&env).map_err(|e| format!("llguidance: {e}"))?;
+        let mut factory =
+            ParserFactory::new_simple(&env).map_err(|e| format!("llguidance: {e}"))?;
         factory.quiet();
         *factory.limits_mut() = limits();
         Ok(JsonGrammars { factory, end })
@@ -197,7 +198,11 @@ struct JsonSource {
 
 impl ConstraintSource for JsonSource {
     fn start(&self) -> Result<Box<dyn TokenConstraint>, String> {
-        let parser = self.parser.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let parser = self
+            .parser
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(e);

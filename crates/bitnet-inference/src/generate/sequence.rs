@@ -399,9 +399,7 @@ impl Sequence {
             self.stats.time_to_first_token = self.started.elapsed();
         }
         let is_end = self.stop_ids.contains(&next);
-        if self.constraint.is_some()
-            && !(self.mask.is_allowed(next) || (is_end && self.may_end))
-        {
+        if self.constraint.is_some() && !(self.mask.is_allowed(next) || (is_end && self.may_end)) {
             // Only a logit bias that bans every allowed token leads here.
             return self.fail_constraint(format!(
                 "token {next} was chosen, which the constraint does not allow (a logit_bias \

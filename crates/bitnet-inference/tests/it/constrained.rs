@@ -6,8 +6,7 @@
 use bitnet_inference::engine::LoadedEngineModel;
 use bitnet_inference::generate::json::{JsonFormat, JsonGrammars};
 use bitnet_inference::generate::{
-    ConstraintSource, FinishReason, GenerationConfig, SharedConstraint, TokenConstraint,
-    TokenMask,
+    ConstraintSource, FinishReason, GenerationConfig, SharedConstraint, TokenConstraint, TokenMask,
 };
 use bitnet_inference::scheduler::{
     Completion, DynamicBatchProcessor, Event, Request, RequestError, SchedulerConfig,
@@ -45,10 +44,7 @@ fn processor() -> DynamicBatchProcessor {
 /// Runs the requests together to their ends.
 fn run_all(requests: Vec<Request>) -> Vec<Result<Completion, RequestError>> {
     let mut p = processor();
-    let streams: Vec<_> = requests
-        .into_iter()
-        .map(|r| p.submit(r).unwrap())
-        .collect();
+    let streams: Vec<_> = requests.into_iter().map(|r| p.submit(r).unwrap()).collect();
     p.run_until_idle();
     streams.into_iter().map(|s| s.collect_all()).collect()
 }
@@ -93,7 +89,10 @@ fn check_person(text: &str) {
     assert!(o["name"].as_str().unwrap().chars().count() <= 12, "{text}");
     let age = o["age"].as_i64().expect("an integer age");
     assert!((1..=120).contains(&age), "{text}");
-    assert!(["cat", "dog", "fish"].contains(&o["pet"].as_str().unwrap()), "{text}");
+    assert!(
+        ["cat", "dog", "fish"].contains(&o["pet"].as_str().unwrap()),
+        "{text}"
+    );
     let tags = o["tags"].as_array().unwrap();
     assert!(tags.len() <= 3, "{text}");
     assert!(tags
@@ -123,14 +122,22 @@ fn greedy_output_follows_the_schema_where_the_model_alone_writes_a_story() {
     let got = run_all(vec![
         Request::new(prompt(PROMPT), config.clone()),
         Request::new(prompt(PROMPT), config.clone()).with_constraint(person()),
-        Request::new(prompt(PROMPT), config.clone()).with_constraint(
-            grammars().compile(&JsonFormat::Object).unwrap(),
-        ),
+        Request::new(prompt(PROMPT), config.clone())
+            .with_constraint(grammars().compile(&JsonFormat::Object).unwrap()),
     ]);
     let free = got[0].as_ref().unwrap();
-    assert!(serde_json::from_str::<Value>(&free.text).is_err(), "{}", free.text);
+    assert!(
+        serde_json::from_str::<Value>(&free.text).is_err(),
+        "{}",
+        free.text
+    );
     let person = got[1].as_ref().unwrap();
-    assert_eq!(person.finish_reason, Some(FinishReason::Stop), "{}", person.text);
+    assert_eq!(
+        person.finish_reason,
+        Some(FinishReason::Stop),
+        "{}",
+        person.text
+    );
     check_person(&person.text);
     // Any object: the story model opens one and writes its story as the first key, never
     // closing it; what it gives by the length limit is the start of an object. (SmolLM2
@@ -174,14 +181,18 @@ fn sampled_choices_each_follow_the_schema_and_leave_the_others_alone() {
 
 #[test]
 fn max_tokens_before_the_end_gives_the_prefix_and_length() {
-    let full = run_all(vec![
-        Request::new(prompt(PROMPT), GenerationConfig::greedy(200)).with_constraint(person())
-    ])
+    let full = run_all(vec![Request::new(
+        prompt(PROMPT),
+        GenerationConfig::greedy(200),
+    )
+    .with_constraint(person())])
     .remove(0)
     .unwrap();
-    let cut = run_all(vec![
-        Request::new(prompt(PROMPT), GenerationConfig::greedy(6)).with_constraint(person())
-    ])
+    let cut = run_all(vec![Request::new(
+        prompt(PROMPT),
+        GenerationConfig::greedy(6),
+    )
+    .with_constraint(person())])
     .remove(0)
     .unwrap();
     assert_eq!(cut.finish_reason, Some(FinishReason::Length));
@@ -261,7 +272,12 @@ fn hostile_schemas_are_refused_or_compile_in_bounded_time() {
         ),
         ("many properties", {
             let props: serde_json::Map<String, Value> = (0..900)
-                .map(|i| (format!("p{i}"), json!({"type": "string", "pattern": format!("^[a-z]{{{}}}$", i % 50)})))
+                .map(|i| {
+                    (
+                        format!("p{i}"),
+                        json!({"type": "string", "pattern": format!("^[a-z]{{{}}}$", i % 50)}),
+                    )
+                })
                 .collect();
             let required: Vec<String> = (0..900).map(|i| format!("p{i}")).collect();
             json!({"type": "object", "properties": props, "required": required})
@@ -286,7 +302,11 @@ fn hostile_schemas_are_refused_or_compile_in_bounded_time() {
                 GenerationConfig::greedy(20),
             )
             .with_constraint(c)]);
-            eprintln!("{what}: ran in {:.2} s: {:?}", t.elapsed().as_secs_f64(), got[0].as_ref().map(|c| (c.finish_reason, c.text.len())));
+            eprintln!(
+                "{what}: ran in {:.2} s: {:?}",
+                t.elapsed().as_secs_f64(),
+                got[0].as_ref().map(|c| (c.finish_reason, c.text.len()))
+            );
             assert!(t.elapsed().as_secs_f64() < 40.0, "{what}");
             match &got[0] {
                 Ok(_) | Err(RequestError::Constraint(_)) => {}
@@ -391,7 +411,11 @@ fn only_allowed_tokens_come_out_and_end_tokens_only_where_the_constraint_ends() 
     assert_eq!(ended.finish_reason, Some(FinishReason::Stop));
     for r in &got[1..3] {
         let r = r.as_ref().unwrap();
-        assert!(r.tokens.iter().all(|t| allowed.contains(t)), "{:?}", r.tokens);
+        assert!(
+            r.tokens.iter().all(|t| allowed.contains(t)),
+            "{:?}",
+            r.tokens
+        );
         assert!(r.text.bytes().all(|b| b.is_ascii_digit()), "{}", r.text);
         assert!((3..=12).contains(&r.tokens.len()));
         assert_eq!(r.finish_reason, Some(FinishReason::Stop));
@@ -401,13 +425,20 @@ fn only_allowed_tokens_come_out_and_end_tokens_only_where_the_constraint_ends() 
     assert_eq!(greedy.tokens.len(), 12);
     for lp in &greedy.logprobs {
         assert_eq!(lp.top[0], (lp.token, lp.logprob));
-        assert!(lp.top.iter().all(|(id, _)| allowed.contains(id) || m.end_tokens.contains(id)));
+        assert!(lp
+            .top
+            .iter()
+            .all(|(id, _)| allowed.contains(id) || m.end_tokens.contains(id)));
         let mass: f32 = lp.top.iter().map(|(_, l)| l.exp()).sum();
         assert!(mass <= 1.0 + 1e-4, "{mass}");
     }
     // Without the constraint the model writes words.
     let free = got[3].as_ref().unwrap();
-    assert!(free.text.bytes().any(|b| b.is_ascii_alphabetic()), "{}", free.text);
+    assert!(
+        free.text.bytes().any(|b| b.is_ascii_alphabetic()),
+        "{}",
+        free.text
+    );
 }
 
 #[test]
@@ -461,8 +492,11 @@ fn smollm2_answers_in_json_through_its_chat_template() {
         })
         .unwrap();
     let reqs = [
-        Request::new(ask("Describe a cat as a JSON object."), GenerationConfig::greedy(300))
-            .with_constraint(object),
+        Request::new(
+            ask("Describe a cat as a JSON object."),
+            GenerationConfig::greedy(300),
+        )
+        .with_constraint(object),
         Request::new(
             ask("Invent a person: name, age, pet, tags and home (city, zip code) as JSON."),
             GenerationConfig::greedy(300),
@@ -476,10 +510,24 @@ fn smollm2_answers_in_json_through_its_chat_template() {
         .map(|s| s.collect_all().unwrap())
         .collect();
     eprintln!("object: {}\nperson: {}", got[0].text, got[1].text);
-    assert_eq!(got[0].finish_reason, Some(FinishReason::Stop), "{}", got[0].text);
+    assert_eq!(
+        got[0].finish_reason,
+        Some(FinishReason::Stop),
+        "{}",
+        got[0].text
+    );
     let v: Value = serde_json::from_str(&got[0].text).unwrap();
-    assert!(v.as_object().is_some_and(|o| !o.is_empty()), "{}", got[0].text);
-    assert_eq!(got[1].finish_reason, Some(FinishReason::Stop), "{}", got[1].text);
+    assert!(
+        v.as_object().is_some_and(|o| !o.is_empty()),
+        "{}",
+        got[0].text
+    );
+    assert_eq!(
+        got[1].finish_reason,
+        Some(FinishReason::Stop),
+        "{}",
+        got[1].text
+    );
     check_person(&got[1].text);
     for r in &got {
         assert!(r.tokens.iter().all(|&t| !m.tokenizer.is_special(t)));
