@@ -183,6 +183,14 @@ impl<'a> TokenStream<'a> {
         self.runner.get(self.slot).expect("the stream's sequence")
     }
 
+    /// Holds the output to `constraint` (call it before the first token; see
+    /// [`constraint`]).
+    pub fn set_constraint(&mut self, constraint: Box<dyn TokenConstraint>) {
+        if let Some(s) = self.runner.get_mut(self.slot) {
+            s.set_constraint(constraint);
+        }
+    }
+
     /// Stops now; held text comes out with the next call.
     pub fn cancel(&mut self) {
         if let Some(s) = self.runner.get_mut(self.slot) {
@@ -195,7 +203,7 @@ impl<'a> TokenStream<'a> {
         loop {
             let s = self.runner.get(self.slot).expect("the stream's sequence");
             if s.is_finished() {
-                if let Some(e) = s.error() {
+                if let Some(e) = s.error().or(s.constraint_error()) {
                     self.done = true;
                     return Err(crate::Error::Invalid(e.to_string()));
                 }
