@@ -533,3 +533,69 @@ fn smollm2_answers_in_json_through_its_chat_template() {
         assert!(r.tokens.iter().all(|&t| !m.tokenizer.is_special(t)));
     }
 }
+
+/// Walks the grammar at random (each step a token drawn uniformly among those the mask
+/// allows) and decodes the walk with the tokenizer itself: the trie's bytes for every token
+/// must be what the tokenizer decodes it to, or the text would not parse. For the three kinds
+/// of vocabulary: a tokenizer.json byte-level BPE (bitnet-tiny), a GGUF `gpt2` BPE with chat
+/// markers (SmolLM2) and a GGUF SentencePiece with byte fallback (Llama-2: `▁` for spaces,
+/// `<0xNN>` byte tokens).
+#[test]
+fn random_walks_over_allowed_tokens_decode_to_schema_valid_json() {
+    use bitnet_inference::formats::gguf::GgufFile;
+    use bitnet_inference::generate::Rng;
+    use bitnet_inference::generate::TokenPieces;
+    use bitnet_inference::tokenizer::Tokenizer;
+    let mut tokenizers: Vec<(&str, Tokenizer)> = vec![(
+        "bitnet-tiny",
+        Tokenizer::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bitnet-tiny/tokenizer.json"),
+        )
+        .unwrap(),
+    )];
+    if let Some(path) = super::common::smollm2_gguf() {
+        let f = GgufFile::open(&path).unwrap();
+        tokenizers.push(("SmolLM2", Tokenizer::from_gguf(&f.metadata, &path).unwrap()));
+    }
+    if let Some(path) =
+        super::tokenizer_fixtures::npm_tokenizer("llama2", "BITNET_LLAMA2_TOKENIZER")
+    {
+        let meta = super::tokenizer_fixtures::llama2_spm_metadata(&path);
+        let tok = Tokenizer::from_gguf(&meta, Path::new("llama2-vocab.gguf")).unwrap();
+        tokenizers.push(("Llama-2 SentencePiece", tok));
+    }
+    for (name, tok) in &tokenizers {
+        let pieces = TokenPieces::new(tok, tok.vocab_size());
+        let g = JsonGrammars::new(&pieces, |id| tok.is_special(id)).unwrap();
+        let c = g
+            .compile(&JsonFormat::Schema {
+                name: "person".into(),
+                schema: person_schema(),
+            })
+            .unwrap();
+        let mut mask = TokenMask::default();
+        let mut allowed = Vec::new();
+        let mut byte_tokens = 0;
+        for seed in 0..8 {
+            let mut rng = Rng::new(seed);
+            let mut walk = c.start().unwrap();
+            let mut ids = Vec::new();
+            while !walk.is_complete() {
+                assert!(ids.len() < 2000, "{name}: no end in sight");
+                mask.clear(pieces.len());
+                walk.next_allowed(&mut mask).unwrap();
+                allowed.clear();
+                allowed.extend((0..pieces.len() as u32).filter(|&id| mask.is_allowed(id)));
+                assert!(!allowed.is_empty(), "{name}: nothing allowed after {ids:?}");
+                assert!(allowed.iter().all(|&id| !tok.is_special(id)), "{name}");
+                let id = allowed[(rng.next_u64() % allowed.len() as u64) as usize];
+                walk.accept(id).unwrap();
+                byte_tokens += usize::from(pieces.get(id).len() == 1 && pieces.get(id)[0] >= 0x80);
+                ids.push(id);
+            }
+            let text = tok.decode(&ids).unwrap();
+            check_person(&text);
+        }
+        eprintln!("{name}: 8 walks valid ({byte_tokens} single high-byte tokens drawn)");
+    }
+}
