@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bitnet_inference::engine::LoadedEngineModel;
-use bitnet_inference::generate::{FinishReason, TokenLogprobs};
+use bitnet_inference::generate::json::JsonFormat;
+use bitnet_inference::generate::{FinishReason, SharedConstraint, TokenLogprobs};
 use bitnet_inference::scheduler::{Event, Request as SchedRequest, RequestStream};
 use futures_util::stream::{self, SelectAll, StreamExt};
 use http_body_util::BodyExt;
@@ -375,6 +376,7 @@ async fn chat(
     let bytes = read_body(&state, &headers, body).await?;
     let req = api::chat_request(&bytes, &l.defaults, l.context, l.vocab)?;
     check_model(&state, req.sampling.model.as_deref())?;
+    let constraint = compile_format(&state, l, &req.sampling.response_format).await?;
     let bytes = req.messages.iter().map(|m| m.content.len()).sum();
     fits_before_tokenizing(&l.model, "messages", bytes, l.context)?;
     let model = l.model.clone();
@@ -383,7 +385,15 @@ async fn chat(
         .await
         .map_err(internal)?
         .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))?;
-    generate(state, Kind::Chat, vec![ids], req.sampling, start).await
+    generate(
+        state,
+        Kind::Chat,
+        vec![ids],
+        req.sampling,
+        constraint,
+        start,
+    )
+    .await
 }
 
 async fn completions(
@@ -396,6 +406,7 @@ async fn completions(
     let bytes = read_body(&state, &headers, body).await?;
     let req = api::completion_request(&bytes, &l.defaults, l.context, l.vocab)?;
     check_model(&state, req.sampling.model.as_deref())?;
+    let constraint = compile_format(&state, l, &req.sampling.response_format).await?;
     for p in &req.prompts {
         if let Prompt::Text(t) = p {
             fits_before_tokenizing(&l.model, "prompt", t.len(), l.context)?;
@@ -415,7 +426,45 @@ async fn completions(
     .await
     .map_err(internal)?
     .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-    generate(state, Kind::Completion, ids, req.sampling, start).await
+    generate(
+        state,
+        Kind::Completion,
+        ids,
+        req.sampling,
+        constraint,
+        start,
+    )
+    .await
+}
+
+/// Compiles `response_format` (None: free text) on a blocking thread, at most
+/// `MAX_COMPILES` at once; a schema llguidance refuses, or one past the limits, is a 400
+/// naming `response_format.json_schema.schema` with the reason.
+async fn compile_format(
+    state: &AppState,
+    l: &Loaded,
+    format: &Option<JsonFormat>,
+) -> Result<Option<SharedConstraint>, ApiError> {
+    let Some(format) = format.clone() else {
+        return Ok(None);
+    };
+    let grammars = l.json.clone().map_err(|e| {
+        ApiError::invalid(
+            "response_format",
+            format!("response_format is not available for this model: {e}"),
+        )
+        .with_code("unsupported_parameter")
+    })?;
+    let _permit = state.compiles.acquire().await.map_err(internal)?;
+    let field = match format {
+        JsonFormat::Object => "response_format",
+        JsonFormat::Schema { .. } => api::SCHEMA_FIELD,
+    };
+    tokio::task::spawn_blocking(move || grammars.compile(&format))
+        .await
+        .map_err(internal)?
+        .map(Some)
+        .map_err(|e| ApiError::invalid(field, format!("{field}: {e}")).with_code("invalid_schema"))
 }
 
 /// A text longer than any prompt of `context` tokens can be is refused by its length, before
@@ -463,6 +512,7 @@ async fn generate(
     kind: Kind,
     prompts: Vec<Vec<u32>>,
     s: Sampling,
+    constraint: Option<SharedConstraint>,
     start: Instant,
 ) -> Result<Response, ApiError> {
     let l = state.ready()?;
@@ -512,6 +562,10 @@ async fn generate(
             let mut r = SchedRequest::new(p.clone(), config);
             if let Some(k) = s.logprobs {
                 r = r.with_logprobs(k);
+            }
+            // Each choice starts its own matcher from the one compiled grammar.
+            if let Some(c) = &constraint {
+                r = r.with_constraint(c.clone());
             }
             // On an error the streams submitted so far are dropped, which cancels them.
             streams.push(
@@ -915,6 +969,7 @@ mod tests {
             loaded: OnceLock::new(),
             draining: AtomicBool::new(false),
             metrics: Metrics::new(Arc::new(OnceLock::new())),
+            compiles: tokio::sync::Semaphore::new(1),
         });
         let r = router(state.clone()).unwrap();
         (state, r)
