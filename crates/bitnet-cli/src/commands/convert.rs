@@ -106,7 +106,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let tokenizer = tokenizer_metadata(&input, &m.generation)?;
     let arch = a.arch.clone().unwrap_or_else(|| {
-        if ternary_type == GgmlType::I2_S {
+        if m.config.qk_norm {
+            "qwen3".into()
+        } else if ternary_type == GgmlType::I2_S {
             "bitnet-25".into()
         } else {
             "bitnet".into()

@@ -22,10 +22,12 @@ pub fn bitnet_2b_4t() -> ModelConfig {
         vocab_size: 128256,
         max_context: 4096,
         rope_theta: 500000.0,
+        rope_scaling: crate::model::RopeScaling::None,
         rms_norm_eps: 1e-5,
         activation: Activation::Relu2,
         has_sub_norms: true,
         tied_embeddings: true,
+        qk_norm: false,
     }
 }
 
@@ -67,6 +69,8 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<ModelWeights> {
             q_proj: ternary(qd, hd)?,
             k_proj: ternary(kvd, hd)?,
             v_proj: ternary(kvd, hd)?,
+            q_norm: None,
+            k_norm: None,
             attn_sub_norm: config.has_sub_norms.then(|| norm(qd, eps)),
             o_proj: ternary(hd, qd)?,
             ffn_norm: norm(hd, eps),

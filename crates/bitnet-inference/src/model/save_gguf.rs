@@ -3,6 +3,7 @@
 //! models run in the peers too and our loader reads back exactly what it wrote.
 
 use super::config::{Activation, ModelConfig};
+use super::rope::{self, RopeScaling};
 use super::weights::{Linear, LinearWeights, ModelWeights, RmsNorm};
 use crate::formats::ggml::{self, GgmlType};
 use crate::formats::gguf::{GgufValue, GgufWriter};
@@ -147,13 +148,29 @@ pub fn write_gguf_with_progress(
             k("attention.layer_norm_rms_epsilon"),
             GgufValue::F32(config.rms_norm_eps),
         );
+    add_rope_scaling(&mut w, config, arch)?;
+    if config.qk_norm != (arch == "qwen3") {
+        return Err(Error::Invalid(format!(
+            "architecture {arch}: {}",
+            if config.qk_norm {
+                "the model norms query/key heads (Qwen3); write it as architecture qwen3"
+            } else {
+                "qwen3 files norm query/key heads, which this model does not"
+            }
+        )));
+    }
+    if arch == "qwen3" && (config.activation != Activation::Silu || config.has_sub_norms) {
+        return Err(Error::Invalid(
+            "architecture qwen3 implies SiLU and no BitNet sub-norms".into(),
+        ));
+    }
     if arch == "bitnet" {
         // llama.cpp's `bitnet` graph assumes SiLU; say which one this model uses.
         w.add_metadata(
             k("hidden_act"),
             GgufValue::String(config.activation.name().into()),
         );
-    } else if config.activation != Activation::Relu2 && arch != "llama" {
+    } else if config.activation != Activation::Relu2 && arch != "llama" && arch != "qwen3" {
         return Err(Error::Invalid(format!(
             "architecture {arch} implies ReLU²; this model uses {}",
             config.activation.name()
@@ -176,6 +193,12 @@ pub fn write_gguf_with_progress(
         add_linear(&mut w, &b("attn_q.weight"), &l.q_proj, export, &mut written)?;
         add_linear(&mut w, &b("attn_k.weight"), &l.k_proj, export, &mut written)?;
         add_linear(&mut w, &b("attn_v.weight"), &l.v_proj, export, &mut written)?;
+        if let Some(n) = &l.q_norm {
+            add_norm(&mut w, &b("attn_q_norm.weight"), n);
+        }
+        if let Some(n) = &l.k_norm {
+            add_norm(&mut w, &b("attn_k_norm.weight"), n);
+        }
         if let Some(n) = &l.attn_sub_norm {
             add_norm(&mut w, &b("attn_sub_norm.weight"), n);
         }
@@ -220,6 +243,81 @@ pub fn write_gguf_with_progress(
     w.write(path)?;
     progress(total, total);
     Ok(written)
+}
+
+/// llama.cpp's RoPE scaling keys; Llama 3's scaling as the `rope_freqs` tensor of
+/// per-dimension divisors its converter writes. Scalings llama.cpp cannot express (dynamic,
+/// longrope, YaRN without truncation) are refused rather than dropped.
+fn add_rope_scaling(w: &mut GgufWriter, c: &ModelConfig, arch: &str) -> Result<()> {
+    let k = |s: &str| format!("{arch}.rope.scaling.{s}");
+    let refuse = |what: &str| {
+        Err(Error::Invalid(format!(
+            "`{what}` RoPE scaling has no GGUF (llama.cpp) form; convert to a Hugging Face directory instead"
+        )))
+    };
+    match &c.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            w.add_metadata(k("type"), GgufValue::String("linear".into()))
+                .add_metadata(k("factor"), GgufValue::F32(*factor));
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate: true,
+        } => {
+            // llama.cpp multiplies its attention factor by 1 + 0.1·ln(factor) itself.
+            let attn = *attention_factor as f64 / rope::yarn_mscale(*factor as f64, 1.0);
+            w.add_metadata(k("type"), GgufValue::String("yarn".into()))
+                .add_metadata(k("factor"), GgufValue::F32(*factor))
+                .add_metadata(
+                    k("original_context_length"),
+                    GgufValue::U32(*original_context as u32),
+                )
+                .add_metadata(k("yarn_beta_fast"), GgufValue::F32(*beta_fast))
+                .add_metadata(k("yarn_beta_slow"), GgufValue::F32(*beta_slow))
+                .add_metadata(k("yarn_attn_factor"), GgufValue::F32(attn as f32));
+        }
+        RopeScaling::Yarn { .. } => return refuse("yarn (truncate: false)"),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context,
+        } => {
+            // llama.cpp's converter: from the f32 frequencies, in Python's f64 math.
+            let (d, old) = (c.head_dim, *original_context as f64);
+            let (factor, low, high) = (
+                *factor as f64,
+                *low_freq_factor as f64,
+                *high_freq_factor as f64,
+            );
+            let factors: Vec<f32> = (0..d / 2)
+                .map(|i| {
+                    let freq = (1.0 / c.rope_theta.powf((2 * i) as f32 / d as f32)) as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    if wavelen < old / high {
+                        1.0
+                    } else if wavelen > old / low {
+                        factor as f32
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                    }
+                })
+                .collect();
+            w.add_f32("rope_freqs.weight", &[factors.len() as u64], &factors);
+        }
+        RopeScaling::FreqFactors(f) => {
+            w.add_f32("rope_freqs.weight", &[f.len() as u64], f);
+        }
+        RopeScaling::Dynamic { .. } => return refuse("dynamic"),
+        RopeScaling::LongRope { .. } => return refuse("longrope"),
+    }
+    Ok(())
 }
 
 fn add_norm(w: &mut GgufWriter, name: &str, n: &RmsNorm) {

@@ -1,0 +1,143 @@
+//! Issue 20's fixtures (tools/make_model_fixtures.py): RoPE scaling types and Qwen3, against
+//! transformers' logits, one forward call and as transformers generates (a prefix, then one
+//! token a call with the KV cache, which is where `dynamic` and `longrope` differ).
+
+use bitnet_inference::backend::cpu::CpuBackend;
+use bitnet_inference::backend::BatchEntry;
+use bitnet_inference::formats::npy;
+use bitnet_inference::model::{self, RopeScaling};
+use std::path::{Path, PathBuf};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures-models")
+}
+
+fn manifest() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
+}
+
+fn ids(rel: &str) -> Vec<u32> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join(rel)).unwrap()).unwrap();
+    serde_json::from_value(v["ids"].clone()).unwrap()
+}
+
+fn oracle(rel: &str) -> Vec<f32> {
+    npy::read_f32(&std::fs::read(dir().join(rel)).unwrap())
+        .unwrap()
+        .1
+}
+
+fn backend(path: &Path, edit: impl FnOnce(&mut model::ModelConfig)) -> CpuBackend {
+    let loaded = model::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut config = loaded.config;
+    edit(&mut config);
+    CpuBackend::new(config, loaded.weights).unwrap()
+}
+
+/// Logits of every position: `first` ids in one call, then one id a call.
+fn logits(m: &CpuBackend, ids: &[u32], first: usize) -> Vec<f32> {
+    let n = ids.len();
+    let mut state = m.new_state(1, n, n).unwrap();
+    let vocab = m.config.vocab_size;
+    let mut out = Vec::with_capacity(n * vocab);
+    let mut start = 0;
+    while start < n {
+        let end = if start == 0 { first } else { start + 1 };
+        let batch: Vec<BatchEntry> = (start..end)
+            .map(|pos| BatchEntry {
+                token: ids[pos],
+                pos,
+                slot: 0,
+                logits: true,
+            })
+            .collect();
+        m.forward(&batch, &mut state).unwrap();
+        for i in 0..batch.len() {
+            out.extend_from_slice(state.logits(i));
+        }
+        start = end;
+    }
+    out
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn issue20_fixtures_match_transformers_in_one_call_and_incrementally() {
+    let m = manifest();
+    let prefix = m["prefix_of_incremental"].as_u64().unwrap() as usize;
+    let fixtures = m["fixtures"].as_array().unwrap();
+    assert!(fixtures.len() >= 10, "every variant in the manifest");
+    let mut report = Vec::new();
+    for f in fixtures {
+        let name = f["name"].as_str().unwrap();
+        let ids = ids(f["ids"].as_str().unwrap());
+        let model = backend(&dir().join(f["path"].as_str().unwrap()), |_| {});
+        let one_call = logits(&model, &ids, ids.len());
+        let d1 = max_diff(&one_call, &oracle(f["logits"].as_str().unwrap()));
+        let incremental = logits(&model, &ids, prefix);
+        let d2 = max_diff(
+            &incremental,
+            &oracle(f["logits_incremental"].as_str().unwrap()),
+        );
+        report.push(format!(
+            "{name}: max|Δ| one call {d1:.2e}, incremental {d2:.2e}"
+        ));
+        assert!(d1 <= 1e-4 && d2 <= 1e-4, "{}", report.last().unwrap());
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// Each RoPE fixture run with plain RoPE instead is far from its oracle: the fixtures tell a
+/// scaling from its absence (and the sequence crosses every original context).
+#[test]
+fn rope_fixtures_need_their_scaling() {
+    for f in manifest()["fixtures"].as_array().unwrap() {
+        let name = f["name"].as_str().unwrap();
+        if !name.starts_with("rope-") {
+            continue;
+        }
+        let path = dir().join(f["path"].as_str().unwrap());
+        let model = backend(&path, |c| {
+            assert_ne!(c.rope_scaling, RopeScaling::None, "{name}");
+            c.rope_scaling = RopeScaling::None;
+        });
+        let ids = ids(f["ids"].as_str().unwrap());
+        let d = max_diff(
+            &logits(&model, &ids, ids.len()),
+            &oracle(f["logits"].as_str().unwrap()),
+        );
+        assert!(d > 0.05, "{name}: plain RoPE is only {d} from the oracle");
+    }
+}
+
+/// The GGUF twins read llama.cpp's keys into the same scaling as the HF configs (llama3 as
+/// llama.cpp's per-dimension factors).
+#[test]
+fn gguf_rope_keys_read_as_the_hf_config_says() {
+    let load = |p: &str| model::load(&dir().join(p)).unwrap().config;
+    let hf = load("rope-yarn");
+    let gguf = load("rope-yarn-gguf/model-i2s.gguf");
+    assert_eq!(hf.rope_scaling, gguf.rope_scaling);
+    assert_eq!(hf.max_context, gguf.max_context);
+    assert_eq!(
+        load("rope-linear").rope_scaling,
+        load("rope-linear-gguf/model-i2s.gguf").rope_scaling
+    );
+    assert!(matches!(
+        load("rope-llama3-gguf/model-i2s.gguf").rope_scaling,
+        RopeScaling::FreqFactors(_)
+    ));
+    // dynamic: max_position_embeddings is the original context; the engine reaches ×factor.
+    let dynamic = load("rope-dynamic");
+    assert_eq!(dynamic.max_context, 64);
+    let qwen = load("qwen3-bitnet-gguf/model-i2s.gguf");
+    assert!(qwen.qk_norm && qwen.architecture == "qwen3");
+}
