@@ -211,10 +211,10 @@ def permute(t, n_head):
     return t.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_gguf(path, P, spec, arch, rope_keys, tokenizer, rope_freqs=None):
+def write_gguf(path, P, spec, arch, rope_keys, tokenizer, rope_freqs=None, q2_0_group=0):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"fixture {path.parent.name}")
-    w.add_file_type(40)  # I2_S, as microsoft's converter writes
+    w.add_file_type(41 if q2_0_group else 40)  # MOSTLY_Q2_0; I2_S as microsoft's converter writes
     w.add_vocab_size(mf.V)
     w.add_context_length(spec.get("ctx", mf.CTX))
     w.add_embedding_length(spec["h"])
@@ -247,9 +247,13 @@ def write_gguf(path, P, spec, arch, rope_keys, tokenizer, rope_freqs=None):
             t = p["t"]
             if arch == "llama" and n in ("q", "k"):
                 t = permute(t, spec["nh"] if n == "q" else spec["nkv"])
-            raw = mf.pack_i2s(t, p["mult"])
+            if q2_0_group:
+                raw = pack_q2_0(t, p["gs"], q2_0_group)
+                dtype = Q2_0
+            else:
+                raw, dtype = mf.pack_i2s(t, p["mult"]), mf.I2_S
             w.add_tensor(b + mf.GGUF_LIN[n] + ".weight", raw.view(np.int8), raw_shape=list(t.shape),
-                         raw_dtype=mf.I2_S)
+                         raw_dtype=dtype)
     w.add_tensor("output_norm.weight", P["out_norm"].astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -273,6 +277,87 @@ def llama3_rope_freqs(rope):
             smooth = (old / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return out
+
+
+# Group-wise ternary scales (Q2_0): Qwen3 shapes, one f16 scale per 64 (llama.cpp's Q2_0) or 128
+# (PrismML's fork) weights. transformers has no group-scaled BitNet linear, so the oracle is
+# transformers' float Qwen3 holding W = t·scale_g, with every decoder linear's input quantized as
+# transformers' BitNet ActQuant does (per token: s = 127/max|x| (≥ 1e-5), round, clamp, / s).
+GROUPED = {"qwen3-q2_0-g64": dict(seed=41, group=64), "qwen3-q2_0-g128": dict(seed=42, group=128)}
+Q2_0 = 42
+
+
+class GroupLinear(dict):
+    """t and per-group scales; "w" is the dense t·scale (recomputed after hardening swaps)."""
+
+    def __getitem__(self, k):
+        if k == "w":
+            t, gs, g = dict.__getitem__(self, "t"), dict.__getitem__(self, "gs"), dict.__getitem__(self, "group")
+            return (t.astype(np.float32) * np.repeat(gs, g, axis=1)).astype(np.float32)
+        return dict.__getitem__(self, k)
+
+    def __contains__(self, k):
+        return k == "w" or dict.__contains__(self, k)
+
+
+def actquant_forward(mod):
+    inner = mod.forward
+
+    def forward(x):
+        s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+        return inner((x * s).round().clamp(-128, 127) / s)
+    mod.forward = forward
+
+
+def pack_q2_0(t, gs, group):
+    """llama.cpp block_q2_0 (QK2_0 = group): f16 d, then element j in bits 2*(j%4) of byte j/4."""
+    rows, cols = t.shape
+    codes = (t.astype(np.int16) + 1).astype(np.uint8).reshape(rows, cols // group, group // 4, 4)
+    qs = codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+    d = gs.astype(np.float16).view(np.uint8).reshape(rows, cols // group, 2)
+    return np.concatenate([d, qs], axis=-1).reshape(-1)
+
+
+def build_grouped(name, g, tokenizer):
+    spec = base_spec(g["seed"], storage="float", arch="qwen3", nh=4, nkv=2, tied=True, quant=None)
+    rng = np.random.default_rng(2000 + g["seed"])
+    P = make_params(dict(spec, storage="bitlinear"))
+    group = g["group"]
+    for l in range(mf.L):
+        for n in mf.LIN:
+            t = P[f"{l}.{n}"]["t"]
+            gs = (rng.integers(16, 48, size=(t.shape[0], t.shape[1] // group)) / 2048.0).astype(np.float32)
+            P[f"{l}.{n}"] = GroupLinear(t=t, gs=gs, group=group)
+    config = config_for(name, spec, ("rope_parameters", {"rope_type": "default"}))
+    with tempfile.TemporaryDirectory() as td:
+        od = Path(td) / "oracle"
+
+        def load():
+            write_dir(od, P, spec, config)
+            m = mf.load_hf(od)
+            for l in range(mf.L):
+                mods = mf.layer_mods(m, l, spec)
+                for n in mf.LIN:
+                    actquant_forward(mods[n])
+            return m
+
+        model = load()
+        stats = mf.harden(model, P, dict(spec, storage="grouped"), rng)
+        mem_logits, _ = mf.run_capture(model, spec)
+        shutil.rmtree(od)
+        model = load()
+        logits, caps = mf.run_capture(model, spec)
+        worst = mf.check_margins(caps)
+        assert torch.equal(logits, mem_logits), "reloaded model differs from the hardened in-memory model"
+        inc = incremental_logits(model)
+    d = OUT / name
+    d.mkdir()
+    (d / "ids.json").write_text(json.dumps({"ids": mf.IDS}) + "\n")
+    np.save(d / "logits.npy", logits.numpy().astype(np.float32))
+    np.save(d / "logits_incremental.npy", inc.numpy().astype(np.float32))
+    write_gguf(d / "model-q2_0.gguf", P, spec, "qwen3", [], tokenizer, q2_0_group=group)
+    print(f"{name}: min_act_margin={worst} {stats}", flush=True)
+    return worst
 
 
 def main():
@@ -333,6 +418,13 @@ def main():
             write_gguf(gd / "model-i2s.gguf", P, spec, "qwen3", [], tokenizer)
             entry(f"{name}-gguf", f"{name}-gguf/model-i2s.gguf", "gguf", name, architecture="qwen3",
                   weights="I2_S")
+
+    for name, g in GROUPED.items():
+        worst = build_grouped(name, g, tokenizer)
+        entry(name, f"{name}/model-q2_0.gguf", "gguf", name,
+              architecture="qwen3, Q2_0 linears (ggml type 42) with one f16 scale per %d weights" % g["group"],
+              oracle="transformers Qwen3 (float32) with W = t*scale_g and BitNet's per-token int8 activation "
+                     "quantization on every decoder linear's input", min_act_margin=worst)
 
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())

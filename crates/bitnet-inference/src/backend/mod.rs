@@ -201,7 +201,7 @@ pub fn build(
         Device::Auto => {
             #[cfg(feature = "cuda")]
             if cuda::unsupported(options).is_none()
-                && cuda::unsupported_model(&config).is_none()
+                && cuda::unsupported_model(&config, &weights).is_none()
                 && cuda::device_count() > 0
             {
                 return build_cuda(config, weights, options, 0);
@@ -223,7 +223,7 @@ fn build_cuda(
             "the CUDA backend does not support {what} yet; use --device cpu"
         )));
     }
-    if let Some(what) = cuda::unsupported_model(&config) {
+    if let Some(what) = cuda::unsupported_model(&config, &weights) {
         return Err(crate::Error::Invalid(format!(
             "the CUDA backend cannot run this model yet ({what}); use --device cpu"
         )));

@@ -155,3 +155,33 @@ mod tests {
         assert_eq!(super::gpt2_byte_char(b'a'), 'a');
     }
 }
+
+/// Gives every ternary linear of the layers random group-wise scales, one per `group`
+/// weights (64 or 128), each `k/2048` for `k` in 16..48 (exact in f16, so Q2_0 stores them
+/// unchanged), as group-scaled ternary models (Q2_0 files) have.
+pub fn random_group_scales(weights: &mut ModelWeights, group: usize, seed: u64) -> Result<()> {
+    use super::weights::LinearWeights;
+    let mut rng = Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15);
+    for layer in &mut weights.layers {
+        for lin in [
+            &mut layer.q_proj,
+            &mut layer.k_proj,
+            &mut layer.v_proj,
+            &mut layer.o_proj,
+            &mut layer.gate_proj,
+            &mut layer.up_proj,
+            &mut layer.down_proj,
+        ] {
+            let LinearWeights::Ternary(m) = &lin.weights else {
+                continue;
+            };
+            let n = m.rows() * (m.cols() / group.max(1));
+            let scales: Vec<f32> = (0..n)
+                .map(|_| (16 + rng.next_u64() % 32) as f32 / 2048.0)
+                .collect();
+            let m = m.clone().with_group_scales(group, &scales)?;
+            lin.weights = LinearWeights::Ternary(m);
+        }
+    }
+    Ok(())
+}

@@ -31,6 +31,8 @@
 //!   is loaded as a dense f32 matrix instead (exact, slower) rather than computing wrong
 //!   results.
 //! - I2_S: one f32 tensor scale (a multiplier) at byte `n/4`.
+//! - Q2_0 (llama.cpp, groups of 64; PrismML's fork, groups of 128): ternary with group-wise
+//!   scales ([`crate::kernels::group`]); a tensor with a code 3 (+2) loads dense (exact).
 //! - F32/F16/BF16 (or other float/quant types) linears in a BitNet architecture still run
 //!   ternary: if every non-zero weight has the same magnitude `c` (what llama.cpp's and
 //!   microsoft's converters write: `t·c`), trits are the signs and the multiplier is `c`;
@@ -696,6 +698,43 @@ impl<'a> Loader<'a> {
                         Ok(scale * extra)
                     },
                 )
+                .map_err(|e| self.err(name, e.to_string()))?;
+                self.file.release(t);
+                Ok(Linear::ternary(m))
+            }
+            GgmlType::Q2_0 | GgmlType::Q2_0_G128 => {
+                let (group, bb) = (ty.block_size(), ty.block_bytes());
+                let rb = ty
+                    .row_bytes(cols)
+                    .ok_or_else(|| self.err(name, "bad row length"))?;
+                let src_rows: Vec<usize> = (0..rows).map(map).collect();
+                let groups = cols / group;
+                // The f16 group scales, and whether any code is 3 (+2: not ternary).
+                let mut scales = vec![0f32; rows * groups];
+                let mut code3 = false;
+                for (r, s) in scales.chunks_exact_mut(groups).enumerate() {
+                    let src = &data[src_rows[r] * rb..(src_rows[r] + 1) * rb];
+                    for (b, s) in src.chunks_exact(bb).zip(s.iter_mut()) {
+                        *s = f16::from_le_bytes([b[0], b[1]]).to_f32() * extra;
+                        code3 |= b[2..].iter().any(|&x| has_code3(x));
+                    }
+                }
+                if code3 {
+                    // Not ternary: exact float weights instead.
+                    let m = self.dense(t, rows, cols, map)?;
+                    return Ok(Linear::dense(scale_dense(m, extra)?));
+                }
+                let m = TernaryMatrix::from_rows_parallel_with(
+                    rows,
+                    cols,
+                    || vec![0f32; groups],
+                    |scratch, r, trits| {
+                        let src = &data[src_rows[r] * rb..(src_rows[r] + 1) * rb];
+                        ggml::q2_0_row(ty, src, trits, scratch)?;
+                        Ok(1.0)
+                    },
+                )
+                .and_then(|m| m.with_group_scales(group, &scales))
                 .map_err(|e| self.err(name, e.to_string()))?;
                 self.file.release(t);
                 Ok(Linear::ternary(m))

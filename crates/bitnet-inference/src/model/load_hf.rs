@@ -653,93 +653,94 @@ fn parse_rope(
             _ => Err(bad()),
         }
     };
-    let scaling =
-        match rope_type {
-            "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear {
+    let scaling = match rope_type {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: factor(true)?.unwrap_or(1.0),
+        },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: factor(true)?.unwrap_or(1.0),
+            original_context: max_position,
+        },
+        "llama3" => {
+            let need = |name: &str| -> Result<f32> {
+                p.f32_opt(name)?
+                    .ok_or_else(|| p.err(name, "missing (required by `llama3`)"))
+            };
+            RopeScaling::Llama3 {
                 factor: factor(true)?.unwrap_or(1.0),
-            },
-            "dynamic" => RopeScaling::Dynamic {
-                factor: factor(true)?.unwrap_or(1.0),
-                original_context: max_position,
-            },
-            "llama3" => {
-                let need = |name: &str| -> Result<f32> {
-                    p.f32_opt(name)?
-                        .ok_or_else(|| p.err(name, "missing (required by `llama3`)"))
-                };
-                RopeScaling::Llama3 {
-                    factor: factor(true)?.unwrap_or(1.0),
-                    low_freq_factor: need("low_freq_factor")?,
-                    high_freq_factor: need("high_freq_factor")?,
-                    original_context: original()?,
-                }
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_context: original()?,
             }
-            "yarn" => {
-                let original_context = original()?;
-                let factor = match factor(false)? {
-                    Some(f) => f as f64,
-                    None => implied_factor(original_context),
-                };
-                let attention_factor = match p.f32_opt("attention_factor")? {
-                    Some(a) => a as f64,
-                    None => {
-                        let mscale = p.f32_opt("mscale")?.filter(|&m| m != 0.0);
-                        let all = p.f32_opt("mscale_all_dim")?.filter(|&m| m != 0.0);
-                        match (mscale, all) {
-                            (Some(m), Some(a)) => {
-                                rope::yarn_mscale(factor, m as f64)
-                                    / rope::yarn_mscale(factor, a as f64)
-                            }
-                            _ => rope::yarn_mscale(factor, 1.0),
+        }
+        "yarn" => {
+            let original_context = original()?;
+            let factor = match factor(false)? {
+                Some(f) => f as f64,
+                None => implied_factor(original_context),
+            };
+            let attention_factor = match p.f32_opt("attention_factor")? {
+                Some(a) => a as f64,
+                None => {
+                    let mscale = p.f32_opt("mscale")?.filter(|&m| m != 0.0);
+                    let all = p.f32_opt("mscale_all_dim")?.filter(|&m| m != 0.0);
+                    match (mscale, all) {
+                        (Some(m), Some(a)) => {
+                            rope::yarn_mscale(factor, m as f64)
+                                / rope::yarn_mscale(factor, a as f64)
                         }
+                        _ => rope::yarn_mscale(factor, 1.0),
                     }
-                };
-                if p.f32_opt("mscale_all_dim")?.is_some_and(|m| m != 0.0) {
-                    // transformers also scales the attention logits by it (MLA models only).
-                    return Err(p.err(
-                        "mscale_all_dim",
-                        "not supported (DeepSeek-style attention scaling)",
-                    ));
                 }
-                RopeScaling::Yarn {
-                    factor: factor as f32,
-                    original_context,
-                    // transformers: `get("beta_fast") or 32` (0 or null take the default)
-                    beta_fast: p
-                        .f32_opt("beta_fast")?
-                        .filter(|&b| b != 0.0)
-                        .unwrap_or(32.0),
-                    beta_slow: p.f32_opt("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
-                    attention_factor: attention_factor as f32,
-                    truncate: p.bool_opt("truncate")?.unwrap_or(true),
-                }
+            };
+            if p.f32_opt("mscale_all_dim")?.is_some_and(|m| m != 0.0) {
+                // transformers also scales the attention logits by it (MLA models only).
+                return Err(p.err(
+                    "mscale_all_dim",
+                    "not supported (DeepSeek-style attention scaling)",
+                ));
             }
-            "longrope" => {
-                let original_context = original()?;
-                let factor = match factor(false)? {
-                    Some(f) => f as f64,
-                    None => implied_factor(original_context),
-                };
-                let attention_factor = match p.f32_opt("attention_factor")? {
-                    Some(a) => a as f64,
-                    None if factor <= 1.0 => 1.0,
-                    None => (1.0 + factor.ln() / (original_context as f64).ln()).sqrt(),
-                };
-                RopeScaling::LongRope {
-                    short_factor: factors("short_factor")?,
-                    long_factor: factors("long_factor")?,
-                    original_context,
-                    attention_factor: attention_factor as f32,
-                }
+            RopeScaling::Yarn {
+                factor: factor as f32,
+                original_context,
+                // transformers: `get("beta_fast") or 32` (0 or null take the default)
+                beta_fast: p
+                    .f32_opt("beta_fast")?
+                    .filter(|&b| b != 0.0)
+                    .unwrap_or(32.0),
+                beta_slow: p.f32_opt("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
+                attention_factor: attention_factor as f32,
+                truncate: p.bool_opt("truncate")?.unwrap_or(true),
             }
-            other => return Err(p.err(
+        }
+        "longrope" => {
+            let original_context = original()?;
+            let factor = match factor(false)? {
+                Some(f) => f as f64,
+                None => implied_factor(original_context),
+            };
+            let attention_factor = match p.f32_opt("attention_factor")? {
+                Some(a) => a as f64,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original_context as f64).ln()).sqrt(),
+            };
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_context,
+                attention_factor: attention_factor as f32,
+            }
+        }
+        other => {
+            return Err(p.err(
                 "rope_type",
                 format!(
                     "`{other}` is not supported (default, linear, dynamic, llama3, yarn, longrope)"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     Ok((theta, scaling))
 }
 

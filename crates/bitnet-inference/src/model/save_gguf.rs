@@ -85,6 +85,8 @@ fn file_type(t: GgmlType) -> u32 {
     match t {
         GgmlType::TQ1_0 => 36,
         GgmlType::TQ2_0 => 37,
+        // llama.cpp's LLAMA_FTYPE_MOSTLY_Q2_0.
+        GgmlType::Q2_0 | GgmlType::Q2_0_G128 => 41,
         // microsoft's fork: LLAMA_FTYPE_MOSTLY_I2_S.
         _ => 40,
     }
@@ -116,10 +118,10 @@ pub fn write_gguf_with_progress(
     let arch = export.architecture.as_str();
     if !matches!(
         export.ternary_type,
-        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S
+        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S | GgmlType::Q2_0
     ) {
         return Err(Error::Invalid(format!(
-            "{} is not a ternary GGUF type (TQ1_0, TQ2_0, I2_S)",
+            "{} is not a ternary GGUF type (TQ1_0, TQ2_0, I2_S, Q2_0)",
             export.ternary_type.name()
         )));
     }
@@ -353,7 +355,59 @@ fn add_ternary(
     let (rows, cols) = (m.rows(), m.cols());
     let bad = |msg: String| Error::Invalid(format!("{name}: {msg}"));
     let mut trits = vec![0i8; cols];
-    let bytes = if ty == GgmlType::I2_S {
+    if m.group() != 0 && !matches!(ty, GgmlType::Q2_0 | GgmlType::Q2_0_G128) {
+        return Err(bad(format!(
+            "group-wise scales (one per {}) need Q2_0; {} holds {}",
+            m.group(),
+            ty.name(),
+            if ty == GgmlType::I2_S {
+                "one scale a tensor"
+            } else {
+                "one scale per 256 weights"
+            }
+        )));
+    }
+    let bytes = if matches!(ty, GgmlType::Q2_0 | GgmlType::Q2_0_G128) {
+        let group = ty.block_size();
+        if cols % group != 0 {
+            return Err(bad(format!(
+                "{cols} columns are not whole groups of {group}"
+            )));
+        }
+        if m.group() != 0 && m.group() < group {
+            // A finer grouping than the file's cannot be merged without loss.
+            return Err(bad(format!(
+                "scales per {} weights cannot be stored as {} (one per {group})",
+                m.group(),
+                ty.name()
+            )));
+        }
+        let groups = cols / group;
+        let mut out = Vec::with_capacity(rows * groups * ty.block_bytes());
+        let mut scales = vec![f16::ZERO; groups];
+        let mut rounded = std::collections::BTreeSet::new();
+        for r in 0..rows {
+            row_trits(m, r, &mut trits);
+            for (g, d) in scales.iter_mut().enumerate() {
+                let s = match m.group() {
+                    0 => m.multipliers()[r],
+                    mg => m.group_scales_row(r)[g * group / mg],
+                };
+                *d = f16_scale(s, export.round_scales, ty)
+                    .map_err(|e| bad(format!("row {r}'s scale {s} {e}")))?;
+                if d.to_f32() != s && rounded.insert(s.to_bits()) {
+                    written.max_relative_change =
+                        written.max_relative_change.max(relative_change(s, *d));
+                }
+            }
+            out.extend(ggml::pack_q2_0(ty, &trits, &scales)?);
+        }
+        if !rounded.is_empty() {
+            written.rounded_scales += rounded.len();
+            written.rounded_tensors += 1;
+        }
+        out
+    } else if ty == GgmlType::I2_S {
         // One scale for the whole tensor: every row must share it.
         let scale = m.multipliers().first().copied().unwrap_or(1.0);
         if m.multipliers().iter().any(|&s| s != scale) {

@@ -431,6 +431,13 @@ fn ternary(out: &mut Vec<Tensor>, module: &str, lin: &Linear, m: &TernaryMatrix)
     no_input_norm(module, lin)?;
     let (rows, cols) = (m.rows(), m.cols());
     let bad = |msg: String| Error::Invalid(format!("{module}.weight: {msg}"));
+    if m.group() != 0 {
+        return Err(bad(format!(
+            "group-wise scales (one per {} weights) have no transformers bitnet form (one \
+             weight_scale a tensor); convert to gguf-q2_0",
+            m.group()
+        )));
+    }
     if !rows.is_multiple_of(4) {
         return Err(bad(format!(
             "{rows} output rows are not a multiple of 4 (the packed layout's 4 rows a byte)"

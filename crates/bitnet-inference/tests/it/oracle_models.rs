@@ -141,3 +141,28 @@ fn gguf_rope_keys_read_as_the_hf_config_says() {
     let qwen = load("qwen3-bitnet-gguf/model-i2s.gguf");
     assert!(qwen.qk_norm && qwen.architecture == "qwen3");
 }
+
+/// Q2_0 files load as ternary with their group scales (not as dense floats). (The AVX2
+/// group dots equal the scalar ones: `kernels::group` tests.)
+#[test]
+fn q2_0_loads_group_scaled() {
+    use bitnet_inference::model::LinearWeights;
+    for (name, group) in [("qwen3-q2_0-g64", 64), ("qwen3-q2_0-g128", 128)] {
+        let path = dir().join(name).join("model-q2_0.gguf");
+        let loaded = model::load(&path).unwrap();
+        let tensor = loaded
+            .tensors
+            .iter()
+            .find(|t| t.name == "blk.0.attn_q.weight")
+            .unwrap();
+        assert_eq!(tensor.dtype, if group == 64 { "Q2_0" } else { "Q2_0_g128" });
+        for layer in &loaded.weights.layers {
+            for lin in layer.linears() {
+                match &lin.weights {
+                    LinearWeights::Ternary(m) => assert_eq!(m.group(), group, "{name}"),
+                    LinearWeights::Dense(_) => panic!("{name}: a linear loaded dense"),
+                }
+            }
+        }
+    }
+}

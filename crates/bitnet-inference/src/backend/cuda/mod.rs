@@ -51,8 +51,16 @@ pub fn unsupported(options: &super::ModelOptions) -> Option<&'static str> {
 }
 
 /// What of `config` the CUDA backend cannot compute yet, named for an error (`None`: it can
-/// run the model): scaled RoPE, Qwen3's q/k norms.
-pub fn unsupported_model(config: &ModelConfig) -> Option<String> {
+/// run the model): scaled RoPE, Qwen3's q/k norms, group-wise ternary scales.
+pub fn unsupported_model(config: &ModelConfig, weights: &ModelWeights) -> Option<String> {
+    let grouped = weights.layers.iter().any(|l| {
+        l.linears()
+            .iter()
+            .any(|lin| matches!(&lin.weights, LinearWeights::Ternary(m) if m.group() != 0))
+    });
+    if grouped {
+        return Some("ternary weights with group-wise scales (Q2_0)".into());
+    }
     if config.rope_scaling != crate::model::RopeScaling::None {
         return Some(format!("`{}` RoPE scaling", config.rope_scaling.name()));
     }
