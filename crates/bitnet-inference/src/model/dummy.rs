@@ -144,18 +144,6 @@ fn gpt2_byte_char(b: u8) -> char {
     char::from_u32(256 + offset).expect("valid code point")
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn byte_chars_are_distinct() {
-        let chars: std::collections::HashSet<char> =
-            (0..=255u8).map(super::gpt2_byte_char).collect();
-        assert_eq!(chars.len(), 256);
-        assert_eq!(super::gpt2_byte_char(b' '), 'Ġ');
-        assert_eq!(super::gpt2_byte_char(b'a'), 'a');
-    }
-}
-
 /// Gives every ternary linear of the layers random group-wise scales, one per `group`
 /// weights (64 or 128), each `k/2048` for `k` in 16..48 (exact in f16, so Q2_0 stores them
 /// unchanged), as group-scaled ternary models (Q2_0 files) have.
@@ -184,4 +172,16 @@ pub fn random_group_scales(weights: &mut ModelWeights, group: usize, seed: u64) 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_chars_are_distinct() {
+        let chars: std::collections::HashSet<char> =
+            (0..=255u8).map(super::gpt2_byte_char).collect();
+        assert_eq!(chars.len(), 256);
+        assert_eq!(super::gpt2_byte_char(b' '), 'Ġ');
+        assert_eq!(super::gpt2_byte_char(b'a'), 'a');
+    }
 }

@@ -166,3 +166,104 @@ fn q2_0_loads_group_scaled() {
         }
     }
 }
+
+/// Converting the fixtures: RoPE scalings and Qwen3 through our GGUF writer (llama.cpp's
+/// keys, `rope_freqs`, arch `qwen3`), Q2_0 back to Q2_0, and RoPE scalings through the
+/// Hugging Face writer, each loads back to the oracle's logits; what GGUF cannot express is
+/// refused by name.
+#[test]
+fn conversions_keep_rope_scaling_qwen3_and_group_scales() {
+    use bitnet_inference::formats::ggml::GgmlType;
+    use bitnet_inference::model::save_gguf::{write_gguf, GgufExport};
+    use bitnet_inference::model::save_hf::write_hf_dir;
+    let out = std::env::temp_dir().join(format!("bitnet-issue20-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let check = |path: &Path, fixture: &str, tol: f32| {
+        let ids = ids(&format!("{fixture}/ids.json"));
+        let m = backend(path, |_| {});
+        let d = max_diff(
+            &logits(&m, &ids, ids.len()),
+            &oracle(&format!("{fixture}/logits.npy")),
+        );
+        assert!(
+            d <= tol,
+            "{}: max |Δ| {d} from {fixture}'s oracle",
+            path.display()
+        );
+    };
+    let gguf = |fixture: &str, arch: &str, ty: GgmlType| {
+        let src = dir().join(fixture);
+        let loaded = model::load(&src).unwrap();
+        let path = out.join(format!("{}-{}.gguf", fixture.replace('/', "_"), ty.name()));
+        let tokenizer =
+            bitnet_inference::model::dummy::byte_vocab_metadata(loaded.config.vocab_size);
+        write_gguf(
+            &loaded.config,
+            &loaded.weights,
+            &tokenizer,
+            &GgufExport::new(arch, ty, GgmlType::F16, fixture),
+            &path,
+        )
+        .map(|_| path)
+    };
+    for fixture in ["rope-linear", "rope-yarn", "rope-llama3"] {
+        let path = gguf(fixture, "bitnet", GgmlType::I2_S).unwrap();
+        check(&path, fixture, 1e-4);
+    }
+    for fixture in ["rope-dynamic", "rope-longrope"] {
+        let e = gguf(fixture, "bitnet", GgmlType::I2_S)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no GGUF (llama.cpp) form"), "{fixture}: {e}");
+    }
+    let path = gguf("qwen3-bitnet", "qwen3", GgmlType::I2_S).unwrap();
+    check(&path, "qwen3-bitnet", 1e-4);
+    assert!(gguf("qwen3-bitnet", "bitnet", GgmlType::I2_S).is_err());
+    for fixture in ["qwen3-q2_0-g64", "qwen3-q2_0-g128"] {
+        let path = gguf(
+            &format!("{fixture}/model-q2_0.gguf"),
+            "qwen3",
+            GgmlType::Q2_0,
+        )
+        .unwrap();
+        check(&path, fixture, 1e-4);
+        // Group scales have no per-tensor form.
+        let e = gguf(
+            &format!("{fixture}/model-q2_0.gguf"),
+            "qwen3",
+            GgmlType::I2_S,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("group-wise scales"), "{e}");
+    }
+    for fixture in [
+        "rope-linear",
+        "rope-dynamic",
+        "rope-llama3",
+        "rope-yarn",
+        "rope-longrope",
+    ] {
+        let loaded = model::load(&dir().join(fixture)).unwrap();
+        let to = out.join(format!("{fixture}-hf"));
+        write_hf_dir(
+            &loaded.config,
+            &loaded.weights,
+            &loaded.generation,
+            &[],
+            &to,
+        )
+        .unwrap();
+        std::fs::copy(
+            dir().join(fixture).join("tokenizer.json"),
+            to.join("tokenizer.json"),
+        )
+        .unwrap();
+        let back = model::load(&to).unwrap().config;
+        assert_eq!(back.rope_scaling, loaded.config.rope_scaling, "{fixture}");
+        assert_eq!(back.max_context, loaded.config.max_context, "{fixture}");
+        check(&to, fixture, 1e-4);
+    }
+    std::fs::remove_dir_all(&out).ok();
+}
