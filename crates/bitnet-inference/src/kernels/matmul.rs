@@ -146,24 +146,22 @@ fn group_chunk(
 ) {
     use super::group;
     let (rows, n_tok) = (w.rows(), acts.n_rows());
-    let halves = w.padded_cols() / group::HALF;
-    DOTS.with_borrow_mut(|buf| {
-        // The activations' half-block sums of every token, then one row's code dots.
-        buf.resize((n_tok + 1) * halves, 0);
-        let (sums, dots) = buf.split_at_mut(n_tok * halves);
+    let per_row = w.group_scales_row(0).len();
+    let path = group::GroupPath::current();
+    DOTS.with_borrow_mut(|sums| {
+        // The activations' group sums of every token, then each row against every token.
+        sums.resize(n_tok * per_row, 0);
         for t in 0..n_tok {
-            group::half_sums(acts, t, &mut sums[t * halves..(t + 1) * halves]);
+            group::group_act_sums(
+                acts,
+                t,
+                w.group(),
+                &mut sums[t * per_row..(t + 1) * per_row],
+            );
         }
         for r in range {
             for t in 0..n_tok {
-                group::half_code_dots(w, r, acts, t, dots);
-                let y = group::group_output(
-                    w,
-                    r,
-                    dots,
-                    &sums[t * halves..(t + 1) * halves],
-                    acts.scale(t),
-                );
+                let y = path.output(w, r, acts, t, &sums[t * per_row..(t + 1) * per_row]);
                 // SAFETY: (t, r) is inside `out` (sizes checked by `check_ternary`) and row r
                 // belongs to this task alone.
                 unsafe { out_ptr.put(t * rows + r, y) };

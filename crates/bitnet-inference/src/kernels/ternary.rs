@@ -178,7 +178,11 @@ impl TernaryMatrix {
                 self.cols
             )));
         }
-        let (per_row, padded) = (self.cols / group, self.padded_cols / group);
+        // Rows of scales padded with zeros to whole vectors of 8 (the AVX2 kernel's step).
+        let (per_row, padded) = (
+            self.cols / group,
+            (self.padded_cols / group).next_multiple_of(8),
+        );
         if scales.len() != self.rows * per_row {
             return Err(Error::Invalid(format!(
                 "{} group scales for {} rows of {per_row} groups",
@@ -207,12 +211,13 @@ impl TernaryMatrix {
         self.group
     }
 
-    /// Row `r`'s group scales (`padded_cols / group` of them; empty without groups).
+    /// Row `r`'s group scales (`cols / group` of them, then zeros up to a multiple of 8
+    /// groups; empty without groups).
     pub fn group_scales_row(&self, r: usize) -> &[f32] {
         if self.group == 0 {
             return &[];
         }
-        let n = self.padded_cols / self.group;
+        let n = (self.padded_cols / self.group).next_multiple_of(8);
         &self.group_scales[r * n..(r + 1) * n]
     }
 
