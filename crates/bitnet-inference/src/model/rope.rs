@@ -75,6 +75,25 @@ impl RopeScaling {
         }
     }
 
+    /// One line for display: the type and its values (factor lists by their length).
+    pub fn describe(&self) -> String {
+        match self {
+            RopeScaling::LongRope {
+                short_factor,
+                original_context,
+                attention_factor,
+                ..
+            } => format!(
+                "longrope ({} short/long factors, original context {original_context}, attention factor {attention_factor})",
+                short_factor.len()
+            ),
+            RopeScaling::FreqFactors(f) => {
+                format!("llama.cpp rope_freqs ({} per-dimension divisors)", f.len())
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
     /// Whether the frequencies depend on the sequence length of a forward call.
     pub fn depends_on_length(&self) -> bool {
         matches!(
