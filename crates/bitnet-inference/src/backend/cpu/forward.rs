@@ -130,7 +130,8 @@ pub struct CpuState {
     max_batch: usize,
     /// `[context, head_dim / 2]` cos and sin of the RoPE angles, as transformers computes
     /// them in f32: for the positions this state holds, not the model's maximum. Empty for
-    /// scalings that depend on the sequence length ([`RopeScaling::depends_on_length`]).
+    /// scalings that depend on the sequence length
+    /// ([`crate::model::RopeScaling::depends_on_length`]).
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     /// `[max_batch, head_dim / 2]`: the cos and sin rows of this call's entries.
@@ -990,6 +991,11 @@ fn check_shapes(c: &ModelConfig, w: &ModelWeights) -> Result<()> {
         }
         expect(what, (l.out_features(), l.in_features()), want)
     };
+    // The loaders validate it; a config built in code is checked here too (the RoPE tables
+    // index its per-dimension factors).
+    c.rope_scaling.validate(c.head_dim, &|key, msg| {
+        Error::Invalid(format!("rope scaling `{key}`: {msg}"))
+    })?;
     let (hd, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.ffn_size);
     let e = &w.token_embedding;
     expect(
