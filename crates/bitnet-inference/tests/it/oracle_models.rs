@@ -294,3 +294,71 @@ fn cuda_refuses_what_it_cannot_run_yet() {
         );
     }
 }
+
+/// Ternary-Bonsai files keep the token embedding (and lm_head) in Q2_0 too: such a tensor
+/// loads as the exact floats `t · scale_g` (PrismML's 128-weight groups told from llama.cpp's
+/// 64 by the tensor's size).
+#[test]
+fn q2_0_embedding_loads_as_its_exact_values() {
+    use bitnet_inference::formats::ggml::{self, GgmlType};
+    use bitnet_inference::formats::gguf::{GgufFile, GgufWriter};
+    use half::f16;
+    let src = GgufFile::open(dir().join("qwen3-q2_0-g128/model-q2_0.gguf")).unwrap();
+    let emb = src.tensor("token_embd.weight").unwrap();
+    let (cols, rows) = (emb.dims[0] as usize, emb.dims[1] as usize);
+    for ty in [GgmlType::Q2_0, GgmlType::Q2_0_G128] {
+        let group = ty.block_size();
+        let trits: Vec<i8> = (0..rows * cols).map(|i| (i * 7 % 3) as i8 - 1).collect();
+        let scales: Vec<f16> = (0..rows * cols / group)
+            .map(|g| f16::from_f32((16 + g % 32) as f32 / 2048.0))
+            .collect();
+        let bytes = ggml::pack_q2_0(ty, &trits, &scales).unwrap();
+        let mut w = GgufWriter::new();
+        for (k, v) in src
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() != "general.alignment")
+        {
+            w.add_metadata(k.clone(), v.clone());
+        }
+        for t in &src.tensors {
+            if t.name == "token_embd.weight" {
+                w.add_tensor_raw(&t.name, &t.dims, ty.id(), bytes.clone());
+            } else {
+                w.add_tensor_raw(
+                    &t.name,
+                    &t.dims,
+                    t.type_id,
+                    src.tensor_data(t).unwrap().to_vec(),
+                );
+            }
+        }
+        let path = std::env::temp_dir().join(format!(
+            "bitnet-q2_0-embd-{}-{}.gguf",
+            group,
+            std::process::id()
+        ));
+        w.write(&path).unwrap();
+        let m = model::load(&path).unwrap();
+        let t = m
+            .tensors
+            .iter()
+            .find(|t| t.name == "token_embd.weight")
+            .unwrap();
+        assert_eq!(t.dtype, ty.name());
+        let mut row = vec![0f32; cols];
+        for r in [0, 1, rows - 1] {
+            m.weights.token_embedding.row_to_f32(r, &mut row);
+            for (c, &v) in row.iter().enumerate() {
+                let i = r * cols + c;
+                assert_eq!(
+                    v,
+                    trits[i] as f32 * scales[i / group].to_f32(),
+                    "{} ({r}, {c})",
+                    ty.name()
+                );
+            }
+        }
+        std::fs::remove_file(&path).ok();
+    }
+}
