@@ -92,10 +92,10 @@ pub unsafe fn group_row_avx2(
     );
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
-    // The two halves of block b as 8 int32 partial sums each (zero past the last block).
-    // `vpmaddubsw` pairs are at most 2·2·128 = 512 in magnitude and two are added: no int16
-    // saturation.
-    let halves = |b: usize| {
+    // `vpmaddubsw` pairs are at most 2·2·128 = 512 in magnitude: no int16 saturation in
+    // sums of up to four of them.
+    // The int16 products of block b's two halves (zero past the last block).
+    let halves16 = |b: usize| {
         if b >= blocks {
             return (_mm256_setzero_si256(), _mm256_setzero_si256());
         }
@@ -115,7 +115,7 @@ pub unsafe fn group_row_avx2(
                 _mm256_maddubs_epi16(c2, x(2)),
                 _mm256_maddubs_epi16(c3, x(3)),
             );
-            (_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones))
+            (lo, hi)
         }
     };
     let mut acc = _mm256_setzero_ps();
@@ -124,14 +124,16 @@ pub unsafe fn group_row_avx2(
         let mut v = [_mm256_setzero_si256(); LANES];
         if per_block == 2 {
             for k in 0..4 {
-                let (lo, hi) = halves(chunk * 4 + k);
-                v[2 * k] = lo;
-                v[2 * k + 1] = hi;
+                let (lo, hi) = halves16(chunk * 4 + k);
+                v[2 * k] = _mm256_madd_epi16(lo, ones);
+                v[2 * k + 1] = _mm256_madd_epi16(hi, ones);
             }
         } else {
             for (k, v) in v.iter_mut().enumerate() {
-                let (lo, hi) = halves(chunk * 8 + k);
-                *v = _mm256_add_epi32(lo, hi);
+                // A whole block is one group: its four int16 products added before widening
+                // (at most 4 · 512 = 2048, no saturation).
+                let (lo, hi) = halves16(chunk * 8 + k);
+                *v = _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones);
             }
         }
         // Exact integer group dots [V0 .. V7] (three levels of horizontal adds).
