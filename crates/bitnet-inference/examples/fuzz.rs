@@ -232,6 +232,12 @@ fn seeds(name: &str) -> Vec<Input> {
             "bitnet-packed-gguf/model-tq10.gguf",
             "bitnet-packed-gguf/model-tq20.gguf",
             "bitnet-online-bf16-gguf/model-f32.gguf",
+            // Issue 20: RoPE scaling keys and rope_freqs, qwen3, Q2_0 at both group sizes.
+            "../fixtures-models/rope-yarn-gguf/model-i2s.gguf",
+            "../fixtures-models/rope-llama3-gguf/model-i2s.gguf",
+            "../fixtures-models/qwen3-bitnet-gguf/model-i2s.gguf",
+            "../fixtures-models/qwen3-q2_0-g64/model-q2_0.gguf",
+            "../fixtures-models/qwen3-q2_0-g128/model-q2_0.gguf",
         ]
         .iter()
         .map(|f| {
@@ -247,6 +253,10 @@ fn seeds(name: &str) -> Vec<Input> {
             "bitnet-online-bf16",
             "llama-bitnet",
             "onebitllm",
+            "../fixtures-models/rope-dynamic",
+            "../fixtures-models/rope-longrope",
+            "../fixtures-models/rope-llama3",
+            "../fixtures-models/qwen3-bitnet",
         ]
         .iter()
         .map(|d| hf_dir(d))

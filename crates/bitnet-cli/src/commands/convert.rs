@@ -25,7 +25,8 @@ pub struct Args {
     input: PathBuf,
     /// The file (GGUF) or directory (hf-packed) to write; it must not exist for hf-packed.
     output: PathBuf,
-    /// Output format: gguf-i2s (bitnet.cpp), gguf-tq2_0, gguf-tq1_0 (llama.cpp), hf-packed
+    /// Output format: gguf-i2s (bitnet.cpp), gguf-tq2_0, gguf-tq1_0, gguf-q2_0 (llama.cpp; an
+    /// f16 scale per 64 weights), hf-packed
     /// (a transformers directory, like microsoft/bitnet-b1.58-2B-4T).
     #[arg(long)]
     to: String,
@@ -58,8 +59,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "gguf-i2s" => GgmlType::I2_S,
         "gguf-tq2_0" => GgmlType::TQ2_0,
         "gguf-tq1_0" => GgmlType::TQ1_0,
+        "gguf-q2_0" => GgmlType::Q2_0,
         "hf-packed" => return run_hf(&a),
-        t => anyhow::bail!("--to {t}: expected gguf-i2s, gguf-tq2_0, gguf-tq1_0 or hf-packed"),
+        t => anyhow::bail!(
+            "--to {t}: expected gguf-i2s, gguf-tq2_0, gguf-tq1_0, gguf-q2_0 or hf-packed"
+        ),
     };
     if a.round_scales && ternary_type == GgmlType::I2_S {
         anyhow::bail!(
@@ -106,7 +110,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let tokenizer = tokenizer_metadata(&input, &m.generation)?;
     let arch = a.arch.clone().unwrap_or_else(|| {
-        if ternary_type == GgmlType::I2_S {
+        if m.config.qk_norm {
+            "qwen3".into()
+        } else if ternary_type == GgmlType::I2_S {
             "bitnet-25".into()
         } else {
             "bitnet".into()

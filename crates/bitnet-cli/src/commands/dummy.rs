@@ -15,7 +15,8 @@ pub struct Args {
     /// Named shapes: `2b-4t` (microsoft/bitnet-b1.58-2B-4T). Flags below override them.
     #[arg(long, default_value = "2b-4t")]
     preset: String,
-    /// Ternary weight type: tq2_0, tq1_0 (llama.cpp) or i2_s (bitnet.cpp).
+    /// Ternary weight type: tq2_0, tq1_0, q2_0 (llama.cpp; q2_0 with random group-wise
+    /// scales, one per 64 weights) or i2_s (bitnet.cpp).
     #[arg(long = "type", default_value = "tq2_0")]
     ternary_type: String,
     /// Token embedding / tied lm_head type: f16, f32, q8_0 or q6_k (hidden size a multiple
@@ -52,6 +53,7 @@ fn ggml_type(name: &str) -> anyhow::Result<GgmlType> {
         "tq1_0" => GgmlType::TQ1_0,
         "tq2_0" => GgmlType::TQ2_0,
         "i2_s" => GgmlType::I2_S,
+        "q2_0" => GgmlType::Q2_0,
         "f16" => GgmlType::F16,
         "f32" => GgmlType::F32,
         "q8_0" => GgmlType::Q8_0,
@@ -96,7 +98,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     });
     let started = std::time::Instant::now();
     let sp = super::spinner(format!("random weights for {} layers", c.n_layers));
-    let weights = dummy::random_weights(&c, a.seed);
+    let weights = dummy::random_weights(&c, a.seed).and_then(|mut w| {
+        if ternary_type == GgmlType::Q2_0 {
+            dummy::random_group_scales(&mut w, 64, a.seed)?;
+        }
+        Ok(w)
+    });
     sp.finish_and_clear();
     let weights = weights?;
     let bar = super::progress_bar(

@@ -42,9 +42,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         c.has_sub_norms,
         c.tied_embeddings
     );
+    if c.rope_scaling != bitnet_inference::model::RopeScaling::None || c.qk_norm {
+        println!(
+            "              rope scaling {}, q/k head norms {}",
+            c.rope_scaling.describe(),
+            c.qk_norm
+        );
+    }
     let layer0 = m.weights.layers.first();
     if let Some(l) = layer0 {
         let kind = |w: &LinearWeights| match w {
+            LinearWeights::Ternary(t) if t.group() != 0 => match t.group() {
+                64 => "ternary (W1.58A8), a scale per 64 weights",
+                _ => "ternary (W1.58A8), a scale per 128 weights",
+            },
             LinearWeights::Ternary(_) => "ternary (W1.58A8)",
             LinearWeights::Dense(d) => d.data().type_name(),
         };

@@ -15,6 +15,12 @@
 //! | TQ1_0 | 34 | 256 | 54 | qs[48] (5 trits a byte, fixed point), qh[4] (4 trits), f16 d |
 //! | TQ2_0 | 35 | 256 | 66 | qs[64] (4 codes a byte, bits 1-0 first), f16 d |
 //! | I2_S | 36 | 1 (flat) | n/4 + 32 a tensor | 2-bit codes, blocks of 128 in 32 bytes, bits 7-6 first; one f32 scale at byte n/4 |
+//! | Q2_0 | 42 | 64 | 18 | f16 d, qs[16]: element j in bits `2·(j%4)` of byte `j/4`; `(code − 1)·d` (code 3 = +2) |
+//! | Q2_0 (g128) | 42 | 128 | 34 | the same with 128 elements, qs[32]: PrismML's llama.cpp fork |
+//!
+//! Q2_0's layout is llama.cpp's `block_q2_0` / `dequantize_row_q2_0` (mainline, QK2_0 = 64);
+//! PrismML's fork (its Ternary-Bonsai files) uses the same id and layout with QK2_0 = 128. The
+//! GGUF reader tells them apart by the tensor's byte count (see `gguf.rs`).
 //!
 //! Type ids 36-39 collide between upstream ggml and microsoft's fork; [`GgmlType::from_id`]
 //! maps 36 to I2_S and leaves the final word to the GGUF reader, which checks the
@@ -45,6 +51,10 @@ pub enum GgmlType {
     TQ2_0,
     /// microsoft/BitNet's 2-bit ternary type (id 36 in its fork only).
     I2_S,
+    /// llama.cpp's 2-bit type with an f16 scale per 64 weights (id 42).
+    Q2_0,
+    /// PrismML's fork's Q2_0: an f16 scale per 128 weights (id 42 there too).
+    Q2_0_G128,
 }
 
 /// Weights in a K-quant / TQ super-block.
@@ -74,6 +84,7 @@ impl GgmlType {
             34 => TQ1_0,
             35 => TQ2_0,
             36 => I2_S,
+            42 => Q2_0,
             _ => return None,
         })
     }
@@ -97,6 +108,7 @@ impl GgmlType {
             TQ1_0 => 34,
             TQ2_0 => 35,
             I2_S => 36,
+            Q2_0 | Q2_0_G128 => 42,
         }
     }
 
@@ -120,6 +132,8 @@ impl GgmlType {
             TQ1_0 => "TQ1_0",
             TQ2_0 => "TQ2_0",
             I2_S => "I2_S",
+            Q2_0 => "Q2_0",
+            Q2_0_G128 => "Q2_0_g128",
         }
     }
 
@@ -129,6 +143,8 @@ impl GgmlType {
         match self {
             F32 | F16 | BF16 | I2_S => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 => 32,
+            Q2_0 => 64,
+            Q2_0_G128 => 128,
             Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | TQ1_0 | TQ2_0 => QK_K,
         }
     }
@@ -153,11 +169,14 @@ impl GgmlType {
             TQ1_0 => 54,
             TQ2_0 => 66,
             I2_S => 1,
+            Q2_0 => 18,
+            Q2_0_G128 => 34,
         }
     }
 
     pub fn is_ternary(self) -> bool {
-        matches!(self, GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S)
+        use GgmlType::*;
+        matches!(self, TQ1_0 | TQ2_0 | I2_S | Q2_0 | Q2_0_G128)
     }
 
     /// Whether [`dequantize_row`] decodes this type.
@@ -165,7 +184,7 @@ impl GgmlType {
         use GgmlType::*;
         matches!(
             self,
-            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q8_0 | Q6_K | TQ1_0 | TQ2_0
+            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q8_0 | Q6_K | TQ1_0 | TQ2_0 | Q2_0 | Q2_0_G128
         )
     }
 
@@ -309,6 +328,15 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()>
             {
                 for (o, &v) in y.iter_mut().zip(t) {
                     *o = v as f32 * d;
+                }
+            }
+        }
+        Q2_0 | Q2_0_G128 => {
+            let (group, bb) = (ty.block_size(), ty.block_bytes());
+            for (y, b) in out.chunks_exact_mut(group).zip(bytes.chunks_exact(bb)) {
+                let d = f16_at(b, 0);
+                for (j, o) in y.iter_mut().enumerate() {
+                    *o = (((b[2 + j / 4] >> (2 * (j % 4))) & 3) as i32 - 1) as f32 * d;
                 }
             }
         }
@@ -645,6 +673,64 @@ pub fn pack_i2s(trits: &[i8], scale: f32) -> Result<Vec<u8>> {
     }
     out.extend_from_slice(&scale.to_le_bytes());
     out.resize(n / 4 + 32, 0);
+    Ok(out)
+}
+
+/// Decodes a Q2_0 row (either group size) into trits and writes each group's f16 scale
+/// (as f32) to `scales`; a code 3 (+2, legal in the format) is an error naming it, so the
+/// caller can load the tensor otherwise.
+pub fn q2_0_row(ty: GgmlType, bytes: &[u8], trits: &mut [i8], scales: &mut [f32]) -> Result<()> {
+    check_len(ty, bytes, trits.len())?;
+    let (group, bb) = (ty.block_size(), ty.block_bytes());
+    for ((t, b), s) in trits
+        .chunks_exact_mut(group)
+        .zip(bytes.chunks_exact(bb))
+        .zip(scales.iter_mut())
+    {
+        *s = f16_at(b, 0);
+        for (j, v) in t.iter_mut().enumerate() {
+            let code = (b[2 + j / 4] >> (2 * (j % 4))) & 3;
+            if code == 3 {
+                return Err(Error::Invalid(format!(
+                    "{}: code 3 (+2) is not a ternary value",
+                    ty.name()
+                )));
+            }
+            *v = code as i8 - 1;
+        }
+    }
+    Ok(())
+}
+
+/// Packs trits (a whole number of groups) with one f16 scale per group into Q2_0 (either
+/// group size).
+pub fn pack_q2_0(ty: GgmlType, trits: &[i8], scales: &[f16]) -> Result<Vec<u8>> {
+    let (group, bb) = (ty.block_size(), ty.block_bytes());
+    if !matches!(ty, GgmlType::Q2_0 | GgmlType::Q2_0_G128)
+        || !trits.len().is_multiple_of(group)
+        || trits.len() / group != scales.len()
+    {
+        return Err(Error::Invalid(format!(
+            "{}: {} trits and {} scales are not whole groups of {group}",
+            ty.name(),
+            trits.len(),
+            scales.len()
+        )));
+    }
+    let mut out = vec![0u8; scales.len() * bb];
+    for ((t, b), s) in trits
+        .chunks_exact(group)
+        .zip(out.chunks_exact_mut(bb))
+        .zip(scales)
+    {
+        b[..2].copy_from_slice(&s.to_le_bytes());
+        for (j, &v) in t.iter().enumerate() {
+            if !(-1..=1).contains(&v) {
+                return Err(Error::Invalid(format!("{v} is not a ternary value")));
+            }
+            b[2 + j / 4] |= ((v + 1) as u8) << (2 * (j % 4));
+        }
+    }
     Ok(out)
 }
 

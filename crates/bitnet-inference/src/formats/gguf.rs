@@ -429,7 +429,7 @@ impl GgufFile {
                 .iter()
                 .try_fold(1u64, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| Error::tensor(path, &r.name, "element count overflows"))?;
-            let ggml_type = GgmlType::from_id(r.type_id).ok_or_else(|| {
+            let mut ggml_type = GgmlType::from_id(r.type_id).ok_or_else(|| {
                 let note = match r.type_id {
                     37..=39 => " (ids 37-39 are I8_S/TL1/TL2 in microsoft's BitNet fork and other types upstream; not supported)",
                     _ => "",
@@ -441,6 +441,24 @@ impl GgufFile {
                 )
             })?;
             let ne0 = r.dims.first().copied().unwrap_or(1);
+            if ggml_type == GgmlType::Q2_0 {
+                // Id 42: llama.cpp's Q2_0 (groups of 64) or PrismML's fork's (groups of 128).
+                // The tensor's room (to the next tensor or the end) tells which.
+                let next = offsets
+                    .iter()
+                    .find(|&&o| o > r.offset)
+                    .copied()
+                    .unwrap_or(data_len);
+                let room = next.saturating_sub(r.offset);
+                let fits = |ty: GgmlType| {
+                    ty.tensor_bytes(ne0, n_elements).is_ok_and(|n| {
+                        room >= n && room < n.next_multiple_of(alignment) + alignment
+                    })
+                };
+                if !fits(GgmlType::Q2_0) && fits(GgmlType::Q2_0_G128) {
+                    ggml_type = GgmlType::Q2_0_G128;
+                }
+            }
             let n_bytes = ggml_type
                 .tensor_bytes(ne0, n_elements)
                 .map_err(|m| Error::tensor(path, &r.name, m))?;

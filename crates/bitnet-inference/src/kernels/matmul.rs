@@ -114,6 +114,9 @@ fn ternary_chunk(
     let (rows, n_tok) = (w.rows(), acts.n_rows());
     let range = c * chunk..((c + 1) * chunk).min(rows);
     let n = range.len();
+    if w.group() != 0 {
+        return group_chunk(w, acts, out_ptr, range);
+    }
     DOTS.with_borrow_mut(|dots| {
         dots.resize(n * n_tok, 0);
         kernel.ternary_dot(w, range.clone(), acts, &mut dots[..n * n_tok]);
@@ -128,6 +131,40 @@ fn ternary_chunk(
                 unsafe { std::slice::from_raw_parts_mut(out_ptr.at(t * rows + range.start), n) };
             for ((o, &d), &m) in out_row.iter_mut().zip(&dots[t * n..(t + 1) * n]).zip(mult) {
                 *o = d as f32 / inv_scale * m;
+            }
+        }
+    });
+}
+
+/// [`ternary_chunk`] for a matrix with group-wise scales ([`super::group`]): rows `range`
+/// of every activation row.
+fn group_chunk(
+    w: &TernaryMatrix,
+    acts: &QuantizedActivations,
+    out_ptr: SharedOut,
+    range: std::ops::Range<usize>,
+) {
+    use super::group;
+    let (rows, n_tok) = (w.rows(), acts.n_rows());
+    let per_row = w.group_scales_row(0).len();
+    let path = group::GroupPath::current();
+    DOTS.with_borrow_mut(|sums| {
+        // The activations' group sums of every token, then each row against every token.
+        sums.resize(n_tok * per_row, 0);
+        for t in 0..n_tok {
+            group::group_act_sums(
+                acts,
+                t,
+                w.group(),
+                &mut sums[t * per_row..(t + 1) * per_row],
+            );
+        }
+        for r in range {
+            for t in 0..n_tok {
+                let y = path.output(w, r, acts, t, &sums[t * per_row..(t + 1) * per_row]);
+                // SAFETY: (t, r) is inside `out` (sizes checked by `check_ternary`) and row r
+                // belongs to this task alone.
+                unsafe { out_ptr.put(t * rows + r, y) };
             }
         }
     });

@@ -18,6 +18,7 @@ pub mod avx512;
 pub mod avxvnni;
 mod dense;
 pub mod exp;
+pub mod group;
 pub mod int8;
 mod matmul;
 #[cfg(target_arch = "aarch64")]
@@ -36,7 +37,7 @@ mod tiles;
 
 pub use dense::{DenseData, DenseMatrix};
 pub use matmul::{dense_matmul, dense_matmul_with, ternary_matmul, ternary_matmul_rayon};
-pub use ternary::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS, TILE_ROWS};
+pub use ternary::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS, GROUP_SIZES, TILE_ROWS};
 
 use std::ops::Range;
 

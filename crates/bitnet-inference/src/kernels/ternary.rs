@@ -19,9 +19,18 @@ pub struct TernaryMatrix {
     padded_cols: usize,
     /// 64-byte aligned, so SIMD loads of a block never straddle two cache lines.
     packed: AlignedBytes,
-    /// Per output row: `y = dot / activation_scale * multiplier`.
+    /// Per output row: `y = dot / activation_scale * multiplier` (1 where `group` is set).
     multipliers: Vec<f32>,
+    /// Group-wise scales instead: one scale per `group` consecutive weights of a row (64 or
+    /// 128; 0 for none), `[rows, padded_cols / group]`. Then
+    /// `y = (Σ_g dot_g · scale_g) / activation_scale`, the groups added in order in f32.
+    group: usize,
+    group_scales: Vec<f32>,
 }
+
+/// Group sizes [`TernaryMatrix`] takes for group-wise scales (whole halves of its 128-weight
+/// blocks).
+pub const GROUP_SIZES: [usize; 2] = [64, 128];
 
 impl TernaryMatrix {
     /// Builds the matrix row by row: `fill(r, trits)` writes row `r`'s `cols` trits and
@@ -53,6 +62,8 @@ impl TernaryMatrix {
             padded_cols,
             packed,
             multipliers,
+            group: 0,
+            group_scales: Vec::new(),
         })
     }
 
@@ -152,7 +163,62 @@ impl TernaryMatrix {
             padded_cols,
             packed,
             multipliers,
+            group: 0,
+            group_scales: Vec::new(),
         })
+    }
+
+    /// Gives the matrix group-wise scales: `scales` holds `cols / group` scales a row
+    /// (`cols` a multiple of `group`, one of [`GROUP_SIZES`]), row after row; the row
+    /// multipliers become 1.
+    pub fn with_group_scales(mut self, group: usize, scales: &[f32]) -> Result<Self> {
+        if !GROUP_SIZES.contains(&group) || !self.cols.is_multiple_of(group) {
+            return Err(Error::Invalid(format!(
+                "group-wise scales need groups of 64 or 128 dividing the row length {}, got {group}",
+                self.cols
+            )));
+        }
+        // Rows of scales padded with zeros to whole vectors of 8 (the AVX2 kernel's step).
+        let (per_row, padded) = (
+            self.cols / group,
+            (self.padded_cols / group).next_multiple_of(8),
+        );
+        if scales.len() != self.rows * per_row {
+            return Err(Error::Invalid(format!(
+                "{} group scales for {} rows of {per_row} groups",
+                scales.len(),
+                self.rows
+            )));
+        }
+        if let Some(s) = scales.iter().find(|s| !s.is_finite()) {
+            return Err(Error::Invalid(format!("group scale {s} is not finite")));
+        }
+        let mut all = vec![0f32; self.rows * padded];
+        for (dst, src) in all
+            .chunks_exact_mut(padded)
+            .zip(scales.chunks_exact(per_row))
+        {
+            dst[..per_row].copy_from_slice(src);
+        }
+        self.multipliers.fill(1.0);
+        self.group = group;
+        self.group_scales = all;
+        Ok(self)
+    }
+
+    /// Weights a group scale covers (0: per-row multipliers).
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// Row `r`'s group scales (`cols / group` of them, then zeros up to a multiple of 8
+    /// groups; empty without groups).
+    pub fn group_scales_row(&self, r: usize) -> &[f32] {
+        if self.group == 0 {
+            return &[];
+        }
+        let n = (self.padded_cols / self.group).next_multiple_of(8);
+        &self.group_scales[r * n..(r + 1) * n]
     }
 
     /// Packs row `r`'s trits (a whole number of blocks, padding included) into `out`
@@ -181,7 +247,7 @@ impl TernaryMatrix {
     }
     /// Bytes of memory the packed weights and scales take.
     pub fn memory_bytes(&self) -> usize {
-        self.packed.len + self.multipliers.len() * 4
+        self.packed.len + self.multipliers.len() * 4 + self.group_scales.len() * 4
     }
     /// One weight, decoded (for tests and conversion).
     pub fn trit(&self, r: usize, c: usize) -> i8 {

@@ -53,12 +53,16 @@ pub struct ModelConfig {
     /// The longest context the model was trained for.
     pub max_context: usize,
     pub rope_theta: f32,
+    /// How the RoPE frequencies are scaled (transformers' `rope_type`).
+    pub rope_scaling: super::rope::RopeScaling,
     pub rms_norm_eps: f32,
     pub activation: Activation,
     /// BitNet's extra RMSNorms before the attention output and FFN down projections.
     pub has_sub_norms: bool,
     /// The lm_head is the token embedding matrix.
     pub tied_embeddings: bool,
+    /// Qwen3's RMSNorm of each query and key head (over `head_dim`) before RoPE.
+    pub qk_norm: bool,
 }
 
 impl ModelConfig {
@@ -180,6 +184,9 @@ impl ModelConfig {
                 format!("{} is not a finite positive number", self.rope_theta),
             );
         }
+        self.rope_scaling.validate(self.head_dim, &|k, msg| {
+            crate::Error::config(source, key(&format!("rope_scaling.{k}")), msg)
+        })?;
         if !(self.rms_norm_eps.is_finite() && (0.0..=1.0).contains(&self.rms_norm_eps)) {
             return bad(
                 "rms_norm_eps",

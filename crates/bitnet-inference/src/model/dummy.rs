@@ -22,10 +22,12 @@ pub fn bitnet_2b_4t() -> ModelConfig {
         vocab_size: 128256,
         max_context: 4096,
         rope_theta: 500000.0,
+        rope_scaling: crate::model::RopeScaling::None,
         rms_norm_eps: 1e-5,
         activation: Activation::Relu2,
         has_sub_norms: true,
         tied_embeddings: true,
+        qk_norm: false,
     }
 }
 
@@ -67,6 +69,8 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<ModelWeights> {
             q_proj: ternary(qd, hd)?,
             k_proj: ternary(kvd, hd)?,
             v_proj: ternary(kvd, hd)?,
+            q_norm: None,
+            k_norm: None,
             attn_sub_norm: config.has_sub_norms.then(|| norm(qd, eps)),
             o_proj: ternary(hd, qd)?,
             ffn_norm: norm(hd, eps),
@@ -138,6 +142,36 @@ fn gpt2_byte_char(b: u8) -> char {
     }
     let offset = (0..b).filter(|&x| !printable(x)).count() as u32;
     char::from_u32(256 + offset).expect("valid code point")
+}
+
+/// Gives every ternary linear of the layers random group-wise scales, one per `group`
+/// weights (64 or 128), each `k/2048` for `k` in 16..48 (exact in f16, so Q2_0 stores them
+/// unchanged), as group-scaled ternary models (Q2_0 files) have.
+pub fn random_group_scales(weights: &mut ModelWeights, group: usize, seed: u64) -> Result<()> {
+    use super::weights::LinearWeights;
+    let mut rng = Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15);
+    for layer in &mut weights.layers {
+        for lin in [
+            &mut layer.q_proj,
+            &mut layer.k_proj,
+            &mut layer.v_proj,
+            &mut layer.o_proj,
+            &mut layer.gate_proj,
+            &mut layer.up_proj,
+            &mut layer.down_proj,
+        ] {
+            let LinearWeights::Ternary(m) = &lin.weights else {
+                continue;
+            };
+            let n = m.rows() * (m.cols() / group.max(1));
+            let scales: Vec<f32> = (0..n)
+                .map(|_| (16 + rng.next_u64() % 32) as f32 / 2048.0)
+                .collect();
+            let m = m.clone().with_group_scales(group, &scales)?;
+            lin.weights = LinearWeights::Ternary(m);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

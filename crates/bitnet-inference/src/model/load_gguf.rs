@@ -2,7 +2,9 @@
 //!
 //! Architectures: `bitnet-25` (microsoft's official 2B-4T file), `bitnet-b1.58`
 //! (ik_llama.cpp / microsoft's converter), `bitnet` (llama.cpp's 1bitLLM conversions) and
-//! `llama` (ordinary Llama models and Llama-architecture ternary conversions).
+//! `llama` (ordinary Llama models and Llama-architecture ternary conversions) and `qwen3`
+//! (Qwen3: `attn_q_norm`/`attn_k_norm` per-head norms before RoPE; NeoX RoPE, HF row order
+//! as llama.cpp's Qwen converters write it; SiLU).
 //!
 //! # Q/K row order and RoPE
 //!
@@ -29,6 +31,8 @@
 //!   is loaded as a dense f32 matrix instead (exact, slower) rather than computing wrong
 //!   results.
 //! - I2_S: one f32 tensor scale (a multiplier) at byte `n/4`.
+//! - Q2_0 (llama.cpp, groups of 64; PrismML's fork, groups of 128): ternary with group-wise
+//!   scales ([`crate::kernels::group`]); a tensor with a code 3 (+2) loads dense (exact).
 //! - F32/F16/BF16 (or other float/quant types) linears in a BitNet architecture still run
 //!   ternary: if every non-zero weight has the same magnitude `c` (what llama.cpp's and
 //!   microsoft's converters write: `t·c`), trits are the signs and the multiplier is `c`;
@@ -68,7 +72,7 @@ use half::{bf16, f16};
 use std::path::Path;
 
 /// The architectures this loader reads.
-pub const SUPPORTED_ARCHS: [&str; 4] = ["bitnet-25", "bitnet-b1.58", "bitnet", "llama"];
+pub const SUPPORTED_ARCHS: [&str; 5] = ["bitnet-25", "bitnet-b1.58", "bitnet", "llama", "qwen3"];
 
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let file = GgufFile::open(path)?;
@@ -182,7 +186,7 @@ pub fn generation_defaults(file: &GgufFile) -> Result<GenerationDefaults> {
 }
 
 fn is_bitnet(arch: &str) -> bool {
-    arch != "llama"
+    arch.starts_with("bitnet")
 }
 
 /// A per-model integer that llama.cpp also accepts as a per-layer array (all equal here).
@@ -275,7 +279,7 @@ pub fn read_config(file: &GgufFile) -> Result<ModelConfig> {
     };
     let activation = match arch.as_str() {
         "bitnet-25" | "bitnet-b1.58" => Activation::Relu2,
-        "llama" => Activation::Silu,
+        "llama" | "qwen3" => Activation::Silu,
         _ => match file.opt_str(&k("hidden_act"))? {
             None => Activation::Silu,
             Some(name) => Activation::from_hidden_act(name).ok_or_else(|| {
@@ -287,6 +291,10 @@ pub fn read_config(file: &GgufFile) -> Result<ModelConfig> {
             })?,
         },
     };
+    let rope_scaling = read_rope_scaling(file, &arch, head_dim, max_context)?;
+    let max_context = rope_scaling.extended_context(max_context);
+    // llama.cpp's qwen3 graph norms each query and key head (`attn_q_norm`/`attn_k_norm`).
+    let qk_norm = arch == "qwen3";
     let has_sub_norms = file.tensor("blk.0.attn_sub_norm.weight").is_some()
         || file.tensor("blk.0.ffn_sub_norm.weight").is_some();
     let tied_embeddings = file.tensor("output.weight").is_none();
@@ -301,10 +309,12 @@ pub fn read_config(file: &GgufFile) -> Result<ModelConfig> {
         vocab_size,
         max_context,
         rope_theta,
+        rope_scaling,
         rms_norm_eps,
         activation,
         has_sub_norms,
         tied_embeddings,
+        qk_norm,
     };
     config.validate_named(path, &|name| {
         let gguf = match name {
@@ -318,11 +328,121 @@ pub fn read_config(file: &GgufFile) -> Result<ModelConfig> {
             "max_position_embeddings" => "context_length",
             "rope_theta" => "rope.freq_base",
             "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
+            "rope_scaling.rope_freqs" => return "rope_freqs.weight".into(),
+            "rope_scaling.original_max_position_embeddings" => {
+                "rope.scaling.original_context_length"
+            }
+            "rope_scaling.beta_fast" => "rope.scaling.yarn_beta_fast",
+            "rope_scaling.beta_slow" => "rope.scaling.yarn_beta_slow",
+            "rope_scaling.attention_factor" => "rope.scaling.yarn_attn_factor",
+            other if other.starts_with("rope_scaling.") => "rope.scaling.factor",
             other => return other.to_string(),
         };
         k(gguf)
     })?;
     Ok(config)
+}
+
+/// llama.cpp's RoPE scaling keys (`{arch}.rope.scaling.type` `none`/`linear`/`yarn`, its
+/// `factor`, `original_context_length`, YaRN's `yarn_beta_fast`/`yarn_beta_slow`/
+/// `yarn_attn_factor`, the older `rope.scale_linear`) and the `rope_freqs` tensor of
+/// per-dimension divisors (Llama 3's scaling as llama.cpp's converter stores it). llama.cpp's
+/// YaRN is transformers' with the correction range truncated and the attention factor
+/// `yarn_attn_factor · (1 + 0.1·ln factor)`.
+fn read_rope_scaling(
+    file: &GgufFile,
+    arch: &str,
+    head_dim: usize,
+    context: usize,
+) -> Result<crate::model::RopeScaling> {
+    use crate::model::{rope, RopeScaling};
+    let path = &file.path;
+    let k = |s: &str| format!("{arch}.rope.{s}");
+    let kind = file.opt_str(&k("scaling.type"))?.unwrap_or("none");
+    let factor = match file.opt_f32(&k("scaling.factor"))? {
+        Some(f) => Some(f),
+        None => file.opt_f32(&k("scale_linear"))?,
+    };
+    let original = file
+        .opt_usize(&k("scaling.original_context_length"))?
+        .unwrap_or(context);
+    for key in ["scaling.yarn_log_multiplier", "scaling.attn_factor"] {
+        if let Some(v) = file.opt_f32(&k(key))?.filter(|&v| v != 0.0 && v != 1.0) {
+            return Err(Error::config(path, k(key), format!("{v}: not supported")));
+        }
+    }
+    if let Some(v) = file.opt_f32(&k("scaling.yarn_ext_factor"))? {
+        if v != 1.0 && v >= 0.0 {
+            return Err(Error::config(
+                path,
+                k("scaling.yarn_ext_factor"),
+                format!("{v}: only 1 (full YaRN) is supported"),
+            ));
+        }
+    }
+    let need_factor = || {
+        factor.ok_or_else(|| {
+            Error::config(
+                path,
+                k("scaling.factor"),
+                format!("missing (needed by `{kind}`)"),
+            )
+        })
+    };
+    let scaling = match kind {
+        "none" => match factor {
+            // The old key alone means linear scaling in llama.cpp.
+            Some(f) if f != 1.0 && f != 0.0 => RopeScaling::Linear { factor: f },
+            _ => RopeScaling::None,
+        },
+        "linear" => RopeScaling::Linear {
+            factor: need_factor()?,
+        },
+        "yarn" => {
+            let factor = need_factor()?;
+            let attn = file.opt_f32(&k("scaling.yarn_attn_factor"))?.unwrap_or(1.0);
+            RopeScaling::Yarn {
+                factor,
+                original_context: original,
+                beta_fast: file.opt_f32(&k("scaling.yarn_beta_fast"))?.unwrap_or(32.0),
+                beta_slow: file.opt_f32(&k("scaling.yarn_beta_slow"))?.unwrap_or(1.0),
+                attention_factor: (attn as f64 * rope::yarn_mscale(factor as f64, 1.0)) as f32,
+                truncate: true,
+            }
+        }
+        other => {
+            return Err(Error::config(
+                path,
+                k("scaling.type"),
+                format!("`{other}` is not supported (none, linear, yarn)"),
+            ))
+        }
+    };
+    let Some(t) = file.tensor("rope_freqs.weight") else {
+        return Ok(scaling);
+    };
+    if scaling != RopeScaling::None {
+        return Err(Error::tensor(
+            path,
+            "rope_freqs.weight",
+            format!("per-dimension factors together with `{kind}` scaling are not supported"),
+        ));
+    }
+    if t.n_elements() != (head_dim / 2) as u64 {
+        return Err(Error::tensor(
+            path,
+            "rope_freqs.weight",
+            format!(
+                "{} values, expected head_dim / 2 = {}",
+                t.n_elements(),
+                head_dim / 2
+            ),
+        ));
+    }
+    let mut f = vec![0f32; head_dim / 2];
+    ggml::dequantize_row(t.ggml_type, file.tensor_data(t)?, &mut f)
+        .map_err(|e| Error::tensor(path, "rope_freqs.weight", e.to_string()))?;
+    Ok(RopeScaling::FreqFactors(f))
 }
 
 struct Loader<'a> {
@@ -582,6 +702,43 @@ impl<'a> Loader<'a> {
                 self.file.release(t);
                 Ok(Linear::ternary(m))
             }
+            GgmlType::Q2_0 | GgmlType::Q2_0_G128 => {
+                let (group, bb) = (ty.block_size(), ty.block_bytes());
+                let rb = ty
+                    .row_bytes(cols)
+                    .ok_or_else(|| self.err(name, "bad row length"))?;
+                let src_rows: Vec<usize> = (0..rows).map(map).collect();
+                let groups = cols / group;
+                // The f16 group scales, and whether any code is 3 (+2: not ternary).
+                let mut scales = vec![0f32; rows * groups];
+                let mut code3 = false;
+                for (r, s) in scales.chunks_exact_mut(groups).enumerate() {
+                    let src = &data[src_rows[r] * rb..(src_rows[r] + 1) * rb];
+                    for (b, s) in src.chunks_exact(bb).zip(s.iter_mut()) {
+                        *s = f16::from_le_bytes([b[0], b[1]]).to_f32() * extra;
+                        code3 |= b[2..].iter().any(|&x| has_code3(x));
+                    }
+                }
+                if code3 {
+                    // Not ternary: exact float weights instead.
+                    let m = self.dense(t, rows, cols, map)?;
+                    return Ok(Linear::dense(scale_dense(m, extra)?));
+                }
+                let m = TernaryMatrix::from_rows_parallel_with(
+                    rows,
+                    cols,
+                    || vec![0f32; groups],
+                    |scratch, r, trits| {
+                        let src = &data[src_rows[r] * rb..(src_rows[r] + 1) * rb];
+                        ggml::q2_0_row(ty, src, trits, scratch)?;
+                        Ok(1.0)
+                    },
+                )
+                .and_then(|m| m.with_group_scales(group, &scales))
+                .map_err(|e| self.err(name, e.to_string()))?;
+                self.file.release(t);
+                Ok(Linear::ternary(m))
+            }
             _ if !ty.can_dequantize() => {
                 Err(self.err(name, format!("type {} cannot be decoded", ty.name())))
             }
@@ -798,11 +955,20 @@ pub fn load_weights(file: &GgufFile, config: &ModelConfig) -> Result<ModelWeight
                 Ok(None)
             }
         };
+        let head_norm = |s: &str| -> Result<Option<RmsNorm>> {
+            if c.qk_norm {
+                l.norm(&n(s), c.head_dim).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         layers.push(LayerWeights {
             attn_norm: l.norm(&n("attn_norm"), h)?,
             q_proj: l.linear(&n("attn_q"), h, q, qk_map)?,
             k_proj: l.linear(&n("attn_k"), h, kv, qk_map)?,
             v_proj: l.linear(&n("attn_v"), h, kv, &ident)?,
+            q_norm: head_norm("attn_q_norm")?,
+            k_norm: head_norm("attn_k_norm")?,
             attn_sub_norm: sub("attn_sub_norm", q)?,
             o_proj: l.linear(&n("attn_output"), q, h, &ident)?,
             ffn_norm: l.norm(&n("ffn_norm"), h)?,
@@ -930,10 +1096,12 @@ mod tests {
                 vocab_size: rows,
                 max_context: 8,
                 rope_theta: 10000.0,
+                rope_scaling: crate::model::RopeScaling::None,
                 rms_norm_eps: 1e-5,
                 activation: Activation::Silu,
                 has_sub_norms: false,
                 tied_embeddings: true,
+                qk_norm: false,
             };
             let l = Loader {
                 file: &file,
@@ -1000,10 +1168,12 @@ mod tests {
             vocab_size: rows,
             max_context: 8,
             rope_theta: 10000.0,
+            rope_scaling: crate::model::RopeScaling::None,
             rms_norm_eps: 1e-5,
             activation: Activation::Silu,
             has_sub_norms: false,
             tied_embeddings: true,
+            qk_norm: false,
         };
         let l = Loader {
             file: &file,

@@ -36,6 +36,7 @@
 //! are views into the file map where their data is aligned, else copies; every tensor that
 //! is repacked or copied is released from the map right after ([`TensorRef::release`]).
 
+use super::rope::{self, RopeScaling};
 use super::{
     Activation, GenerationDefaults, LayerWeights, Linear, LinearWeights, LoadedModel, ModelConfig,
     ModelWeights, RmsNorm, TensorSummary,
@@ -84,6 +85,8 @@ enum Family {
     OneBitLlm,
     /// `LlamaForCausalLM`.
     Llama,
+    /// `Qwen3ForCausalLM`: Llama with an RMSNorm of each query and key head before RoPE.
+    Qwen3,
 }
 
 /// The parsed `quantization_config` of a BitNet-quantized model.
@@ -312,12 +315,14 @@ impl HfConfig {
             Family::BitNet
         } else if model_type == "llama" || architecture == "LlamaForCausalLM" {
             Family::Llama
+        } else if model_type == "qwen3" || architecture == "Qwen3ForCausalLM" {
+            Family::Qwen3
         } else {
             return Err(k.err(
                 "model_type",
                 format!(
                     "`{model_type}` (architecture `{architecture}`) is not supported; expected \
-                     bitnet, llama or a 1bitLLM BitnetForCausalLM checkpoint"
+                     bitnet, llama, qwen3 or a 1bitLLM BitnetForCausalLM checkpoint"
                 ),
             ));
         };
@@ -336,7 +341,7 @@ impl HfConfig {
         let (default_act, default_eps, default_theta) = match family {
             Family::BitNet => ("relu2", 1e-5, 500000.0),
             Family::OneBitLlm => ("silu", 1e-6, 10000.0),
-            Family::Llama => ("silu", 1e-6, 10000.0),
+            Family::Llama | Family::Qwen3 => ("silu", 1e-6, 10000.0),
         };
         let hidden_size = k.usize_req("hidden_size")?;
         let n_layers = k.usize_req("num_hidden_layers")?;
@@ -357,11 +362,19 @@ impl HfConfig {
                 format!("`{hidden_act}` is not supported (expected relu2 or silu)"),
             )
         })?;
-        let rope_theta = parse_rope(&k, default_theta)?;
+        let (rope_theta, rope_scaling) = parse_rope(&k, default_theta, max_context, head_dim)?;
+        // A scaled RoPE reaches past `max_position_embeddings` (dynamic: by its factor).
+        let max_context = rope_scaling.extended_context(max_context);
         for key in ["attention_bias", "mlp_bias"] {
             if k.bool_opt(key)? == Some(true) {
                 return Err(k.err(key, "biases are not supported"));
             }
+        }
+        if family == Family::Qwen3 && k.bool_opt("use_sliding_window")? == Some(true) {
+            return Err(k.err(
+                "use_sliding_window",
+                "sliding-window attention is not supported",
+            ));
         }
         if k.usize_opt("pretraining_tp")?.is_some_and(|tp| tp > 1) {
             return Err(k.err("pretraining_tp", "tensor-parallel slicing is not supported"));
@@ -387,10 +400,12 @@ impl HfConfig {
             vocab_size,
             max_context,
             rope_theta,
+            rope_scaling,
             rms_norm_eps,
             activation,
             has_sub_norms,
             tied_embeddings: !untied_lm_head,
+            qk_norm: family == Family::Qwen3,
         };
         config.validate(path)?;
         super::config::check_layer_count(
@@ -557,37 +572,176 @@ fn parse_quant(path: &Path, q: &Value) -> Result<QuantConfig> {
     })
 }
 
-/// RoPE θ from `rope_parameters` (transformers 5), `rope_scaling` + top-level `rope_theta`
-/// (transformers 4), or the model type's default. Only plain (unscaled) RoPE is supported.
-fn parse_rope(k: &Keys<'_>, default_theta: f32) -> Result<f32> {
-    let mut theta = k.f32_opt("rope_theta")?;
-    for key in ["rope_parameters", "rope_scaling"] {
-        let Some(v) = k.get(key) else { continue };
-        let obj = v
-            .as_object()
-            .ok_or_else(|| k.err(key, format!("expected an object, found {v}")))?;
-        let rope_type = obj
-            .get("rope_type")
-            .or_else(|| obj.get("type"))
-            .and_then(|t| t.as_str())
-            .unwrap_or("default");
-        if rope_type != "default" {
-            return Err(k.err(
-                &format!("{key}.rope_type"),
-                format!("`{rope_type}` RoPE scaling is not supported (only default)"),
+/// RoPE θ and scaling from `rope_scaling` (transformers 4; it wins where both are set, as
+/// transformers' `rope_scaling or rope_parameters`) or `rope_parameters` (transformers 5),
+/// with the top-level `rope_theta` where the dict has none, else the model type's default.
+/// `max_position` is `max_position_embeddings`: the original context of `dynamic`, and the
+/// default `original_max_position_embeddings` of llama3/yarn/longrope (a top-level
+/// `original_max_position_embeddings` takes precedence there, as transformers gives it).
+fn parse_rope(
+    k: &Keys<'_>,
+    default_theta: f32,
+    max_position: usize,
+    head_dim: usize,
+) -> Result<(f32, RopeScaling)> {
+    let top_theta = k.f32_opt("rope_theta")?;
+    let (key, v) = match (k.get("rope_scaling"), k.get("rope_parameters")) {
+        (Some(v), _) if v.as_object().is_some_and(|o| !o.is_empty()) => ("rope_scaling", v),
+        (_, Some(v)) => ("rope_parameters", v),
+        (Some(v), None) => ("rope_scaling", v),
+        (None, None) => return Ok((top_theta.unwrap_or(default_theta), RopeScaling::None)),
+    };
+    let p = Keys::new(
+        k.path,
+        v,
+        if key == "rope_scaling" {
+            "rope_scaling."
+        } else {
+            "rope_parameters."
+        },
+    )?;
+    let theta = p
+        .f32_opt("rope_theta")?
+        .or(top_theta)
+        .unwrap_or(default_theta);
+    let rope_type = match p.str_opt("rope_type")? {
+        Some(t) => t,
+        None => p.str_opt("type")?.unwrap_or("default"),
+    };
+    if let Some(f) = p
+        .f32_opt("partial_rotary_factor")?
+        .or(k.f32_opt("partial_rotary_factor")?)
+    {
+        if f != 1.0 {
+            return Err(p.err(
+                "partial_rotary_factor",
+                format!("{f}: partial RoPE is not supported (only 1.0)"),
             ));
         }
-        if let Some(t) = obj.get("rope_theta").filter(|t| !t.is_null()) {
-            let t = t.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-                k.err(
-                    &format!("{key}.rope_theta"),
-                    format!("expected a number, found {t}"),
-                )
-            })?;
-            theta = Some(t as f32);
-        }
     }
-    Ok(theta.unwrap_or(default_theta))
+    let factor = |required: bool| -> Result<Option<f32>> {
+        match p.f32_opt("factor")? {
+            Some(f) => Ok(Some(f)),
+            None if required => {
+                Err(p.err("factor", format!("missing (required by `{rope_type}`)")))
+            }
+            None => Ok(None),
+        }
+    };
+    let original = || -> Result<usize> {
+        Ok(match k.usize_opt("original_max_position_embeddings")? {
+            Some(n) => n,
+            None => p
+                .usize_opt("original_max_position_embeddings")?
+                .unwrap_or(max_position),
+        })
+    };
+    // Values transformers computes from the others when they are absent, in its f64 math.
+    let implied_factor = |original: usize| max_position as f64 / original.max(1) as f64;
+    let factors = |name: &str| -> Result<Vec<f32>> {
+        let bad = || {
+            p.err(
+                name,
+                format!("expected a list of head_dim / 2 = {} numbers", head_dim / 2),
+            )
+        };
+        match p.get(name) {
+            Some(Value::Array(items)) if items.len() == head_dim / 2 => items
+                .iter()
+                .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(bad))
+                .collect(),
+            _ => Err(bad()),
+        }
+    };
+    let scaling = match rope_type {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: factor(true)?.unwrap_or(1.0),
+        },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: factor(true)?.unwrap_or(1.0),
+            original_context: max_position,
+        },
+        "llama3" => {
+            let need = |name: &str| -> Result<f32> {
+                p.f32_opt(name)?
+                    .ok_or_else(|| p.err(name, "missing (required by `llama3`)"))
+            };
+            RopeScaling::Llama3 {
+                factor: factor(true)?.unwrap_or(1.0),
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_context: original()?,
+            }
+        }
+        "yarn" => {
+            let original_context = original()?;
+            let factor = match factor(false)? {
+                Some(f) => f as f64,
+                None => implied_factor(original_context),
+            };
+            let attention_factor = match p.f32_opt("attention_factor")? {
+                Some(a) => a as f64,
+                None => {
+                    let mscale = p.f32_opt("mscale")?.filter(|&m| m != 0.0);
+                    let all = p.f32_opt("mscale_all_dim")?.filter(|&m| m != 0.0);
+                    match (mscale, all) {
+                        (Some(m), Some(a)) => {
+                            rope::yarn_mscale(factor, m as f64)
+                                / rope::yarn_mscale(factor, a as f64)
+                        }
+                        _ => rope::yarn_mscale(factor, 1.0),
+                    }
+                }
+            };
+            if p.f32_opt("mscale_all_dim")?.is_some_and(|m| m != 0.0) {
+                // transformers also scales the attention logits by it (MLA models only).
+                return Err(p.err(
+                    "mscale_all_dim",
+                    "not supported (DeepSeek-style attention scaling)",
+                ));
+            }
+            RopeScaling::Yarn {
+                factor: factor as f32,
+                original_context,
+                // transformers: `get("beta_fast") or 32` (0 or null take the default)
+                beta_fast: p
+                    .f32_opt("beta_fast")?
+                    .filter(|&b| b != 0.0)
+                    .unwrap_or(32.0),
+                beta_slow: p.f32_opt("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
+                attention_factor: attention_factor as f32,
+                truncate: p.bool_opt("truncate")?.unwrap_or(true),
+            }
+        }
+        "longrope" => {
+            let original_context = original()?;
+            let factor = match factor(false)? {
+                Some(f) => f as f64,
+                None => implied_factor(original_context),
+            };
+            let attention_factor = match p.f32_opt("attention_factor")? {
+                Some(a) => a as f64,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original_context as f64).ln()).sqrt(),
+            };
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_context,
+                attention_factor: attention_factor as f32,
+            }
+        }
+        other => {
+            return Err(p.err(
+                "rope_type",
+                format!(
+                    "`{other}` is not supported (default, linear, dynamic, llama3, yarn, longrope)"
+                ),
+            ))
+        }
+    };
+    Ok((theta, scaling))
 }
 
 fn load_weights(hf: &HfConfig, st: &SafetensorsModel) -> Result<ModelWeights> {
@@ -612,7 +766,7 @@ fn load_weights(hf: &HfConfig, st: &SafetensorsModel) -> Result<ModelWeights> {
     let (attn_sub, ffn_sub) = match hf.family {
         Family::BitNet => ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
         Family::OneBitLlm => ("self_attn.inner_attn_ln", "mlp.ffn_layernorm"),
-        Family::Llama => ("", ""),
+        Family::Llama | Family::Qwen3 => ("", ""),
     };
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
@@ -629,6 +783,19 @@ fn load_weights(hf: &HfConfig, st: &SafetensorsModel) -> Result<ModelWeights> {
                 Ok(None)
             }
         };
+        let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
+            if c.qk_norm {
+                norm(
+                    st,
+                    &format!("{p}.{name}.weight"),
+                    c.head_dim,
+                    c.rms_norm_eps,
+                )
+                .map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let h = c.hidden_size;
         layers.push(LayerWeights {
             attn_norm: norm(
@@ -640,6 +807,8 @@ fn load_weights(hf: &HfConfig, st: &SafetensorsModel) -> Result<ModelWeights> {
             q_proj: linear(hf, st, &format!("{p}.self_attn.q_proj"), c.q_dim(), h)?,
             k_proj: linear(hf, st, &format!("{p}.self_attn.k_proj"), c.kv_dim(), h)?,
             v_proj: linear(hf, st, &format!("{p}.self_attn.v_proj"), c.kv_dim(), h)?,
+            q_norm: head_norm("self_attn.q_norm")?,
+            k_norm: head_norm("self_attn.k_norm")?,
             attn_sub_norm: sub(attn_sub, h)?,
             o_proj: linear(hf, st, &format!("{p}.self_attn.o_proj"), h, c.q_dim())?,
             ffn_norm: norm(

@@ -5,11 +5,13 @@ pub mod config;
 pub mod dummy;
 pub mod load_gguf;
 pub mod load_hf;
+pub mod rope;
 pub mod save_gguf;
 pub mod save_hf;
 pub mod weights;
 
 pub use config::{Activation, GenerationDefaults, ModelConfig};
+pub use rope::RopeScaling;
 pub use weights::{LayerWeights, Linear, LinearWeights, ModelWeights, RmsNorm};
 
 use crate::tokenizer::Tokenizer;

@@ -3,6 +3,7 @@
 //! models run in the peers too and our loader reads back exactly what it wrote.
 
 use super::config::{Activation, ModelConfig};
+use super::rope::{self, RopeScaling};
 use super::weights::{Linear, LinearWeights, ModelWeights, RmsNorm};
 use crate::formats::ggml::{self, GgmlType};
 use crate::formats::gguf::{GgufValue, GgufWriter};
@@ -84,6 +85,8 @@ fn file_type(t: GgmlType) -> u32 {
     match t {
         GgmlType::TQ1_0 => 36,
         GgmlType::TQ2_0 => 37,
+        // llama.cpp's LLAMA_FTYPE_MOSTLY_Q2_0.
+        GgmlType::Q2_0 | GgmlType::Q2_0_G128 => 41,
         // microsoft's fork: LLAMA_FTYPE_MOSTLY_I2_S.
         _ => 40,
     }
@@ -115,10 +118,10 @@ pub fn write_gguf_with_progress(
     let arch = export.architecture.as_str();
     if !matches!(
         export.ternary_type,
-        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S
+        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S | GgmlType::Q2_0
     ) {
         return Err(Error::Invalid(format!(
-            "{} is not a ternary GGUF type (TQ1_0, TQ2_0, I2_S)",
+            "{} is not a ternary GGUF type (TQ1_0, TQ2_0, I2_S, Q2_0)",
             export.ternary_type.name()
         )));
     }
@@ -147,13 +150,29 @@ pub fn write_gguf_with_progress(
             k("attention.layer_norm_rms_epsilon"),
             GgufValue::F32(config.rms_norm_eps),
         );
+    add_rope_scaling(&mut w, config, arch)?;
+    if config.qk_norm != (arch == "qwen3") {
+        return Err(Error::Invalid(format!(
+            "architecture {arch}: {}",
+            if config.qk_norm {
+                "the model norms query/key heads (Qwen3); write it as architecture qwen3"
+            } else {
+                "qwen3 files norm query/key heads, which this model does not"
+            }
+        )));
+    }
+    if arch == "qwen3" && (config.activation != Activation::Silu || config.has_sub_norms) {
+        return Err(Error::Invalid(
+            "architecture qwen3 implies SiLU and no BitNet sub-norms".into(),
+        ));
+    }
     if arch == "bitnet" {
         // llama.cpp's `bitnet` graph assumes SiLU; say which one this model uses.
         w.add_metadata(
             k("hidden_act"),
             GgufValue::String(config.activation.name().into()),
         );
-    } else if config.activation != Activation::Relu2 && arch != "llama" {
+    } else if config.activation != Activation::Relu2 && arch != "llama" && arch != "qwen3" {
         return Err(Error::Invalid(format!(
             "architecture {arch} implies ReLU²; this model uses {}",
             config.activation.name()
@@ -176,6 +195,12 @@ pub fn write_gguf_with_progress(
         add_linear(&mut w, &b("attn_q.weight"), &l.q_proj, export, &mut written)?;
         add_linear(&mut w, &b("attn_k.weight"), &l.k_proj, export, &mut written)?;
         add_linear(&mut w, &b("attn_v.weight"), &l.v_proj, export, &mut written)?;
+        if let Some(n) = &l.q_norm {
+            add_norm(&mut w, &b("attn_q_norm.weight"), n);
+        }
+        if let Some(n) = &l.k_norm {
+            add_norm(&mut w, &b("attn_k_norm.weight"), n);
+        }
         if let Some(n) = &l.attn_sub_norm {
             add_norm(&mut w, &b("attn_sub_norm.weight"), n);
         }
@@ -222,6 +247,81 @@ pub fn write_gguf_with_progress(
     Ok(written)
 }
 
+/// llama.cpp's RoPE scaling keys; Llama 3's scaling as the `rope_freqs` tensor of
+/// per-dimension divisors its converter writes. Scalings llama.cpp cannot express (dynamic,
+/// longrope, YaRN without truncation) are refused rather than dropped.
+fn add_rope_scaling(w: &mut GgufWriter, c: &ModelConfig, arch: &str) -> Result<()> {
+    let k = |s: &str| format!("{arch}.rope.scaling.{s}");
+    let refuse = |what: &str| {
+        Err(Error::Invalid(format!(
+            "`{what}` RoPE scaling has no GGUF (llama.cpp) form; convert to a Hugging Face directory instead"
+        )))
+    };
+    match &c.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            w.add_metadata(k("type"), GgufValue::String("linear".into()))
+                .add_metadata(k("factor"), GgufValue::F32(*factor));
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate: true,
+        } => {
+            // llama.cpp multiplies its attention factor by 1 + 0.1·ln(factor) itself.
+            let attn = *attention_factor as f64 / rope::yarn_mscale(*factor as f64, 1.0);
+            w.add_metadata(k("type"), GgufValue::String("yarn".into()))
+                .add_metadata(k("factor"), GgufValue::F32(*factor))
+                .add_metadata(
+                    k("original_context_length"),
+                    GgufValue::U32(*original_context as u32),
+                )
+                .add_metadata(k("yarn_beta_fast"), GgufValue::F32(*beta_fast))
+                .add_metadata(k("yarn_beta_slow"), GgufValue::F32(*beta_slow))
+                .add_metadata(k("yarn_attn_factor"), GgufValue::F32(attn as f32));
+        }
+        RopeScaling::Yarn { .. } => return refuse("yarn (truncate: false)"),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context,
+        } => {
+            // llama.cpp's converter: from the f32 frequencies, in Python's f64 math.
+            let (d, old) = (c.head_dim, *original_context as f64);
+            let (factor, low, high) = (
+                *factor as f64,
+                *low_freq_factor as f64,
+                *high_freq_factor as f64,
+            );
+            let factors: Vec<f32> = (0..d / 2)
+                .map(|i| {
+                    let freq = (1.0 / c.rope_theta.powf((2 * i) as f32 / d as f32)) as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    if wavelen < old / high {
+                        1.0
+                    } else if wavelen > old / low {
+                        factor as f32
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                    }
+                })
+                .collect();
+            w.add_f32("rope_freqs.weight", &[factors.len() as u64], &factors);
+        }
+        RopeScaling::FreqFactors(f) => {
+            w.add_f32("rope_freqs.weight", &[f.len() as u64], f);
+        }
+        RopeScaling::Dynamic { .. } => return refuse("dynamic"),
+        RopeScaling::LongRope { .. } => return refuse("longrope"),
+    }
+    Ok(())
+}
+
 fn add_norm(w: &mut GgufWriter, name: &str, n: &RmsNorm) {
     w.add_f32(name, &[n.weight.len() as u64], &n.weight);
 }
@@ -255,7 +355,59 @@ fn add_ternary(
     let (rows, cols) = (m.rows(), m.cols());
     let bad = |msg: String| Error::Invalid(format!("{name}: {msg}"));
     let mut trits = vec![0i8; cols];
-    let bytes = if ty == GgmlType::I2_S {
+    if m.group() != 0 && !matches!(ty, GgmlType::Q2_0 | GgmlType::Q2_0_G128) {
+        return Err(bad(format!(
+            "group-wise scales (one per {}) need Q2_0; {} holds {}",
+            m.group(),
+            ty.name(),
+            if ty == GgmlType::I2_S {
+                "one scale a tensor"
+            } else {
+                "one scale per 256 weights"
+            }
+        )));
+    }
+    let bytes = if matches!(ty, GgmlType::Q2_0 | GgmlType::Q2_0_G128) {
+        let group = ty.block_size();
+        if cols % group != 0 {
+            return Err(bad(format!(
+                "{cols} columns are not whole groups of {group}"
+            )));
+        }
+        if m.group() != 0 && m.group() < group {
+            // A finer grouping than the file's cannot be merged without loss.
+            return Err(bad(format!(
+                "scales per {} weights cannot be stored as {} (one per {group})",
+                m.group(),
+                ty.name()
+            )));
+        }
+        let groups = cols / group;
+        let mut out = Vec::with_capacity(rows * groups * ty.block_bytes());
+        let mut scales = vec![f16::ZERO; groups];
+        let mut rounded = std::collections::BTreeSet::new();
+        for r in 0..rows {
+            row_trits(m, r, &mut trits);
+            for (g, d) in scales.iter_mut().enumerate() {
+                let s = match m.group() {
+                    0 => m.multipliers()[r],
+                    mg => m.group_scales_row(r)[g * group / mg],
+                };
+                *d = f16_scale(s, export.round_scales, ty)
+                    .map_err(|e| bad(format!("row {r}'s scale {s} {e}")))?;
+                if d.to_f32() != s && rounded.insert(s.to_bits()) {
+                    written.max_relative_change =
+                        written.max_relative_change.max(relative_change(s, *d));
+                }
+            }
+            out.extend(ggml::pack_q2_0(ty, &trits, &scales)?);
+        }
+        if !rounded.is_empty() {
+            written.rounded_scales += rounded.len();
+            written.rounded_tensors += 1;
+        }
+        out
+    } else if ty == GgmlType::I2_S {
         // One scale for the whole tensor: every row must share it.
         let scale = m.multipliers().first().copied().unwrap_or(1.0);
         if m.multipliers().iter().any(|&s| s != scale) {

@@ -18,6 +18,7 @@
 //! The directory is written under a temporary name beside `out` and renamed when complete.
 
 use super::config::{GenerationDefaults, ModelConfig};
+use super::rope::RopeScaling;
 use super::weights::{Linear, LinearWeights, ModelWeights, RmsNorm};
 use crate::kernels::{DenseData, DenseMatrix, TernaryMatrix};
 use crate::{Error, Result};
@@ -56,7 +57,7 @@ pub fn write_hf_dir(
     let all_bf16 = tensors
         .iter()
         .all(|t| matches!(t.dtype, Dtype::BF16 | Dtype::U8));
-    let config_json = config_json(config, weights, generation, all_bf16);
+    let config_json = config_json(config, weights, generation, all_bf16)?;
 
     let tmp = partial_path(out);
     if tmp.exists() {
@@ -128,8 +129,85 @@ fn num(x: f32) -> Value {
     json!(v)
 }
 
-fn config_json(c: &ModelConfig, w: &ModelWeights, g: &GenerationDefaults, all_bf16: bool) -> Value {
-    let (arch, model_type) = if c.has_sub_norms {
+/// transformers' `rope_parameters` for the model's RoPE, and the `max_position_embeddings`
+/// that reads back as its context (`dynamic` takes it as the original context).
+fn rope_json(c: &ModelConfig) -> Result<(Value, usize)> {
+    let theta = num(c.rope_theta);
+    let list = |f: &[f32]| Value::Array(f.iter().map(|&x| num(x)).collect());
+    Ok(match &c.rope_scaling {
+        RopeScaling::None => (
+            json!({"rope_type": "default", "rope_theta": theta}),
+            c.max_context,
+        ),
+        RopeScaling::Linear { factor } => (
+            json!({"rope_type": "linear", "rope_theta": theta, "factor": num(*factor)}),
+            c.max_context,
+        ),
+        RopeScaling::Dynamic {
+            factor,
+            original_context,
+        } => (
+            json!({"rope_type": "dynamic", "rope_theta": theta, "factor": num(*factor)}),
+            *original_context,
+        ),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context,
+        } => (
+            json!({"rope_type": "llama3", "rope_theta": theta, "factor": num(*factor),
+                   "low_freq_factor": num(*low_freq_factor),
+                   "high_freq_factor": num(*high_freq_factor),
+                   "original_max_position_embeddings": original_context}),
+            c.max_context,
+        ),
+        RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        } => (
+            json!({"rope_type": "yarn", "rope_theta": theta, "factor": num(*factor),
+                   "original_max_position_embeddings": original_context,
+                   "beta_fast": num(*beta_fast), "beta_slow": num(*beta_slow),
+                   "attention_factor": num(*attention_factor), "truncate": truncate}),
+            c.max_context,
+        ),
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_context,
+            attention_factor,
+        } => (
+            json!({"rope_type": "longrope", "rope_theta": theta,
+                   "short_factor": list(short_factor), "long_factor": list(long_factor),
+                   "original_max_position_embeddings": original_context,
+                   "attention_factor": num(*attention_factor)}),
+            c.max_context,
+        ),
+        RopeScaling::FreqFactors(_) => {
+            return Err(Error::Invalid(
+                "the model's RoPE has llama.cpp per-dimension factors (rope_freqs), which a \
+                 transformers config cannot express"
+                    .into(),
+            ))
+        }
+    })
+}
+
+fn config_json(
+    c: &ModelConfig,
+    w: &ModelWeights,
+    g: &GenerationDefaults,
+    all_bf16: bool,
+) -> Result<Value> {
+    let (rope_parameters, max_position) = rope_json(c)?;
+    let (arch, model_type) = if c.qk_norm {
+        ("Qwen3ForCausalLM", "qwen3")
+    } else if c.has_sub_norms {
         ("BitNetForCausalLM", "bitnet")
     } else {
         ("LlamaForCausalLM", "llama")
@@ -157,10 +235,10 @@ fn config_json(c: &ModelConfig, w: &ModelWeights, g: &GenerationDefaults, all_bf
         "num_key_value_heads": c.n_kv_heads,
         "head_dim": c.head_dim,
         "hidden_act": c.activation.name(),
-        "max_position_embeddings": c.max_context,
+        "max_position_embeddings": max_position,
         "rms_norm_eps": num(c.rms_norm_eps),
         "rope_theta": num(c.rope_theta),
-        "rope_parameters": {"rope_type": "default", "rope_theta": num(c.rope_theta)},
+        "rope_parameters": rope_parameters,
         "tie_word_embeddings": w.lm_head.is_none(),
         "attention_bias": false,
         "mlp_bias": false,
@@ -175,7 +253,7 @@ fn config_json(c: &ModelConfig, w: &ModelWeights, g: &GenerationDefaults, all_bf
         [one] => v["eos_token_id"] = json!(one),
         many => v["eos_token_id"] = json!(many),
     }
-    v
+    Ok(v)
 }
 
 fn collect_tensors(c: &ModelConfig, w: &ModelWeights) -> Result<Vec<Tensor>> {
@@ -221,18 +299,19 @@ fn collect_tensors(c: &ModelConfig, w: &ModelWeights) -> Result<Vec<Tensor>> {
             }
         }
         let subs = [
-            ("self_attn.attn_sub_norm", &l.attn_sub_norm),
-            ("mlp.ffn_sub_norm", &l.ffn_sub_norm),
+            ("self_attn.attn_sub_norm", &l.attn_sub_norm, c.has_sub_norms),
+            ("mlp.ffn_sub_norm", &l.ffn_sub_norm, c.has_sub_norms),
+            ("self_attn.q_norm", &l.q_norm, c.qk_norm),
+            ("self_attn.k_norm", &l.k_norm, c.qk_norm),
         ];
-        for (name, sub) in subs {
-            match (sub, c.has_sub_norms) {
+        for (name, sub, wanted) in subs {
+            match (sub, wanted) {
                 (Some(n), true) => out.push(norm(&format!("{p}.{name}.weight"), n, c)?),
                 (None, false) => {}
                 _ => {
                     return Err(Error::Invalid(format!(
-                        "{p}.{name}: present in some layers and not in others (config \
-                         has_sub_norms = {}); transformers has no such model",
-                        c.has_sub_norms
+                        "{p}.{name}: present in some layers and not in others (the config \
+                         says {wanted}); transformers has no such model"
                     )))
                 }
             }
@@ -352,6 +431,13 @@ fn ternary(out: &mut Vec<Tensor>, module: &str, lin: &Linear, m: &TernaryMatrix)
     no_input_norm(module, lin)?;
     let (rows, cols) = (m.rows(), m.cols());
     let bad = |msg: String| Error::Invalid(format!("{module}.weight: {msg}"));
+    if m.group() != 0 {
+        return Err(bad(format!(
+            "group-wise scales (one per {} weights) have no transformers bitnet form (one \
+             weight_scale a tensor); convert to gguf-q2_0",
+            m.group()
+        )));
+    }
     if !rows.is_multiple_of(4) {
         return Err(bad(format!(
             "{rows} output rows are not a multiple of 4 (the packed layout's 4 rows a byte)"

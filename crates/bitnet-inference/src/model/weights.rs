@@ -74,6 +74,10 @@ pub struct LayerWeights {
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
+    /// Qwen3's RMSNorm of each query head, and of each key head, before RoPE (over
+    /// `head_dim`).
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     /// BitNet's norm of the attention output before `o_proj` (over hidden).
     pub attn_sub_norm: Option<RmsNorm>,
     pub o_proj: Linear,
@@ -115,6 +119,8 @@ impl LayerWeights {
             .into_iter()
             .chain(self.attn_sub_norm.iter())
             .chain(self.ffn_sub_norm.iter())
+            .chain(self.q_norm.iter())
+            .chain(self.k_norm.iter())
     }
 }
 

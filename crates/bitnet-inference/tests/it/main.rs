@@ -18,6 +18,7 @@ mod hub;
 #[cfg(feature = "hub")]
 mod hub_server;
 mod oracle_logits;
+mod oracle_models;
 mod q6_k;
 mod readme;
 mod round_scales;

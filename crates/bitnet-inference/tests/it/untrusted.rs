@@ -443,3 +443,138 @@ fn tokenizer_json_ids_must_stay_in_proportion_to_the_file() {
     });
     load_err(&dir, &["tokenizer.json", "4000000000", "sparse"]);
 }
+
+/// RoPE scaling values from a config (issue 20): every one checked (finite, in range,
+/// lengths equal to head_dim / 2), each error naming the key.
+#[test]
+fn hf_rope_scaling_values_are_checked() {
+    use serde_json::json;
+    let cases: Vec<(&str, serde_json::Value, Vec<&str>)> = vec![
+        (
+            "nan-factor",
+            json!({"rope_type": "linear", "factor": "NaN"}),
+            vec!["rope_parameters.factor"],
+        ),
+        (
+            "zero-factor",
+            json!({"rope_type": "linear", "factor": 0.0}),
+            vec!["factor", "not a finite number > 0"],
+        ),
+        (
+            "no-factor",
+            json!({"rope_type": "dynamic"}),
+            vec!["rope_parameters.factor", "missing"],
+        ),
+        (
+            "dynamic-below-one",
+            json!({"rope_type": "dynamic", "factor": 0.5}),
+            vec!["factor", "≥ 1"],
+        ),
+        (
+            "llama3-no-low",
+            json!({"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0}),
+            vec!["low_freq_factor", "missing"],
+        ),
+        (
+            "llama3-inverted",
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+            vec!["high_freq_factor", "greater than low_freq_factor"],
+        ),
+        (
+            "yarn-huge-original",
+            json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1u64 << 40}),
+            vec!["original_max_position_embeddings"],
+        ),
+        (
+            "longrope-short-list",
+            json!({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}),
+            vec!["short_factor", "head_dim / 2 = 32"],
+        ),
+        (
+            "unknown-type",
+            json!({"rope_type": "su-per"}),
+            vec!["rope_type", "`su-per` is not supported"],
+        ),
+        (
+            "partial",
+            json!({"rope_type": "default", "partial_rotary_factor": 0.5}),
+            vec!["partial RoPE"],
+        ),
+    ];
+    for (name, rope, want) in cases {
+        let dir = edited_hf(name, "config.json", |c| {
+            c.insert("rope_parameters".into(), rope.clone());
+        });
+        load_err(&dir, &want);
+    }
+}
+
+#[test]
+fn gguf_rope_scaling_keys_and_rope_freqs_are_checked() {
+    use bitnet_inference::formats::gguf::GgufValue as V;
+    let k = |s: &str| format!("bitnet-b1.58.rope.scaling.{s}");
+    type Case = (&'static str, Vec<(String, V)>, Vec<String>);
+    let cases: Vec<Case> = vec![
+        (
+            "unknown",
+            vec![(k("type"), V::String("longrope".into()))],
+            vec![k("type"), "not supported".into()],
+        ),
+        (
+            "yarn-no-factor",
+            vec![(k("type"), V::String("yarn".into()))],
+            vec![k("factor"), "missing".into()],
+        ),
+        (
+            "linear-nan",
+            vec![
+                (k("type"), V::String("linear".into())),
+                (k("factor"), V::F32(f32::NAN)),
+            ],
+            vec![k("factor"), "finite".into()],
+        ),
+        (
+            "yarn-beta",
+            vec![
+                (k("type"), V::String("yarn".into())),
+                (k("factor"), V::F32(4.0)),
+                (k("yarn_beta_fast"), V::F32(-1.0)),
+            ],
+            vec![k("yarn_beta_fast")],
+        ),
+    ];
+    for (name, keys, want) in cases {
+        let path = edited_gguf(name, |meta| {
+            for (key, v) in keys.clone() {
+                set(meta, &key, v);
+            }
+        });
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        load_err(&path, &want);
+    }
+    // A rope_freqs tensor of the wrong length names the tensor and both lengths.
+    let src = GgufFile::open(format!("{FIXTURES}/bitnet-packed-gguf/model-i2s.gguf")).unwrap();
+    let mut w = GgufWriter::new();
+    for (key, v) in src
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment")
+    {
+        w.add_metadata(key.clone(), v.clone());
+    }
+    for t in &src.tensors {
+        w.add_tensor_raw(
+            &t.name,
+            &t.dims,
+            t.type_id,
+            src.tensor_data(t).unwrap().to_vec(),
+        );
+    }
+    w.add_f32("rope_freqs.weight", &[3], &[1.0, 2.0, 3.0]);
+    let path = tmp_dir("rope-freqs").join("m.gguf");
+    w.write(&path).unwrap();
+    load_err(
+        &path,
+        &["rope_freqs.weight", "3 values", "head_dim / 2 = 32"],
+    );
+}

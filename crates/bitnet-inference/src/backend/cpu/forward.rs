@@ -9,7 +9,7 @@ use crate::backend::{Batch, BatchEntry, KvType, LmHeadQuant, ModelOptions};
 use crate::kernels::attention::{AttentionTask, KvElem, RunningSoftmax};
 use crate::kernels::pool::{self, SpinPool};
 use crate::kernels::{self, KernelChoice, QuantizedActivations};
-use crate::model::{Activation, Linear, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
+use crate::model::{rope, Activation, Linear, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
 use crate::{Error, Result};
 use std::cell::RefCell;
 
@@ -129,9 +129,18 @@ impl KvCache {
 pub struct CpuState {
     max_batch: usize,
     /// `[context, head_dim / 2]` cos and sin of the RoPE angles, as transformers computes
-    /// them in f32: for the positions this state holds, not the model's maximum.
+    /// them in f32: for the positions this state holds, not the model's maximum. Empty for
+    /// scalings that depend on the sequence length
+    /// ([`crate::model::RopeScaling::depends_on_length`]).
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+    /// `[max_batch, head_dim / 2]`: the cos and sin rows of this call's entries.
+    rope_rows_cos: Vec<f32>,
+    rope_rows_sin: Vec<f32>,
+    /// `[head_dim / 2]` inverse frequencies (length-dependent scalings), and per slot the
+    /// sequence length a call reaches.
+    rope_inv: Vec<f32>,
+    slot_len: Vec<usize>,
     kv: KvCache,
     /// Residual stream `[max_batch, hidden]`.
     hidden: Vec<f32>,
@@ -203,7 +212,10 @@ impl CpuState {
             + self.logits.len()
             + self.logit_rows.len()
             + self.rope_cos.len()
-            + self.rope_sin.len())
+            + self.rope_sin.len()
+            + self.rope_rows_cos.len()
+            + self.rope_rows_sin.len()
+            + self.rope_inv.len())
     }
 }
 
@@ -357,9 +369,14 @@ impl CpuBackend {
         let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
         let lm_head_width = c.hidden_size.next_multiple_of(kernels::q4::Q4_SUPER);
         let (rope_cos, rope_sin) = rope_tables(c, context);
+        let half = c.head_dim / 2;
         Ok(CpuState {
             rope_cos,
             rope_sin,
+            rope_rows_cos: vec![0.0; max_batch * half],
+            rope_rows_sin: vec![0.0; max_batch * half],
+            rope_inv: vec![0.0; half],
+            slot_len: vec![0; n_slots],
             max_batch,
             kv: KvCache::new(self.kv_type, c.n_layers, n_slots, context, c.kv_dim()),
             hidden: vec![0.0; max_batch * c.hidden_size],
@@ -427,6 +444,7 @@ impl CpuBackend {
                 .token_embedding
                 .row_to_f32(e.token as usize, &mut state.hidden[i * hd..(i + 1) * hd]);
         }
+        rope_rows(c, batch, state);
 
         for (l, layer) in self.weights.layers.iter().enumerate() {
             // Attention block.
@@ -446,15 +464,22 @@ impl CpuBackend {
                     (&layer.v_proj, &mut state.v[..n * kvd]),
                 ],
             );
-            let (cos, sin, d) = (&state.rope_cos, &state.rope_sin, c.head_dim);
+            let (cos, sin, d) = (&state.rope_rows_cos, &state.rope_rows_sin, c.head_dim);
+            let (q_norm, k_norm) = (layer.q_norm.as_ref(), layer.k_norm.as_ref());
             par_rows(&mut state.q[..n * qd], qd, &|i, rows| {
                 for (j, row) in rows.chunks_exact_mut(qd).enumerate() {
-                    rope(row, batch[i + j].pos, d, cos, sin);
+                    if let Some(norm) = q_norm {
+                        rms_norm_heads(row, norm);
+                    }
+                    rope(row, i + j, d, cos, sin);
                 }
             });
             par_rows(&mut state.k[..n * kvd], kvd, &|i, rows| {
                 for (j, row) in rows.chunks_exact_mut(kvd).enumerate() {
-                    rope(row, batch[i + j].pos, d, cos, sin);
+                    if let Some(norm) = k_norm {
+                        rms_norm_heads(row, norm);
+                    }
+                    rope(row, i + j, d, cos, sin);
                 }
             });
             for (i, e) in batch.iter().enumerate() {
@@ -777,28 +802,84 @@ fn attention_tile(batch: &Batch, threads: usize) -> Option<usize> {
     (batch.len().div_ceil(tile) >= threads).then_some(tile)
 }
 
-/// `[context, head_dim / 2]` cos and sin of the RoPE angles for positions `0..context`.
+/// `[context, head_dim / 2]` cos and sin of the RoPE angles for positions `0..context`
+/// (none for scalings that depend on the sequence length: [`rope_rows`] computes those).
 fn rope_tables(c: &ModelConfig, context: usize) -> (Vec<f32>, Vec<f32>) {
     let half = c.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / c.head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(context * half);
-    let mut sin = Vec::with_capacity(context * half);
-    for pos in 0..context {
-        for &f in &inv_freq {
-            let angle = pos as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
+    if c.rope_scaling.depends_on_length() {
+        return (Vec::new(), Vec::new());
+    }
+    let mut inv = vec![0.0; half];
+    let a = rope::inv_freq(c.rope_theta, c.head_dim, &c.rope_scaling, context, &mut inv);
+    let mut cos = vec![0.0; context * half];
+    let mut sin = vec![0.0; context * half];
+    for (pos, (cos, sin)) in cos
+        .chunks_exact_mut(half)
+        .zip(sin.chunks_exact_mut(half))
+        .enumerate()
+    {
+        rope::angles(pos, &inv, a, cos, sin);
     }
     (cos, sin)
 }
 
-/// NeoX-style rotary embedding of every head of `d` in `x` (rotate_half: pairs i, i + d/2).
-fn rope(x: &mut [f32], pos: usize, d: usize, cos: &[f32], sin: &[f32]) {
+/// Fills the state's cos/sin rows of every entry of `batch`: from the tables, or, for a
+/// length-dependent scaling, from the frequencies of the length its sequence reaches in this
+/// call (its slot's highest position + 1; see [`crate::model::rope`]).
+fn rope_rows(c: &ModelConfig, batch: &Batch, state: &mut CpuState) {
+    let half = c.head_dim / 2;
+    let rows = state
+        .rope_rows_cos
+        .chunks_exact_mut(half)
+        .zip(state.rope_rows_sin.chunks_exact_mut(half));
+    if !c.rope_scaling.depends_on_length() {
+        for (e, (cos, sin)) in batch.iter().zip(rows) {
+            cos.copy_from_slice(&state.rope_cos[e.pos * half..][..half]);
+            sin.copy_from_slice(&state.rope_sin[e.pos * half..][..half]);
+        }
+        return;
+    }
+    for e in batch {
+        state.slot_len[e.slot] = 0;
+    }
+    for e in batch {
+        state.slot_len[e.slot] = state.slot_len[e.slot].max(e.pos + 1);
+    }
+    let (mut last_len, mut a) = (0, 1.0);
+    for (e, (cos, sin)) in batch.iter().zip(rows) {
+        let len = state.slot_len[e.slot];
+        if len != last_len {
+            a = rope::inv_freq(
+                c.rope_theta,
+                c.head_dim,
+                &c.rope_scaling,
+                len,
+                &mut state.rope_inv,
+            );
+            last_len = len;
+        }
+        rope::angles(e.pos, &state.rope_inv, a, cos, sin);
+    }
+}
+
+/// Qwen3's per-head RMSNorm: each `head_dim` slice of `x` normed with `norm` (f32, the
+/// order of [`rms_norm_rows`]).
+fn rms_norm_heads(x: &mut [f32], norm: &RmsNorm) {
+    let d = norm.weight.len();
+    for head in x.chunks_exact_mut(d) {
+        let mean = sum_of_squares(head) / d as f32;
+        let inv = 1.0 / (mean + norm.eps).sqrt();
+        for (v, &w) in head.iter_mut().zip(&norm.weight) {
+            *v = w * (*v * inv);
+        }
+    }
+}
+
+/// NeoX-style rotary embedding of every head of `d` in `x` (rotate_half: pairs i, i + d/2),
+/// with the cos/sin of row `row` of the state's rows.
+fn rope(x: &mut [f32], row: usize, d: usize, cos: &[f32], sin: &[f32]) {
     let half = d / 2;
-    let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+    let (cos, sin) = (&cos[row * half..][..half], &sin[row * half..][..half]);
     for head in x.chunks_exact_mut(d) {
         let (a, b) = head.split_at_mut(half);
         for i in 0..half {
@@ -910,6 +991,11 @@ fn check_shapes(c: &ModelConfig, w: &ModelWeights) -> Result<()> {
         }
         expect(what, (l.out_features(), l.in_features()), want)
     };
+    // The loaders validate it; a config built in code is checked here too (the RoPE tables
+    // index its per-dimension factors).
+    c.rope_scaling.validate(c.head_dim, &|key, msg| {
+        Error::Invalid(format!("rope scaling `{key}`: {msg}"))
+    })?;
     let (hd, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.ffn_size);
     let e = &w.token_embedding;
     expect(
@@ -929,6 +1015,17 @@ fn check_shapes(c: &ModelConfig, w: &ModelWeights) -> Result<()> {
         lin(format!("layer {i} q_proj"), &l.q_proj, (qd, hd))?;
         lin(format!("layer {i} k_proj"), &l.k_proj, (kvd, hd))?;
         lin(format!("layer {i} v_proj"), &l.v_proj, (kvd, hd))?;
+        for (what, n) in [("q_norm", &l.q_norm), ("k_norm", &l.k_norm)] {
+            match n {
+                Some(n) => norm(format!("layer {i} {what}"), n, c.head_dim)?,
+                None if c.qk_norm => {
+                    return Err(Error::Invalid(format!(
+                        "layer {i} {what}: missing (the model norms query and key heads)"
+                    )))
+                }
+                None => {}
+            }
+        }
         if let Some(n) = &l.attn_sub_norm {
             norm(format!("layer {i} attn_sub_norm"), n, qd)?;
         }
@@ -967,10 +1064,12 @@ mod tests {
             vocab_size: 50,
             max_context: 32,
             rope_theta: 10000.0,
+            rope_scaling: crate::model::RopeScaling::None,
             rms_norm_eps: 1e-5,
             activation: Activation::Relu2,
             has_sub_norms: true,
             tied_embeddings: true,
+            qk_norm: false,
         }
     }
 
@@ -1001,6 +1100,8 @@ mod tests {
                 q_proj: ternary(64, 64),
                 k_proj: ternary(32, 64),
                 v_proj: ternary(32, 64),
+                q_norm: None,
+                k_norm: None,
                 attn_sub_norm: Some(norm(64)),
                 o_proj: ternary(64, 64),
                 ffn_norm: norm(64),

@@ -50,6 +50,26 @@ pub fn unsupported(options: &super::ModelOptions) -> Option<&'static str> {
     None
 }
 
+/// What of `config` the CUDA backend cannot compute yet, named for an error (`None`: it can
+/// run the model): scaled RoPE, Qwen3's q/k norms, group-wise ternary scales.
+pub fn unsupported_model(config: &ModelConfig, weights: &ModelWeights) -> Option<String> {
+    let grouped = weights.layers.iter().any(|l| {
+        l.linears()
+            .iter()
+            .any(|lin| matches!(&lin.weights, LinearWeights::Ternary(m) if m.group() != 0))
+    });
+    if grouped {
+        return Some("ternary weights with group-wise scales (Q2_0)".into());
+    }
+    if config.rope_scaling != crate::model::RopeScaling::None {
+        return Some(format!("`{}` RoPE scaling", config.rope_scaling.name()));
+    }
+    if config.qk_norm {
+        return Some("query/key head norms (Qwen3)".into());
+    }
+    None
+}
+
 /// CUDA GPUs this machine has (0 without a driver, or where it fails to start).
 pub fn device_count() -> usize {
     if !driver_present() {

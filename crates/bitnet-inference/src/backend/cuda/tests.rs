@@ -185,10 +185,12 @@ fn config() -> ModelConfig {
         vocab_size: 50,
         max_context: 64,
         rope_theta: 10000.0,
+        rope_scaling: crate::model::RopeScaling::None,
         rms_norm_eps: 1e-5,
         activation: Activation::Relu2,
         has_sub_norms: true,
         tied_embeddings: true,
+        qk_norm: false,
     }
 }
 
@@ -231,6 +233,8 @@ fn random_weights(c: &ModelConfig, variant: bool) -> ModelWeights {
                 q_proj: q,
                 k_proj: ternary(c.kv_dim(), hd),
                 v_proj: ternary(c.kv_dim(), hd),
+                q_norm: None,
+                k_norm: None,
                 attn_sub_norm: (!variant).then(|| norm(c.q_dim())),
                 o_proj: o,
                 ffn_norm: norm(hd),
@@ -338,6 +342,7 @@ fn forward_equals_the_cpu_backend_on_random_models() {
             },
             has_sub_norms: !variant,
             tied_embeddings: !variant,
+            qk_norm: false,
             max_context: 300,
             ..config()
         };
