@@ -798,6 +798,8 @@ struct Streamer {
     cached: usize,
     out: VecDeque<String>,
     ended: bool,
+    /// An error event was sent (the stream then ends with `[DONE]` as OpenAI's do).
+    failed: bool,
 }
 
 impl Streamer {
@@ -809,6 +811,7 @@ impl Streamer {
             cached: 0,
             out: VecDeque::new(),
             ended: false,
+            failed: false,
         };
         if s.reply.kind == Kind::Chat {
             // OpenAI opens each choice with the assistant's role.
@@ -910,6 +913,7 @@ impl Streamer {
             Event::Error(e) => {
                 let err = ApiError::from_request_error(&e, self.reply.error_field());
                 self.out.push_back(err.body().to_string());
+                self.failed = true;
             }
         }
     }
@@ -927,6 +931,17 @@ impl Streamer {
                 Some((i, event)) => self.on_event(i, event),
                 None => {
                     self.ended = true;
+                    if !self.failed && self.choices.iter().any(|c| c.finish.is_none()) {
+                        // The engine went away with a choice unfinished (the server is
+                        // shutting down): an error, and no `[DONE]`, which would tell the
+                        // client its answer was complete.
+                        let err = ApiError::unavailable(
+                            "the server stopped before this request finished",
+                            "shutting_down",
+                        );
+                        self.out.push_back(err.body().to_string());
+                        continue;
+                    }
                     let r = &self.reply;
                     r.state
                         .metrics
