@@ -3,7 +3,10 @@
 
 use crate::error::ApiError;
 use bitnet_inference::chat::ChatMessage;
+use bitnet_inference::engine::LoadedEngineModel;
 use bitnet_inference::generate::{GenerationConfig, SamplingStrategy};
+use bitnet_inference::scheduler::Request as SchedRequest;
+use bitnet_inference::Error;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -666,6 +669,131 @@ fn prompts(v: Value) -> Result<Vec<Prompt>, ApiError> {
             json_kind(&other)
         ))),
     }
+}
+
+/// A text longer than any prompt of `context` tokens can be is refused by its length, before
+/// it is tokenized (which costs ~100 bytes of memory a byte); shorter ones are counted in
+/// tokens after.
+fn fits_before_tokenizing(
+    model: &LoadedEngineModel,
+    field: &'static str,
+    bytes: usize,
+    context: usize,
+) -> Result<(), ApiError> {
+    let max = model.tokenizer.max_text_bytes(context);
+    if bytes <= max {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        field,
+        format!(
+            "the {field} of {bytes} bytes cannot fit this server's context size of {context} \
+             tokens (at most {max} bytes can, with this vocabulary); refused before tokenizing"
+        ),
+    )
+    .with_code("context_length_exceeded"))
+}
+
+/// The prompt ids of a chat request: its messages are refused by their length before they
+/// are rendered, and the rendered text (which a template with much per-message text can make
+/// far longer than the messages) by its length before it is tokenized, then by its tokens.
+/// Blocking: rendering and tokenizing take CPU time in proportion to the conversation.
+pub fn chat_prompt(
+    model: &LoadedEngineModel,
+    messages: &[ChatMessage],
+    context: usize,
+) -> Result<Vec<u32>, ApiError> {
+    let bytes = messages.iter().map(|m| m.content.len()).sum();
+    fits_before_tokenizing(model, "messages", bytes, context)?;
+    model
+        .encode_chat_within(messages, context)
+        .map_err(|e| match e {
+            Error::Invalid(msg) => {
+                ApiError::invalid("messages", format!("the rendered conversation: {msg}"))
+                    .with_code("context_length_exceeded")
+            }
+            e => ApiError::invalid("messages", format!("the chat template failed: {e}")),
+        })
+}
+
+/// The prompt ids of a completions request: every text prompt is refused by its length
+/// before any is tokenized. Blocking, as [`chat_prompt`].
+pub fn completion_prompts(
+    model: &LoadedEngineModel,
+    prompts: Vec<Prompt>,
+    context: usize,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    for p in &prompts {
+        if let Prompt::Text(t) = p {
+            fits_before_tokenizing(model, "prompt", t.len(), context)?;
+        }
+    }
+    prompts
+        .into_iter()
+        .map(|p| match p {
+            Prompt::Text(t) => model
+                .encode_prompt(&t)
+                .map_err(|e| ApiError::invalid("prompt", e.to_string())),
+            Prompt::Ids(ids) => Ok(ids),
+        })
+        .collect()
+}
+
+/// One scheduler request per prompt and choice, each prompt checked against the context
+/// first (with `max_tokens`, when given); `field` names the prompt's field in errors. The
+/// scheduler checks the rest (token ids against the vocabulary) when they are submitted.
+pub fn scheduler_requests(
+    prompts: &[Vec<u32>],
+    s: &Sampling,
+    context: usize,
+    field: &str,
+    seed: u64,
+) -> Result<Vec<SchedRequest>, ApiError> {
+    for p in prompts {
+        if p.is_empty() {
+            return Err(ApiError::invalid(field, "the prompt is empty"));
+        }
+        if p.len() >= context {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "the prompt has {} tokens; this server's context size is {context} tokens \
+                     (the prompt and at least one generated token must fit)",
+                    p.len()
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        if let Some(m) = s.max_tokens.filter(|&m| p.len() + m > context) {
+            return Err(ApiError::invalid(
+                s.max_tokens_field,
+                format!(
+                    "the prompt has {} tokens and {} = {m}: together {} tokens, more than this \
+                     server's context size of {context} tokens",
+                    p.len(),
+                    s.max_tokens_field,
+                    p.len() + m
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+    }
+    let mut requests = Vec::with_capacity(prompts.len() * s.n);
+    for p in prompts {
+        for _ in 0..s.n {
+            let index = requests.len();
+            let mut config = s.config.clone();
+            config.max_new_tokens = s.max_tokens.unwrap_or(context - p.len());
+            // Each choice its own generator; choice 0 is what the same seed gives alone.
+            config.seed = seed.wrapping_add(index as u64);
+            let mut r = SchedRequest::new(p.clone(), config);
+            if let Some(k) = s.logprobs {
+                r = r.with_logprobs(k);
+            }
+            requests.push(r);
+        }
+    }
+    Ok(requests)
 }
 
 #[cfg(test)]
