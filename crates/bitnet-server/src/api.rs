@@ -904,6 +904,77 @@ mod tests {
         assert_eq!(chat("[1]").unwrap_err().code, Some("invalid_json"));
     }
 
+    fn tiny() -> LoadedEngineModel {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/bitnet-tiny");
+        LoadedEngineModel::load(std::path::Path::new(dir)).expect("models/bitnet-tiny")
+    }
+
+    #[test]
+    fn a_conversation_whose_rendering_cannot_fit_is_refused_before_tokenizing() {
+        let model = tiny();
+        // 61,000 empty messages: a 1 MiB body whose messages have no bytes at all, which
+        // the template renders to ~1 MB of text. Tokenizing that took ~100 MB and 0.75 s of
+        // CPU before it was refused for its 244,004 tokens (found by reading, issue 18).
+        let messages = vec![ChatMessage::new("user", ""); 61_000];
+        let e = chat_prompt(&model, &messages, 64).unwrap_err();
+        assert_eq!(e.code, Some("context_length_exceeded"), "{}", e.message);
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert!(
+            e.message.contains("rendered conversation") && e.message.contains("before tokenizing"),
+            "{}",
+            e.message
+        );
+        // Messages whose own bytes cannot fit are refused before rendering.
+        let long = vec![ChatMessage::new("user", "a ".repeat(5_000))];
+        let e = chat_prompt(&model, &long, 64).unwrap_err();
+        assert!(
+            e.message.contains("the messages of 10000 bytes"),
+            "{}",
+            e.message
+        );
+        // What fits is rendered and tokenized as the engine does it.
+        let hi = [ChatMessage::new("user", "Hi")];
+        assert_eq!(
+            chat_prompt(&model, &hi, 64).unwrap(),
+            model.encode_chat(&hi).unwrap()
+        );
+    }
+
+    #[test]
+    fn scheduler_requests_check_each_prompt_against_the_context() {
+        let mut r = completion(r#"{"prompt":"x","n":3,"max_tokens":4,"logprobs":2}"#).unwrap();
+        r.sampling.seed = Some(u64::MAX);
+        let ids = vec![vec![5, 6, 7]];
+        let reqs = scheduler_requests(&ids, &r.sampling, 16, "prompt", u64::MAX).unwrap();
+        assert_eq!(reqs.len(), 3);
+        let seeds: Vec<u64> = reqs.iter().map(|q| q.config.seed).collect();
+        assert_eq!(
+            seeds,
+            [u64::MAX, 0, 1],
+            "one generator per choice, wrapping"
+        );
+        assert!(reqs
+            .iter()
+            .all(|q| q.prompt == ids[0] && q.config.max_new_tokens == 4 && q.logprobs == Some(2)));
+        let err = |prompts: &[Vec<u32>], context| {
+            scheduler_requests(prompts, &r.sampling, context, "prompt", 1).unwrap_err()
+        };
+        assert_eq!(err(&[vec![]], 16).message, "the prompt is empty");
+        let e = err(&[vec![1; 16]], 16);
+        assert!(
+            e.message.contains("the prompt has 16 tokens"),
+            "{}",
+            e.message
+        );
+        let e = err(&[vec![1], vec![1; 13]], 16);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"), "{}", e.message);
+        assert!(e.message.contains("together 17 tokens"), "{}", e.message);
+        // Without max_tokens, a choice may use the rest of the context.
+        r.sampling.max_tokens = None;
+        let reqs = scheduler_requests(&[vec![1; 10]], &r.sampling, 16, "prompt", 1).unwrap();
+        assert_eq!(reqs[0].config.max_new_tokens, 6);
+    }
+
     #[test]
     fn prompts_as_text_or_ids() {
         let p = |b: &str| completion(b).map(|r| r.prompts);
