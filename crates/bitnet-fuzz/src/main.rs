@@ -19,9 +19,11 @@
 //! whose outcome (the error message with numbers and paths stripped) is new joins the
 //! corpus, so mutations keep exploring from inputs that reached new checks.
 //!
-//! A finding is a panic, an input that takes more than `--hang-seconds` (default 10), or an
-//! allocation past `--max-alloc-mib` (default 2048; the process then aborts, and the input
-//! is in `OUT/current`). Findings are written to `OUT/findings/` and the exit status is 1.
+//! A finding is a panic, an input that takes more than `--hang-seconds` (default 10) of CPU
+//! time, one that does not return (a watchdog: 12 × that of CPU time, or 30 minutes of wall
+//! time), or an allocation past `--max-alloc-mib` (default 2048; the process then aborts,
+//! and the input is in `OUT/current`). Findings are written to `OUT/findings/` and the exit
+//! status is 1.
 
 use bitnet_fuzz::{Endpoint, Server, FIXTURES, TINY};
 use bitnet_inference::chat::ChatMessage;
@@ -31,7 +33,7 @@ use bitnet_inference::tokenizer::Tokenizer;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Counts live heap bytes and refuses (so the process aborts) past a cap: an input that
@@ -79,7 +81,11 @@ unsafe impl GlobalAlloc for CappedAlloc {
 #[global_allocator]
 static GLOBAL: CappedAlloc = CappedAlloc;
 
+/// The watchdog's view of the input running: when it started (ms since `WATCH_EPOCH`, plus
+/// one; 0 while none runs) and the process's CPU time then.
 static WATCH_EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+static RUNNING_SINCE_MS: AtomicU64 = AtomicU64::new(0);
+static CPU_AT_START_NS: AtomicU64 = AtomicU64::new(0);
 
 struct Args {
     seconds: f64,
@@ -1250,17 +1256,18 @@ fn make_target(t: &str) -> Target {
     }
 }
 
-/// The CPU time this thread has used (Linux), for the `slow` check.
-fn thread_cpu_time() -> Option<Duration> {
+/// The CPU time this process has used (Linux), for the `slow` and `hang` checks: all its
+/// threads, since a model's compute runs on rayon's thread while the fuzzing thread waits.
+fn cpu_time() -> Option<Duration> {
     #[cfg(target_os = "linux")]
     {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is supported
+        // SAFETY: `ts` is a valid, writable timespec; CLOCK_PROCESS_CPUTIME_ID is supported
         // by every Linux this builds for, and on failure (non-zero) `ts` is not read.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
         (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
     }
     #[cfg(not(target_os = "linux"))]
@@ -1313,11 +1320,9 @@ fn replay(target: &str, file: &Path) {
     let mut t = make_target(target);
     let work = std::env::temp_dir().join(format!("bitnet-fuzz-replay-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("a work directory");
-    let (t0, cpu0) = (Instant::now(), thread_cpu_time());
+    let (t0, cpu0) = (Instant::now(), cpu_time());
     let outcome = execute(&mut t, &input, &work);
-    let cpu = thread_cpu_time()
-        .zip(cpu0)
-        .map(|(b, a)| b.saturating_sub(a));
+    let cpu = cpu_time().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
     println!(
         "{target}: {} (wall {:.3} s, CPU {:.3} s)",
         outcome.chars().take(500).collect::<String>(),
@@ -1357,29 +1362,47 @@ fn main() {
     // BITNET_FUZZ_VERBOSE=1 prints every outcome (to see what the mutations reach).
     let verbose = std::env::var("BITNET_FUZZ_VERBOSE").is_ok_and(|v| v == "1");
     std::panic::set_hook(Box::new(|_| {}));
-    // A watchdog for inputs that never finish (a `slow` check after the fact cannot see them).
-    static RUNNING_SINCE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // A watchdog for inputs that never finish (a `slow` check after the fact cannot see
+    // them): one that has used 12 × --hang-seconds (120 s) of CPU time, or has
+    // been running for 30 minutes of wall time (blocked, or starved beyond reason), is a
+    // finding; its input is copied into `findings/` before the process exits.
     {
-        let (hang, current) = (args.hang, args.out.join("current"));
-        let epoch = Instant::now();
+        let hang = args.hang;
+        let (current, saved) = (
+            args.out.join("current"),
+            findings.join(format!("hang-{}", args.seed)),
+        );
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(500));
-            let since = RUNNING_SINCE_MS.load(Ordering::Relaxed);
-            let now = epoch.elapsed().as_millis() as u64;
-            // Wall time: generous (the fuzzer runs at the lowest priority on a shared
-            // machine), but an input that never returns is caught.
-            let limit = (12 * hang.as_millis() as u64).max(120_000);
-            if since > 0 && now.saturating_sub(since) > limit {
+            let (wall0, cpu0) = (
+                RUNNING_SINCE_MS.load(Ordering::Relaxed),
+                CPU_AT_START_NS.load(Ordering::Relaxed),
+            );
+            if wall0 == 0 {
+                continue;
+            }
+            let wall = WATCH_EPOCH
+                .get()
+                .map_or(0, |e| e.elapsed().as_millis() as u64);
+            let cpu = cpu_time().map_or(0, |c| c.as_nanos() as u64);
+            let cpu_limit = 12 * hang;
+            let over_cpu = cpu.saturating_sub(cpu0) > cpu_limit.as_nanos() as u64;
+            let over_wall = wall.saturating_sub(wall0) > 30 * 60 * 1000;
+            if over_cpu || over_wall {
+                let _ = std::fs::copy(&current, &saved);
                 println!(
-                    "FINDING hang: an input ran over {} s of wall time; it is in {}",
-                    limit / 1000,
-                    current.display()
+                    "FINDING hang: an input ran over {}; it is in {}",
+                    if over_cpu {
+                        format!("{} s of CPU time", cpu_limit.as_secs())
+                    } else {
+                        "30 minutes of wall time".to_string()
+                    },
+                    saved.display()
                 );
                 std::process::exit(1);
             }
         });
-        RUNNING_SINCE_MS.store(0, Ordering::Relaxed);
-        WATCH_EPOCH.get_or_init(|| epoch);
+        WATCH_EPOCH.get_or_init(Instant::now);
     }
     while start.elapsed() < deadline {
         let t = &mut targets[round % args.targets.len()];
@@ -1397,14 +1420,16 @@ fn main() {
         // Kept on disk before running: an abort (allocation past the cap) leaves it there.
         let _ = std::fs::write(args.out.join("current"), &bytes);
         let t0 = Instant::now();
-        let cpu0 = thread_cpu_time();
+        let cpu0 = cpu_time();
         let epoch = WATCH_EPOCH.get().copied().unwrap_or(t0);
+        CPU_AT_START_NS.store(cpu0.map_or(0, |c| c.as_nanos() as u64), Ordering::Relaxed);
         RUNNING_SINCE_MS.store(1 + epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(t, &input, &work)));
         RUNNING_SINCE_MS.store(0, Ordering::Relaxed);
         // CPU time, not wall time: at nice 19 on a busy machine a 0.2 s input can take 15 s.
-        let took = thread_cpu_time()
+        // (The process's: the watchdog's own share is negligible.)
+        let took = cpu_time()
             .zip(cpu0)
             .map_or_else(|| t0.elapsed(), |(b, a)| b.saturating_sub(a));
         t.execs += 1;
