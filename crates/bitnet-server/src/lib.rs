@@ -98,9 +98,17 @@ pub(crate) struct Loaded {
     pub fingerprint: String,
 }
 
+/// Requests rendered or tokenized at once (the cores, at most 4): tokenizing is CPU-bound, so
+/// more at once would only multiply the memory it takes.
+pub(crate) fn tokenizing_at_once() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
+}
+
 /// What every handler shares.
 pub(crate) struct AppState {
     pub config: ServerConfig,
+    /// Permits for rendering and tokenizing ([`tokenizing_at_once`]).
+    pub tokenizing: tokio::sync::Semaphore,
     pub loaded: OnceLock<Loaded>,
     pub draining: AtomicBool,
     pub metrics: Metrics,
@@ -163,6 +171,7 @@ async fn serve(
         loaded: OnceLock::new(),
         draining: AtomicBool::new(false),
         metrics: Metrics::new(stats.clone()),
+        tokenizing: tokio::sync::Semaphore::new(tokenizing_at_once()),
     });
     let router = handlers::router(state.clone())?;
     {
