@@ -151,6 +151,10 @@ impl Endpoint {
 /// field, in the format of [`request_bytes`].
 pub const REQUEST_SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/request");
 
+/// More chat templates for the `template` target's seeds (besides the built-in 2B-4T one and
+/// bitnet-tiny's).
+pub const TEMPLATE_SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/template");
+
 /// A request as one file: `POST PATH` on the first line, then the body (the format of the
 /// seed corpus, of saved findings and of afl's inputs).
 pub fn request_bytes(endpoint: Endpoint, body: &[u8]) -> Vec<u8> {

@@ -290,11 +290,15 @@ fn seeds(name: &str) -> Vec<Input> {
                     .unwrap_or_default();
             let mut v = vec![bitnet_inference::chat::BITNET_2B4T_TEMPLATE.to_string()];
             v.extend(cfg["chat_template"].as_str().map(str::to_string));
-            v.push(
-                "{% for m in messages %}{% if m.role == 'system' %}<<SYS>>{{ m.content }}<</SYS>>\
-                 {% elif loop.last %}[INST] {{ m.content | trim }} [/INST]{% else %}{{ m.content \
-                 }}{{ eos_token }}{% endif %}{% endfor %}"
-                    .to_string(),
+            let mut files: Vec<PathBuf> = std::fs::read_dir(bitnet_fuzz::TEMPLATE_SEEDS)
+                .expect("the template seeds")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            files.sort();
+            v.extend(
+                files
+                    .iter()
+                    .map(|f| String::from_utf8_lossy(&read(f)).into_owned()),
             );
             let msgs = vec![
                 ("system".to_string(), "You are helpful.".to_string()),

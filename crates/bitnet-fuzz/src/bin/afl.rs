@@ -34,10 +34,15 @@ fn main() {
             });
         }
         "request" => {
-            let mut server = bitnet_fuzz::Server::new();
+            // Made in the forked child, not before the fork: the scheduler and the compute
+            // pool have threads, which a fork does not copy. (Unwind safety does not matter:
+            // a panic aborts the process, and afl records it.)
+            let mut server = std::panic::AssertUnwindSafe(None);
             afl::fuzz!(|data: &[u8]| {
                 let (endpoint, body) = bitnet_fuzz::parse_request_bytes(data);
-                server.request(endpoint, body);
+                server
+                    .get_or_insert_with(bitnet_fuzz::Server::new)
+                    .request(endpoint, body);
             });
         }
         other => {
