@@ -129,6 +129,17 @@ pub fn template(source: &str, messages: &[ChatMessage]) -> String {
     }
 }
 
+/// The conversation a template source is rendered for when the input is only the source
+/// (afl's `template` inputs, and `--replay template` of such a file).
+pub fn fixed_conversation() -> Vec<ChatMessage> {
+    vec![
+        ChatMessage::new("system", "You are helpful."),
+        ChatMessage::new("user", "Hi there <|eot_id|> é🦀"),
+        ChatMessage::new("assistant", "Hello."),
+        ChatMessage::new("user", "Tell me a story."),
+    ]
+}
+
 /// The server's endpoints whose bodies the `request` target reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {

@@ -1285,21 +1285,31 @@ fn cpu_time() -> Option<Duration> {
 fn replay(target: &str, file: &Path) {
     let bytes = read(file);
     let input = match target {
-        "template" => {
-            let v: serde_json::Value = serde_json::from_slice(&bytes).expect("a template input");
-            let msgs = v["messages"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|m| {
-                            let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
-                            (s("role"), s("content"))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Input::Template(v["template"].as_str().unwrap_or_default().to_string(), msgs)
-        }
+        "template" => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            // The JSON this driver writes: the template and its messages.
+            Ok(v) if v["template"].is_string() => {
+                let msgs = v["messages"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|m| {
+                                let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+                                (s("role"), s("content"))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Input::Template(v["template"].as_str().unwrap_or_default().to_string(), msgs)
+            }
+            // A template's source alone (afl's inputs), for the fixed conversation.
+            _ => Input::Template(
+                String::from_utf8_lossy(&bytes).into_owned(),
+                bitnet_fuzz::fixed_conversation()
+                    .into_iter()
+                    .map(|m| (m.role, m.content))
+                    .collect(),
+            ),
+        },
         "tokenizer" => Input::Text(String::from_utf8_lossy(&bytes).into_owned()),
         "request" => {
             let (endpoint, body) = bitnet_fuzz::parse_request_bytes(&bytes);

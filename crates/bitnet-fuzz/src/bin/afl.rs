@@ -10,8 +10,6 @@
 //! conversation); `request`, a request as `bitnet_fuzz::request_bytes` writes it. A panic
 //! aborts the process, which afl records as a crash.
 
-use bitnet_inference::chat::ChatMessage;
-
 fn main() {
     let target = std::env::args().nth(1).unwrap_or_default();
     match target.as_str() {
@@ -23,12 +21,7 @@ fn main() {
             });
         }
         "template" => {
-            let messages = [
-                ChatMessage::new("system", "You are helpful."),
-                ChatMessage::new("user", "Hi there <|eot_id|> é🦀"),
-                ChatMessage::new("assistant", "Hello."),
-                ChatMessage::new("user", "Tell me a story."),
-            ];
+            let messages = bitnet_fuzz::fixed_conversation();
             afl::fuzz!(|data: &[u8]| {
                 bitnet_fuzz::template(&String::from_utf8_lossy(data), &messages);
             });
