@@ -137,7 +137,7 @@ pub fn typed<T: DeserializeOwned>(obj: Map<String, Value>) -> Result<T, ApiError
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
@@ -175,7 +175,10 @@ pub struct CommonFields {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, null, or a list of parts ({\"type\": \"text\", \"text\": ...})"
+)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
@@ -262,8 +265,17 @@ fn range_f(
         Some(x) if x.is_finite() && ok(x) => Ok(Some(x as f32)),
         Some(x) => Err(ApiError::invalid(
             name,
-            format!("{name} = {x}: expected {what}"),
+            format!("{name} = {}: expected {what}", short(x)),
         )),
+    }
+}
+
+/// A number as an error message shows it: 1e300 in exponent form, not as 301 digits.
+fn short(x: f64) -> String {
+    if x.abs() >= 1e15 {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
     }
 }
 
@@ -388,7 +400,10 @@ fn sampling(
             if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
                 return Err(ApiError::invalid(
                     "logit_bias",
-                    format!("logit_bias for token {id} = {v}: expected a number from -100 to 100"),
+                    format!(
+                        "logit_bias for token {id} = {}: expected a number from -100 to 100",
+                        short(v)
+                    ),
                 ));
             }
             // OpenAI's -100 bans the token.
@@ -890,6 +905,10 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":5}]}"#,
                 "messages[0].content",
             ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":[1]}"#,
+                "stop",
+            ),
             (r#"{"model":"m"}"#, "messages"),
         ];
         for (body, field) in cases {
@@ -897,6 +916,25 @@ mod tests {
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(field), "{body}: {}", e.message);
         }
+        let e = chat(r#"{"messages":[{"role":"user","content":"x"}],"temperature":1e300}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "temperature = 1e300: expected a number from 0 to 2 (0 is greedy)"
+        );
+        // The untagged types say what they take, not serde's "did not match any variant".
+        let e = chat(r#"{"messages":[{"role":"user","content":5}]}"#).unwrap_err();
+        assert!(
+            e.message.contains("a string, null, or a list of parts"),
+            "{}",
+            e.message
+        );
+        let e = chat(r#"{"messages":[{"role":"user","content":"x"}],"stop":{}}"#).unwrap_err();
+        assert!(
+            e.message.contains("a string or a list of strings"),
+            "{}",
+            e.message
+        );
         assert_eq!(
             chat("{\"messages\": [").unwrap_err().code,
             Some("invalid_json")
