@@ -278,8 +278,20 @@ async fn tokenizing<T: Send + 'static>(
     state: &AppState,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    let _permit = state.tokenizing.acquire().await.map_err(internal)?;
-    tokio::task::spawn_blocking(work).await.map_err(internal)
+    let permit = state
+        .tokenizing
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(internal)?;
+    // The permit goes with the work: if the client goes away and this future is dropped,
+    // the work still holds it until it ends.
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(internal)
 }
 
 /// A random 64-bit number (ids, and seeds of requests that give none).
@@ -846,7 +858,7 @@ mod tests {
             loaded: OnceLock::new(),
             draining: AtomicBool::new(false),
             metrics: Metrics::new(Arc::new(OnceLock::new())),
-            tokenizing: tokio::sync::Semaphore::new(1),
+            tokenizing: Arc::new(tokio::sync::Semaphore::new(1)),
         });
         let r = router(state.clone()).unwrap();
         (state, r)

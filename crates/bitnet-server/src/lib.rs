@@ -108,7 +108,7 @@ pub(crate) fn tokenizing_at_once() -> usize {
 pub(crate) struct AppState {
     pub config: ServerConfig,
     /// Permits for rendering and tokenizing ([`tokenizing_at_once`]).
-    pub tokenizing: tokio::sync::Semaphore,
+    pub tokenizing: Arc<tokio::sync::Semaphore>,
     pub loaded: OnceLock<Loaded>,
     pub draining: AtomicBool,
     pub metrics: Metrics,
@@ -171,7 +171,7 @@ async fn serve(
         loaded: OnceLock::new(),
         draining: AtomicBool::new(false),
         metrics: Metrics::new(stats.clone()),
-        tokenizing: tokio::sync::Semaphore::new(tokenizing_at_once()),
+        tokenizing: Arc::new(tokio::sync::Semaphore::new(tokenizing_at_once())),
     });
     let router = handlers::router(state.clone())?;
     {
