@@ -25,7 +25,8 @@ use crate::backend::BatchEntry;
 use crate::engine::LoadedEngineModel;
 use crate::generate::sequence::step_sequences;
 use crate::generate::{
-    FinishReason, GenerationConfig, GenerationStats, SamplingStrategy, Sequence, TokenLogprobs,
+    FinishReason, GenerationConfig, GenerationStats, SamplingStrategy, Sequence, SharedConstraint,
+    TokenLogprobs,
 };
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -39,6 +40,20 @@ use std::time::{Duration, Instant};
 pub const MAX_SLOTS: usize = 4096;
 /// The most tokens one forward step may take.
 pub const MAX_STEP_TOKENS: usize = 65536;
+
+/// The context each sequence of `model` gets for `context_size` (None: the model's, at most
+/// 4096) and the bytes of KV cache one such sequence needs: what a KV budget is divided by
+/// to know how many requests it holds, each with the whole context.
+pub fn kv_bytes_per_sequence(
+    model: &LoadedEngineModel,
+    context_size: Option<usize>,
+) -> crate::Result<(usize, usize)> {
+    let context = crate::engine::planned_context(context_size, model.model.config().max_context)?;
+    let bytes = context
+        .checked_mul(model.model.kv_bytes_per_position())
+        .ok_or_else(|| crate::Error::Invalid("the KV cache of one sequence overflows".into()))?;
+    Ok((context, bytes))
+}
 
 /// How a processor is sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +107,10 @@ pub enum RequestError {
     ShuttingDown,
     #[error("the model failed: {0}")]
     Model(String),
+    /// The request's constraint could not start or failed mid-way (the message says why);
+    /// the text streamed before it stands.
+    #[error("{0}")]
+    Constraint(String),
 }
 
 /// Token counts of a finished request, as OpenAI's `usage` counts them (read from its
@@ -144,6 +163,9 @@ pub struct Request {
     pub config: GenerationConfig,
     /// Send each token's log-probability and those of this many alternatives.
     pub logprobs: Option<usize>,
+    /// Hold the output to this rule (constrained decoding): the request's sequence starts its
+    /// own constraint from it when it is admitted.
+    pub constraint: Option<SharedConstraint>,
 }
 
 impl Request {
@@ -152,11 +174,17 @@ impl Request {
             prompt,
             config,
             logprobs: None,
+            constraint: None,
         }
     }
 
     pub fn with_logprobs(mut self, top: usize) -> Self {
         self.logprobs = Some(top);
+        self
+    }
+
+    pub fn with_constraint(mut self, constraint: SharedConstraint) -> Self {
+        self.constraint = Some(constraint);
         self
     }
 }
@@ -441,9 +469,10 @@ pub struct SchedulerStats {
     /// Admissions that reused a cached prefix.
     pub prefix_hits: u64,
     pub generated_tokens: u64,
-    /// Requests running and waiting now.
+    /// Requests running and waiting now, and how many may run at once.
     pub running: usize,
     pub queued: usize,
+    pub max_running: usize,
     /// KV cache bytes in all slots.
     pub kv_cache_bytes: usize,
     /// KV slots planned (running requests and cached prefixes), tokens each.
@@ -481,7 +510,8 @@ pub struct DynamicBatchProcessor {
 impl DynamicBatchProcessor {
     pub fn new(model: Arc<LoadedEngineModel>, config: &SchedulerConfig) -> crate::Result<Self> {
         let c = model.model.config();
-        let context = crate::engine::planned_context(config.context_size, c.max_context)?;
+        // Keys and values of every layer for one sequence of the whole context.
+        let (context, per_slot) = kv_bytes_per_sequence(&model, config.context_size)?;
         let max_running = config.max_running.max(1);
         let step_tokens = config.step_tokens.max(max_running);
         // Sizes a caller gives are checked before anything is planned in proportion to them.
@@ -491,12 +521,6 @@ impl DynamicBatchProcessor {
                  {MAX_SLOTS} and {MAX_STEP_TOKENS}"
             )));
         }
-        // Keys and values of every layer for one sequence.
-        let per_slot = context
-            .checked_mul(model.model.kv_bytes_per_position())
-            .ok_or_else(|| {
-                crate::Error::Invalid("the KV cache of one sequence overflows".into())
-            })?;
         let n_slots = match config.kv_cache_bytes {
             None => max_running,
             Some(budget) => {
@@ -513,21 +537,23 @@ impl DynamicBatchProcessor {
             }
         };
         let state = model.model.new_state(n_slots, context, step_tokens)?;
+        let stats = SchedulerStats {
+            kv_cache_bytes: state.kv_bytes(),
+            kv_slots: n_slots,
+            kv_slot_tokens: context,
+            max_running,
+            ..Default::default()
+        };
         let inbox = Arc::new(Inbox {
             state: Mutex::new(InboxState::default()),
-            published: Mutex::new(SchedulerStats::default()),
+            // The sizes are known before the first step.
+            published: Mutex::new(stats),
             wake: Condvar::new(),
             next_id: AtomicU64::new(0),
             max_queue: config.max_queue,
             context,
             vocab: c.vocab_size,
         });
-        let stats = SchedulerStats {
-            kv_cache_bytes: state.kv_bytes(),
-            kv_slots: n_slots,
-            kv_slot_tokens: context,
-            ..Default::default()
-        };
         Ok(DynamicBatchProcessor {
             model,
             state,
@@ -706,10 +732,19 @@ impl DynamicBatchProcessor {
                 stop_ids,
                 self.inbox.context,
             );
+            let constraint = q.request.constraint.as_ref().map(|c| c.start()).transpose();
+            let seq = match (seq, constraint) {
+                (Ok(seq), Ok(c)) => Ok((seq, c)),
+                (Err(e), _) => Err(RequestError::Model(e.to_string())),
+                (_, Err(e)) => Err(RequestError::Constraint(e)),
+            };
             match seq {
-                Ok(mut seq) => {
+                Ok((mut seq, constraint)) => {
                     if let Some(n) = q.request.logprobs {
                         seq.set_logprobs(n);
+                    }
+                    if let Some(c) = constraint {
+                        seq.set_constraint(c);
                     }
                     let reused = seq.stats().cached_tokens;
                     self.stats.admitted += 1;
@@ -725,9 +760,7 @@ impl DynamicBatchProcessor {
                     });
                     running += 1;
                 }
-                Err(e) => q
-                    .stream
-                    .push(Event::Error(RequestError::Model(e.to_string()))),
+                Err(e) => q.stream.push(Event::Error(e)),
             }
         }
     }
@@ -776,6 +809,14 @@ impl DynamicBatchProcessor {
         let stats = seq.stats();
         let mut text = String::new();
         seq.take_delta(&mut text);
+        if let Some(e) = seq.constraint_error() {
+            // The request fails; text held back (part of a character or of a possible stop
+            // string) is not sent.
+            self.stats.finished += 1;
+            a.stream
+                .push(Event::Error(RequestError::Constraint(e.to_string())));
+            return;
+        }
         // A full context (without a sliding window) ends the request as OpenAI's API does:
         // finish reason `length`, with the text so far.
         let reason = match seq.error() {

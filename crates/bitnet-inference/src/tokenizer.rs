@@ -74,6 +74,9 @@ pub struct Tokenizer {
     description: String,
     /// The longest piece in bytes (computed on first use).
     max_piece: OnceLock<usize>,
+    /// Control tokens (BOS, EOS, chat markers: added tokens marked special, GGUF control and
+    /// unknown types), sorted; their text is a name, not output.
+    special: Vec<u32>,
 }
 
 impl Tokenizer {
@@ -173,6 +176,15 @@ impl Tokenizer {
             };
             first(true) == Some(b) && first(false) != Some(b)
         });
+        let mut special: Vec<u32> = added
+            .iter()
+            .filter(|(_, a)| a.special)
+            .map(|(&id, _)| id)
+            .chain(bos)
+            .chain(eos.iter().copied())
+            .collect();
+        special.sort_unstable();
+        special.dedup();
         let model_type = json["model"]["type"].as_str().unwrap_or("?").to_string();
         let description = format!(
             "tokenizer.json ({}) {model_type}, {} tokens",
@@ -192,6 +204,7 @@ impl Tokenizer {
             post_adds_bos,
             description,
             max_piece: OnceLock::new(),
+            special,
         })
     }
 
@@ -327,6 +340,13 @@ impl Tokenizer {
                 "missing, but add_eos_token is true",
             ));
         }
+        let mut special: Vec<u32> = (0..n as u32)
+            .filter(|&i| matches!(types[i as usize], TT_CONTROL | TT_UNKNOWN))
+            .chain(bos)
+            .chain(eos.iter().copied())
+            .collect();
+        special.sort_unstable();
+        special.dedup();
         let mut tok = Tokenizer {
             model,
             pieces,
@@ -337,8 +357,12 @@ impl Tokenizer {
             post_adds_bos: false,
             description: format!("GGUF {what}, {n} tokens"),
             max_piece: OnceLock::new(),
+            special,
         };
         let extra: Vec<u32> = END_TOKENS.iter().filter_map(|t| tok.token_id(t)).collect();
+        tok.special.extend_from_slice(&extra);
+        tok.special.sort_unstable();
+        tok.special.dedup();
         tok.eos.extend(extra);
         dedup(&mut tok.eos);
         Ok(tok)
@@ -454,6 +478,12 @@ impl Tokenizer {
 
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
+    }
+
+    /// Whether `id` is a control token (BOS, EOS, a chat marker): its text names it, it is
+    /// not text the model writes.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.binary_search(&id).is_ok()
     }
 
     /// Every id that ends generation (EOS, EOT, EOM and the known end tokens in the vocab).

@@ -4,6 +4,7 @@
 use crate::error::ApiError;
 use bitnet_inference::chat::ChatMessage;
 use bitnet_inference::engine::LoadedEngineModel;
+use bitnet_inference::generate::json::JsonFormat;
 use bitnet_inference::generate::{GenerationConfig, SamplingStrategy};
 use bitnet_inference::scheduler::Request as SchedRequest;
 use bitnet_inference::Error;
@@ -237,6 +238,8 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// Log-probabilities asked for: the number of alternatives.
     pub logprobs: Option<usize>,
+    /// `response_format` `json_object` or `json_schema` (None: free text).
+    pub response_format: Option<JsonFormat>,
     pub config: GenerationConfig,
 }
 
@@ -461,25 +464,10 @@ fn sampling(
     if let Some(b) = c.ignore_eos {
         config.ignore_eos = b;
     }
-    if let Some(f) = &c.response_format {
-        let kind = f.get("type").and_then(Value::as_str);
-        match kind {
-            Some("text") => {}
-            Some(t @ ("json_object" | "json_schema")) => {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    format!("response_format type {t:?} is not supported by this server yet (only \"text\")"),
-                )
-                .with_code("unsupported_parameter"))
-            }
-            _ => {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    "response_format: expected an object with \"type\": \"text\"",
-                ))
-            }
-        }
-    }
+    let response_format = match c.response_format {
+        None => None,
+        Some(f) => response_format(f)?,
+    };
     if let Some(u) = &c.user {
         if u.len() > 256 {
             return Err(ApiError::invalid(
@@ -501,9 +489,124 @@ fn sampling(
         include_usage,
         seed,
         logprobs,
+        response_format,
         config,
     })
 }
+
+/// The longest `json_schema.name` (OpenAI's limit).
+const MAX_SCHEMA_NAME: usize = 64;
+
+/// `response_format`: `{"type": "text"}`, `{"type": "json_object"}` or `{"type":
+/// "json_schema", "json_schema": {"name", "schema", "strict", "description"}}`. The schema
+/// itself is checked when it is compiled (`JsonGrammars::compile`).
+fn response_format(v: Value) -> Result<Option<JsonFormat>, ApiError> {
+    const FIELD: &str = "response_format";
+    let Value::Object(mut o) = v else {
+        return Err(ApiError::invalid(
+            FIELD,
+            "response_format: expected an object with a \"type\"",
+        ));
+    };
+    let kind = match o.remove("type") {
+        Some(Value::String(t)) => t,
+        _ => {
+            return Err(ApiError::invalid(
+                "response_format.type",
+                "response_format.type: expected \"text\", \"json_object\" or \"json_schema\"",
+            ))
+        }
+    };
+    let spec = match kind.as_str() {
+        "json_schema" => o.remove("json_schema"),
+        _ => None,
+    };
+    if let Some(k) = o.keys().next() {
+        return Err(ApiError::invalid(
+            format!("{FIELD}.{k}"),
+            format!("unknown field `{FIELD}.{k}` for type {kind:?}"),
+        )
+        .with_code("unknown_parameter"));
+    }
+    match kind.as_str() {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(JsonFormat::Object)),
+        "json_schema" => {
+            let Some(Value::Object(mut spec)) = spec else {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema",
+                    "response_format.json_schema: expected an object with \"name\" and \"schema\"",
+                ));
+            };
+            let name = match spec.remove("name") {
+                Some(Value::String(n))
+                    if !n.is_empty()
+                        && n.len() <= MAX_SCHEMA_NAME
+                        && n
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+                {
+                    n
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.name",
+                        format!(
+                            "response_format.json_schema.name: expected 1 to {MAX_SCHEMA_NAME} \
+                             letters, digits, '_' or '-'"
+                        ),
+                    ))
+                }
+            };
+            match spec.remove("strict") {
+                None | Some(Value::Null | Value::Bool(_)) => {}
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.strict",
+                        "response_format.json_schema.strict: expected a boolean",
+                    ))
+                }
+            }
+            match spec.remove("description") {
+                None | Some(Value::Null | Value::String(_)) => {}
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.description",
+                        "response_format.json_schema.description: expected a string",
+                    ))
+                }
+            }
+            // OpenAI's schema is optional: without one, any JSON value.
+            let schema = match spec.remove("schema") {
+                None | Some(Value::Null) => Value::Object(Map::new()),
+                Some(s @ Value::Object(_)) => s,
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        SCHEMA_FIELD,
+                        format!("{SCHEMA_FIELD}: expected a JSON schema object"),
+                    ))
+                }
+            };
+            if let Some(k) = spec.keys().next() {
+                return Err(ApiError::invalid(
+                    format!("response_format.json_schema.{k}"),
+                    format!("unknown field `response_format.json_schema.{k}`"),
+                )
+                .with_code("unknown_parameter"));
+            }
+            Ok(Some(JsonFormat::Schema { name, schema }))
+        }
+        other => Err(ApiError::invalid(
+            "response_format.type",
+            format!(
+                "response_format.type = {other:?}: expected \"text\", \"json_object\" or \"json_schema\""
+            ),
+        )),
+    }
+}
+
+/// The field a refused schema is reported under.
+pub const SCHEMA_FIELD: &str = "response_format.json_schema.schema";
 
 /// Reads and checks a `/v1/chat/completions` body.
 pub fn chat_request(
@@ -854,6 +957,38 @@ mod tests {
         assert_eq!(c.stop_strings, ["a", "b"]);
         assert_eq!(c.logit_bias, [(7, f32::NEG_INFINITY), (8, 3.0)]);
         assert_eq!(r.messages, [ChatMessage::new("user", "hi")]);
+        assert_eq!(s.response_format, None);
+        let format = |f: &str| {
+            chat(&format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{f}}}"#
+            ))
+            .unwrap()
+            .sampling
+            .response_format
+        };
+        assert_eq!(format(r#"{"type":"text"}"#), None);
+        assert_eq!(
+            format(r#"{"type":"json_object"}"#),
+            Some(JsonFormat::Object)
+        );
+        assert_eq!(
+            format(
+                r#"{"type":"json_schema","json_schema":{"name":"p-1","strict":true,
+                "description":"d","schema":{"type":"integer"}}}"#
+            ),
+            Some(JsonFormat::Schema {
+                name: "p-1".into(),
+                schema: serde_json::json!({"type": "integer"})
+            })
+        );
+        // No schema: any JSON value.
+        assert_eq!(
+            format(r#"{"type":"json_schema","json_schema":{"name":"any"}}"#),
+            Some(JsonFormat::Schema {
+                name: "any".into(),
+                schema: serde_json::json!({})
+            })
+        );
     }
 
     #[test]
@@ -894,8 +1029,40 @@ mod tests {
                 "messages[0].role",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,
+                "response_format.type",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":"json"}"#,
                 "response_format",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object","schema":{}}}"#,
+                "response_format.schema",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}"#,
+                "response_format.json_schema",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{}}}}"#,
+                "response_format.json_schema.name",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"a b","schema":{}}}}"#,
+                "response_format.json_schema.name",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"a","schema":[1]}}}"#,
+                "response_format.json_schema.schema",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"a","strict":"yes"}}}"#,
+                "response_format.json_schema.strict",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"a","schemas":{}}}}"#,
+                "response_format.json_schema.schemas",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#,

@@ -99,6 +99,11 @@ impl ApiError {
             }
             RequestError::Unsupported => Self::new(StatusCode::BAD_REQUEST, e.to_string()),
             RequestError::ShuttingDown => Self::unavailable(e.to_string(), "shutting_down"),
+            // A constraint that failed mid-way: a limit of the grammar reached, or a logit
+            // bias that banned every token the schema allows.
+            RequestError::Constraint(msg) => {
+                Self::invalid("response_format", msg.clone()).with_code("constraint_failed")
+            }
             RequestError::Model(msg) => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("the model failed: {msg}"),

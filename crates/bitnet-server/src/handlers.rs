@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bitnet_inference::engine::LoadedEngineModel;
-use bitnet_inference::generate::{FinishReason, TokenLogprobs};
+use bitnet_inference::generate::json::JsonFormat;
+use bitnet_inference::generate::{FinishReason, SharedConstraint, TokenLogprobs};
 use bitnet_inference::scheduler::{Event, RequestStream};
 use futures_util::stream::{self, SelectAll, StreamExt};
 use http_body_util::BodyExt;
@@ -400,9 +401,18 @@ async fn chat(
     let bytes = read_body(&state, &headers, body).await?;
     let req = api::chat_request(&bytes, &l.defaults, l.context, l.vocab)?;
     check_model(&state, req.sampling.model.as_deref())?;
+    let constraint = compile_format(&state, l, &req.sampling.response_format).await?;
     let (model, context, messages) = (l.model.clone(), l.context, req.messages);
     let ids = tokenizing(&state, move || api::chat_prompt(&model, &messages, context)).await??;
-    generate(state, Kind::Chat, vec![ids], req.sampling, start).await
+    generate(
+        state,
+        Kind::Chat,
+        vec![ids],
+        req.sampling,
+        constraint,
+        start,
+    )
+    .await
 }
 
 async fn completions(
@@ -415,12 +425,51 @@ async fn completions(
     let bytes = read_body(&state, &headers, body).await?;
     let req = api::completion_request(&bytes, &l.defaults, l.context, l.vocab)?;
     check_model(&state, req.sampling.model.as_deref())?;
+    let constraint = compile_format(&state, l, &req.sampling.response_format).await?;
     let (model, context, prompts) = (l.model.clone(), l.context, req.prompts);
     let ids = tokenizing(&state, move || {
         api::completion_prompts(&model, prompts, context)
     })
     .await??;
-    generate(state, Kind::Completion, ids, req.sampling, start).await
+    generate(
+        state,
+        Kind::Completion,
+        ids,
+        req.sampling,
+        constraint,
+        start,
+    )
+    .await
+}
+
+/// Compiles `response_format` (None: free text) on a blocking thread, at most
+/// `MAX_COMPILES` at once; a schema llguidance refuses, or one past the limits, is a 400
+/// naming `response_format.json_schema.schema` with the reason.
+async fn compile_format(
+    state: &AppState,
+    l: &Loaded,
+    format: &Option<JsonFormat>,
+) -> Result<Option<SharedConstraint>, ApiError> {
+    let Some(format) = format.clone() else {
+        return Ok(None);
+    };
+    let grammars = l.json.clone().map_err(|e| {
+        ApiError::invalid(
+            "response_format",
+            format!("response_format is not available for this model: {e}"),
+        )
+        .with_code("unsupported_parameter")
+    })?;
+    let _permit = state.compiles.acquire().await.map_err(internal)?;
+    let field = match format {
+        JsonFormat::Object => "response_format",
+        JsonFormat::Schema { .. } => api::SCHEMA_FIELD,
+    };
+    tokio::task::spawn_blocking(move || grammars.compile(&format))
+        .await
+        .map_err(internal)?
+        .map(Some)
+        .map_err(|e| ApiError::invalid(field, format!("{field}: {e}")).with_code("invalid_schema"))
 }
 
 /// What every chunk or answer of one request shares.
@@ -445,6 +494,7 @@ async fn generate(
     kind: Kind,
     prompts: Vec<Vec<u32>>,
     s: Sampling,
+    constraint: Option<SharedConstraint>,
     start: Instant,
 ) -> Result<Response, ApiError> {
     let l = state.ready()?;
@@ -456,7 +506,11 @@ async fn generate(
     let seed = s.seed.unwrap_or_else(random_u64);
     let requests = api::scheduler_requests(&prompts, &s, context, field, seed)?;
     let mut streams = Vec::with_capacity(requests.len());
-    for r in requests {
+    for mut r in requests {
+        // Each choice starts its own matcher from the one compiled grammar.
+        if let Some(c) = &constraint {
+            r = r.with_constraint(c.clone());
+        }
         // On an error the streams submitted so far are dropped, which cancels them.
         streams.push(
             l.engine
@@ -859,6 +913,7 @@ mod tests {
             draining: AtomicBool::new(false),
             metrics: Metrics::new(Arc::new(OnceLock::new())),
             tokenizing: Arc::new(tokio::sync::Semaphore::new(1)),
+            compiles: tokio::sync::Semaphore::new(1),
         });
         let r = router(state.clone()).unwrap();
         (state, r)

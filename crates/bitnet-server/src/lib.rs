@@ -18,8 +18,9 @@ pub mod metrics;
 
 use anyhow::Context as _;
 use bitnet_inference::engine::LoadedEngineModel;
+use bitnet_inference::generate::json::JsonGrammars;
 use bitnet_inference::generate::GenerationConfig;
-use bitnet_inference::scheduler::{SchedulerConfig, StreamingEngine};
+use bitnet_inference::scheduler::{kv_bytes_per_sequence, SchedulerConfig, StreamingEngine};
 use error::ApiError;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -36,14 +37,16 @@ pub struct ServerConfig {
     pub port: u16,
     /// The model's name in the API (`model` of requests, `/v1/models`).
     pub model_id: String,
-    /// Requests decoded together (KV slots for running requests).
-    pub parallel: usize,
+    /// Requests decoded together (KV slots for running requests); None: as many as
+    /// `kv_cache_bytes` holds with the whole context each, at most [`MAX_AUTO_PARALLEL`].
+    pub parallel: Option<usize>,
     /// Requests waiting for a slot; one more is a 429.
     pub max_queue: usize,
     /// Tokens every request may use, prompt and completion together (None: the model's, at
     /// most 4096).
     pub ctx_size: Option<usize>,
     /// Bytes of KV cache for running requests and cached prefixes (None: `parallel` slots).
+    /// Every slot holds a whole context: the budget divides into requests, not the context.
     pub kv_cache_bytes: Option<usize>,
     /// Tokens per forward step (decode tokens first, then prompt chunks).
     pub step_tokens: usize,
@@ -69,7 +72,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             model_id: "bitnet".into(),
-            parallel: 8,
+            parallel: Some(8),
             max_queue: 64,
             ctx_size: None,
             kv_cache_bytes: None,
@@ -96,6 +99,9 @@ pub(crate) struct Loaded {
     /// Unix seconds of the load.
     pub created: u64,
     pub fingerprint: String,
+    /// The vocabulary as llguidance sees it, for `response_format` (or why this model's
+    /// vocabulary cannot be used for it).
+    pub json: Result<Arc<JsonGrammars>, String>,
 }
 
 /// Requests rendered or tokenized at once (the cores, at most 4): tokenizing is CPU-bound, so
@@ -103,6 +109,32 @@ pub(crate) struct Loaded {
 pub(crate) fn tokenizing_at_once() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
 }
+
+/// Requests run at once at most when the KV budget decides (`parallel: None`).
+pub const MAX_AUTO_PARALLEL: usize = 256;
+
+/// How many requests run at once: `parallel`, or as many whole-context sequences as the KV
+/// budget holds (at most [`MAX_AUTO_PARALLEL`]).
+fn running_for(config: &ServerConfig, model: &LoadedEngineModel) -> anyhow::Result<usize> {
+    let (context, per_seq) = kv_bytes_per_sequence(model, config.ctx_size)?;
+    match (config.parallel, config.kv_cache_bytes) {
+        (Some(n), _) => Ok(n),
+        (None, None) => anyhow::bail!("--parallel auto needs a KV budget (--kv-cache)"),
+        (None, Some(budget)) => {
+            let fit = budget / per_seq.max(1);
+            if fit == 0 {
+                anyhow::bail!(
+                    "a KV budget of {budget} bytes holds no sequence of {context} tokens \
+                     ({per_seq} bytes each): give --kv-cache at least {per_seq} or a smaller --ctx-size"
+                );
+            }
+            Ok(fit.min(MAX_AUTO_PARALLEL))
+        }
+    }
+}
+
+/// Schema compilations at once (`AppState::compiles`).
+const MAX_COMPILES: usize = 2;
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -112,6 +144,8 @@ pub(crate) struct AppState {
     pub loaded: OnceLock<Loaded>,
     pub draining: AtomicBool,
     pub metrics: Metrics,
+    /// Schema compilations running at once at most (each is CPU work off the async threads).
+    pub compiles: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -172,6 +206,7 @@ async fn serve(
         draining: AtomicBool::new(false),
         metrics: Metrics::new(stats.clone()),
         tokenizing: Arc::new(tokio::sync::Semaphore::new(tokenizing_at_once())),
+        compiles: tokio::sync::Semaphore::new(MAX_COMPILES),
     });
     let router = handlers::router(state.clone())?;
     {
@@ -187,8 +222,9 @@ async fn serve(
         let config = config.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let model = Arc::new(load()?);
+            let running = running_for(&config, &model)?;
             let sched = SchedulerConfig {
-                max_running: config.parallel,
+                max_running: running,
                 max_queue: config.max_queue,
                 context_size: config.ctx_size,
                 step_tokens: config.step_tokens,
@@ -197,13 +233,24 @@ async fn serve(
             };
             let engine = StreamingEngine::start(model.clone(), &sched)?;
             let context = engine.context_size();
+            let kv = engine.stats();
             let vocab = model.model.config().vocab_size;
             let fingerprint = format!(
                 "bitnet-{}-{}",
                 env!("CARGO_PKG_VERSION"),
                 model.model.kernel_name()
             );
+            let started = std::time::Instant::now();
+            let json = JsonGrammars::for_model(&model).map(Arc::new);
+            match &json {
+                Ok(_) => eprintln!(
+                    "response_format ready ({:.0} ms to index the vocabulary)",
+                    started.elapsed().as_secs_f64() * 1e3
+                ),
+                Err(e) => eprintln!("response_format unavailable for this model: {e}"),
+            }
             let loaded = Loaded {
+                json,
                 defaults: GenerationConfig::from_model(&model.generation),
                 engine,
                 model,
@@ -213,8 +260,15 @@ async fn serve(
                 fingerprint,
             };
             eprintln!(
-                "model {} ready: context {context} tokens, {} running at once, queue {}",
-                config.model_id, config.parallel, config.max_queue
+                "model {} ready: context {context} tokens for every request, {running} running \
+                 at once, queue {}; KV cache {} bytes: {} slots of {} bytes ({} for cached \
+                 prefixes)",
+                config.model_id,
+                config.max_queue,
+                kv.kv_cache_bytes,
+                kv.kv_slots,
+                kv.kv_cache_bytes / kv.kv_slots.max(1),
+                kv.kv_slots.saturating_sub(running)
             );
             let _ = state.loaded.set(loaded);
             // Weak: the metrics are part of the state they read.

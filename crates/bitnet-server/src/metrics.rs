@@ -152,6 +152,18 @@ impl Collector for EngineCollector {
         let capacity = (s.kv_slots * s.kv_slot_tokens).max(1);
         gauge(
             e,
+            "kv_cache_used_bytes",
+            "Bytes of KV cache the running requests hold now",
+            (s.kv_used_tokens * (s.kv_cache_bytes / capacity)) as f64,
+        )?;
+        gauge(
+            e,
+            "requests_max_running",
+            "Requests that may run at once (each with the whole context)",
+            s.max_running as f64,
+        )?;
+        gauge(
+            e,
             "kv_cache_usage_ratio",
             "Share of the KV cache's token positions the running requests hold",
             s.kv_used_tokens as f64 / capacity as f64,

@@ -44,6 +44,9 @@ pub struct Args {
     batch_size: usize,
     #[command(flatten)]
     gen: GenFlags,
+    /// Every item's output held to JSON (`--json`) or to a schema (`--json-schema FILE`).
+    #[command(flatten)]
+    json: super::JsonFlags,
     #[command(flatten)]
     model_flags: super::ModelFlags,
 }
@@ -527,6 +530,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &a.model_flags.options(),
     )?;
     let base = a.gen.config(&m.generation, 128);
+    let constraint = a.json.constraint(&m)?;
     let (done, failed) = previous_results(&a.output, format)?;
     // The context the scheduler will use (below): prompts longer are error rows, refused
     // before they are tokenized when their length in bytes already says so.
@@ -640,6 +644,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         while running.len() < 2 * slots {
             let Some(item) = queue.pop_front() else { break };
             if let SamplingStrategy::BeamSearch { beams, .. } = item.config.strategy {
+                if constraint.is_some() {
+                    out.write(&error_row(
+                        &item.id,
+                        "--json and --json-schema do not work with beam search",
+                    ))?;
+                    errors += 1;
+                    bar.inc(1);
+                    continue;
+                }
                 let st = match &mut beam_state {
                     Some(s) => s,
                     None => {
@@ -669,7 +682,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 bar.inc(1);
                 continue;
             }
-            match processor.submit(Request::new(item.prompt, item.config)) {
+            let mut request = Request::new(item.prompt, item.config);
+            if let Some(c) = &constraint {
+                request = request.with_constraint(c.clone());
+            }
+            match processor.submit(request) {
                 Ok(stream) => running.push(Running {
                     id: item.id,
                     stream,

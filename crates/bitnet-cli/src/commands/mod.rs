@@ -199,6 +199,62 @@ pub fn threads() -> usize {
 /// `--offline`: resolve hub ids from the cache alone (as HF_HUB_OFFLINE=1).
 static OFFLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// `--json` / `--json-schema FILE` (run, batch): the output held to JSON by constrained
+/// decoding (the library's `generate::json`, as the server's `response_format`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct JsonFlags {
+    /// Hold the output to a JSON object (constrained decoding).
+    #[arg(long, conflicts_with = "json_schema")]
+    json: bool,
+    /// Hold the output to the JSON schema in FILE (constrained decoding; a schema of at most
+    /// 64 KiB and 32 levels).
+    #[arg(long = "json-schema", value_name = "FILE")]
+    json_schema: Option<PathBuf>,
+}
+
+impl JsonFlags {
+    /// The compiled constraint, or None without the flags.
+    pub fn constraint(
+        &self,
+        m: &LoadedEngineModel,
+    ) -> anyhow::Result<Option<bitnet_inference::generate::SharedConstraint>> {
+        use bitnet_inference::generate::json::{JsonFormat, JsonGrammars, MAX_SCHEMA_BYTES};
+        let (format, what) = match (&self.json_schema, self.json) {
+            (None, false) => return Ok(None),
+            (None, true) => (JsonFormat::Object, "--json".to_string()),
+            (Some(path), _) => {
+                let what = format!("--json-schema {}", path.display());
+                // Whitespace aside, the schema must fit the limit: a file far larger is
+                // refused before it is read.
+                let len = std::fs::metadata(path)
+                    .map_err(|e| anyhow::anyhow!("{what}: {e}"))?
+                    .len();
+                if len > 16 * MAX_SCHEMA_BYTES as u64 {
+                    anyhow::bail!(
+                        "{what}: {len} bytes, far more than a schema may have ({MAX_SCHEMA_BYTES} \
+                         bytes of compact JSON)"
+                    );
+                }
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+                let schema: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{what}: not valid JSON: {e}"))?;
+                let name = path
+                    .file_stem()
+                    .map_or("schema".into(), |n| n.to_string_lossy().into_owned());
+                (JsonFormat::Schema { name, schema }, what)
+            }
+        };
+        let grammars = JsonGrammars::for_model(m).map_err(|e| {
+            anyhow::anyhow!("{what}: constrained decoding cannot use this model's vocabulary: {e}")
+        })?;
+        let c = grammars
+            .compile(&format)
+            .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+        Ok(Some(c))
+    }
+}
+
 /// How the model computes, shared by the commands that run one for text or speed.
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub struct ModelFlags {

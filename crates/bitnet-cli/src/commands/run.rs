@@ -22,6 +22,8 @@ pub struct Args {
     file: Option<PathBuf>,
     #[command(flatten)]
     gen: GenFlags,
+    #[command(flatten)]
+    json: super::JsonFlags,
     /// Context size (default: the model's, at most 4096).
     #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
@@ -39,6 +41,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &a.model_flags.options(),
     )?;
     let config = a.gen.config(&m.generation, 128);
+    let constraint = a.json.constraint(&m)?;
+    if constraint.is_some() && matches!(config.strategy, SamplingStrategy::BeamSearch { .. }) {
+        anyhow::bail!("--json and --json-schema do not work with --beams");
+    }
     let mut ctx = context_size(a.ctx_size, &m.model, 4096)?;
     // A prompt far too long for the context is refused by its length in bytes before
     // tokenizing it costs memory in proportion; the token count is checked below.
@@ -114,6 +120,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let mut stream = TokenStream::new(
                 &m.model, &m.pieces, &mut state, &prompt, 0, &config, stop_ids,
             )?;
+            if let Some(c) = &constraint {
+                stream.set_constraint(c.start().map_err(anyhow::Error::msg)?);
+            }
             loop {
                 if interrupted.load(Ordering::SeqCst) {
                     stream.cancel();

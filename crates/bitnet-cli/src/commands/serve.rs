@@ -20,9 +20,10 @@ pub struct Args {
     /// Port to listen on (0: any free port; the address is printed on stdout).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Requests generated together (running KV slots).
-    #[arg(long, default_value_t = 8, value_parser = super::in_range(1, 1024))]
-    parallel: usize,
+    /// Requests generated together, each with the whole --ctx-size (running KV slots);
+    /// `auto`: as many as the --kv-cache budget holds (at most 256).
+    #[arg(long, default_value = "8", value_parser = parse_parallel)]
+    parallel: Parallel,
     /// Requests waiting for a slot at most; one more is refused with 429 and Retry-After.
     #[arg(long = "max-queue", default_value_t = 64, value_parser = super::in_range(1, 65536))]
     max_queue: usize,
@@ -30,11 +31,12 @@ pub struct Args {
     /// at most 4096).
     #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
-    /// KV cache memory for running requests and cached prefixes, in bytes (suffixes K, M, G);
-    /// more than --parallel slots' worth keeps more prefixes cached (default: --parallel
-    /// slots).
-    #[arg(long = "kv-cache", value_parser = parse_bytes)]
-    kv_cache: Option<usize>,
+    /// KV cache memory for running requests and cached prefixes, in bytes (suffixes K, M, G),
+    /// or `auto` (a quarter of the memory available at start); divided into whole-context
+    /// slots: more than --parallel slots' worth keeps more prefixes cached (default:
+    /// --parallel slots; with --parallel auto, `auto`).
+    #[arg(long = "kv-cache", value_parser = parse_kv_cache)]
+    kv_cache: Option<KvCache>,
     /// Tokens per forward step at most (every running request's next token, then prompt
     /// chunks).
     #[arg(short = 'b', long = "batch-size", default_value_t = 256, value_parser = super::in_range(1, 65536))]
@@ -79,6 +81,45 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
             "`{s}`: expected seconds, more than 0 and at most 86400"
         )),
     }
+}
+
+/// `--parallel`: a count, or `auto` (as many as the KV budget holds).
+#[derive(Clone, Copy, Debug)]
+struct Parallel(Option<usize>);
+
+fn parse_parallel(s: &str) -> Result<Parallel, String> {
+    if s.trim() == "auto" {
+        return Ok(Parallel(None));
+    }
+    super::in_range(1, 1024)(s)
+        .map(|n| Parallel(Some(n)))
+        .map_err(|e| format!("{e}, or `auto`"))
+}
+
+#[derive(Clone, Copy, Debug)]
+enum KvCache {
+    Bytes(usize),
+    Auto,
+}
+
+fn parse_kv_cache(s: &str) -> Result<KvCache, String> {
+    if s.trim() == "auto" {
+        return Ok(KvCache::Auto);
+    }
+    parse_bytes(s)
+        .map(KvCache::Bytes)
+        .map_err(|e| format!("{e}, or `auto`"))
+}
+
+/// `--kv-cache auto`: a quarter of the memory available now (`MemAvailable` of
+/// /proc/meminfo), or 1 GiB where that cannot be read.
+fn auto_kv_budget() -> usize {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        let line = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        kb.checked_mul(1024)
+    });
+    available.map_or(1 << 30, |b| b / 4)
 }
 
 /// A byte count with an optional K/M/G suffix (powers of 1024).
@@ -126,10 +167,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         host: a.host,
         port: a.port,
         model_id,
-        parallel: a.parallel,
+        parallel: a.parallel.0,
         max_queue: a.max_queue,
         ctx_size: a.ctx_size,
-        kv_cache_bytes: a.kv_cache,
+        kv_cache_bytes: match (a.kv_cache, a.parallel.0) {
+            (Some(KvCache::Bytes(b)), _) => Some(b),
+            (Some(KvCache::Auto), _) | (None, None) => Some(auto_kv_budget()),
+            (None, Some(_)) => None,
+        },
         step_tokens: a.batch_size,
         api_keys,
         cors_origins: a.cors_origin,

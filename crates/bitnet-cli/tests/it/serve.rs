@@ -7,22 +7,24 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether python3 with `openai`, `httpx`, `pytest` and `selenium` is here. Missing, it is a failure
+/// Whether python3 with `openai`, `httpx`, `pytest`, `selenium` and `jsonschema` is here. Missing, it is a failure
 /// unless BITNET_SKIP_PY_SERVER=1.
 fn python_ok() -> bool {
     let ok = Command::new("python3")
-        .args(["-c", "import openai, httpx, pytest, selenium"])
+        .args(["-c", "import openai, httpx, pytest, selenium, jsonschema"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok && std::env::var("BITNET_SKIP_PY_SERVER").is_ok_and(|v| v == "1") {
         eprintln!(
-            "python3 with openai, httpx, pytest, selenium not found; skipped (BITNET_SKIP_PY_SERVER=1)"
+            "python3 with openai, httpx, pytest, selenium, jsonschema not found; skipped \
+             (BITNET_SKIP_PY_SERVER=1)"
         );
         return false;
     }
     assert!(
         ok,
-        "the server tests need python3 with `openai`, `httpx`, `pytest` and `selenium` \
+        "the server tests need python3 with `openai`, `httpx`, `pytest`, `selenium` and \
+         `jsonschema` \
          (scripts/test installs them in its venv), or set BITNET_SKIP_PY_SERVER=1 to skip"
     );
     true
@@ -80,4 +82,35 @@ fn serve_flag_errors() {
     // The shipped model's context is 512 tokens.
     let (_, err) = bitnet_err(&["serve", "--port", "0", "-c", "100000"]);
     assert!(err.contains("100000") && err.contains("512"), "{err}");
+    // A KV budget that holds no whole context of bitnet-tiny (5,242,880 bytes at -c 256);
+    // and one below --parallel's needs: each refused with the figures.
+    let (_, err) = bitnet_err(&[
+        "serve",
+        "--port",
+        "0",
+        "-c",
+        "256",
+        "--parallel",
+        "auto",
+        "--kv-cache",
+        "4M",
+    ]);
+    assert!(
+        err.contains("holds no sequence of 256 tokens") && err.contains("5242880"),
+        "{err}"
+    );
+    let (_, err) = bitnet_err(&[
+        "serve",
+        "--port",
+        "0",
+        "-c",
+        "256",
+        "--parallel",
+        "4",
+        "--kv-cache",
+        "15M",
+    ]);
+    assert!(err.contains("holds 3 sequences of 256 tokens"), "{err}");
+    let (_, err) = bitnet_err(&["serve", "--parallel", "many"]);
+    assert!(err.contains("`auto`"), "{err}");
 }

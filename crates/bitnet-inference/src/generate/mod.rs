@@ -7,6 +7,8 @@
 //! - [`sequence`]: one sequence's state machine and [`BatchRunner`], which advances many
 //!   sequences with one forward call per step.
 //! - [`beam`]: beam search.
+//! - [`constraint`]: constrained decoding (a per-sequence token mask); [`json`] holds output
+//!   to a JSON schema (cargo feature `constrained`).
 //! - [`TokenStream`] (an `Iterator`) and [`AsyncTokenStream`] (a `futures_core::Stream`).
 //!
 //! Stop conditions, checked after every token: an end token (the model's EOS/EOT ids unless
@@ -17,6 +19,9 @@
 pub mod asynch;
 pub mod beam;
 pub mod config;
+pub mod constraint;
+#[cfg(feature = "constrained")]
+pub mod json;
 pub mod sampler;
 pub mod sequence;
 pub mod stop;
@@ -25,6 +30,7 @@ pub mod stream;
 pub use asynch::AsyncTokenStream;
 pub use beam::beam_search;
 pub use config::{ContextOverflow, FinishReason, GenerationConfig, SamplingStrategy};
+pub use constraint::{ConstraintSource, SharedConstraint, TokenConstraint, TokenMask};
 pub use sampler::{argmax, Candidate, Rng, Sampler, SamplingParams};
 pub use sequence::{BatchRunner, Generation, GenerationStats, Sequence, TokenLogprobs};
 pub use stop::StopStrings;
@@ -180,6 +186,14 @@ impl<'a> TokenStream<'a> {
         self.runner.get(self.slot).expect("the stream's sequence")
     }
 
+    /// Holds the output to `constraint` (call it before the first token; see
+    /// [`constraint`]).
+    pub fn set_constraint(&mut self, constraint: Box<dyn TokenConstraint>) {
+        if let Some(s) = self.runner.get_mut(self.slot) {
+            s.set_constraint(constraint);
+        }
+    }
+
     /// Stops now; held text comes out with the next call.
     pub fn cancel(&mut self) {
         if let Some(s) = self.runner.get_mut(self.slot) {
@@ -192,7 +206,7 @@ impl<'a> TokenStream<'a> {
         loop {
             let s = self.runner.get(self.slot).expect("the stream's sequence");
             if s.is_finished() {
-                if let Some(e) = s.error() {
+                if let Some(e) = s.error().or(s.constraint_error()) {
                     self.done = true;
                     return Err(crate::Error::Invalid(e.to_string()));
                 }

@@ -3,6 +3,7 @@
 //! to other sequences' decode tokens.
 
 use super::config::{ContextOverflow, FinishReason, GenerationConfig};
+use super::constraint::{TokenConstraint, TokenMask};
 use super::sampler::{log_softmax, Sampler};
 use super::stop::StopStrings;
 use super::stream::{TokenPieces, Utf8Stream};
@@ -53,6 +54,9 @@ pub struct Generation {
 
 /// The model's log-probability of a chosen token (softmax of the raw logits, before
 /// penalties and temperature, as OpenAI reports them) and of the most likely alternatives.
+/// Under a [`TokenConstraint`] the softmax is over the tokens it allowed (the distribution
+/// the token was drawn from, renormalised), so the alternatives are tokens that could have
+/// been chosen.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprobs {
     pub token: u32,
@@ -89,6 +93,13 @@ pub struct Sequence {
     top_logprobs: Option<usize>,
     logprob_scratch: Vec<f32>,
     last_logprobs: Option<TokenLogprobs>,
+    /// The rule over the output, if any, and the mask it fills each step.
+    constraint: Option<Box<dyn TokenConstraint>>,
+    mask: TokenMask,
+    /// Whether the constraint let the output end at this step.
+    may_end: bool,
+    /// Why the constraint failed (it ends the sequence, like `error`).
+    constraint_error: Option<String>,
     started: Instant,
     first_token: Option<Instant>,
     stats: GenerationStats,
@@ -142,6 +153,10 @@ impl Sequence {
             top_logprobs: None,
             logprob_scratch: Vec::new(),
             last_logprobs: None,
+            constraint: None,
+            mask: TokenMask::default(),
+            may_end: false,
+            constraint_error: None,
             started: Instant::now(),
             first_token: None,
             stats: GenerationStats {
@@ -162,6 +177,19 @@ impl Sequence {
         self.top_logprobs = Some(top);
     }
 
+    /// Holds the output to `constraint` (see [`super::constraint`]): each step samples only
+    /// among the tokens it allows, end tokens only where it lets the output end, and the
+    /// sequence stops when it says the output is complete.
+    pub fn set_constraint(&mut self, constraint: Box<dyn TokenConstraint>) {
+        self.constraint = Some(constraint);
+    }
+
+    /// Why the sequence's constraint failed, if it did (the sequence ended there; the text
+    /// so far is in [`Sequence::delta`]).
+    pub fn constraint_error(&self) -> Option<&str> {
+        self.constraint_error.as_deref()
+    }
+
     /// The log-probabilities of the last chosen token, once.
     pub fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
         self.last_logprobs.take()
@@ -175,7 +203,7 @@ impl Sequence {
         self.n_prompt
     }
     pub fn is_finished(&self) -> bool {
-        self.finish.is_some() || self.error.is_some()
+        self.finish.is_some() || self.error.is_some() || self.constraint_error.is_some()
     }
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finish
@@ -318,13 +346,42 @@ impl Sequence {
         }
         self.logits.clear();
         self.logits.extend_from_slice(row);
+        if let Some(c) = self.constraint.as_mut() {
+            self.mask.clear(row.len());
+            let may_end = match c.next_allowed(&mut self.mask) {
+                Ok(may_end) => may_end,
+                Err(e) => return self.fail_constraint(e),
+            };
+            self.mask.apply(&mut self.logits);
+            let mut any = self.mask.count() > 0;
+            if may_end {
+                for &id in &self.stop_ids {
+                    let i = id as usize;
+                    if let (Some(l), Some(&raw)) = (self.logits.get_mut(i), row.get(i)) {
+                        *l = raw;
+                        any = true;
+                    }
+                }
+            }
+            if !any {
+                return self.fail_constraint("the constraint allows no token here".into());
+            }
+            self.may_end = may_end;
+        }
+        if self.top_logprobs.is_some() {
+            // Before sampling, which applies bias and penalties in place.
+            log_softmax(&self.logits, &mut self.logprob_scratch);
+        }
         let next = self.sampler.sample(&mut self.logits, &self.tokens);
         if let Some(n) = self.top_logprobs {
-            log_softmax(row, &mut self.logprob_scratch);
             let lp = &self.logprob_scratch;
             let n = n.min(lp.len());
             let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
             for (id, &l) in lp.iter().enumerate() {
+                // Tokens a constraint ruled out are no alternatives.
+                if l == f32::NEG_INFINITY {
+                    continue;
+                }
                 if top.len() < n || top.last().is_some_and(|&(_, worst)| l > worst) {
                     let at = top.partition_point(|&(_, x)| x >= l);
                     top.insert(at, (id as u32, l));
@@ -341,9 +398,22 @@ impl Sequence {
             self.first_token = Some(now);
             self.stats.time_to_first_token = self.started.elapsed();
         }
-        if self.stop_ids.contains(&next) {
+        let is_end = self.stop_ids.contains(&next);
+        if self.constraint.is_some() && !(self.mask.is_allowed(next) || (is_end && self.may_end)) {
+            // Only a logit bias that bans every allowed token leads here.
+            return self.fail_constraint(format!(
+                "token {next} was chosen, which the constraint does not allow (a logit_bias \
+                 of -100 on every token it allows?)"
+            ));
+        }
+        if is_end {
             self.end(FinishReason::Stop);
             return;
+        }
+        if let Some(c) = self.constraint.as_mut() {
+            if let Err(e) = c.accept(next) {
+                return self.fail_constraint(e);
+            }
         }
         self.tokens.push(next);
         self.out.push(next);
@@ -353,14 +423,23 @@ impl Sequence {
         if self.stops.push(&self.piece, &mut self.delta) {
             self.finish = Some(FinishReason::Stop);
             self.stats.decode_time = self.first_token.map_or(Duration::ZERO, |t| t.elapsed());
+        } else if self.constraint.as_ref().is_some_and(|c| c.is_complete()) {
+            self.end(FinishReason::Stop);
         } else if self.n_generated >= self.max_new {
             self.end(FinishReason::Length);
         }
     }
 
+    /// Ends the sequence because its constraint failed, releasing held text.
+    fn fail_constraint(&mut self, e: String) {
+        self.end(FinishReason::Stop);
+        self.finish = None;
+        self.constraint_error = Some(format!("constrained decoding failed: {e}"));
+    }
+
     /// The finished result, or the error that ended it. Takes the released text.
     pub fn into_generation(mut self) -> Result<Generation> {
-        if let Some(e) = self.error.take() {
+        if let Some(e) = self.error.take().or(self.constraint_error.take()) {
             return Err(Error::Invalid(e));
         }
         let stats = self.stats();

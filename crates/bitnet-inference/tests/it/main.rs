@@ -4,6 +4,8 @@
 mod backend;
 mod chat_smollm2;
 mod common;
+#[cfg(feature = "constrained")]
+mod constrained;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod generation_engine;

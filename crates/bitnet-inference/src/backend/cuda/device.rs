@@ -37,25 +37,19 @@ pub(crate) enum Kernel {
     NormQuant,
     TernaryGemv,
     DenseGemv,
-    Rope,
-    KvStore,
-    AttnScores,
-    AttnChunkStats,
-    AttnOutput,
+    RopeStore,
+    Attention,
     GatherRows,
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 10] = [
+    pub(crate) const ALL: [Kernel; 7] = [
         Kernel::EmbedRows,
         Kernel::NormQuant,
         Kernel::TernaryGemv,
         Kernel::DenseGemv,
-        Kernel::Rope,
-        Kernel::KvStore,
-        Kernel::AttnScores,
-        Kernel::AttnChunkStats,
-        Kernel::AttnOutput,
+        Kernel::RopeStore,
+        Kernel::Attention,
         Kernel::GatherRows,
     ];
 
@@ -66,11 +60,8 @@ impl Kernel {
             Kernel::NormQuant => "norm_quant",
             Kernel::TernaryGemv => "ternary_gemv",
             Kernel::DenseGemv => "dense_gemv",
-            Kernel::Rope => "rope",
-            Kernel::KvStore => "kv_store",
-            Kernel::AttnScores => "attn_scores",
-            Kernel::AttnChunkStats => "attn_chunk_stats",
-            Kernel::AttnOutput => "attn_output",
+            Kernel::RopeStore => "rope_store",
+            Kernel::Attention => "attention",
             Kernel::GatherRows => "gather_rows",
         }
     }
@@ -79,7 +70,10 @@ impl Kernel {
     /// emulator then runs them as fibers, the others as plain loops.
     #[cfg(test)]
     pub(crate) fn uses_barriers(self) -> bool {
-        matches!(self, Kernel::NormQuant | Kernel::TernaryGemv)
+        matches!(
+            self,
+            Kernel::NormQuant | Kernel::TernaryGemv | Kernel::Attention
+        )
     }
 
     fn index(self) -> usize {

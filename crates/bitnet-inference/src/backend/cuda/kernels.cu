@@ -19,7 +19,15 @@ typedef long long i64;
 #define DENSE_F16 1
 #define DENSE_BF16 2
 
-// Exact f16 → f32 (subnormals, infinities and NaN included), from the bits.
+// Exact f16 → f32 (subnormals, infinities and NaN included): one conversion instruction on
+// the GPU, from the bits on the emulator (the same values; a NaN stays a NaN).
+#ifdef __CUDACC_RTC__
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+#else
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     u32 sign = (u32)(h & 0x8000u) << 16;
     u32 exp = (h >> 10) & 0x1fu;
@@ -34,6 +42,7 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     float v = (float)man * 5.9604644775390625e-8f;
     return sign ? -v : v;
 }
+#endif
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) {
     return __uint_as_float((u32)h << 16);
@@ -181,9 +190,13 @@ __device__ __forceinline__ int block_sum(int* red, int v) {
 // integer sum are exact in any order, so the block reduces them as a tree.
 // The input is `x`, or act(x)·up when `up` is given (gate_act, as the CPU computes it).
 // Grid: (n), block NQ_THREADS.
+// Columns of a row that norm_quant keeps in shared memory (the rest it reads again).
+#define NQ_CACHE 8192
+
 extern "C" __global__ void norm_quant(i8* q, float* scales, int* sums, float* normed,
                                       const float* x, const float* up, int act, const float* w,
                                       float eps, int cols, int padded) {
+    __shared__ float row[NQ_CACHE];
     __shared__ float part[16];
     __shared__ float red_f[NQ_THREADS];
     __shared__ int red_i[NQ_THREADS];
@@ -191,11 +204,24 @@ extern "C" __global__ void norm_quant(i8* q, float* scales, int* sums, float* no
     int tid = threadIdx.x;
     const float* xr = x + (i64)r * cols;
     const float* ur = up ? up + (i64)r * cols : (const float*)0;
+    // The input row, loaded (and gated) once by all threads: the 16 sums of squares below
+    // are sequential, and read it from shared memory.
+    int cached = cols < NQ_CACHE ? cols : NQ_CACHE;
+    for (int i = tid; i < cached; i += NQ_THREADS) {
+        row[i] = nq_input(xr, ur, act, i);
+    }
+    __syncthreads();
     float inv = 1.0f;
     if (w) {
         if (tid < 16) {
             float acc = 0.0f;
-            for (int i = tid; i < cols; i += 16) {
+            int i = tid;
+#pragma unroll 8
+            for (; i < cached; i += 16) {
+                float v = row[i];
+                acc += v * v;
+            }
+            for (; i < cols; i += 16) {
                 float v = nq_input(xr, ur, act, i);
                 acc += v * v;
             }
@@ -209,11 +235,15 @@ extern "C" __global__ void norm_quant(i8* q, float* scales, int* sums, float* no
         float mean = sum / (float)cols;
         inv = 1.0f / sqrtf(mean + eps);
     }
+    // Normalized in place (each thread its own columns, which it reads again below).
     float m = 0.0f;
     for (int i = tid; i < cols; i += NQ_THREADS) {
-        float v = nq_input(xr, ur, act, i);
+        float v = i < cached ? row[i] : nq_input(xr, ur, act, i);
         if (w) {
             v = w[i] * (v * inv);
+        }
+        if (i < cached) {
+            row[i] = v;
         }
         if (normed) {
             normed[(i64)r * cols + i] = v;
@@ -229,9 +259,14 @@ extern "C" __global__ void norm_quant(i8* q, float* scales, int* sums, float* no
     for (int i = tid; i < padded; i += NQ_THREADS) {
         int k = 0;
         if (i < cols) {
-            float v = nq_input(xr, ur, act, i);
-            if (w) {
-                v = w[i] * (v * inv);
+            float v;
+            if (i < cached) {
+                v = row[i];
+            } else {
+                v = nq_input(xr, ur, act, i);
+                if (w) {
+                    v = w[i] * (v * inv);
+                }
             }
             v = v * scale;
             if (v == v) {
@@ -268,6 +303,7 @@ extern "C" __global__ void norm_quant(i8* q, float* scales, int* sums, float* no
 #define TG_ROWS 32
 #define TG_WARPS 8
 #define TG_TOKENS 8
+#define TG_UNROLL 4
 
 __device__ __forceinline__ int dot_codes(u32 word, const int* a, int acc) {
 #pragma unroll
@@ -294,24 +330,40 @@ extern "C" __global__ void ternary_gemv(float* out0, float* out1, float* out2, i
     }
     if (r < rows) {
         const i8* qt = q + (i64)t0 * padded;
-#pragma unroll 2
-        for (int k4 = warp; k4 < k4s; k4 += TG_WARPS) {
-            u32x4 wv = w[(i64)k4 * rows + r];
+        // TG_UNROLL weight loads in flight before their products: decode is a stream of
+        // weights, and one load at a time per thread leaves most of the bandwidth unused.
+        for (int k0 = warp; k0 < k4s; k0 += TG_WARPS * TG_UNROLL) {
+            u32x4 wv[TG_UNROLL];
 #pragma unroll
-            for (int t = 0; t < TG_TOKENS; t++) {
-                if (t < nt) {
-                    const u32x4* a4 = (const u32x4*)(qt + (i64)t * padded + (i64)k4 * 64);
-                    u32x4 a0 = a4[0], a1 = a4[1], a2 = a4[2], a3 = a4[3];
-                    int a[16] = {(int)a0.x, (int)a0.y, (int)a0.z, (int)a0.w,
-                                 (int)a1.x, (int)a1.y, (int)a1.z, (int)a1.w,
-                                 (int)a2.x, (int)a2.y, (int)a2.z, (int)a2.w,
-                                 (int)a3.x, (int)a3.y, (int)a3.z, (int)a3.w};
-                    int s = acc[t];
-                    s = dot_codes(wv.x, a, s);
-                    s = dot_codes(wv.y, a + 4, s);
-                    s = dot_codes(wv.z, a + 8, s);
-                    s = dot_codes(wv.w, a + 12, s);
-                    acc[t] = s;
+            for (int u = 0; u < TG_UNROLL; u++) {
+                int k4 = k0 + u * TG_WARPS;
+                if (k4 < k4s) {
+                    wv[u] = w[(i64)k4 * rows + r];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < TG_UNROLL; u++) {
+                int k4 = k0 + u * TG_WARPS;
+                if (k4 >= k4s) {
+                    break;
+                }
+#pragma unroll
+                for (int t = 0; t < TG_TOKENS; t++) {
+                    if (t < nt) {
+                        const u32x4* a4 =
+                            (const u32x4*)(qt + (i64)t * padded + (i64)k4 * 64);
+                        u32x4 a0 = a4[0], a1 = a4[1], a2 = a4[2], a3 = a4[3];
+                        int a[16] = {(int)a0.x, (int)a0.y, (int)a0.z, (int)a0.w,
+                                     (int)a1.x, (int)a1.y, (int)a1.z, (int)a1.w,
+                                     (int)a2.x, (int)a2.y, (int)a2.z, (int)a2.w,
+                                     (int)a3.x, (int)a3.y, (int)a3.z, (int)a3.w};
+                        int s = acc[t];
+                        s = dot_codes(wv[u].x, a, s);
+                        s = dot_codes(wv[u].y, a + 4, s);
+                        s = dot_codes(wv[u].z, a + 8, s);
+                        s = dot_codes(wv[u].w, a + 12, s);
+                        acc[t] = s;
+                    }
                 }
             }
         }
@@ -353,6 +405,7 @@ extern "C" __global__ void ternary_gemv(float* out0, float* out1, float* out2, i
 // type `ty`. One thread per row and DG_TOKENS tokens: consecutive threads read consecutive
 // 16-byte chunks. With `accumulate`, out += the product. Grid: (⌈rows/block⌉, ⌈n/DG_TOKENS⌉).
 #define DG_TOKENS 4
+#define DG_UNROLL 4
 extern "C" __global__ void dense_gemv(float* out, const void* w, int ty, const float* x,
                                       int rows, int cols, int n, int accumulate) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
@@ -371,16 +424,29 @@ extern "C" __global__ void dense_gemv(float* out, const void* w, int ty, const f
         }
     }
     const float* xt0 = x + (i64)t0 * cols;
-    for (int c = 0; c < chunks; c++) {
-        float wv[8];
-        dense_chunk(w, ty, (i64)c * rows + r, wv);
+    // DG_UNROLL chunks' loads in flight before their products (see ternary_gemv).
+    for (int c0 = 0; c0 < chunks; c0 += DG_UNROLL) {
+        float wv[DG_UNROLL][8];
 #pragma unroll
-        for (int t = 0; t < DG_TOKENS; t++) {
-            if (t < nt) {
-                const float* xc = xt0 + (i64)t * cols + c * 8;
+        for (int u = 0; u < DG_UNROLL; u++) {
+            if (c0 + u < chunks) {
+                dense_chunk(w, ty, (i64)(c0 + u) * rows + r, wv[u]);
+            }
+        }
 #pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    acc[t][i] += wv[i] * xc[i];
+        for (int u = 0; u < DG_UNROLL; u++) {
+            int c = c0 + u;
+            if (c >= chunks) {
+                break;
+            }
+#pragma unroll
+            for (int t = 0; t < DG_TOKENS; t++) {
+                if (t < nt) {
+                    const float* xc = xt0 + (i64)t * cols + c * 8;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        acc[t][i] += wv[u][i] * xc[i];
+                    }
                 }
             }
         }
@@ -432,39 +498,49 @@ __device__ __forceinline__ float dot8(const float* a, const float* b, int n) {
     return sum + tail;
 }
 
-// NeoX rotary embedding (rotate_half: pairs i, i + d/2) of every head of every row, with the
-// host's cos/sin tables `[position][d/2]`. Grid: (⌈heads·d/2 / block⌉, n).
-extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t,
-                                const int* pos, int heads, int head_dim) {
-    int half = head_dim / 2;
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    int t = blockIdx.y;
-    if (i >= heads * half) {
-        return;
-    }
-    int h = i / half;
-    int k = i % half;
-    float* a = x + ((i64)t * heads + h) * head_dim;
-    float c = cos_t[(i64)pos[t] * half + k];
-    float s = sin_t[(i64)pos[t] * half + k];
-    float x0 = a[k];
-    float x1 = a[k + half];
-    a[k] = x0 * c - x1 * s;
-    a[k + half] = x1 * c + x0 * s;
+// NeoX rotary embedding (rotate_half: pairs i, i + d/2, with the host's cos/sin tables
+// `[position][d/2]`) of every query head in place and every key head, the rotated keys and
+// the values written into the row's slot of the caches (`[slot][position][kv_dim]`) at its
+// position. One thread per query pair, key pair or value element of a row.
+// Grid: (⌈(q_heads + kv_heads)·d/2 + kv_dim) / block⌉, n).
+__device__ __forceinline__ void rotate(const float* src, float* dst0, float* dst1,
+                                       const float* cos_t, const float* sin_t, int p, int half,
+                                       int k) {
+    float c = cos_t[(i64)p * half + k];
+    float s = sin_t[(i64)p * half + k];
+    float x0 = src[k];
+    float x1 = src[k + half];
+    *dst0 = x0 * c - x1 * s;
+    *dst1 = x1 * c + x0 * s;
 }
 
-// Writes each row's key and value into its slot's cache at its position.
-// Caches: `[slot][position][kv_dim]`. Grid: (⌈kv_dim/block⌉, n).
-extern "C" __global__ void kv_store(float* kc, float* vc, const float* k, const float* v,
-                                    const int* slot, const int* pos, int kv_dim, int context) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
+extern "C" __global__ void rope_store(float* q, const float* k, const float* v, float* kc,
+                                      float* vc, const float* cos_t, const float* sin_t,
+                                      const int* slot, const int* pos, int q_heads,
+                                      int kv_heads, int head_dim, int context) {
+    int half = head_dim / 2;
+    int kv_dim = kv_heads * head_dim;
+    int g = blockIdx.x * blockDim.x + threadIdx.x;
     int t = blockIdx.y;
-    if (i >= kv_dim) {
+    int p = pos[t];
+    i64 cache_row = ((i64)slot[t] * context + p) * kv_dim;
+    if (g < q_heads * half) {
+        float* a = q + ((i64)t * q_heads + g / half) * head_dim;
+        rotate(a, a + g % half, a + g % half + half, cos_t, sin_t, p, half, g % half);
         return;
     }
-    i64 dst = ((i64)slot[t] * context + pos[t]) * kv_dim + i;
-    kc[dst] = k[(i64)t * kv_dim + i];
-    vc[dst] = v[(i64)t * kv_dim + i];
+    g -= q_heads * half;
+    if (g < kv_heads * half) {
+        int h = g / half;
+        const float* a = k + (i64)t * kv_dim + h * head_dim;
+        float* dst = kc + cache_row + h * head_dim;
+        rotate(a, dst + g % half, dst + g % half + half, cos_t, sin_t, p, half, g % half);
+        return;
+    }
+    g -= kv_heads * half;
+    if (g < kv_dim) {
+        vc[cache_row + g] = v[(i64)t * kv_dim + g];
+    }
 }
 
 // e^x for x ≤ 0 exactly as the CPU's softmax computes it (kernels/exp.rs: Cody–Waite
@@ -490,100 +566,78 @@ __device__ __forceinline__ float exp_nonpositive(float x) {
 
 // Causal GQA attention with the CPU's portable arithmetic (kernels/attention): positions in
 // chunks of 256, each giving its max, Σ exp(s − max) and the exp-weighted V rows, folded in
-// order into a running softmax, divided by the sum at the end. Three launches over a group of
-// rows, each thread computing values the CPU computes one by one, in its order:
-//
-// 1. scores[t][h][p] = (q[t][h] · k[p]) · scale for p ≤ pos[t] (dot8's order), one thread per
-//    (head, position). Grid: (⌈heads·span/block⌉, n), span = the largest pos + 1.
-extern "C" __global__ void attn_scores(float* scores, const float* q, const float* kc,
-                                       const int* slot, const int* pos, int heads, int group,
-                                       int head_dim, int kv_dim, int context, int span,
-                                       float scale) {
-    int g = blockIdx.x * blockDim.x + threadIdx.x;
+// order into a running softmax, divided by the sum at the end. One block per (row, head),
+// ATT_THREADS threads, in four steps between barriers, each value computed as the CPU does:
+// 1. scores[p] = (q · k[p]) · scale for p ≤ pos (dot8's order), a position per thread;
+// 2. per chunk, its max and Σ exp(s − max) in position order, a chunk per thread (stats);
+// 3. scores[p] ← exp(s_p − max of p's chunk), a position per thread;
+// 4. per dimension i, each chunk's Σ e_p·v[p][i] in position order, folded chunk after chunk
+//    (rescaled to the larger max), divided by the sum, a dimension per thread (consecutive
+//    threads read consecutive floats of a V row).
+// `scores` holds `context` floats and `stats` 2·⌈context/256⌉ per (row of the group, head).
+// Grid: (heads, rows of the group), block ATT_THREADS.
+#define ATT_THREADS 128
+extern "C" __global__ void attention(float* out, float* scores, float* stats, const float* q,
+                                     const float* kc, const float* vc, const int* slot,
+                                     const int* pos, int heads, int group, int head_dim,
+                                     int kv_dim, int context, float scale) {
+    int h = blockIdx.x;
     int t = blockIdx.y;
-    if (g >= heads * span) {
-        return;
-    }
-    int h = g / span;
-    int p = g % span;
-    if (p > pos[t]) {
-        return;
-    }
+    int tid = threadIdx.x;
+    int n_pos = pos[t] + 1;
+    int chunks = (n_pos + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    int max_chunks = (context + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    float* sc = scores + ((i64)t * heads + h) * context;
+    float* st = stats + ((i64)t * heads + h) * max_chunks * 2;
     const float* qv = q + ((i64)t * heads + h) * head_dim;
-    const float* kr =
-        kc + ((i64)slot[t] * context + p) * kv_dim + (i64)(h / group) * head_dim;
-    scores[((i64)t * heads + h) * context + p] = dot8(qv, kr, head_dim) * scale;
-}
-
-// 2. Per (row, head, chunk): its max and Σ exp(s − max) in position order.
-//    stats[((t·heads + h)·chunks + c)·2 + {0, 1}]. Grid: (⌈heads·chunks/block⌉, n).
-extern "C" __global__ void attn_chunk_stats(float* stats, const float* scores, const int* pos,
-                                            int heads, int context, int chunks) {
-    int g = blockIdx.x * blockDim.x + threadIdx.x;
-    int t = blockIdx.y;
-    if (g >= heads * chunks) {
-        return;
+    i64 kv_off = (i64)slot[t] * context * kv_dim + (i64)(h / group) * head_dim;
+    for (int p = tid; p < n_pos; p += ATT_THREADS) {
+        sc[p] = dot8(qv, kc + kv_off + (i64)p * kv_dim, head_dim) * scale;
     }
-    int h = g / chunks;
-    int c = g % chunks;
-    int c0 = c * ATTN_CHUNK;
-    int n_pos = pos[t] + 1;
-    if (c0 >= n_pos) {
-        return;
-    }
-    int c1 = c0 + ATTN_CHUNK < n_pos ? c0 + ATTN_CHUNK : n_pos;
-    const float* sc = scores + ((i64)t * heads + h) * context;
-    float m = -__uint_as_float(0x7f800000u);
-    for (int p = c0; p < c1; p++) {
-        m = fmaxf(m, sc[p]);
-    }
-    float sum = 0.0f;
-    for (int p = c0; p < c1; p++) {
-        sum += exp_nonpositive(sc[p] - m);
-    }
-    float* st = stats + (((i64)t * heads + h) * chunks + c) * 2;
-    st[0] = m;
-    st[1] = sum;
-}
-
-// 3. Per (row, head, dimension i): each chunk's Σ exp(s − max)·v[p][i] in position order,
-//    folded chunk after chunk (rescaled to the larger max), divided by the sum.
-//    Grid: (⌈heads·head_dim/block⌉, n).
-extern "C" __global__ void attn_output(float* out, const float* scores, const float* stats,
-                                       const float* vc, const int* slot, const int* pos,
-                                       int heads, int group, int head_dim, int kv_dim,
-                                       int context, int chunks) {
-    int g = blockIdx.x * blockDim.x + threadIdx.x;
-    int t = blockIdx.y;
-    if (g >= heads * head_dim) {
-        return;
-    }
-    int h = g / head_dim;
-    int i = g % head_dim;
-    int n_pos = pos[t] + 1;
-    const float* sc = scores + ((i64)t * heads + h) * context;
-    const float* st = stats + ((i64)t * heads + h) * chunks * 2;
-    const float* vcol = vc + (i64)slot[t] * context * kv_dim + (i64)(h / group) * head_dim + i;
-    float run_max = -__uint_as_float(0x7f800000u);
-    float run_sum = 0.0f;
-    float o = 0.0f;
-    for (int c = 0; c * ATTN_CHUNK < n_pos; c++) {
+    __syncthreads();
+    for (int c = tid; c < chunks; c += ATT_THREADS) {
         int c0 = c * ATTN_CHUNK;
         int c1 = c0 + ATTN_CHUNK < n_pos ? c0 + ATTN_CHUNK : n_pos;
-        float m = st[2 * c];
-        float sum = st[2 * c + 1];
-        float part = 0.0f;
+        float m = -__uint_as_float(0x7f800000u);
         for (int p = c0; p < c1; p++) {
-            part += exp_nonpositive(sc[p] - m) * vcol[(i64)p * kv_dim];
+            m = fmaxf(m, sc[p]);
         }
-        float max = fmaxf(run_max, m);
-        float a = exp_nonpositive(run_max - max);
-        float b = exp_nonpositive(m - max);
-        run_sum = run_sum * a + sum * b;
-        run_max = max;
-        o = o * a + part * b;
+        float sum = 0.0f;
+        for (int p = c0; p < c1; p++) {
+            sum += exp_nonpositive(sc[p] - m);
+        }
+        st[2 * c] = m;
+        st[2 * c + 1] = sum;
     }
-    out[((i64)t * heads + h) * head_dim + i] = o / run_sum;
+    __syncthreads();
+    for (int p = tid; p < n_pos; p += ATT_THREADS) {
+        sc[p] = exp_nonpositive(sc[p] - st[2 * (p / ATTN_CHUNK)]);
+    }
+    __syncthreads();
+    for (int i = tid; i < head_dim; i += ATT_THREADS) {
+        const float* vcol = vc + kv_off + i;
+        float run_max = -__uint_as_float(0x7f800000u);
+        float run_sum = 0.0f;
+        float o = 0.0f;
+        for (int c = 0; c < chunks; c++) {
+            int c0 = c * ATTN_CHUNK;
+            int c1 = c0 + ATTN_CHUNK < n_pos ? c0 + ATTN_CHUNK : n_pos;
+            float m = st[2 * c];
+            float sum = st[2 * c + 1];
+            float part = 0.0f;
+#pragma unroll 4
+            for (int p = c0; p < c1; p++) {
+                part += sc[p] * vcol[(i64)p * kv_dim];
+            }
+            float max = fmaxf(run_max, m);
+            float a = exp_nonpositive(run_max - max);
+            float b = exp_nonpositive(m - max);
+            run_sum = run_sum * a + sum * b;
+            run_max = max;
+            o = o * a + part * b;
+        }
+        out[((i64)t * heads + h) * head_dim + i] = o / run_sum;
+    }
 }
 
 // dst[j] = src[rows[j]] for rows of d floats (the rows that want logits). Grid: (⌈d/block⌉, m).

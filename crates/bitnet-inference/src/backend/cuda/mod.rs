@@ -8,13 +8,21 @@
 //!
 //! The arithmetic is the CPU's: ternary linears quantize each token's activations to int8
 //! with the same formula and rounding (round half to even) and sum the integer products
-//! exactly; RMSNorm adds in the CPU's order; NVRTC compiles without FMA contraction, so the
-//! element-wise steps round as the CPU's Rust code does. Sums of floats in another order
-//! (attention, the dense lm_head) and `exp` differ in their last bits.
+//! exactly; RMSNorm, the dense products (the f16 lm_head) and attention add in the CPU
+//! portable path's order; NVRTC compiles without FMA contraction, so the element-wise steps
+//! round as the CPU's Rust code does, and the logits equal the portable path's bit for bit.
 //!
-//! What this first version does not do yet: f16 KV caches, quantized lm_heads, llama.cpp's Q8
-//! activations for Q4/Q8 linears (each is refused with an error naming it), fast kernels
-//! (these compute an output per thread, no tensor cores, no CUDA graphs).
+//! Decode is launch-bound before it is bandwidth-bound, so a forward call is few launches:
+//! per layer one `norm_quant` (RMSNorm and int8 quantization of a row, in one block) before
+//! each group of linears, one `ternary_gemv` for q/k/v (their rows packed into one matrix at
+//! load) and one for gate/up, the residual add folded into the o/down products' epilogue,
+//! the gated activation folded into the down projection's `norm_quant`. Calls of up to
+//! [`GRAPH_MAX_TOKENS`] tokens are recorded once as a CUDA graph per (tokens, logits rows)
+//! and replayed: one launch a step.
+//!
+//! Not done yet: f16 KV caches, quantized lm_heads, llama.cpp's Q8 activations for Q4/Q8
+//! linears (each refused with an error naming it); the int8 tensor cores for prefill (the
+//! ternary product is dp4a on CUDA cores), a split-K (flash-decoding) attention.
 
 mod device;
 #[cfg(test)]
@@ -518,38 +526,49 @@ impl CudaBackend {
         }
     }
 
-    /// RoPE of `n` rows of `heads` heads in `x`, at the positions in the state's metadata.
-    fn rope(&self, s: &CudaState, x: &DevBuf, n: usize, heads: usize) -> Result<()> {
-        let d = self.config.head_dim;
-        check_fits(&[(x, n * heads * d * 4)])?;
-        // SAFETY: rope reads n positions (each < context ≤ max_context, checked in `forward`,
-        // so inside the tables of max_context·d/2 floats) and rotates n·heads·d floats of x.
+    /// RoPE of the `n` rows of queries (in place) and keys, and the rotated keys and the
+    /// values stored into the layer's caches at the rows' slots and positions.
+    fn rope_store(&self, s: &CudaState, n: usize, keys: &DevBuf, values: &DevBuf) -> Result<()> {
+        let c = &self.config;
+        let (d, kvd) = (c.head_dim, c.kv_dim());
+        let cache = s.n_slots * s.context * kvd * 4;
+        check_fits(&[
+            (&s.q, n * c.q_dim() * 4),
+            (&s.k, n * kvd * 4),
+            (&s.v, n * kvd * 4),
+            (keys, cache),
+            (values, cache),
+        ])?;
+        // SAFETY: rope_store reads n positions and slots (pos < context ≤ max_context and
+        // slot < n_slots, checked in `run`: inside the tables of max_context·d/2 floats and
+        // the caches of n_slots·context rows), rotates n rows of q in place, reads n rows of
+        // k and v, and writes one cache row of each per token; sizes checked above.
         unsafe {
             self.launch(
-                Kernel::Rope,
-                (heads * d / 2, n),
+                Kernel::RopeStore,
+                ((c.n_heads + c.n_kv_heads) * d / 2 + kvd, n),
                 &[
-                    x.arg(),
+                    s.q.arg(),
+                    s.k.arg(),
+                    s.v.arg(),
+                    keys.arg(),
+                    values.arg(),
                     self.rope_cos.arg(),
                     self.rope_sin.arg(),
+                    s.meta_arg(Meta::Slot),
                     s.meta_arg(Meta::Pos),
-                    Arg::I32(heads as i32),
+                    Arg::I32(c.n_heads as i32),
+                    Arg::I32(c.n_kv_heads as i32),
                     Arg::I32(d as i32),
+                    Arg::I32(s.context as i32),
                 ],
             )
         }
     }
 
     /// Causal GQA attention of the batch's rows over their slots' caches of one layer into
-    /// `s.attn`, [`ATTN_GROUP`] rows at a time (see `attn_*` in kernels.cu).
-    fn attention(
-        &self,
-        s: &CudaState,
-        n: usize,
-        span: usize,
-        keys: &DevBuf,
-        values: &DevBuf,
-    ) -> Result<()> {
+    /// `s.attn`, [`ATTN_GROUP`] rows at a time (`attention` in kernels.cu).
+    fn attention(&self, s: &CudaState, n: usize, keys: &DevBuf, values: &DevBuf) -> Result<()> {
         let c = &self.config;
         let (qd, heads, d) = (c.q_dim(), c.n_heads, c.head_dim);
         let chunks = s.context.div_ceil(ATTN_CHUNK);
@@ -570,49 +589,22 @@ impl CudaBackend {
                 Arg::Ptr(p) => Arg::Ptr(p + (first * 4) as u64),
                 other => other,
             };
-            // SAFETY: rows first..first+g of the batch (≤ n): attn_scores reads their q rows
-            // and the cache rows 0..=pos of their slots (pos < context, slot < n_slots, checked
-            // in `run`) and writes g·heads·context scores; attn_chunk_stats reads those and
-            // writes g·heads·chunks·2 floats; attn_output reads both and the V cache rows, and
-            // writes g·q_dim floats of attn; sizes checked above.
+            // SAFETY: rows first..first+g of the batch (≤ n): the kernel reads their q rows,
+            // positions and slots, and the cache rows 0..=pos of their slots (pos < context,
+            // slot < n_slots, checked in `run`); it writes g·heads rows of `context` scores
+            // and of 2·chunks statistics, and g·q_dim floats of attn; sizes checked above.
             unsafe {
-                self.launch(
-                    Kernel::AttnScores,
-                    (heads * span, g),
-                    &[
-                        s.att_scores.arg(),
-                        at(&s.q, qd),
-                        keys.arg(),
-                        meta(Meta::Slot),
-                        meta(Meta::Pos),
-                        Arg::I32(heads as i32),
-                        Arg::I32(c.gqa_group() as i32),
-                        Arg::I32(d as i32),
-                        Arg::I32(c.kv_dim() as i32),
-                        Arg::I32(s.context as i32),
-                        Arg::I32(span as i32),
-                        Arg::F32(scale),
-                    ],
-                )?;
-                self.launch(
-                    Kernel::AttnChunkStats,
-                    (heads * chunks, g),
-                    &[
-                        s.att_stats.arg(),
-                        s.att_scores.arg(),
-                        meta(Meta::Pos),
-                        Arg::I32(heads as i32),
-                        Arg::I32(s.context as i32),
-                        Arg::I32(chunks as i32),
-                    ],
-                )?;
-                self.launch(
-                    Kernel::AttnOutput,
-                    (heads * d, g),
+                launch_blocks(
+                    &self.gpu,
+                    Kernel::Attention,
+                    [heads as u32, g as u32, 1],
+                    ATT_THREADS,
                     &[
                         at(&s.attn, qd),
                         s.att_scores.arg(),
                         s.att_stats.arg(),
+                        at(&s.q, qd),
+                        keys.arg(),
                         values.arg(),
                         meta(Meta::Slot),
                         meta(Meta::Pos),
@@ -621,7 +613,7 @@ impl CudaBackend {
                         Arg::I32(d as i32),
                         Arg::I32(c.kv_dim() as i32),
                         Arg::I32(s.context as i32),
-                        Arg::I32(chunks as i32),
+                        Arg::F32(scale),
                     ],
                 )?;
             }
@@ -673,18 +665,13 @@ impl CudaBackend {
         }
         let _stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         s.meta.upload(0, &s.meta_host)?;
-        // Attention runs over the positions up to the batch's last, rounded up to whole
-        // softmax chunks (the kernels skip each row's later ones): the same launches for
-        // every step of a chunk, so a recorded graph serves them all.
-        let last = batch.iter().map(|e| e.pos + 1).max().unwrap_or(1);
-        let span = (last.div_ceil(ATTN_CHUNK) * ATTN_CHUNK).min(s.context);
-        let key = (n, m, span);
+        let key = (n, m);
         match s.graphs.get(key) {
             // SAFETY: the graph was recorded from this state's buffers, which live as long as
             // the state; the metadata it reads was just uploaded.
             Some(graph) => unsafe { self.gpu.launch_graph(graph)? },
             None if self.use_graphs && n <= GRAPH_MAX_TOKENS && self.gpu.begin_capture()? => {
-                let recorded = self.record(s, n, m, span);
+                let recorded = self.record(s, n, m);
                 let graph = self.gpu.end_capture();
                 let graph = match (recorded, graph) {
                     (Ok(()), Ok(graph)) => graph,
@@ -699,7 +686,7 @@ impl CudaBackend {
                 // SAFETY: as above.
                 unsafe { self.gpu.launch_graph(graph)? };
             }
-            None => self.record(s, n, m, span)?,
+            None => self.record(s, n, m)?,
         }
         s.n_logits = m;
         if m > 0 {
@@ -710,10 +697,11 @@ impl CudaBackend {
     }
 
     /// Queues the forward pass of `n` tokens (their metadata uploaded) with logits for `m`
-    /// of them, attention over `span` positions.
-    fn record(&self, s: &CudaState, n: usize, m: usize, span: usize) -> Result<()> {
+    /// of them. What it queues depends on `n` and `m` alone (positions and slots are read
+    /// from the metadata), so a recorded graph serves every call of that size.
+    fn record(&self, s: &CudaState, n: usize, m: usize) -> Result<()> {
         let c = &self.config;
-        let (hd, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.ffn_size);
+        let (hd, qd, ffn) = (c.hidden_size, c.q_dim(), c.ffn_size);
         check_fits(&[
             (&s.hidden, n * hd * 4),
             (
@@ -760,35 +748,9 @@ impl CudaBackend {
                 &[&s.q, &s.k, &s.v],
                 false,
             )?;
-            self.rope(s, &s.q, n, c.n_heads)?;
-            self.rope(s, &s.k, n, c.n_kv_heads)?;
             let (keys, values) = (&s.keys[l], &s.values[l]);
-            let cache = s.n_slots * s.context * kvd * 4;
-            check_fits(&[
-                (keys, cache),
-                (values, cache),
-                (&s.k, n * kvd * 4),
-                (&s.v, n * kvd * 4),
-            ])?;
-            // SAFETY: kv_store writes n rows of kv_dim floats at (slot, pos) of caches of
-            // n_slots·context rows (slot and pos checked above) and reads n rows of k and v.
-            unsafe {
-                self.launch(
-                    Kernel::KvStore,
-                    (kvd, n),
-                    &[
-                        keys.arg(),
-                        values.arg(),
-                        s.k.arg(),
-                        s.v.arg(),
-                        s.meta_arg(Meta::Slot),
-                        s.meta_arg(Meta::Pos),
-                        Arg::I32(kvd as i32),
-                        Arg::I32(s.context as i32),
-                    ],
-                )?;
-            }
-            self.attention(s, n, span, keys, values)?;
+            self.rope_store(s, n, keys, values)?;
+            self.attention(s, n, keys, values)?;
             let attn = Source {
                 x: &s.attn,
                 gated: None,
@@ -965,21 +927,21 @@ const ATTN_CHUNK: usize = 256;
 /// their launches are few for their work).
 const GRAPH_MAX_TOKENS: usize = 64;
 
-/// Recorded forward passes of a state, by (tokens, logits rows, attention span); at most
+/// Recorded forward passes of a state, by (tokens, logits rows); at most
 /// [`GraphCache::CAPACITY`], dropped all at once when full.
 struct GraphCache {
     gpu: Arc<dyn Gpu>,
-    graphs: std::collections::HashMap<(usize, usize, usize), device::Graph>,
+    graphs: std::collections::HashMap<(usize, usize), device::Graph>,
 }
 
 impl GraphCache {
     const CAPACITY: usize = 64;
 
-    fn get(&self, key: (usize, usize, usize)) -> Option<device::Graph> {
+    fn get(&self, key: (usize, usize)) -> Option<device::Graph> {
         self.graphs.get(&key).copied()
     }
 
-    fn insert(&mut self, key: (usize, usize, usize), graph: device::Graph) {
+    fn insert(&mut self, key: (usize, usize), graph: device::Graph) {
         if self.graphs.len() >= Self::CAPACITY {
             self.clear();
         }
@@ -1002,7 +964,10 @@ impl Drop for GraphCache {
 }
 
 /// Token rows attention takes at once (bounds its scores: heads × context floats a row).
-const ATTN_GROUP: usize = 8;
+const ATTN_GROUP: usize = 32;
+
+/// Threads of an `attention` block (`ATT_THREADS` in kernels.cu).
+const ATT_THREADS: u32 = 128;
 
 /// Tokens a `dense_gemv` thread takes (`DG_TOKENS` in kernels.cu).
 const DG_TOKENS: usize = 4;
@@ -1030,7 +995,7 @@ fn ternary_gemv(
     if outs.is_empty()
         || outs.len() > 3
         || outs.iter().map(|o| o.1).sum::<usize>() != rows
-        || padded_cols % 64 != 0
+        || !padded_cols.is_multiple_of(64)
     {
         return Err(Error::Invalid(format!(
             "CUDA: internal error: {} output segments for {rows} rows of {padded_cols} columns",
