@@ -397,6 +397,7 @@ impl Inbox {
         request
             .config
             .validate()
+            .and_then(|()| request.config.check_token_ids(self.vocab))
             .map_err(RequestError::InvalidConfig)?;
         let mut s = self.lock();
         if s.closed {

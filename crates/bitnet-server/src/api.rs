@@ -3,8 +3,11 @@
 
 use crate::error::ApiError;
 use bitnet_inference::chat::ChatMessage;
+use bitnet_inference::engine::LoadedEngineModel;
 use bitnet_inference::generate::json::JsonFormat;
 use bitnet_inference::generate::{GenerationConfig, SamplingStrategy};
+use bitnet_inference::scheduler::Request as SchedRequest;
+use bitnet_inference::Error;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -135,7 +138,7 @@ pub fn typed<T: DeserializeOwned>(obj: Map<String, Value>) -> Result<T, ApiError
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
@@ -173,7 +176,10 @@ pub struct CommonFields {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, null, or a list of parts ({\"type\": \"text\", \"text\": ...})"
+)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
@@ -262,8 +268,17 @@ fn range_f(
         Some(x) if x.is_finite() && ok(x) => Ok(Some(x as f32)),
         Some(x) => Err(ApiError::invalid(
             name,
-            format!("{name} = {x}: expected {what}"),
+            format!("{name} = {}: expected {what}", short(x)),
         )),
+    }
+}
+
+/// A number as an error message shows it: 1e300 in exponent form, not as 301 digits.
+fn short(x: f64) -> String {
+    if x.abs() >= 1e15 {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
     }
 }
 
@@ -388,7 +403,10 @@ fn sampling(
             if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
                 return Err(ApiError::invalid(
                     "logit_bias",
-                    format!("logit_bias for token {id} = {v}: expected a number from -100 to 100"),
+                    format!(
+                        "logit_bias for token {id} = {}: expected a number from -100 to 100",
+                        short(v)
+                    ),
                 ));
             }
             // OpenAI's -100 bans the token.
@@ -771,6 +789,131 @@ fn prompts(v: Value) -> Result<Vec<Prompt>, ApiError> {
     }
 }
 
+/// A text longer than any prompt of `context` tokens can be is refused by its length, before
+/// it is tokenized (which costs ~100 bytes of memory a byte); shorter ones are counted in
+/// tokens after.
+fn fits_before_tokenizing(
+    model: &LoadedEngineModel,
+    field: &'static str,
+    bytes: usize,
+    context: usize,
+) -> Result<(), ApiError> {
+    let max = model.tokenizer.max_text_bytes(context);
+    if bytes <= max {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        field,
+        format!(
+            "the {field} of {bytes} bytes cannot fit this server's context size of {context} \
+             tokens (at most {max} bytes can, with this vocabulary); refused before tokenizing"
+        ),
+    )
+    .with_code("context_length_exceeded"))
+}
+
+/// The prompt ids of a chat request: its messages are refused by their length before they
+/// are rendered, and the rendered text (which a template with much per-message text can make
+/// far longer than the messages) by its length before it is tokenized, then by its tokens.
+/// Blocking: rendering and tokenizing take CPU time in proportion to the conversation.
+pub fn chat_prompt(
+    model: &LoadedEngineModel,
+    messages: &[ChatMessage],
+    context: usize,
+) -> Result<Vec<u32>, ApiError> {
+    let bytes = messages.iter().map(|m| m.content.len()).sum();
+    fits_before_tokenizing(model, "messages", bytes, context)?;
+    model
+        .encode_chat_within(messages, context)
+        .map_err(|e| match e {
+            Error::Invalid(msg) => {
+                ApiError::invalid("messages", format!("the rendered conversation: {msg}"))
+                    .with_code("context_length_exceeded")
+            }
+            e => ApiError::invalid("messages", format!("the chat template failed: {e}")),
+        })
+}
+
+/// The prompt ids of a completions request: every text prompt is refused by its length
+/// before any is tokenized. Blocking, as [`chat_prompt`].
+pub fn completion_prompts(
+    model: &LoadedEngineModel,
+    prompts: Vec<Prompt>,
+    context: usize,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    for p in &prompts {
+        if let Prompt::Text(t) = p {
+            fits_before_tokenizing(model, "prompt", t.len(), context)?;
+        }
+    }
+    prompts
+        .into_iter()
+        .map(|p| match p {
+            Prompt::Text(t) => model
+                .encode_prompt(&t)
+                .map_err(|e| ApiError::invalid("prompt", e.to_string())),
+            Prompt::Ids(ids) => Ok(ids),
+        })
+        .collect()
+}
+
+/// One scheduler request per prompt and choice, each prompt checked against the context
+/// first (with `max_tokens`, when given); `field` names the prompt's field in errors. The
+/// scheduler checks the rest (token ids against the vocabulary) when they are submitted.
+pub fn scheduler_requests(
+    prompts: &[Vec<u32>],
+    s: &Sampling,
+    context: usize,
+    field: &str,
+    seed: u64,
+) -> Result<Vec<SchedRequest>, ApiError> {
+    for p in prompts {
+        if p.is_empty() {
+            return Err(ApiError::invalid(field, "the prompt is empty"));
+        }
+        if p.len() >= context {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "the prompt has {} tokens; this server's context size is {context} tokens \
+                     (the prompt and at least one generated token must fit)",
+                    p.len()
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        if let Some(m) = s.max_tokens.filter(|&m| p.len() + m > context) {
+            return Err(ApiError::invalid(
+                s.max_tokens_field,
+                format!(
+                    "the prompt has {} tokens and {} = {m}: together {} tokens, more than this \
+                     server's context size of {context} tokens",
+                    p.len(),
+                    s.max_tokens_field,
+                    p.len() + m
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+    }
+    let mut requests = Vec::with_capacity(prompts.len() * s.n);
+    for p in prompts {
+        for _ in 0..s.n {
+            let index = requests.len();
+            let mut config = s.config.clone();
+            config.max_new_tokens = s.max_tokens.unwrap_or(context - p.len());
+            // Each choice its own generator; choice 0 is what the same seed gives alone.
+            config.seed = seed.wrapping_add(index as u64);
+            let mut r = SchedRequest::new(p.clone(), config);
+            if let Some(k) = s.logprobs {
+                r = r.with_logprobs(k);
+            }
+            requests.push(r);
+        }
+    }
+    Ok(requests)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -929,6 +1072,10 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":5}]}"#,
                 "messages[0].content",
             ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":[1]}"#,
+                "stop",
+            ),
             (r#"{"model":"m"}"#, "messages"),
         ];
         for (body, field) in cases {
@@ -936,11 +1083,101 @@ mod tests {
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(field), "{body}: {}", e.message);
         }
+        let e = chat(r#"{"messages":[{"role":"user","content":"x"}],"temperature":1e300}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "temperature = 1e300: expected a number from 0 to 2 (0 is greedy)"
+        );
+        // The untagged types say what they take, not serde's "did not match any variant".
+        let e = chat(r#"{"messages":[{"role":"user","content":5}]}"#).unwrap_err();
+        assert!(
+            e.message.contains("a string, null, or a list of parts"),
+            "{}",
+            e.message
+        );
+        let e = chat(r#"{"messages":[{"role":"user","content":"x"}],"stop":{}}"#).unwrap_err();
+        assert!(
+            e.message.contains("a string or a list of strings"),
+            "{}",
+            e.message
+        );
         assert_eq!(
             chat("{\"messages\": [").unwrap_err().code,
             Some("invalid_json")
         );
         assert_eq!(chat("[1]").unwrap_err().code, Some("invalid_json"));
+    }
+
+    fn tiny() -> LoadedEngineModel {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/bitnet-tiny");
+        LoadedEngineModel::load(std::path::Path::new(dir)).expect("models/bitnet-tiny")
+    }
+
+    #[test]
+    fn a_conversation_whose_rendering_cannot_fit_is_refused_before_tokenizing() {
+        let model = tiny();
+        // 61,000 empty messages: a 1 MiB body whose messages have no bytes at all, which
+        // the template renders to ~1 MB of text. Tokenizing that took ~100 MB and 0.75 s of
+        // CPU before it was refused for its 244,004 tokens (found by reading, issue 18).
+        let messages = vec![ChatMessage::new("user", ""); 61_000];
+        let e = chat_prompt(&model, &messages, 64).unwrap_err();
+        assert_eq!(e.code, Some("context_length_exceeded"), "{}", e.message);
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert!(
+            e.message.contains("rendered conversation") && e.message.contains("before tokenizing"),
+            "{}",
+            e.message
+        );
+        // Messages whose own bytes cannot fit are refused before rendering.
+        let long = vec![ChatMessage::new("user", "a ".repeat(5_000))];
+        let e = chat_prompt(&model, &long, 64).unwrap_err();
+        assert!(
+            e.message.contains("the messages of 10000 bytes"),
+            "{}",
+            e.message
+        );
+        // What fits is rendered and tokenized as the engine does it.
+        let hi = [ChatMessage::new("user", "Hi")];
+        assert_eq!(
+            chat_prompt(&model, &hi, 64).unwrap(),
+            model.encode_chat(&hi).unwrap()
+        );
+    }
+
+    #[test]
+    fn scheduler_requests_check_each_prompt_against_the_context() {
+        let mut r = completion(r#"{"prompt":"x","n":3,"max_tokens":4,"logprobs":2}"#).unwrap();
+        r.sampling.seed = Some(u64::MAX);
+        let ids = vec![vec![5, 6, 7]];
+        let reqs = scheduler_requests(&ids, &r.sampling, 16, "prompt", u64::MAX).unwrap();
+        assert_eq!(reqs.len(), 3);
+        let seeds: Vec<u64> = reqs.iter().map(|q| q.config.seed).collect();
+        assert_eq!(
+            seeds,
+            [u64::MAX, 0, 1],
+            "one generator per choice, wrapping"
+        );
+        assert!(reqs
+            .iter()
+            .all(|q| q.prompt == ids[0] && q.config.max_new_tokens == 4 && q.logprobs == Some(2)));
+        let err = |prompts: &[Vec<u32>], context| {
+            scheduler_requests(prompts, &r.sampling, context, "prompt", 1).unwrap_err()
+        };
+        assert_eq!(err(&[vec![]], 16).message, "the prompt is empty");
+        let e = err(&[vec![1; 16]], 16);
+        assert!(
+            e.message.contains("the prompt has 16 tokens"),
+            "{}",
+            e.message
+        );
+        let e = err(&[vec![1], vec![1; 13]], 16);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"), "{}", e.message);
+        assert!(e.message.contains("together 17 tokens"), "{}", e.message);
+        // Without max_tokens, a choice may use the rest of the context.
+        r.sampling.max_tokens = None;
+        let reqs = scheduler_requests(&[vec![1; 10]], &r.sampling, 16, "prompt", 1).unwrap();
+        assert_eq!(reqs[0].config.max_new_tokens, 6);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Routes and handlers: requests in, scheduler requests out, events back as OpenAI JSON or
 //! server-sent events.
 
-use crate::api::{self, Prompt, Sampling};
+use crate::api::{self, Sampling};
 use crate::error::ApiError;
 use crate::metrics::HttpLabels;
 use crate::{AppState, Loaded};
@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use bitnet_inference::engine::LoadedEngineModel;
 use bitnet_inference::generate::json::JsonFormat;
 use bitnet_inference::generate::{FinishReason, SharedConstraint, TokenLogprobs};
-use bitnet_inference::scheduler::{Event, Request as SchedRequest, RequestStream};
+use bitnet_inference::scheduler::{Event, RequestStream};
 use futures_util::stream::{self, SelectAll, StreamExt};
 use http_body_util::BodyExt;
 use serde::Deserialize;
@@ -271,6 +271,30 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
+/// Runs `work` (rendering or tokenizing text, which takes ~100 bytes of memory a byte) on
+/// the blocking pool, at most [`crate::tokenizing_at_once`] at a time: each request's memory
+/// is bounded by its body, and this bounds how many bodies' worth is held at once (16
+/// concurrent 1 MiB `/tokenize` bodies took 2.1 GB before, issue 18).
+async fn tokenizing<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let permit = state
+        .tokenizing
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(internal)?;
+    // The permit goes with the work: if the client goes away and this future is dropped,
+    // the work still holds it until it ends.
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(internal)
+}
+
 /// A random 64-bit number (ids, and seeds of requests that give none).
 fn random_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -305,10 +329,11 @@ async fn tokenize(
     let model = l.model.clone();
     let add_special = b.add_special.unwrap_or(true);
     let content = b.content;
-    let ids = tokio::task::spawn_blocking(move || model.tokenizer.encode(&content, add_special))
-        .await
-        .map_err(internal)?
-        .map_err(|e| ApiError::invalid("content", e.to_string()))?;
+    let ids = tokenizing(&state, move || {
+        model.tokenizer.encode(&content, add_special)
+    })
+    .await?
+    .map_err(|e| ApiError::invalid("content", e.to_string()))?;
     if b.with_pieces == Some(true) {
         let tokens: Vec<Value> = ids
             .iter()
@@ -377,14 +402,8 @@ async fn chat(
     let req = api::chat_request(&bytes, &l.defaults, l.context, l.vocab)?;
     check_model(&state, req.sampling.model.as_deref())?;
     let constraint = compile_format(&state, l, &req.sampling.response_format).await?;
-    let bytes = req.messages.iter().map(|m| m.content.len()).sum();
-    fits_before_tokenizing(&l.model, "messages", bytes, l.context)?;
-    let model = l.model.clone();
-    let messages = req.messages;
-    let ids = tokio::task::spawn_blocking(move || model.encode_chat(&messages))
-        .await
-        .map_err(internal)?
-        .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))?;
+    let (model, context, messages) = (l.model.clone(), l.context, req.messages);
+    let ids = tokenizing(&state, move || api::chat_prompt(&model, &messages, context)).await??;
     generate(
         state,
         Kind::Chat,
@@ -407,25 +426,11 @@ async fn completions(
     let req = api::completion_request(&bytes, &l.defaults, l.context, l.vocab)?;
     check_model(&state, req.sampling.model.as_deref())?;
     let constraint = compile_format(&state, l, &req.sampling.response_format).await?;
-    for p in &req.prompts {
-        if let Prompt::Text(t) = p {
-            fits_before_tokenizing(&l.model, "prompt", t.len(), l.context)?;
-        }
-    }
-    let model = l.model.clone();
-    let prompts = req.prompts;
-    let ids = tokio::task::spawn_blocking(move || {
-        prompts
-            .into_iter()
-            .map(|p| match p {
-                Prompt::Text(t) => model.encode_prompt(&t),
-                Prompt::Ids(ids) => Ok(ids),
-            })
-            .collect::<Result<Vec<_>, _>>()
+    let (model, context, prompts) = (l.model.clone(), l.context, req.prompts);
+    let ids = tokenizing(&state, move || {
+        api::completion_prompts(&model, prompts, context)
     })
-    .await
-    .map_err(internal)?
-    .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    .await??;
     generate(
         state,
         Kind::Completion,
@@ -467,29 +472,6 @@ async fn compile_format(
         .map_err(|e| ApiError::invalid(field, format!("{field}: {e}")).with_code("invalid_schema"))
 }
 
-/// A text longer than any prompt of `context` tokens can be is refused by its length, before
-/// it is tokenized (which costs ~100 bytes of memory a byte); shorter ones are counted in
-/// tokens after.
-fn fits_before_tokenizing(
-    model: &LoadedEngineModel,
-    field: &'static str,
-    bytes: usize,
-    context: usize,
-) -> Result<(), ApiError> {
-    let max = model.tokenizer.max_text_bytes(context);
-    if bytes <= max {
-        return Ok(());
-    }
-    Err(ApiError::invalid(
-        field,
-        format!(
-            "the {field} of {bytes} bytes cannot fit this server's context size of {context} \
-             tokens (at most {max} bytes can, with this vocabulary); refused before tokenizing"
-        ),
-    )
-    .with_code("context_length_exceeded"))
-}
-
 /// What every chunk or answer of one request shares.
 struct Reply {
     state: Arc<AppState>,
@@ -521,59 +503,20 @@ async fn generate(
         Kind::Completion => "prompt",
     };
     let context = l.context;
-    for p in &prompts {
-        if p.is_empty() {
-            return Err(ApiError::invalid(field, "the prompt is empty"));
-        }
-        if p.len() >= context {
-            return Err(ApiError::invalid(
-                field,
-                format!(
-                    "the prompt has {} tokens; this server's context size is {context} tokens \
-                     (the prompt and at least one generated token must fit)",
-                    p.len()
-                ),
-            )
-            .with_code("context_length_exceeded"));
-        }
-        if let Some(m) = s.max_tokens.filter(|&m| p.len() + m > context) {
-            return Err(ApiError::invalid(
-                s.max_tokens_field,
-                format!(
-                    "the prompt has {} tokens and {} = {m}: together {} tokens, more than this \
-                     server's context size of {context} tokens",
-                    p.len(),
-                    s.max_tokens_field,
-                    p.len() + m
-                ),
-            )
-            .with_code("context_length_exceeded"));
-        }
-    }
     let seed = s.seed.unwrap_or_else(random_u64);
-    let mut streams = Vec::with_capacity(prompts.len() * s.n);
-    for p in &prompts {
-        for _ in 0..s.n {
-            let index = streams.len();
-            let mut config = s.config.clone();
-            config.max_new_tokens = s.max_tokens.unwrap_or(context - p.len());
-            // Each choice its own generator; choice 0 is what the same seed gives alone.
-            config.seed = seed.wrapping_add(index as u64);
-            let mut r = SchedRequest::new(p.clone(), config);
-            if let Some(k) = s.logprobs {
-                r = r.with_logprobs(k);
-            }
-            // Each choice starts its own matcher from the one compiled grammar.
-            if let Some(c) = &constraint {
-                r = r.with_constraint(c.clone());
-            }
-            // On an error the streams submitted so far are dropped, which cancels them.
-            streams.push(
-                l.engine
-                    .submit(r)
-                    .map_err(|e| ApiError::from_request_error(&e, field))?,
-            );
+    let requests = api::scheduler_requests(&prompts, &s, context, field, seed)?;
+    let mut streams = Vec::with_capacity(requests.len());
+    for mut r in requests {
+        // Each choice starts its own matcher from the one compiled grammar.
+        if let Some(c) = &constraint {
+            r = r.with_constraint(c.clone());
         }
+        // On an error the streams submitted so far are dropped, which cancels them.
+        streams.push(
+            l.engine
+                .submit(r)
+                .map_err(|e| ApiError::from_request_error(&e, field))?,
+        );
     }
     let n_choices = streams.len();
     let merged: Merged = stream::select_all(streams.into_iter().enumerate().map(|(i, st)| {
@@ -984,6 +927,7 @@ mod tests {
             loaded: OnceLock::new(),
             draining: AtomicBool::new(false),
             metrics: Metrics::new(Arc::new(OnceLock::new())),
+            tokenizing: Arc::new(tokio::sync::Semaphore::new(1)),
             compiles: tokio::sync::Semaphore::new(1),
         });
         let r = router(state.clone()).unwrap();

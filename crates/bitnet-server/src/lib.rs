@@ -104,6 +104,12 @@ pub(crate) struct Loaded {
     pub json: Result<Arc<JsonGrammars>, String>,
 }
 
+/// Requests rendered or tokenized at once (the cores, at most 4): tokenizing is CPU-bound, so
+/// more at once would only multiply the memory it takes.
+pub(crate) fn tokenizing_at_once() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
+}
+
 /// Requests run at once at most when the KV budget decides (`parallel: None`).
 pub const MAX_AUTO_PARALLEL: usize = 256;
 
@@ -133,6 +139,8 @@ const MAX_COMPILES: usize = 2;
 /// What every handler shares.
 pub(crate) struct AppState {
     pub config: ServerConfig,
+    /// Permits for rendering and tokenizing ([`tokenizing_at_once`]).
+    pub tokenizing: Arc<tokio::sync::Semaphore>,
     pub loaded: OnceLock<Loaded>,
     pub draining: AtomicBool,
     pub metrics: Metrics,
@@ -197,6 +205,7 @@ async fn serve(
         loaded: OnceLock::new(),
         draining: AtomicBool::new(false),
         metrics: Metrics::new(stats.clone()),
+        tokenizing: Arc::new(tokio::sync::Semaphore::new(tokenizing_at_once())),
         compiles: tokio::sync::Semaphore::new(MAX_COMPILES),
     });
     let router = handlers::router(state.clone())?;

@@ -265,6 +265,25 @@ impl GenerationConfig {
         Ok(())
     }
 
+    /// The token ids the config names (`logit_bias`, `stop_token_ids`) must be below the
+    /// model's vocabulary size: one past it would be silently ignored (a bias never applied,
+    /// a stop never reached). Checked where the vocabulary is known: [`super::generate_with`]
+    /// and the scheduler's `submit`.
+    pub fn check_token_ids(&self, vocab: usize) -> Result<(), String> {
+        let bad = |name: &str, id: u32| {
+            format!(
+                "{name} names token {id}: expected a token id below the vocabulary size {vocab}"
+            )
+        };
+        if let Some(&(id, _)) = self.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            return Err(bad("logit_bias", id));
+        }
+        if let Some(&id) = self.stop_token_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(bad("stop_token_ids", id));
+        }
+        Ok(())
+    }
+
     /// The ids that end this generation: the model's end tokens (unless `ignore_eos`) and
     /// `stop_token_ids`.
     pub fn stop_ids(&self, model_end_tokens: &[u32]) -> Vec<u32> {

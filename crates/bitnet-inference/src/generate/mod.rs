@@ -75,6 +75,9 @@ pub fn generate_with(
     stop_ids: Vec<u32>,
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
+    config
+        .check_token_ids(model.config().vocab_size)
+        .map_err(crate::Error::Invalid)?;
     if let SamplingStrategy::BeamSearch { .. } = config.strategy {
         let g = beam_search(model, pieces, state, prompt, config, &stop_ids)?;
         if !g.text.is_empty() {

@@ -439,6 +439,12 @@ fn sampling_values_out_of_range_are_refused_by_name() {
             with(&|c| c.frequency_penalty = f32::NEG_INFINITY),
         ),
         ("logit_bias", with(&|c| c.logit_bias = vec![(3, f32::NAN)])),
+        // Token ids past the vocabulary (4096): silently ignored before.
+        ("logit_bias", with(&|c| c.logit_bias = vec![(4096, 1.0)])),
+        (
+            "stop_token_ids",
+            with(&|c| c.stop_token_ids = vec![7, u32::MAX]),
+        ),
     ] {
         match bad {
             Some(RequestError::InvalidConfig(msg)) => assert!(msg.starts_with(field), "{msg}"),
@@ -450,9 +456,19 @@ fn sampling_values_out_of_range_are_refused_by_name() {
         c.temperature = 0.0;
         c.top_p = 1.0;
         c.min_p = 1.0;
-        c.logit_bias = vec![(3, f32::NEG_INFINITY)];
+        c.logit_bias = vec![(3, f32::NEG_INFINITY), (4095, 1.0)];
+        c.stop_token_ids = vec![4095];
     })
     .is_none());
+    // The single-request path of the library checks the same ids.
+    let mut g = TextGenerator::new(m.clone(), EngineConfig::default()).unwrap();
+    let mut c = GenerationConfig::greedy(2);
+    c.logit_bias = vec![(4096, -1.0)];
+    let err = g.generate_ids(&prompt, &c).unwrap_err().to_string();
+    assert!(
+        err.contains("logit_bias names token 4096") && err.contains("vocabulary size 4096"),
+        "{err}"
+    );
 }
 
 #[test]

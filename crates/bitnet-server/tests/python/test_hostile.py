@@ -2,6 +2,7 @@
 and serves everyone else as before."""
 
 import json
+import threading
 import time
 
 import pytest
@@ -100,3 +101,106 @@ def test_a_text_too_long_to_fit_is_refused_before_tokenizing(srv):
         assert err["code"] == "context_length_exceeded", err
         assert "before tokenizing" in err["message"] and "60000 bytes" in err["message"], err
     assert srv.post("/v1/completions", GOOD)[0] == 200
+
+
+def test_hostile_http_framing(srv):
+    """Broken HTTP framing, headers and request lines: each a clear 4xx from the HTTP layer or
+    the body reader, and the server serves others as before."""
+    _, reference, _ = srv.post("/v1/completions", GOOD)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    big = json.dumps({"prompt": "a" * (100 << 10)}).encode()
+    chunked_big = b"".join(
+        b"%x\r\n%s\r\n" % (len(big[i : i + 4096]), big[i : i + 4096]) for i in range(0, len(big), 4096)
+    )
+    cases = [
+        # A chunk size past 64 bits, and one that is not hexadecimal.
+        (head + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nab\r\n0\r\n\r\n", 400),
+        (head + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
+        # A chunked body larger than --max-body: no length is claimed, the limit still holds.
+        (head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked_big + b"0\r\n\r\n", 413),
+        (head + b"Content-Length: -1\r\n\r\n{}", 400),
+        (head + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x", 400),
+        # A 1 MiB header line, and 500 headers.
+        (head + b"X-Big: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\n{}", 431),
+        (head + b"".join(b"X-%d: a\r\n" % i for i in range(500)) + b"Content-Length: 2\r\n\r\n{}", 431),
+        (b"GET /" + b"a" * (100 << 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"FROB /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+    ]
+    for request, want in cases:
+        status, out = srv.raw(request)
+        assert status == want, (request[:100], out[:300])
+    status, again, _ = srv.post("/v1/completions", GOOD)
+    assert status == 200 and again["choices"][0]["text"] == reference["choices"][0]["text"]
+    assert srv.proc.poll() is None
+
+
+def test_hostile_chat_and_tokenizer_bodies(srv):
+    """The chat and tokenizer routes' own hostile bodies (the completions route's are above)."""
+    user = {"role": "user", "content": "hi"}
+    cases = [
+        # 3,500 empty messages: no bytes of content, but the template renders ~56 KB of text,
+        # which cannot fit 512 tokens: refused before that text is tokenized.
+        ("/v1/chat/completions", {"messages": [{"role": "user"}] * 3500}, "messages", "context_length_exceeded"),
+        ("/v1/chat/completions", {"messages": None}, "messages", None),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]", None),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [[[["x"]]]]}]}, "messages[0].content", None),
+        ("/v1/chat/completions", {"messages": [user], "n": 17}, "n", None),
+        ("/v1/chat/completions", {"messages": [user], "logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
+        ("/v1/chat/completions", {"messages": [user], "logit_bias": {"4096": 1}}, "logit_bias", None),
+        ("/v1/chat/completions", {"messages": [user], "stop": ["x" * 257]}, "stop", None),
+        ("/tokenize", {"content": 5}, "content", None),
+        ("/tokenize", {"content": "x", "extra": 1}, "extra", None),
+        ("/detokenize", {"tokens": [-1]}, "tokens[0]", None),
+        ("/detokenize", {"tokens": [2**32]}, "tokens[0]", None),
+        ("/detokenize", {"tokens": [100000]}, "tokens", None),
+    ]
+    for path, body, param, code in cases:
+        status, out, _ = srv.post(path, body)
+        assert status == 400, (path, str(body)[:100], out)
+        err = out["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error", (str(body)[:100], err)
+        if code:
+            assert err["code"] == code and "before tokenizing" in err["message"], err
+    bad_utf8 = b'{"messages":[{"role":"user","content":"\xff\xfe"}]}'
+    status, out = srv.raw(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(bad_utf8)
+        + bad_utf8
+    )
+    assert status == 400 and error_of(out)["code"] == "invalid_json", out
+    assert srv.post("/v1/completions", GOOD)[0] == 200
+
+
+def test_concurrent_tokenizing_is_bounded():
+    """16 concurrent 1 MiB /tokenize bodies (the default --max-body): rendering and tokenizing
+    run a few at a time, so their memory (~150 MB each) is not held 16 times at once (2.1 GB
+    before, issue 18)."""
+    s = Server()
+    try:
+        base = s.rss_bytes()
+        body = json.dumps({"content": "ab " * 340000}).encode()
+        assert len(body) < 1 << 20
+        peak, statuses, done = [base], [], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], s.rss_bytes())
+                time.sleep(0.005)
+
+        def one():
+            head = b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+            statuses.append(s.raw(head + body, timeout=300)[0])
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        clients = [threading.Thread(target=one) for _ in range(16)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        done.set()
+        sampler.join()
+        assert statuses == [200] * 16, statuses
+        assert peak[0] - base < 1 << 30, f"{(peak[0] - base) >> 20} MiB more at the peak"
+    finally:
+        assert s.stop() == 0

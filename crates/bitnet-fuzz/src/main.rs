@@ -1,36 +1,39 @@
 //! Randomized fuzzing of everything that reads untrusted input (issue 18, docs/RELIABILITY.md):
 //! GGUF files, Hugging Face directories (config.json, generation_config.json,
-//! tokenizer_config.json, tokenizer.json, safetensors), tokenizers on arbitrary text, and
-//! chat templates. Runs on the stable toolchain, in-process, single-threaded:
+//! tokenizer_config.json, tokenizer.json, safetensors), tokenizers on arbitrary text, chat
+//! templates, and the server's request bodies. Runs on the stable toolchain, in-process,
+//! single-threaded:
 //!
 //! ```text
-//! cargo run --profile ci -p bitnet-inference --example fuzz -- [--seconds N] [--seed N]
-//!     [--target gguf|hf|tokenizer|template|all] [--out DIR]
+//! cargo run --profile ci -p bitnet-fuzz -- [--seconds N] [--seed N]
+//!     [--target gguf|hf|tokenizer|template|request|all] [--out DIR]
+//! cargo run --profile ci -p bitnet-fuzz -- --replay TARGET FILE
 //! ```
 //!
-//! Inputs are mutated from a seed corpus of the repository's own fixtures, structure-aware
-//! (a GGUF metadata value or a JSON value replaced by an edge case, a tensor's shape or type
-//! changed, a template assembled from Jinja fragments) and byte-level (flips, interesting
-//! integers, truncation, splices). There is no coverage instrumentation; instead an input
+//! The targets themselves are in the library (`bitnet_fuzz::*`), shared with the afl.rs
+//! driver (`src/bin/afl.rs`). Inputs are mutated from a seed corpus of the repository's own
+//! fixtures, structure-aware (a GGUF metadata value or a JSON value replaced by an edge case,
+//! a tensor's shape or type changed, a template assembled from Jinja fragments, a request
+//! field given a hostile value) and byte-level (flips, interesting integers, truncation,
+//! splices). There is no coverage instrumentation; instead an input
 //! whose outcome (the error message with numbers and paths stripped) is new joins the
 //! corpus, so mutations keep exploring from inputs that reached new checks.
 //!
-//! A finding is a panic, an input that takes more than `--hang-seconds` (default 10), or an
-//! allocation past `--max-alloc-mib` (default 2048; the process then aborts, and the input
-//! is in `OUT/current`). Findings are written to `OUT/findings/` and the exit status is 1.
+//! A finding is a panic, an input that takes more than `--hang-seconds` (default 10) of CPU
+//! time, one that does not return (a watchdog: 12 × that of CPU time, or 30 minutes of wall
+//! time), or an allocation past `--max-alloc-mib` (default 2048; the process then aborts,
+//! and the input is in `OUT/current`). Findings are written to `OUT/findings/` and the exit
+//! status is 1.
 
-use bitnet_inference::chat::{ChatMessage, ChatTemplate};
-use bitnet_inference::engine::{
-    EngineConfig, GenerationConfig, LoadedEngineModel, ModelOptions, TextGenerator,
-};
+use bitnet_fuzz::{Endpoint, Server, FIXTURES, TINY};
+use bitnet_inference::chat::ChatMessage;
 use bitnet_inference::formats::gguf::{GgufFile, GgufValue, GgufWriter};
-use bitnet_inference::model;
 use bitnet_inference::rng::Rng;
 use bitnet_inference::tokenizer::Tokenizer;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Counts live heap bytes and refuses (so the process aborts) past a cap: an input that
@@ -78,10 +81,11 @@ unsafe impl GlobalAlloc for CappedAlloc {
 #[global_allocator]
 static GLOBAL: CappedAlloc = CappedAlloc;
 
+/// The watchdog's view of the input running: when it started (ms since `WATCH_EPOCH`, plus
+/// one; 0 while none runs) and the process's CPU time then.
 static WATCH_EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/bitnet-tiny");
+static RUNNING_SINCE_MS: AtomicU64 = AtomicU64::new(0);
+static CPU_AT_START_NS: AtomicU64 = AtomicU64::new(0);
 
 struct Args {
     seconds: f64,
@@ -141,14 +145,16 @@ fn usage(msg: &str) -> ! {
     std::process::exit(2)
 }
 
-const TARGETS: [&str; 4] = ["gguf", "hf", "tokenizer", "template"];
+const TARGETS: [&str; 5] = ["gguf", "hf", "tokenizer", "template", "request"];
 
-/// One input: the files of a model (name → bytes), or a template and its messages, or a text.
+/// One input: the files of a model (name → bytes), or a template and its messages, or a
+/// text, or a request body and its endpoint.
 #[derive(Clone)]
 enum Input {
     Files(Vec<(String, Vec<u8>)>),
     Template(String, Vec<(String, String)>),
     Text(String),
+    Request(Endpoint, Vec<u8>),
 }
 
 impl Input {
@@ -172,6 +178,7 @@ impl Input {
                     .unwrap_or_default()
             }
             Input::Text(t) => t.as_bytes().to_vec(),
+            Input::Request(endpoint, body) => bitnet_fuzz::request_bytes(*endpoint, body),
         }
     }
 }
@@ -186,6 +193,8 @@ struct Target {
     oks: u64,
     seeds: usize,
     tokenizers: Vec<Tokenizer>,
+    /// The `request` target's model and scheduler.
+    server: Option<Server>,
 }
 
 /// Strips what varies between inputs of the same kind (digits, paths) from an outcome.
@@ -202,6 +211,20 @@ fn signature(outcome: &str) -> String {
         s.push(' ');
     }
     s
+}
+
+/// `outcome` with the text between double quotes removed.
+fn without_quoted(outcome: &str) -> String {
+    let mut out = String::with_capacity(outcome.len().min(200));
+    let mut quoted = false;
+    for c in outcome.chars() {
+        if c == '"' {
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn read(path: impl AsRef<Path>) -> Vec<u8> {
@@ -277,11 +300,15 @@ fn seeds(name: &str) -> Vec<Input> {
                     .unwrap_or_default();
             let mut v = vec![bitnet_inference::chat::BITNET_2B4T_TEMPLATE.to_string()];
             v.extend(cfg["chat_template"].as_str().map(str::to_string));
-            v.push(
-                "{% for m in messages %}{% if m.role == 'system' %}<<SYS>>{{ m.content }}<</SYS>>\
-                 {% elif loop.last %}[INST] {{ m.content | trim }} [/INST]{% else %}{{ m.content \
-                 }}{{ eos_token }}{% endif %}{% endfor %}"
-                    .to_string(),
+            let mut files: Vec<PathBuf> = std::fs::read_dir(bitnet_fuzz::TEMPLATE_SEEDS)
+                .expect("the template seeds")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            files.sort();
+            v.extend(
+                files
+                    .iter()
+                    .map(|f| String::from_utf8_lossy(&read(f)).into_owned()),
             );
             let msgs = vec![
                 ("system".to_string(), "You are helpful.".to_string()),
@@ -291,6 +318,7 @@ fn seeds(name: &str) -> Vec<Input> {
                 .map(|t| Input::Template(t, msgs.clone()))
                 .collect()
         }
+        "request" => request_seeds(),
         _ => unreachable!(),
     }
 }
@@ -723,6 +751,7 @@ fn mutate(rng: &mut Rng, input: &Input, scratch: &Path) -> Input {
             }
             Input::Template(t, msgs)
         }
+        Input::Request(endpoint, body) => mutate_request(rng, *endpoint, body),
         Input::Text(s) => {
             let mut b = s.clone().into_bytes();
             if below(rng, 2) == 0 {
@@ -736,112 +765,495 @@ fn mutate(rng: &mut Rng, input: &Input, scratch: &Path) -> Input {
 }
 
 // ---------------------------------------------------------------------------------------
-// Execution.
+// Requests.
 
-/// Runs one input; returns its outcome's text (an error's message, or a summary).
-fn execute(target: &Target, input: &Input, dir: &Path) -> String {
-    match (target.name, input) {
-        ("gguf", Input::Files(files)) => {
-            let path = dir.join("model.gguf");
-            if std::fs::write(&path, &files[0].1).is_err() {
-                return "write failed".into();
-            }
-            match model::load(&path) {
-                Err(e) => e.to_string(),
-                Ok(m) => exercise(&m, &path),
-            }
+/// The server's largest body by default (`--max-body`): a larger one is a 413 before it is
+/// read, so the fuzzer keeps its bodies within it.
+const MAX_BODY: usize = 1 << 20;
+
+fn request_seeds() -> Vec<Input> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(bitnet_fuzz::REQUEST_SEEDS)
+        .expect("the request seeds")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            let bytes = read(f);
+            let (endpoint, body) = bitnet_fuzz::parse_request_bytes(&bytes);
+            Input::Request(endpoint, body.to_vec())
+        })
+        .collect()
+}
+
+/// Every field of both endpoints (the 20 both share first), some the server refuses by
+/// name, and unknown ones.
+const REQUEST_FIELDS: [&str; 36] = [
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "stream",
+    "stream_options",
+    "user",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "repeat_last_n",
+    "ignore_eos",
+    "response_format",
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "prompt",
+    "echo",
+    "suffix",
+    "best_of",
+    "tools",
+    "functions",
+    "metadata",
+    "store",
+    "",
+    "__proto__",
+    "Max_Tokens",
+    "messages\u{0}",
+];
+
+const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+];
+const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "suffix", "best_of"];
+
+/// Numbers at the edges of every range the server checks (and of the types it reads them
+/// into), as JSON text so that values serde_json would not build (1e999, -0) are kept.
+const REQUEST_NUMBERS: [&str; 34] = [
+    "0",
+    "-0",
+    "1",
+    "-1",
+    "2",
+    "16",
+    "17",
+    "20",
+    "21",
+    "63",
+    "64",
+    "65",
+    "100",
+    "-100",
+    "100.0000001",
+    "-100.0000001",
+    "4095",
+    "4096",
+    "65536",
+    "2147483647",
+    "2147483648",
+    "4294967295",
+    "4294967296",
+    "9223372036854775807",
+    "9223372036854775808",
+    "-9223372036854775808",
+    "-9223372036854775809",
+    "18446744073709551615",
+    "18446744073709551616",
+    "1e999",
+    "-1e999",
+    "1e-320",
+    "0.5",
+    "1.0000000000000002",
+];
+
+/// A hostile value for a request field: wrong types, edge numbers, NaN-ish strings, deep
+/// nesting, long strings, and the shapes the server's fields take (stop lists, logit_bias
+/// maps, messages, prompts of text or token ids) filled with edge cases. Returned as JSON
+/// text.
+fn request_value(rng: &mut Rng) -> String {
+    let num = |rng: &mut Rng| pick::<&str>(rng, &REQUEST_NUMBERS).to_string();
+    let text = |rng: &mut Rng| serde_json::to_string(&random_text(rng)).unwrap_or_default();
+    let list = |rng: &mut Rng, n: usize, f: &dyn Fn(&mut Rng) -> String| {
+        let items: Vec<String> = (0..n).map(|_| f(rng)).collect();
+        format!("[{}]", items.join(","))
+    };
+    match below(rng, 16) {
+        0 | 1 => num(rng),
+        2 => pick::<&str>(
+            rng,
+            &[
+                "null",
+                "true",
+                "false",
+                "\"\"",
+                "\"NaN\"",
+                "\"Infinity\"",
+                "\"-0\"",
+                "\"1e999\"",
+                "\"0x10\"",
+                "\"5\"",
+                "{}",
+                "[]",
+                "[null]",
+                "{\"type\":\"json_object\"}",
+                "{\"type\":\"text\",\"extra\":1}",
+                "{\"include_usage\":\"yes\"}",
+            ],
+        )
+        .to_string(),
+        3 => text(rng),
+        4 => {
+            // A long string: a repeated piece, up to 300 KB.
+            let piece = pick::<&str>(rng, &["a", "é", "🦀", " ", "<|eot_id|>", "\\n", "\\u0000"]);
+            format!("\"{}\"", piece.repeat(1 + below(rng, 30_000)))
         }
-        ("hf", Input::Files(files)) => {
-            let d = dir.join("hf");
-            let _ = std::fs::remove_dir_all(&d);
-            let _ = std::fs::create_dir_all(&d);
-            for (name, data) in files {
-                let _ = std::fs::write(d.join(name), data);
-            }
-            match model::load(&d) {
-                Err(e) => e.to_string(),
-                Ok(m) => exercise(&m, &d),
-            }
+        5 => {
+            // Deep nesting, past serde_json's recursion limit of 128 half of the time.
+            let depth = 1 + below(rng, 260);
+            format!("{}{}{}", "[".repeat(depth), num(rng), "]".repeat(depth))
         }
-        ("tokenizer", Input::Text(text)) => {
-            let mut out = String::new();
-            for tk in &target.tokenizers {
-                match tk.encode(text, true) {
-                    Err(e) => out.push_str(&e.to_string()),
-                    Ok(ids) => {
-                        let _ = tk.decode(&ids);
-                        out.push_str("ok ");
-                    }
+        6 => {
+            let n = *pick(rng, &[0usize, 1, 15, 16, 17, 100]);
+            list(rng, n, &|rng: &mut Rng| match below(rng, 5) {
+                0 => "\"\"".into(),
+                1 => format!(
+                    "\"{}\"",
+                    "s".repeat(*pick(rng, &[1usize, 255, 256, 257, 5000]))
+                ),
+                2 => num(rng),
+                _ => text(rng),
+            })
+        }
+        7 => {
+            // logit_bias: keys at and past the vocabulary, non-numeric keys, edge values.
+            let n = *pick(rng, &[0usize, 1, 2, 50, 5000]);
+            let entries: Vec<String> = (0..n)
+                .map(|_| {
+                    let key = pick::<&str>(
+                        rng,
+                        &[
+                            "0",
+                            "1",
+                            "4095",
+                            "4096",
+                            "-1",
+                            "01",
+                            "+1",
+                            " 1",
+                            "1.0",
+                            "1e3",
+                            "4294967296",
+                            "x",
+                            "",
+                            "١",
+                        ],
+                    );
+                    format!("\"{key}\":{}", num(rng))
+                })
+                .collect();
+            format!("{{{}}}", entries.join(","))
+        }
+        8 | 9 => {
+            // messages: roles, content as text, parts, null or other types, names.
+            let n = *pick(rng, &[0usize, 1, 2, 3, 50, 3000]);
+            list(rng, n, &|rng: &mut Rng| {
+                let role = pick::<&str>(
+                    rng,
+                    &[
+                        "user",
+                        "assistant",
+                        "system",
+                        "developer",
+                        "tool",
+                        "",
+                        "USER",
+                    ],
+                );
+                let content = match below(rng, 6) {
+                    0 => "null".to_string(),
+                    1 => format!(
+                        "[{{\"type\":\"text\",\"text\":{}}},{{\"type\":\"{}\"}}]",
+                        text(rng),
+                        pick::<&str>(rng, &["text", "image_url", ""])
+                    ),
+                    2 => request_value_flat(rng),
+                    _ => text(rng),
+                };
+                match below(rng, 8) {
+                    0 => format!("{{\"role\":\"{role}\"}}"),
+                    1 => format!("{{\"role\":\"{role}\",\"content\":{content},\"name\":\"n\"}}"),
+                    2 => format!("{{\"content\":{content}}}"),
+                    3 => format!("{{\"role\":\"{role}\",\"content\":{content},\"tool_calls\":[]}}"),
+                    _ => format!("{{\"role\":\"{role}\",\"content\":{content}}}"),
                 }
-            }
-            out
+            })
         }
-        ("template", Input::Template(t, msgs)) => match ChatTemplate::new(t, "<s>", "</s>") {
-            Err(e) => e.to_string(),
-            Ok(tmpl) => {
-                let msgs: Vec<ChatMessage> = msgs
-                    .iter()
-                    .map(|(r, c)| ChatMessage::new(r.as_str(), c.as_str()))
-                    .collect();
-                match tmpl.render(&msgs, true) {
-                    Err(e) => e.to_string(),
-                    Ok(s) => format!("ok {}", s.len().min(1)),
+        10 | 11 => {
+            // prompt: token ids around the vocabulary and the context, or lists of prompts.
+            let id = |rng: &mut Rng| {
+                pick::<&str>(
+                    rng,
+                    &[
+                        "0",
+                        "1",
+                        "2",
+                        "4095",
+                        "4096",
+                        "-1",
+                        "1.0",
+                        "1e3",
+                        "4294967295",
+                        "4294967296",
+                        "\"7\"",
+                        "null",
+                    ],
+                )
+                .to_string()
+            };
+            match below(rng, 4) {
+                0 => {
+                    let n = *pick(rng, &[1usize, 2, 62, 63, 64, 65, 1000]);
+                    list(rng, n, &|rng: &mut Rng| {
+                        if below(rng, 4) == 0 {
+                            id(rng)
+                        } else {
+                            (below(rng, 4096)).to_string()
+                        }
+                    })
                 }
+                1 => {
+                    let n = *pick(rng, &[1usize, 2, 16, 17, 100]);
+                    list(rng, n, &|rng: &mut Rng| {
+                        if below(rng, 2) == 0 {
+                            text(rng)
+                        } else {
+                            let k = 1 + below(rng, 70);
+                            list(rng, k, &|rng: &mut Rng| id(rng))
+                        }
+                    })
+                }
+                _ => text(rng),
             }
-        },
-        _ => "mismatched input".into(),
+        }
+        12 => format!("\"{}\"", "x".repeat(*pick(rng, &[256usize, 257, 5000]))),
+        _ => request_value_flat(rng),
     }
 }
 
-/// What a loaded model offers an attacker next: its tokenizer on text, its template, and a
-/// few tokens generated (one compute thread, a 32-token context).
-fn exercise(m: &model::LoadedModel, path: &Path) -> String {
-    let mut out = format!("ok {}", m.format);
-    let options = ModelOptions {
-        threads: Some(1),
-        ..Default::default()
+/// A value of the field's type near or in its range (so that requests get through the
+/// checks with unusual combinations: every token banned, top_k 1 with min_p 1, ...).
+fn plausible_value(rng: &mut Rng, field: &str) -> String {
+    let f = |rng: &mut Rng, lo: f64, hi: f64| {
+        let x = lo + (hi - lo) * (below(rng, 1001) as f64 / 1000.0);
+        format!("{x}")
     };
-    match LoadedEngineModel::load_with(path, &options) {
-        Err(e) => out = e.to_string(),
-        Ok(engine) => {
-            let config = EngineConfig {
-                context_size: Some(32),
-                model: options,
-                ..Default::default()
+    let i = |rng: &mut Rng, lo: usize, hi: usize| (lo + below(rng, hi - lo + 1)).to_string();
+    match field {
+        "max_tokens" | "max_completion_tokens" | "repeat_last_n" => i(rng, 0, 70),
+        "n" | "best_of" => i(rng, 0, 17),
+        "top_logprobs" => i(rng, 0, 21),
+        "logprobs" => match below(rng, 3) {
+            0 => "true".into(),
+            1 => "false".into(),
+            _ => i(rng, 0, 21),
+        },
+        "temperature" => f(rng, -0.1, 2.1),
+        "top_p" | "min_p" | "typical_p" => f(rng, -0.01, 1.01),
+        "presence_penalty" | "frequency_penalty" => f(rng, -2.1, 2.1),
+        "repetition_penalty" => f(rng, -0.1, 10.5),
+        "top_k" => i(rng, 0, 4097),
+        "seed" => i(rng, 0, 1 << 20),
+        "stop" => {
+            let n = below(rng, 4);
+            let items: Vec<String> = (0..n)
+                .map(|_| serde_json::to_string(&random_text(rng)).unwrap_or_default())
+                .collect();
+            format!("[{}]", items.join(","))
+        }
+        "logit_bias" => {
+            let n = *pick(rng, &[1usize, 2, 100, 4096]);
+            let all = n == 4096;
+            let entries: Vec<String> = (0..n)
+                .map(|k| {
+                    let id = if all { k } else { below(rng, 4096) };
+                    let v = if all {
+                        "-100".to_string()
+                    } else {
+                        f(rng, -100.0, 100.0)
+                    };
+                    format!("\"{id}\":{v}")
+                })
+                .collect();
+            format!("{{{}}}", entries.join(","))
+        }
+        "stream" | "echo" | "ignore_eos" => pick::<&str>(rng, &["true", "false"]).to_string(),
+        "stream_options" => "{\"include_usage\":true}".into(),
+        "response_format" => "{\"type\":\"text\"}".into(),
+        "messages" => {
+            let n = 1 + below(rng, 4);
+            let items: Vec<String> = (0..n)
+                .map(|_| {
+                    let role = pick::<&str>(rng, &["user", "assistant", "system", "developer"]);
+                    let content = serde_json::to_string(&random_text(rng)).unwrap_or_default();
+                    format!("{{\"role\":\"{role}\",\"content\":{content}}}")
+                })
+                .collect();
+            format!("[{}]", items.join(","))
+        }
+        "prompt" => {
+            if below(rng, 2) == 0 {
+                serde_json::to_string(&random_text(rng)).unwrap_or_default()
+            } else {
+                let n = 1 + below(rng, 66);
+                let ids: Vec<String> = (0..n).map(|_| below(rng, 4097).to_string()).collect();
+                format!("[{}]", ids.join(","))
+            }
+        }
+        _ => request_value(rng),
+    }
+}
+
+/// A scalar edge value (no lists or objects).
+fn request_value_flat(rng: &mut Rng) -> String {
+    if below(rng, 2) == 0 {
+        pick::<&str>(&mut *rng, &REQUEST_NUMBERS).to_string()
+    } else {
+        pick::<&str>(rng, &["null", "true", "\"\"", "\"x\"", "-1", "0.5"]).to_string()
+    }
+}
+
+/// Mutates a request: a field set to a hostile value, removed, duplicated or added, the
+/// JSON mutated anywhere (as the model files' JSON is), the endpoint switched, or the body's
+/// bytes mutated (invalid UTF-8, truncation, splices).
+fn mutate_request(rng: &mut Rng, endpoint: Endpoint, body: &[u8]) -> Input {
+    let mut endpoint = endpoint;
+    let mut body = body.to_vec();
+    match below(rng, 10) {
+        0..=4 => {
+            // Field edits, on the text so that values serde_json would not write survive.
+            let mut obj = match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(serde_json::Value::Object(o)) => o,
+                _ => serde_json::Map::new(),
             };
-            let generated = TextGenerator::new(std::sync::Arc::new(engine), config)
-                .and_then(|mut g| g.generate("Hello world", &GenerationConfig::greedy(3)));
-            if let Err(e) = generated {
-                out = e.to_string();
+            let mut raw: Vec<(String, String)> = Vec::new();
+            let edits = if below(rng, 3) == 0 {
+                2 + below(rng, 2)
+            } else {
+                1
+            };
+            for _ in 0..edits {
+                // Mostly the endpoint's own fields, so that a request gets past the check
+                // of its keys and reaches the deeper checks, the template and the scheduler.
+                let own = match endpoint {
+                    Endpoint::Chat => CHAT_FIELDS,
+                    Endpoint::Completions => COMPLETION_FIELDS,
+                };
+                let field = if below(rng, 5) == 0 {
+                    pick::<&str>(rng, &REQUEST_FIELDS).to_string()
+                } else if below(rng, 3) == 0 {
+                    pick::<&str>(rng, own).to_string()
+                } else {
+                    pick::<&str>(rng, &REQUEST_FIELDS[..20]).to_string()
+                };
+                match below(rng, 6) {
+                    0 => {
+                        obj.remove(&field);
+                    }
+                    _ => {
+                        obj.remove(&field);
+                        let value = if below(rng, 2) == 0 {
+                            plausible_value(rng, &field)
+                        } else {
+                            request_value(rng)
+                        };
+                        raw.push((field, value));
+                    }
+                }
+            }
+            let mut text = serde_json::to_string(&obj).unwrap_or_else(|_| "{}".into());
+            text.pop(); // the closing brace
+            for (k, v) in raw {
+                if text.len() > 1 {
+                    text.push(',');
+                }
+                text.push_str(&serde_json::to_string(&k).unwrap_or_default());
+                text.push(':');
+                text.push_str(&v);
+            }
+            text.push('}');
+            body = text.into_bytes();
+        }
+        5 | 6 => match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(mut v) => {
+                for _ in 0..1 + below(rng, 3) {
+                    mutate_json(rng, &mut v, 0);
+                }
+                body = serde_json::to_vec(&v).unwrap_or_default();
+            }
+            Err(_) => mutate_bytes(rng, &mut body, usize::MAX),
+        },
+        7 if below(rng, 4) == 0 => {
+            // The other endpoint, with the body's prompt field renamed (a chat body on
+            // completions would only be "unknown field").
+            endpoint = match endpoint {
+                Endpoint::Chat => Endpoint::Completions,
+                Endpoint::Completions => Endpoint::Chat,
+            };
+            if let Ok(serde_json::Value::Object(mut o)) = serde_json::from_slice(&body) {
+                let (from, to) = match endpoint {
+                    Endpoint::Chat => ("prompt", "messages"),
+                    Endpoint::Completions => ("messages", "prompt"),
+                };
+                if let Some(v) = o.remove(from) {
+                    o.insert(to.into(), v);
+                }
+                body = serde_json::to_vec(&o).unwrap_or_default();
             }
         }
+        _ => mutate_bytes(rng, &mut body, usize::MAX),
     }
-    if let Ok(ids) = m.tokenizer.encode("Hello <|eot_id|> world é🦀", true) {
-        let _ = m.tokenizer.decode(&ids);
-    }
-    if let Some(src) = &m.chat_template {
-        if let Ok(t) = ChatTemplate::new(src, "<s>", "</s>") {
-            if let Err(e) = t.render(&[ChatMessage::new("user", "hi")], true) {
-                out = e.to_string();
-            }
+    body.truncate(MAX_BODY);
+    Input::Request(endpoint, body)
+}
+
+// ---------------------------------------------------------------------------------------
+// Execution.
+
+/// Runs one input; returns its outcome's text (an error's message, or a summary).
+fn execute(target: &mut Target, input: &Input, dir: &Path) -> String {
+    match (target.name, input) {
+        ("gguf", Input::Files(files)) => bitnet_fuzz::gguf(&files[0].1, dir),
+        ("hf", Input::Files(files)) => bitnet_fuzz::hf(files, dir),
+        ("tokenizer", Input::Text(text)) => bitnet_fuzz::tokenize(&target.tokenizers, text),
+        ("template", Input::Template(t, msgs)) => {
+            let msgs: Vec<ChatMessage> = msgs
+                .iter()
+                .map(|(r, c)| ChatMessage::new(r.as_str(), c.as_str()))
+                .collect();
+            bitnet_fuzz::template(t, &msgs)
         }
+        ("request", Input::Request(endpoint, body)) => match &mut target.server {
+            Some(server) => server.request(*endpoint, body),
+            None => "no server".into(),
+        },
+        _ => "mismatched input".into(),
     }
-    out
 }
 
 fn make_target(t: &str) -> Target {
     let name = TARGETS.iter().find(|n| **n == t).copied().unwrap_or("gguf");
     let corpus = seeds(name);
     let tokenizers = if name == "tokenizer" {
-        let mut v = vec![
-            Tokenizer::from_file(&Path::new(TINY).join("tokenizer.json"))
-                .expect("bitnet-tiny tokenizer"),
-        ];
-        if let Ok(f) = GgufFile::open(Path::new(FIXTURES).join("bitnet-packed-gguf/model-i2s.gguf"))
-        {
-            v.extend(Tokenizer::from_gguf(&f.metadata, &f.path));
-        }
-        v
+        bitnet_fuzz::tokenizers()
     } else {
         Vec::new()
     };
@@ -854,20 +1266,22 @@ fn make_target(t: &str) -> Target {
         errors: 0,
         oks: 0,
         tokenizers,
+        server: (name == "request").then(Server::new),
     }
 }
 
-/// The CPU time this thread has used (Linux), for the `slow` check.
-fn thread_cpu_time() -> Option<Duration> {
+/// The CPU time this process has used (Linux), for the `slow` and `hang` checks: all its
+/// threads, since a model's compute runs on rayon's thread while the fuzzing thread waits.
+fn cpu_time() -> Option<Duration> {
     #[cfg(target_os = "linux")]
     {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is supported
+        // SAFETY: `ts` is a valid, writable timespec; CLOCK_PROCESS_CPUTIME_ID is supported
         // by every Linux this builds for, and on failure (non-zero) `ts` is not read.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
         (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
     }
     #[cfg(not(target_os = "linux"))]
@@ -881,22 +1295,36 @@ fn thread_cpu_time() -> Option<Duration> {
 fn replay(target: &str, file: &Path) {
     let bytes = read(file);
     let input = match target {
-        "template" => {
-            let v: serde_json::Value = serde_json::from_slice(&bytes).expect("a template input");
-            let msgs = v["messages"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|m| {
-                            let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
-                            (s("role"), s("content"))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Input::Template(v["template"].as_str().unwrap_or_default().to_string(), msgs)
-        }
+        "template" => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            // The JSON this driver writes: the template and its messages.
+            Ok(v) if v["template"].is_string() => {
+                let msgs = v["messages"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|m| {
+                                let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+                                (s("role"), s("content"))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Input::Template(v["template"].as_str().unwrap_or_default().to_string(), msgs)
+            }
+            // A template's source alone (afl's inputs), for the fixed conversation.
+            _ => Input::Template(
+                String::from_utf8_lossy(&bytes).into_owned(),
+                bitnet_fuzz::fixed_conversation()
+                    .into_iter()
+                    .map(|m| (m.role, m.content))
+                    .collect(),
+            ),
+        },
         "tokenizer" => Input::Text(String::from_utf8_lossy(&bytes).into_owned()),
+        "request" => {
+            let (endpoint, body) = bitnet_fuzz::parse_request_bytes(&bytes);
+            Input::Request(endpoint, body.to_vec())
+        }
         _ => {
             // `=== NAME LEN\n` + LEN bytes + `\n`, repeated.
             let mut files = Vec::new();
@@ -913,14 +1341,12 @@ fn replay(target: &str, file: &Path) {
             Input::Files(files)
         }
     };
-    let t = make_target(target);
+    let mut t = make_target(target);
     let work = std::env::temp_dir().join(format!("bitnet-fuzz-replay-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("a work directory");
-    let (t0, cpu0) = (Instant::now(), thread_cpu_time());
-    let outcome = execute(&t, &input, &work);
-    let cpu = thread_cpu_time()
-        .zip(cpu0)
-        .map(|(b, a)| b.saturating_sub(a));
+    let (t0, cpu0) = (Instant::now(), cpu_time());
+    let outcome = execute(&mut t, &input, &work);
+    let cpu = cpu_time().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
     println!(
         "{target}: {} (wall {:.3} s, CPU {:.3} s)",
         outcome.chars().take(500).collect::<String>(),
@@ -960,47 +1386,74 @@ fn main() {
     // BITNET_FUZZ_VERBOSE=1 prints every outcome (to see what the mutations reach).
     let verbose = std::env::var("BITNET_FUZZ_VERBOSE").is_ok_and(|v| v == "1");
     std::panic::set_hook(Box::new(|_| {}));
-    // A watchdog for inputs that never finish (a `slow` check after the fact cannot see them).
-    static RUNNING_SINCE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // A watchdog for inputs that never finish (a `slow` check after the fact cannot see
+    // them): one that has used 12 × --hang-seconds (120 s) of CPU time, or has
+    // been running for 30 minutes of wall time (blocked, or starved beyond reason), is a
+    // finding; its input is copied into `findings/` before the process exits.
     {
-        let (hang, current) = (args.hang, args.out.join("current"));
-        let epoch = Instant::now();
+        let hang = args.hang;
+        let (current, saved) = (
+            args.out.join("current"),
+            findings.join(format!("hang-{}", args.seed)),
+        );
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(500));
-            let since = RUNNING_SINCE_MS.load(Ordering::Relaxed);
-            let now = epoch.elapsed().as_millis() as u64;
-            // Wall time: generous (the fuzzer runs at the lowest priority on a shared
-            // machine), but an input that never returns is caught.
-            let limit = (12 * hang.as_millis() as u64).max(120_000);
-            if since > 0 && now.saturating_sub(since) > limit {
+            let (wall0, cpu0) = (
+                RUNNING_SINCE_MS.load(Ordering::Relaxed),
+                CPU_AT_START_NS.load(Ordering::Relaxed),
+            );
+            if wall0 == 0 {
+                continue;
+            }
+            let wall = WATCH_EPOCH
+                .get()
+                .map_or(0, |e| e.elapsed().as_millis() as u64);
+            let cpu = cpu_time().map_or(0, |c| c.as_nanos() as u64);
+            let cpu_limit = 12 * hang;
+            let over_cpu = cpu.saturating_sub(cpu0) > cpu_limit.as_nanos() as u64;
+            let over_wall = wall.saturating_sub(wall0) > 30 * 60 * 1000;
+            if over_cpu || over_wall {
+                let _ = std::fs::copy(&current, &saved);
                 println!(
-                    "FINDING hang: an input ran over {} s of wall time; it is in {}",
-                    limit / 1000,
-                    current.display()
+                    "FINDING hang: an input ran over {}; it is in {}",
+                    if over_cpu {
+                        format!("{} s of CPU time", cpu_limit.as_secs())
+                    } else {
+                        "30 minutes of wall time".to_string()
+                    },
+                    saved.display()
                 );
                 std::process::exit(1);
             }
         });
-        RUNNING_SINCE_MS.store(0, Ordering::Relaxed);
-        WATCH_EPOCH.get_or_init(|| epoch);
+        WATCH_EPOCH.get_or_init(Instant::now);
     }
     while start.elapsed() < deadline {
         let t = &mut targets[round % args.targets.len()];
         round += 1;
-        let parent = pick(&mut rng, &t.corpus).clone();
+        // Requests: half the time a valid seed is mutated, since most kept inputs are
+        // refused at their first field and would hide the deeper checks.
+        let parents = if t.name == "request" && below(&mut rng, 2) == 0 {
+            &t.corpus[..t.seeds]
+        } else {
+            &t.corpus[..]
+        };
+        let parent = pick(&mut rng, parents).clone();
         let input = mutate(&mut rng, &parent, &scratch);
         let bytes = input.bytes();
         // Kept on disk before running: an abort (allocation past the cap) leaves it there.
         let _ = std::fs::write(args.out.join("current"), &bytes);
         let t0 = Instant::now();
-        let cpu0 = thread_cpu_time();
+        let cpu0 = cpu_time();
         let epoch = WATCH_EPOCH.get().copied().unwrap_or(t0);
+        CPU_AT_START_NS.store(cpu0.map_or(0, |c| c.as_nanos() as u64), Ordering::Relaxed);
         RUNNING_SINCE_MS.store(1 + epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(t, &input, &work)));
         RUNNING_SINCE_MS.store(0, Ordering::Relaxed);
         // CPU time, not wall time: at nice 19 on a busy machine a 0.2 s input can take 15 s.
-        let took = thread_cpu_time()
+        // (The process's: the watchdog's own share is negligible.)
+        let took = cpu_time()
             .zip(cpu0)
             .map_or_else(|| t0.elapsed(), |(b, a)| b.saturating_sub(a));
         t.execs += 1;
@@ -1037,7 +1490,12 @@ fn main() {
         } else {
             t.errors += 1;
         }
-        let sig = signature(&outcome);
+        let sig = if t.name == "request" {
+            // A request's error quotes the value sent: the kind of error is what counts.
+            signature(&without_quoted(&outcome))
+        } else {
+            signature(&outcome)
+        };
         if t.seen.insert(sig) && t.corpus.len() < 2000 {
             let dir = args.out.join("corpus").join(t.name);
             let _ = std::fs::create_dir_all(&dir);

@@ -1,0 +1,294 @@
+//! The fuzz targets of issue 18 (docs/RELIABILITY.md): one function per reader of untrusted
+//! input, each taking the input as bytes or text and returning its outcome as text (an
+//! error's message, or a summary starting with `ok`). Two drivers share them: the randomized,
+//! structure-aware `bitnet-fuzz` binary (stable toolchain, `scripts/fuzz`) and the
+//! coverage-guided afl.rs binary (`--features afl`, `scripts/fuzz-afl`), so both test the
+//! same code in the same way.
+//!
+//! A target never catches a panic itself: a panic, an abort or a hang is the finding.
+
+use bitnet_inference::chat::{ChatMessage, ChatTemplate};
+use bitnet_inference::engine::{
+    EngineConfig, GenerationConfig, LoadedEngineModel, ModelOptions, TextGenerator,
+};
+use bitnet_inference::model;
+use bitnet_inference::scheduler::{DynamicBatchProcessor, Event, SchedulerConfig};
+use bitnet_inference::tokenizer::Tokenizer;
+use bitnet_server::api;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The repository's test fixtures (seed corpora).
+pub const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../bitnet-inference/tests/fixtures"
+);
+/// The tiny trained model the server target serves.
+pub const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/bitnet-tiny");
+
+/// A GGUF file: loaded, and when it loads, exercised (see [`exercise`]).
+pub fn gguf(data: &[u8], dir: &Path) -> String {
+    let path = dir.join("model.gguf");
+    if let Err(e) = std::fs::write(&path, data) {
+        return format!("write failed: {e}");
+    }
+    match model::load(&path) {
+        Err(e) => e.to_string(),
+        Ok(m) => exercise(&m, &path),
+    }
+}
+
+/// A Hugging Face directory of `files` (name, bytes): loaded, and exercised when it loads.
+pub fn hf(files: &[(String, Vec<u8>)], dir: &Path) -> String {
+    let d = dir.join("hf");
+    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::create_dir_all(&d);
+    for (name, data) in files {
+        let _ = std::fs::write(d.join(name), data);
+    }
+    match model::load(&d) {
+        Err(e) => e.to_string(),
+        Ok(m) => exercise(&m, &d),
+    }
+}
+
+/// What a loaded model offers an attacker next: its tokenizer on text, its template, and a
+/// few tokens generated (one compute thread, a 32-token context).
+fn exercise(m: &model::LoadedModel, path: &Path) -> String {
+    let mut out = format!("ok {}", m.format);
+    let options = ModelOptions {
+        threads: Some(1),
+        ..Default::default()
+    };
+    match LoadedEngineModel::load_with(path, &options) {
+        Err(e) => out = e.to_string(),
+        Ok(engine) => {
+            let config = EngineConfig {
+                context_size: Some(32),
+                model: options,
+                ..Default::default()
+            };
+            let generated = TextGenerator::new(Arc::new(engine), config)
+                .and_then(|mut g| g.generate("Hello world", &GenerationConfig::greedy(3)));
+            if let Err(e) = generated {
+                out = e.to_string();
+            }
+        }
+    }
+    if let Ok(ids) = m.tokenizer.encode("Hello <|eot_id|> world é🦀", true) {
+        let _ = m.tokenizer.decode(&ids);
+    }
+    if let Some(src) = &m.chat_template {
+        if let Ok(t) = ChatTemplate::new(src, "<s>", "</s>") {
+            if let Err(e) = t.render(&[ChatMessage::new("user", "hi")], true) {
+                out = e.to_string();
+            }
+        }
+    }
+    out
+}
+
+/// The tokenizers the `tokenizer` target runs: bitnet-tiny's `tokenizer.json` and the GGUF
+/// BPE vocabulary of the I2_S fixture.
+pub fn tokenizers() -> Vec<Tokenizer> {
+    let mut v = vec![
+        Tokenizer::from_file(&Path::new(TINY).join("tokenizer.json"))
+            .expect("bitnet-tiny tokenizer"),
+    ];
+    if let Ok(f) = bitnet_inference::formats::gguf::GgufFile::open(
+        Path::new(FIXTURES).join("bitnet-packed-gguf/model-i2s.gguf"),
+    ) {
+        v.extend(Tokenizer::from_gguf(&f.metadata, &f.path));
+    }
+    v
+}
+
+/// A text encoded and decoded by each tokenizer.
+pub fn tokenize(tokenizers: &[Tokenizer], text: &str) -> String {
+    let mut out = String::new();
+    for tk in tokenizers {
+        match tk.encode(text, true) {
+            Err(e) => out.push_str(&e.to_string()),
+            Ok(ids) => {
+                let _ = tk.decode(&ids);
+                out.push_str("ok ");
+            }
+        }
+    }
+    out
+}
+
+/// A chat template compiled and rendered (with its work and output budgets) for `messages`.
+pub fn template(source: &str, messages: &[ChatMessage]) -> String {
+    match ChatTemplate::new(source, "<s>", "</s>") {
+        Err(e) => e.to_string(),
+        Ok(t) => match t.render(messages, true) {
+            Err(e) => e.to_string(),
+            Ok(s) => format!("ok {}", s.len().min(1)),
+        },
+    }
+}
+
+/// The conversation a template source is rendered for when the input is only the source
+/// (afl's `template` inputs, and `--replay template` of such a file).
+pub fn fixed_conversation() -> Vec<ChatMessage> {
+    vec![
+        ChatMessage::new("system", "You are helpful."),
+        ChatMessage::new("user", "Hi there <|eot_id|> é🦀"),
+        ChatMessage::new("assistant", "Hello."),
+        ChatMessage::new("user", "Tell me a story."),
+    ]
+}
+
+/// The server's endpoints whose bodies the `request` target reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 2] = [Endpoint::Chat, Endpoint::Completions];
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// The seed corpus of the `request` target: valid requests of both endpoints using every
+/// field, in the format of [`request_bytes`].
+pub const REQUEST_SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/request");
+
+/// More chat templates for the `template` target's seeds (besides the built-in 2B-4T one and
+/// bitnet-tiny's).
+pub const TEMPLATE_SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/template");
+
+/// A request as one file: `POST PATH` on the first line, then the body (the format of the
+/// seed corpus, of saved findings and of afl's inputs).
+pub fn request_bytes(endpoint: Endpoint, body: &[u8]) -> Vec<u8> {
+    let mut out = format!("POST {}\n", endpoint.path()).into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Reads [`request_bytes`]' format; any other bytes (afl's mutations of the first line) are
+/// the whole body of a chat request, or of a completions request when the first line names
+/// neither endpoint but holds `completions` without `chat`.
+pub fn parse_request_bytes(bytes: &[u8]) -> (Endpoint, &[u8]) {
+    let Some(nl) = bytes.iter().position(|&b| b == b'\n') else {
+        return (Endpoint::Chat, bytes);
+    };
+    let line = &bytes[..nl];
+    let has = |w: &[u8]| line.windows(w.len()).any(|x| x == w);
+    if has(b"chat") {
+        (Endpoint::Chat, &bytes[nl + 1..])
+    } else if has(b"completions") {
+        (Endpoint::Completions, &bytes[nl + 1..])
+    } else {
+        (Endpoint::Chat, bytes)
+    }
+}
+
+/// The server's view of its model, as `bitnet serve` builds it, for the `request` target:
+/// bitnet-tiny (with its chat template and generation_config.json defaults) on one thread,
+/// a small context so that the length checks are reached, and a scheduler run in this
+/// thread.
+pub struct Server {
+    model: Arc<LoadedEngineModel>,
+    processor: DynamicBatchProcessor,
+    defaults: GenerationConfig,
+    context: usize,
+    vocab: usize,
+}
+
+/// Tokens each accepted request may generate in the `request` target (sampling with its
+/// values runs; a long generation would only slow the fuzzer).
+const GENERATED: usize = 2;
+
+impl Server {
+    pub fn new() -> Server {
+        let options = ModelOptions {
+            threads: Some(1),
+            ..Default::default()
+        };
+        let model =
+            Arc::new(LoadedEngineModel::load_with(Path::new(TINY), &options).expect("bitnet-tiny"));
+        let sched = SchedulerConfig {
+            max_running: 2,
+            max_queue: 64,
+            context_size: Some(64),
+            step_tokens: 64,
+            kv_cache_bytes: None,
+            prefix_cache: true,
+        };
+        let processor = DynamicBatchProcessor::new(model.clone(), &sched).expect("a scheduler");
+        Server {
+            defaults: GenerationConfig::from_model(&model.generation),
+            context: processor.context_size(),
+            vocab: model.model.config().vocab_size,
+            processor,
+            model,
+        }
+    }
+
+    /// A request body on `endpoint`, as the server's handler takes it: read and checked
+    /// (`api::*_request`), its messages rendered or prompt tokenized (`api::*_prompt*`),
+    /// split into scheduler requests (`api::scheduler_requests`), and the first of those
+    /// submitted and run for [`GENERATED`] tokens.
+    pub fn request(&mut self, endpoint: Endpoint, body: &[u8]) -> String {
+        let (prompts, sampling, field) = match endpoint {
+            Endpoint::Chat => {
+                let r = match api::chat_request(body, &self.defaults, self.context, self.vocab) {
+                    Ok(r) => r,
+                    Err(e) => return e.message,
+                };
+                match api::chat_prompt(&self.model, &r.messages, self.context) {
+                    Ok(ids) => (vec![ids], r.sampling, "messages"),
+                    Err(e) => return e.message,
+                }
+            }
+            Endpoint::Completions => {
+                let r =
+                    match api::completion_request(body, &self.defaults, self.context, self.vocab) {
+                        Ok(r) => r,
+                        Err(e) => return e.message,
+                    };
+                match api::completion_prompts(&self.model, r.prompts, self.context) {
+                    Ok(ids) => (ids, r.sampling, "prompt"),
+                    Err(e) => return e.message,
+                }
+            }
+        };
+        let seed = sampling.seed.unwrap_or(0);
+        let requests = match api::scheduler_requests(&prompts, &sampling, self.context, field, seed)
+        {
+            Ok(r) => r,
+            Err(e) => return e.message,
+        };
+        let Some(mut first) = requests.into_iter().next() else {
+            return "no requests".into();
+        };
+        first.config.max_new_tokens = first.config.max_new_tokens.min(GENERATED);
+        let stream = match self.processor.submit(first) {
+            Ok(s) => s,
+            Err(e) => return e.to_string(),
+        };
+        self.processor.run_until_idle();
+        let mut out = String::from("ok");
+        while let Some(event) = stream.try_recv() {
+            if let Event::Error(e) = event {
+                out = e.to_string();
+            }
+        }
+        out
+    }
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
