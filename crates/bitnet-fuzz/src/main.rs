@@ -787,54 +787,22 @@ fn request_seeds() -> Vec<Input> {
         .collect()
 }
 
-/// Every field of both endpoints (the 20 both share first), some the server refuses by
-/// name, and unknown ones.
-const REQUEST_FIELDS: [&str; 36] = [
-    "model",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "stream",
-    "stream_options",
-    "user",
-    "top_k",
-    "min_p",
-    "typical_p",
-    "repetition_penalty",
-    "repeat_last_n",
-    "ignore_eos",
-    "response_format",
-    "messages",
-    "max_completion_tokens",
-    "logprobs",
-    "top_logprobs",
-    "prompt",
-    "echo",
-    "suffix",
-    "best_of",
-    "tools",
-    "functions",
-    "metadata",
-    "store",
-    "",
-    "__proto__",
-    "Max_Tokens",
-    "messages\u{0}",
-];
+/// Field names no endpoint has (beside the server's own lists, `bitnet_server::api`).
+const ODD_FIELDS: &[&str] = &["", "__proto__", "Max_Tokens", "messages\u{0}"];
 
-const CHAT_FIELDS: &[&str] = &[
-    "messages",
-    "max_completion_tokens",
-    "logprobs",
-    "top_logprobs",
-];
-const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "suffix", "best_of"];
+/// Any field name: either endpoint's, one the server refuses by name, or an unknown one.
+fn any_field(rng: &mut Rng) -> &'static str {
+    use bitnet_server::api;
+    let lists: [&[&'static str]; 5] = [
+        api::COMMON,
+        api::CHAT_ONLY,
+        api::COMPLETION_ONLY,
+        api::NOT_SUPPORTED,
+        ODD_FIELDS,
+    ];
+    let list: &[&'static str] = *pick(rng, &lists[..]);
+    *pick(rng, list)
+}
 
 /// Numbers at the edges of every range the server checks (and of the types it reads them
 /// into), as JSON text so that values serde_json would not build (1e999, -0) are kept.
@@ -1154,15 +1122,15 @@ fn mutate_request(rng: &mut Rng, endpoint: Endpoint, body: &[u8]) -> Input {
                 // Mostly the endpoint's own fields, so that a request gets past the check
                 // of its keys and reaches the deeper checks, the template and the scheduler.
                 let own = match endpoint {
-                    Endpoint::Chat => CHAT_FIELDS,
-                    Endpoint::Completions => COMPLETION_FIELDS,
+                    Endpoint::Chat => bitnet_server::api::CHAT_ONLY,
+                    Endpoint::Completions => bitnet_server::api::COMPLETION_ONLY,
                 };
                 let field = if below(rng, 5) == 0 {
-                    pick::<&str>(rng, &REQUEST_FIELDS).to_string()
+                    any_field(rng).to_string()
                 } else if below(rng, 3) == 0 {
                     pick::<&str>(rng, own).to_string()
                 } else {
-                    pick::<&str>(rng, &REQUEST_FIELDS[..20]).to_string()
+                    pick::<&str>(rng, bitnet_server::api::COMMON).to_string()
                 };
                 match below(rng, 6) {
                     0 => {

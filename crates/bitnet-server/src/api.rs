@@ -24,7 +24,7 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Fields of both endpoints.
-const COMMON: &[&str] = &[
+pub const COMMON: &[&str] = &[
     "model",
     "max_tokens",
     "temperature",
@@ -46,15 +46,17 @@ const COMMON: &[&str] = &[
     "ignore_eos",
     "response_format",
 ];
-const CHAT_ONLY: &[&str] = &[
+/// Fields of the chat endpoint alone.
+pub const CHAT_ONLY: &[&str] = &[
     "messages",
     "max_completion_tokens",
     "logprobs",
     "top_logprobs",
 ];
-const COMPLETION_ONLY: &[&str] = &["prompt", "logprobs", "echo", "suffix", "best_of"];
+/// Fields of the completions endpoint alone.
+pub const COMPLETION_ONLY: &[&str] = &["prompt", "logprobs", "echo", "suffix", "best_of"];
 /// OpenAI fields this server knows and does not do (yet): a clear refusal, not "unknown".
-const NOT_SUPPORTED: &[&str] = &[
+pub const NOT_SUPPORTED: &[&str] = &[
     "tools",
     "tool_choice",
     "functions",
