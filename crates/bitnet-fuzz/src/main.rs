@@ -800,8 +800,8 @@ fn any_field(rng: &mut Rng) -> &'static str {
         api::NOT_SUPPORTED,
         ODD_FIELDS,
     ];
-    let list: &[&'static str] = *pick(rng, &lists[..]);
-    *pick(rng, list)
+    let list: &[&'static str] = pick::<&[&'static str]>(rng, &lists);
+    pick::<&'static str>(rng, list)
 }
 
 /// Numbers at the edges of every range the server checks (and of the types it reads them
