@@ -36,20 +36,24 @@ pub(crate) enum Kernel {
     EmbedRows,
     NormQuant,
     TernaryGemv,
+    TernaryGemm,
     DenseGemv,
     RopeStore,
-    Attention,
+    AttentionChunks,
+    AttentionMerge,
     GatherRows,
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 7] = [
+    pub(crate) const ALL: [Kernel; 9] = [
         Kernel::EmbedRows,
         Kernel::NormQuant,
         Kernel::TernaryGemv,
+        Kernel::TernaryGemm,
         Kernel::DenseGemv,
         Kernel::RopeStore,
-        Kernel::Attention,
+        Kernel::AttentionChunks,
+        Kernel::AttentionMerge,
         Kernel::GatherRows,
     ];
 
@@ -59,9 +63,11 @@ impl Kernel {
             Kernel::EmbedRows => "embed_rows",
             Kernel::NormQuant => "norm_quant",
             Kernel::TernaryGemv => "ternary_gemv",
+            Kernel::TernaryGemm => "ternary_gemm",
             Kernel::DenseGemv => "dense_gemv",
             Kernel::RopeStore => "rope_store",
-            Kernel::Attention => "attention",
+            Kernel::AttentionChunks => "attention_chunks",
+            Kernel::AttentionMerge => "attention_merge",
             Kernel::GatherRows => "gather_rows",
         }
     }
@@ -72,7 +78,7 @@ impl Kernel {
     pub(crate) fn uses_barriers(self) -> bool {
         matches!(
             self,
-            Kernel::NormQuant | Kernel::TernaryGemv | Kernel::Attention
+            Kernel::NormQuant | Kernel::TernaryGemv | Kernel::TernaryGemm | Kernel::AttentionChunks
         )
     }
 
@@ -121,6 +127,9 @@ pub(crate) trait Gpu: Send + Sync {
     ) -> Result<()>;
     /// (free, total) bytes of device memory, where the device can tell.
     fn memory_info(&self) -> Option<(usize, usize)>;
+    /// Whether the int8 tensor-core kernel (`ternary_gemm`, `mma.sync` m16n8k32: compute
+    /// capability 8.0 and newer) runs here.
+    fn int8_mma(&self) -> bool;
     /// Starts recording the launches that follow into a graph instead of running them;
     /// `false` where the device has no graphs (the emulator), which then runs them as usual.
     fn begin_capture(&self) -> Result<bool>;
@@ -230,6 +239,8 @@ pub(crate) struct CudaGpu {
     /// cannot be recorded into graphs).
     stream: cudarc::driver::sys::CUstream,
     name: String,
+    /// Compute capability (major, minor).
+    capability: (i32, i32),
 }
 
 // SAFETY: the handles are plain driver handles; the driver API is thread-safe, and every
@@ -317,6 +328,7 @@ impl CudaGpu {
             functions,
             stream,
             name,
+            capability: cc,
         })
     }
 
@@ -430,6 +442,10 @@ impl Gpu for CudaGpu {
         cudarc::driver::result::mem_get_info().ok()
     }
 
+    fn int8_mma(&self) -> bool {
+        self.capability >= (8, 0)
+    }
+
     fn begin_capture(&self) -> Result<bool> {
         use cudarc::driver::sys::CUstreamCaptureMode;
         self.bind()?;
@@ -489,10 +505,7 @@ impl Gpu for CudaGpu {
 /// NVRTC and cached (keyed by a hash of the source and the options).
 fn kernels_ptx(cc: (i32, i32)) -> Result<String> {
     use sha2::Digest;
-    let options = vec![
-        "--fmad=false".to_string(),
-        format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
-    ];
+    let options = nvrtc_options(cc);
     let mut hash = sha2::Sha256::new();
     hash.update(KERNEL_SOURCE.as_bytes());
     for o in &options {
@@ -525,6 +538,22 @@ fn kernels_ptx(cc: (i32, i32)) -> Result<String> {
     Ok(ptx)
 }
 
+/// NVRTC's options for compute capability `cc`: no FMA contraction (the CPU's rounding).
+pub(crate) fn nvrtc_options(cc: (i32, i32)) -> Vec<String> {
+    vec![
+        "--fmad=false".to_string(),
+        format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
+    ]
+}
+
+/// Whether NVRTC can be loaded here.
+#[cfg(test)]
+pub(crate) fn nvrtc_present() -> bool {
+    preload_nvrtc();
+    // SAFETY: only tries to dlopen the library's names.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
 /// `$BITNET_CUDA_CACHE`, else `$XDG_CACHE_HOME/bitnet/cuda`, else `~/.cache/bitnet/cuda`.
 fn cache_dir() -> Option<std::path::PathBuf> {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
@@ -537,7 +566,8 @@ fn cache_dir() -> Option<std::path::PathBuf> {
     Some(base.join("bitnet").join("cuda"))
 }
 
-fn compile(options: &[String]) -> Result<String> {
+/// The kernels as PTX, compiled by NVRTC with `options`.
+pub(crate) fn compile(options: &[String]) -> Result<String> {
     preload_nvrtc();
     // SAFETY: only tries to dlopen the library's names.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {

@@ -1,6 +1,7 @@
 //! A CPU stand-in for the GPU, for the unit tests: `kernels.cu` compiled by the system's C++
-//! compiler behind `emu_prelude.h`, its threads run one after another (the kernels use no
-//! barriers, so any order is a valid one), "device memory" in host allocations. It proves
+//! compiler behind `emu_prelude.h`, a block's threads run one after another (as fibers that
+//! switch at each barrier, for kernels with barriers), "device memory" in host allocations.
+//! It proves
 //! the kernels' arithmetic and indexing and the backend's buffer plan and launches against
 //! the CPU backend on machines without a GPU (CI); what only a GPU shows (NVRTC, the driver,
 //! races, speed) is for the CUDA tests (`tests/it/cuda.rs`, `scripts/test-cuda`).
@@ -175,6 +176,10 @@ impl Gpu for EmuGpu {
 
     fn memory_info(&self) -> Option<(usize, usize)> {
         None
+    }
+
+    fn int8_mma(&self) -> bool {
+        true
     }
 
     fn begin_capture(&self) -> Result<bool> {

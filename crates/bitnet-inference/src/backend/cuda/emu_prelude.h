@@ -2,8 +2,8 @@
 // the thread indices as globals that the launcher sets before each thread's call, and the
 // intrinsics the kernels use. A block's threads run as fibers on the launching
 // thread, one after another, each up to its next __syncthreads(): that is a barrier's meaning,
-// and `__shared__` variables (function statics) are then shared by the block. Warp operations
-// are not emulated (the kernels use none).
+// and `__shared__` variables (function statics) are then shared by the block. The one warp
+// operation the kernels use, the int8 `mma.sync`, is emulated through barriers (below).
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -179,6 +179,39 @@ static inline int __dp4a(int a, int b, int c) {
         c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
     }
     return c;
+}
+
+// mma.sync.m16n8k32.row.col.s32.u8.s8.s32 as the PTX ISA lays out its fragments, for lane
+// (g = lane / 4, i = lane % 4) of a warp: A (16 × 32 unsigned bytes) register r holds row
+// g + 8·(r & 1), columns 4i + 16·(r >> 1) .. +3; B (32 × 8 signed bytes) register r holds
+// column g, rows 4i + 16r .. +3; C (16 × 8 int32) element e is row g + 8·(e >> 1), column
+// 2i + (e & 1). Every lane posts its fragments, a barrier, every lane computes its C from its
+// warp's, a barrier (so the next call's posts wait for this call's reads): the kernel's
+// threads must all reach it the same number of times, as a real warp's must.
+static thread_local unsigned emu_mma_a[32][32][4];
+static thread_local unsigned emu_mma_b[32][32][2];
+static inline void emu_mma_u8s8_m16n8k32(int* c, unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+    unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    unsigned warp = tid / 32, lane = tid % 32;
+    unsigned* a = emu_mma_a[warp][lane];
+    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+    emu_mma_b[warp][lane][0] = b0, emu_mma_b[warp][lane][1] = b1;
+    __syncthreads();
+    unsigned g = lane / 4, i = lane % 4;
+    for (unsigned e = 0; e < 4; e++) {
+        unsigned row = g + 8 * (e >> 1), col = 2 * i + (e & 1);
+        int sum = 0;
+        for (unsigned k = 0; k < 32; k++) {
+            unsigned from_a = (row % 8) * 4 + (k % 16) / 4, reg_a = (row / 8) + 2 * (k / 16);
+            unsigned from_b = col * 4 + (k % 16) / 4, reg_b = k / 16;
+            unsigned char av = (unsigned char)(emu_mma_a[warp][from_a][reg_a] >> (8 * (k % 4)));
+            signed char bv = (signed char)(emu_mma_b[warp][from_b][reg_b] >> (8 * (k % 4)));
+            sum += (int)av * (int)bv;
+        }
+        c[e] += sum;
+    }
+    __syncthreads();
 }
 
 // Calls kernel `f` with its arguments read from the addresses in `args` (one per

@@ -4,7 +4,8 @@
 // The unit tests run this very source on the CPU (backend/cuda/emu.rs compiles it with g++
 // behind a small prelude, emu_prelude.h, that runs a block's threads as fibers switching at
 // each __syncthreads()): so kernels use shared memory and barriers but no warp shuffles, and
-// every barrier is reached by all threads of a block.
+// every barrier is reached by all threads of a block. The int8 mma (`mma_codes`) is the one
+// warp operation; the prelude emulates it through barriers, so it too is reached by all.
 //
 // Only built-in types (no headers: NVRTC runs without the toolkit's include files).
 
@@ -313,6 +314,26 @@ __device__ __forceinline__ int dot_codes(u32 word, const int* a, int acc) {
     return acc;
 }
 
+// The epilogue of every ternary product: Σ code·q of (row, tok) to its float, stored in
+// (or added to) the row's segment (see above). One function, so that every kernel gives the
+// same bits.
+__device__ __forceinline__ void store_product(float* out0, float* out1, float* out2, int rows0,
+                                              int rows1, int rows, int accumulate, int row,
+                                              int tok, int dot, const float* mult,
+                                              const float* scales, const int* sums) {
+    float v = (float)(dot - sums[tok]) / scales[tok] * mult[row];
+    float* o;
+    if (row < rows0) {
+        o = out0 + (i64)tok * rows0 + row;
+    } else if (row < rows0 + rows1) {
+        o = out1 + (i64)tok * rows1 + (row - rows0);
+    } else {
+        int rows2 = rows - rows0 - rows1;
+        o = out2 + (i64)tok * rows2 + (row - rows0 - rows1);
+    }
+    *o = accumulate ? *o + v : v;
+}
+
 extern "C" __global__ void ternary_gemv(float* out0, float* out1, float* out2, int rows0,
                                         int rows1, int accumulate, const u32x4* w,
                                         const float* mult, const i8* q, const float* scales,
@@ -384,19 +405,148 @@ extern "C" __global__ void ternary_gemv(float* out0, float* out1, float* out2, i
         for (int k = 0; k < TG_WARPS; k++) {
             dot += part[k][t][l];
         }
-        int tok = t0 + t;
-        float v = (float)(dot - sums[tok]) / scales[tok] * mult[row];
-        float* o;
-        if (row < rows0) {
-            o = out0 + (i64)tok * rows0 + row;
-        } else if (row < rows0 + rows1) {
-            o = out1 + (i64)tok * rows1 + (row - rows0);
-        } else {
-            int rows2 = rows - rows0 - rows1;
-            o = out2 + (i64)tok * rows2 + (row - rows0 - rows1);
-        }
-        *o = accumulate ? *o + v : v;
+        store_product(out0, out1, out2, rows0, rows1, rows, accumulate, row, t0 + t,
+                      dot, mult, scales, sums);
     }
+}
+
+// The same products on the int8 tensor cores, for many tokens at once (prefill, large
+// batches): `mma.sync` m16n8k32 multiplies 16 rows' unsigned codes by 8 tokens' int8
+// activations into exact int32 sums (sm_80 and newer; the emulator computes the same
+// integers from the same fragments). A block of TM_WARPS warps takes TM_ROWS rows × TM_TOKENS
+// tokens, each warp 32 rows × 32 tokens (2 × 4 mma tiles), and walks K 64 columns at a
+// time: a 64-row weight tile is one contiguous kilobyte of the packed layout, staged in
+// shared memory with the tokens' 64 bytes each while the next step's loads are in flight.
+// The fragments come straight from the packed words: thread (g = lane / 4, i = lane % 4)
+// needs columns 4i..4i+3 and 16+4i..16+4i+3 of a 32-column slice, which are
+// `(word >> 2i) & 0x03030303` of the slice's two words. Same epilogue as ternary_gemv: the
+// same bits. Grid: (⌈rows/TM_ROWS⌉, ⌈n/TM_TOKENS⌉), block 32·TM_WARPS.
+#define TM_ROWS 64
+#define TM_TOKENS 64
+#define TM_WARPS 4
+// Words a staged token row takes: its 16, plus 4 so that the 8 tokens of a fragment load
+// fall in different shared-memory banks.
+#define TM_XSTRIDE 20
+
+#ifdef __CUDACC_RTC__
+// c += A·B for A: 16 × 32 unsigned bytes (a0..a3), B: 32 × 8 signed bytes (b0, b1), in the
+// PTX ISA's m16n8k32 fragment layout.
+__device__ __forceinline__ void mma_codes(int* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                          u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    // Older GPUs have no int8 mma; the host never launches ternary_gemm there.
+    __trap();
+#endif
+}
+#else
+#define mma_codes emu_mma_u8s8_m16n8k32
+#endif
+
+extern "C" __global__ void ternary_gemm(float* out0, float* out1, float* out2, int rows0,
+                                        int rows1, int accumulate, const u32x4* w,
+                                        const float* mult, const i8* q, const float* scales,
+                                        const int* sums, int rows, int k4s, int padded, int n) {
+    __shared__ u32x4 wtile[TM_ROWS];
+    __shared__ u32x4 xtile[TM_TOKENS * TM_XSTRIDE / 4];
+    int tid = threadIdx.x;
+    int warp = tid / 32, lane = tid % 32;
+    int g = lane / 4, i4 = lane % 4;
+    int wrow = (warp / 2) * 32, wtok = (warp % 2) * 32;
+    int r0 = blockIdx.x * TM_ROWS, t0 = blockIdx.y * TM_TOKENS;
+    int acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0;
+    // What this thread loads each step: weight row `tid` (the first TM_ROWS threads) and
+    // two 16-byte quarters of token rows (quarter p % 4 of token p / 4, p = tid, tid + 128).
+    const u32x4 zero = {0u, 0u, 0u, 0u};
+    u32x4 wnext = zero, xnext[2] = {zero, zero};
+    int wr = r0 + tid;
+    bool wload = tid < TM_ROWS && wr < rows;
+    int xtok[2], xquarter[2];
+    bool xload[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        int p = tid + u * 32 * TM_WARPS;
+        xtok[u] = p / 4;
+        xquarter[u] = p % 4;
+        xload[u] = t0 + xtok[u] < n;
+    }
+    if (k4s > 0) {
+        if (wload) wnext = w[wr];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            if (xload[u]) {
+                xnext[u] = ((const u32x4*)(q + (i64)(t0 + xtok[u]) * padded))[xquarter[u]];
+            }
+        }
+    }
+    for (int k4 = 0; k4 < k4s; k4++) {
+        if (tid < TM_ROWS) wtile[tid] = wnext;
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            xtile[xtok[u] * (TM_XSTRIDE / 4) + xquarter[u]] = xnext[u];
+        }
+        __syncthreads();
+        // The next step's loads, in flight during this step's products.
+        if (k4 + 1 < k4s) {
+            if (wload) wnext = w[(i64)(k4 + 1) * rows + wr];
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                if (xload[u]) {
+                    xnext[u] = ((const u32x4*)(q + (i64)(t0 + xtok[u]) * padded +
+                                                (i64)(k4 + 1) * 64))[xquarter[u]];
+                }
+            }
+        }
+        const u32* xs = (const u32*)xtile;
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+            u32 a[2][4];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                u32x4 lo = wtile[wrow + i * 16 + g];
+                u32x4 hi = wtile[wrow + i * 16 + g + 8];
+                u32 shift = 2 * i4;
+                a[i][0] = ((s == 0 ? lo.x : lo.z) >> shift) & 0x03030303u;
+                a[i][1] = ((s == 0 ? hi.x : hi.z) >> shift) & 0x03030303u;
+                a[i][2] = ((s == 0 ? lo.y : lo.w) >> shift) & 0x03030303u;
+                a[i][3] = ((s == 0 ? hi.y : hi.w) >> shift) & 0x03030303u;
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const u32* xr = xs + (wtok + j * 8 + g) * TM_XSTRIDE + s * 8 + i4;
+                u32 b0 = xr[0], b1 = xr[4];
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    mma_codes(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int row = r0 + wrow + i * 16 + g + (c >= 2 ? 8 : 0);
+                int tok = t0 + wtok + j * 8 + 2 * i4 + (c & 1);
+                if (row < rows && tok < n) {
+                    store_product(out0, out1, out2, rows0, rows1, rows, accumulate, row, tok,
+                                  acc[i][j][c], mult, scales, sums);
+                }
+            }
 }
 
 // out[t][r] = Σ_k W[r][k]·x[t][k] in f32 with the CPU's portable order (kernels/dense.rs
@@ -566,75 +716,119 @@ __device__ __forceinline__ float exp_nonpositive(float x) {
 
 // Causal GQA attention with the CPU's portable arithmetic (kernels/attention): positions in
 // chunks of 256, each giving its max, Σ exp(s − max) and the exp-weighted V rows, folded in
-// order into a running softmax, divided by the sum at the end. One block per (row, head),
-// ATT_THREADS threads, in four steps between barriers, each value computed as the CPU does:
-// 1. scores[p] = (q · k[p]) · scale for p ≤ pos (dot8's order), a position per thread;
-// 2. per chunk, its max and Σ exp(s − max) in position order, a chunk per thread (stats);
-// 3. scores[p] ← exp(s_p − max of p's chunk), a position per thread;
-// 4. per dimension i, each chunk's Σ e_p·v[p][i] in position order, folded chunk after chunk
-//    (rescaled to the larger max), divided by the sum, a dimension per thread (consecutive
-//    threads read consecutive floats of a V row).
-// `scores` holds `context` floats and `stats` 2·⌈context/256⌉ per (row of the group, head).
-// Grid: (heads, rows of the group), block ATT_THREADS.
+// order into a running softmax, divided by the sum at the end. Split over the KV length
+// (flash-decoding): `attention_chunks` computes every chunk of every row on its own block,
+// `attention_merge` folds a row's chunks in order. Each value is computed as the CPU does,
+// so the result has the CPU's bits.
 #define ATT_THREADS 128
-extern "C" __global__ void attention(float* out, float* scores, float* stats, const float* q,
-                                     const float* kc, const float* vc, const int* slot,
-                                     const int* pos, int heads, int group, int head_dim,
-                                     int kv_dim, int context, float scale) {
-    int h = blockIdx.x;
-    int t = blockIdx.y;
-    int tid = threadIdx.x;
+// Query heads a chunk block takes: heads of one GQA group read each K and V row once.
+#define ATTN_HEADS 8
+
+// Per (row t, head h, chunk c), 2 + head_dim floats at ((t·heads + h)·chunks + c)·(2 + d):
+// the chunk's max, its Σ exp(s − max), and Σ_p exp(s_p − max)·v[p][i] for each dimension i.
+__device__ __forceinline__ i64 attn_part(int t, int h, int c, int heads, int chunks, int d) {
+    return (((i64)t * heads + h) * chunks + c) * (2 + d);
+}
+
+// One block per (KV head and up to ATTN_HEADS of its query heads, row, chunk); blocks of
+// chunks past a row's position end at once. Between barriers, as the CPU:
+// 1. e[j][p] = (q_j · k[p]) · scale (dot8's order), a (head, position) per thread;
+// 2. each head's max over the chunk, then e[j][p] ← exp(e[j][p] − max), then Σ e in
+//    position order (a head per thread);
+// 3. per dimension i, Σ_p e[j][p]·v[p][i] in position order for every head j, a dimension
+//    per thread (consecutive threads read consecutive floats of a V row, once for all the
+//    block's heads).
+// Grid: (kv_heads · ⌈group/ATTN_HEADS⌉, rows, ⌈context/256⌉), block ATT_THREADS.
+extern "C" __global__ void attention_chunks(float* parts, const float* q, const float* kc,
+                                            const float* vc, const int* slot, const int* pos,
+                                            int heads, int group, int head_dim, int kv_dim,
+                                            int context, float scale) {
+    __shared__ float e[ATTN_HEADS][ATTN_CHUNK];
+    __shared__ float max_of[ATTN_HEADS];
+    int subs = (group + ATTN_HEADS - 1) / ATTN_HEADS;
+    int kvh = blockIdx.x / subs;
+    int h0 = kvh * group + (blockIdx.x % subs) * ATTN_HEADS;
+    int hn = (kvh + 1) * group - h0 < ATTN_HEADS ? (kvh + 1) * group - h0 : ATTN_HEADS;
+    int t = blockIdx.y, c = blockIdx.z, tid = threadIdx.x;
     int n_pos = pos[t] + 1;
-    int chunks = (n_pos + ATTN_CHUNK - 1) / ATTN_CHUNK;
-    int max_chunks = (context + ATTN_CHUNK - 1) / ATTN_CHUNK;
-    float* sc = scores + ((i64)t * heads + h) * context;
-    float* st = stats + ((i64)t * heads + h) * max_chunks * 2;
-    const float* qv = q + ((i64)t * heads + h) * head_dim;
-    i64 kv_off = (i64)slot[t] * context * kv_dim + (i64)(h / group) * head_dim;
-    for (int p = tid; p < n_pos; p += ATT_THREADS) {
-        sc[p] = dot8(qv, kc + kv_off + (i64)p * kv_dim, head_dim) * scale;
+    int c0 = c * ATTN_CHUNK;
+    if (c0 >= n_pos) {
+        return;  // the whole block: no barrier is left waiting
+    }
+    int len = n_pos - c0 < ATTN_CHUNK ? n_pos - c0 : ATTN_CHUNK;
+    int chunks = (context + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    i64 kv_off = (i64)slot[t] * context * kv_dim + (i64)kvh * head_dim + (i64)c0 * kv_dim;
+    const float* qt = q + ((i64)t * heads + h0) * head_dim;
+    for (int idx = tid; idx < hn * len; idx += ATT_THREADS) {
+        int j = idx / len, p = idx % len;
+        e[j][p] = dot8(qt + (i64)j * head_dim, kc + kv_off + (i64)p * kv_dim, head_dim) * scale;
     }
     __syncthreads();
-    for (int c = tid; c < chunks; c += ATT_THREADS) {
-        int c0 = c * ATTN_CHUNK;
-        int c1 = c0 + ATTN_CHUNK < n_pos ? c0 + ATTN_CHUNK : n_pos;
+    if (tid < hn) {
         float m = -__uint_as_float(0x7f800000u);
-        for (int p = c0; p < c1; p++) {
-            m = fmaxf(m, sc[p]);
+        for (int p = 0; p < len; p++) {
+            m = fmaxf(m, e[tid][p]);
         }
+        max_of[tid] = m;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < hn * len; idx += ATT_THREADS) {
+        int j = idx / len, p = idx % len;
+        e[j][p] = exp_nonpositive(e[j][p] - max_of[j]);
+    }
+    __syncthreads();
+    if (tid < hn) {
         float sum = 0.0f;
-        for (int p = c0; p < c1; p++) {
-            sum += exp_nonpositive(sc[p] - m);
+        for (int p = 0; p < len; p++) {
+            sum += e[tid][p];
         }
-        st[2 * c] = m;
-        st[2 * c + 1] = sum;
+        float* out = parts + attn_part(t, h0 + tid, c, heads, chunks, head_dim);
+        out[0] = max_of[tid];
+        out[1] = sum;
     }
-    __syncthreads();
-    for (int p = tid; p < n_pos; p += ATT_THREADS) {
-        sc[p] = exp_nonpositive(sc[p] - st[2 * (p / ATTN_CHUNK)]);
-    }
-    __syncthreads();
     for (int i = tid; i < head_dim; i += ATT_THREADS) {
+        float acc[ATTN_HEADS];
+#pragma unroll
+        for (int j = 0; j < ATTN_HEADS; j++) {
+            acc[j] = 0.0f;
+        }
         const float* vcol = vc + kv_off + i;
+        for (int p = 0; p < len; p++) {
+            float v = vcol[(i64)p * kv_dim];
+#pragma unroll
+            for (int j = 0; j < ATTN_HEADS; j++) {
+                if (j < hn) {
+                    acc[j] += e[j][p] * v;
+                }
+            }
+        }
+        for (int j = 0; j < hn; j++) {
+            parts[attn_part(t, h0 + j, c, heads, chunks, head_dim) + 2 + i] = acc[j];
+        }
+    }
+}
+
+// A row's chunks folded in order into the running softmax (rescaled to the larger max),
+// divided by the sum: out[t][h]. Grid: (heads, rows), block ATT_THREADS.
+extern "C" __global__ void attention_merge(float* out, const float* parts, const int* pos,
+                                           int heads, int head_dim, int context) {
+    int h = blockIdx.x, t = blockIdx.y;
+    int n_chunks = (pos[t] + ATTN_CHUNK) / ATTN_CHUNK;
+    int chunks = (context + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    const float* pt = parts + attn_part(t, h, 0, heads, chunks, head_dim);
+    for (int i = threadIdx.x; i < head_dim; i += ATT_THREADS) {
         float run_max = -__uint_as_float(0x7f800000u);
         float run_sum = 0.0f;
         float o = 0.0f;
-        for (int c = 0; c < chunks; c++) {
-            int c0 = c * ATTN_CHUNK;
-            int c1 = c0 + ATTN_CHUNK < n_pos ? c0 + ATTN_CHUNK : n_pos;
-            float m = st[2 * c];
-            float sum = st[2 * c + 1];
-            float part = 0.0f;
-#pragma unroll 4
-            for (int p = c0; p < c1; p++) {
-                part += sc[p] * vcol[(i64)p * kv_dim];
-            }
+        for (int c = 0; c < n_chunks; c++) {
+            const float* part = pt + (i64)c * (2 + head_dim);
+            float m = part[0];
             float max = fmaxf(run_max, m);
             float a = exp_nonpositive(run_max - max);
             float b = exp_nonpositive(m - max);
-            run_sum = run_sum * a + sum * b;
+            run_sum = run_sum * a + part[1] * b;
             run_max = max;
-            o = o * a + part * b;
+            o = o * a + part[2 + i] * b;
         }
         out[((i64)t * heads + h) * head_dim + i] = o / run_sum;
     }

@@ -14,15 +14,18 @@
 //!
 //! Decode is launch-bound before it is bandwidth-bound, so a forward call is few launches:
 //! per layer one `norm_quant` (RMSNorm and int8 quantization of a row, in one block) before
-//! each group of linears, one `ternary_gemv` for q/k/v (their rows packed into one matrix at
-//! load) and one for gate/up, the residual add folded into the o/down products' epilogue,
+//! each group of linears, one ternary product for q/k/v (their rows packed into one matrix
+//! at load) and one for gate/up, the residual add folded into the o/down products' epilogue,
 //! the gated activation folded into the down projection's `norm_quant`. Calls of up to
 //! [`GRAPH_MAX_TOKENS`] tokens are recorded once as a CUDA graph per (tokens, logits rows)
 //! and replayed: one launch a step.
 //!
 //! Not done yet: f16 KV caches, quantized lm_heads, llama.cpp's Q8 activations for Q4/Q8
-//! linears (each refused with an error naming it); the int8 tensor cores for prefill (the
-//! ternary product is dp4a on CUDA cores), a split-K (flash-decoding) attention.
+//! linears (each refused with an error naming it); a split-K (flash-decoding) attention.
+//!
+//! Ternary products: a dp4a GEMV (`ternary_gemv`) for decode-sized calls, the int8 tensor
+//! cores (`ternary_gemm`, `mma.sync`, compute capability 8.0 and newer) from
+//! [`MMA_MIN_TOKENS`] tokens; both sum the same integers exactly.
 
 mod device;
 #[cfg(test)]
@@ -111,6 +114,12 @@ pub struct CudaBackend {
     /// Whether decode-sized forward calls are recorded into graphs and replayed
     /// (`BITNET_CUDA_GRAPHS=0` turns it off, to measure what it saves).
     use_graphs: bool,
+    /// Whether products of many tokens run on the int8 tensor cores (`ternary_gemm`; the
+    /// same bits as the GEMV): where the device has them, unless `BITNET_CUDA_MMA=0`.
+    use_mma: bool,
+    /// Bytes of attention parts a state plans ([`ATTN_PARTS_BYTES`]; tests make it small to
+    /// cut the batch into several attention launches).
+    attn_parts_budget: usize,
     /// Held for a forward call's copies and launches: one call at a time on the stream (a
     /// graph capture records whatever the stream is given).
     stream: std::sync::Mutex<()>,
@@ -354,6 +363,8 @@ impl CudaBackend {
             weight_bytes: planned,
             kernel_name: format!("cuda ({})", gpu.name()),
             use_graphs: std::env::var("BITNET_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            attn_parts_budget: ATTN_PARTS_BYTES,
+            use_mma: gpu.int8_mma() && std::env::var("BITNET_CUDA_MMA").map_or(true, |v| v != "0"),
             stream: std::sync::Mutex::new(()),
             gpu,
             config,
@@ -499,8 +510,9 @@ impl CudaBackend {
                 "CUDA: internal error: not a ternary linear".into(),
             ));
         };
-        ternary_gemv(
+        ternary_product(
             &self.gpu,
+            ternary_kernel(n, self.use_mma),
             outs,
             accumulate,
             (words, multipliers),
@@ -587,53 +599,69 @@ impl CudaBackend {
     }
 
     /// Causal GQA attention of the batch's rows over their slots' caches of one layer into
-    /// `s.attn`, [`ATTN_GROUP`] rows at a time (`attention` in kernels.cu).
+    /// `s.attn`, `s.attn_rows` rows at a time: every 256-position chunk on its own block
+    /// (`attention_chunks`), then each row's chunks folded in order (`attention_merge`).
     fn attention(&self, s: &CudaState, n: usize, keys: &DevBuf, values: &DevBuf) -> Result<()> {
         let c = &self.config;
         let (qd, heads, d) = (c.q_dim(), c.n_heads, c.head_dim);
+        let group = c.gqa_group();
         let chunks = s.context.div_ceil(ATTN_CHUNK);
         let cache = s.n_slots * s.context * c.kv_dim() * 4;
+        let rows = s.attn_rows.min(n);
         check_fits(&[
             (&s.attn, n * qd * 4),
             (&s.q, n * qd * 4),
             (keys, cache),
             (values, cache),
-            (&s.att_scores, ATTN_GROUP.min(n) * heads * s.context * 4),
-            (&s.att_stats, ATTN_GROUP.min(n) * heads * chunks * 2 * 4),
+            (&s.att_parts, attn_part_bytes(c, s.context) * rows),
         ])?;
         let scale = 1.0 / (d as f32).sqrt();
-        for first in (0..n).step_by(ATTN_GROUP) {
-            let g = ATTN_GROUP.min(n - first);
+        let blocks_x = c.n_kv_heads * group.div_ceil(ATTN_HEADS);
+        for first in (0..n).step_by(rows) {
+            let g = rows.min(n - first);
             let at = |buf: &DevBuf, elems: usize| Arg::Ptr(buf.ptr() + (first * elems * 4) as u64);
             let meta = |section: Meta| match s.meta_arg(section) {
                 Arg::Ptr(p) => Arg::Ptr(p + (first * 4) as u64),
                 other => other,
             };
-            // SAFETY: rows first..first+g of the batch (≤ n): the kernel reads their q rows,
-            // positions and slots, and the cache rows 0..=pos of their slots (pos < context,
-            // slot < n_slots, checked in `run`); it writes g·heads rows of `context` scores
-            // and of 2·chunks statistics, and g·q_dim floats of attn; sizes checked above.
+            // SAFETY: rows first..first+g of the batch (≤ n): the chunk kernel reads their q
+            // rows, positions and slots, and the cache rows 0..=pos of their slots (pos <
+            // context, slot < n_slots, checked in `run`), and writes the parts of chunks
+            // ≤ pos/256 of g·heads (row, head) pairs; the merge reads those parts and writes
+            // g·q_dim floats of attn; sizes checked above.
             unsafe {
                 launch_blocks(
                     &self.gpu,
-                    Kernel::Attention,
-                    [heads as u32, g as u32, 1],
+                    Kernel::AttentionChunks,
+                    [blocks_x as u32, g as u32, chunks as u32],
                     ATT_THREADS,
                     &[
-                        at(&s.attn, qd),
-                        s.att_scores.arg(),
-                        s.att_stats.arg(),
+                        s.att_parts.arg(),
                         at(&s.q, qd),
                         keys.arg(),
                         values.arg(),
                         meta(Meta::Slot),
                         meta(Meta::Pos),
                         Arg::I32(heads as i32),
-                        Arg::I32(c.gqa_group() as i32),
+                        Arg::I32(group as i32),
                         Arg::I32(d as i32),
                         Arg::I32(c.kv_dim() as i32),
                         Arg::I32(s.context as i32),
                         Arg::F32(scale),
+                    ],
+                )?;
+                launch_blocks(
+                    &self.gpu,
+                    Kernel::AttentionMerge,
+                    [heads as u32, g as u32, 1],
+                    ATT_THREADS,
+                    &[
+                        at(&s.attn, qd),
+                        s.att_parts.arg(),
+                        meta(Meta::Pos),
+                        Arg::I32(heads as i32),
+                        Arg::I32(d as i32),
+                        Arg::I32(s.context as i32),
                     ],
                 )?;
             }
@@ -983,11 +1011,20 @@ impl Drop for GraphCache {
     }
 }
 
-/// Token rows attention takes at once (bounds its scores: heads × context floats a row).
-const ATTN_GROUP: usize = 32;
+/// Bytes of attention's per-chunk parts that bound how many rows one launch takes.
+const ATTN_PARTS_BYTES: usize = 32 << 20;
 
-/// Threads of an `attention` block (`ATT_THREADS` in kernels.cu).
+/// Threads of an attention block (`ATT_THREADS` in kernels.cu).
 const ATT_THREADS: u32 = 128;
+
+/// Query heads of one GQA group an `attention_chunks` block takes (`ATTN_HEADS`).
+const ATTN_HEADS: usize = 8;
+
+/// Bytes of `attention_chunks`' parts for one row: per head and chunk, max, sum and a
+/// head_dim vector.
+fn attn_part_bytes(c: &ModelConfig, context: usize) -> usize {
+    c.n_heads * context.div_ceil(ATTN_CHUNK) * (2 + c.head_dim) * 4
+}
 
 /// Tokens a `dense_gemv` thread takes (`DG_TOKENS` in kernels.cu).
 const DG_TOKENS: usize = 4;
@@ -996,13 +1033,35 @@ const DG_TOKENS: usize = 4;
 const TG_ROWS: usize = 32;
 const TG_WARPS: u32 = 8;
 const TG_TOKENS: usize = 8;
+/// `ternary_gemm`'s tile (TM_* in kernels.cu): rows and tokens a block takes, its warps.
+const TM_ROWS: usize = 64;
+const TM_TOKENS: usize = 64;
+const TM_WARPS: u32 = 4;
 
 /// `outs` (consecutive segments of the `rows` rows, at most 3, each `[n, its rows]`) (+)=
 /// the ternary product of `weights` (`pack_ternary`'s words, the per-row multipliers;
 /// rows × padded_cols) with the quantized activations of `n` rows in `acts`.
 #[allow(clippy::too_many_arguments)]
-fn ternary_gemv(
+/// Tokens from which a ternary product goes to the tensor cores (`ternary_gemm`) where the
+/// device has them: below, the dp4a GEMV, which reads the weights once per TG_TOKENS tokens
+/// and needs no padding to 64 tokens.
+const MMA_MIN_TOKENS: usize = 16;
+
+/// The kernel for a ternary product of `n` tokens (see [`MMA_MIN_TOKENS`]).
+fn ternary_kernel(n: usize, mma: bool) -> Kernel {
+    if mma && n >= MMA_MIN_TOKENS {
+        Kernel::TernaryGemm
+    } else {
+        Kernel::TernaryGemv
+    }
+}
+
+/// `outs` (+)= the ternary product by `kernel` ([`Kernel::TernaryGemv`] or
+/// [`Kernel::TernaryGemm`]: the same bits).
+#[allow(clippy::too_many_arguments)]
+fn ternary_product(
     gpu: &Arc<dyn Gpu>,
+    kernel: Kernel,
     outs: &[(&DevBuf, usize)],
     accumulate: bool,
     weights: (&DevBuf, &DevBuf),
@@ -1032,19 +1091,39 @@ fn ternary_gemv(
     ]);
     check_fits(&fits)?;
     let seg = |i: usize| outs.get(i).copied().unwrap_or(outs[0]);
-    // SAFETY: ternary_gemv reads rows·padded_cols/4 bytes of words, rows multipliers, n rows
-    // of padded int8 activations with their scales and sums, and writes (or adds to) n rows
-    // of each segment's outputs; sizes checked above, segments add up to `rows`.
-    unsafe {
-        launch_blocks(
-            gpu,
-            Kernel::TernaryGemv,
+    let (grid, threads) = match kernel {
+        Kernel::TernaryGemv => (
             [
                 rows.div_ceil(TG_ROWS) as u32,
                 n.div_ceil(TG_TOKENS) as u32,
                 1,
             ],
             32 * TG_WARPS,
+        ),
+        Kernel::TernaryGemm => (
+            [
+                rows.div_ceil(TM_ROWS) as u32,
+                n.div_ceil(TM_TOKENS) as u32,
+                1,
+            ],
+            32 * TM_WARPS,
+        ),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "CUDA: internal error: {} is not a ternary product",
+                kernel.name()
+            )))
+        }
+    };
+    // SAFETY: both kernels read rows·padded_cols/4 bytes of words, rows multipliers, n rows
+    // of padded int8 activations with their scales and sums, and write (or add to) n rows
+    // of each segment's outputs; sizes checked above, segments add up to `rows`.
+    unsafe {
+        launch_blocks(
+            gpu,
+            kernel,
+            grid,
+            threads,
             &[
                 seg(0).0.arg(),
                 seg(1).0.arg(),
@@ -1133,9 +1212,10 @@ pub struct CudaState {
     acts: DevBuf,
     act_scales: DevBuf,
     act_sums: DevBuf,
-    /// Attention's scores and per-chunk (max, Σ exp) for [`ATTN_GROUP`] rows.
-    att_scores: DevBuf,
-    att_stats: DevBuf,
+    /// Attention's per-chunk parts (see `attn_part` in kernels.cu) for `attn_rows` rows.
+    att_parts: DevBuf,
+    /// Rows one attention launch takes (as many as [`ATTN_PARTS_BYTES`] of parts hold).
+    attn_rows: usize,
     /// i32 `[4][max_batch]`: tokens, positions, slots, rows that want logits.
     meta: DevBuf,
     logit_rows: DevBuf,
@@ -1204,6 +1284,8 @@ impl Backend for CudaBackend {
         let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
         let padded = wide.div_ceil(crate::kernels::BLOCK_WEIGHTS) * crate::kernels::BLOCK_WEIGHTS;
         let f = |elems: usize| max_batch * elems * 4;
+        let attn_rows =
+            (self.attn_parts_budget / attn_part_bytes(c, context).max(1)).clamp(1, max_batch);
         let sizes = [
             ("hidden", f(c.hidden_size)),
             ("normed", f(wide)),
@@ -1218,12 +1300,8 @@ impl Backend for CudaBackend {
             ("activation scales", f(1)),
             ("activation sums", f(1)),
             (
-                "attention scores",
-                ATTN_GROUP.min(max_batch) * c.n_heads * context * 4,
-            ),
-            (
-                "attention chunk statistics",
-                ATTN_GROUP.min(max_batch) * c.n_heads * context.div_ceil(ATTN_CHUNK) * 2 * 4,
+                "attention chunk parts",
+                attn_rows * attn_part_bytes(c, context),
             ),
             ("batch metadata", f(4)),
             ("logit rows", f(c.hidden_size)),
@@ -1283,8 +1361,8 @@ impl Backend for CudaBackend {
             acts: next(),
             act_scales: next(),
             act_sums: next(),
-            att_scores: next(),
-            att_stats: next(),
+            att_parts: next(),
+            attn_rows,
             meta: next(),
             logit_rows: next(),
             logits_dev: next(),

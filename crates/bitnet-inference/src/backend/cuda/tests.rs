@@ -45,12 +45,14 @@ fn random_floats(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 
 /// The int8 activations, their scales and sums are the CPU's, bit for bit, on rows with
 /// ties (x·s landing on .5), zeros, NaN and a column count that is not whole blocks; and the
-/// ternary products from them are the CPU's integers scaled by the same formula.
+/// ternary products from them, by the GEMV and by the tensor-core GEMM (tiles cut by the
+/// row and token counts; three output segments, added to what they hold), are the CPU's
+/// integers scaled by the same formula.
 #[test]
 fn quantization_and_ternary_products_equal_the_cpu() {
     let Some(gpu) = emulator() else { return };
     let mut rng = Rng::new(11);
-    let (n, cols, rows) = (5, 300, 70);
+    let (n, cols, rows) = (70, 300, 70);
     let mut x = random_floats(&mut rng, n * cols, 8.0);
     // Row 1: max 127 so that x·s = x, with halves that round to even.
     x[cols..2 * cols]
@@ -93,10 +95,32 @@ fn quantization_and_ternary_products_equal_the_cpu() {
         cols,
     };
     super::norm_quant(&gpu, Some(&acts), None, src, None, n, padded).unwrap();
-    super::ternary_gemv(
+    super::ternary_product(
         &gpu,
+        Kernel::TernaryGemv,
         &[(&out, rows)],
         false,
+        (&words, &mult),
+        &acts,
+        n,
+        rows,
+        padded,
+    )
+    .unwrap();
+    // The GEMM into segments of 30, 25 and 15 rows holding 0.5, 0.25, 1 (`accumulate`).
+    let seg_rows = [30, 25, 15];
+    let bases = [0.5f32, 0.25, 1.0];
+    let segs: Vec<DevBuf> = seg_rows
+        .iter()
+        .zip(bases)
+        .map(|(&r, b)| upload(&gpu, &vec![b; n * r]))
+        .collect();
+    let seg_outs: Vec<(&DevBuf, usize)> = segs.iter().zip(seg_rows).collect();
+    super::ternary_product(
+        &gpu,
+        Kernel::TernaryGemm,
+        &seg_outs,
+        true,
         (&words, &mult),
         &acts,
         n,
@@ -121,6 +145,23 @@ fn quantization_and_ternary_products_equal_the_cpu() {
     let out: Vec<f32> = download(&out, n * rows);
     for (i, (a, b)) in out.iter().zip(&cpu_out).enumerate() {
         assert_eq!(a.to_bits(), b.to_bits(), "output {i}: {a} vs {b}");
+    }
+    let mut first = 0;
+    for ((seg, r), base) in segs.iter().zip(seg_rows).zip(bases) {
+        let got: Vec<f32> = download(seg, n * r);
+        for t in 0..n {
+            for j in 0..r {
+                let want = base + cpu_out[t * rows + first + j];
+                let a = got[t * r + j];
+                assert_eq!(
+                    a.to_bits(),
+                    want.to_bits(),
+                    "GEMM token {t} row {}",
+                    first + j
+                );
+            }
+        }
+        first += r;
     }
 }
 
@@ -329,7 +370,8 @@ fn compare(
 /// CPU backend's logits (its portable path, `ScalarKernel`) bit for bit for the 2B-4T layer
 /// shape (ReLU², sub-norms, tied f16 embedding); the variant layers (SiLU, whose `exp` is
 /// the platform's and so only on the emulator the CPU's) within 1e-3. Past 256 positions the
-/// attention folds a second chunk.
+/// attention folds a second chunk; the variant has 10 query heads on one KV head (two chunk
+/// blocks of 8 and 2 heads) and attention launches of 7 rows.
 #[test]
 fn forward_equals_the_cpu_backend_on_random_models() {
     let Some(gpu) = emulator() else { return };
@@ -344,12 +386,17 @@ fn forward_equals_the_cpu_backend_on_random_models() {
             tied_embeddings: !variant,
             qk_norm: false,
             max_context: 300,
+            n_heads: if variant { 10 } else { 4 },
+            n_kv_heads: if variant { 1 } else { 2 },
             ..config()
         };
         let w = random_weights(&c, variant);
         let cpu =
             CpuBackend::with_kernel(c.clone(), w.clone(), &kernels::scalar::ScalarKernel).unwrap();
-        let cuda = CudaBackend::on(gpu.clone(), c, w).unwrap();
+        let mut cuda = CudaBackend::on(gpu.clone(), c.clone(), w).unwrap();
+        if variant {
+            cuda.attn_parts_budget = 7 * super::attn_part_bytes(&c, c.max_context);
+        }
         let a: Vec<u32> = (0..250).map(|i| (i * 7 + 3) % 50).collect();
         let b: Vec<u32> = (0..9).map(|i| (i * 11 + 1) % 50).collect();
         let mut batches = vec![];
@@ -473,4 +520,60 @@ fn bitnet_tiny_matches_the_cpu_backend() {
     }
     eprintln!("bitnet-tiny: largest logit difference {worst:e}");
     assert_eq!(gpu_text, cpu_text, "greedy tokens");
+}
+
+/// The kernels compile with the real NVRTC, with the backend's own options, for compute
+/// capabilities 7.5, 8.0 and 9.0; where `BITNET_PTXAS` names NVIDIA's assembler, the PTX
+/// also assembles for those GPUs (what the driver does at load; the int8 `mma` needs 8.0):
+/// what the emulator cannot show. `scripts/test` installs both from PyPI
+/// (nvidia-cuda-nvrtc, nvidia-cuda-nvcc); without NVRTC the test fails unless
+/// `BITNET_SKIP_NVRTC=1`.
+#[test]
+fn kernels_compile_with_nvrtc_and_assemble() {
+    use super::device::{compile, nvrtc_options, nvrtc_present};
+    if std::env::var("BITNET_SKIP_NVRTC").is_ok_and(|v| v == "1") {
+        eprintln!("SKIP: the kernels' NVRTC compile (BITNET_SKIP_NVRTC=1)");
+        return;
+    }
+    assert!(
+        nvrtc_present(),
+        "NVRTC (libnvrtc.so.13) not found: add its folder to LD_LIBRARY_PATH (scripts/test \
+         installs PyPI's nvidia-cuda-nvrtc), or set BITNET_SKIP_NVRTC=1"
+    );
+    let ptxas = std::env::var_os("BITNET_PTXAS");
+    let dir = std::env::temp_dir().join(format!("bitnet-nvrtc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for cc in [(7, 5), (8, 0), (9, 0)] {
+        let ptx = compile(&nvrtc_options(cc)).unwrap();
+        for k in Kernel::ALL {
+            assert!(
+                ptx.contains(&format!(".entry {}(", k.name())),
+                "compute {cc:?}: no entry {}",
+                k.name()
+            );
+        }
+        let Some(ptxas) = &ptxas else { continue };
+        let file = dir.join(format!("kernels_{}{}.ptx", cc.0, cc.1));
+        std::fs::write(&file, &ptx).unwrap();
+        let out = std::process::Command::new(ptxas)
+            .arg(format!("-arch=sm_{}{}", cc.0, cc.1))
+            .arg("-v")
+            .arg(&file)
+            .arg("-o")
+            .arg(file.with_extension("cubin"))
+            .output()
+            .expect("BITNET_PTXAS runs");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "ptxas sm_{}{}:\n{log}", cc.0, cc.1);
+        // Registers and shared memory of each kernel, for the record.
+        let mut kernel = "";
+        for line in log.lines() {
+            if let Some(name) = line.split("Function properties for ").nth(1) {
+                kernel = name.trim();
+            } else if let Some(used) = line.split("Used ").nth(1) {
+                eprintln!("sm_{}{} {kernel}: {used}", cc.0, cc.1);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
