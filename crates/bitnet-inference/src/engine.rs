@@ -166,14 +166,19 @@ impl Default for EngineConfig {
 }
 
 /// Memory held by a generator, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MemoryStats {
+    /// The weights in host memory.
     pub weights_bytes: usize,
+    /// The KV cache, in the memory of the device that computes (see `device`).
     pub kv_cache_bytes: usize,
     /// Activations, logits and the token byte table.
     pub scratch_bytes: usize,
     /// Resident set size of the whole process (Linux `/proc/self/status`; None elsewhere).
     pub process_rss_bytes: Option<u64>,
+    /// The GPU's memory where the model computes on one (its weights there, free and total
+    /// bytes); the KV cache and the activation scratch are then on the GPU.
+    pub device: Option<crate::backend::DeviceMemory>,
 }
 
 /// Timings of the model load and of the last generation.
@@ -927,6 +932,7 @@ impl TextGenerator {
             scratch_bytes: self.state.as_ref().map_or(0, |s| s.scratch_bytes())
                 + self.shared.pieces.memory_bytes(),
             process_rss_bytes: process_rss_bytes(),
+            device: self.shared.model.device_memory(),
         }
     }
 

@@ -475,6 +475,13 @@ pub struct SchedulerStats {
     pub max_running: usize,
     /// KV cache bytes in all slots.
     pub kv_cache_bytes: usize,
+    /// Bytes of the forward pass's other buffers (activations, logits).
+    pub scratch_bytes: usize,
+    /// Where the model computes on a GPU: the bytes its weights take there (0 on the CPU)
+    /// and the GPU's total memory (0 where unknown). The KV cache and the other buffers
+    /// are then on the GPU too.
+    pub device_weights_bytes: usize,
+    pub device_total_bytes: usize,
     /// KV slots planned (running requests and cached prefixes), tokens each.
     pub kv_slots: usize,
     pub kv_slot_tokens: usize,
@@ -537,8 +544,12 @@ impl DynamicBatchProcessor {
             }
         };
         let state = model.model.new_state(n_slots, context, step_tokens)?;
+        let device = model.model.device_memory();
         let stats = SchedulerStats {
             kv_cache_bytes: state.kv_bytes(),
+            scratch_bytes: state.scratch_bytes(),
+            device_weights_bytes: device.as_ref().map_or(0, |d| d.weights_bytes),
+            device_total_bytes: device.and_then(|d| d.total_bytes).unwrap_or(0),
             kv_slots: n_slots,
             kv_slot_tokens: context,
             max_running,

@@ -270,6 +270,19 @@ async fn serve(
                 kv.kv_cache_bytes / kv.kv_slots.max(1),
                 kv.kv_slots.saturating_sub(running)
             );
+            if let Some(d) = loaded.model.model.device_memory() {
+                eprintln!(
+                    "on {}: {} bytes of GPU memory held (weights {}, KV cache {}, buffers {}){}",
+                    d.device,
+                    d.weights_bytes + kv.kv_cache_bytes + kv.scratch_bytes,
+                    d.weights_bytes,
+                    kv.kv_cache_bytes,
+                    kv.scratch_bytes,
+                    d.free_bytes
+                        .zip(d.total_bytes)
+                        .map_or(String::new(), |(f, t)| format!("; {f} of {t} bytes free"))
+                );
+            }
             let _ = state.loaded.set(loaded);
             // Weak: the metrics are part of the state they read.
             let reader = Arc::downgrade(&state);

@@ -168,6 +168,28 @@ impl Collector for EngineCollector {
             "Share of the KV cache's token positions the running requests hold",
             s.kv_used_tokens as f64 / capacity as f64,
         )?;
+        if s.device_weights_bytes > 0 {
+            gauge(
+                e,
+                "gpu_weights_bytes",
+                "Bytes of GPU memory the weights take",
+                s.device_weights_bytes as f64,
+            )?;
+            gauge(
+                e,
+                "gpu_memory_used_bytes",
+                "Bytes of GPU memory the engine holds: weights, KV cache, buffers",
+                (s.device_weights_bytes + s.kv_cache_bytes + s.scratch_bytes) as f64,
+            )?;
+            if s.device_total_bytes > 0 {
+                gauge(
+                    e,
+                    "gpu_memory_total_bytes",
+                    "Bytes of memory of the GPU",
+                    s.device_total_bytes as f64,
+                )?;
+            }
+        }
         Ok(())
     }
 }

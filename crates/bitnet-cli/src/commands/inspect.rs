@@ -10,6 +10,10 @@ pub struct Args {
     /// Context size to size the KV cache for (default: the model's).
     #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
+    /// Also load the model onto this device (`cuda`, `cuda:N`, `auto`) and report the device
+    /// memory it takes: weights, the KV cache of one sequence of the context size, buffers.
+    #[arg(long, default_value = "cpu", value_parser = super::parse_device)]
+    device: bitnet_inference::backend::Device,
 }
 
 fn mib(bytes: usize) -> String {
@@ -100,5 +104,54 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("  weights in memory: {} (repacked)", mib(weights));
     println!("  KV cache (f32):    {} for {ctx} tokens", mib(kv));
     println!("  total:             {}", mib(weights.saturating_add(kv)));
+    if a.device != bitnet_inference::backend::Device::Cpu {
+        report_device(m, ctx, a.device)?;
+    }
+    Ok(())
+}
+
+/// Loads the model onto `device` and prints what it holds there, as the engine plans it
+/// (one sequence of `ctx` tokens, forward calls of the engine's default batch).
+fn report_device(
+    m: model::LoadedModel,
+    ctx: usize,
+    device: bitnet_inference::backend::Device,
+) -> anyhow::Result<()> {
+    let options = bitnet_inference::backend::ModelOptions {
+        device,
+        ..Default::default()
+    };
+    let backend = bitnet_inference::backend::build(m.config, m.weights, &options)?;
+    let batch = bitnet_inference::engine::EngineConfig::default().batch_size;
+    let state = backend.new_state(1, ctx, batch)?;
+    println!(
+        "
+device: {}",
+        backend.kernel_name()
+    );
+    match backend.device_memory() {
+        Some(d) => {
+            let held = d.weights_bytes + state.kv_bytes() + state.scratch_bytes();
+            println!("  weights:           {}", mib(d.weights_bytes));
+            println!(
+                "  KV cache (f32):    {} for {ctx} tokens",
+                mib(state.kv_bytes())
+            );
+            println!(
+                "  buffers:           {} for forward calls of {batch} tokens",
+                mib(state.scratch_bytes())
+            );
+            println!("  total:             {}", mib(held));
+            if let (Some(free), Some(total)) = (d.free_bytes, d.total_bytes) {
+                println!(
+                    "  {}: {} free of {} with these held",
+                    d.device,
+                    mib(free),
+                    mib(total)
+                );
+            }
+        }
+        None => println!("  (computes in host memory: the figures above)"),
+    }
     Ok(())
 }

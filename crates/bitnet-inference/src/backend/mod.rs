@@ -167,6 +167,23 @@ pub trait Backend: Send + Sync {
     fn kv_bytes_per_position(&self) -> usize;
     /// The weights as loaded (sizes and parameter counts for display).
     fn weights(&self) -> &ModelWeights;
+    /// The memory of the device that computes, where it is not the host's (a GPU): `None`
+    /// for the CPU. The KV caches and scratch of this backend's states live there too.
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+}
+
+/// Memory of a GPU a backend computes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// The device's name (`NVIDIA H100 80GB HBM3`).
+    pub device: String,
+    /// Bytes of device memory the weights take, in the layouts the kernels read.
+    pub weights_bytes: usize,
+    /// Free and total bytes of device memory now, where the device tells.
+    pub free_bytes: Option<usize>,
+    pub total_bytes: Option<usize>,
 }
 
 /// The buffers of one backend: KV caches for its slots, activations, logits.
@@ -267,6 +284,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn weights(&self) -> &ModelWeights {
         (**self).weights()
+    }
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        (**self).device_memory()
     }
 }
 

@@ -102,6 +102,14 @@ extern "C" int emu_launch(const char* name, const unsigned* grid, const unsigned
     }
 }
 
+impl EmuGpu {
+    /// Bytes of all live allocations.
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        let allocs = self.allocs.lock().unwrap();
+        allocs.values().map(|l| l.size()).sum()
+    }
+}
+
 impl Gpu for EmuGpu {
     fn name(&self) -> &str {
         "CPU emulator"

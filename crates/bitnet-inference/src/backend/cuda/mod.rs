@@ -1398,6 +1398,16 @@ impl Backend for CudaBackend {
     fn weights(&self) -> &ModelWeights {
         &self.weights
     }
+
+    fn device_memory(&self) -> Option<super::DeviceMemory> {
+        let info = self.gpu.memory_info();
+        Some(super::DeviceMemory {
+            device: self.gpu.name().to_string(),
+            weights_bytes: self.weight_bytes,
+            free_bytes: info.map(|i| i.0),
+            total_bytes: info.map(|i| i.1),
+        })
+    }
 }
 
 impl BackendState for CudaState {

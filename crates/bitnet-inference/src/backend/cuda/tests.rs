@@ -577,3 +577,54 @@ fn kernels_compile_with_nvrtc_and_assemble() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The GPU memory reported (`device_memory`, `bitnet inspect --device`, the server's
+/// metrics) is what the backend allocates: the planned weight bytes are the bytes of the
+/// weights' allocations, and a state's KV and scratch bytes those of its own.
+#[test]
+fn reported_device_memory_is_what_is_allocated() {
+    let dir = std::env::temp_dir().join(format!("bitnet-cuda-emu-mem-{}", std::process::id()));
+    let gpu = match EmuGpu::build(&dir).expect("the kernels compile as C++") {
+        Ok(g) => Arc::new(g),
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+    };
+    for variant in [false, true] {
+        let c = ModelConfig {
+            max_context: 40,
+            ..config()
+        };
+        let before = gpu.allocated_bytes();
+        let cuda = CudaBackend::on(gpu.clone(), c.clone(), random_weights(&c, variant)).unwrap();
+        let d = cuda
+            .device_memory()
+            .expect("a GPU backend reports its memory");
+        assert_eq!(d.device, "CPU emulator");
+        assert_eq!((d.free_bytes, d.total_bytes), (None, None));
+        assert!(d.weights_bytes > 0);
+        let weights = gpu.allocated_bytes() - before;
+        assert_eq!(
+            weights, d.weights_bytes,
+            "variant {variant}: {weights} bytes allocated, {} reported",
+            d.weights_bytes
+        );
+        let state = cuda.new_state(3, 40, 16).unwrap();
+        let held = gpu.allocated_bytes() - before - weights;
+        assert_eq!(
+            held,
+            state.kv_bytes() + state.scratch_bytes(),
+            "variant {variant}: state {held} bytes allocated, {} + {} reported",
+            state.kv_bytes(),
+            state.scratch_bytes()
+        );
+        assert_eq!(state.kv_bytes(), 2 * c.n_layers * 3 * 40 * c.kv_dim() * 4);
+        eprintln!(
+            "variant {variant}: weights {} reported / {weights} allocated; state {} / {held}",
+            d.weights_bytes,
+            state.kv_bytes() + state.scratch_bytes()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
