@@ -606,11 +606,11 @@ fn device_flag_errors_are_clear() {
         "1",
         "--device",
         "cuda",
-        "--kv-type",
-        "f16",
+        "--lm-head",
+        "int8",
     ]);
     if cfg!(feature = "cuda") {
-        assert_clean_error(&o, &["CUDA backend does not support --kv-type f16"]);
+        assert_clean_error(&o, &["CUDA backend does not support a quantized lm_head"]);
     } else {
         assert_clean_error(&o, &["no CUDA backend"]);
     }

@@ -245,7 +245,9 @@ fn build_cuda(
             "the CUDA backend cannot run this model yet ({what}); use --device cpu"
         )));
     }
-    Ok(Box::new(cuda::CudaBackend::new(config, weights, ordinal)?))
+    let mut backend = cuda::CudaBackend::new(config, weights, ordinal)?;
+    backend.set_kv_type(options.kv_type);
+    Ok(Box::new(backend))
 }
 
 #[cfg(not(feature = "cuda"))]

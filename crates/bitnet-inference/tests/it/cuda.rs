@@ -38,9 +38,17 @@ fn tiny_dir() -> std::path::PathBuf {
 }
 
 fn cuda(config: &ModelConfig, weights: &ModelWeights) -> Box<dyn Backend> {
+    cuda_with(config, weights, &ModelOptions::default())
+}
+
+fn cuda_with(
+    config: &ModelConfig,
+    weights: &ModelWeights,
+    options: &ModelOptions,
+) -> Box<dyn Backend> {
     let options = ModelOptions {
         device: Device::Cuda(0),
-        ..Default::default()
+        ..*options
     };
     backend::build(config.clone(), weights.clone(), &options).unwrap()
 }
@@ -116,6 +124,30 @@ fn bitnet_tiny_on_the_gpu_equals_the_cpu_for_64_greedy_tokens() {
         .unwrap();
     let tokens = greedy_on_both(&cpu, gpu.as_ref(), &prompt, 64);
     eprintln!("{}", m.tokenizer.decode(&tokens).unwrap_or_default());
+}
+
+/// A prompt of over 256 positions (attention folds two chunks; the ternary products of the
+/// prefill on the tensor cores, in several tiles) with f16 KV caches on both backends.
+#[test]
+fn bitnet_tiny_long_prompt_with_f16_kv_equals_the_cpu() {
+    if !gpu("bitnet_tiny_long_prompt_with_f16_kv_equals_the_cpu") {
+        return;
+    }
+    let m = model::load(&tiny_dir()).unwrap();
+    let options = ModelOptions {
+        kv_type: backend::KvType::F16,
+        ..Default::default()
+    };
+    let mut cpu =
+        CpuBackend::with_kernel(m.config.clone(), m.weights.clone(), &ScalarKernel).unwrap();
+    cpu.set_kv_type(backend::KvType::F16);
+    let gpu = cuda_with(&m.config, &m.weights, &options);
+    let text =
+        "The fox ran over the hill and down to the river, where the water was cold. ".repeat(20);
+    let prompt = m.tokenizer.encode(&text, true).unwrap();
+    assert!(prompt.len() > 256, "{} tokens", prompt.len());
+    let prompt = &prompt[..prompt.len().min(m.config.max_context - 16)];
+    greedy_on_both(&cpu, gpu.as_ref(), prompt, 8);
 }
 
 /// The 2B-4T shape (hidden 2560, FFN 6912, 20/5 heads of 128, vocab 128256) with two of its
@@ -221,6 +253,14 @@ fn devices_parse_and_unsupported_options_are_named() {
         kv_type: backend::KvType::F16,
         ..Default::default()
     };
-    assert_eq!(backend::cuda::unsupported(&f16), Some("--kv-type f16"));
+    assert_eq!(backend::cuda::unsupported(&f16), None);
+    let int8 = ModelOptions {
+        lm_head: backend::LmHeadQuant::Int8,
+        ..Default::default()
+    };
+    assert_eq!(
+        backend::cuda::unsupported(&int8),
+        Some("a quantized lm_head (--lm-head int8/q6k/q4)")
+    );
     assert_eq!(backend::cuda::unsupported(&ModelOptions::default()), None);
 }

@@ -174,6 +174,12 @@ static inline float __uint_as_float(unsigned u) {
     return f;
 }
 
+static inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
 static inline int __dp4a(int a, int b, int c) {
     for (int i = 0; i < 4; i++) {
         c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));

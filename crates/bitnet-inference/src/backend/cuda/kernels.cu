@@ -45,6 +45,62 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 }
 #endif
 
+// f32 → f16 rounded to nearest even (overflow to infinity, subnormals kept), as the CPU's
+// `half::f16::from_f32`: one conversion instruction on the GPU, from the bits on the
+// emulator.
+#ifdef __CUDACC_RTC__
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#else
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u32 x = __float_as_uint(f);
+    u32 sign = (x >> 16) & 0x8000u;
+    u32 ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) {
+        // Infinity, or NaN kept quiet with its top payload bits.
+        return (u16)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
+    }
+    if (ax >= 0x477ff000u) {
+        return (u16)(sign | 0x7c00u);  // 65520 and up round to infinity
+    }
+    if (ax >= 0x38800000u) {
+        // Normal: drop 13 mantissa bits, ties to even; a carry moves into the exponent.
+        return (u16)(sign | ((ax + 0xfffu + ((ax >> 13) & 1u) - 0x38000000u) >> 13));
+    }
+    if (ax < 0x33000000u) {
+        return (u16)sign;  // below 2^-25 (and 2^-25 itself, a tie, to even): zero
+    }
+    // Subnormal: the value in units of 2^-24, ties to even.
+    u32 e = ax >> 23;
+    u32 m = (ax & 0x7fffffu) | 0x800000u;
+    u32 shift = 126u - e;
+    u32 q = m >> shift;
+    u32 rem = m & ((1u << shift) - 1u);
+    u32 halfway = 1u << (shift - 1u);
+    if (rem > halfway || (rem == halfway && (q & 1u))) {
+        q++;
+    }
+    return (u16)(sign | q);
+}
+#endif
+
+// KV cache elements: f32, or f16 (half the memory), widened exactly to f32 where read.
+__device__ __forceinline__ float widen(float v) {
+    return v;
+}
+__device__ __forceinline__ float widen(u16 v) {
+    return f16_to_f32(v);
+}
+__device__ __forceinline__ void kv_put(float* dst, float v) {
+    *dst = v;
+}
+__device__ __forceinline__ void kv_put(u16* dst, float v) {
+    *dst = f32_to_f16(v);
+}
+
 __device__ __forceinline__ float bf16_to_f32(u16 h) {
     return __uint_as_float((u32)h << 16);
 }
@@ -623,7 +679,8 @@ extern "C" __global__ void dense_gemv(float* out, const void* w, int ty, const f
 // The CPU's portable f32 dot (kernels/attention `dot_scalar`): eight interleaved
 // accumulators (element k to accumulator k % 8), added in order, then the tail's own sum.
 // Same order, no FMA: the same bits.
-__device__ __forceinline__ float dot8(const float* a, const float* b, int n) {
+template <typename T>
+__device__ __forceinline__ float dot8(const float* a, const T* b, int n) {
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) {
@@ -633,12 +690,12 @@ __device__ __forceinline__ float dot8(const float* a, const float* b, int n) {
     for (int c = 0; c < chunks; c++) {
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            acc[i] += a[c * 8 + i] * b[c * 8 + i];
+            acc[i] += a[c * 8 + i] * widen(b[c * 8 + i]);
         }
     }
     float tail = 0.0f;
     for (int k = chunks * 8; k < n; k++) {
-        tail += a[k] * b[k];
+        tail += a[k] * widen(b[k]);
     }
     float sum = acc[0];
 #pragma unroll
@@ -653,21 +710,23 @@ __device__ __forceinline__ float dot8(const float* a, const float* b, int n) {
 // the values written into the row's slot of the caches (`[slot][position][kv_dim]`) at its
 // position. One thread per query pair, key pair or value element of a row.
 // Grid: (⌈(q_heads + kv_heads)·d/2 + kv_dim) / block⌉, n).
-__device__ __forceinline__ void rotate(const float* src, float* dst0, float* dst1,
-                                       const float* cos_t, const float* sin_t, int p, int half,
-                                       int k) {
+// With `kv_half`, the caches hold f16 (rounded to nearest even, as the CPU stores them).
+template <typename T>
+__device__ __forceinline__ void rotate(const float* src, T* dst0, T* dst1, const float* cos_t,
+                                       const float* sin_t, int p, int half, int k) {
     float c = cos_t[(i64)p * half + k];
     float s = sin_t[(i64)p * half + k];
     float x0 = src[k];
     float x1 = src[k + half];
-    *dst0 = x0 * c - x1 * s;
-    *dst1 = x1 * c + x0 * s;
+    kv_put(dst0, x0 * c - x1 * s);
+    kv_put(dst1, x1 * c + x0 * s);
 }
 
-extern "C" __global__ void rope_store(float* q, const float* k, const float* v, float* kc,
-                                      float* vc, const float* cos_t, const float* sin_t,
-                                      const int* slot, const int* pos, int q_heads,
-                                      int kv_heads, int head_dim, int context) {
+template <typename T>
+__device__ __forceinline__ void rope_store_row(float* q, const float* k, const float* v, T* kc,
+                                               T* vc, const float* cos_t, const float* sin_t,
+                                               const int* slot, const int* pos, int q_heads,
+                                               int kv_heads, int head_dim, int context) {
     int half = head_dim / 2;
     int kv_dim = kv_heads * head_dim;
     int g = blockIdx.x * blockDim.x + threadIdx.x;
@@ -683,13 +742,26 @@ extern "C" __global__ void rope_store(float* q, const float* k, const float* v, 
     if (g < kv_heads * half) {
         int h = g / half;
         const float* a = k + (i64)t * kv_dim + h * head_dim;
-        float* dst = kc + cache_row + h * head_dim;
+        T* dst = kc + cache_row + h * head_dim;
         rotate(a, dst + g % half, dst + g % half + half, cos_t, sin_t, p, half, g % half);
         return;
     }
     g -= kv_heads * half;
     if (g < kv_dim) {
-        vc[cache_row + g] = v[(i64)t * kv_dim + g];
+        kv_put(vc + cache_row + g, v[(i64)t * kv_dim + g]);
+    }
+}
+
+extern "C" __global__ void rope_store(float* q, const float* k, const float* v, void* kc,
+                                      void* vc, const float* cos_t, const float* sin_t,
+                                      const int* slot, const int* pos, int q_heads,
+                                      int kv_heads, int head_dim, int context, int kv_half) {
+    if (kv_half) {
+        rope_store_row(q, k, v, (u16*)kc, (u16*)vc, cos_t, sin_t, slot, pos, q_heads, kv_heads,
+                       head_dim, context);
+    } else {
+        rope_store_row(q, k, v, (float*)kc, (float*)vc, cos_t, sin_t, slot, pos, q_heads,
+                       kv_heads, head_dim, context);
     }
 }
 
@@ -739,12 +811,12 @@ __device__ __forceinline__ i64 attn_part(int t, int h, int c, int heads, int chu
 //    per thread (consecutive threads read consecutive floats of a V row, once for all the
 //    block's heads).
 // Grid: (kv_heads · ⌈group/ATTN_HEADS⌉, rows, ⌈context/256⌉), block ATT_THREADS.
-extern "C" __global__ void attention_chunks(float* parts, const float* q, const float* kc,
-                                            const float* vc, const int* slot, const int* pos,
-                                            int heads, int group, int head_dim, int kv_dim,
-                                            int context, float scale) {
-    __shared__ float e[ATTN_HEADS][ATTN_CHUNK];
-    __shared__ float max_of[ATTN_HEADS];
+template <typename T>
+__device__ __forceinline__ void attention_chunk(float* parts, const float* q, const T* kc,
+                                                const T* vc, const int* slot, const int* pos,
+                                                int heads, int group, int head_dim, int kv_dim,
+                                                int context, float scale,
+                                                float (*e)[ATTN_CHUNK], float* max_of) {
     int subs = (group + ATTN_HEADS - 1) / ATTN_HEADS;
     int kvh = blockIdx.x / subs;
     int h0 = kvh * group + (blockIdx.x % subs) * ATTN_HEADS;
@@ -792,9 +864,9 @@ extern "C" __global__ void attention_chunks(float* parts, const float* q, const 
         for (int j = 0; j < ATTN_HEADS; j++) {
             acc[j] = 0.0f;
         }
-        const float* vcol = vc + kv_off + i;
+        const T* vcol = vc + kv_off + i;
         for (int p = 0; p < len; p++) {
-            float v = vcol[(i64)p * kv_dim];
+            float v = widen(vcol[(i64)p * kv_dim]);
 #pragma unroll
             for (int j = 0; j < ATTN_HEADS; j++) {
                 if (j < hn) {
@@ -805,6 +877,21 @@ extern "C" __global__ void attention_chunks(float* parts, const float* q, const 
         for (int j = 0; j < hn; j++) {
             parts[attn_part(t, h0 + j, c, heads, chunks, head_dim) + 2 + i] = acc[j];
         }
+    }
+}
+
+extern "C" __global__ void attention_chunks(float* parts, const float* q, const void* kc,
+                                            const void* vc, const int* slot, const int* pos,
+                                            int heads, int group, int head_dim, int kv_dim,
+                                            int context, float scale, int kv_half) {
+    __shared__ float e[ATTN_HEADS][ATTN_CHUNK];
+    __shared__ float max_of[ATTN_HEADS];
+    if (kv_half) {
+        attention_chunk(parts, q, (const u16*)kc, (const u16*)vc, slot, pos, heads, group,
+                        head_dim, kv_dim, context, scale, e, max_of);
+    } else {
+        attention_chunk(parts, q, (const float*)kc, (const float*)vc, slot, pos, heads, group,
+                        head_dim, kv_dim, context, scale, e, max_of);
     }
 }
 

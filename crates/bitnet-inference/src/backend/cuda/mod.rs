@@ -20,7 +20,7 @@
 //! [`GRAPH_MAX_TOKENS`] tokens are recorded once as a CUDA graph per (tokens, logits rows)
 //! and replayed: one launch a step.
 //!
-//! Not done yet: f16 KV caches, quantized lm_heads, llama.cpp's Q8 activations for Q4/Q8
+//! Not done yet: quantized lm_heads, llama.cpp's Q8 activations for Q4/Q8
 //! linears (each refused with an error naming it); a split-K (flash-decoding) attention.
 //!
 //! Ternary products: a dp4a GEMV (`ternary_gemv`) for decode-sized calls, the int8 tensor
@@ -39,11 +39,8 @@ pub use device::driver_present;
 /// The options the CUDA backend cannot honour yet, named as the command line names them
 /// (`None`: it supports them all).
 pub fn unsupported(options: &super::ModelOptions) -> Option<&'static str> {
-    use super::{KvType, LmHeadQuant};
+    use super::LmHeadQuant;
     use crate::kernels::qblock::QuantActs;
-    if options.kv_type != KvType::F32 {
-        return Some("--kv-type f16");
-    }
     if options.lm_head != LmHeadQuant::None {
         return Some("a quantized lm_head (--lm-head int8/q6k/q4)");
     }
@@ -85,7 +82,7 @@ pub fn device_count() -> usize {
     result::device::get_count().map_or(0, |n| n.max(0) as usize)
 }
 
-use super::{Backend, BackendState, Batch};
+use super::{Backend, BackendState, Batch, KvType};
 use crate::model::{Activation, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
 use crate::{Error, Result};
 use device::{Arg, DevBuf, Gpu, Kernel};
@@ -120,6 +117,8 @@ pub struct CudaBackend {
     /// Bytes of attention parts a state plans ([`ATTN_PARTS_BYTES`]; tests make it small to
     /// cut the batch into several attention launches).
     attn_parts_budget: usize,
+    /// Element type of the KV caches of states made from now on.
+    kv_type: KvType,
     /// Held for a forward call's copies and launches: one call at a time on the stream (a
     /// graph capture records whatever the stream is given).
     stream: std::sync::Mutex<()>,
@@ -364,6 +363,7 @@ impl CudaBackend {
             kernel_name: format!("cuda ({})", gpu.name()),
             use_graphs: std::env::var("BITNET_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             attn_parts_budget: ATTN_PARTS_BYTES,
+            kv_type: KvType::F32,
             use_mma: gpu.int8_mma() && std::env::var("BITNET_CUDA_MMA").map_or(true, |v| v != "0"),
             stream: std::sync::Mutex::new(()),
             gpu,
@@ -371,6 +371,13 @@ impl CudaBackend {
             weights,
         };
         Ok(backend)
+    }
+
+    /// Chooses the element type of the KV caches of states made from now on: f32, or f16
+    /// (half the memory; rounded to nearest even and widened exactly where read, as the
+    /// CPU backend's f16 caches).
+    pub fn set_kv_type(&mut self, kv_type: KvType) {
+        self.kv_type = kv_type;
     }
 
     /// The GPU's name (`NVIDIA H100 80GB HBM3`).
@@ -563,7 +570,7 @@ impl CudaBackend {
     fn rope_store(&self, s: &CudaState, n: usize, keys: &DevBuf, values: &DevBuf) -> Result<()> {
         let c = &self.config;
         let (d, kvd) = (c.head_dim, c.kv_dim());
-        let cache = s.n_slots * s.context * kvd * 4;
+        let cache = s.n_slots * s.context * kvd * s.kv_elem;
         check_fits(&[
             (&s.q, n * c.q_dim() * 4),
             (&s.k, n * kvd * 4),
@@ -593,6 +600,7 @@ impl CudaBackend {
                     Arg::I32(c.n_kv_heads as i32),
                     Arg::I32(d as i32),
                     Arg::I32(s.context as i32),
+                    Arg::I32((s.kv_elem == 2) as i32),
                 ],
             )
         }
@@ -606,7 +614,7 @@ impl CudaBackend {
         let (qd, heads, d) = (c.q_dim(), c.n_heads, c.head_dim);
         let group = c.gqa_group();
         let chunks = s.context.div_ceil(ATTN_CHUNK);
-        let cache = s.n_slots * s.context * c.kv_dim() * 4;
+        let cache = s.n_slots * s.context * c.kv_dim() * s.kv_elem;
         let rows = s.attn_rows.min(n);
         check_fits(&[
             (&s.attn, n * qd * 4),
@@ -648,6 +656,7 @@ impl CudaBackend {
                         Arg::I32(c.kv_dim() as i32),
                         Arg::I32(s.context as i32),
                         Arg::F32(scale),
+                        Arg::I32((s.kv_elem == 2) as i32),
                     ],
                 )?;
                 launch_blocks(
@@ -1011,6 +1020,13 @@ impl Drop for GraphCache {
     }
 }
 
+fn kv_elem_bytes(t: KvType) -> usize {
+    match t {
+        KvType::F32 => 4,
+        KvType::F16 => 2,
+    }
+}
+
 /// Bytes of attention's per-chunk parts that bound how many rows one launch takes.
 const ATTN_PARTS_BYTES: usize = 32 << 20;
 
@@ -1216,6 +1232,8 @@ pub struct CudaState {
     att_parts: DevBuf,
     /// Rows one attention launch takes (as many as [`ATTN_PARTS_BYTES`] of parts hold).
     attn_rows: usize,
+    /// Bytes of a KV cache element: 4 (f32) or 2 (f16).
+    kv_elem: usize,
     /// i32 `[4][max_batch]`: tokens, positions, slots, rows that want logits.
     meta: DevBuf,
     logit_rows: DevBuf,
@@ -1277,9 +1295,10 @@ impl Backend for CudaBackend {
             )));
         }
         let kvd = c.kv_dim();
+        let kv_elem = kv_elem_bytes(self.kv_type);
         let cache = slots
             .checked_mul(context)
-            .and_then(|v| v.checked_mul(kvd * 4))
+            .and_then(|v| v.checked_mul(kvd * kv_elem))
             .ok_or_else(|| Error::Invalid("CUDA: the KV cache size overflows".into()))?;
         let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
         let padded = wide.div_ceil(crate::kernels::BLOCK_WEIGHTS) * crate::kernels::BLOCK_WEIGHTS;
@@ -1363,6 +1382,7 @@ impl Backend for CudaBackend {
             act_sums: next(),
             att_parts: next(),
             attn_rows,
+            kv_elem,
             meta: next(),
             logit_rows: next(),
             logits_dev: next(),
@@ -1392,7 +1412,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_bytes_per_position(&self) -> usize {
-        2 * self.config.n_layers * self.config.kv_dim() * 4
+        2 * self.config.n_layers * self.config.kv_dim() * kv_elem_bytes(self.kv_type)
     }
 
     fn weights(&self) -> &ModelWeights {

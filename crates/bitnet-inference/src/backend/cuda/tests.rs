@@ -5,7 +5,7 @@ use super::device::{Arg, DevBuf, Gpu, Kernel};
 use super::emu::EmuGpu;
 use super::CudaBackend;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, BackendState, BatchEntry};
+use crate::backend::{Backend, BackendState, BatchEntry, KvType};
 use crate::kernels::{self, DenseData, DenseMatrix, QuantizedActivations, TernaryMatrix};
 use crate::model::{Activation, LayerWeights, Linear, ModelConfig, ModelWeights, RmsNorm};
 use crate::rng::Rng;
@@ -214,6 +214,83 @@ fn embedding_rows_widen_f16_and_bf16_exactly() {
     }
 }
 
+/// Values stored into an f16 KV cache round as the CPU's f16 caches round them
+/// (`half::f16::from_f32`): ties to even, subnormals, overflow to infinity, signed zeros.
+#[test]
+fn f16_kv_stores_round_as_the_cpu() {
+    let Some(gpu) = emulator() else { return };
+    let mut rng = Rng::new(5);
+    let tiny = f32::from_bits(0x3300_0000); // 2^-25
+    let mut v: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        -70000.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        tiny,
+        f32::from_bits(0x3300_0001),
+        tiny * 3.0,         // 1.5 units of 2^-24: a tie, to even (2)
+        tiny * 5.0,         // 2.5 units: to even (2)
+        6.097e-5,           // just below f16's smallest normal
+        6.1035156e-5,       // f16's smallest normal
+        1.0 + 1.0 / 2048.0, // a tie between 1 and 1 + 2^-10: to even (1)
+        1.0 + 3.0 / 2048.0, // a tie: to even (1 + 2^-9)
+        f32::MIN_POSITIVE,
+    ];
+    // Random values over the whole exponent range, both signs.
+    v.extend((0..2000).map(|_| f32::from_bits(rng.next_u64() as u32 & 0xff7f_ffff)));
+    let d = v.len().next_multiple_of(2);
+    v.resize(d, 0.5);
+    let meta = upload(&gpu, &[0i32]);
+    let zeros = upload(&gpu, &vec![0f32; d]);
+    let vals = upload(&gpu, &v);
+    let (kc, vc) = (
+        DevBuf::new(&gpu, d * 2, "kc").unwrap(),
+        DevBuf::new(&gpu, d * 2, "vc").unwrap(),
+    );
+    let tables = upload(&gpu, &vec![1f32; d / 2]);
+    // SAFETY: one row (slot 0, position 0) of one KV head of d values, no query heads;
+    // caches of one row of d f16 values, tables of one position.
+    unsafe {
+        gpu.launch(
+            Kernel::RopeStore,
+            [(d as u32 / 2 + d as u32).div_ceil(128), 1, 1],
+            [128, 1, 1],
+            &[
+                zeros.arg(),
+                zeros.arg(),
+                vals.arg(),
+                kc.arg(),
+                vc.arg(),
+                tables.arg(),
+                tables.arg(),
+                meta.arg(),
+                meta.arg(),
+                Arg::I32(0),
+                Arg::I32(1),
+                Arg::I32(d as i32),
+                Arg::I32(1),
+                Arg::I32(1),
+            ],
+        )
+        .unwrap();
+    }
+    let got: Vec<u16> = download(&vc, d);
+    for (&x, g) in v.iter().zip(got) {
+        let want = half::f16::from_f32(x).to_bits();
+        assert_eq!(
+            g,
+            want,
+            "{x:e} ({:#010x}) stored as {g:#06x}, want {want:#06x}",
+            x.to_bits()
+        );
+    }
+}
+
 fn config() -> ModelConfig {
     ModelConfig {
         architecture: "test".into(),
@@ -371,11 +448,17 @@ fn compare(
 /// shape (ReLU², sub-norms, tied f16 embedding); the variant layers (SiLU, whose `exp` is
 /// the platform's and so only on the emulator the CPU's) within 1e-3. Past 256 positions the
 /// attention folds a second chunk; the variant has 10 query heads on one KV head (two chunk
-/// blocks of 8 and 2 heads) and attention launches of 7 rows.
+/// blocks of 8 and 2 heads) and attention launches of 7 rows. Then both with f16 KV caches
+/// (`--kv-type f16`): the same bits again.
 #[test]
 fn forward_equals_the_cpu_backend_on_random_models() {
     let Some(gpu) = emulator() else { return };
-    for variant in [false, true] {
+    for (variant, kv) in [
+        (false, KvType::F32),
+        (true, KvType::F32),
+        (false, KvType::F16),
+        (true, KvType::F16),
+    ] {
         let c = ModelConfig {
             activation: if variant {
                 Activation::Silu
@@ -391,9 +474,11 @@ fn forward_equals_the_cpu_backend_on_random_models() {
             ..config()
         };
         let w = random_weights(&c, variant);
-        let cpu =
+        let mut cpu =
             CpuBackend::with_kernel(c.clone(), w.clone(), &kernels::scalar::ScalarKernel).unwrap();
+        cpu.set_kv_type(kv);
         let mut cuda = CudaBackend::on(gpu.clone(), c.clone(), w).unwrap();
+        cuda.set_kv_type(kv);
         if variant {
             cuda.attn_parts_budget = 7 * super::attn_part_bytes(&c, c.max_context);
         }
@@ -417,7 +502,7 @@ fn forward_equals_the_cpu_backend_on_random_models() {
             batches.push(batch);
         }
         let worst = compare(&cpu, &cuda, 3, &batches, if variant { 1e-3 } else { 0.0 });
-        eprintln!("variant {variant}: largest logit difference {worst:e}");
+        eprintln!("variant {variant}, KV {kv:?}: largest logit difference {worst:e}");
     }
 }
 
