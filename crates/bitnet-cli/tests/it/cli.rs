@@ -607,10 +607,10 @@ fn device_flag_errors_are_clear() {
         "--device",
         "cuda",
         "--lm-head",
-        "int8",
+        "q4",
     ]);
     if cfg!(feature = "cuda") {
-        assert_clean_error(&o, &["CUDA backend does not support a quantized lm_head"]);
+        assert_clean_error(&o, &["CUDA backend does not support a q6k or q4 lm_head"]);
     } else {
         assert_clean_error(&o, &["no CUDA backend"]);
     }

@@ -92,6 +92,18 @@ pub enum LmHeadQuant {
     Q4,
 }
 
+impl LmHeadQuant {
+    /// The name the command line takes (`f16` for the exact head).
+    pub fn name(self) -> &'static str {
+        match self {
+            LmHeadQuant::None => "f16",
+            LmHeadQuant::Int8 => "int8",
+            LmHeadQuant::Q6K => "q6k",
+            LmHeadQuant::Q4 => "q4",
+        }
+    }
+}
+
 impl std::str::FromStr for LmHeadQuant {
     type Err = String;
     /// The names the command line takes: `f16` (exact), `int8`, `q6k`, `q4`.
@@ -247,6 +259,7 @@ fn build_cuda(
     }
     let mut backend = cuda::CudaBackend::new(config, weights, ordinal)?;
     backend.set_kv_type(options.kv_type);
+    backend.set_lm_head_quant(options.lm_head)?;
     Ok(Box::new(backend))
 }
 

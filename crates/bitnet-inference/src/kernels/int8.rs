@@ -87,6 +87,14 @@ impl Int8Matrix {
     pub fn memory_bytes(&self) -> usize {
         self.values.len() + self.rows * 8
     }
+    /// The rows, each `padded_cols` values (zero-padded).
+    pub fn values(&self) -> &[i8] {
+        &self.values
+    }
+    /// Per row: `s = 127 / max|w|` (the row is `q / s`).
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
     fn row(&self, r: usize) -> &[i8] {
         &self.values[r * self.padded_cols..(r + 1) * self.padded_cols]
     }

@@ -127,20 +127,23 @@ fn bitnet_tiny_on_the_gpu_equals_the_cpu_for_64_greedy_tokens() {
 }
 
 /// A prompt of over 256 positions (attention folds two chunks; the ternary products of the
-/// prefill on the tensor cores, in several tiles) with f16 KV caches on both backends.
+/// prefill on the tensor cores, in several tiles) with f16 KV caches and the int8 lm_head on
+/// both backends.
 #[test]
-fn bitnet_tiny_long_prompt_with_f16_kv_equals_the_cpu() {
-    if !gpu("bitnet_tiny_long_prompt_with_f16_kv_equals_the_cpu") {
+fn bitnet_tiny_long_prompt_f16_kv_int8_head_equals_the_cpu() {
+    if !gpu("bitnet_tiny_long_prompt_f16_kv_int8_head_equals_the_cpu") {
         return;
     }
     let m = model::load(&tiny_dir()).unwrap();
     let options = ModelOptions {
         kv_type: backend::KvType::F16,
+        lm_head: backend::LmHeadQuant::Int8,
         ..Default::default()
     };
     let mut cpu =
         CpuBackend::with_kernel(m.config.clone(), m.weights.clone(), &ScalarKernel).unwrap();
     cpu.set_kv_type(backend::KvType::F16);
+    cpu.set_lm_head_quant(backend::LmHeadQuant::Int8).unwrap();
     let gpu = cuda_with(&m.config, &m.weights, &options);
     let text =
         "The fox ran over the hill and down to the river, where the water was cold. ".repeat(20);
@@ -254,13 +257,18 @@ fn devices_parse_and_unsupported_options_are_named() {
         ..Default::default()
     };
     assert_eq!(backend::cuda::unsupported(&f16), None);
-    let int8 = ModelOptions {
-        lm_head: backend::LmHeadQuant::Int8,
+    let q4 = ModelOptions {
+        lm_head: backend::LmHeadQuant::Q4,
         ..Default::default()
     };
     assert_eq!(
-        backend::cuda::unsupported(&int8),
-        Some("a quantized lm_head (--lm-head int8/q6k/q4)")
+        backend::cuda::unsupported(&q4),
+        Some("a q6k or q4 lm_head (--lm-head q6k/q4)")
     );
+    let int8 = ModelOptions {
+        lm_head: backend::LmHeadQuant::Int8,
+        ..f16
+    };
+    assert_eq!(backend::cuda::unsupported(&int8), None);
     assert_eq!(backend::cuda::unsupported(&ModelOptions::default()), None);
 }

@@ -37,6 +37,7 @@ pub(crate) enum Kernel {
     NormQuant,
     TernaryGemv,
     TernaryGemm,
+    Int8Logits,
     DenseGemv,
     RopeStore,
     AttentionChunks,
@@ -45,11 +46,12 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 9] = [
+    pub(crate) const ALL: [Kernel; 10] = [
         Kernel::EmbedRows,
         Kernel::NormQuant,
         Kernel::TernaryGemv,
         Kernel::TernaryGemm,
+        Kernel::Int8Logits,
         Kernel::DenseGemv,
         Kernel::RopeStore,
         Kernel::AttentionChunks,
@@ -64,6 +66,7 @@ impl Kernel {
             Kernel::NormQuant => "norm_quant",
             Kernel::TernaryGemv => "ternary_gemv",
             Kernel::TernaryGemm => "ternary_gemm",
+            Kernel::Int8Logits => "int8_logits",
             Kernel::DenseGemv => "dense_gemv",
             Kernel::RopeStore => "rope_store",
             Kernel::AttentionChunks => "attention_chunks",

@@ -243,16 +243,19 @@ __device__ __forceinline__ int block_sum(int* red, int v) {
 // order, then the 16 added in order, so the same bits), optionally writing the float result
 // to `normed`, then optionally the per-token absmax int8 quantization of transformers' BitNet
 // (and kernels/quant.rs): s = 127 / max(max|v|, 1e-5), q = clamp(round_half_even(v·s), -128,
-// 127), NaN → 0, rows zero-padded to `padded` columns; also s and Σq per row. A max and an
-// integer sum are exact in any order, so the block reduces them as a tree.
+// 127), NaN → 0, rows zero-padded to `padded` columns; also s and Σq per row. With `bits`
+// 12, the 12-bit quantization of the quantized lm_heads instead (kernels/q6k.rs
+// `Int12Activations`): s = 2047 / max(max|v|, 1e-30), q = round_half_even(clamp(v·s, ±2047))
+// as i16. A max and an integer sum are exact in any order, so the block reduces them as a
+// tree.
 // The input is `x`, or act(x)·up when `up` is given (gate_act, as the CPU computes it).
 // Grid: (n), block NQ_THREADS.
 // Columns of a row that norm_quant keeps in shared memory (the rest it reads again).
 #define NQ_CACHE 8192
 
-extern "C" __global__ void norm_quant(i8* q, float* scales, int* sums, float* normed,
+extern "C" __global__ void norm_quant(void* q, float* scales, int* sums, float* normed,
                                       const float* x, const float* up, int act, const float* w,
-                                      float eps, int cols, int padded) {
+                                      float eps, int cols, int padded, int bits) {
     __shared__ float row[NQ_CACHE];
     __shared__ float part[16];
     __shared__ float red_f[NQ_THREADS];
@@ -311,7 +314,8 @@ extern "C" __global__ void norm_quant(i8* q, float* scales, int* sums, float* no
         return;
     }
     float max = block_max(red_f, m);
-    float scale = 127.0f / fmaxf(max, 1e-5f);
+    float limit = bits == 12 ? 2047.0f : 127.0f;
+    float scale = bits == 12 ? 2047.0f / fmaxf(max, 1e-30f) : 127.0f / fmaxf(max, 1e-5f);
     int qsum = 0;
     for (int i = tid; i < padded; i += NQ_THREADS) {
         int k = 0;
@@ -327,17 +331,62 @@ extern "C" __global__ void norm_quant(i8* q, float* scales, int* sums, float* no
             }
             v = v * scale;
             if (v == v) {
-                v = fminf(fmaxf(v, -128.0f), 127.0f);
+                v = fminf(fmaxf(v, bits == 12 ? -limit : -128.0f), limit);
                 k = (int)rintf(v);
             }
         }
-        q[(i64)r * padded + i] = (i8)k;
+        if (bits == 12) {
+            ((short*)q)[(i64)r * padded + i] = (short)k;
+        } else {
+            ((i8*)q)[(i64)r * padded + i] = (i8)k;
+        }
         qsum += k;
     }
     int total = block_sum(red_i, qsum);
     if (tid == 0) {
         scales[r] = scale;
         sums[r] = total;
+    }
+}
+
+// The int8 lm_head (kernels/int8.rs `int8_matmul_int12`): out[t][r] = (Σ_k w[r][k]·a[t][k])
+// / (s_w[r]·s_a[t]), the sum exact (i64), w the int8 rows in chunk-major order (8 columns
+// a chunk, consecutive rows adjacent: weights.rs `chunk_major`), a the 12-bit activations
+// from norm_quant. One thread per row and LG_TOKENS tokens. Grid: (⌈rows/block⌉,
+// ⌈n/LG_TOKENS⌉).
+#define LG_TOKENS 4
+extern "C" __global__ void int8_logits(float* out, const i8* w, const float* w_scales,
+                                       const short* a, const float* a_scales, int rows,
+                                       int padded, int n) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    int t0 = blockIdx.y * LG_TOKENS;
+    if (r >= rows) {
+        return;
+    }
+    int nt = n - t0 < LG_TOKENS ? n - t0 : LG_TOKENS;
+    i64 acc[LG_TOKENS];
+#pragma unroll
+    for (int t = 0; t < LG_TOKENS; t++) {
+        acc[t] = 0;
+    }
+    for (int c = 0; c < padded / 8; c++) {
+        // 8 weights in one load.
+        unsigned long long wv = *(const unsigned long long*)(w + ((i64)c * rows + r) * 8);
+#pragma unroll
+        for (int t = 0; t < LG_TOKENS; t++) {
+            if (t < nt) {
+                const short* at = a + (i64)(t0 + t) * padded + c * 8;
+                int part = 0;
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    part += (int)(i8)(wv >> (8 * i)) * (int)at[i];
+                }
+                acc[t] += part;
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        out[(i64)(t0 + t) * rows + r] = (float)acc[t] / (w_scales[r] * a_scales[t0 + t]);
     }
 }
 

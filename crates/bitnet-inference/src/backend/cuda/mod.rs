@@ -20,7 +20,7 @@
 //! [`GRAPH_MAX_TOKENS`] tokens are recorded once as a CUDA graph per (tokens, logits rows)
 //! and replayed: one launch a step.
 //!
-//! Not done yet: quantized lm_heads, llama.cpp's Q8 activations for Q4/Q8
+//! Not done yet: the q6k and q4 lm_heads (`--lm-head int8` is done), llama.cpp's Q8 activations for Q4/Q8
 //! linears (each refused with an error naming it); a split-K (flash-decoding) attention.
 //!
 //! Ternary products: a dp4a GEMV (`ternary_gemv`) for decode-sized calls, the int8 tensor
@@ -41,8 +41,8 @@ pub use device::driver_present;
 pub fn unsupported(options: &super::ModelOptions) -> Option<&'static str> {
     use super::LmHeadQuant;
     use crate::kernels::qblock::QuantActs;
-    if options.lm_head != LmHeadQuant::None {
-        return Some("a quantized lm_head (--lm-head int8/q6k/q4)");
+    if matches!(options.lm_head, LmHeadQuant::Q6K | LmHeadQuant::Q4) {
+        return Some("a q6k or q4 lm_head (--lm-head q6k/q4)");
     }
     if options.quant_acts != QuantActs::Exact {
         return Some("--quant-acts q8");
@@ -119,9 +119,19 @@ pub struct CudaBackend {
     attn_parts_budget: usize,
     /// Element type of the KV caches of states made from now on.
     kv_type: KvType,
+    /// The int8 copy of the float lm_head (`--lm-head int8`) that logits use instead.
+    lm_head_int8: Option<Int8HeadDev>,
     /// Held for a forward call's copies and launches: one call at a time on the stream (a
     /// graph capture records whatever the stream is given).
     stream: std::sync::Mutex<()>,
+}
+
+/// An int8 lm_head on the device: rows chunk-major (`weights::chunk_major`, 8 columns a
+/// chunk), zero-padded to `padded` columns, and the per-row scales.
+struct Int8HeadDev {
+    values: DevBuf,
+    scales: DevBuf,
+    padded: usize,
 }
 
 struct NormDev {
@@ -364,6 +374,7 @@ impl CudaBackend {
             use_graphs: std::env::var("BITNET_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             attn_parts_budget: ATTN_PARTS_BYTES,
             kv_type: KvType::F32,
+            lm_head_int8: None,
             use_mma: gpu.int8_mma() && std::env::var("BITNET_CUDA_MMA").map_or(true, |v| v != "0"),
             stream: std::sync::Mutex::new(()),
             gpu,
@@ -371,6 +382,48 @@ impl CudaBackend {
             weights,
         };
         Ok(backend)
+    }
+
+    /// Chooses how logits are computed, as the CPU backend's `set_lm_head_quant`: exactly
+    /// from the float lm_head (or tied embedding), or `Int8` against an int8 copy made now
+    /// (the CPU's quantization, the same integers and scales) with 12-bit activations: the
+    /// CPU's bits. A ternary lm_head is left as it is. Applies to states made from now on.
+    /// Q6K and Q4 are refused.
+    pub fn set_lm_head_quant(&mut self, quant: crate::backend::LmHeadQuant) -> Result<()> {
+        use crate::backend::LmHeadQuant;
+        let float_head = match &self.weights.lm_head {
+            None => Some(&self.weights.token_embedding),
+            Some(crate::model::Linear {
+                weights: LinearWeights::Dense(m),
+                input_norm: None,
+            }) => Some(m),
+            Some(_) => None,
+        };
+        if let Some(old) = self.lm_head_int8.take() {
+            self.weight_bytes -= old.values.bytes() + old.scales.bytes();
+        }
+        match (quant, float_head) {
+            (LmHeadQuant::None, _) | (_, None) => {}
+            (LmHeadQuant::Int8, Some(m)) => {
+                let q = crate::kernels::int8::Int8Matrix::from_dense(m);
+                let bytes: &[u8] = bytemuck::cast_slice(q.values());
+                let values = weights::chunk_major(bytes, 1, q.rows(), q.padded_cols());
+                let head = Int8HeadDev {
+                    values: DevBuf::from_slice(&self.gpu, &values, "the int8 lm_head")?,
+                    scales: DevBuf::from_slice(&self.gpu, q.scales(), "the int8 lm_head scales")?,
+                    padded: q.padded_cols(),
+                };
+                self.weight_bytes += head.values.bytes() + head.scales.bytes();
+                self.lm_head_int8 = Some(head);
+            }
+            (other, Some(_)) => {
+                return Err(Error::Invalid(format!(
+                    "the CUDA backend does not support --lm-head {} yet; use int8 or f16",
+                    other.name()
+                )))
+            }
+        }
+        Ok(())
     }
 
     /// Chooses the element type of the KV caches of states made from now on: f32, or f16
@@ -864,6 +917,29 @@ impl CudaBackend {
             gated: None,
             cols: hd,
         };
+        if let Some(head) = &self.lm_head_int8 {
+            let Some((values, scales)) = &s.head_acts else {
+                return Err(Error::Invalid(
+                    "CUDA: this state was made before --lm-head int8 was chosen".into(),
+                ));
+            };
+            let acts = CudaActs {
+                q: values,
+                scales,
+                sums: &s.act_sums,
+                bits: 12,
+            };
+            norm_quant(
+                &self.gpu,
+                Some(&acts),
+                None,
+                rows,
+                Some(&self.output_norm),
+                m,
+                head.padded,
+            )?;
+            return int8_logits(&self.gpu, &s.logits_dev, head, &acts, m, c.vocab_size);
+        }
         match &self.lm_head {
             None => {
                 norm_quant(
@@ -945,7 +1021,8 @@ fn norm_quant(
                 "CUDA: internal error: {cols} columns quantized into rows of {padded}"
             )));
         }
-        fits.extend([(a.q, n * padded), (a.scales, n * 4), (a.sums, n * 4)]);
+        let elem = if a.bits == 12 { 2 } else { 1 };
+        fits.extend([(a.q, n * padded * elem), (a.scales, n * 4), (a.sums, n * 4)]);
     }
     check_fits(&fits)?;
     let null = Arg::Ptr(0);
@@ -972,6 +1049,47 @@ fn norm_quant(
                 Arg::F32(norm.map_or(0.0, |w| w.eps)),
                 Arg::I32(cols as i32),
                 Arg::I32(padded as i32),
+                Arg::I32(acts.map_or(8, |a| a.bits)),
+            ],
+        )
+    }
+}
+
+/// Tokens an `int8_logits` thread takes (`LG_TOKENS` in kernels.cu).
+const LG_TOKENS: usize = 4;
+
+/// `out[n, rows] = (Σ w·a) / (s_w·s_a)`: the int8 lm_head against 12-bit activations.
+fn int8_logits(
+    gpu: &Arc<dyn Gpu>,
+    out: &DevBuf,
+    head: &Int8HeadDev,
+    acts: &CudaActs,
+    n: usize,
+    rows: usize,
+) -> Result<()> {
+    check_fits(&[
+        (out, n * rows * 4),
+        (&head.values, rows * head.padded),
+        (&head.scales, rows * 4),
+        (acts.q, n * head.padded * 2),
+        (acts.scales, n * 4),
+    ])?;
+    // SAFETY: int8_logits reads rows·padded int8 weights and rows scales, n rows of padded
+    // i16 activations and n scales, and writes n·rows floats; sizes checked above.
+    unsafe {
+        launch(
+            gpu,
+            Kernel::Int8Logits,
+            (rows, n.div_ceil(LG_TOKENS), 1),
+            &[
+                out.arg(),
+                head.values.arg(),
+                head.scales.arg(),
+                acts.q.arg(),
+                acts.scales.arg(),
+                Arg::I32(rows as i32),
+                Arg::I32(head.padded as i32),
+                Arg::I32(n as i32),
             ],
         )
     }
@@ -1166,6 +1284,8 @@ struct CudaActs<'a> {
     q: &'a DevBuf,
     scales: &'a DevBuf,
     sums: &'a DevBuf,
+    /// 8 (int8, the ternary linears') or 12 (i16, the quantized lm_head's).
+    bits: i32,
 }
 
 /// Queues `kernel` on `grid` blocks of `block` threads.
@@ -1234,6 +1354,8 @@ pub struct CudaState {
     attn_rows: usize,
     /// Bytes of a KV cache element: 4 (f32) or 2 (f16).
     kv_elem: usize,
+    /// With an int8 lm_head: its 12-bit activations `[max_batch, padded]` and their scales.
+    head_acts: Option<(DevBuf, DevBuf)>,
     /// i32 `[4][max_batch]`: tokens, positions, slots, rows that want logits.
     meta: DevBuf,
     logit_rows: DevBuf,
@@ -1256,6 +1378,7 @@ impl CudaState {
             q: &self.acts,
             scales: &self.act_scales,
             sums: &self.act_sums,
+            bits: 8,
         }
     }
 
@@ -1326,7 +1449,13 @@ impl Backend for CudaBackend {
             ("logit rows", f(c.hidden_size)),
             ("logits", f(c.vocab_size)),
         ];
-        let scratch: usize = sizes.iter().map(|s| s.1).sum();
+        // The 12-bit activations and their scales of an int8 lm_head.
+        let head_acts = self
+            .lm_head_int8
+            .as_ref()
+            .map(|h| (max_batch * h.padded * 2, max_batch * 4));
+        let scratch: usize =
+            sizes.iter().map(|s| s.1).sum::<usize>() + head_acts.map_or(0, |(a, b)| a + b);
         let kv_total = 2 * c.n_layers * cache;
         if let Some((free, total)) = self.gpu.memory_info() {
             if kv_total + scratch > free {
@@ -1360,6 +1489,13 @@ impl Backend for CudaBackend {
                 &format!("the {what} buffer"),
             )?);
         }
+        let head_acts = match head_acts {
+            Some((values, scales)) => Some((
+                DevBuf::new(&self.gpu, values, "the lm_head activations buffer")?,
+                DevBuf::new(&self.gpu, scales, "the lm_head activation scales buffer")?,
+            )),
+            None => None,
+        };
         let mut it = bufs.into_iter();
         let mut next = || it.next().expect("one buffer per size");
         Ok(Box::new(CudaState {
@@ -1383,6 +1519,7 @@ impl Backend for CudaBackend {
             att_parts: next(),
             attn_rows,
             kv_elem,
+            head_acts,
             meta: next(),
             logit_rows: next(),
             logits_dev: next(),

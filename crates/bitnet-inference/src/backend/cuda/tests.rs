@@ -88,6 +88,7 @@ fn quantization_and_ternary_products_equal_the_cpu() {
         q: &q,
         scales: &scales,
         sums: &sums,
+        bits: 8,
     };
     let src = super::Source {
         x: &xd,
@@ -449,15 +450,18 @@ fn compare(
 /// the platform's and so only on the emulator the CPU's) within 1e-3. Past 256 positions the
 /// attention folds a second chunk; the variant has 10 query heads on one KV head (two chunk
 /// blocks of 8 and 2 heads) and attention launches of 7 rows. Then both with f16 KV caches
-/// (`--kv-type f16`): the same bits again.
+/// (`--kv-type f16`) and with the int8 lm_head (`--lm-head int8`, of the tied embedding and
+/// of the untied f16 head): the same bits again.
 #[test]
 fn forward_equals_the_cpu_backend_on_random_models() {
     let Some(gpu) = emulator() else { return };
-    for (variant, kv) in [
-        (false, KvType::F32),
-        (true, KvType::F32),
-        (false, KvType::F16),
-        (true, KvType::F16),
+    use crate::backend::LmHeadQuant;
+    for (variant, kv, head) in [
+        (false, KvType::F32, LmHeadQuant::None),
+        (true, KvType::F32, LmHeadQuant::None),
+        (false, KvType::F16, LmHeadQuant::None),
+        (true, KvType::F16, LmHeadQuant::Int8),
+        (false, KvType::F32, LmHeadQuant::Int8),
     ] {
         let c = ModelConfig {
             activation: if variant {
@@ -477,8 +481,10 @@ fn forward_equals_the_cpu_backend_on_random_models() {
         let mut cpu =
             CpuBackend::with_kernel(c.clone(), w.clone(), &kernels::scalar::ScalarKernel).unwrap();
         cpu.set_kv_type(kv);
+        cpu.set_lm_head_quant(head).unwrap();
         let mut cuda = CudaBackend::on(gpu.clone(), c.clone(), w).unwrap();
         cuda.set_kv_type(kv);
+        cuda.set_lm_head_quant(head).unwrap();
         if variant {
             cuda.attn_parts_budget = 7 * super::attn_part_bytes(&c, c.max_context);
         }
@@ -502,7 +508,9 @@ fn forward_equals_the_cpu_backend_on_random_models() {
             batches.push(batch);
         }
         let worst = compare(&cpu, &cuda, 3, &batches, if variant { 1e-3 } else { 0.0 });
-        eprintln!("variant {variant}, KV {kv:?}: largest logit difference {worst:e}");
+        eprintln!(
+            "variant {variant}, KV {kv:?}, lm_head {head:?}: largest logit difference {worst:e}"
+        );
     }
 }
 
