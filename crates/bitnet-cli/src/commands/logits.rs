@@ -1,4 +1,3 @@
-use super::load;
 use bitnet_inference::eval;
 use bitnet_inference::formats::npy;
 use std::path::PathBuf;
@@ -15,12 +14,20 @@ pub struct Args {
     /// Output .npy file: float32 [n_ids, vocab].
     #[arg(short, long)]
     output: PathBuf,
+    /// Where the model computes: `cpu`, `cuda`, `cuda:N` or `auto` (the GPU gives the CPU's
+    /// portable path's bits, `BITNET_KERNEL=scalar`).
+    #[arg(long, default_value = "cpu", value_parser = super::parse_device)]
+    device: bitnet_inference::backend::Device,
 }
 
-/// Always exact: activations between layers and the KV cache are f32 in every mode this
-/// engine has.
+/// Always exact: activations between layers and the KV cache are f32, the lm_head the
+/// file's, on every device.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let m = load(&super::model_or_default(a.model.as_deref())?)?;
+    let options = bitnet_inference::backend::ModelOptions {
+        device: a.device,
+        ..Default::default()
+    };
+    let m = super::load_with(&super::model_or_default(a.model.as_deref())?, &options)?;
     let n = a.ids.len();
     let vocab = m.model.config().vocab_size;
     let all = eval::sequence_logits(&m.model, &a.ids)?;

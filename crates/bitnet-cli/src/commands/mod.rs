@@ -23,15 +23,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-/// Loads a model as every front end uses it: weights, tokenizer, chat template, end tokens.
-/// `path` may be a Hugging Face hub id (see [`resolve_model`]). A spinner shows on stderr
-/// while it loads, when stderr is a terminal.
-pub fn load(path: &Path) -> anyhow::Result<LoadedEngineModel> {
-    load_with(path, &ModelOptions::default())
-}
-
-/// [`load`] with the model computing as `options` say, on `-t`'s threads unless `options`
-/// names a count.
+/// Loads a model, computing as `options` say, on `-t`'s threads unless `options` names a
+/// count.
 pub fn load_with(path: &Path, options: &ModelOptions) -> anyhow::Result<LoadedEngineModel> {
     let path = resolve_model(path)?;
     let sp = loading_spinner(&path);
