@@ -606,11 +606,11 @@ fn device_flag_errors_are_clear() {
         "1",
         "--device",
         "cuda",
-        "--lm-head",
-        "q4",
+        "--quant-acts",
+        "q8",
     ]);
     if cfg!(feature = "cuda") {
-        assert_clean_error(&o, &["CUDA backend does not support a q6k or q4 lm_head"]);
+        assert_clean_error(&o, &["CUDA backend does not support --quant-acts q8"]);
     } else {
         assert_clean_error(&o, &["no CUDA backend"]);
     }

@@ -129,6 +129,22 @@ impl Q4Matrix {
             &self.scales[r * g..(r + 1) * g],
         )
     }
+    /// Group `g` (columns `32g..32g + 32`) of row `r` in column order: byte `i` holds the
+    /// codes of columns `32g + 2i` (low nibble) and `32g + 2i + 1` (high nibble); and its
+    /// scale. For kernels that do not read the superblock layout (the CUDA backend's).
+    pub fn group_codes(&self, r: usize, g: usize) -> ([u8; Q4_GROUP / 2], f16) {
+        let (codes, scales) = self.row(r);
+        let mut out = [0u8; Q4_GROUP / 2];
+        for (i, o) in out.iter_mut().enumerate() {
+            let code = |c: usize| {
+                let (byte, shift) = code_slot(g * Q4_GROUP + c);
+                (codes[byte] >> shift) & 0x0F
+            };
+            *o = code(2 * i) | code(2 * i + 1) << 4;
+        }
+        (out, scales[g])
+    }
+
     /// Row `r` as the floats it stands for, `d·q`; `out` has `cols` values.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         let (codes, scales) = self.row(r);

@@ -119,7 +119,8 @@ impl Q6kMatrix {
         self.data.is_mapped()
     }
 
-    fn row(&self, r: usize) -> &[u8] {
+    /// Row `r`'s blocks (ggml's Q6_K layout, [`Q6K_BLOCK_BYTES`] each).
+    pub fn row(&self, r: usize) -> &[u8] {
         let n = self.padded_cols / Q6K_BLOCK * Q6K_BLOCK_BYTES;
         &self.data[r * n..(r + 1) * n]
     }

@@ -127,30 +127,37 @@ fn bitnet_tiny_on_the_gpu_equals_the_cpu_for_64_greedy_tokens() {
 }
 
 /// A prompt of over 256 positions (attention folds two chunks; the ternary products of the
-/// prefill on the tensor cores, in several tiles) with f16 KV caches and the int8 lm_head on
-/// both backends.
+/// prefill on the tensor cores, in several tiles) with f16 KV caches and each quantized
+/// lm_head on both backends.
 #[test]
-fn bitnet_tiny_long_prompt_f16_kv_int8_head_equals_the_cpu() {
-    if !gpu("bitnet_tiny_long_prompt_f16_kv_int8_head_equals_the_cpu") {
+fn bitnet_tiny_long_prompt_f16_kv_quantized_heads_equal_the_cpu() {
+    if !gpu("bitnet_tiny_long_prompt_f16_kv_quantized_heads_equal_the_cpu") {
         return;
     }
     let m = model::load(&tiny_dir()).unwrap();
-    let options = ModelOptions {
-        kv_type: backend::KvType::F16,
-        lm_head: backend::LmHeadQuant::Int8,
-        ..Default::default()
-    };
-    let mut cpu =
-        CpuBackend::with_kernel(m.config.clone(), m.weights.clone(), &ScalarKernel).unwrap();
-    cpu.set_kv_type(backend::KvType::F16);
-    cpu.set_lm_head_quant(backend::LmHeadQuant::Int8).unwrap();
-    let gpu = cuda_with(&m.config, &m.weights, &options);
     let text =
         "The fox ran over the hill and down to the river, where the water was cold. ".repeat(20);
     let prompt = m.tokenizer.encode(&text, true).unwrap();
     assert!(prompt.len() > 256, "{} tokens", prompt.len());
     let prompt = &prompt[..prompt.len().min(m.config.max_context - 16)];
-    greedy_on_both(&cpu, gpu.as_ref(), prompt, 8);
+    for head in [
+        backend::LmHeadQuant::Int8,
+        backend::LmHeadQuant::Q6K,
+        backend::LmHeadQuant::Q4,
+    ] {
+        let options = ModelOptions {
+            kv_type: backend::KvType::F16,
+            lm_head: head,
+            ..Default::default()
+        };
+        let mut cpu =
+            CpuBackend::with_kernel(m.config.clone(), m.weights.clone(), &ScalarKernel).unwrap();
+        cpu.set_kv_type(backend::KvType::F16);
+        cpu.set_lm_head_quant(head).unwrap();
+        let gpu = cuda_with(&m.config, &m.weights, &options);
+        eprintln!("lm_head {head:?}");
+        greedy_on_both(&cpu, gpu.as_ref(), prompt, 8);
+    }
 }
 
 /// The 2B-4T shape (hidden 2560, FFN 6912, 20/5 heads of 128, vocab 128256) with two of its
@@ -257,18 +264,21 @@ fn devices_parse_and_unsupported_options_are_named() {
         ..Default::default()
     };
     assert_eq!(backend::cuda::unsupported(&f16), None);
-    let q4 = ModelOptions {
-        lm_head: backend::LmHeadQuant::Q4,
+    for head in [
+        backend::LmHeadQuant::Int8,
+        backend::LmHeadQuant::Q6K,
+        backend::LmHeadQuant::Q4,
+    ] {
+        let quantized = ModelOptions {
+            lm_head: head,
+            ..f16
+        };
+        assert_eq!(backend::cuda::unsupported(&quantized), None);
+    }
+    let q8 = ModelOptions {
+        quant_acts: bitnet_inference::kernels::qblock::QuantActs::Q8,
         ..Default::default()
     };
-    assert_eq!(
-        backend::cuda::unsupported(&q4),
-        Some("a q6k or q4 lm_head (--lm-head q6k/q4)")
-    );
-    let int8 = ModelOptions {
-        lm_head: backend::LmHeadQuant::Int8,
-        ..f16
-    };
-    assert_eq!(backend::cuda::unsupported(&int8), None);
+    assert_eq!(backend::cuda::unsupported(&q8), Some("--quant-acts q8"));
     assert_eq!(backend::cuda::unsupported(&ModelOptions::default()), None);
 }

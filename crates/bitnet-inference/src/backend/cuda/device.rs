@@ -38,6 +38,8 @@ pub(crate) enum Kernel {
     TernaryGemv,
     TernaryGemm,
     Int8Logits,
+    Q4Logits,
+    Q6kLogits,
     DenseGemv,
     RopeStore,
     AttentionChunks,
@@ -46,12 +48,14 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 10] = [
+    pub(crate) const ALL: [Kernel; 12] = [
         Kernel::EmbedRows,
         Kernel::NormQuant,
         Kernel::TernaryGemv,
         Kernel::TernaryGemm,
         Kernel::Int8Logits,
+        Kernel::Q4Logits,
+        Kernel::Q6kLogits,
         Kernel::DenseGemv,
         Kernel::RopeStore,
         Kernel::AttentionChunks,
@@ -67,6 +71,8 @@ impl Kernel {
             Kernel::TernaryGemv => "ternary_gemv",
             Kernel::TernaryGemm => "ternary_gemm",
             Kernel::Int8Logits => "int8_logits",
+            Kernel::Q4Logits => "q4_logits",
+            Kernel::Q6kLogits => "q6k_logits",
             Kernel::DenseGemv => "dense_gemv",
             Kernel::RopeStore => "rope_store",
             Kernel::AttentionChunks => "attention_chunks",

@@ -390,6 +390,116 @@ extern "C" __global__ void int8_logits(float* out, const i8* w, const float* w_s
     }
 }
 
+// The 4-bit lm_head (kernels/q4.rs): per 32-column group g an f16 scale d_g and codes
+// u = q + 8; out[t][r] = (Σ lanes) / s_a[t], where lane k (of 16) accumulates
+// fma(d_g, Σ_j q_j·a_j, lane) for the groups g = 16·sb + k of superblocks sb in order, and
+// the lanes are added as halves, quarters, ... (the CPU's fixed order: the same bits).
+// Codes per (group, row) chunk-major: 16 bytes at (g·rows + r)·16, column 32g + 2i in the
+// low nibble of byte i, 32g + 2i + 1 in the high one; scales at g·rows + r. Grid as
+// int8_logits.
+__device__ __forceinline__ float reduce16(float* v) {
+#pragma unroll
+    for (int n = 8; n >= 1; n /= 2) {
+#pragma unroll
+        for (int i = 0; i < n; i++) {
+            v[i] += v[i + n];
+        }
+    }
+    return v[0];
+}
+
+extern "C" __global__ void q4_logits(float* out, const u32x4* codes, const u16* scales,
+                                     const short* a, const float* a_scales, int rows,
+                                     int padded, int n) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    int t0 = blockIdx.y * LG_TOKENS;
+    if (r >= rows) {
+        return;
+    }
+    int nt = n - t0 < LG_TOKENS ? n - t0 : LG_TOKENS;
+    float lanes[LG_TOKENS][16];
+#pragma unroll
+    for (int t = 0; t < LG_TOKENS; t++)
+#pragma unroll
+        for (int k = 0; k < 16; k++) lanes[t][k] = 0.0f;
+    int groups = padded / 32;
+    for (int g0 = 0; g0 < groups; g0 += 16) {
+#pragma unroll
+        for (int k = 0; k < 16; k++) {
+            int g = g0 + k;
+            u32x4 c = codes[(i64)g * rows + r];
+            float d = f16_to_f32(scales[(i64)g * rows + r]);
+            u32 words[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+            for (int t = 0; t < LG_TOKENS; t++) {
+                if (t < nt) {
+                    const short* at = a + (i64)(t0 + t) * padded + g * 32;
+                    int sum = 0;
+#pragma unroll
+                    for (int b = 0; b < 16; b++) {
+                        u32 byte = (words[b / 4] >> (8 * (b % 4))) & 0xffu;
+                        sum += ((int)(byte & 15u) - 8) * (int)at[2 * b] +
+                               ((int)(byte >> 4) - 8) * (int)at[2 * b + 1];
+                    }
+                    lanes[t][k] = fmaf(d, (float)sum, lanes[t][k]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        out[(i64)(t0 + t) * rows + r] = reduce16(lanes[t]) / a_scales[t0 + t];
+    }
+}
+
+// The Q6_K lm_head (kernels/q6k.rs): ggml's 210-byte blocks of 256 weights (ql[128],
+// qh[64], 16 int8 sub-block scales, f16 d), block b of row r at (b·rows + r)·210;
+// out[t][r] = (Σ_b d_b·dot_b, added block after block) / s_a[t], dot_b = Σ_j sc_j·Σ
+// (code − 32)·a over sub-block j (exact integers; the CPU's i32). Grid as int8_logits.
+extern "C" __global__ void q6k_logits(float* out, const u8* blocks, const short* a,
+                                      const float* a_scales, int rows, int padded, int n) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    int t0 = blockIdx.y * LG_TOKENS;
+    if (r >= rows) {
+        return;
+    }
+    int nt = n - t0 < LG_TOKENS ? n - t0 : LG_TOKENS;
+    float acc[LG_TOKENS];
+#pragma unroll
+    for (int t = 0; t < LG_TOKENS; t++) acc[t] = 0.0f;
+    for (int b = 0; b < padded / 256; b++) {
+        const u8* blk = blocks + ((i64)b * rows + r) * 210;
+        float d = f16_to_f32((u16)(blk[208] | (blk[209] << 8)));
+        int dot[LG_TOKENS];
+#pragma unroll
+        for (int t = 0; t < LG_TOKENS; t++) dot[t] = 0;
+        for (int j = 0; j < 16; j++) {
+            int sub[LG_TOKENS];
+#pragma unroll
+            for (int t = 0; t < LG_TOKENS; t++) sub[t] = 0;
+            for (int i = 0; i < 16; i++) {
+                int e = j * 16 + i;
+                int h = e / 128, k = (e % 128) / 32, l = e % 32;
+                int low = (blk[64 * h + l + 32 * (k & 1)] >> (k >= 2 ? 4 : 0)) & 15;
+                int code = low | (((blk[128 + 32 * h + l] >> (2 * k)) & 3) << 4);
+#pragma unroll
+                for (int t = 0; t < LG_TOKENS; t++) {
+                    if (t < nt) {
+                        sub[t] += (code - 32) * (int)a[(i64)(t0 + t) * padded + b * 256 + e];
+                    }
+                }
+            }
+            int sc = (int)(i8)blk[192 + j];
+#pragma unroll
+            for (int t = 0; t < LG_TOKENS; t++) dot[t] += sc * sub[t];
+        }
+#pragma unroll
+        for (int t = 0; t < LG_TOKENS; t++) acc[t] = acc[t] + d * (float)dot[t];
+    }
+    for (int t = 0; t < nt; t++) {
+        out[(i64)(t0 + t) * rows + r] = acc[t] / a_scales[t0 + t];
+    }
+}
+
 // Ternary products, out[t][r] = (Σ_k trit[r][k]·q[t][k]) / s_t · multiplier[r], exactly as
 // the CPU (the integer sum is exact in any order).
 //

@@ -20,7 +20,7 @@
 //! [`GRAPH_MAX_TOKENS`] tokens are recorded once as a CUDA graph per (tokens, logits rows)
 //! and replayed: one launch a step.
 //!
-//! Not done yet: the q6k and q4 lm_heads (`--lm-head int8` is done), llama.cpp's Q8 activations for Q4/Q8
+//! Not done yet: llama.cpp's Q8 activations for Q4/Q8
 //! linears (each refused with an error naming it); a split-K (flash-decoding) attention.
 //!
 //! Ternary products: a dp4a GEMV (`ternary_gemv`) for decode-sized calls, the int8 tensor
@@ -39,11 +39,7 @@ pub use device::driver_present;
 /// The options the CUDA backend cannot honour yet, named as the command line names them
 /// (`None`: it supports them all).
 pub fn unsupported(options: &super::ModelOptions) -> Option<&'static str> {
-    use super::LmHeadQuant;
     use crate::kernels::qblock::QuantActs;
-    if matches!(options.lm_head, LmHeadQuant::Q6K | LmHeadQuant::Q4) {
-        return Some("a q6k or q4 lm_head (--lm-head q6k/q4)");
-    }
     if options.quant_acts != QuantActs::Exact {
         return Some("--quant-acts q8");
     }
@@ -119,19 +115,103 @@ pub struct CudaBackend {
     attn_parts_budget: usize,
     /// Element type of the KV caches of states made from now on.
     kv_type: KvType,
-    /// The int8 copy of the float lm_head (`--lm-head int8`) that logits use instead.
-    lm_head_int8: Option<Int8HeadDev>,
+    /// The quantized copy of the float lm_head (`--lm-head int8/q6k/q4`) that logits use
+    /// instead.
+    quant_head: Option<QuantHeadDev>,
     /// Held for a forward call's copies and launches: one call at a time on the stream (a
     /// graph capture records whatever the stream is given).
     stream: std::sync::Mutex<()>,
 }
 
-/// An int8 lm_head on the device: rows chunk-major (`weights::chunk_major`, 8 columns a
-/// chunk), zero-padded to `padded` columns, and the per-row scales.
-struct Int8HeadDev {
-    values: DevBuf,
-    scales: DevBuf,
+/// A quantized lm_head on the device, its rows zero-padded to `padded` columns (the width
+/// of its 12-bit activations).
+struct QuantHeadDev {
+    kind: QuantHeadKind,
     padded: usize,
+}
+
+enum QuantHeadKind {
+    /// int8 rows chunk-major (`weights::chunk_major`, 8 columns a chunk), per-row scales.
+    Int8 { values: DevBuf, scales: DevBuf },
+    /// 4-bit codes of 32-column groups, 16 bytes per (group, row) chunk-major, and their f16
+    /// scales (`q4_logits` in kernels.cu).
+    Q4 { codes: DevBuf, scales: DevBuf },
+    /// ggml Q6_K blocks, block-major (`q6k_logits`).
+    Q6k { blocks: DevBuf },
+}
+
+impl QuantHeadDev {
+    fn bytes(&self) -> usize {
+        match &self.kind {
+            QuantHeadKind::Int8 { values, scales } => values.bytes() + scales.bytes(),
+            QuantHeadKind::Q4 { codes, scales } => codes.bytes() + scales.bytes(),
+            QuantHeadKind::Q6k { blocks } => blocks.bytes(),
+        }
+    }
+
+    /// The CPU backend's quantized copy of `m` (the same integers and scales), in the
+    /// layouts the kernels read.
+    fn new(
+        gpu: &Arc<dyn Gpu>,
+        quant: crate::backend::LmHeadQuant,
+        m: &crate::kernels::DenseMatrix,
+    ) -> Result<Option<Self>> {
+        use crate::backend::LmHeadQuant;
+        let buf = |bytes: &[u8], what: &str| DevBuf::from_slice(gpu, bytes, what);
+        Ok(Some(match quant {
+            LmHeadQuant::None => return Ok(None),
+            LmHeadQuant::Int8 => {
+                let q = crate::kernels::int8::Int8Matrix::from_dense(m);
+                let bytes: &[u8] = bytemuck::cast_slice(q.values());
+                let values = weights::chunk_major(bytes, 1, q.rows(), q.padded_cols());
+                QuantHeadDev {
+                    kind: QuantHeadKind::Int8 {
+                        values: buf(&values, "the int8 lm_head")?,
+                        scales: buf(bytemuck::cast_slice(q.scales()), "the int8 lm_head scales")?,
+                    },
+                    padded: q.padded_cols(),
+                }
+            }
+            LmHeadQuant::Q4 => {
+                let q = crate::kernels::q4::Q4Matrix::from_dense(m);
+                let (rows, groups) = (q.rows(), q.padded_cols() / crate::kernels::q4::Q4_GROUP);
+                let mut codes = vec![0u8; groups * rows * 16];
+                let mut scales = vec![0u16; groups * rows];
+                for r in 0..rows {
+                    for g in 0..groups {
+                        let (c, d) = q.group_codes(r, g);
+                        codes[(g * rows + r) * 16..][..16].copy_from_slice(&c);
+                        scales[g * rows + r] = d.to_bits();
+                    }
+                }
+                QuantHeadDev {
+                    kind: QuantHeadKind::Q4 {
+                        codes: buf(&codes, "the q4 lm_head")?,
+                        scales: buf(bytemuck::cast_slice(&scales), "the q4 lm_head scales")?,
+                    },
+                    padded: q.padded_cols(),
+                }
+            }
+            LmHeadQuant::Q6K => {
+                use crate::kernels::q6k::{Q6K_BLOCK, Q6K_BLOCK_BYTES};
+                let q = crate::kernels::q6k::Q6kMatrix::from_dense_releasing(m)?;
+                let (rows, nb) = (q.rows(), q.padded_cols() / Q6K_BLOCK);
+                let mut blocks = vec![0u8; nb * rows * Q6K_BLOCK_BYTES];
+                for r in 0..rows {
+                    for (b, blk) in q.row(r).chunks_exact(Q6K_BLOCK_BYTES).enumerate() {
+                        blocks[(b * rows + r) * Q6K_BLOCK_BYTES..][..Q6K_BLOCK_BYTES]
+                            .copy_from_slice(blk);
+                    }
+                }
+                QuantHeadDev {
+                    kind: QuantHeadKind::Q6k {
+                        blocks: buf(&blocks, "the q6k lm_head")?,
+                    },
+                    padded: q.padded_cols(),
+                }
+            }
+        }))
+    }
 }
 
 struct NormDev {
@@ -374,7 +454,7 @@ impl CudaBackend {
             use_graphs: std::env::var("BITNET_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             attn_parts_budget: ATTN_PARTS_BYTES,
             kv_type: KvType::F32,
-            lm_head_int8: None,
+            quant_head: None,
             use_mma: gpu.int8_mma() && std::env::var("BITNET_CUDA_MMA").map_or(true, |v| v != "0"),
             stream: std::sync::Mutex::new(()),
             gpu,
@@ -385,12 +465,11 @@ impl CudaBackend {
     }
 
     /// Chooses how logits are computed, as the CPU backend's `set_lm_head_quant`: exactly
-    /// from the float lm_head (or tied embedding), or `Int8` against an int8 copy made now
-    /// (the CPU's quantization, the same integers and scales) with 12-bit activations: the
-    /// CPU's bits. A ternary lm_head is left as it is. Applies to states made from now on.
-    /// Q6K and Q4 are refused.
+    /// from the float lm_head (or tied embedding), or against an int8, Q6_K or 4-bit copy
+    /// made now (the CPU's quantization: the same integers and scales) with 12-bit
+    /// activations, added in the CPU's order: the CPU's bits. A ternary lm_head is left as
+    /// it is. Applies to states made from now on.
     pub fn set_lm_head_quant(&mut self, quant: crate::backend::LmHeadQuant) -> Result<()> {
-        use crate::backend::LmHeadQuant;
         let float_head = match &self.weights.lm_head {
             None => Some(&self.weights.token_embedding),
             Some(crate::model::Linear {
@@ -399,30 +478,13 @@ impl CudaBackend {
             }) => Some(m),
             Some(_) => None,
         };
-        if let Some(old) = self.lm_head_int8.take() {
-            self.weight_bytes -= old.values.bytes() + old.scales.bytes();
+        if let Some(old) = self.quant_head.take() {
+            self.weight_bytes -= old.bytes();
         }
-        match (quant, float_head) {
-            (LmHeadQuant::None, _) | (_, None) => {}
-            (LmHeadQuant::Int8, Some(m)) => {
-                let q = crate::kernels::int8::Int8Matrix::from_dense(m);
-                let bytes: &[u8] = bytemuck::cast_slice(q.values());
-                let values = weights::chunk_major(bytes, 1, q.rows(), q.padded_cols());
-                let head = Int8HeadDev {
-                    values: DevBuf::from_slice(&self.gpu, &values, "the int8 lm_head")?,
-                    scales: DevBuf::from_slice(&self.gpu, q.scales(), "the int8 lm_head scales")?,
-                    padded: q.padded_cols(),
-                };
-                self.weight_bytes += head.values.bytes() + head.scales.bytes();
-                self.lm_head_int8 = Some(head);
-            }
-            (other, Some(_)) => {
-                return Err(Error::Invalid(format!(
-                    "the CUDA backend does not support --lm-head {} yet; use int8 or f16",
-                    other.name()
-                )))
-            }
+        if let Some(m) = float_head {
+            self.quant_head = QuantHeadDev::new(&self.gpu, quant, m)?;
         }
+        self.weight_bytes += self.quant_head.as_ref().map_or(0, QuantHeadDev::bytes);
         Ok(())
     }
 
@@ -917,10 +979,10 @@ impl CudaBackend {
             gated: None,
             cols: hd,
         };
-        if let Some(head) = &self.lm_head_int8 {
+        if let Some(head) = &self.quant_head {
             let Some((values, scales)) = &s.head_acts else {
                 return Err(Error::Invalid(
-                    "CUDA: this state was made before --lm-head int8 was chosen".into(),
+                    "CUDA: this state was made before a quantized lm_head was chosen".into(),
                 ));
             };
             let acts = CudaActs {
@@ -938,7 +1000,7 @@ impl CudaBackend {
                 m,
                 head.padded,
             )?;
-            return int8_logits(&self.gpu, &s.logits_dev, head, &acts, m, c.vocab_size);
+            return quant_logits(&self.gpu, &s.logits_dev, head, &acts, m, c.vocab_size);
         }
         match &self.lm_head {
             None => {
@@ -1058,41 +1120,50 @@ fn norm_quant(
 /// Tokens an `int8_logits` thread takes (`LG_TOKENS` in kernels.cu).
 const LG_TOKENS: usize = 4;
 
-/// `out[n, rows] = (Σ w·a) / (s_w·s_a)`: the int8 lm_head against 12-bit activations.
-fn int8_logits(
+/// `out[n, rows]`: the logits of a quantized lm_head against 12-bit activations
+/// (`int8_logits`, `q4_logits`, `q6k_logits` in kernels.cu).
+fn quant_logits(
     gpu: &Arc<dyn Gpu>,
     out: &DevBuf,
-    head: &Int8HeadDev,
+    head: &QuantHeadDev,
     acts: &CudaActs,
     n: usize,
     rows: usize,
 ) -> Result<()> {
-    check_fits(&[
+    let p = head.padded;
+    let mut fits = vec![
         (out, n * rows * 4),
-        (&head.values, rows * head.padded),
-        (&head.scales, rows * 4),
-        (acts.q, n * head.padded * 2),
+        (acts.q, n * p * 2),
         (acts.scales, n * 4),
-    ])?;
-    // SAFETY: int8_logits reads rows·padded int8 weights and rows scales, n rows of padded
-    // i16 activations and n scales, and writes n·rows floats; sizes checked above.
-    unsafe {
-        launch(
-            gpu,
-            Kernel::Int8Logits,
-            (rows, n.div_ceil(LG_TOKENS), 1),
-            &[
-                out.arg(),
-                head.values.arg(),
-                head.scales.arg(),
-                acts.q.arg(),
-                acts.scales.arg(),
-                Arg::I32(rows as i32),
-                Arg::I32(head.padded as i32),
-                Arg::I32(n as i32),
-            ],
-        )
-    }
+    ];
+    let (kernel, weights): (Kernel, Vec<Arg>) = match &head.kind {
+        QuantHeadKind::Int8 { values, scales } => {
+            fits.extend([(values, rows * p), (scales, rows * 4)]);
+            (Kernel::Int8Logits, vec![values.arg(), scales.arg()])
+        }
+        QuantHeadKind::Q4 { codes, scales } => {
+            fits.extend([(codes, rows * p / 2), (scales, rows * p / 32 * 2)]);
+            (Kernel::Q4Logits, vec![codes.arg(), scales.arg()])
+        }
+        QuantHeadKind::Q6k { blocks } => {
+            let block_bytes = crate::kernels::q6k::Q6K_BLOCK_BYTES;
+            fits.push((blocks, rows * p / 256 * block_bytes));
+            (Kernel::Q6kLogits, vec![blocks.arg()])
+        }
+    };
+    check_fits(&fits)?;
+    let mut args = vec![out.arg()];
+    args.extend(weights);
+    args.extend([
+        acts.q.arg(),
+        acts.scales.arg(),
+        Arg::I32(rows as i32),
+        Arg::I32(p as i32),
+        Arg::I32(n as i32),
+    ]);
+    // SAFETY: the kernel reads rows·padded weights of its kind (with their scales), n rows
+    // of padded i16 activations and n scales, and writes n·rows floats; sizes checked above.
+    unsafe { launch(gpu, kernel, (rows, n.div_ceil(LG_TOKENS), 1), &args) }
 }
 
 /// Positions a softmax chunk takes (`ATTN_CHUNK` in kernels.cu, the CPU's `CHUNK`).
@@ -1451,7 +1522,7 @@ impl Backend for CudaBackend {
         ];
         // The 12-bit activations and their scales of an int8 lm_head.
         let head_acts = self
-            .lm_head_int8
+            .quant_head
             .as_ref()
             .map(|h| (max_batch * h.padded * 2, max_batch * 4));
         let scratch: usize =

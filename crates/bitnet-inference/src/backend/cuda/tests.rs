@@ -450,8 +450,8 @@ fn compare(
 /// the platform's and so only on the emulator the CPU's) within 1e-3. Past 256 positions the
 /// attention folds a second chunk; the variant has 10 query heads on one KV head (two chunk
 /// blocks of 8 and 2 heads) and attention launches of 7 rows. Then both with f16 KV caches
-/// (`--kv-type f16`) and with the int8 lm_head (`--lm-head int8`, of the tied embedding and
-/// of the untied f16 head): the same bits again.
+/// (`--kv-type f16`) and with the quantized lm_heads (`--lm-head int8/q4/q6k`, of the tied
+/// embedding and of the untied f16 head): the same bits again.
 #[test]
 fn forward_equals_the_cpu_backend_on_random_models() {
     let Some(gpu) = emulator() else { return };
@@ -462,6 +462,10 @@ fn forward_equals_the_cpu_backend_on_random_models() {
         (false, KvType::F16, LmHeadQuant::None),
         (true, KvType::F16, LmHeadQuant::Int8),
         (false, KvType::F32, LmHeadQuant::Int8),
+        (false, KvType::F32, LmHeadQuant::Q4),
+        (true, KvType::F32, LmHeadQuant::Q4),
+        (false, KvType::F32, LmHeadQuant::Q6K),
+        (true, KvType::F16, LmHeadQuant::Q6K),
     ] {
         let c = ModelConfig {
             activation: if variant {
@@ -473,6 +477,9 @@ fn forward_equals_the_cpu_backend_on_random_models() {
             tied_embeddings: !variant,
             qk_norm: false,
             max_context: 300,
+            // Past one Q4 superblock (512 columns) and two Q6_K blocks for the quantized
+            // heads.
+            hidden_size: if head == LmHeadQuant::None { 64 } else { 576 },
             n_heads: if variant { 10 } else { 4 },
             n_kv_heads: if variant { 1 } else { 2 },
             ..config()
