@@ -13,6 +13,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod rope;
 
 use crate::model::{ModelConfig, ModelWeights};
 use crate::Result;

@@ -5,11 +5,12 @@
 //! Exactness: activations between layers, the KV cache and all float math are f32, and the
 //! ternary linears quantize activations per token to int8 exactly as transformers does.
 
+use crate::backend::rope::RopeAngles;
 use crate::backend::{Batch, BatchEntry, KvType, LmHeadQuant, ModelOptions};
 use crate::kernels::attention::{AttentionTask, KvElem, RunningSoftmax};
 use crate::kernels::pool::{self, SpinPool};
 use crate::kernels::{self, KernelChoice, QuantizedActivations};
-use crate::model::{rope, Activation, Linear, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
+use crate::model::{Activation, Linear, LinearWeights, ModelConfig, ModelWeights, RmsNorm};
 use crate::{Error, Result};
 use std::cell::RefCell;
 
@@ -128,19 +129,11 @@ impl KvCache {
 /// `max_batch` tokens, and the logits of the tokens that asked for them.
 pub struct CpuState {
     max_batch: usize,
-    /// `[context, head_dim / 2]` cos and sin of the RoPE angles, as transformers computes
-    /// them in f32: for the positions this state holds, not the model's maximum. Empty for
-    /// scalings that depend on the sequence length
-    /// ([`crate::model::RopeScaling::depends_on_length`]).
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
+    /// The RoPE tables of the positions this state holds.
+    rope: RopeAngles,
     /// `[max_batch, head_dim / 2]`: the cos and sin rows of this call's entries.
     rope_rows_cos: Vec<f32>,
     rope_rows_sin: Vec<f32>,
-    /// `[head_dim / 2]` inverse frequencies (length-dependent scalings), and per slot the
-    /// sequence length a call reaches.
-    rope_inv: Vec<f32>,
-    slot_len: Vec<usize>,
     kv: KvCache,
     /// Residual stream `[max_batch, hidden]`.
     hidden: Vec<f32>,
@@ -211,11 +204,9 @@ impl CpuState {
             + self.proj.len()
             + self.logits.len()
             + self.logit_rows.len()
-            + self.rope_cos.len()
-            + self.rope_sin.len()
+            + self.rope.len()
             + self.rope_rows_cos.len()
-            + self.rope_rows_sin.len()
-            + self.rope_inv.len())
+            + self.rope_rows_sin.len())
     }
 }
 
@@ -368,15 +359,11 @@ impl CpuBackend {
         let (n_slots, max_batch) = (n_slots.max(1), max_batch.max(1));
         let wide = c.hidden_size.max(c.ffn_size).max(c.q_dim());
         let lm_head_width = c.hidden_size.next_multiple_of(kernels::q4::Q4_SUPER);
-        let (rope_cos, rope_sin) = rope_tables(c, context);
         let half = c.head_dim / 2;
         Ok(CpuState {
-            rope_cos,
-            rope_sin,
+            rope: RopeAngles::new(c, context, n_slots),
             rope_rows_cos: vec![0.0; max_batch * half],
             rope_rows_sin: vec![0.0; max_batch * half],
-            rope_inv: vec![0.0; half],
-            slot_len: vec![0; n_slots],
             max_batch,
             kv: KvCache::new(self.kv_type, c.n_layers, n_slots, context, c.kv_dim()),
             hidden: vec![0.0; max_batch * c.hidden_size],
@@ -444,7 +431,9 @@ impl CpuBackend {
                 .token_embedding
                 .row_to_f32(e.token as usize, &mut state.hidden[i * hd..(i + 1) * hd]);
         }
-        rope_rows(c, batch, state);
+        state
+            .rope
+            .rows(c, batch, &mut state.rope_rows_cos, &mut state.rope_rows_sin);
 
         for (l, layer) in self.weights.layers.iter().enumerate() {
             // Attention block.
@@ -800,66 +789,6 @@ fn attention_tile(batch: &Batch, threads: usize) -> Option<usize> {
         tile /= 2;
     }
     (batch.len().div_ceil(tile) >= threads).then_some(tile)
-}
-
-/// `[context, head_dim / 2]` cos and sin of the RoPE angles for positions `0..context`
-/// (none for scalings that depend on the sequence length: [`rope_rows`] computes those).
-fn rope_tables(c: &ModelConfig, context: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = c.head_dim / 2;
-    if c.rope_scaling.depends_on_length() {
-        return (Vec::new(), Vec::new());
-    }
-    let mut inv = vec![0.0; half];
-    let a = rope::inv_freq(c.rope_theta, c.head_dim, &c.rope_scaling, context, &mut inv);
-    let mut cos = vec![0.0; context * half];
-    let mut sin = vec![0.0; context * half];
-    for (pos, (cos, sin)) in cos
-        .chunks_exact_mut(half)
-        .zip(sin.chunks_exact_mut(half))
-        .enumerate()
-    {
-        rope::angles(pos, &inv, a, cos, sin);
-    }
-    (cos, sin)
-}
-
-/// Fills the state's cos/sin rows of every entry of `batch`: from the tables, or, for a
-/// length-dependent scaling, from the frequencies of the length its sequence reaches in this
-/// call (its slot's highest position + 1; see [`crate::model::rope`]).
-fn rope_rows(c: &ModelConfig, batch: &Batch, state: &mut CpuState) {
-    let half = c.head_dim / 2;
-    let rows = state
-        .rope_rows_cos
-        .chunks_exact_mut(half)
-        .zip(state.rope_rows_sin.chunks_exact_mut(half));
-    if !c.rope_scaling.depends_on_length() {
-        for (e, (cos, sin)) in batch.iter().zip(rows) {
-            cos.copy_from_slice(&state.rope_cos[e.pos * half..][..half]);
-            sin.copy_from_slice(&state.rope_sin[e.pos * half..][..half]);
-        }
-        return;
-    }
-    for e in batch {
-        state.slot_len[e.slot] = 0;
-    }
-    for e in batch {
-        state.slot_len[e.slot] = state.slot_len[e.slot].max(e.pos + 1);
-    }
-    let (mut last_len, mut a) = (0, 1.0);
-    for (e, (cos, sin)) in batch.iter().zip(rows) {
-        let len = state.slot_len[e.slot];
-        if len != last_len {
-            a = rope::inv_freq(
-                c.rope_theta,
-                c.head_dim,
-                &c.rope_scaling,
-                len,
-                &mut state.rope_inv,
-            );
-            last_len = len;
-        }
-        rope::angles(e.pos, &state.rope_inv, a, cos, sin);
-    }
 }
 
 /// Qwen3's per-head RMSNorm: each `head_dim` slice of `x` normed with `norm` (f32, the

@@ -41,6 +41,7 @@ pub(crate) enum Kernel {
     Q4Logits,
     Q6kLogits,
     DenseGemv,
+    HeadNorms,
     RopeStore,
     AttentionChunks,
     AttentionMerge,
@@ -48,7 +49,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 12] = [
+    pub(crate) const ALL: [Kernel; 13] = [
         Kernel::EmbedRows,
         Kernel::NormQuant,
         Kernel::TernaryGemv,
@@ -57,6 +58,7 @@ impl Kernel {
         Kernel::Q4Logits,
         Kernel::Q6kLogits,
         Kernel::DenseGemv,
+        Kernel::HeadNorms,
         Kernel::RopeStore,
         Kernel::AttentionChunks,
         Kernel::AttentionMerge,
@@ -74,6 +76,7 @@ impl Kernel {
             Kernel::Q4Logits => "q4_logits",
             Kernel::Q6kLogits => "q6k_logits",
             Kernel::DenseGemv => "dense_gemv",
+            Kernel::HeadNorms => "head_norms",
             Kernel::RopeStore => "rope_store",
             Kernel::AttentionChunks => "attention_chunks",
             Kernel::AttentionMerge => "attention_merge",
@@ -87,7 +90,11 @@ impl Kernel {
     pub(crate) fn uses_barriers(self) -> bool {
         matches!(
             self,
-            Kernel::NormQuant | Kernel::TernaryGemv | Kernel::TernaryGemm | Kernel::AttentionChunks
+            Kernel::NormQuant
+                | Kernel::TernaryGemv
+                | Kernel::TernaryGemm
+                | Kernel::AttentionChunks
+                | Kernel::HeadNorms
         )
     }
 

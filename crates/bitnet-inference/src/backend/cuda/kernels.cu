@@ -864,17 +864,49 @@ __device__ __forceinline__ float dot8(const float* a, const T* b, int n) {
     return sum + tail;
 }
 
-// NeoX rotary embedding (rotate_half: pairs i, i + d/2, with the host's cos/sin tables
-// `[position][d/2]`) of every query head in place and every key head, the rotated keys and
-// the values written into the row's slot of the caches (`[slot][position][kv_dim]`) at its
-// position. One thread per query pair, key pair or value element of a row.
+// NeoX rotary embedding (rotate_half: pairs i, i + d/2, with the cos and sin the host
+// computed for this call's rows, backend/rope.rs: row t's d/2 cosines at cos_t + t·d and its
+// sines at sin_t + t·d, as the metadata interleaves them) of every query head in place and
+// every key head, the rotated keys and the values written into the row's slot of the caches
+// (`[slot][position][kv_dim]`) at its position. One thread per query pair, key pair or value
+// element of a row.
 // Grid: (⌈(q_heads + kv_heads)·d/2 + kv_dim) / block⌉, n).
+// Qwen3's per-head RMSNorm of q and k, in place, before RoPE (backend/cpu/forward.rs
+// `rms_norm_heads`: the sum of squares in the CPU's order, element i to partial i % 16, the
+// 16 added in order; v = w·(v·inv)). One block of 32 threads per (head, row): heads
+// 0..q_heads of q, then kv_heads of k. Grid: (q_heads + kv_heads, n).
+extern "C" __global__ void head_norms(float* q, float* k, const float* q_w, const float* k_w,
+                                      float eps, int q_heads, int kv_heads, int head_dim) {
+    __shared__ float part[16];
+    int h = blockIdx.x, t = blockIdx.y, tid = threadIdx.x;
+    bool is_q = h < q_heads;
+    float* x = is_q ? q + ((i64)t * q_heads + h) * head_dim
+                    : k + ((i64)t * kv_heads + (h - q_heads)) * head_dim;
+    const float* w = is_q ? q_w : k_w;
+    if (tid < 16) {
+        float acc = 0.0f;
+        for (int i = tid; i < head_dim; i += 16) {
+            acc += x[i] * x[i];
+        }
+        part[tid] = acc;
+    }
+    __syncthreads();
+    float sum = part[0];
+    for (int j = 1; j < 16; j++) {
+        sum += part[j];
+    }
+    float inv = 1.0f / sqrtf(sum / (float)head_dim + eps);
+    for (int i = tid; i < head_dim; i += 32) {
+        x[i] = w[i] * (x[i] * inv);
+    }
+}
+
 // With `kv_half`, the caches hold f16 (rounded to nearest even, as the CPU stores them).
 template <typename T>
 __device__ __forceinline__ void rotate(const float* src, T* dst0, T* dst1, const float* cos_t,
-                                       const float* sin_t, int p, int half, int k) {
-    float c = cos_t[(i64)p * half + k];
-    float s = sin_t[(i64)p * half + k];
+                                       const float* sin_t, int t, int half, int k) {
+    float c = cos_t[(i64)t * 2 * half + k];
+    float s = sin_t[(i64)t * 2 * half + k];
     float x0 = src[k];
     float x1 = src[k + half];
     kv_put(dst0, x0 * c - x1 * s);
@@ -894,7 +926,7 @@ __device__ __forceinline__ void rope_store_row(float* q, const float* k, const f
     i64 cache_row = ((i64)slot[t] * context + p) * kv_dim;
     if (g < q_heads * half) {
         float* a = q + ((i64)t * q_heads + g / half) * head_dim;
-        rotate(a, a + g % half, a + g % half + half, cos_t, sin_t, p, half, g % half);
+        rotate(a, a + g % half, a + g % half + half, cos_t, sin_t, t, half, g % half);
         return;
     }
     g -= q_heads * half;
@@ -902,7 +934,7 @@ __device__ __forceinline__ void rope_store_row(float* q, const float* k, const f
         int h = g / half;
         const float* a = k + (i64)t * kv_dim + h * head_dim;
         T* dst = kc + cache_row + h * head_dim;
-        rotate(a, dst + g % half, dst + g % half + half, cos_t, sin_t, p, half, g % half);
+        rotate(a, dst + g % half, dst + g % half + half, cos_t, sin_t, t, half, g % half);
         return;
     }
     g -= kv_heads * half;

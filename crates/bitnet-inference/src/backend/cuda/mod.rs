@@ -46,9 +46,9 @@ pub fn unsupported(options: &super::ModelOptions) -> Option<&'static str> {
     None
 }
 
-/// What of `config` the CUDA backend cannot compute yet, named for an error (`None`: it can
-/// run the model): scaled RoPE, Qwen3's q/k norms, group-wise ternary scales.
-pub fn unsupported_model(config: &ModelConfig, weights: &ModelWeights) -> Option<String> {
+/// What of a model the CUDA backend cannot compute yet, named for an error (`None`: it can
+/// run the model): group-wise ternary scales.
+pub fn unsupported_model(_config: &ModelConfig, weights: &ModelWeights) -> Option<String> {
     let grouped = weights.layers.iter().any(|l| {
         l.linears()
             .iter()
@@ -56,12 +56,6 @@ pub fn unsupported_model(config: &ModelConfig, weights: &ModelWeights) -> Option
     });
     if grouped {
         return Some("ternary weights with group-wise scales (Q2_0)".into());
-    }
-    if config.rope_scaling != crate::model::RopeScaling::None {
-        return Some(format!("`{}` RoPE scaling", config.rope_scaling.name()));
-    }
-    if config.qk_norm {
-        return Some("query/key head norms (Qwen3)".into());
     }
     None
 }
@@ -100,8 +94,6 @@ pub struct CudaBackend {
     output_norm: NormDev,
     /// `None`: the tied embedding is the lm_head.
     lm_head: Option<LinearGroup>,
-    rope_cos: DevBuf,
-    rope_sin: DevBuf,
     weight_bytes: usize,
     kernel_name: String,
     /// Whether decode-sized forward calls are recorded into graphs and replayed
@@ -276,6 +268,8 @@ struct LayerDev {
     gate_up: LinearGroup,
     ffn_sub_norm: Option<NormDev>,
     down: LinearGroup,
+    /// Qwen3's per-head norms of queries and keys (both or neither).
+    qk_norms: Option<(NormDev, NormDev)>,
 }
 
 /// What a projection reads: `x` (`cols` floats a row), or act(x)·up for the gated
@@ -288,7 +282,7 @@ struct Source<'a> {
 }
 
 /// Bytes the device copy of the weights takes (planned before anything is allocated).
-fn planned_weight_bytes(c: &ModelConfig, w: &ModelWeights) -> usize {
+fn planned_weight_bytes(w: &ModelWeights) -> usize {
     let norm = |n: &RmsNorm| n.weight.len() * 4;
     let dense = |m: &crate::kernels::DenseMatrix| match m.data() {
         crate::kernels::DenseData::F16(_) | crate::kernels::DenseData::BF16(_) => {
@@ -310,12 +304,7 @@ fn planned_weight_bytes(c: &ModelConfig, w: &ModelWeights) -> usize {
             l.linears().into_iter().map(linear).sum::<usize>() + l.norms().map(norm).sum::<usize>()
         })
         .sum();
-    let rope = 2 * c.max_context * (c.head_dim / 2) * 4;
-    dense(&w.token_embedding)
-        + layers
-        + norm(&w.output_norm)
-        + w.lm_head.as_ref().map_or(0, linear)
-        + rope
+    dense(&w.token_embedding) + layers + norm(&w.output_norm) + w.lm_head.as_ref().map_or(0, linear)
 }
 
 impl CudaBackend {
@@ -334,7 +323,7 @@ impl CudaBackend {
                 "CUDA: the model's sizes exceed what the kernels index".into(),
             ));
         }
-        let planned = planned_weight_bytes(&config, &weights);
+        let planned = planned_weight_bytes(&weights);
         if let Some((free, total)) = gpu.memory_info() {
             if planned > free {
                 return Err(Error::Invalid(format!(
@@ -434,10 +423,21 @@ impl CudaBackend {
                 gate_up: grp(&[&l.gate_proj, &l.up_proj], "gate/up_proj")?,
                 ffn_sub_norm: sub(&l.ffn_sub_norm, "ffn_sub_norm")?,
                 down: grp(&[&l.down_proj], "down_proj")?,
+                qk_norms: match (&l.q_norm, &l.k_norm) {
+                    (Some(q), Some(k)) => Some((
+                        norm(q, &format!("layer {i} q_norm"))?,
+                        norm(k, &format!("layer {i} k_norm"))?,
+                    )),
+                    (None, None) => None,
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "layer {i}: a query head norm without a key head norm, or the \
+                             reverse"
+                        )))
+                    }
+                },
             });
         }
-        let (cos, sin) =
-            weights::rope_tables(config.head_dim, config.rope_theta, config.max_context);
         let backend = CudaBackend {
             embedding: dense(&weights.token_embedding, "the token embedding")?,
             output_norm: norm(&weights.output_norm, "output_norm")?,
@@ -446,8 +446,6 @@ impl CudaBackend {
                 .as_ref()
                 .map(|h| group(&[h], "lm_head"))
                 .transpose()?,
-            rope_cos: DevBuf::from_slice(&gpu, &cos, "RoPE cos table")?,
-            rope_sin: DevBuf::from_slice(&gpu, &sin, "RoPE sin table")?,
             layers,
             weight_bytes: planned,
             kernel_name: format!("cuda ({})", gpu.name()),
@@ -680,6 +678,49 @@ impl CudaBackend {
         }
     }
 
+    /// Qwen3's per-head RMSNorm of the `n` rows of queries and keys, in place.
+    fn head_norms(
+        &self,
+        s: &CudaState,
+        n: usize,
+        q_norm: &NormDev,
+        k_norm: &NormDev,
+    ) -> Result<()> {
+        let c = &self.config;
+        let d = c.head_dim;
+        if q_norm.eps != k_norm.eps {
+            return Err(Error::Invalid(
+                "CUDA: query and key head norms with different epsilons".into(),
+            ));
+        }
+        check_fits(&[
+            (&s.q, n * c.q_dim() * 4),
+            (&s.k, n * c.kv_dim() * 4),
+            (&q_norm.weight, d * 4),
+            (&k_norm.weight, d * 4),
+        ])?;
+        // SAFETY: head_norms reads and writes n rows of n_heads (q) and n_kv_heads (k) heads
+        // of d floats, and d weights of each norm; sizes checked above.
+        unsafe {
+            launch_blocks(
+                &self.gpu,
+                Kernel::HeadNorms,
+                [(c.n_heads + c.n_kv_heads) as u32, n as u32, 1],
+                32,
+                &[
+                    s.q.arg(),
+                    s.k.arg(),
+                    q_norm.weight.arg(),
+                    k_norm.weight.arg(),
+                    Arg::F32(q_norm.eps),
+                    Arg::I32(c.n_heads as i32),
+                    Arg::I32(c.n_kv_heads as i32),
+                    Arg::I32(d as i32),
+                ],
+            )
+        }
+    }
+
     /// RoPE of the `n` rows of queries (in place) and keys, and the rotated keys and the
     /// values stored into the layer's caches at the rows' slots and positions.
     fn rope_store(&self, s: &CudaState, n: usize, keys: &DevBuf, values: &DevBuf) -> Result<()> {
@@ -693,10 +734,10 @@ impl CudaBackend {
             (keys, cache),
             (values, cache),
         ])?;
-        // SAFETY: rope_store reads n positions and slots (pos < context ≤ max_context and
-        // slot < n_slots, checked in `run`: inside the tables of max_context·d/2 floats and
-        // the caches of n_slots·context rows), rotates n rows of q in place, reads n rows of
-        // k and v, and writes one cache row of each per token; sizes checked above.
+        // SAFETY: rope_store reads n positions and slots (pos < context and slot < n_slots,
+        // checked in `run`: inside the caches of n_slots·context rows) and n rows of d
+        // angles from the metadata, rotates n rows of q in place, reads n rows of k and v,
+        // and writes one cache row of each per token; sizes checked above.
         unsafe {
             self.launch(
                 Kernel::RopeStore,
@@ -707,8 +748,8 @@ impl CudaBackend {
                     s.v.arg(),
                     keys.arg(),
                     values.arg(),
-                    self.rope_cos.arg(),
-                    self.rope_sin.arg(),
+                    s.meta_arg(Meta::Cos),
+                    s.meta_arg(Meta::Sin),
                     s.meta_arg(Meta::Slot),
                     s.meta_arg(Meta::Pos),
                     Arg::I32(c.n_heads as i32),
@@ -836,7 +877,27 @@ impl CudaBackend {
             }
         }
         let _stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        s.meta.upload(0, &s.meta_host)?;
+        // Then each row's RoPE angles: d/2 cosines and d/2 sines.
+        let (half, angles) = (c.head_dim / 2, 4 * mb);
+        s.rope.rows(
+            c,
+            batch,
+            &mut s.rope_cos[..n * half],
+            &mut s.rope_sin[..n * half],
+        );
+        for (i, (cos, sin)) in s
+            .rope_cos
+            .chunks_exact(half)
+            .zip(s.rope_sin.chunks_exact(half))
+            .take(n)
+            .enumerate()
+        {
+            let row = &mut s.meta_host[angles + 2 * i * half..][..2 * half];
+            for (m, &v) in row.iter_mut().zip(cos.iter().chain(sin)) {
+                *m = v.to_bits() as i32;
+            }
+        }
+        s.meta.upload(0, &s.meta_host[..angles + 2 * n * half])?;
         let key = (n, m);
         match s.graphs.get(key) {
             // SAFETY: the graph was recorded from this state's buffers, which live as long as
@@ -920,6 +981,9 @@ impl CudaBackend {
                 &[&s.q, &s.k, &s.v],
                 false,
             )?;
+            if let Some((q_norm, k_norm)) = &layer.qk_norms {
+                self.head_norms(s, n, q_norm, k_norm)?;
+            }
             let (keys, values) = (&s.keys[l], &s.values[l]);
             self.rope_store(s, n, keys, values)?;
             self.attention(s, n, keys, values)?;
@@ -1396,6 +1460,9 @@ enum Meta {
     Pos,
     Slot,
     LogitRows,
+    /// Row t's RoPE cosines at `t·head_dim` floats from here, its sines half a row later.
+    Cos,
+    Sin,
 }
 
 /// The KV caches of every slot and every buffer a forward call uses, in device memory.
@@ -1433,6 +1500,10 @@ pub struct CudaState {
     logits_dev: DevBuf,
     /// The metadata as uploaded (planned at `new_state`: nothing allocated per call).
     meta_host: Vec<i32>,
+    /// The RoPE tables of the positions this state holds, and this call's rows of angles.
+    rope: crate::backend::rope::RopeAngles,
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
     graphs: GraphCache,
     /// Host copy of the last call's logits, `[n_logits, vocab]`.
     logits: Vec<f32>,
@@ -1454,13 +1525,15 @@ impl CudaState {
     }
 
     fn meta_arg(&self, section: Meta) -> Arg {
-        let i = match section {
+        let at = match section {
             Meta::Tokens => 0,
-            Meta::Pos => 1,
-            Meta::Slot => 2,
-            Meta::LogitRows => 3,
+            Meta::Pos => self.max_batch,
+            Meta::Slot => 2 * self.max_batch,
+            Meta::LogitRows => 3 * self.max_batch,
+            Meta::Cos => 4 * self.max_batch,
+            Meta::Sin => 4 * self.max_batch + self.rope_cos.len() / self.max_batch,
         };
-        Arg::Ptr(self.meta.ptr() + (i * self.max_batch * 4) as u64)
+        Arg::Ptr(self.meta.ptr() + (at * 4) as u64)
     }
 }
 
@@ -1516,7 +1589,7 @@ impl Backend for CudaBackend {
                 "attention chunk parts",
                 attn_rows * attn_part_bytes(c, context),
             ),
-            ("batch metadata", f(4)),
+            ("batch metadata", f(4 + c.head_dim)),
             ("logit rows", f(c.hidden_size)),
             ("logits", f(c.vocab_size)),
         ];
@@ -1595,7 +1668,10 @@ impl Backend for CudaBackend {
             logit_rows: next(),
             logits_dev: next(),
             logits: vec![0.0; max_batch * c.vocab_size],
-            meta_host: vec![0; 4 * max_batch],
+            meta_host: vec![0; (4 + c.head_dim) * max_batch],
+            rope: crate::backend::rope::RopeAngles::new(c, context, slots),
+            rope_cos: vec![0.0; max_batch * (c.head_dim / 2)],
+            rope_sin: vec![0.0; max_batch * (c.head_dim / 2)],
             graphs: GraphCache {
                 gpu: self.gpu.clone(),
                 graphs: Default::default(),

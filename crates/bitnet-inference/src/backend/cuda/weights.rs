@@ -99,25 +99,6 @@ pub(crate) fn dense_values(m: &DenseMatrix) -> (i32, Cow<'_, [u8]>) {
     }
 }
 
-/// NeoX RoPE tables `[position][head_dim / 2]`, computed as the CPU forward pass computes
-/// them (f32, transformers' formula), so that both rotate by the same bits.
-pub(crate) fn rope_tables(head_dim: usize, theta: f32, positions: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(positions * half);
-    let mut sin = Vec::with_capacity(positions * half);
-    for pos in 0..positions {
-        for &f in &inv_freq {
-            let angle = pos as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
-    }
-    (cos, sin)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
