@@ -71,7 +71,7 @@ def start_bitnet(args, slots):
     port = free_port()
     cmd = [args.bitnet, "serve", "-m", args.model, "--port", str(port), "-t", str(args.threads),
            "--parallel", str(slots), "--max-queue", str(4 * slots), "-c", str(args.ctx_size),
-           "--kv-type", "f16", "-b", str(args.batch)]
+           "--kv-type", "f16", "-b", str(args.batch), "--device", args.device]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -168,6 +168,7 @@ def main():
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("--bitnet", default="target/release/bitnet")
     ap.add_argument("--llama-server")
+    ap.add_argument("--device", default="cpu", help="bitnet serve's --device (cpu, cuda)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--max-tokens", type=int, default=64)
