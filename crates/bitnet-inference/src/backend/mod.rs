@@ -230,10 +230,7 @@ pub fn build(
         Device::Cuda(ordinal) => build_cuda(config, weights, options, ordinal),
         Device::Auto => {
             #[cfg(feature = "cuda")]
-            if cuda::unsupported(options).is_none()
-                && cuda::unsupported_model(&config, &weights).is_none()
-                && cuda::device_count() > 0
-            {
+            if cuda::unsupported(options).is_none() && cuda::device_count() > 0 {
                 return build_cuda(config, weights, options, 0);
             }
             cpu(config, weights)
@@ -251,11 +248,6 @@ fn build_cuda(
     if let Some(what) = cuda::unsupported(options) {
         return Err(crate::Error::Invalid(format!(
             "the CUDA backend does not support {what} yet; use --device cpu"
-        )));
-    }
-    if let Some(what) = cuda::unsupported_model(&config, &weights) {
-        return Err(crate::Error::Invalid(format!(
-            "the CUDA backend cannot run this model yet ({what}); use --device cpu"
         )));
     }
     let mut backend = cuda::CudaBackend::new(config, weights, ordinal)?;

@@ -268,30 +268,6 @@ fn conversions_keep_rope_scaling_qwen3_and_group_scales() {
     std::fs::remove_dir_all(&out).ok();
 }
 
-/// The CUDA backend refuses, by name, what it cannot compute yet: group-wise scales (before
-/// it looks for a GPU).
-#[cfg(feature = "cuda")]
-#[test]
-fn cuda_refuses_what_it_cannot_run_yet() {
-    use bitnet_inference::backend::{self, Device, ModelOptions};
-    // Scaled RoPE and Qwen3's head norms run on CUDA (backend/cuda/tests.rs runs these
-    // fixtures on the emulator against the CPU).
-    let path = "qwen3-q2_0-g64/model-q2_0.gguf";
-    let m = model::load(&dir().join(path)).unwrap();
-    let options = ModelOptions {
-        device: Device::Cuda(0),
-        ..ModelOptions::default()
-    };
-    let e = match backend::build(m.config, m.weights, &options) {
-        Ok(_) => panic!("{path}: the CUDA backend accepted it"),
-        Err(e) => e.to_string(),
-    };
-    assert!(
-        e.contains("group-wise scales") && e.contains("--device cpu"),
-        "{path}: {e}"
-    );
-}
-
 /// Ternary-Bonsai files keep the token embedding (and lm_head) in Q2_0 too: such a tensor
 /// loads as the exact floats `t · scale_g` (PrismML's 128-weight groups told from llama.cpp's
 /// 64 by the tensor's size).

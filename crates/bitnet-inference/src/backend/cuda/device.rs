@@ -36,6 +36,7 @@ pub(crate) enum Kernel {
     EmbedRows,
     NormQuant,
     TernaryGemv,
+    TernaryGemvGrouped,
     TernaryGemm,
     Int8Logits,
     Q4Logits,
@@ -49,10 +50,11 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 13] = [
+    pub(crate) const ALL: [Kernel; 14] = [
         Kernel::EmbedRows,
         Kernel::NormQuant,
         Kernel::TernaryGemv,
+        Kernel::TernaryGemvGrouped,
         Kernel::TernaryGemm,
         Kernel::Int8Logits,
         Kernel::Q4Logits,
@@ -71,6 +73,7 @@ impl Kernel {
             Kernel::EmbedRows => "embed_rows",
             Kernel::NormQuant => "norm_quant",
             Kernel::TernaryGemv => "ternary_gemv",
+            Kernel::TernaryGemvGrouped => "ternary_gemv_grouped",
             Kernel::TernaryGemm => "ternary_gemm",
             Kernel::Int8Logits => "int8_logits",
             Kernel::Q4Logits => "q4_logits",
@@ -92,6 +95,7 @@ impl Kernel {
             self,
             Kernel::NormQuant
                 | Kernel::TernaryGemv
+                | Kernel::TernaryGemvGrouped
                 | Kernel::TernaryGemm
                 | Kernel::AttentionChunks
                 | Kernel::HeadNorms

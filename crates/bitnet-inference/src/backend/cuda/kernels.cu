@@ -625,6 +625,100 @@ extern "C" __global__ void ternary_gemv(float* out0, float* out1, float* out2, i
     }
 }
 
+// Ternary products with group-wise scales (kernels/group.rs, Q2_0): one f32 scale per group
+// of 64 or 128 columns (`gk` = 1 or 2 packed 64-column steps), scale of group g of row r at
+// gscales[g·rows + r]. out[t][r] = fold8(p) / s_t, p_j = Σ over groups g ≡ j (mod 8), in
+// increasing g, of (Σ code·q − Σ q)_g · scale_g (a multiply, then an add), fold8 the CPU's
+// ((p0+p4)+(p2+p6))+((p1+p5)+(p3+p7)): warp j of the block takes exactly those groups, so the
+// CPU's partial sums are the warps' and the bits are the CPU's. Same grid, block and output
+// segments as ternary_gemv.
+extern "C" __global__ void ternary_gemv_grouped(float* out0, float* out1, float* out2,
+                                                int rows0, int rows1, int accumulate,
+                                                const u32x4* w, const float* gscales,
+                                                const i8* q, const float* scales, int rows,
+                                                int k4s, int padded, int n, int gk) {
+    __shared__ float part[TG_WARPS][TG_TOKENS][TG_ROWS];
+    int lane = threadIdx.x % TG_ROWS;
+    int warp = threadIdx.x / TG_ROWS;
+    int r = blockIdx.x * TG_ROWS + lane;
+    int t0 = blockIdx.y * TG_TOKENS;
+    int nt = n - t0 < TG_TOKENS ? n - t0 : TG_TOKENS;
+    float p[TG_TOKENS];
+#pragma unroll
+    for (int t = 0; t < TG_TOKENS; t++) {
+        p[t] = 0.0f;
+    }
+    if (r < rows) {
+        const i8* qt = q + (i64)t0 * padded;
+        int groups = k4s / gk;
+        for (int g = warp; g < groups; g += TG_WARPS) {
+            float sc = gscales[(i64)g * rows + r];
+            int dot[TG_TOKENS];
+#pragma unroll
+            for (int t = 0; t < TG_TOKENS; t++) {
+                dot[t] = 0;
+            }
+            for (int j = 0; j < gk; j++) {
+                int k4 = g * gk + j;
+                u32x4 wv = w[(i64)k4 * rows + r];
+#pragma unroll
+                for (int t = 0; t < TG_TOKENS; t++) {
+                    if (t < nt) {
+                        const u32x4* a4 =
+                            (const u32x4*)(qt + (i64)t * padded + (i64)k4 * 64);
+                        u32x4 a0 = a4[0], a1 = a4[1], a2 = a4[2], a3 = a4[3];
+                        int a[16] = {(int)a0.x, (int)a0.y, (int)a0.z, (int)a0.w,
+                                     (int)a1.x, (int)a1.y, (int)a1.z, (int)a1.w,
+                                     (int)a2.x, (int)a2.y, (int)a2.z, (int)a2.w,
+                                     (int)a3.x, (int)a3.y, (int)a3.z, (int)a3.w};
+                        int s = dot[t];
+                        s = dot_codes(wv.x, a, s);
+                        s = dot_codes(wv.y, a + 4, s);
+                        s = dot_codes(wv.z, a + 8, s);
+                        s = dot_codes(wv.w, a + 12, s);
+                        // − Σ q of these 64 columns: the codes are trit + 1.
+#pragma unroll
+                        for (int i = 0; i < 16; i++) {
+                            s = __dp4a(a[i], (int)0xffffffffu, s);
+                        }
+                        dot[t] = s;
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < TG_TOKENS; t++) {
+                float v = (float)dot[t] * sc;
+                p[t] = p[t] + v;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TG_TOKENS; t++) {
+        part[warp][t][lane] = p[t];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < TG_TOKENS * TG_ROWS; idx += TG_WARPS * TG_ROWS) {
+        int t = idx / TG_ROWS;
+        int l = idx % TG_ROWS;
+        int row = blockIdx.x * TG_ROWS + l;
+        if (t >= nt || row >= rows) {
+            continue;
+        }
+        float s0 = part[0][t][l] + part[4][t][l], s1 = part[1][t][l] + part[5][t][l];
+        float s2 = part[2][t][l] + part[6][t][l], s3 = part[3][t][l] + part[7][t][l];
+        float v = ((s0 + s2) + (s1 + s3)) / scales[t0 + t];
+        float* o;
+        if (row < rows0) {
+            o = out0 + (i64)(t0 + t) * rows0 + row;
+        } else if (row < rows0 + rows1) {
+            o = out1 + (i64)(t0 + t) * rows1 + (row - rows0);
+        } else {
+            o = out2 + (i64)(t0 + t) * (rows - rows0 - rows1) + (row - rows0 - rows1);
+        }
+        *o = accumulate ? *o + v : v;
+    }
+}
+
 // The same products on the int8 tensor cores, for many tokens at once (prefill, large
 // batches): `mma.sync` m16n8k32 multiplies 16 rows' unsigned codes by 8 tokens' int8
 // activations into exact int32 sums (sm_80 and newer; the emulator computes the same

@@ -46,20 +46,6 @@ pub fn unsupported(options: &super::ModelOptions) -> Option<&'static str> {
     None
 }
 
-/// What of a model the CUDA backend cannot compute yet, named for an error (`None`: it can
-/// run the model): group-wise ternary scales.
-pub fn unsupported_model(_config: &ModelConfig, weights: &ModelWeights) -> Option<String> {
-    let grouped = weights.layers.iter().any(|l| {
-        l.linears()
-            .iter()
-            .any(|lin| matches!(&lin.weights, LinearWeights::Ternary(m) if m.group() != 0))
-    });
-    if grouped {
-        return Some("ternary weights with group-wise scales (Q2_0)".into());
-    }
-    None
-}
-
 /// CUDA GPUs this machine has (0 without a driver, or where it fails to start).
 pub fn device_count() -> usize {
     if !driver_present() {
@@ -230,10 +216,14 @@ impl DenseDev {
 }
 
 enum LinearKind {
-    /// `pack_ternary`'s words and the per-row multipliers.
+    /// `pack_ternary`'s words and the per-row multipliers; for group-scaled weights, the
+    /// group size in 64-column steps (1 or 2; 0 without groups) and `pack_group_scales`'
+    /// scales.
     Ternary {
         words: DevBuf,
         multipliers: DevBuf,
+        group_steps: usize,
+        group_scales: Option<DevBuf>,
     },
     Dense(DenseDev),
 }
@@ -352,9 +342,20 @@ impl CudaBackend {
         };
         let ternary = |ms: &[&crate::kernels::TernaryMatrix], what: &str| -> Result<LinearKind> {
             let mults: Vec<f32> = ms.iter().flat_map(|t| t.multipliers()).copied().collect();
+            let group = ms.first().map_or(0, |t| t.group());
+            let group_scales = match group {
+                0 => None,
+                _ => Some(DevBuf::from_slice(
+                    &gpu,
+                    &weights::pack_group_scales(ms),
+                    &format!("{what} group scales"),
+                )?),
+            };
             Ok(LinearKind::Ternary {
                 words: DevBuf::from_slice(&gpu, &weights::pack_ternary(ms), what)?,
                 multipliers: DevBuf::from_slice(&gpu, &mults, &format!("{what} multipliers"))?,
+                group_steps: group / 64,
+                group_scales,
             })
         };
         let linear = |l: &crate::model::Linear, what: &str| -> Result<LinearDev> {
@@ -384,7 +385,9 @@ impl CudaBackend {
             match mats {
                 Some(ms)
                     if ms.iter().all(|t| {
-                        t.cols() == ms[0].cols() && t.padded_cols() == ms[0].padded_cols()
+                        t.cols() == ms[0].cols()
+                            && t.padded_cols() == ms[0].padded_cols()
+                            && t.group() == ms[0].group()
                     }) =>
                 {
                     let segments: Vec<usize> = ms.iter().map(|t| t.rows()).collect();
@@ -625,11 +628,29 @@ impl CudaBackend {
         outs: &[(&DevBuf, usize)],
         accumulate: bool,
     ) -> Result<()> {
-        let LinearKind::Ternary { words, multipliers } = &l.kind else {
+        let LinearKind::Ternary {
+            words,
+            multipliers,
+            group_steps,
+            group_scales,
+        } = &l.kind
+        else {
             return Err(Error::Invalid(
                 "CUDA: internal error: not a ternary linear".into(),
             ));
         };
+        if let Some(scales) = group_scales {
+            return ternary_grouped(
+                &self.gpu,
+                outs,
+                accumulate,
+                (words, scales, *group_steps),
+                &s.quant(),
+                n,
+                l.rows,
+                l.padded_cols,
+            );
+        }
         ternary_product(
             &self.gpu,
             ternary_kernel(n, self.use_mma),
@@ -1409,6 +1430,78 @@ fn ternary_product(
                 Arg::I32((padded_cols / 64) as i32),
                 Arg::I32(padded_cols as i32),
                 Arg::I32(n as i32),
+            ],
+        )
+    }
+}
+
+/// `outs` (+)= the product of group-scaled ternary weights (`ternary_gemv_grouped`; the
+/// tensor-core GEMM does not take group scales).
+#[allow(clippy::too_many_arguments)]
+fn ternary_grouped(
+    gpu: &Arc<dyn Gpu>,
+    outs: &[(&DevBuf, usize)],
+    accumulate: bool,
+    weights: (&DevBuf, &DevBuf, usize),
+    acts: &CudaActs,
+    n: usize,
+    rows: usize,
+    padded_cols: usize,
+) -> Result<()> {
+    let (words, scales, steps) = weights;
+    let k4s = padded_cols / 64;
+    if outs.is_empty()
+        || outs.len() > 3
+        || outs.iter().map(|o| o.1).sum::<usize>() != rows
+        || !padded_cols.is_multiple_of(64)
+        || !(steps == 1 || steps == 2)
+        || !k4s.is_multiple_of(steps)
+    {
+        return Err(Error::Invalid(format!(
+            "CUDA: internal error: {} output segments for {rows} rows of {padded_cols} columns \
+             in groups of {} steps",
+            outs.len(),
+            steps
+        )));
+    }
+    let mut fits: Vec<(&DevBuf, usize)> = outs.iter().map(|&(o, r)| (o, n * r * 4)).collect();
+    fits.extend([
+        (words, padded_cols / 4 * rows),
+        (scales, k4s / steps * rows * 4),
+        (acts.q, n * padded_cols),
+        (acts.scales, n * 4),
+    ]);
+    check_fits(&fits)?;
+    let seg = |i: usize| outs.get(i).copied().unwrap_or(outs[0]);
+    // SAFETY: the kernel reads rows·padded_cols/4 bytes of words, a scale per (group, row),
+    // n rows of padded int8 activations and their scales, and writes (or adds to) n rows of
+    // each segment's outputs; sizes checked above, segments add up to `rows`.
+    unsafe {
+        launch_blocks(
+            gpu,
+            Kernel::TernaryGemvGrouped,
+            [
+                rows.div_ceil(TG_ROWS) as u32,
+                n.div_ceil(TG_TOKENS) as u32,
+                1,
+            ],
+            32 * TG_WARPS,
+            &[
+                seg(0).0.arg(),
+                seg(1).0.arg(),
+                seg(2).0.arg(),
+                Arg::I32(seg(0).1 as i32),
+                Arg::I32(if outs.len() > 1 { seg(1).1 as i32 } else { 0 }),
+                Arg::I32(accumulate as i32),
+                words.arg(),
+                scales.arg(),
+                acts.q.arg(),
+                acts.scales.arg(),
+                Arg::I32(rows as i32),
+                Arg::I32(k4s as i32),
+                Arg::I32(padded_cols as i32),
+                Arg::I32(n as i32),
+                Arg::I32(steps as i32),
             ],
         )
     }

@@ -729,12 +729,13 @@ fn reported_device_memory_is_what_is_allocated() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The issue-20 fixtures (every RoPE scaling, Qwen3 float and ternary, HF and GGUF) on the
+/// The issue-20 fixtures (every RoPE scaling, Qwen3 float and ternary, HF and GGUF, group
+/// scales of 64 and 128: Q2_0) on the
 /// emulated GPU give the CPU backend's logits (its portable path) bit for bit, in one call
 /// and one token at a time (`dynamic` scaling depends on the length each call reaches; the
 /// fixtures run past their original context).
 #[test]
-fn rope_scalings_and_qwen3_equal_the_cpu_backend() {
+fn issue20_models_equal_the_cpu_backend() {
     let Some(gpu) = emulator() else { return };
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures-models");
     for (model_path, ids_dir) in [
@@ -748,6 +749,8 @@ fn rope_scalings_and_qwen3_equal_the_cpu_backend() {
         ("qwen3-float", "qwen3-float"),
         ("qwen3-bitnet", "qwen3-bitnet"),
         ("qwen3-bitnet-gguf/model-i2s.gguf", "qwen3-bitnet"),
+        ("qwen3-q2_0-g64/model-q2_0.gguf", "qwen3-q2_0-g64"),
+        ("qwen3-q2_0-g128/model-q2_0.gguf", "qwen3-q2_0-g128"),
     ] {
         let m = crate::model::load(&dir.join(model_path)).unwrap();
         let ids: serde_json::Value = serde_json::from_str(

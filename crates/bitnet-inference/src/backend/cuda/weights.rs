@@ -23,6 +23,29 @@ pub(crate) fn pack_ternary(ms: &[&TernaryMatrix]) -> Vec<u32> {
     if rows == 0 {
         return out;
     }
+    if ms.iter().any(|m| m.group() != 0) {
+        // Group-scaled matrices keep their own layout: read them weight by weight.
+        let trits: Vec<(&TernaryMatrix, usize)> = ms
+            .iter()
+            .flat_map(|m| (0..m.rows()).map(move |r| (*m, r)))
+            .collect();
+        out.par_chunks_mut(rows * 4)
+            .enumerate()
+            .for_each(|(k4, group)| {
+                for (words, &(m, r)) in group.chunks_exact_mut(4).zip(&trits) {
+                    for (j, word) in words.iter_mut().enumerate() {
+                        let mut w = 0u32;
+                        for e in 0..16 {
+                            let c = (k4 * 4 + j) * 16 + e;
+                            let t = if c < m.cols() { m.trit(r, c) } else { 0 };
+                            w |= ((t + 1) as u32) << (8 * (e % 4) + 2 * (e / 4));
+                        }
+                        *word = w;
+                    }
+                }
+            });
+        return out;
+    }
     let row_bytes: Vec<&[u8]> = ms
         .iter()
         .flat_map(|m| (0..m.rows()).map(|r| m.packed_row(r)))
@@ -47,6 +70,30 @@ pub(crate) fn pack_ternary(ms: &[&TernaryMatrix]) -> Vec<u32> {
                 }
             }
         });
+    out
+}
+
+/// The group scales of group-scaled matrices of the same width and group size, their rows
+/// concatenated, group-major for the GEMV's coalesced loads: the scale of group `g` of row `r`
+/// at `g · rows + r`, for the `padded_cols / group` groups of a row (padding groups 0).
+pub(crate) fn pack_group_scales(ms: &[&TernaryMatrix]) -> Vec<f32> {
+    let rows: usize = ms.iter().map(|m| m.rows()).sum();
+    let group = ms.first().map_or(0, |m| m.group());
+    if group == 0 {
+        return Vec::new();
+    }
+    let groups = ms[0].padded_cols() / group;
+    let mut out = vec![0f32; groups * rows];
+    let mut first = 0;
+    for m in ms {
+        for r in 0..m.rows() {
+            let scales = m.group_scales_row(r);
+            for (g, &s) in scales.iter().enumerate().take(groups) {
+                out[g * rows + first + r] = s;
+            }
+        }
+        first += m.rows();
+    }
     out
 }
 
