@@ -230,7 +230,7 @@ pub fn build(
         Device::Cuda(ordinal) => build_cuda(config, weights, options, ordinal),
         Device::Auto => {
             #[cfg(feature = "cuda")]
-            if cuda::unsupported(options).is_none() && cuda::device_count() > 0 {
+            if cuda::device_count() > 0 {
                 return build_cuda(config, weights, options, 0);
             }
             cpu(config, weights)
@@ -245,14 +245,10 @@ fn build_cuda(
     options: &ModelOptions,
     ordinal: usize,
 ) -> Result<Box<dyn Backend>> {
-    if let Some(what) = cuda::unsupported(options) {
-        return Err(crate::Error::Invalid(format!(
-            "the CUDA backend does not support {what} yet; use --device cpu"
-        )));
-    }
     let mut backend = cuda::CudaBackend::new(config, weights, ordinal)?;
     backend.set_kv_type(options.kv_type);
     backend.set_lm_head_quant(options.lm_head)?;
+    backend.set_quant_acts(options.quant_acts)?;
     Ok(Box::new(backend))
 }
 

@@ -250,7 +250,7 @@ fn no_driver_is_a_clear_error() {
 }
 
 #[test]
-fn devices_parse_and_unsupported_options_are_named() {
+fn devices_parse() {
     assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
     assert_eq!("cuda:3".parse(), Ok(Device::Cuda(3)));
     assert_eq!("auto".parse(), Ok(Device::Auto));
@@ -259,26 +259,4 @@ fn devices_parse_and_unsupported_options_are_named() {
     assert!(err.contains("expected cpu, cuda, cuda:N"), "{err}");
     assert!("cuda:x".parse::<Device>().is_err());
     assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
-    let f16 = ModelOptions {
-        kv_type: backend::KvType::F16,
-        ..Default::default()
-    };
-    assert_eq!(backend::cuda::unsupported(&f16), None);
-    for head in [
-        backend::LmHeadQuant::Int8,
-        backend::LmHeadQuant::Q6K,
-        backend::LmHeadQuant::Q4,
-    ] {
-        let quantized = ModelOptions {
-            lm_head: head,
-            ..f16
-        };
-        assert_eq!(backend::cuda::unsupported(&quantized), None);
-    }
-    let q8 = ModelOptions {
-        quant_acts: bitnet_inference::kernels::qblock::QuantActs::Q8,
-        ..Default::default()
-    };
-    assert_eq!(backend::cuda::unsupported(&q8), Some("--quant-acts q8"));
-    assert_eq!(backend::cuda::unsupported(&ModelOptions::default()), None);
 }

@@ -42,6 +42,8 @@ pub(crate) enum Kernel {
     Q4Logits,
     Q6kLogits,
     DenseGemv,
+    Q8Quant,
+    Q8Linear,
     HeadNorms,
     RopeStore,
     AttentionChunks,
@@ -50,7 +52,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 14] = [
+    pub(crate) const ALL: [Kernel; 16] = [
         Kernel::EmbedRows,
         Kernel::NormQuant,
         Kernel::TernaryGemv,
@@ -60,6 +62,8 @@ impl Kernel {
         Kernel::Q4Logits,
         Kernel::Q6kLogits,
         Kernel::DenseGemv,
+        Kernel::Q8Quant,
+        Kernel::Q8Linear,
         Kernel::HeadNorms,
         Kernel::RopeStore,
         Kernel::AttentionChunks,
@@ -79,6 +83,8 @@ impl Kernel {
             Kernel::Q4Logits => "q4_logits",
             Kernel::Q6kLogits => "q6k_logits",
             Kernel::DenseGemv => "dense_gemv",
+            Kernel::Q8Quant => "q8_quant",
+            Kernel::Q8Linear => "q8_linear",
             Kernel::HeadNorms => "head_norms",
             Kernel::RopeStore => "rope_store",
             Kernel::AttentionChunks => "attention_chunks",

@@ -929,6 +929,114 @@ extern "C" __global__ void dense_gemv(float* out, const void* w, int ty, const f
     }
 }
 
+// llama.cpp's way for Q4_0/Q4_1/Q8_0 linears (`--quant-acts q8`, kernels/qblock.rs): each
+// token's activations quantized per 32-block (d = max|x|/127 rounded to f16, q =
+// round_half_even(x·127/max|x|) clamped to ±127, NaN → 0) with the block's constant term c
+// (Q4_0: (−8·Σq)·d; Q4_1: f16(Σq·d), ggml's Q8_1 s; Q8_0: 0). One thread per (token, block).
+// Grid: (⌈n·cols/32 / block⌉).
+#define Q8_Q4_0 0
+#define Q8_Q4_1 1
+#define Q8_Q8_0 2
+extern "C" __global__ void q8_quant(i8* qs, float* d_out, float* c_out, const float* x, int n,
+                                    int cols, int ty) {
+    int nb = cols / 32;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * nb) {
+        return;
+    }
+    const float* xb = x + (i64)i * 32;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) {
+        amax = fmaxf(amax, fabsf(xb[j]));
+    }
+    float d = amax / 127.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < 32; j++) {
+        float v = rintf(xb[j] * id);
+        int q = 0;
+        if (v == v) {
+            q = (int)fminf(fmaxf(v, -127.0f), 127.0f);
+        }
+        qs[(i64)i * 32 + j] = (i8)q;
+        sum += q;
+    }
+    float d16 = f16_to_f32(f32_to_f16(d));
+    d_out[i] = d16;
+    c_out[i] = ty == Q8_Q4_0   ? (float)(-8 * sum) * d16
+               : ty == Q8_Q4_1 ? f16_to_f32(f32_to_f16((float)sum * d))
+                               : 0.0f;
+}
+
+// out[t][r] (+)= the q8 product of a row of ggml blocks (block b of row r at
+// (b·rows + r)·block_bytes) and token t, in the CPU's order (qblock.rs `row_dot_scalar`): 16
+// float lanes, lane 8·(b % 2) + j adding (Σ of weights 4j..4j+3 times the activations) ·
+// (d_w·d_a); the constant terms c_w·c_a added in block order; the lanes added as a tree, then
+// the constant sum. Weights: Q4 codes u (0..15), Q8_0 values. One thread per row and
+// LG_TOKENS tokens. Grid: (⌈rows/block⌉, ⌈n/LG_TOKENS⌉).
+extern "C" __global__ void q8_linear(float* out, const u8* blocks, int ty, const i8* qs,
+                                     const float* d_a, const float* c_a, int rows, int cols,
+                                     int n, int accumulate) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    int t0 = blockIdx.y * LG_TOKENS;
+    if (r >= rows) {
+        return;
+    }
+    int nt = n - t0 < LG_TOKENS ? n - t0 : LG_TOKENS;
+    int bb = ty == Q8_Q4_0 ? 18 : ty == Q8_Q4_1 ? 20 : 34;
+    int nb = cols / 32;
+    float lanes[LG_TOKENS][16];
+    float konst[LG_TOKENS];
+#pragma unroll
+    for (int t = 0; t < LG_TOKENS; t++) {
+        konst[t] = 0.0f;
+#pragma unroll
+        for (int l = 0; l < 16; l++) lanes[t][l] = 0.0f;
+    }
+    for (int b = 0; b < nb; b++) {
+        const u8* blk = blocks + ((i64)b * rows + r) * bb;
+        int w[32];
+        if (ty == Q8_Q8_0) {
+            for (int j = 0; j < 32; j++) w[j] = (int)(i8)blk[2 + j];
+        } else {
+            const u8* q = blk + bb - 16;
+            for (int j = 0; j < 16; j++) {
+                w[j] = q[j] & 15;
+                w[j + 16] = q[j] >> 4;
+            }
+        }
+        float dw = f16_to_f32((u16)(blk[0] | (blk[1] << 8)));
+        float cw = ty == Q8_Q4_0 ? dw : ty == Q8_Q4_1 ? f16_to_f32((u16)(blk[2] | (blk[3] << 8))) : 0.0f;
+#pragma unroll
+        for (int t = 0; t < LG_TOKENS; t++) {
+            if (t < nt) {
+                i64 at = (i64)(t0 + t) * nb + b;
+                const i8* a = qs + at * 32;
+                float sc = dw * d_a[at];
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    int s = 0;
+                    for (int i = 4 * j; i < 4 * j + 4; i++) {
+                        s += w[i] * (int)a[i];
+                    }
+                    int l = 8 * (b % 2) + j;
+                    lanes[t][l] = lanes[t][l] + (float)s * sc;
+                }
+                konst[t] = konst[t] + cw * c_a[at];
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        float* v = lanes[t];
+        float s8[8], s4[4];
+        for (int l = 0; l < 8; l++) s8[l] = v[l] + v[l + 8];
+        for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
+        float total = ((s4[0] + s4[2]) + (s4[1] + s4[3])) + konst[t];
+        float* o = out + (i64)(t0 + t) * rows + r;
+        *o = accumulate ? *o + total : total;
+    }
+}
+
 // The CPU's portable f32 dot (kernels/attention `dot_scalar`): eight interleaved
 // accumulators (element k to accumulator k % 8), added in order, then the tail's own sum.
 // Same order, no FMA: the same bits.

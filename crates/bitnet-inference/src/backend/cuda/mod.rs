@@ -20,8 +20,8 @@
 //! [`GRAPH_MAX_TOKENS`] tokens are recorded once as a CUDA graph per (tokens, logits rows)
 //! and replayed: one launch a step.
 //!
-//! Not done yet: llama.cpp's Q8 activations for Q4/Q8
-//! linears (each refused with an error naming it); a split-K (flash-decoding) attention.
+//! Not done yet: tensor cores for the float lm_head; a prefill attention tiled over query
+//! rows (each row's chunk blocks read their K/V rows themselves).
 //!
 //! Ternary products: a dp4a GEMV (`ternary_gemv`) for decode-sized calls, the int8 tensor
 //! cores (`ternary_gemm`, `mma.sync`, compute capability 8.0 and newer) from
@@ -35,16 +35,6 @@ mod tests;
 mod weights;
 
 pub use device::driver_present;
-
-/// The options the CUDA backend cannot honour yet, named as the command line names them
-/// (`None`: it supports them all).
-pub fn unsupported(options: &super::ModelOptions) -> Option<&'static str> {
-    use crate::kernels::qblock::QuantActs;
-    if options.quant_acts != QuantActs::Exact {
-        return Some("--quant-acts q8");
-    }
-    None
-}
 
 /// CUDA GPUs this machine has (0 without a driver, or where it fails to start).
 pub fn device_count() -> usize {
@@ -93,6 +83,8 @@ pub struct CudaBackend {
     attn_parts_budget: usize,
     /// Element type of the KV caches of states made from now on.
     kv_type: KvType,
+    /// How Q4_0/Q4_1/Q8_0 linears meet their activations (`set_quant_acts`).
+    quant_acts: crate::kernels::qblock::QuantActs,
     /// The quantized copy of the float lm_head (`--lm-head int8/q6k/q4`) that logits use
     /// instead.
     quant_head: Option<QuantHeadDev>,
@@ -203,6 +195,9 @@ struct DenseDev {
     ty: i32,
     rows: usize,
     cols: usize,
+    /// With `--quant-acts q8`, the file's Q4_0/Q4_1/Q8_0 blocks (block-major: block b of
+    /// row r at `(b · rows + r) · block bytes`) and their type (`Q8_*` in kernels.cu).
+    q8: Option<(DevBuf, i32)>,
 }
 
 impl DenseDev {
@@ -338,6 +333,7 @@ impl CudaBackend {
                 ty,
                 rows: m.rows(),
                 cols: m.cols(),
+                q8: None,
             })
         };
         let ternary = |ms: &[&crate::kernels::TernaryMatrix], what: &str| -> Result<LinearKind> {
@@ -455,6 +451,7 @@ impl CudaBackend {
             use_graphs: std::env::var("BITNET_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             attn_parts_budget: ATTN_PARTS_BYTES,
             kv_type: KvType::F32,
+            quant_acts: crate::kernels::qblock::QuantActs::Exact,
             quant_head: None,
             use_mma: gpu.int8_mma() && std::env::var("BITNET_CUDA_MMA").map_or(true, |v| v != "0"),
             stream: std::sync::Mutex::new(()),
@@ -486,6 +483,63 @@ impl CudaBackend {
             self.quant_head = QuantHeadDev::new(&self.gpu, quant, m)?;
         }
         self.weight_bytes += self.quant_head.as_ref().map_or(0, QuantHeadDev::bytes);
+        Ok(())
+    }
+
+    /// Chooses how Q4_0/Q4_1/Q8_0 linears (and such a tied embedding or lm_head, unless a
+    /// quantized lm_head replaces it) are multiplied, as the CPU backend's `set_quant_acts`:
+    /// exactly (f32 activations, the weights dequantized at load), or `Q8` as llama.cpp
+    /// (activations quantized to Q8 blocks per token, integer block dots; the file's blocks
+    /// uploaded now beside the f32 copy): the CPU's bits either way. Applies to states made
+    /// from now on.
+    pub fn set_quant_acts(&mut self, acts: crate::kernels::qblock::QuantActs) -> Result<()> {
+        use crate::kernels::qblock::QuantActs;
+        let q8 = acts == QuantActs::Q8;
+        let gpu = self.gpu.clone();
+        let (mut added, mut removed) = (0usize, 0usize);
+        let mut attach = |dev: &mut DenseDev, m: &crate::kernels::DenseMatrix| -> Result<()> {
+            if let Some((old, _)) = dev.q8.take() {
+                removed += old.bytes();
+            }
+            if q8 {
+                if let Some(blocks) = q8_blocks(&gpu, m)? {
+                    added += blocks.0.bytes();
+                    dev.q8 = Some(blocks);
+                }
+            }
+            Ok(())
+        };
+        for (dev, host) in self.layers.iter_mut().zip(&self.weights.layers) {
+            let groups: [(&mut LinearGroup, Vec<&crate::model::Linear>); 4] = [
+                (&mut dev.qkv, vec![&host.q_proj, &host.k_proj, &host.v_proj]),
+                (&mut dev.o, vec![&host.o_proj]),
+                (&mut dev.gate_up, vec![&host.gate_proj, &host.up_proj]),
+                (&mut dev.down, vec![&host.down_proj]),
+            ];
+            for (group, linears) in groups {
+                if let LinearGroup::Separate(devs) = group {
+                    for (d, l) in devs.iter_mut().zip(linears) {
+                        if let (LinearKind::Dense(d), Some(m)) = (&mut d.kind, dense_of(l)) {
+                            attach(d, m)?;
+                        }
+                    }
+                }
+            }
+        }
+        if let (Some(LinearGroup::Separate(devs)), Some(l)) =
+            (&mut self.lm_head, &self.weights.lm_head)
+        {
+            if let (Some(d), Some(m)) = (devs.first_mut(), dense_of(l)) {
+                if let LinearKind::Dense(d) = &mut d.kind {
+                    attach(d, m)?;
+                }
+            }
+        }
+        if self.weights.lm_head.is_none() {
+            attach(&mut self.embedding, &self.weights.token_embedding)?;
+        }
+        self.weight_bytes = self.weight_bytes + added - removed;
+        self.quant_acts = acts;
         Ok(())
     }
 
@@ -597,7 +651,7 @@ impl CudaBackend {
                             self.ternary(s, l, n, &[(out, l.rows)], accumulate)?;
                         }
                         (LinearKind::Dense(d), None) => {
-                            self.dense(out, d, floats.x, n, accumulate)?;
+                            self.dense(s, out, d, floats.x, n, accumulate)?;
                         }
                         (LinearKind::Dense(d), Some(own)) => {
                             norm_quant(
@@ -609,7 +663,7 @@ impl CudaBackend {
                                 n,
                                 0,
                             )?;
-                            self.dense(out, d, &s.linear_in, n, accumulate)?;
+                            self.dense(s, out, d, &s.linear_in, n, accumulate)?;
                         }
                     }
                 }
@@ -667,6 +721,7 @@ impl CudaBackend {
     /// `out[n, rows] (+)= x[n, cols] · Wᵀ` for a dense `W: [rows, cols]`.
     fn dense(
         &self,
+        s: &CudaState,
         out: &DevBuf,
         w: &DenseDev,
         x: &DevBuf,
@@ -674,6 +729,24 @@ impl CudaBackend {
         accumulate: bool,
     ) -> Result<()> {
         let (rows, cols) = (w.rows, w.cols);
+        if let Some((blocks, ty)) = &w.q8 {
+            let Some((qs, d, c)) = &s.q8_acts else {
+                return Err(Error::Invalid(
+                    "CUDA: this state was made before --quant-acts q8 was chosen".into(),
+                ));
+            };
+            let shape = (rows, cols);
+            return q8_linear(
+                &self.gpu,
+                out,
+                (blocks, *ty),
+                (qs, d, c),
+                x,
+                shape,
+                n,
+                accumulate,
+            );
+        }
         check_fits(&[
             (out, n * rows * 4),
             (x, n * cols * 4),
@@ -1098,7 +1171,7 @@ impl CudaBackend {
                     m,
                     0,
                 )?;
-                self.dense(&s.logits_dev, &self.embedding, &s.normed, m, false)?;
+                self.dense(s, &s.logits_dev, &self.embedding, &s.normed, m, false)?;
             }
             Some(head) => {
                 let norm = Some(&self.output_norm);
@@ -1507,6 +1580,105 @@ fn ternary_grouped(
     }
 }
 
+/// `out[n, rows] (+)=` llama.cpp's q8 product of Q4_0/Q4_1/Q8_0 blocks with `x`: the rows
+/// of `x` quantized to Q8 blocks (`q8_quant`), then `q8_linear`.
+#[allow(clippy::too_many_arguments)]
+fn q8_linear(
+    gpu: &Arc<dyn Gpu>,
+    out: &DevBuf,
+    weights: (&DevBuf, i32),
+    acts: (&DevBuf, &DevBuf, &DevBuf),
+    x: &DevBuf,
+    shape: (usize, usize),
+    n: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let ((blocks, ty), (qs, d, c), (rows, cols)) = (weights, acts, shape);
+    let bb = [18, 20, 34][ty as usize];
+    let nb = cols / 32;
+    check_fits(&[
+        (out, n * rows * 4),
+        (x, n * cols * 4),
+        (blocks, rows * nb * bb),
+        (qs, n * cols),
+        (d, n * nb * 4),
+        (c, n * nb * 4),
+    ])?;
+    if !cols.is_multiple_of(32) {
+        return Err(Error::Invalid(format!(
+            "CUDA: internal error: Q8 blocks of a {cols}-column matrix"
+        )));
+    }
+    // SAFETY: q8_quant reads n rows of cols floats and writes n·cols int8 values and n·nb
+    // scales and terms; q8_linear reads rows·nb blocks, those activations, and writes (or
+    // adds to) n·rows floats; sizes checked above.
+    unsafe {
+        launch(
+            gpu,
+            Kernel::Q8Quant,
+            (n * nb, 1, 1),
+            &[
+                qs.arg(),
+                d.arg(),
+                c.arg(),
+                x.arg(),
+                Arg::I32(n as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(ty),
+            ],
+        )?;
+        launch(
+            gpu,
+            Kernel::Q8Linear,
+            (rows, n.div_ceil(LG_TOKENS), 1),
+            &[
+                out.arg(),
+                blocks.arg(),
+                Arg::I32(ty),
+                qs.arg(),
+                d.arg(),
+                c.arg(),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(n as i32),
+                Arg::I32(accumulate as i32),
+            ],
+        )
+    }
+}
+
+/// The dense matrix of a linear (`None` for a ternary one).
+fn dense_of(l: &crate::model::Linear) -> Option<&crate::kernels::DenseMatrix> {
+    match &l.weights {
+        LinearWeights::Dense(m) => Some(m),
+        LinearWeights::Ternary(_) => None,
+    }
+}
+
+/// A Q4_0/Q4_1/Q8_0 matrix's blocks block-major on the device, with their type code
+/// (`Q8_*` in kernels.cu); `None` for other matrices.
+fn q8_blocks(gpu: &Arc<dyn Gpu>, m: &crate::kernels::DenseMatrix) -> Result<Option<(DevBuf, i32)>> {
+    use crate::kernels::qblock::BlockType;
+    let crate::kernels::DenseData::Q32(ty, data) = m.data() else {
+        return Ok(None);
+    };
+    let code = match ty {
+        BlockType::Q4_0 => 0,
+        BlockType::Q4_1 => 1,
+        BlockType::Q8_0 => 2,
+    };
+    let (rows, bb) = (m.rows(), ty.block_bytes());
+    let nb = m.cols() / crate::kernels::qblock::QK;
+    let mut blocks = vec![0u8; rows * nb * bb];
+    for r in 0..rows {
+        for b in 0..nb {
+            blocks[(b * rows + r) * bb..][..bb].copy_from_slice(&data[(r * nb + b) * bb..][..bb]);
+        }
+    }
+    let buf = DevBuf::from_slice(gpu, &blocks, "Q4/Q8 blocks for --quant-acts q8")?;
+    Ok(Some((buf, code)))
+}
+
 /// Quantized activation rows: int8 values, scales, sums.
 struct CudaActs<'a> {
     q: &'a DevBuf,
@@ -1587,6 +1759,9 @@ pub struct CudaState {
     kv_elem: usize,
     /// With an int8 lm_head: its 12-bit activations `[max_batch, padded]` and their scales.
     head_acts: Option<(DevBuf, DevBuf)>,
+    /// With `--quant-acts q8`: Q8 activations `[max_batch, width]` and their per-block `d`
+    /// and constant terms.
+    q8_acts: Option<(DevBuf, DevBuf, DevBuf)>,
     /// i32 `[4][max_batch]`: tokens, positions, slots, rows that want logits.
     meta: DevBuf,
     logit_rows: DevBuf,
@@ -1691,8 +1866,11 @@ impl Backend for CudaBackend {
             .quant_head
             .as_ref()
             .map(|h| (max_batch * h.padded * 2, max_batch * 4));
-        let scratch: usize =
-            sizes.iter().map(|s| s.1).sum::<usize>() + head_acts.map_or(0, |(a, b)| a + b);
+        let q8_acts = (self.quant_acts == crate::kernels::qblock::QuantActs::Q8)
+            .then(|| (max_batch * wide, max_batch * wide / 32 * 4));
+        let scratch: usize = sizes.iter().map(|s| s.1).sum::<usize>()
+            + head_acts.map_or(0, |(a, b)| a + b)
+            + q8_acts.map_or(0, |(q, d)| q + 2 * d);
         let kv_total = 2 * c.n_layers * cache;
         if let Some((free, total)) = self.gpu.memory_info() {
             if kv_total + scratch > free {
@@ -1733,6 +1911,14 @@ impl Backend for CudaBackend {
             )),
             None => None,
         };
+        let q8_acts = match q8_acts {
+            Some((values, blocks)) => Some((
+                DevBuf::new(&self.gpu, values, "the Q8 activations buffer")?,
+                DevBuf::new(&self.gpu, blocks, "the Q8 activation scales buffer")?,
+                DevBuf::new(&self.gpu, blocks, "the Q8 activation terms buffer")?,
+            )),
+            None => None,
+        };
         let mut it = bufs.into_iter();
         let mut next = || it.next().expect("one buffer per size");
         Ok(Box::new(CudaState {
@@ -1757,6 +1943,7 @@ impl Backend for CudaBackend {
             attn_rows,
             kv_elem,
             head_acts,
+            q8_acts,
             meta: next(),
             logit_rows: next(),
             logits_dev: next(),

@@ -780,3 +780,38 @@ fn issue20_models_equal_the_cpu_backend() {
         }
     }
 }
+
+/// `--quant-acts q8` (llama.cpp's Q8 activations for Q4_0/Q4_1/Q8_0 linears): the real
+/// SmolLM2-135M (Q4_1 linears, a Q8_0 tied embedding) on the emulated GPU gives the CPU
+/// backend's logits bit for bit, prefill and decode, and the exact mode again after it.
+#[test]
+fn q8_activations_on_smollm2_equal_the_cpu_backend() {
+    use crate::kernels::qblock::QuantActs;
+    let Some(gpu) = emulator() else { return };
+    let Some(path) = std::env::var_os("BITNET_SMOLLM2_GGUF") else {
+        if std::env::var("BITNET_SKIP_SMOLLM2").is_ok_and(|v| v == "1") {
+            eprintln!("SKIP: SmolLM2-135M (BITNET_SKIP_SMOLLM2=1)");
+            return;
+        }
+        panic!("BITNET_SMOLLM2_GGUF names the SmolLM2-135M GGUF (scripts/test sets it)");
+    };
+    let mut m = crate::model::load(std::path::Path::new(&path)).unwrap();
+    // Two layers are enough for the products and keep the emulator quick.
+    m.weights.layers.truncate(2);
+    m.config.n_layers = 2;
+    let ids: Vec<u32> = (0..20).map(|i| (i * 97 + 5) % 49152).collect();
+    for acts in [QuantActs::Q8, QuantActs::Exact] {
+        let mut cpu = CpuBackend::with_kernel(
+            m.config.clone(),
+            m.weights.clone(),
+            &kernels::scalar::ScalarKernel,
+        )
+        .unwrap();
+        cpu.set_quant_acts(acts);
+        let mut cuda = CudaBackend::on(gpu.clone(), m.config.clone(), m.weights.clone()).unwrap();
+        cuda.set_quant_acts(acts).unwrap();
+        let mut batches = vec![entries(&ids[..17], 0, 0, true)];
+        batches.extend((17..20).map(|i| entries(&ids[i..i + 1], 0, i, true)));
+        assert_eq!(compare(&cpu, &cuda, 1, &batches, 0.0), 0.0, "{acts:?}");
+    }
+}
