@@ -42,6 +42,7 @@ pub(crate) enum Kernel {
     Q4Logits,
     Q6kLogits,
     DenseGemv,
+    DenseGemm,
     Q8Quant,
     Q8Linear,
     HeadNorms,
@@ -52,7 +53,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 16] = [
+    pub(crate) const ALL: [Kernel; 17] = [
         Kernel::EmbedRows,
         Kernel::NormQuant,
         Kernel::TernaryGemv,
@@ -62,6 +63,7 @@ impl Kernel {
         Kernel::Q4Logits,
         Kernel::Q6kLogits,
         Kernel::DenseGemv,
+        Kernel::DenseGemm,
         Kernel::Q8Quant,
         Kernel::Q8Linear,
         Kernel::HeadNorms,
@@ -83,6 +85,7 @@ impl Kernel {
             Kernel::Q4Logits => "q4_logits",
             Kernel::Q6kLogits => "q6k_logits",
             Kernel::DenseGemv => "dense_gemv",
+            Kernel::DenseGemm => "dense_gemm",
             Kernel::Q8Quant => "q8_quant",
             Kernel::Q8Linear => "q8_linear",
             Kernel::HeadNorms => "head_norms",
@@ -103,6 +106,7 @@ impl Kernel {
                 | Kernel::TernaryGemv
                 | Kernel::TernaryGemvGrouped
                 | Kernel::TernaryGemm
+                | Kernel::DenseGemm
                 | Kernel::AttentionChunks
                 | Kernel::HeadNorms
         )

@@ -1037,6 +1037,92 @@ extern "C" __global__ void q8_linear(float* out, const u8* blocks, int ty, const
     }
 }
 
+// dense_gemv's products for many tokens at once (prefill of float models, large batches'
+// lm_head): a block of 256 threads takes DM_ROWS rows × DM_TOKENS tokens, each thread 2 rows
+// × 4 tokens with the same 8 accumulators per output, K walked DM_CHUNKS chunks of 8 at a
+// time through shared memory (weights widened to f32 once per block, not once per 4
+// tokens). Every output adds its products in dense_gemv's order: the same bits. Grid:
+// (⌈rows/DM_ROWS⌉, ⌈n/DM_TOKENS⌉), block 256.
+#define DM_ROWS 64
+#define DM_TOKENS 32
+#define DM_CHUNKS 4
+extern "C" __global__ void dense_gemm(float* out, const void* w, int ty, const float* x,
+                                      int rows, int cols, int n, int accumulate) {
+    // +1: a warp's 32 rows fall in 32 different banks.
+    __shared__ float ws[DM_CHUNKS][DM_ROWS][9];
+    __shared__ float xs[DM_TOKENS][DM_CHUNKS * 8];
+    int tid = threadIdx.x;
+    int r0 = blockIdx.x * DM_ROWS, t0 = blockIdx.y * DM_TOKENS;
+    int rr = tid % 32, tq = (tid / 32) * 4;
+    float acc[2][4][8];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[a][j][i] = 0.0f;
+    int chunks = cols / 8;
+    for (int c0 = 0; c0 < chunks; c0 += DM_CHUNKS) {
+        {
+            int c = c0 + tid / DM_ROWS, r = r0 + tid % DM_ROWS;
+            float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            if (c < chunks && r < rows) {
+                dense_chunk(w, ty, (i64)c * rows + r, v);
+            }
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                ws[tid / DM_ROWS][tid % DM_ROWS][i] = v[i];
+            }
+        }
+        for (int e = tid; e < DM_TOKENS * DM_CHUNKS * 8; e += 256) {
+            int t = e / (DM_CHUNKS * 8), k = e % (DM_CHUNKS * 8);
+            int col = c0 * 8 + k;
+            xs[t][k] = t0 + t < n && col < chunks * 8 ? x[(i64)(t0 + t) * cols + col] : 0.0f;
+        }
+        __syncthreads();
+        int cn = chunks - c0 < DM_CHUNKS ? chunks - c0 : DM_CHUNKS;
+        for (int c = 0; c < cn; c++) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float w0 = ws[c][rr][i], w1 = ws[c][rr + 32][i];
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float xv = xs[tq + j][c * 8 + i];
+                    acc[0][j][i] += w0 * xv;
+                    acc[1][j][i] += w1 * xv;
+                }
+            }
+        }
+        __syncthreads();
+    }
+    int full = chunks * 8, tail_n = cols - full;
+    for (int a = 0; a < 2; a++) {
+        int row = r0 + rr + 32 * a;
+        if (row >= rows) {
+            continue;
+        }
+        for (int j = 0; j < 4; j++) {
+            int tok = t0 + tq + j;
+            if (tok >= n) {
+                continue;
+            }
+            const float* xr = x + (i64)tok * cols;
+            float tail = 0.0f;
+            for (int k = 0; k < tail_n; k++) {
+                tail += dense_at(w, ty, (i64)full * rows + (i64)row * tail_n + k) * xr[full + k];
+            }
+            float sum = acc[a][j][0];
+#pragma unroll
+            for (int i = 1; i < 8; i++) {
+                sum += acc[a][j][i];
+            }
+            float v = sum + tail;
+            float* o = out + (i64)tok * rows + row;
+            *o = accumulate ? *o + v : v;
+        }
+    }
+}
+
 // The CPU's portable f32 dot (kernels/attention `dot_scalar`): eight interleaved
 // accumulators (element k to accumulator k % 8), added in order, then the tail's own sum.
 // Same order, no FMA: the same bits.

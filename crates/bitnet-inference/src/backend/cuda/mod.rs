@@ -752,24 +752,37 @@ impl CudaBackend {
             (x, n * cols * 4),
             (&w.values, rows * cols * w.elem_bytes()),
         ])?;
+        let args = [
+            out.arg(),
+            w.values.arg(),
+            Arg::I32(w.ty),
+            x.arg(),
+            Arg::I32(rows as i32),
+            Arg::I32(cols as i32),
+            Arg::I32(n as i32),
+            Arg::I32(accumulate as i32),
+        ];
+        if n >= DM_MIN_TOKENS {
+            // SAFETY: dense_gemm reads the rows·cols weights of the declared type
+            // (chunk-major) and n rows of x, and writes (or adds to) n·rows floats of out;
+            // sizes checked above.
+            return unsafe {
+                launch_blocks(
+                    &self.gpu,
+                    Kernel::DenseGemm,
+                    [
+                        rows.div_ceil(DM_ROWS) as u32,
+                        n.div_ceil(DM_TOKENS) as u32,
+                        1,
+                    ],
+                    256,
+                    &args,
+                )
+            };
+        }
         // SAFETY: dense_gemv reads the rows·cols weights of the declared type (chunk-major)
         // and n rows of x, and writes (or adds to) n·rows floats of out; sizes checked above.
-        unsafe {
-            self.launch(
-                Kernel::DenseGemv,
-                (rows, n.div_ceil(DG_TOKENS)),
-                &[
-                    out.arg(),
-                    w.values.arg(),
-                    Arg::I32(w.ty),
-                    x.arg(),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
-                    Arg::I32(n as i32),
-                    Arg::I32(accumulate as i32),
-                ],
-            )
-        }
+        unsafe { self.launch(Kernel::DenseGemv, (rows, n.div_ceil(DG_TOKENS)), &args) }
     }
 
     /// Qwen3's per-head RMSNorm of the `n` rows of queries and keys, in place.
@@ -1388,6 +1401,12 @@ const ATTN_HEADS: usize = 8;
 fn attn_part_bytes(c: &ModelConfig, context: usize) -> usize {
     c.n_heads * context.div_ceil(ATTN_CHUNK) * (2 + c.head_dim) * 4
 }
+
+/// `dense_gemm`'s tile (`DM_*` in kernels.cu), and the tokens from which it replaces
+/// `dense_gemv` (which reads the weights once per DG_TOKENS tokens).
+const DM_ROWS: usize = 64;
+const DM_TOKENS: usize = 32;
+const DM_MIN_TOKENS: usize = 16;
 
 /// Tokens a `dense_gemv` thread takes (`DG_TOKENS` in kernels.cu).
 const DG_TOKENS: usize = 4;
