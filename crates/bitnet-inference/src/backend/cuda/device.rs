@@ -157,6 +157,15 @@ pub(crate) trait Gpu: Send + Sync {
     ) -> Result<()>;
     /// (free, total) bytes of device memory, where the device can tell.
     fn memory_info(&self) -> Option<(usize, usize)>;
+    /// `bytes` of page-locked host memory, which copies from the device reach at the bus's
+    /// full speed (pageable memory goes through a staging copy); `None` where the device
+    /// has none to give (the caller then uses ordinary memory).
+    fn alloc_host(&self, bytes: usize) -> Option<*mut u8>;
+    /// Returns memory from [`Gpu::alloc_host`].
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_host` of this device and is freed once, after its last use.
+    unsafe fn free_host(&self, ptr: *mut u8);
     /// Whether the int8 tensor-core kernel (`ternary_gemm`, `mma.sync` m16n8k32: compute
     /// capability 8.0 and newer) runs here.
     fn int8_mma(&self) -> bool;
@@ -183,6 +192,72 @@ pub(crate) trait Gpu: Send + Sync {
 /// A recorded graph of launches, ready to run (a driver handle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Graph(u64);
+
+/// f32 host memory that device copies land in: page-locked where the device gives it,
+/// ordinary memory otherwise.
+pub(crate) struct HostFloats {
+    gpu: Arc<dyn Gpu>,
+    pinned: Option<*mut u8>,
+    pageable: Vec<f32>,
+    len: usize,
+}
+
+// SAFETY: the pinned pointer is this value's own allocation, reached only through `&self` /
+// `&mut self` like the Vec beside it.
+unsafe impl Send for HostFloats {}
+// SAFETY: as above; `&self` gives only shared reads.
+unsafe impl Sync for HostFloats {}
+
+impl HostFloats {
+    pub(crate) fn new(gpu: &Arc<dyn Gpu>, len: usize) -> Self {
+        let pinned = gpu.alloc_host(len * 4);
+        if let Some(p) = pinned {
+            // SAFETY: `p` holds len·4 bytes; zeroed so the slice below reads defined floats.
+            unsafe { std::ptr::write_bytes(p, 0, len * 4) };
+        }
+        HostFloats {
+            gpu: gpu.clone(),
+            pageable: if pinned.is_some() {
+                Vec::new()
+            } else {
+                vec![0.0; len]
+            },
+            pinned,
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for HostFloats {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self.pinned {
+            // SAFETY: `p` holds `len` floats (4-byte aligned: the driver's pages), initialized
+            // in `new`, alive while `self` is.
+            Some(p) => unsafe { std::slice::from_raw_parts(p as *const f32, self.len) },
+            None => &self.pageable,
+        }
+    }
+}
+
+impl std::ops::DerefMut for HostFloats {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match self.pinned {
+            // SAFETY: as in `deref`; `&mut self` makes this the only reference.
+            Some(p) => unsafe { std::slice::from_raw_parts_mut(p as *mut f32, self.len) },
+            None => &mut self.pageable,
+        }
+    }
+}
+
+impl Drop for HostFloats {
+    fn drop(&mut self) {
+        if let Some(p) = self.pinned.take() {
+            // SAFETY: from this device's alloc_host, freed once, no longer used.
+            unsafe { self.gpu.free_host(p) };
+        }
+    }
+}
 
 /// An allocation of device memory, freed on drop.
 pub(crate) struct DevBuf {
@@ -474,6 +549,21 @@ impl Gpu for CudaGpu {
 
     fn int8_mma(&self) -> bool {
         self.capability >= (8, 0)
+    }
+
+    fn alloc_host(&self, bytes: usize) -> Option<*mut u8> {
+        self.bind().ok()?;
+        // SAFETY: a plain allocation of `bytes` (> 0, the caller's) with no flags.
+        unsafe { cudarc::driver::result::malloc_host(bytes.max(1), 0) }
+            .ok()
+            .map(|p| p as *mut u8)
+    }
+
+    unsafe fn free_host(&self, ptr: *mut u8) {
+        if self.bind().is_ok() {
+            // SAFETY: the caller's contract: from malloc_host, freed once.
+            let _ = unsafe { cudarc::driver::result::free_host(ptr as *mut std::ffi::c_void) };
+        }
     }
 
     fn begin_capture(&self) -> Result<bool> {

@@ -21,6 +21,8 @@ pub(crate) struct EmuGpu {
     _lib: libloading::Library,
     /// Live allocations: address → layout.
     allocs: Mutex<HashMap<DevPtr, std::alloc::Layout>>,
+    /// Live "page-locked" host allocations (ordinary ones here).
+    host: Mutex<HashMap<DevPtr, std::alloc::Layout>>,
 }
 
 /// Alignment of every allocation (as cuMemAlloc's).
@@ -98,6 +100,7 @@ extern "C" int emu_launch(const char* name, const unsigned* grid, const unsigned
             launch_fn,
             _lib: lib,
             allocs: Mutex::new(HashMap::new()),
+            host: Mutex::new(HashMap::new()),
         }))
     }
 }
@@ -188,6 +191,23 @@ impl Gpu for EmuGpu {
 
     fn int8_mma(&self) -> bool {
         true
+    }
+
+    fn alloc_host(&self, bytes: usize) -> Option<*mut u8> {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(1), ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc(layout) };
+        (!p.is_null()).then(|| {
+            self.host.lock().unwrap().insert(p as DevPtr, layout);
+            p
+        })
+    }
+
+    unsafe fn free_host(&self, ptr: *mut u8) {
+        if let Some(layout) = self.host.lock().unwrap().remove(&(ptr as DevPtr)) {
+            // SAFETY: allocated by `alloc_host` with this layout, freed once.
+            unsafe { std::alloc::dealloc(ptr, layout) };
+        }
     }
 
     fn begin_capture(&self) -> Result<bool> {

@@ -1792,8 +1792,9 @@ pub struct CudaState {
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     graphs: GraphCache,
-    /// Host copy of the last call's logits, `[n_logits, vocab]`.
-    logits: Vec<f32>,
+    /// Host copy of the last call's logits, `[n_logits, vocab]` (page-locked: a batch's
+    /// logits come back at the bus's speed).
+    logits: device::HostFloats,
     vocab: usize,
     n_logits: usize,
     kv_bytes: usize,
@@ -1966,7 +1967,7 @@ impl Backend for CudaBackend {
             meta: next(),
             logit_rows: next(),
             logits_dev: next(),
-            logits: vec![0.0; max_batch * c.vocab_size],
+            logits: device::HostFloats::new(&self.gpu, max_batch * c.vocab_size),
             meta_host: vec![0; (4 + c.head_dim) * max_batch],
             rope: crate::backend::rope::RopeAngles::new(c, context, slots),
             rope_cos: vec![0.0; max_batch * (c.head_dim / 2)],
