@@ -160,6 +160,47 @@ fn bitnet_tiny_long_prompt_f16_kv_quantized_heads_equal_the_cpu() {
     }
 }
 
+/// The issue-20 fixtures (RoPE scalings, Qwen3 float and ternary, group-scaled Q2_0) on the
+/// GPU: prefill and 4 greedy steps, every logit the CPU's.
+#[test]
+fn issue20_models_on_the_gpu_equal_the_cpu() {
+    if !gpu("issue20_models_on_the_gpu_equal_the_cpu") {
+        return;
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures-models");
+    let dir = if built.exists() {
+        built
+    } else {
+        "crates/bitnet-inference/tests/fixtures-models".into()
+    };
+    for (path, ids_dir) in [
+        ("rope-dynamic", "rope-dynamic"),
+        ("rope-llama3", "rope-llama3"),
+        ("rope-yarn", "rope-yarn"),
+        ("rope-longrope", "rope-longrope"),
+        ("qwen3-bitnet", "qwen3-bitnet"),
+        ("qwen3-q2_0-g64/model-q2_0.gguf", "qwen3-q2_0-g64"),
+        ("qwen3-q2_0-g128/model-q2_0.gguf", "qwen3-q2_0-g128"),
+    ] {
+        let m = model::load(&dir.join(path)).unwrap();
+        let ids: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(ids_dir).join("ids.json")).unwrap(),
+        )
+        .unwrap();
+        let ids: Vec<u32> = ids["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let cpu =
+            CpuBackend::with_kernel(m.config.clone(), m.weights.clone(), &ScalarKernel).unwrap();
+        let gpu = cuda(&m.config, &m.weights);
+        eprintln!("{path}");
+        greedy_on_both(&cpu, gpu.as_ref(), &ids[..ids.len() - 4], 4);
+    }
+}
+
 /// The 2B-4T shape (hidden 2560, FFN 6912, 20/5 heads of 128, vocab 128256) with two of its
 /// 30 layers of random weights: the kernels at the real model's sizes.
 #[test]
