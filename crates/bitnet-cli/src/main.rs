@@ -1,6 +1,6 @@
 //! `bitnet`: run, inspect and evaluate BitNet b1.58 models from the command line.
 
-mod commands;
+use bitnet_cli::commands;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -11,6 +11,8 @@ use bitnet_inference::chat::{ChatMessage, ChatTemplate};
 use bitnet_inference::engine::{
     EngineConfig, GenerationConfig, LoadedEngineModel, ModelOptions, TextGenerator,
 };
+use bitnet_inference::generate::json::{JsonFormat, JsonGrammars};
+use bitnet_inference::generate::TokenMask;
 use bitnet_inference::model;
 use bitnet_inference::scheduler::{DynamicBatchProcessor, Event, SchedulerConfig};
 use bitnet_inference::tokenizer::Tokenizer;
@@ -50,6 +52,55 @@ pub fn hf(files: &[(String, Vec<u8>)], dir: &Path) -> String {
         Err(e) => e.to_string(),
         Ok(m) => exercise(&m, &d),
     }
+}
+
+/// The files a Hugging Face directory may hold that the `hf` target writes (any other name
+/// in an input is skipped: a name is never a path).
+pub const HF_FILES: [&str; 5] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "model.safetensors",
+];
+
+/// A model directory as one file (the `hf` target's inputs, saved findings and corpus):
+/// for each file, `=== NAME LEN` on a line, then its LEN bytes and a newline.
+pub fn files_bytes(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in files {
+        out.extend_from_slice(format!("=== {name} {}\n", data.len()).as_bytes());
+        out.extend_from_slice(data);
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Reads [`files_bytes`]' format from any bytes (afl mutates it too): a header that does not
+/// parse ends the list; a length past the end takes the bytes left; names not in `allowed`
+/// (such as [`HF_FILES`]) are skipped, and so are repeated ones.
+pub fn parse_files(bytes: &[u8], allowed: &[&str]) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut rest = bytes;
+    while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        let head = String::from_utf8_lossy(&rest[..nl]).into_owned();
+        let Some(head) = head.strip_prefix("=== ") else {
+            break;
+        };
+        let Some((name, len)) = head.rsplit_once(' ') else {
+            break;
+        };
+        let Ok(len) = len.parse::<usize>() else {
+            break;
+        };
+        let body = &rest[nl + 1..];
+        let len = len.min(body.len());
+        if allowed.contains(&name) && !files.iter().any(|(n, _)| n == name) {
+            files.push((name.to_string(), body[..len].to_vec()));
+        }
+        rest = &body[(len + 1).min(body.len())..];
+    }
+    files
 }
 
 /// What a loaded model offers an attacker next: its tokenizer on text, its template, and a
@@ -129,6 +180,83 @@ pub fn template(source: &str, messages: &[ChatMessage]) -> String {
     }
 }
 
+/// The model the `schema` and `jsonl` targets use: bitnet-tiny, on one thread.
+pub fn tiny_model() -> LoadedEngineModel {
+    let options = ModelOptions {
+        threads: Some(1),
+        ..Default::default()
+    };
+    LoadedEngineModel::load_with(Path::new(TINY), &options).expect("bitnet-tiny")
+}
+
+/// The seed corpus of the `schema` target: JSON schemas, one a file.
+pub const SCHEMA_SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/schema");
+
+/// Tokens the `schema` target walks through a compiled grammar.
+const SCHEMA_STEPS: usize = 16;
+
+/// A JSON schema (a request's `response_format.json_schema.schema`) compiled by
+/// `JsonGrammars::compile` against `model`'s vocabulary, as the server does; when it
+/// compiles, a matcher is started and walked for up to 16 tokens, each step taking the
+/// allowed token chosen by the input's bytes, so masks are computed deep in the grammar.
+pub fn schema(grammars: &JsonGrammars, vocab: usize, data: &[u8]) -> String {
+    let schema = match serde_json::from_slice::<serde_json::Value>(data) {
+        Ok(v) => v,
+        Err(e) => return format!("not JSON: {e}"),
+    };
+    let format = JsonFormat::Schema {
+        name: "fuzz".into(),
+        schema,
+    };
+    let constraint = match grammars.compile(&format) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let mut matcher = match constraint.start() {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    let mut mask = TokenMask::default();
+    // A choice among the allowed tokens that depends on the input (FNV-1a of its bytes).
+    let mut h = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    for step in 0..SCHEMA_STEPS {
+        mask.clear(vocab);
+        let may_end = match matcher.next_allowed(&mut mask) {
+            Ok(e) => e,
+            Err(e) => return e,
+        };
+        let allowed = mask.count();
+        if allowed == 0 {
+            return format!("ok ended after {step} tokens (may end: {may_end})");
+        }
+        h = h.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let nth = (h % allowed as u64) as usize;
+        let Some(token) = (0..vocab as u32).filter(|&t| mask.is_allowed(t)).nth(nth) else {
+            return "ok".into();
+        };
+        if let Err(e) = matcher.accept(token) {
+            return e;
+        }
+        if matcher.is_complete() {
+            return "ok complete".into();
+        }
+    }
+    "ok".into()
+}
+
+/// The `schema` target's compiler: bitnet-tiny's vocabulary, as the server builds it.
+pub fn json_grammars(model: &LoadedEngineModel) -> JsonGrammars {
+    JsonGrammars::for_model(model).expect("bitnet-tiny supports response_format")
+}
+
+/// A line of a `bitnet batch` JSONL input, read as `bitnet batch` reads it (and as an
+/// earlier output's line when resuming); see `bitnet_cli::commands::batch::fuzz::line`.
+pub fn jsonl(model: &LoadedEngineModel, line: &[u8]) -> String {
+    bitnet_cli::commands::batch::fuzz::line(model, &String::from_utf8_lossy(line))
+}
+
 /// The conversation a template source is rendered for when the input is only the source
 /// (afl's `template` inputs, and `--replay template` of such a file).
 pub fn fixed_conversation() -> Vec<ChatMessage> {
@@ -196,9 +324,14 @@ pub fn parse_request_bytes(bytes: &[u8]) -> (Endpoint, &[u8]) {
 /// bitnet-tiny (with its chat template and generation_config.json defaults) on one thread,
 /// a small context so that the length checks are reached, and a scheduler run in this
 /// thread.
+///
+/// Every request runs on a new scheduler (the model is shared): one input's outcome and
+/// path never depend on the inputs before it (the prefix cache, slot order), which afl's
+/// persistent mode needs to be stable.
 pub struct Server {
     model: Arc<LoadedEngineModel>,
-    processor: DynamicBatchProcessor,
+    sched: SchedulerConfig,
+    grammars: JsonGrammars,
     defaults: GenerationConfig,
     context: usize,
     vocab: usize,
@@ -229,15 +362,17 @@ impl Server {
             defaults: GenerationConfig::from_model(&model.generation),
             context: processor.context_size(),
             vocab: model.model.config().vocab_size,
-            processor,
+            grammars: json_grammars(&model),
+            sched,
             model,
         }
     }
 
     /// A request body on `endpoint`, as the server's handler takes it: read and checked
     /// (`api::*_request`), its messages rendered or prompt tokenized (`api::*_prompt*`),
-    /// split into scheduler requests (`api::scheduler_requests`), and the first of those
-    /// submitted and run for [`GENERATED`] tokens.
+    /// split into scheduler requests (`api::scheduler_requests`), its `response_format`
+    /// compiled, and the first of those requests submitted with it to a new scheduler and
+    /// run for [`GENERATED`] tokens.
     pub fn request(&mut self, endpoint: Endpoint, body: &[u8]) -> String {
         let (prompts, sampling, field) = match endpoint {
             Endpoint::Chat => {
@@ -272,11 +407,21 @@ impl Server {
             return "no requests".into();
         };
         first.config.max_new_tokens = first.config.max_new_tokens.min(GENERATED);
-        let stream = match self.processor.submit(first) {
+        if let Some(format) = &sampling.response_format {
+            match self.grammars.compile(format) {
+                Ok(c) => first = first.with_constraint(c),
+                Err(e) => return e,
+            }
+        }
+        let mut processor = match DynamicBatchProcessor::new(self.model.clone(), &self.sched) {
+            Ok(p) => p,
+            Err(e) => return e.to_string(),
+        };
+        let stream = match processor.submit(first) {
             Ok(s) => s,
             Err(e) => return e.to_string(),
         };
-        self.processor.run_until_idle();
+        processor.run_until_idle();
         let mut out = String::from("ok");
         while let Some(event) = stream.try_recv() {
             if let Event::Error(e) = event {

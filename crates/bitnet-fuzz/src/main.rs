@@ -1,13 +1,14 @@
 //! Randomized fuzzing of everything that reads untrusted input (issue 18, docs/RELIABILITY.md):
 //! GGUF files, Hugging Face directories (config.json, generation_config.json,
 //! tokenizer_config.json, tokenizer.json, safetensors), tokenizers on arbitrary text, chat
-//! templates, and the server's request bodies. Runs on the stable toolchain, in-process,
-//! single-threaded:
+//! templates, the server's request bodies, JSON schemas (`response_format`) and `bitnet
+//! batch`'s JSONL lines. Runs on the stable toolchain, in-process, single-threaded:
 //!
 //! ```text
 //! cargo run --profile ci -p bitnet-fuzz -- [--seconds N] [--seed N]
-//!     [--target gguf|hf|tokenizer|template|request|all] [--out DIR]
+//!     [--target gguf|hf|tokenizer|template|request|schema|jsonl|all] [--out DIR]
 //! cargo run --profile ci -p bitnet-fuzz -- --replay TARGET FILE
+//! cargo run --profile ci -p bitnet-fuzz -- --write-seeds TARGET DIR
 //! ```
 //!
 //! The targets themselves are in the library (`bitnet_fuzz::*`), shared with the afl.rs
@@ -17,7 +18,9 @@
 //! field given a hostile value) and byte-level (flips, interesting integers, truncation,
 //! splices). There is no coverage instrumentation; instead an input
 //! whose outcome (the error message with numbers and paths stripped) is new joins the
-//! corpus, so mutations keep exploring from inputs that reached new checks.
+//! corpus, so mutations keep exploring from inputs that reached new checks. The corpus is
+//! kept in `OUT/corpus/TARGET/` (and the outcomes seen in `OUT/corpus/TARGET.seen`) and read
+//! back when a run starts, so that runs with the same `--out` accumulate.
 //!
 //! A finding is a panic, an input that takes more than `--hang-seconds` (default 10) of CPU
 //! time, one that does not return (a watchdog: 12 × that of CPU time, or 30 minutes of wall
@@ -27,7 +30,9 @@
 
 use bitnet_fuzz::{Endpoint, Server, FIXTURES, TINY};
 use bitnet_inference::chat::ChatMessage;
+use bitnet_inference::engine::LoadedEngineModel;
 use bitnet_inference::formats::gguf::{GgufFile, GgufValue, GgufWriter};
+use bitnet_inference::generate::json::JsonGrammars;
 use bitnet_inference::rng::Rng;
 use bitnet_inference::tokenizer::Tokenizer;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -145,30 +150,36 @@ fn usage(msg: &str) -> ! {
     std::process::exit(2)
 }
 
-const TARGETS: [&str; 5] = ["gguf", "hf", "tokenizer", "template", "request"];
+const TARGETS: [&str; 7] = [
+    "gguf",
+    "hf",
+    "tokenizer",
+    "template",
+    "request",
+    "schema",
+    "jsonl",
+];
+
+/// Inputs kept in memory per target (seeds, read back and new), and bytes of them read back.
+const MAX_CORPUS: usize = 2000;
+const MAX_READ_BACK_BYTES: usize = 256 << 20;
 
 /// One input: the files of a model (name → bytes), or a template and its messages, or a
-/// text, or a request body and its endpoint.
+/// text, or a request body and its endpoint, or a JSON schema's bytes, or a JSONL line.
 #[derive(Clone)]
 enum Input {
     Files(Vec<(String, Vec<u8>)>),
     Template(String, Vec<(String, String)>),
     Text(String),
     Request(Endpoint, Vec<u8>),
+    Schema(Vec<u8>),
+    Line(String),
 }
 
 impl Input {
     fn bytes(&self) -> Vec<u8> {
         match self {
-            Input::Files(files) => {
-                let mut out = Vec::new();
-                for (name, data) in files {
-                    out.extend_from_slice(format!("=== {name} {}\n", data.len()).as_bytes());
-                    out.extend_from_slice(data);
-                    out.push(b'\n');
-                }
-                out
-            }
+            Input::Files(files) => bitnet_fuzz::files_bytes(files),
             Input::Template(t, msgs) => {
                 let msgs: Vec<_> = msgs
                     .iter()
@@ -177,8 +188,65 @@ impl Input {
                 serde_json::to_vec_pretty(&serde_json::json!({"template": t, "messages": msgs}))
                     .unwrap_or_default()
             }
-            Input::Text(t) => t.as_bytes().to_vec(),
+            Input::Text(t) | Input::Line(t) => t.as_bytes().to_vec(),
             Input::Request(endpoint, body) => bitnet_fuzz::request_bytes(*endpoint, body),
+            Input::Schema(b) => b.clone(),
+        }
+    }
+
+    /// The input as afl's driver takes it (`src/bin/afl.rs`): a template is its source
+    /// alone; the rest as [`Input::bytes`].
+    fn afl_bytes(&self) -> Vec<u8> {
+        match self {
+            Input::Files(files) if files.len() == 1 && files[0].0 == "model.gguf" => {
+                files[0].1.clone()
+            }
+            Input::Template(t, _) => t.as_bytes().to_vec(),
+            _ => self.bytes(),
+        }
+    }
+
+    /// Reads `bytes` as `target`'s input: the format [`Input::bytes`] writes, or afl's (a
+    /// raw GGUF file, a template's source alone).
+    fn from_bytes(target: &str, bytes: &[u8]) -> Input {
+        match target {
+            "gguf" if bytes.starts_with(b"GGUF") => {
+                Input::Files(vec![("model.gguf".into(), bytes.to_vec())])
+            }
+            "gguf" => Input::Files(bitnet_fuzz::parse_files(bytes, &["model.gguf"])),
+            "hf" => Input::Files(bitnet_fuzz::parse_files(bytes, &bitnet_fuzz::HF_FILES)),
+            "template" => match serde_json::from_slice::<serde_json::Value>(bytes) {
+                // The JSON this driver writes: the template and its messages.
+                Ok(v) if v["template"].is_string() => {
+                    let msgs = v["messages"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|m| {
+                                    let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+                                    (s("role"), s("content"))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Input::Template(v["template"].as_str().unwrap_or_default().to_string(), msgs)
+                }
+                // A template's source alone (afl's inputs), for the fixed conversation.
+                _ => Input::Template(
+                    String::from_utf8_lossy(bytes).into_owned(),
+                    bitnet_fuzz::fixed_conversation()
+                        .into_iter()
+                        .map(|m| (m.role, m.content))
+                        .collect(),
+                ),
+            },
+            "request" => {
+                let (endpoint, body) = bitnet_fuzz::parse_request_bytes(bytes);
+                Input::Request(endpoint, body.to_vec())
+            }
+            "schema" => Input::Schema(bytes.to_vec()),
+            "jsonl" => Input::Line(String::from_utf8_lossy(bytes).into_owned()),
+            _ => Input::Text(String::from_utf8_lossy(bytes).into_owned()),
         }
     }
 }
@@ -195,6 +263,11 @@ struct Target {
     tokenizers: Vec<Tokenizer>,
     /// The `request` target's model and scheduler.
     server: Option<Server>,
+    /// The model of the `schema` and `jsonl` targets, and the `schema` target's compiler.
+    model: Option<LoadedEngineModel>,
+    grammars: Option<JsonGrammars>,
+    /// Inputs read back from an earlier run's corpus.
+    read_back: usize,
 }
 
 /// Strips what varies between inputs of the same kind (digits, paths) from an outcome.
@@ -319,6 +392,18 @@ fn seeds(name: &str) -> Vec<Input> {
                 .collect()
         }
         "request" => request_seeds(),
+        "schema" => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(bitnet_fuzz::SCHEMA_SEEDS)
+                .expect("the schema seeds")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            files.sort();
+            files.iter().map(|f| Input::Schema(read(f))).collect()
+        }
+        "jsonl" => bitnet_cli::commands::batch::fuzz::SEEDS
+            .iter()
+            .map(|l| Input::Line(l.to_string()))
+            .collect(),
         _ => unreachable!(),
     }
 }
@@ -752,6 +837,14 @@ fn mutate(rng: &mut Rng, input: &Input, scratch: &Path) -> Input {
             Input::Template(t, msgs)
         }
         Input::Request(endpoint, body) => mutate_request(rng, *endpoint, body),
+        Input::Schema(b) => Input::Schema(mutate_schema(rng, b)),
+        Input::Line(l) => Input::Line(if below(rng, 4) == 0 {
+            let mut b = l.clone().into_bytes();
+            mutate_bytes(rng, &mut b, usize::MAX);
+            String::from_utf8_lossy(&b).into_owned()
+        } else {
+            bitnet_cli::commands::batch::fuzz::mutate(rng, l)
+        }),
         Input::Text(s) => {
             let mut b = s.clone().into_bytes();
             if below(rng, 2) == 0 {
@@ -762,6 +855,186 @@ fn mutate(rng: &mut Rng, input: &Input, scratch: &Path) -> Input {
             Input::Text(String::from_utf8_lossy(&b).into_owned())
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON schemas.
+
+/// Schema keywords, for keys inserted into a schema object.
+const SCHEMA_KEYS: &[&str] = &[
+    "type",
+    "properties",
+    "items",
+    "prefixItems",
+    "additionalProperties",
+    "patternProperties",
+    "required",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "not",
+    "$ref",
+    "$defs",
+    "definitions",
+    "pattern",
+    "format",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minProperties",
+    "maxProperties",
+    "uniqueItems",
+    "contains",
+    "if",
+    "then",
+    "else",
+    "x-guidance",
+];
+
+/// A value that means something to a schema compiler: a small schema, a keyword's typical
+/// argument, a hostile pattern or size.
+fn schema_value(rng: &mut Rng, depth: usize) -> serde_json::Value {
+    use serde_json::json;
+    match below(rng, if depth > 3 { 12 } else { 16 }) {
+        0 => {
+            json!({"type": pick(rng, &["string", "integer", "number", "boolean", "null", "object", "array", "fancy"])})
+        }
+        1 => json!(["string", "null"]),
+        2 => json!(pick(
+            rng,
+            &[
+                "^[a-z]+$",
+                "(a|b)*a(a|b){20}",
+                "^(a+)+$",
+                "[",
+                "\\",
+                ".*",
+                "^\\d{3,}$",
+                "(?=a)",
+                "\\p{L}+",
+                "[^\\x00-\\x7f]{2}"
+            ]
+        )),
+        3 => json!(pick(
+            rng,
+            &[
+                "date-time",
+                "email",
+                "uuid",
+                "uri",
+                "ipv4",
+                "date",
+                "time",
+                "hostname",
+                "unknown"
+            ]
+        )),
+        4 => json!(interesting(rng)),
+        5 => json!(-(interesting(rng) as i64)),
+        6 => json!(pick(rng, &[0.5, -1.5, 1e300, 1e-300, 0.1])),
+        7 => json!(pick(
+            rng,
+            &[
+                "#",
+                "#/$defs/a",
+                "#/definitions/x",
+                "#/properties/a",
+                "http://example.com/s.json",
+                "#/$defs/a/properties/b",
+                "a"
+            ]
+        )),
+        8 => json!(["a", "b"]),
+        9 => json!([1, "a", null, true, {"a": 1}]),
+        10 => json!({"a": {"type": "integer"}, "b": {"$ref": "#"}}),
+        11 => json!(true),
+        _ => {
+            let k = pick(rng, &["anyOf", "oneOf", "allOf"]).to_string();
+            let n = 1 + below(rng, 3);
+            let v: Vec<_> = (0..n).map(|_| schema_value(rng, depth + 1)).collect();
+            json!({ k: v })
+        }
+    }
+}
+
+/// The JSON pointers of every object in `v` (at most 10,000 of them).
+fn object_pointers(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+    if out.len() >= 10_000 {
+        return;
+    }
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, c) in o {
+                let k = k.replace('~', "~0").replace('/', "~1");
+                object_pointers(c, format!("{at}/{k}"), out);
+            }
+            out.push(at);
+        }
+        serde_json::Value::Array(a) => {
+            for (i, c) in a.iter().enumerate() {
+                object_pointers(c, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Structure-aware (a keyword added, a value replaced by a schema-like or edge value, the
+/// whole wrapped in a combinator) or byte-level mutations of a schema.
+fn mutate_schema(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
+    let structured = below(rng, 4) != 0;
+    let parsed = serde_json::from_slice::<serde_json::Value>(bytes).ok();
+    let Some(mut v) = parsed.filter(|_| structured) else {
+        let mut b = bytes.to_vec();
+        mutate_bytes(rng, &mut b, usize::MAX);
+        return b;
+    };
+    for _ in 0..1 + below(rng, 3) {
+        match below(rng, 5) {
+            0 => mutate_json(rng, &mut v, 0),
+            1 | 2 => {
+                // A keyword set on a random object of the tree.
+                let mut objects = Vec::new();
+                object_pointers(&v, String::new(), &mut objects);
+                if !objects.is_empty() {
+                    let at = objects.swap_remove(below(rng, objects.len()));
+                    let key = pick(rng, SCHEMA_KEYS).to_string();
+                    let value = schema_value(rng, 0);
+                    if let Some(o) = v.pointer_mut(&at).and_then(|o| o.as_object_mut()) {
+                        o.insert(key, value);
+                    }
+                }
+            }
+            3 => {
+                let k = pick(rng, &["anyOf", "allOf", "oneOf", "items"]).to_string();
+                v = if k == "items" {
+                    serde_json::json!({ k: v })
+                } else {
+                    serde_json::json!({ k: [v.clone(), schema_value(rng, 0)] })
+                };
+            }
+            _ => {
+                // A subtree copied elsewhere (recursion, size).
+                let copy = v.clone();
+                if let Some(o) = v.as_object_mut() {
+                    let key = pick(
+                        rng,
+                        &["properties", "$defs", "items", "additionalProperties"],
+                    );
+                    o.insert(key.to_string(), serde_json::json!({"a": copy}));
+                }
+            }
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1213,6 +1486,14 @@ fn execute(target: &mut Target, input: &Input, dir: &Path) -> String {
             Some(server) => server.request(*endpoint, body),
             None => "no server".into(),
         },
+        ("schema", Input::Schema(bytes)) => match (&target.grammars, &target.model) {
+            (Some(g), Some(m)) => bitnet_fuzz::schema(g, m.pieces.len(), bytes),
+            _ => "no compiler".into(),
+        },
+        ("jsonl", Input::Line(line)) => match &target.model {
+            Some(m) => bitnet_fuzz::jsonl(m, line.as_bytes()),
+            None => "no model".into(),
+        },
         _ => "mismatched input".into(),
     }
 }
@@ -1225,6 +1506,10 @@ fn make_target(t: &str) -> Target {
     } else {
         Vec::new()
     };
+    let model = matches!(name, "schema" | "jsonl").then(bitnet_fuzz::tiny_model);
+    let grammars = (name == "schema")
+        .then(|| model.as_ref().map(bitnet_fuzz::json_grammars))
+        .flatten();
     Target {
         name,
         seeds: corpus.len(),
@@ -1235,6 +1520,60 @@ fn make_target(t: &str) -> Target {
         oks: 0,
         tokenizers,
         server: (name == "request").then(Server::new),
+        model,
+        grammars,
+        read_back: 0,
+    }
+}
+
+/// Adds to `t` what earlier runs kept in `corpus_dir` (`TARGET/`, and the outcomes seen in
+/// `TARGET.seen`): a random choice of its inputs, up to [`MAX_CORPUS`] in all and
+/// [`MAX_READ_BACK_BYTES`].
+fn read_back(t: &mut Target, corpus_dir: &Path, rng: &mut Rng) {
+    if let Ok(text) = std::fs::read_to_string(corpus_dir.join(format!("{}.seen", t.name))) {
+        t.seen.extend(text.lines().map(str::to_string));
+    }
+    let Ok(dir) = std::fs::read_dir(corpus_dir.join(t.name)) else {
+        return;
+    };
+    let mut files: Vec<(PathBuf, u64)> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.len())))
+        .collect();
+    files.sort();
+    // A random order (Fisher-Yates), so that chunks start from different parts of a corpus
+    // larger than the cap.
+    for i in (1..files.len()).rev() {
+        files.swap(i, below(rng, i + 1));
+    }
+    let mut bytes = 0usize;
+    for (path, len) in files {
+        if t.corpus.len() >= MAX_CORPUS {
+            break;
+        }
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        if bytes.saturating_add(len) > MAX_READ_BACK_BYTES {
+            continue;
+        }
+        let Ok(data) = std::fs::read(&path) else {
+            continue;
+        };
+        bytes += len;
+        t.corpus.push(Input::from_bytes(t.name, &data));
+        t.read_back += 1;
+    }
+}
+
+/// `--write-seeds TARGET DIR`: the target's seeds, one a file, as afl's driver takes them.
+fn write_seeds(target: &str, dir: &Path) {
+    if !TARGETS.contains(&target) {
+        usage(&format!("unknown target {target}"));
+    }
+    std::fs::create_dir_all(dir).expect("create the seed directory");
+    for (i, input) in seeds(target).iter().enumerate() {
+        let path = dir.join(format!("{target}-{i}"));
+        std::fs::write(&path, input.afl_bytes())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }
 
@@ -1261,54 +1600,10 @@ fn cpu_time() -> Option<Duration> {
 /// `--replay FILE`: runs one saved input (a finding or a corpus entry) and prints its
 /// outcome and CPU time.
 fn replay(target: &str, file: &Path) {
-    let bytes = read(file);
-    let input = match target {
-        "template" => match serde_json::from_slice::<serde_json::Value>(&bytes) {
-            // The JSON this driver writes: the template and its messages.
-            Ok(v) if v["template"].is_string() => {
-                let msgs = v["messages"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|m| {
-                                let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
-                                (s("role"), s("content"))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Input::Template(v["template"].as_str().unwrap_or_default().to_string(), msgs)
-            }
-            // A template's source alone (afl's inputs), for the fixed conversation.
-            _ => Input::Template(
-                String::from_utf8_lossy(&bytes).into_owned(),
-                bitnet_fuzz::fixed_conversation()
-                    .into_iter()
-                    .map(|m| (m.role, m.content))
-                    .collect(),
-            ),
-        },
-        "tokenizer" => Input::Text(String::from_utf8_lossy(&bytes).into_owned()),
-        "request" => {
-            let (endpoint, body) = bitnet_fuzz::parse_request_bytes(&bytes);
-            Input::Request(endpoint, body.to_vec())
-        }
-        _ => {
-            // `=== NAME LEN\n` + LEN bytes + `\n`, repeated.
-            let mut files = Vec::new();
-            let mut rest = &bytes[..];
-            while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-                let head = String::from_utf8_lossy(&rest[..nl]).into_owned();
-                let mut parts = head.trim_start_matches("=== ").rsplitn(2, ' ');
-                let len: usize = parts.next().and_then(|l| l.parse().ok()).expect("a length");
-                let name = parts.next().expect("a name").to_string();
-                let data = rest[nl + 1..nl + 1 + len].to_vec();
-                files.push((name, data));
-                rest = &rest[(nl + 2 + len).min(rest.len())..];
-            }
-            Input::Files(files)
-        }
-    };
+    if !TARGETS.contains(&target) {
+        usage(&format!("unknown target {target}"));
+    }
+    let input = Input::from_bytes(target, &read(file));
     let mut t = make_target(target);
     let work = std::env::temp_dir().join(format!("bitnet-fuzz-replay-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("a work directory");
@@ -1331,6 +1626,11 @@ fn main() {
         {
             return replay(target, Path::new(file));
         }
+        if let (Some("--write-seeds"), Some(target), Some(dir)) =
+            (args.get(1).map(String::as_str), args.get(2), args.get(3))
+        {
+            return write_seeds(target, Path::new(dir));
+        }
     }
     let args = parse_args();
     let findings = args.out.join("findings");
@@ -1346,6 +1646,10 @@ fn main() {
         args.out.display()
     );
     let mut targets: Vec<Target> = args.targets.iter().map(|t| make_target(t)).collect();
+    let corpus_dir = args.out.join("corpus");
+    for t in &mut targets {
+        read_back(t, &corpus_dir, &mut rng);
+    }
     let start = Instant::now();
     let deadline = Duration::from_secs_f64(args.seconds);
     let mut n_findings = 0usize;
@@ -1399,9 +1703,10 @@ fn main() {
     while start.elapsed() < deadline {
         let t = &mut targets[round % args.targets.len()];
         round += 1;
-        // Requests: half the time a valid seed is mutated, since most kept inputs are
-        // refused at their first field and would hide the deeper checks.
-        let parents = if t.name == "request" && below(&mut rng, 2) == 0 {
+        // Requests, JSONL lines and schemas: half the time a valid seed is mutated, since
+        // most kept inputs are refused at their first field and would hide the deeper checks.
+        let parents = if matches!(t.name, "request" | "jsonl" | "schema") && below(&mut rng, 2) == 0
+        {
             &t.corpus[..t.seeds]
         } else {
             &t.corpus[..]
@@ -1458,24 +1763,44 @@ fn main() {
         } else {
             t.errors += 1;
         }
-        let sig = if t.name == "request" {
+        let sig = match t.name {
             // A request's error quotes the value sent: the kind of error is what counts.
-            signature(&without_quoted(&outcome))
-        } else {
-            signature(&outcome)
+            "request" => signature(&without_quoted(&outcome)),
+            // Lines' and schemas' errors quote the values sent and then some (a JSON
+            // parser's position, a subschema): their first words say what kind of error.
+            "jsonl" | "schema" => signature(
+                &without_quoted(&outcome)
+                    .split_whitespace()
+                    .take(8)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            _ => signature(&outcome),
         };
-        if t.seen.insert(sig) && t.corpus.len() < 2000 {
-            let dir = args.out.join("corpus").join(t.name);
+        if t.seen.insert(sig.clone()) {
+            // Kept on disk (and its outcome noted) whatever the cap: the next run reads a
+            // random choice of them back.
+            let dir = corpus_dir.join(t.name);
             let _ = std::fs::create_dir_all(&dir);
             let _ = std::fs::write(dir.join(format!("{}-{}", args.seed, t.execs)), &bytes);
-            t.corpus.push(input);
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(corpus_dir.join(format!("{}.seen", t.name)))
+            {
+                use std::io::Write;
+                let _ = writeln!(f, "{sig}");
+            }
+            if t.corpus.len() < MAX_CORPUS {
+                t.corpus.push(input);
+            }
         }
     }
     let secs = start.elapsed().as_secs_f64();
     for t in &targets {
         println!(
             "{:<9} {:>8} execs ({:>6.0}/s), {:>6} loaded or ran, {:>7} refused with an error, \
-             corpus {} ({} seeds + {} new outcomes)",
+             corpus {} ({} seeds + {} read back + {} new outcomes)",
             t.name,
             t.execs,
             t.execs as f64 / secs,
@@ -1483,7 +1808,8 @@ fn main() {
             t.errors,
             t.corpus.len(),
             t.seeds,
-            t.corpus.len() - t.seeds
+            t.read_back,
+            t.corpus.len() - t.seeds - t.read_back
         );
     }
     println!("fuzz: {n_findings} findings in {secs:.0} s");

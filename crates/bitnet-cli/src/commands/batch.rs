@@ -755,14 +755,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The JSONL batch reader fuzzed (issue 18): item lines and earlier outputs, mutated from
-/// valid ones. Runs for `BITNET_FUZZ_SECONDS` (default 3); a panic fails the test.
-#[cfg(test)]
-mod fuzz {
+/// The JSONL batch reader as a fuzz target (issue 18): item lines and earlier outputs,
+/// mutated from valid ones; run by this module's test and by `crates/bitnet-fuzz` (both of
+/// its drivers). A panic is the finding.
+pub mod fuzz {
     use super::*;
     use bitnet_inference::rng::Rng;
 
-    const SEEDS: [&str; 8] = [
+    /// Valid lines the mutations start from.
+    pub const SEEDS: [&str; 8] = [
         r#"{"id": "a", "prompt": "hello", "max_tokens": 12}"#,
         r#"{"id": 7, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}"#,
         r#"{"prompt": "x", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 3}"#,
@@ -800,7 +801,9 @@ mod fuzz {
         (rng.next_u64() % n.max(1) as u64) as usize
     }
 
-    fn mutate(rng: &mut Rng, line: &str) -> String {
+    /// One to four mutations of `line`: bit flips, edge values inserted, bytes deleted, a
+    /// known key given an edge value, truncation.
+    pub fn mutate(rng: &mut Rng, line: &str) -> String {
         let mut b = line.as_bytes().to_vec();
         for _ in 0..1 + below(rng, 4) {
             let len = b.len();
@@ -833,6 +836,34 @@ mod fuzz {
         String::from_utf8_lossy(&b).into_owned()
     }
 
+    /// The context the target reads items for (a prompt must fit it).
+    const CONTEXT: usize = 128;
+
+    /// One line read as `bitnet batch` reads it: as an input item (for model `m`, whose
+    /// prompt must fit a 128-token context), and as an earlier output (JSONL and CSV) being
+    /// resumed. Returns the item's outcome: its error, or `ok` and its config's validation.
+    pub fn line(m: &LoadedEngineModel, line: &str) -> String {
+        let base = GenerationConfig::default();
+        let outcome = match parse_json_item(m, line, 1, &base, CONTEXT) {
+            Ok(item) => {
+                // (An empty prompt is refused when it is submitted.)
+                assert!(item.prompt.len() <= CONTEXT, "{line}");
+                item.config.validate().map_or_else(|e| e, |_| "ok".into())
+            }
+            Err((_, e)) => e,
+        };
+        for format in [Format::Jsonl, Format::Csv] {
+            let text = format!("{line}\n{line}");
+            let rows = output_rows(&text, format);
+            let n = complete_len(text.as_bytes(), format);
+            assert!(n <= text.len());
+            assert!(rows.len() <= text.len() + 1);
+        }
+        outcome
+    }
+
+    /// Runs for `BITNET_FUZZ_SECONDS` (default 3); a panic fails the test.
+    #[cfg(test)]
     #[test]
     fn jsonl_items_and_outputs_never_panic() {
         let seconds: f64 = std::env::var("BITNET_FUZZ_SECONDS")
@@ -846,7 +877,6 @@ mod fuzz {
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../bitnet-inference/tests/fixtures/bitnet-packed");
         let m = LoadedEngineModel::load(&fixture).unwrap();
-        let base = GenerationConfig::default();
         let mut rng = Rng::new(seed);
         let mut corpus: Vec<String> = SEEDS.iter().map(|s| s.to_string()).collect();
         let mut seen = HashSet::new();
@@ -854,36 +884,21 @@ mod fuzz {
         let start = Instant::now();
         while start.elapsed().as_secs_f64() < seconds {
             let parent = below(&mut rng, corpus.len());
-            let line = mutate(&mut rng, &corpus[parent]);
+            let text = mutate(&mut rng, &corpus[parent]);
             execs += 1;
-            let outcome = match parse_json_item(&m, &line, 1, &base, 128) {
-                Ok(item) => {
-                    ok += 1;
-                    // (An empty prompt is refused when it is submitted.)
-                    assert!(item.prompt.len() <= 128, "{line}");
-                    item.config.validate().map_or_else(|e| e, |_| "ok".into())
-                }
-                Err((_, e)) => e,
-            };
+            let outcome = line(&m, &text);
+            ok += u64::from(outcome == "ok");
             let sig: String = outcome
                 .chars()
                 .filter(|c| !c.is_ascii_digit())
                 .take(60)
                 .collect();
             if seen.insert(sig) && corpus.len() < 1000 {
-                corpus.push(line.clone());
-            }
-            // The same text as an earlier output, for resuming (both formats).
-            for format in [Format::Jsonl, Format::Csv] {
-                let text = format!("{line}\n{line}");
-                let rows = output_rows(&text, format);
-                let n = complete_len(text.as_bytes(), format);
-                assert!(n <= text.len());
-                assert!(rows.len() <= text.len() + 1);
+                corpus.push(text);
             }
         }
         eprintln!(
-            "jsonl fuzz: {execs} lines in {:.0} s, {ok} parsed into items, corpus {} ({} seeds)",
+            "jsonl fuzz: {execs} lines in {:.0} s, {ok} parsed into valid items, corpus {} ({} seeds)",
             start.elapsed().as_secs_f64(),
             corpus.len(),
             SEEDS.len()

@@ -23,6 +23,11 @@ use std::sync::{Arc, Mutex};
 pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 /// The deepest nesting of objects and arrays in a schema.
 pub const MAX_SCHEMA_DEPTH: usize = 32;
+/// The sum of a schema's `multipleOf` coefficients (the value's digits as an integer: 35 for
+/// 3.5 or 35, 3500 for 3.5e3). llguidance builds a lexer automaton with about one state per
+/// unit of it, before its fuel limits apply: a single `"multipleOf": 16777217` took more than
+/// 2.5 GB and a minute (found by the `schema` fuzz target); 100,000 in all take ~0.3 s.
+pub const MAX_SCHEMA_MULTIPLE_OF: u64 = 100_000;
 
 /// Tokens longer than this (in bytes) are never allowed (llguidance's trie holds tokens of
 /// up to 1024 bytes).
@@ -186,7 +191,75 @@ fn check_schema(schema: &Value) -> Result<(), String> {
             "the schema nests {d} levels of objects and arrays: at most {MAX_SCHEMA_DEPTH} are allowed"
         ));
     }
+    let mut total = 0;
+    check_multiple_of(schema, &mut String::new(), &mut total)
+}
+
+/// Every `multipleOf` in `v` (at JSON pointer `at`) is a number > 0, and their coefficients
+/// add up to at most [`MAX_SCHEMA_MULTIPLE_OF`].
+fn check_multiple_of(v: &Value, at: &mut String, total: &mut u64) -> Result<(), String> {
+    let len = at.len();
+    match v {
+        Value::Object(o) => {
+            for (k, child) in o {
+                at.push('/');
+                at.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                if k == "multipleOf" {
+                    if let Value::Number(n) = child {
+                        let positive = n.as_f64().is_some_and(|x| x > 0.0 && x.is_finite());
+                        if !positive {
+                            return Err(format!("`{at}` = {n}: expected a number above 0"));
+                        }
+                        *total = total.saturating_add(decimal_coefficient(&n.to_string()));
+                        if *total > MAX_SCHEMA_MULTIPLE_OF {
+                            return Err(format!(
+                                "`{at}` = {n}: the schema's multipleOf values have coefficients \
+                                 adding up to {total}, at most {MAX_SCHEMA_MULTIPLE_OF} are allowed"
+                            ));
+                        }
+                    }
+                }
+                check_multiple_of(child, at, total)?;
+                at.truncate(len);
+            }
+        }
+        Value::Array(a) => {
+            for (i, child) in a.iter().enumerate() {
+                at.push_str(&format!("/{i}"));
+                check_multiple_of(child, at, total)?;
+                at.truncate(len);
+            }
+        }
+        _ => {}
+    }
     Ok(())
+}
+
+/// The integer coefficient of a positive decimal number written as JSON (`0.25` → 25,
+/// `2.5e3` → 2500, `1e-7` → 1), as llguidance reads it; `u64::MAX` when it is larger.
+fn decimal_coefficient(text: &str) -> u64 {
+    let (mantissa, exp) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], text[i + 1..].parse::<i64>().unwrap_or(i64::MAX)),
+        None => (text, 0),
+    };
+    let frac = mantissa.find('.').map_or(0, |i| mantissa.len() - i - 1) as i64;
+    let mut digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    // Trailing zeros after the point say nothing; those of an integer stay (1000 is 1000).
+    let mut scale = exp.saturating_sub(frac);
+    while scale < 0 && digits.ends_with('0') {
+        digits.pop();
+        scale += 1;
+    }
+    let digits = digits.trim_start_matches('0');
+    let mut coef: u64 = match digits.parse() {
+        Ok(c) => c,
+        Err(_) if digits.is_empty() => 0,
+        Err(_) => return u64::MAX,
+    };
+    for _ in 0..scale.clamp(0, 20) {
+        coef = coef.saturating_mul(10);
+    }
+    coef
 }
 
 struct JsonSource {
@@ -241,5 +314,29 @@ impl TokenConstraint for JsonConstraint {
 
     fn is_complete(&self) -> bool {
         self.matcher.is_stopped()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal_coefficient;
+
+    #[test]
+    fn decimal_coefficients_as_llguidance_reads_them() {
+        for (text, coef) in [
+            ("35", 35),
+            ("3.5", 35),
+            ("0.25", 25),
+            ("2.5e3", 2500),
+            ("1e-7", 1),
+            ("1000", 1000),
+            ("1.0000001", 10_000_001),
+            ("0.0100003", 100_003),
+            ("16777217", 16_777_217),
+            ("1e300", u64::MAX),
+            ("123456789012345678901234567890", u64::MAX),
+        ] {
+            assert_eq!(decimal_coefficient(text), coef, "{text}");
+        }
     }
 }

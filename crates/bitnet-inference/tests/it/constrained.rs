@@ -237,6 +237,40 @@ fn refused_schemas_say_why() {
     let big: Vec<String> = (0..20_000).map(|i| format!("value{i}")).collect();
     let e = schema(json!({"enum": big}));
     assert!(e.contains("bytes"), "{e}");
+    // llguidance builds about one lexer state per unit of a multipleOf's coefficient, before
+    // its fuel applies: this one took over 2.5 GB and a minute (the `schema` fuzz target).
+    let t = Instant::now();
+    let e = schema(json!({"allOf": [{"properties": {"b": {"oneOf": [
+        {"type": "string"}, {"type": "integer", "maximum": 9, "multipleOf": 16777217}]}}}]}));
+    assert!(
+        e.contains("/allOf/0/properties/b/oneOf/1/multipleOf") && e.contains("at most 100000"),
+        "{e}"
+    );
+    // Many small ones add up (20 × 100003 took 23 s and 760 MB).
+    let props: serde_json::Map<String, Value> = (0..20)
+        .map(|i| {
+            (
+                format!("p{i}"),
+                json!({"type": "integer", "multipleOf": 10007}),
+            )
+        })
+        .collect();
+    let e = schema(json!({"type": "object", "properties": props}));
+    assert!(e.contains("adding up to 100070"), "{e}");
+    let e = schema(json!({"type": "number", "multipleOf": -3}));
+    assert!(
+        e.contains("`/multipleOf` = -3: expected a number above 0"),
+        "{e}"
+    );
+    assert!(t.elapsed().as_secs_f64() < 5.0);
+    // Within the sum, as llguidance reads decimals: compiles.
+    for ok in [json!(0.25), json!(1e-7), json!(99991)] {
+        g.compile(&JsonFormat::Schema {
+            name: "x".into(),
+            schema: json!({"type": "number", "multipleOf": ok}),
+        })
+        .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
 }
 
 #[test]
