@@ -19,7 +19,8 @@ pub struct Args {
         short = 'p',
         long = "n-prompt",
         value_delimiter = ',',
-        default_value = "512"
+        default_value = "512",
+        value_parser = super::in_range(0, bitnet_inference::model::config::MAX_CONTEXT)
     )]
     n_prompt: Vec<usize>,
     /// Generation lengths to test (comma-separated; 0 skips).
@@ -27,7 +28,8 @@ pub struct Args {
         short = 'n',
         long = "n-gen",
         value_delimiter = ',',
-        default_value = "128"
+        default_value = "128",
+        value_parser = super::in_range(0, bitnet_inference::model::config::MAX_CONTEXT)
     )]
     n_gen: Vec<usize>,
     /// Tokens already in the KV cache when each test starts (comma-separated; llama-bench's
@@ -36,11 +38,12 @@ pub struct Args {
         short = 'd',
         long = "n-depth",
         value_delimiter = ',',
-        default_value = "0"
+        default_value = "0",
+        value_parser = super::in_range(0, bitnet_inference::model::config::MAX_CONTEXT)
     )]
     n_depth: Vec<usize>,
     /// Repetitions of each test.
-    #[arg(short = 'r', long, default_value_t = 5)]
+    #[arg(short = 'r', long, default_value_t = 5, value_parser = super::in_range(1, 1000))]
     repetitions: usize,
     /// Tokens per forward call in prompt processing.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512, value_parser = super::in_range(1, 65536))]
@@ -175,6 +178,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             })
         })
         .collect();
+    // Every test must fit the model's context (checked before any runs: each flag is at
+    // most 2^24, so the sum cannot overflow).
+    let max = model.config().max_context;
+    if let Some(t) = tests
+        .iter()
+        .find(|t| t.n_depth + t.n_prompt + t.n_gen > max)
+    {
+        anyhow::bail!(
+            "-d {} + {} = {} tokens: expected at most the model's context of {max}",
+            t.n_depth,
+            if t.n_prompt > 0 {
+                format!("-p {}", t.n_prompt)
+            } else {
+                format!("-n {}", t.n_gen)
+            },
+            t.n_depth + t.n_prompt + t.n_gen
+        );
+    }
     for t in &mut tests {
         // One warm-up run, as llama-bench does.
         time_run(
@@ -185,7 +206,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.batch_size,
             0,
         )?;
-        for r in 0..a.repetitions.max(1) {
+        for r in 0..a.repetitions {
             t.samples_ts.push(time_run(
                 model,
                 t.n_prompt,

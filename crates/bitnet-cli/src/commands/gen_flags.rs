@@ -1,6 +1,7 @@
 //! The generation flags `bitnet run`, `chat` and `batch` share.
 
 use bitnet_inference::generate::{ContextOverflow, GenerationConfig, SamplingStrategy};
+use bitnet_inference::model::config::MAX_CONTEXT;
 use bitnet_inference::model::GenerationDefaults;
 
 /// Sampling, stop and strategy flags. Unset flags take the model's `generation_config.json`
@@ -14,7 +15,7 @@ pub struct GenFlags {
     #[arg(long)]
     pub temp: Option<f32>,
     /// Keep the K most likely tokens; 0 disables [default: model's, else 40].
-    #[arg(long)]
+    #[arg(long, value_parser = super::in_range(0, MAX_CONTEXT))]
     pub top_k: Option<usize>,
     /// Nucleus sampling mass; 1 disables [default: model's, else 0.95].
     #[arg(long)]
@@ -29,7 +30,7 @@ pub struct GenFlags {
     #[arg(long)]
     pub repeat_penalty: Option<f32>,
     /// Window of the penalties, in tokens [default: 64].
-    #[arg(long)]
+    #[arg(long, value_parser = super::in_range(0, MAX_CONTEXT))]
     pub repeat_last_n: Option<usize>,
     /// Subtracted from the logit of every token seen in the window [default: 0].
     #[arg(long)]
@@ -62,8 +63,8 @@ pub struct GenFlags {
     /// Fail when the context is full instead of sliding it.
     #[arg(long, overrides_with = "context_shift")]
     pub no_context_shift: bool,
-    /// Tokens kept at the start when the context shifts.
-    #[arg(long, default_value_t = 1)]
+    /// Tokens kept at the start when the context shifts (at most half the context is kept).
+    #[arg(long, default_value_t = 1, value_parser = super::in_range(0, MAX_CONTEXT))]
     pub keep: usize,
 }
 

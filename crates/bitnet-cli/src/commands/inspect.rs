@@ -27,6 +27,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     sp.finish_and_clear();
     let m = m?;
     let c = &m.config;
+    if let Some(ctx) = a.ctx_size.filter(|&ctx| ctx > c.max_context) {
+        anyhow::bail!(
+            "context size {ctx} (-c) is larger than the model's maximum of {} tokens",
+            c.max_context
+        );
+    }
     println!("model:        {}", m.path.display());
     println!("format:       {}", m.format);
     for (k, v) in &m.metadata {
@@ -95,7 +101,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let ctx = a.ctx_size.unwrap_or(c.max_context);
     let weights = m.weights.memory_bytes();
-    // Saturating: -c may be any size here (nothing is allocated), the product must not wrap.
+    // Saturating: -c is at most the model's context, but the product must not wrap.
     let kv = [2, ctx, c.kv_dim(), 4]
         .iter()
         .fold(c.n_layers, |a, &b| a.saturating_mul(b));

@@ -31,8 +31,9 @@ pub struct Args {
     /// at most 4096).
     #[arg(short = 'c', long = "ctx-size", value_parser = super::parse_ctx_size)]
     ctx_size: Option<usize>,
-    /// KV cache memory for running requests and cached prefixes, in bytes (suffixes K, M, G),
-    /// or `auto` (a quarter of the memory available at start); divided into whole-context
+    /// KV cache memory for running requests and cached prefixes, in bytes (suffixes K, M, G;
+    /// 1M to the machine's memory), or `auto` (a quarter of the memory available at start);
+    /// divided into whole-context
     /// slots: more than --parallel slots' worth keeps more prefixes cached (default:
     /// --parallel slots; with --parallel auto, `auto`).
     #[arg(long = "kv-cache", value_parser = parse_kv_cache)]
@@ -61,8 +62,9 @@ pub struct Args {
     /// Seconds a request's headers, and then its body, may take to arrive (408 after).
     #[arg(long = "request-timeout", default_value_t = 30.0, value_parser = parse_seconds)]
     request_timeout: f64,
-    /// Request bodies larger than this many bytes are refused with 413 (suffixes K, M).
-    #[arg(long = "max-body", default_value = "1M", value_parser = parse_bytes)]
+    /// Request bodies larger than this many bytes are refused with 413 (suffixes K, M;
+    /// 1K to 64M).
+    #[arg(long = "max-body", default_value = "1M", value_parser = parse_max_body)]
     max_body: usize,
     /// Seconds without an event before a keep-alive comment on an event stream.
     #[arg(long = "keep-alive", default_value_t = 5.0, value_parser = parse_seconds)]
@@ -106,9 +108,48 @@ fn parse_kv_cache(s: &str) -> Result<KvCache, String> {
     if s.trim() == "auto" {
         return Ok(KvCache::Auto);
     }
-    parse_bytes(s)
+    let max = total_memory().unwrap_or(1 << 40);
+    bytes_in_range(s, 1 << 20, max)
         .map(KvCache::Bytes)
         .map_err(|e| format!("{e}, or `auto`"))
+}
+
+/// `--max-body`: 1 KiB (a small request) to 64 MiB (more text than any context holds; each
+/// body read is held in memory, and its text may be tokenized at ~90 bytes a byte).
+fn parse_max_body(s: &str) -> Result<usize, String> {
+    bytes_in_range(s, 1 << 10, 64 << 20)
+}
+
+/// A byte count (as [`parse_bytes`]) in `lo..=hi`; the error says the accepted range.
+fn bytes_in_range(s: &str, lo: usize, hi: usize) -> Result<usize, String> {
+    let n = parse_bytes(s)?;
+    if (lo..=hi).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "`{s}` ({n} bytes) is out of range (expected {} to {})",
+            human_bytes(lo),
+            human_bytes(hi)
+        ))
+    }
+}
+
+/// `n` bytes with the largest K/M/G suffix that divides it (as `parse_bytes` reads them).
+fn human_bytes(n: usize) -> String {
+    for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{}{suffix}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+/// The machine's memory (`MemTotal` of /proc/meminfo), where it can be read.
+fn total_memory() -> Option<usize> {
+    let t = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
 }
 
 /// `--kv-cache auto`: a quarter of the memory available now (`MemAvailable` of
@@ -122,7 +163,8 @@ fn auto_kv_budget() -> usize {
     available.map_or(1 << 30, |b| b / 4)
 }
 
-/// A byte count with an optional K/M/G suffix (powers of 1024).
+/// A byte count with an optional K/M/G suffix (powers of 1024); its range is checked by
+/// [`bytes_in_range`].
 fn parse_bytes(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let (num, mul) = match t.char_indices().last() {
@@ -135,7 +177,6 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
         .parse::<usize>()
         .ok()
         .and_then(|n| n.checked_mul(mul))
-        .filter(|&n| n > 0)
         .ok_or_else(|| format!("`{s}`: expected a byte count such as 65536, 512K, 4M or 2G"))
 }
 

@@ -55,6 +55,7 @@ fn mixed_items_give_rows_and_errors_equal_to_single_runs() {
             r#"{"id": "a", "prompt": "hello", "max_tokens": 12}"#,
             r#"{"id": "b", "prompt": "the cat sat", "max_tokens": 7}"#,
             r#"{"id": "bad-stop", "prompt": "x", "stop": 5}"#,
+            r#"{"id": "empty-stop", "prompt": "x", "stop": ["a", ""]}"#,
             r#"{"id": "none"}"#,
             r#"this is not json"#,
             r#"{"id": 7, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}"#,
@@ -77,7 +78,7 @@ fn mixed_items_give_rows_and_errors_equal_to_single_runs() {
     .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = rows(&out);
-    assert_eq!(rows.len(), 8, "{rows:?}");
+    assert_eq!(rows.len(), 9, "{rows:?}");
     let by_id: HashMap<String, &Value> = rows
         .iter()
         .map(|r| (r["id"].to_string().trim_matches('"').to_string(), r))
@@ -96,8 +97,9 @@ fn mixed_items_give_rows_and_errors_equal_to_single_runs() {
     assert_eq!(by_id["7"]["completion_tokens"], 5);
     for (id, why) in [
         ("bad-stop", "`stop`"),
+        ("empty-stop", "stop[1] is empty"),
         ("none", "no `prompt`"),
-        ("5", "not JSON"),
+        ("6", "not JSON"),
         ("long", "does not fit the context"),
     ] {
         let e = by_id[id]["error"]

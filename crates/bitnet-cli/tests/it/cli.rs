@@ -515,6 +515,8 @@ fn sampling_flags_out_of_range_are_refused() {
         ("--top-p", "0", "top_p"),
         ("--min-p", "2", "min_p"),
         ("--repeat-penalty=-1", "", "repetition_penalty"),
+        // An empty stop string was silently ignored.
+        ("--stop=", "", "stop[0] is empty"),
     ] {
         let mut args = vec![
             "run",
@@ -554,11 +556,61 @@ fn count_flags_say_their_range() {
         vec!["run", "-m", m, "-p", "hi", "--beams", "0"],
         vec!["run", "-m", m, "-p", "hi", "-n", "18446744073709551615"],
         vec!["dummy", "-o", out, "--heads", "0"],
+        // Issue 18's second pass: every flag that takes a size or count.
+        vec!["serve", "-m", m, "--max-body", "0"],
+        vec!["serve", "-m", m, "--max-body", "100"],
+        vec!["serve", "-m", m, "--max-body", "65G"],
+        vec!["serve", "-m", m, "--kv-cache", "1K"],
+        vec!["serve", "-m", m, "--kv-cache", "100000G"],
+        vec!["bench", "-m", m, "-r", "0"],
+        vec!["bench", "-m", m, "-r", "100000000000"],
+        vec!["bench", "-m", m, "-p", "18446744073709551615"],
+        vec!["bench", "-m", m, "-d", "18446744073709551610"],
+        vec![
+            "run",
+            "-m",
+            m,
+            "-p",
+            "hi",
+            "--top-k",
+            "18446744073709551615",
+        ],
+        vec!["run", "-m", m, "-p", "hi", "--repeat-last-n", "99999999999"],
+        vec!["chat", "-m", m, "--keep", "18446744073709551615"],
     ] {
         let o = bitnet(&args);
         let err = stderr(&o);
         assert!(!o.status.success(), "{args:?}");
         assert!(err.contains("out of range (expected"), "{args:?}: {err}");
+    }
+    // The byte flags' messages say the range in their own units.
+    let o = bitnet(&["serve", "-m", m, "--max-body", "65G"]);
+    assert!(stderr(&o).contains("expected 1K to 64M"), "{}", stderr(&o));
+    let o = bitnet(&["serve", "-m", m, "--kv-cache", "1K"]);
+    assert!(
+        stderr(&o).contains("expected 1M to") && stderr(&o).contains("or `auto`"),
+        "{}",
+        stderr(&o)
+    );
+    // Sizes that are each in range but together pass the model's context (128 tokens), and
+    // a context beyond the model's for `inspect` (it used to print a KV cache of 16 EiB).
+    for (args, expected) in [
+        (
+            vec!["bench", "-m", m, "-d", "124", "-p", "8", "-n", "0"],
+            "-d 124 + -p 8 = 132 tokens: expected at most the model's context of 128",
+        ),
+        (
+            vec!["inspect", "-m", m, "-c", "18446744073709551615"],
+            "is larger than the model's maximum of",
+        ),
+    ] {
+        let o = bitnet(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            err.contains(expected) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
     }
     // A shape no machine holds is refused before anything is allocated.
     let o = bitnet(&[

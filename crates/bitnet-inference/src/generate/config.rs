@@ -243,6 +243,12 @@ impl GenerationConfig {
             true,
             "a finite number",
         )?;
+        // An empty stop string would match before any text: refused, not ignored.
+        if let Some(i) = self.stop_strings.iter().position(String::is_empty) {
+            return Err(format!(
+                "stop[{i}] is empty: expected a stop string of at least one character"
+            ));
+        }
         for &(id, bias) in &self.logit_bias {
             // -inf bans a token; anything else must be a number.
             if bias.is_nan() || bias == f32::INFINITY {

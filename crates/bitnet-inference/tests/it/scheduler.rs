@@ -445,6 +445,11 @@ fn sampling_values_out_of_range_are_refused_by_name() {
             "stop_token_ids",
             with(&|c| c.stop_token_ids = vec![7, u32::MAX]),
         ),
+        // An empty stop string: silently ignored before.
+        (
+            "stop[1] is empty",
+            with(&|c| c.stop_strings = vec!["x".into(), String::new()]),
+        ),
     ] {
         match bad {
             Some(RequestError::InvalidConfig(msg)) => assert!(msg.starts_with(field), "{msg}"),
