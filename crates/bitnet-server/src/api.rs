@@ -55,6 +55,9 @@ pub const CHAT_ONLY: &[&str] = &[
 ];
 /// Fields of the completions endpoint alone.
 pub const COMPLETION_ONLY: &[&str] = &["prompt", "logprobs", "echo", "suffix", "best_of"];
+/// Fields of `/tokenize` and of `/detokenize`.
+pub const TOKENIZE_FIELDS: &[&str] = &["content", "add_special", "with_pieces"];
+pub const DETOKENIZE_FIELDS: &[&str] = &["tokens"];
 /// OpenAI fields this server knows and does not do (yet): a clear refusal, not "unknown".
 pub const NOT_SUPPORTED: &[&str] = &[
     "tools",
@@ -814,6 +817,94 @@ fn fits_before_tokenizing(
     .with_code("context_length_exceeded"))
 }
 
+/// A `/tokenize` body (llama.cpp's `POST /tokenize`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    pub content: String,
+    pub add_special: Option<bool>,
+    pub with_pieces: Option<bool>,
+}
+
+/// A `/detokenize` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeRequest {
+    pub tokens: Vec<u32>,
+}
+
+/// Reads a `/tokenize` body.
+pub fn tokenize_request(body: &[u8]) -> Result<TokenizeRequest, ApiError> {
+    typed(parse_object(body)?)
+}
+
+/// Reads a `/detokenize` body.
+pub fn detokenize_request(body: &[u8]) -> Result<DetokenizeRequest, ApiError> {
+    typed(parse_object(body)?)
+}
+
+/// `/tokenize`'s ids, bounded as a prompt is: a text that cannot fit the context is refused
+/// by its length in bytes before it is tokenized (which costs ~90 bytes of memory a byte),
+/// then by its tokens. Blocking: tokenizing takes CPU time in proportion to the text.
+pub fn tokenize_content(
+    model: &LoadedEngineModel,
+    content: &str,
+    add_special: bool,
+    context: usize,
+) -> Result<Vec<u32>, ApiError> {
+    fits_before_tokenizing(model, "content", content.len(), context)?;
+    let ids = model
+        .tokenizer
+        .encode(content, add_special)
+        .map_err(|e| ApiError::invalid("content", e.to_string()))?;
+    if ids.len() > context {
+        return Err(ApiError::invalid(
+            "content",
+            format!(
+                "the content is {} tokens: more than this server's context size of {context} \
+                 tokens",
+                ids.len()
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(ids)
+}
+
+/// `/detokenize`'s text: at most a context's worth of ids (the text of N ids can be N × the
+/// longest token's bytes), each below the vocabulary size.
+pub fn detokenize_tokens(
+    model: &LoadedEngineModel,
+    tokens: &[u32],
+    context: usize,
+) -> Result<String, ApiError> {
+    if tokens.len() > context {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!(
+                "tokens has {} ids: expected at most this server's context size of {context}",
+                tokens.len()
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let vocab = model.model.config().vocab_size;
+    if let Some((i, id)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab)
+    {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("tokens[{i}] = {id}: expected a token id below the vocabulary size {vocab}"),
+        ));
+    }
+    model
+        .tokenizer
+        .decode(tokens)
+        .map_err(|e| ApiError::invalid("tokens", e.to_string()))
+}
+
 /// The prompt ids of a chat request: its messages are refused by their length before they
 /// are rendered, and the rendered text (which a template with much per-message text can make
 /// far longer than the messages) by its length before it is tokenized, then by its tokens.
@@ -1145,6 +1236,55 @@ mod tests {
             chat_prompt(&model, &hi, 64).unwrap(),
             model.encode_chat(&hi).unwrap()
         );
+    }
+
+    /// `/tokenize` and `/detokenize` were bounded only by `--max-body` (1 MiB of text took
+    /// ~150 MB to tokenize; 1 MiB of ids decodes to up to ids × the longest token).
+    #[test]
+    fn tokenize_and_detokenize_are_bounded_by_the_context() {
+        let model = tiny();
+        let max = model.tokenizer.max_text_bytes(64);
+        let e = tokenize_content(&model, &"a".repeat(max + 1), true, 64).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("content"));
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        assert!(
+            e.message
+                .contains(&format!("the content of {} bytes", max + 1))
+                && e.message.contains("before tokenizing"),
+            "{}",
+            e.message
+        );
+        // Within the bytes, but more tokens than the context.
+        let e = tokenize_content(&model, &"a b ".repeat(40), true, 64).unwrap_err();
+        assert!(
+            e.message
+                .contains("more than this server's context size of 64 tokens"),
+            "{}",
+            e.message
+        );
+        let ids = tokenize_content(&model, "Hello world", true, 64).unwrap();
+        assert_eq!(ids, model.tokenizer.encode("Hello world", true).unwrap());
+
+        let e = detokenize_tokens(&model, &[5; 65], 64).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tokens"));
+        assert!(
+            e.message.contains("tokens has 65 ids: expected at most"),
+            "{}",
+            e.message
+        );
+        let e = detokenize_tokens(&model, &[5, 4096], 64).unwrap_err();
+        assert!(e.message.contains("tokens[1] = 4096"), "{}", e.message);
+        assert_eq!(
+            detokenize_tokens(&model, &ids, 64).unwrap(),
+            model.tokenizer.decode(&ids).unwrap()
+        );
+        // The bodies: unknown fields and wrong types are named.
+        let e = tokenize_request(br#"{"content": "x", "contnet": 1}"#)
+            .err()
+            .unwrap();
+        assert!(e.message.contains("contnet"), "{}", e.message);
+        let e = detokenize_request(br#"{"tokens": [1, -1]}"#).err().unwrap();
+        assert!(e.message.contains("tokens"), "{}", e.message);
     }
 
     #[test]

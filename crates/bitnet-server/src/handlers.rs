@@ -19,7 +19,6 @@ use bitnet_inference::generate::{FinishReason, SharedConstraint, TokenLogprobs};
 use bitnet_inference::scheduler::{Event, RequestStream};
 use futures_util::stream::{self, SelectAll, StreamExt};
 use http_body_util::BodyExt;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -304,20 +303,7 @@ fn random_u64() -> u64 {
 // ------------------------------------------------------------------------------------------
 // Tokenizer routes.
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenizeBody {
-    content: String,
-    add_special: Option<bool>,
-    with_pieces: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DetokenizeBody {
-    tokens: Vec<u32>,
-}
-
+/// `POST /tokenize`: a text's ids (with their pieces if asked), at most the context's worth.
 async fn tokenize(
     State(state): AppStateRef,
     headers: HeaderMap,
@@ -325,15 +311,14 @@ async fn tokenize(
 ) -> Result<Json<Value>, ApiError> {
     let l = state.ready()?;
     let bytes = read_body(&state, &headers, body).await?;
-    let b: TokenizeBody = api::typed(api::parse_object(&bytes)?)?;
-    let model = l.model.clone();
+    let b = api::tokenize_request(&bytes)?;
+    let (model, context) = (l.model.clone(), l.context);
     let add_special = b.add_special.unwrap_or(true);
     let content = b.content;
     let ids = tokenizing(&state, move || {
-        model.tokenizer.encode(&content, add_special)
+        api::tokenize_content(&model, &content, add_special, context)
     })
-    .await?
-    .map_err(|e| ApiError::invalid("content", e.to_string()))?;
+    .await??;
     if b.with_pieces == Some(true) {
         let tokens: Vec<Value> = ids
             .iter()
@@ -344,6 +329,7 @@ async fn tokenize(
     Ok(Json(json!({"tokens": ids})))
 }
 
+/// `POST /detokenize`: the text of at most the context's worth of ids.
 async fn detokenize(
     State(state): AppStateRef,
     headers: HeaderMap,
@@ -351,26 +337,8 @@ async fn detokenize(
 ) -> Result<Json<Value>, ApiError> {
     let l = state.ready()?;
     let bytes = read_body(&state, &headers, body).await?;
-    let b: DetokenizeBody = api::typed(api::parse_object(&bytes)?)?;
-    if let Some((i, id)) = b
-        .tokens
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t as usize >= l.vocab)
-    {
-        return Err(ApiError::invalid(
-            "tokens",
-            format!(
-                "tokens[{i}] = {id}: expected a token id below the vocabulary size {}",
-                l.vocab
-            ),
-        ));
-    }
-    let content = l
-        .model
-        .tokenizer
-        .decode(&b.tokens)
-        .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    let b = api::detokenize_request(&bytes)?;
+    let content = api::detokenize_tokens(&l.model, &b.tokens, l.context)?;
     Ok(Json(json!({"content": content})))
 }
 

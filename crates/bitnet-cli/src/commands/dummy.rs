@@ -37,7 +37,8 @@ pub struct Args {
     kv_heads: Option<usize>,
     #[arg(long, value_parser = super::in_range(1, 262144))]
     ffn: Option<usize>,
-    #[arg(long, value_parser = super::in_range(1, 4194304))]
+    /// Vocabulary size: at least 258 (the 256 byte tokens, a merge and an end token).
+    #[arg(long, value_parser = super::in_range(258, 4194304))]
     vocab: Option<usize>,
     #[arg(long, value_parser = super::in_range(1, 4194304))]
     context: Option<usize>,

@@ -95,6 +95,10 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<ModelWeights> {
 /// tokens (GPT-2's printable mapping), one merge (two spaces; llama.cpp rejects an empty
 /// merge list), and control tokens filling the rest.
 /// Enough for llama.cpp and this engine to load and run the model on any text.
+///
+/// # Panics
+///
+/// If `vocab_size` is below 258 (`bitnet dummy --vocab` refuses such sizes first).
 pub fn byte_vocab_metadata(vocab_size: usize) -> Vec<(String, GgufValue)> {
     assert!(
         vocab_size >= 258,

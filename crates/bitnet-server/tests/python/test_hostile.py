@@ -172,9 +172,9 @@ def test_hostile_chat_and_tokenizer_bodies(srv):
 
 
 def test_concurrent_tokenizing_is_bounded():
-    """16 concurrent 1 MiB /tokenize bodies (the default --max-body): rendering and tokenizing
-    run a few at a time, so their memory (~150 MB each) is not held 16 times at once (2.1 GB
-    before, issue 18)."""
+    """16 concurrent 1 MiB /tokenize bodies (the default --max-body): each was tokenized
+    (~150 MB each, 2.1 GB at once before issue 18); rendering and tokenizing now run a few at a
+    time, and a text that cannot fit the context is refused by its bytes before tokenizing."""
     s = Server()
     try:
         base = s.rss_bytes()
@@ -200,7 +200,9 @@ def test_concurrent_tokenizing_is_bounded():
             c.join()
         done.set()
         sampler.join()
-        assert statuses == [200] * 16, statuses
-        assert peak[0] - base < 1 << 30, f"{(peak[0] - base) >> 20} MiB more at the peak"
+        assert statuses == [400] * 16, statuses
+        assert peak[0] - base < 256 << 20, f"{(peak[0] - base) >> 20} MiB more at the peak"
+        status, out, _ = s.post("/tokenize", {"content": "ab " * 340000})
+        assert status == 400 and "before tokenizing" in out["error"]["message"], out
     finally:
         assert s.stop() == 0

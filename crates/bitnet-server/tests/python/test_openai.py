@@ -206,9 +206,14 @@ def test_errors_400(client, model_id, server):
     # A prompt longer than the context: both numbers in the message.
     long = "story " * 2000
     err = expect_400(lambda: client.completions.create(model=model_id, prompt=long, max_tokens=5), "prompt")
-    status, toks, _ = server.post("/tokenize", {"content": long})
-    assert str(len(toks["tokens"])) in err["message"] and "512" in err["message"]
+    n = int(err["message"].split(" has ", 1)[1].split(" tokens", 1)[0])
+    assert n > 512 and "512" in err["message"], err["message"]
     assert err["code"] == "context_length_exceeded"
+    # /tokenize is bounded as a prompt is: that text is more tokens than the context.
+    status, toks, _ = server.post("/tokenize", {"content": long})
+    assert status == 400 and toks["error"]["param"] == "content", toks
+    assert toks["error"]["code"] == "context_length_exceeded", toks
+    assert f"the content is {n} tokens" in toks["error"]["message"], toks
     err = expect_400(lambda: client.completions.create(model=model_id, prompt="Hi", max_tokens=511), "max_tokens")
     assert "512" in err["message"]
 
