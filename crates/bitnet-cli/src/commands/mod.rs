@@ -124,6 +124,42 @@ pub fn read_prompt(prompt: Option<&str>, file: Option<&Path>) -> anyhow::Result<
     Ok(text)
 }
 
+/// The most bytes of text `bitnet tokenize` and `bitnet perplexity` (without `--chunks`)
+/// read: they tokenize the whole text at once, which takes ~90 bytes of memory a byte
+/// (~1.5 GB for this much).
+pub const MAX_WHOLE_TEXT_BYTES: u64 = 16 << 20;
+
+/// The text of `file` (None: standard input), refused if it holds more than `limit` bytes:
+/// a file by its size before it is read, standard input after `limit` bytes.
+pub fn read_text_at_most(file: Option<&Path>, limit: u64, why: &str) -> anyhow::Result<String> {
+    use std::io::Read;
+    let name = file.map_or("<stdin>".to_string(), |f| f.display().to_string());
+    let too_big = |len: Option<u64>| match len {
+        Some(n) => anyhow::anyhow!("{name}: {n} bytes, more than the {limit} this reads ({why})"),
+        None => anyhow::anyhow!("{name}: more than the {limit} bytes this reads ({why})"),
+    };
+    let mut bytes = Vec::new();
+    match file {
+        Some(f) => {
+            let file = std::fs::File::open(f).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            let len = file
+                .metadata()
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+                .len();
+            if len > limit {
+                return Err(too_big(Some(len)));
+            }
+            file.take(limit + 1).read_to_end(&mut bytes)
+        }
+        None => std::io::stdin().take(limit + 1).read_to_end(&mut bytes),
+    }
+    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(None));
+    }
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{name}: not UTF-8 text: {e}"))
+}
+
 /// `-c/--ctx-size`: a positive number of tokens.
 pub fn parse_ctx_size(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {

@@ -10,16 +10,22 @@ pub struct Args {
     /// A tokenizer.json file instead of a model (wins over -m).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// The text to tokenize; `-` reads it from standard input.
+    /// The text to tokenize; `-` reads it from standard input (at most 16 MiB).
     #[arg(short, long, required_unless_present = "file", conflicts_with = "file")]
     prompt: Option<String>,
-    /// Read the text from this file.
+    /// Read the text from this file (at most 16 MiB).
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     file: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let text = super::read_prompt(a.prompt.as_deref(), a.file.as_deref())?;
+    // A text from a file or standard input is read up to a bound (tokenizing it takes ~90
+    // bytes of memory a byte); one on the command line is bounded by the system's.
+    let text = match (a.prompt.as_deref(), a.file.as_deref()) {
+        (Some("-"), None) => read_text(None)?,
+        (None, Some(f)) => read_text(Some(f))?,
+        (p, f) => super::read_prompt(p, f)?,
+    };
     let tokenizer = match &a.tokenizer {
         Some(path) => Tokenizer::from_file(path)?,
         None => {
@@ -29,4 +35,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let ids = tokenizer.encode(&text, true)?;
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())
+}
+
+/// A whole file's (or standard input's) text, as `-f`/`-p -` give it: one trailing newline
+/// dropped, as `read_prompt` does.
+fn read_text(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let mut text = super::read_text_at_most(
+        file,
+        super::MAX_WHOLE_TEXT_BYTES,
+        "tokenize encodes the whole text at once",
+    )?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
 }

@@ -128,6 +128,75 @@ fn run_refuses_a_huge_prompt_before_tokenizing() {
     );
 }
 
+/// `perplexity` and `tokenize` tokenized a whole file of any size (~90 bytes of memory a
+/// byte): a 40 MB file aborted under this 1.5 GB limit. Now `perplexity --chunks N` reads
+/// only the beginning its chunks need, and a whole text is refused past 16 MiB, by its size
+/// (files) or as it is read (standard input), naming it and the limit.
+#[test]
+fn perplexity_and_tokenize_read_a_huge_file_only_as_far_as_they_need() {
+    let d = dir("ppl-huge");
+    let f = d.join("text.txt");
+    std::fs::write(&f, "the cat sat on. ".repeat(40 << 20 >> 4)).unwrap();
+    let (m, f) = (fixture(), f.to_str().unwrap().to_string());
+    let m = m.to_str().unwrap();
+    let (o, took) = bitnet(
+        &["perplexity", "-m", m, "-f", &f, "-c", "64", "--chunks", "2"],
+        b"",
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("PPL = ") && err.contains("128 tokens, 2 chunks of 64"),
+        "{out}{err}"
+    );
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    // The same chunks as from a file of only their text.
+    let small = d.join("small.txt");
+    std::fs::write(&small, "the cat sat on. ".repeat(300)).unwrap();
+    let (o2, _) = bitnet(
+        &[
+            "perplexity",
+            "-m",
+            m,
+            "-f",
+            small.to_str().unwrap(),
+            "-c",
+            "64",
+            "--chunks",
+            "2",
+        ],
+        b"",
+    );
+    assert_eq!(text(&o2.stdout), out);
+    for args in [
+        vec!["perplexity", "-m", m, "-f", &f, "-c", "64"],
+        vec!["tokenize", "-m", m, "-f", &f],
+    ] {
+        let (o, _) = bitnet(&args, b"");
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{f}: 41943040 bytes, more than the 16777216 this reads"
+            )),
+            "{args:?}: {err}"
+        );
+    }
+    let (o, _) = bitnet(&["tokenize", "-m", m, "-p", "-"], &vec![b'a'; 17 << 20]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("<stdin>: more than the 16777216 bytes this reads"),
+        "{err}"
+    );
+    let (o, _) = bitnet(&["tokenize", "-m", m, "-p", "-"], b"hello\n");
+    assert!(
+        o.status.success() && text(&o.stdout).starts_with('['),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
 #[test]
 fn chat_errors_go_to_stderr_and_fail_the_exit_status_when_piped() {
     let m = fixture();
