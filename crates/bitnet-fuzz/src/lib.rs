@@ -273,15 +273,35 @@ pub fn fixed_conversation() -> Vec<ChatMessage> {
 pub enum Endpoint {
     Chat,
     Completions,
+    Tokenize,
+    Detokenize,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 2] = [Endpoint::Chat, Endpoint::Completions];
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::Chat,
+        Endpoint::Completions,
+        Endpoint::Tokenize,
+        Endpoint::Detokenize,
+    ];
 
     pub fn path(self) -> &'static str {
         match self {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Completions => "/v1/completions",
+            Endpoint::Tokenize => "/tokenize",
+            Endpoint::Detokenize => "/detokenize",
+        }
+    }
+
+    /// The fields of this endpoint's bodies alone.
+    pub fn own_fields(self) -> &'static [&'static str] {
+        use bitnet_server::api;
+        match self {
+            Endpoint::Chat => api::CHAT_ONLY,
+            Endpoint::Completions => api::COMPLETION_ONLY,
+            Endpoint::Tokenize => api::TOKENIZE_FIELDS,
+            Endpoint::Detokenize => api::DETOKENIZE_FIELDS,
         }
     }
 }
@@ -302,19 +322,24 @@ pub fn request_bytes(endpoint: Endpoint, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Reads [`request_bytes`]' format; any other bytes (afl's mutations of the first line) are
-/// the whole body of a chat request, or of a completions request when the first line names
-/// neither endpoint but holds `completions` without `chat`.
+/// Reads [`request_bytes`]' format; the first line picks the endpoint by a word of its path
+/// (`chat`, `completions`, `detokenize`, `tokenize`, in that order), so afl's mutations of it
+/// still do; a first line with none of them is part of a chat request's body.
 pub fn parse_request_bytes(bytes: &[u8]) -> (Endpoint, &[u8]) {
     let Some(nl) = bytes.iter().position(|&b| b == b'\n') else {
         return (Endpoint::Chat, bytes);
     };
     let line = &bytes[..nl];
     let has = |w: &[u8]| line.windows(w.len()).any(|x| x == w);
+    let body = &bytes[nl + 1..];
     if has(b"chat") {
-        (Endpoint::Chat, &bytes[nl + 1..])
+        (Endpoint::Chat, body)
     } else if has(b"completions") {
-        (Endpoint::Completions, &bytes[nl + 1..])
+        (Endpoint::Completions, body)
+    } else if has(b"detokenize") {
+        (Endpoint::Detokenize, body)
+    } else if has(b"tokenize") {
+        (Endpoint::Tokenize, body)
     } else {
         (Endpoint::Chat, bytes)
     }
@@ -368,13 +393,32 @@ impl Server {
         }
     }
 
-    /// A request body on `endpoint`, as the server's handler takes it: read and checked
+    /// A request body on `endpoint`, as the server's handler takes it. `/tokenize` and
+    /// `/detokenize`: read, then tokenized or decoded. The completion endpoints: read and checked
     /// (`api::*_request`), its messages rendered or prompt tokenized (`api::*_prompt*`),
     /// split into scheduler requests (`api::scheduler_requests`), its `response_format`
     /// compiled, and the first of those requests submitted with it to a new scheduler and
     /// run for [`GENERATED`] tokens.
     pub fn request(&mut self, endpoint: Endpoint, body: &[u8]) -> String {
         let (prompts, sampling, field) = match endpoint {
+            // The tokenizer routes: read, then tokenized or decoded as the handlers do.
+            Endpoint::Tokenize => {
+                return match api::tokenize_request(body).and_then(|r| {
+                    let special = r.add_special.unwrap_or(true);
+                    api::tokenize_content(&self.model, &r.content, special, self.context)
+                }) {
+                    Ok(ids) => format!("ok {}", ids.len().min(1)),
+                    Err(e) => e.message,
+                };
+            }
+            Endpoint::Detokenize => {
+                return match api::detokenize_request(body)
+                    .and_then(|r| api::detokenize_tokens(&self.model, &r.tokens, self.context))
+                {
+                    Ok(_) => "ok".into(),
+                    Err(e) => e.message,
+                };
+            }
             Endpoint::Chat => {
                 let r = match api::chat_request(body, &self.defaults, self.context, self.vocab) {
                     Ok(r) => r,

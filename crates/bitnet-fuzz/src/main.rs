@@ -1338,7 +1338,29 @@ fn plausible_value(rng: &mut Rng, field: &str) -> String {
         }
         "stream" | "echo" | "ignore_eos" => pick::<&str>(rng, &["true", "false"]).to_string(),
         "stream_options" => "{\"include_usage\":true}".into(),
-        "response_format" => "{\"type\":\"text\"}".into(),
+        "response_format" => match below(rng, 4) {
+            0 => "{\"type\":\"text\"}".into(),
+            1 => "{\"type\":\"json_object\"}".into(),
+            _ => {
+                let schema = pick::<&str>(
+                    rng,
+                    &[
+                        r#"{"type":"object","properties":{"a":{"type":"integer","minimum":0,"maximum":9}},"required":["a"]}"#,
+                        r#"{"type":"array","items":{"enum":["x","y"]},"maxItems":3}"#,
+                        r#"{"type":"string","pattern":"^[a-c]{1,4}$"}"#,
+                        r#"{"anyOf":[{"type":"number","multipleOf":0.5},{"type":"null"}]}"#,
+                    ],
+                );
+                format!("{{\"type\":\"json_schema\",\"json_schema\":{{\"name\":\"s\",\"schema\":{schema}}}}}")
+            }
+        },
+        "content" => serde_json::to_string(&random_text(rng)).unwrap_or_default(),
+        "add_special" | "with_pieces" => pick::<&str>(rng, &["true", "false"]).to_string(),
+        "tokens" => {
+            let n = *pick(rng, &[0usize, 1, 5, 64, 65, 600]);
+            let ids: Vec<String> = (0..n).map(|_| below(rng, 4097).to_string()).collect();
+            format!("[{}]", ids.join(","))
+        }
         "messages" => {
             let n = 1 + below(rng, 4);
             let items: Vec<String> = (0..n)
@@ -1394,13 +1416,11 @@ fn mutate_request(rng: &mut Rng, endpoint: Endpoint, body: &[u8]) -> Input {
             for _ in 0..edits {
                 // Mostly the endpoint's own fields, so that a request gets past the check
                 // of its keys and reaches the deeper checks, the template and the scheduler.
-                let own = match endpoint {
-                    Endpoint::Chat => bitnet_server::api::CHAT_ONLY,
-                    Endpoint::Completions => bitnet_server::api::COMPLETION_ONLY,
-                };
+                let own = endpoint.own_fields();
+                let generates = matches!(endpoint, Endpoint::Chat | Endpoint::Completions);
                 let field = if below(rng, 5) == 0 {
                     any_field(rng).to_string()
-                } else if below(rng, 3) == 0 {
+                } else if below(rng, 3) == 0 || !generates {
                     pick::<&str>(rng, own).to_string()
                 } else {
                     pick::<&str>(rng, bitnet_server::api::COMMON).to_string()
@@ -1448,11 +1468,15 @@ fn mutate_request(rng: &mut Rng, endpoint: Endpoint, body: &[u8]) -> Input {
             endpoint = match endpoint {
                 Endpoint::Chat => Endpoint::Completions,
                 Endpoint::Completions => Endpoint::Chat,
+                Endpoint::Tokenize => Endpoint::Detokenize,
+                Endpoint::Detokenize => Endpoint::Tokenize,
             };
             if let Ok(serde_json::Value::Object(mut o)) = serde_json::from_slice(&body) {
                 let (from, to) = match endpoint {
                     Endpoint::Chat => ("prompt", "messages"),
                     Endpoint::Completions => ("messages", "prompt"),
+                    Endpoint::Tokenize => ("tokens", "content"),
+                    Endpoint::Detokenize => ("content", "tokens"),
                 };
                 if let Some(v) = o.remove(from) {
                     o.insert(to.into(), v);
