@@ -137,7 +137,7 @@ fn bytes_in_range(s: &str, lo: usize, hi: usize) -> Result<usize, String> {
 /// `n` bytes with the largest K/M/G suffix that divides it (as `parse_bytes` reads them).
 fn human_bytes(n: usize) -> String {
     for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{}{suffix}", n >> shift);
         }
     }
