@@ -32,6 +32,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &super::model_or_default(a.model.as_deref())?,
         &a.model_flags.options(),
     )?;
+    // -c at most the model's context, checked before the file is read.
+    super::context_size(Some(a.ctx_size), &m.model, a.ctx_size)?;
     // The tokens the chunks need: with --chunks, those of the text's beginning (the file is
     // read only as far as they need); otherwise the whole text's, read up to a bound.
     let tokens = match a.chunks {

@@ -603,6 +603,18 @@ fn count_flags_say_their_range() {
             vec!["inspect", "-m", m, "-c", "18446744073709551615"],
             "is larger than the model's maximum of",
         ),
+        (
+            vec![
+                "perplexity",
+                "-m",
+                m,
+                "-f",
+                "/nonexistent",
+                "-c",
+                "18446744073709551615",
+            ],
+            "is larger than the model's maximum of",
+        ),
     ] {
         let o = bitnet(&args);
         let err = stderr(&o);
