@@ -481,3 +481,49 @@ impl Default for Server {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// afl mutates the `hf` target's files format freely: any bytes parse, a name is never a
+    /// path, and a well-formed directory comes back as it was written.
+    #[test]
+    fn files_format_round_trips_and_takes_only_known_names() {
+        let files = vec![
+            ("config.json".to_string(), b"{\"a\": 1}\n".to_vec()),
+            ("model.safetensors".to_string(), vec![0, 10, 255]),
+        ];
+        assert_eq!(parse_files(&files_bytes(&files), &HF_FILES), files);
+        let hostile = b"=== ../../etc/passwd 3\nabc\n=== config.json 99999999999\n{}";
+        assert_eq!(
+            parse_files(hostile, &HF_FILES),
+            [("config.json".to_string(), b"{}".to_vec())]
+        );
+        for junk in [
+            &b""[..],
+            b"\n",
+            b"===",
+            b"=== x\n",
+            b"=== config.json -1\nx",
+            b"\xff\n\n",
+        ] {
+            assert!(parse_files(junk, &HF_FILES).is_empty(), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn request_files_name_their_endpoint() {
+        for e in Endpoint::ALL {
+            assert_eq!(
+                parse_request_bytes(&request_bytes(e, b"{}")),
+                (e, &b"{}"[..])
+            );
+        }
+        // No endpoint named: the whole input is a chat body.
+        assert_eq!(
+            parse_request_bytes(b"{}\n{}"),
+            (Endpoint::Chat, &b"{}\n{}"[..])
+        );
+    }
+}
