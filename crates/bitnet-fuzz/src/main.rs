@@ -160,8 +160,10 @@ const TARGETS: [&str; 7] = [
     "jsonl",
 ];
 
-/// Inputs kept in memory per target (seeds, read back and new), and bytes of them read back.
+/// Inputs kept in memory per target (seeds, read back and new); at most half of them read
+/// back, so that a run's new inputs find room; and bytes of them read back.
 const MAX_CORPUS: usize = 2000;
+const MAX_READ_BACK: usize = MAX_CORPUS / 2;
 const MAX_READ_BACK_BYTES: usize = 256 << 20;
 
 /// One input: the files of a model (name → bytes), or a template and its messages, or a
@@ -268,6 +270,8 @@ struct Target {
     grammars: Option<JsonGrammars>,
     /// Inputs read back from an earlier run's corpus.
     read_back: usize,
+    /// Inputs of new outcomes this run (all kept on disk; in memory up to the cap).
+    new: usize,
 }
 
 /// Strips what varies between inputs of the same kind (digits, paths) from an outcome.
@@ -1547,11 +1551,12 @@ fn make_target(t: &str) -> Target {
         model,
         grammars,
         read_back: 0,
+        new: 0,
     }
 }
 
 /// Adds to `t` what earlier runs kept in `corpus_dir` (`TARGET/`, and the outcomes seen in
-/// `TARGET.seen`): a random choice of its inputs, up to [`MAX_CORPUS`] in all and
+/// `TARGET.seen`): a random choice of up to [`MAX_READ_BACK`] of its inputs and
 /// [`MAX_READ_BACK_BYTES`].
 fn read_back(t: &mut Target, corpus_dir: &Path, rng: &mut Rng) {
     if let Ok(text) = std::fs::read_to_string(corpus_dir.join(format!("{}.seen", t.name))) {
@@ -1572,7 +1577,7 @@ fn read_back(t: &mut Target, corpus_dir: &Path, rng: &mut Rng) {
     }
     let mut bytes = 0usize;
     for (path, len) in files {
-        if t.corpus.len() >= MAX_CORPUS {
+        if t.read_back >= MAX_READ_BACK {
             break;
         }
         let len = usize::try_from(len).unwrap_or(usize::MAX);
@@ -1802,6 +1807,7 @@ fn main() {
             _ => signature(&outcome),
         };
         if t.seen.insert(sig.clone()) {
+            t.new += 1;
             // Kept on disk (and its outcome noted) whatever the cap: the next run reads a
             // random choice of them back.
             let dir = corpus_dir.join(t.name);
@@ -1824,12 +1830,13 @@ fn main() {
     for t in &targets {
         println!(
             "{:<9} {:>8} execs ({:>6.0}/s), {:>6} loaded or ran, {:>7} refused with an error, \
-             corpus {} ({} seeds + {} read back + {} new outcomes)",
+             {} new outcomes; corpus in memory {} ({} seeds + {} read back + {} new)",
             t.name,
             t.execs,
             t.execs as f64 / secs,
             t.oks,
             t.errors,
+            t.new,
             t.corpus.len(),
             t.seeds,
             t.read_back,
