@@ -41,8 +41,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let need = n.saturating_mul(a.ctx_size);
             let file = std::fs::File::open(&a.file)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
-            leading_tokens(&m.tokenizer, file, need)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?
+            leading_tokens(
+                &m.tokenizer,
+                file,
+                need,
+                super::MAX_WHOLE_TEXT_BYTES as usize,
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?
         }
         None => {
             let text = super::read_text_at_most(
@@ -89,35 +94,48 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 /// starts), or all of them if it has fewer, reading only as much of it as they take: a
 /// beginning of the text is tokenized, and its first `need` tokens are kept when they end
 /// well before the cut (by the bytes 16 tokens can cover), since only the tokens near a cut
-/// can differ from the whole text's; otherwise twice as much is read. Memory: a few times
-/// what the tokens need, whatever the file's size.
-pub fn leading_tokens(tk: &Tokenizer, mut r: impl Read, need: usize) -> anyhow::Result<Vec<u32>> {
+/// can differ from the whole text's; otherwise twice as much is read, up to `cap` bytes at
+/// once (tokenizing takes ~90 bytes of memory a byte): tokens that need more are refused.
+pub fn leading_tokens(
+    tk: &Tokenizer,
+    mut r: impl Read,
+    need: usize,
+    cap: usize,
+) -> anyhow::Result<Vec<u32>> {
     let margin = tk.max_text_bytes(16);
     let mut want = tk.max_text_bytes(need).saturating_add(margin);
     let mut buf = Vec::new();
     loop {
-        let missing = want.saturating_sub(buf.len()) as u64;
+        // One byte past the cap tells a text of exactly `cap` bytes from a longer one.
+        let limit = want.min(cap.saturating_add(1));
+        let missing = limit.saturating_sub(buf.len()) as u64;
         let got = (&mut r).take(missing).read_to_end(&mut buf)?;
-        let eof = (got as u64) < missing;
-        let text = match std::str::from_utf8(&buf) {
+        let over = buf.len() > cap;
+        let whole = (got as u64) < missing && !over;
+        let read = &buf[..buf.len().min(cap)];
+        let text = match std::str::from_utf8(read) {
             Ok(t) => t,
             // A character cut at the end of what was read: up to its start.
-            Err(e) if !eof && e.error_len().is_none() => {
-                std::str::from_utf8(&buf[..e.valid_up_to()]).unwrap_or_default()
+            Err(e) if !whole && e.error_len().is_none() => {
+                std::str::from_utf8(&read[..e.valid_up_to()]).unwrap_or_default()
             }
             Err(e) => anyhow::bail!("not UTF-8 text: {e}"),
         };
         let mut ids = tk.encode(text, true)?;
-        if eof {
-            ids.truncate(need);
-            return Ok(ids);
-        }
         if ids.len() >= need {
             let covered: usize = ids[..need].iter().map(|&id| tk.token_bytes(id).len()).sum();
-            if covered.saturating_add(margin) <= text.len() {
+            if whole || covered.saturating_add(margin) <= text.len() {
                 ids.truncate(need);
                 return Ok(ids);
             }
+        } else if whole {
+            return Ok(ids);
+        }
+        if over {
+            anyhow::bail!(
+                "{need} tokens take more than the {cap} bytes of text read at once (tokenizing \
+                 takes ~90 bytes of memory a byte); give fewer --chunks"
+            );
         }
         want = want.saturating_mul(2);
     }
@@ -164,7 +182,7 @@ mod tests {
                 whole.len(),
                 whole.len() + 10,
             ] {
-                let got = leading_tokens(tk, text.as_bytes(), need).unwrap();
+                let got = leading_tokens(tk, text.as_bytes(), need, usize::MAX).unwrap();
                 let want = &whole[..need.min(whole.len())];
                 let first_difference = got.iter().zip(want).position(|(a, b)| a != b);
                 assert!(
@@ -175,6 +193,18 @@ mod tests {
                     want.len()
                 );
             }
+            // Within a cap the tokens fit in, and past one they do not.
+            let need = whole.len() / 2;
+            let got = leading_tokens(tk, text.as_bytes(), need, text.len() - 1).unwrap();
+            assert_eq!(got, whole[..need]);
+            let e = leading_tokens(tk, text.as_bytes(), whole.len(), 1000).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!(
+                    "{} tokens take more than the 1000 bytes of text read at once",
+                    whole.len()
+                )),
+                "{e}"
+            );
         }
     }
 }
