@@ -391,7 +391,7 @@ fn add_ternary(
             for (g, d) in scales.iter_mut().enumerate() {
                 let s = match m.group() {
                     0 => m.multipliers()[r],
-                    mg => m.group_scales_row(r)[g * group / mg],
+                    mg => m.group_scales_row(r).get(g * group / mg),
                 };
                 *d = f16_scale(s, export.round_scales, ty)
                     .map_err(|e| bad(format!("row {r}'s scale {s} {e}")))?;
