@@ -268,9 +268,7 @@ impl TernaryMatrix {
                 .bytes_mut()
                 .par_chunks_mut(new)
                 .enumerate()
-                .for_each(|(r, dst)| {
-                    super::group::regroup_row(&src[r * old..(r + 1) * old], dst)
-                });
+                .for_each(|(r, dst)| super::group::regroup_row(&src[r * old..(r + 1) * old], dst));
         }
         self.packed = packed;
         self.row_bytes = new;

@@ -85,7 +85,11 @@ pub(super) unsafe fn run<T: Tile>(
 ) {
     assert_eq!(acts.padded_cols(), weights.padded_cols(), "kernel width");
     assert!(rows.end <= weights.rows(), "kernel row range");
-    assert_eq!(weights.group(), 0, "per-tensor kernel on group-scaled weights");
+    assert_eq!(
+        weights.group(),
+        0,
+        "per-tensor kernel on group-scaled weights"
+    );
     let n = rows.len();
     let n_tok = acts.n_rows();
     assert!(out.len() >= n * n_tok, "kernel output size");

@@ -17,11 +17,11 @@ impl GroupTile for Avx2 {
         w: [*const u8; WR],
         s: [*const u8; WR],
         a: [*const u8; TA],
-        sums: [*const i32; TA],
+        init: [*const i32; TA],
         chunks: usize,
     ) -> [[f32; TA]; WR] {
         // SAFETY: the trait's contract (AVX2 and F16C present, pointers valid) is passed on.
-        unsafe { tile_avx2::<WR, TA, F16, G128>(w, s, a, sums, chunks) }
+        unsafe { tile_avx2::<WR, TA, F16, G128>(w, s, a, init, chunks) }
     }
 }
 
@@ -33,7 +33,7 @@ unsafe fn tile_avx2<const WR: usize, const TA: usize, const F16: bool, const G12
     w: [*const u8; WR],
     s: [*const u8; WR],
     a: [*const u8; TA],
-    sums: [*const i32; TA],
+    init: [*const i32; TA],
     chunks: usize,
 ) -> [[f32; TA]; WR] {
     let mask = _mm256_set1_epi8(3);
@@ -70,9 +70,10 @@ unsafe fn tile_avx2<const WR: usize, const TA: usize, const F16: bool, const G12
             // SAFETY: scales hold 8 groups a chunk (64) or a pair of chunks (128).
             let sc = unsafe { scales8::<F16, G128>(s[i], c) };
             for j in 0..TA {
-                let d = _mm256_madd_epi16(d16[i][j], ones);
-                // SAFETY: sums hold 8 groups a chunk (64) or a pair of chunks (128).
-                acc[i][j] = unsafe { add_groups::<G128>(acc[i][j], d, sums[j], sc, c) };
+                // SAFETY: init holds 8 sums a chunk (trait contract).
+                let start = unsafe { _mm256_loadu_si256(init[j].add(8 * c).cast()) };
+                let d = _mm256_add_epi32(start, _mm256_madd_epi16(d16[i][j], ones));
+                acc[i][j] = add_groups::<G128>(acc[i][j], d, sc);
             }
         }
     }
@@ -111,33 +112,20 @@ pub(super) unsafe fn scales8<const F16: bool, const G128: bool>(s: *const u8, c:
     }
 }
 
-/// `acc + (dot − sums) · sc` per lane, from the 8 subgroup dots `d` of chunk `c` (at 128,
-/// subgroup pairs added into groups first, in both halves: `sc` is zero in the half the
-/// chunk does not own).
-///
-/// # Safety
-/// `sums` holds the group sums of whole vectors of 8 groups.
+/// `acc + dot · sc` per lane, from a chunk's 8 exact subgroup dots `d` (`Σ code·q − Σq`,
+/// the sums of groups in their first subgroup); at 128, subgroup pairs are added into groups
+/// first, in both halves (`sc` is zero in the half the chunk does not own).
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn add_groups<const G128: bool>(
-    acc: __m256,
-    d: __m256i,
-    sums: *const i32,
-    sc: __m256,
-    c: usize,
-) -> __m256 {
-    let (d, v) = if G128 {
+pub(super) fn add_groups<const G128: bool>(acc: __m256, d: __m256i, sc: __m256) -> __m256 {
+    let d = if G128 {
         // [d0+d1, d2+d3, ., . | d4+d5, d6+d7, ., .] → groups 0-3 in both halves.
         let h = _mm256_hadd_epi32(d, d);
-        let d = _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 1, 4, 5, 0, 1, 4, 5));
-        (d, c / 2)
+        _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 1, 4, 5, 0, 1, 4, 5))
     } else {
-        (d, c)
+        d
     };
-    // SAFETY: vector `v` of 8 sums is inside the row (the caller).
-    let sm = unsafe { _mm256_loadu_si256(sums.add(8 * v).cast()) };
-    let x = _mm256_cvtepi32_ps(_mm256_sub_epi32(d, sm));
-    _mm256_add_ps(acc, _mm256_mul_ps(x, sc))
+    _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(d), sc))
 }
 
 /// `((p0+p4) + (p2+p6)) + ((p1+p5) + (p3+p7))`, the fixed order's fold.

@@ -2,7 +2,7 @@
 //! multiplies the unsigned codes (0..=2) with the matching activations and adds groups of
 //! four products into the int32 lane of their subgroup (lanes `l` and `l + 8` both hold
 //! subgroup `l`; their halves are added at the end of the chunk). No narrow accumulator
-//! exists; a lane of a chunk is bounded by `32·256`.
+//! exists; a lane of a chunk is bounded by `32·256` plus its start `|Σq| ≤ 128·128`.
 
 use super::avx2::{add_groups, fold8, scales8};
 use super::GroupTile;
@@ -16,12 +16,12 @@ impl GroupTile for Avx512 {
         w: [*const u8; WR],
         s: [*const u8; WR],
         a: [*const u8; TA],
-        sums: [*const i32; TA],
+        init: [*const i32; TA],
         chunks: usize,
     ) -> [[f32; TA]; WR] {
         // SAFETY: the trait's contract (AVX-512 F/BW/VNNI, AVX2 and F16C present, pointers
         // valid) is passed on.
-        unsafe { tile_avx512::<WR, TA, F16, G128>(w, s, a, sums, chunks) }
+        unsafe { tile_avx512::<WR, TA, F16, G128>(w, s, a, init, chunks) }
     }
 }
 
@@ -33,15 +33,27 @@ unsafe fn tile_avx512<const WR: usize, const TA: usize, const F16: bool, const G
     w: [*const u8; WR],
     s: [*const u8; WR],
     a: [*const u8; TA],
-    sums: [*const i32; TA],
+    init: [*const i32; TA],
     chunks: usize,
 ) -> [[f32; TA]; WR] {
     let mask = _mm512_set1_epi8(3);
     let mut acc = [[_mm256_setzero_ps(); TA]; WR];
     for c in 0..chunks {
+        // Each (row, token) starts the chunk from the token's `−Σq` lanes (upper half 0).
         let mut d32 = [[_mm512_setzero_si512(); TA]; WR];
+        for (j, &init) in init.iter().enumerate() {
+            // SAFETY: init holds 8 sums a chunk (trait contract).
+            let start =
+                _mm512_zextsi256_si512(unsafe { _mm256_loadu_si256(init.add(8 * c).cast()) });
+            for d in d32.iter_mut() {
+                d[j] = start;
+            }
+        }
         for h in 0..2 {
-            for i in 0..WR {
+            // The codes of every row first, then each activation vector loaded once for all
+            // rows.
+            let mut codes = [[_mm512_setzero_si512(); 4]; WR];
+            for (i, codes) in codes.iter_mut().enumerate() {
                 let at = c * 128 + 64 * h;
                 // A hint to fetch ahead of the hardware prefetcher when weights stream from
                 // memory (decode); past the end of the matrix it is a no-op: prefetches never
@@ -49,19 +61,20 @@ unsafe fn tile_avx512<const WR: usize, const TA: usize, const F16: bool, const G
                 _mm_prefetch::<_MM_HINT_T0>(w[i].wrapping_add(at + PREFETCH).cast());
                 // SAFETY: w[i] is valid for `chunks * 128` bytes (trait contract).
                 let raw = unsafe { _mm512_loadu_si512(w[i].add(at).cast()) };
-                let codes = [
+                *codes = [
                     _mm512_and_si512(raw, mask),
                     _mm512_and_si512(_mm512_srli_epi16::<2>(raw), mask),
                     _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask),
                     _mm512_and_si512(_mm512_srli_epi16::<6>(raw), mask),
                 ];
-                for j in 0..TA {
-                    for (f, &code) in codes.iter().enumerate() {
-                        // SAFETY: a[j] is valid for `chunks * 512` bytes (trait contract).
-                        let q = unsafe {
-                            _mm512_loadu_si512(a[j].add(c * 512 + 256 * h + 64 * f).cast())
-                        };
-                        d32[i][j] = _mm512_dpbusd_epi32(d32[i][j], code, q);
+            }
+            for j in 0..TA {
+                for f in 0..4 {
+                    // SAFETY: a[j] is valid for `chunks * 512` bytes (trait contract).
+                    let q =
+                        unsafe { _mm512_loadu_si512(a[j].add(c * 512 + 256 * h + 64 * f).cast()) };
+                    for i in 0..WR {
+                        d32[i][j] = _mm512_dpbusd_epi32(d32[i][j], codes[i][f], q);
                     }
                 }
             }
@@ -70,12 +83,12 @@ unsafe fn tile_avx512<const WR: usize, const TA: usize, const F16: bool, const G
             // SAFETY: scales hold 8 groups a chunk (64) or a pair of chunks (128).
             let sc = unsafe { scales8::<F16, G128>(s[i], c) };
             for j in 0..TA {
+                // Lanes l and l + 8 both hold subgroup l.
                 let d = _mm256_add_epi32(
                     _mm512_castsi512_si256(d32[i][j]),
                     _mm512_extracti64x4_epi64::<1>(d32[i][j]),
                 );
-                // SAFETY: sums hold 8 groups a chunk (64) or a pair of chunks (128).
-                acc[i][j] = unsafe { add_groups::<G128>(acc[i][j], d, sums[j], sc, c) };
+                acc[i][j] = add_groups::<G128>(acc[i][j], d, sc);
             }
         }
     }

@@ -139,6 +139,10 @@ pub fn group_row_scalar(
 pub struct GroupActs {
     values: Option<AlignedBytes>,
     sums: Vec<i32>,
+    /// Per chunk, 8 lanes in subgroup order: `−Σq` of each group in the lane of its first
+    /// subgroup, 0 elsewhere. The vector paths start a chunk's integer sums from it, so
+    /// they end as the exact `dot_g − Σq_g`.
+    init: Vec<i32>,
     /// Bytes of one row of `values` (whole chunks).
     row_len: usize,
     /// Sums of one row (groups padded to 8).
@@ -157,6 +161,19 @@ impl GroupActs {
             let sums = &mut self.sums[t * self.groups..(t + 1) * self.groups];
             for (x, s) in acts.row(t).chunks_exact(group).zip(sums) {
                 *s = x.iter().map(|&v| v as i32).sum();
+            }
+        }
+        let chunks = self.row_len / CHUNK_WEIGHTS;
+        self.init.clear();
+        self.init.resize(n * chunks * LANES, 0);
+        let subgroups_a_group = group / 64;
+        for t in 0..n {
+            let sums = &self.sums[t * self.groups..(t + 1) * self.groups];
+            let init = &mut self.init[t * chunks * LANES..(t + 1) * chunks * LANES];
+            for (s, v) in init.iter_mut().enumerate() {
+                if s % subgroups_a_group == 0 && s / subgroups_a_group < sums.len() {
+                    *v = -sums[s / subgroups_a_group];
+                }
             }
         }
         let values = self
@@ -193,6 +210,12 @@ impl GroupActs {
     /// Row `t`'s group sums (padded with zeros to 8 groups).
     pub fn sums(&self, t: usize) -> &[i32] {
         &self.sums[t * self.groups..(t + 1) * self.groups]
+    }
+
+    /// Row `t`'s initial subgroup sums, 8 a chunk (see the field).
+    fn init(&self, t: usize) -> &[i32] {
+        let n = self.row_len / CHUNK_WEIGHTS * LANES;
+        &self.init[t * n..(t + 1) * n]
     }
 }
 
@@ -321,7 +344,8 @@ trait GroupTile {
     /// `out[i][j]` = the fixed-order sum (module docs, before the division by `s`) of packed
     /// row `w[i]` (group layout, `chunks` chunks), its scales `s[i]` (f16 if `F16`, else f32;
     /// `chunks` × 8 of them at groups of 64, half as many at 128 (`G128`), padded to 8) and
-    /// activation row `a[j]` (group layout) with its group sums `sums[j]`.
+    /// activation row `a[j]` (group layout), whose chunks' integer sums start from `init[j]`
+    /// (8 a chunk, [`GroupActs`]).
     ///
     /// # Safety
     /// The CPU has the instruction set; every pointer is valid for those reads.
@@ -330,7 +354,7 @@ trait GroupTile {
         w: [*const u8; WR],
         s: [*const u8; WR],
         a: [*const u8; TA],
-        sums: [*const i32; TA],
+        init: [*const i32; TA],
         chunks: usize,
     ) -> [[f32; TA]; WR];
 }
@@ -360,11 +384,11 @@ impl<T: GroupTile, const F16: bool, const G128: bool> Tiles for Product<'_, T, F
             GroupScalesRow::F32(s) => s.as_ptr().cast::<u8>(),
         });
         let a = t.map(|t| self.ga.row(t).as_ptr());
-        let sums = t.map(|t| self.ga.sums(t).as_ptr());
-        // SAFETY: a packed row is `chunks` chunks, an activation row as long, and the scales
-        // and sums rows hold 8 groups a chunk (64) or a pair of chunks (128), checked in
-        // `run`; the caller guarantees the instruction set.
-        unsafe { T::tile::<WR, TA, F16, G128>(w, s, a, sums, self.chunks) }
+        let init = t.map(|t| self.ga.init(t).as_ptr());
+        // SAFETY: a packed row is `chunks` chunks, an activation row as long, the initial
+        // sums 8 a chunk, and the scales 8 groups a chunk (64) or a pair of chunks (128),
+        // checked in `run`; the caller guarantees the instruction set.
+        unsafe { T::tile::<WR, TA, F16, G128>(w, s, a, init, self.chunks) }
     }
 }
 
@@ -388,7 +412,8 @@ unsafe fn run<T: GroupTile>(
     assert_eq!(w.packed_row(0).len(), chunks * CHUNK_BYTES);
     assert_eq!(ga.row_len, chunks * CHUNK_WEIGHTS);
     let per_chunk = if g128 { chunks.div_ceil(2) } else { chunks } * LANES;
-    assert!(ga.groups >= per_chunk && w.group_scales_row(0).len() >= per_chunk);
+    assert!(w.group_scales_row(0).len() >= per_chunk);
+    assert_eq!(ga.init.len(), acts.n_rows() * chunks * LANES);
     let (n_tok, act, row) = (acts.n_rows(), ga.row_len, chunks * CHUNK_BYTES);
     macro_rules! go {
         ($f16:literal, $g128:literal) => {{

@@ -24,11 +24,11 @@ impl GroupTile for NeonDot {
         w: [*const u8; WR],
         s: [*const u8; WR],
         a: [*const u8; TA],
-        sums: [*const i32; TA],
+        init: [*const i32; TA],
         chunks: usize,
     ) -> [[f32; TA]; WR] {
         // SAFETY: the trait's contract (NEON and dotprod present, pointers valid).
-        unsafe { tile_dot::<WR, TA, F16, G128>(w, s, a, sums, chunks) }
+        unsafe { tile_dot::<WR, TA, F16, G128>(w, s, a, init, chunks) }
     }
 }
 
@@ -38,11 +38,11 @@ impl GroupTile for Neon {
         w: [*const u8; WR],
         s: [*const u8; WR],
         a: [*const u8; TA],
-        sums: [*const i32; TA],
+        init: [*const i32; TA],
         chunks: usize,
     ) -> [[f32; TA]; WR] {
         // SAFETY: the trait's contract (NEON present, pointers valid).
-        unsafe { tile_widen::<WR, TA, F16, G128>(w, s, a, sums, chunks) }
+        unsafe { tile_widen::<WR, TA, F16, G128>(w, s, a, init, chunks) }
     }
 }
 
@@ -101,32 +101,30 @@ unsafe fn scales4<const F16: bool>(s: *const u8, k: usize) -> float32x4_t {
 }
 
 /// Adds chunk `c`'s products to the partials `acc` (`[0]`: partials 0-3, `[1]`: 4-7) from its
-/// subgroup dots `d` (`[0]`: subgroups 0-3, `[1]`: 4-7), in the fixed order: at 64 group `8c +
-/// l` is subgroup `l`; at 128 the chunk's groups `4c..4c+4` are subgroup pairs and go to
-/// partials 0-3 (even `c`) or 4-7 (odd).
+/// exact subgroup dots `d` (`[0]`: subgroups 0-3, `[1]`: 4-7; `Σ code·q − Σq`, the sums of
+/// groups in their first subgroup), in the fixed order: at 64 group `8c + l` is subgroup
+/// `l`; at 128 the chunk's groups `4c..4c+4` are subgroup pairs and go to partials 0-3 (even
+/// `c`) or 4-7 (odd).
 ///
 /// # Safety
-/// `s` and `sums` hold whole vectors of 8 groups covering chunk `c`.
+/// `s` holds whole vectors of 8 scales covering chunk `c`.
 #[inline(always)]
 unsafe fn add_groups<const F16: bool, const G128: bool>(
     acc: &mut [float32x4_t; 2],
     d: [int32x4_t; 2],
     s: *const u8,
-    sums: *const i32,
     c: usize,
 ) {
     // SAFETY: in bounds (the caller).
     unsafe {
         if G128 {
-            let g = vpaddq_s32(d[0], d[1]);
+            let g = vcvtq_f32_s32(vpaddq_s32(d[0], d[1]));
             let h = c % 2;
-            let x = vcvtq_f32_s32(vsubq_s32(g, vld1q_s32(sums.add(4 * c))));
-            acc[h] = vaddq_f32(acc[h], vmulq_f32(x, scales4::<F16>(s, 4 * c)));
+            acc[h] = vaddq_f32(acc[h], vmulq_f32(g, scales4::<F16>(s, 4 * c)));
         } else {
             for (h, (acc, d)) in acc.iter_mut().zip(d).enumerate() {
-                let k = 8 * c + 4 * h;
-                let x = vcvtq_f32_s32(vsubq_s32(d, vld1q_s32(sums.add(k))));
-                *acc = vaddq_f32(*acc, vmulq_f32(x, scales4::<F16>(s, k)));
+                let x = vcvtq_f32_s32(d);
+                *acc = vaddq_f32(*acc, vmulq_f32(x, scales4::<F16>(s, 8 * c + 4 * h)));
             }
         }
     }
@@ -145,12 +143,20 @@ unsafe fn tile_dot<const WR: usize, const TA: usize, const F16: bool, const G128
     w: [*const u8; WR],
     s: [*const u8; WR],
     a: [*const u8; TA],
-    sums: [*const i32; TA],
+    init: [*const i32; TA],
     chunks: usize,
 ) -> [[f32; TA]; WR] {
     let mut acc = [[[vdupq_n_f32(0.0); 2]; TA]; WR];
     for c in 0..chunks {
+        // Each (row, token) starts the chunk from the token's `−Σq` lanes.
         let mut d = [[[vdupq_n_s32(0); 2]; TA]; WR];
+        for (j, &init) in init.iter().enumerate() {
+            // SAFETY: init holds 8 sums a chunk (trait contract).
+            let start = unsafe { [vld1q_s32(init.add(8 * c)), vld1q_s32(init.add(8 * c + 4))] };
+            for d in d.iter_mut() {
+                d[j] = start;
+            }
+        }
         for m in 0..4 {
             for n in 0..2 {
                 for i in 0..WR {
@@ -173,8 +179,8 @@ unsafe fn tile_dot<const WR: usize, const TA: usize, const F16: bool, const G128
         }
         for i in 0..WR {
             for j in 0..TA {
-                // SAFETY: scales and sums cover chunk c (trait contract).
-                unsafe { add_groups::<F16, G128>(&mut acc[i][j], d[i][j], s[i], sums[j], c) };
+                // SAFETY: the scales cover chunk c (trait contract).
+                unsafe { add_groups::<F16, G128>(&mut acc[i][j], d[i][j], s[i], c) };
             }
         }
     }
@@ -186,12 +192,20 @@ unsafe fn tile_widen<const WR: usize, const TA: usize, const F16: bool, const G1
     w: [*const u8; WR],
     s: [*const u8; WR],
     a: [*const u8; TA],
-    sums: [*const i32; TA],
+    init: [*const i32; TA],
     chunks: usize,
 ) -> [[f32; TA]; WR] {
     let mut acc = [[[vdupq_n_f32(0.0); 2]; TA]; WR];
     for c in 0..chunks {
+        // Each (row, token) starts the chunk from the token's `−Σq` lanes.
         let mut d = [[[vdupq_n_s32(0); 2]; TA]; WR];
+        for (j, &init) in init.iter().enumerate() {
+            // SAFETY: init holds 8 sums a chunk (trait contract).
+            let start = unsafe { [vld1q_s32(init.add(8 * c)), vld1q_s32(init.add(8 * c + 4))] };
+            for d in d.iter_mut() {
+                d[j] = start;
+            }
+        }
         for m in 0..4 {
             for n in 0..2 {
                 for i in 0..WR {
@@ -213,8 +227,8 @@ unsafe fn tile_widen<const WR: usize, const TA: usize, const F16: bool, const G1
         }
         for i in 0..WR {
             for j in 0..TA {
-                // SAFETY: scales and sums cover chunk c (trait contract).
-                unsafe { add_groups::<F16, G128>(&mut acc[i][j], d[i][j], s[i], sums[j], c) };
+                // SAFETY: the scales cover chunk c (trait contract).
+                unsafe { add_groups::<F16, G128>(&mut acc[i][j], d[i][j], s[i], c) };
             }
         }
     }

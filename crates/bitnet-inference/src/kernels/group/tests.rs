@@ -59,7 +59,10 @@ fn the_group_layout_holds_every_weight_once_and_trits_read_back() {
     for k in 0..4 * CHUNK_WEIGHTS {
         let (b, shift) = position(k);
         assert!(b < 4 * CHUNK_BYTES && shift < 8 && shift % 2 == 0);
-        assert!(!std::mem::replace(&mut seen[b * 4 + shift as usize / 2], true));
+        assert!(!std::mem::replace(
+            &mut seen[b * 4 + shift as usize / 2],
+            true
+        ));
         // Lane `l` of a vector of codes holds subgroup `l mod 8` of its chunk.
         assert_eq!((b % 32) / 4, (k % CHUNK_WEIGHTS) / 64, "weight {k}");
     }
@@ -73,7 +76,11 @@ fn the_group_layout_holds_every_weight_once_and_trits_read_back() {
             assert_eq!(m.packed_row(0).len(), row_bytes(m.padded_cols()));
             for r in 0..3 {
                 for c in 0..cols {
-                    assert_eq!(m.trit(r, c), trits[r * cols + c], "{cols}/{group} ({r}, {c})");
+                    assert_eq!(
+                        m.trit(r, c),
+                        trits[r * cols + c],
+                        "{cols}/{group} ({r}, {c})"
+                    );
                 }
                 for g in 0..cols / group {
                     assert_eq!(m.group_scales_row(r).get(g), scales[r * cols / group + g]);
@@ -139,9 +146,7 @@ fn every_group_path_gives_the_bits_of_the_definition() {
                     // Two tasks' row ranges, one ending inside a tile.
                     for range in [0..5, 5..rows] {
                         // SAFETY: `out` is `[n_tok, rows]`; one range at a time.
-                        unsafe {
-                            path.rows(&m, &acts, &ga, range, SharedOut(out.as_mut_ptr()))
-                        };
+                        unsafe { path.rows(&m, &acts, &ga, range, SharedOut(out.as_mut_ptr())) };
                     }
                     let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
                     assert_eq!(
