@@ -68,8 +68,9 @@ unsafe fn tile_avx512<const WR: usize, const TA: usize, const F16: bool, const G
                     _mm512_and_si512(_mm512_srli_epi16::<6>(raw), mask),
                 ];
             }
-            for j in 0..TA {
-                for f in 0..4 {
+            // Fields outermost: consecutive `vpdpbusd` go to different accumulators.
+            for f in 0..4 {
+                for j in 0..TA {
                     // SAFETY: a[j] is valid for `chunks * 512` bytes (trait contract).
                     let q =
                         unsafe { _mm512_loadu_si512(a[j].add(c * 512 + 256 * h + 64 * f).cast()) };
