@@ -332,7 +332,7 @@ impl TernaryMatrix {
     pub fn trit(&self, r: usize, c: usize) -> i8 {
         let row = self.packed_row(r);
         if self.group != 0 {
-            let (byte, shift) = super::group::position(c);
+            let (byte, shift) = super::group::position(c, self.padded_cols);
             return ((row[byte] >> shift) & 3) as i8 - 1;
         }
         let (block, k) = (c / BLOCK_WEIGHTS, c % BLOCK_WEIGHTS);

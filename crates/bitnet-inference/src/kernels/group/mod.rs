@@ -3,28 +3,32 @@
 //! scale, added in f32 in a fixed order, then divided by the activation row's int8 scale
 //! `s` (W1.58A8 as for per-tensor scales).
 //!
+//! **The layout** ([`position`]): a row of a group-scaled [`TernaryMatrix`] is cut into
+//! subgroups of 64 weights; 16 subgroups make a chunk (1024 weights, 256 bytes at 2 bits,
+//! the code `trit + 1`, a weight), and a row whose length is not whole chunks ends with a
+//! half chunk (8 subgroups, 128 bytes; past the row's end padded with zero trits). Both are
+//! units of 64 bytes whose 32-bit lane `l` (bytes `4l..4l+4`) holds, in its bits `2i+1, 2i`,
+//! four weights of one subgroup: in unit `u` of a chunk, byte `4l + e` holds element `16u +
+//! 4i + e` of subgroup `l`; in unit `u` of a half chunk, element `32u + 16·(l/8) + 4i + e` of
+//! subgroup `l mod 8`. So `vpdpbusd` (or `vpmaddubsw` + `vpmaddwd`, or `sdot`) of the codes
+//! `(bytes >> 2i) & 3` with the matching activations adds each product into the lane of its
+//! subgroup: a chunk's 16 subgroup dots come out in one vector, with no horizontal reduction
+//! (a half chunk's in two halves of one). The activations are laid out to match once per
+//! product ([`GroupActs`]). A group of 128 is two subgroups, added as integers.
+//!
 //! **The fixed order** (every path, scalar and SIMD, returns its bits; tested): group `g`'s
 //! product `(dot_g − Σq_g) · scale_g` (an f32 multiply, then an add: never fused) goes to
-//! partial sum `g mod 8`, in increasing `g`, each partial starting at +0; the 8 partials are
-//! then added as `((p0+p4) + (p2+p6)) + ((p1+p5) + (p3+p7))`, and the total divided by `s`.
-//! Vector paths also add `x · 0` for the lanes of padding groups and, at groups of 128, for
-//! the half of the vector a chunk does not fill; those are ±0 and change no partial (a
-//! partial is never −0: it starts at +0, and a sum of two finite values that cancel is
+//! partial sum `f mod 16`, where `f` is the index of the group's first subgroup (`g` at
+//! groups of 64, `2g` at 128), in increasing `g`, each partial starting at +0; the partials
+//! are then added as `q_k = p_k + p_{k+8}` and `((q0+q4) + (q2+q6)) + ((q1+q5) + (q3+q7))`,
+//! and the total divided by `s`. Vector paths also add `x · 0` for the lanes of padding
+//! groups and of the second subgroups of groups of 128; those are ±0 and change no partial
+//! (a partial is never −0: it starts at +0, and a sum of two finite values that cancel is
 //! +0). Group dots are exact integers (`|dot| ≤ 2·128·128`, exact in f32).
 //!
-//! **The layout** ([`position`]): rows of a group-scaled [`TernaryMatrix`] are chunks of 512
-//! weights (8 subgroups of 64; the last chunk padded with zero trits), 128 bytes each, 2 bits
-//! (the code `trit + 1`) a weight. Byte `32m + 4l + e` of a chunk holds, in its bits `2i+1,
-//! 2i`, element `64l + 16m + 4i + e` of the chunk. So every 32-bit lane `l` of a vector of
-//! codes (`(bytes >> 2i) & 3`, for 32 or 64 bytes) holds four weights of subgroup `l mod 8`:
-//! `vpdpbusd` or `vpmaddubsw` + `vpmaddwd` add a chunk's products straight into one lane per
-//! subgroup, with no horizontal reduction but one add of two halves. The activations are
-//! laid out to match once per product ([`GroupActs`]). Groups of 128 are two subgroups, added
-//! as integers before their scale.
-//!
-//! Paths: AVX-512 VNNI (`avx512.rs`), AVX2 (`avx2.rs`), NEON (`neon.rs`), each in the
-//! row × token register tiles of the per-tensor kernels (`tiles.rs`), and the scalar reference
-//! below.
+//! Paths: AVX-512 VNNI (`avx512.rs`), AVX2 (`avx2.rs`), NEON with and without dotprod
+//! (`neon.rs`), each in the row × token register tiles of the per-tensor kernels
+//! (`tiles.rs`), and the scalar reference below.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -39,81 +43,105 @@ use super::tiles::{self, Tiles};
 use super::{GroupScalesRow, QuantizedActivations, TernaryMatrix};
 use std::ops::Range;
 
-/// Weights of one chunk of the layout (8 subgroups of 64).
-pub const CHUNK_WEIGHTS: usize = 512;
-/// Packed bytes of one chunk.
-const CHUNK_BYTES: usize = CHUNK_WEIGHTS / 4;
-/// Partial sums of the fixed order (and groups a vector step takes).
-const LANES: usize = 8;
+/// Weights of a half chunk (8 subgroups of 64); rows are whole half chunks.
+pub const HALF_WEIGHTS: usize = 512;
+/// Packed bytes of a half chunk.
+const HALF_BYTES: usize = HALF_WEIGHTS / 4;
+/// Partial sums of the fixed order (subgroups of a chunk).
+const LANES: usize = 16;
 
 /// Packed bytes of a row of `padded_cols` weights in the group layout.
 pub(crate) fn row_bytes(padded_cols: usize) -> usize {
-    padded_cols.div_ceil(CHUNK_WEIGHTS) * CHUNK_BYTES
+    padded_cols.div_ceil(HALF_WEIGHTS) * HALF_BYTES
 }
 
-/// The byte and the bit shift of weight `k` of a row in the group layout.
-pub(crate) fn position(k: usize) -> (usize, u32) {
-    let (c, w) = (k / CHUNK_WEIGHTS, k % CHUNK_WEIGHTS);
-    let (l, k) = (w / 64, w % 64);
-    let (m, i, e) = (k / 16, (k % 16) / 4, k % 4);
-    (CHUNK_BYTES * c + 32 * m + 4 * l + e, 2 * i as u32)
+/// Whole chunks of a row of `padded_cols` weights, and whether a half chunk follows.
+fn chunks(padded_cols: usize) -> (usize, bool) {
+    let halves = padded_cols.div_ceil(HALF_WEIGHTS);
+    (halves / 2, halves % 2 == 1)
 }
 
-/// Where activation `k` of a row goes in [`GroupActs`]: the 32 bytes that meet codes field
-/// `i` of bytes `32m..32m+32` of a chunk lie at `256·(m/2) + 64i + 32·(m%2)`, so the two
-/// halves of a 64-byte vector (`m` = 0, 1 or 2, 3) are contiguous too.
-fn act_position(k: usize) -> usize {
-    let (c, w) = (k / CHUNK_WEIGHTS, k % CHUNK_WEIGHTS);
-    let (l, k) = (w / 64, w % 64);
-    let (m, i, e) = (k / 16, (k % 16) / 4, k % 4);
-    CHUNK_WEIGHTS * c + 256 * (m / 2) + 64 * i + 32 * (m % 2) + 4 * l + e
+/// Weight `k` of a row of `padded_cols` in the layout: (the offset of its unit, the lane
+/// byte `4l + e` in the unit, its field `i`).
+fn place(k: usize, padded_cols: usize) -> (usize, usize, usize) {
+    let (full, _) = chunks(padded_cols);
+    let (i, e) = ((k % 16) / 4, k % 4);
+    if k < full * 2 * HALF_WEIGHTS {
+        let (c, w) = (k / (2 * HALF_WEIGHTS), k % (2 * HALF_WEIGHTS));
+        let (l, u) = (w / 64, (w % 64) / 16);
+        (4 * c + u, 4 * l + e, i)
+    } else {
+        let w = k - full * 2 * HALF_WEIGHTS;
+        let (sub, u, h) = (w / 64, (w % 64) / 32, (w % 32) / 16);
+        (4 * full + u, 4 * (sub + 8 * h) + e, i)
+    }
+}
+
+/// The byte and the bit shift of weight `k` of a row of `padded_cols` in the group layout.
+pub(crate) fn position(k: usize, padded_cols: usize) -> (usize, u32) {
+    let (unit, byte, i) = place(k, padded_cols);
+    (64 * unit + byte, 2 * i as u32)
+}
+
+/// Where activation `k` of a row of `padded_cols` goes in [`GroupActs`]: the 64 activations
+/// that meet field `i` of unit `u` lie together at `256u + 64i`, in the unit's byte order.
+fn act_position(k: usize, padded_cols: usize) -> usize {
+    let (unit, byte, i) = place(k, padded_cols);
+    256 * unit + 64 * i + byte
 }
 
 /// Repacks one row from [`TernaryMatrix`]'s per-tensor layout (`src`, whole 128-weight
 /// blocks) into the group layout (`dst`, [`row_bytes`] long; padding weights are 0).
 ///
-/// Bytes `32m + 4l .. +4` of chunk `c` (elements `64l + 16m + 4i + e`) come from block
-/// `4c + l/2`, its field `2·(l%2) + m/2`, bytes `16·(m%2) + 4i + e`: a 4 × 4 transpose of
-/// 2-bit fields, done on 32-bit words.
+/// The four bytes of lane `l` of a unit hold elements `base + 4i + e` of one subgroup: in
+/// the per-tensor layout they sit in one field of one block, at bytes `j0 + 4i + e`, so each
+/// lane is a 4 × 4 transpose of 2-bit fields, done on 32-bit words.
 pub(crate) fn regroup_row(src: &[u8], dst: &mut [u8]) {
     dst.fill(0x55);
-    let blocks = src.len() / 32;
-    for (c, out) in dst.chunks_exact_mut(CHUNK_BYTES).enumerate() {
-        for l in 0..8 {
-            let b = 4 * c + l / 2;
-            if b >= blocks {
+    let padded = src.len() * 4;
+    let word = |b: usize, j: usize| {
+        let at = 32 * b + j;
+        u32::from_le_bytes([src[at], src[at + 1], src[at + 2], src[at + 3]])
+    };
+    for (unit, out) in dst.chunks_exact_mut(64).enumerate() {
+        for l in 0..16 {
+            // The unit's first element in lane l (i = e = 0).
+            let k = first_of_lane(unit, l, padded);
+            let b = k / 128;
+            if b >= src.len() / 32 {
                 continue;
             }
-            let block = &src[32 * b..32 * b + 32];
-            for m in 0..4 {
-                let field = 2 * (l % 2) + m / 2;
-                let mut word = 0u32;
-                for i in 0..4 {
-                    let at = 16 * (m % 2) + 4 * i;
-                    let w = u32::from_le_bytes([
-                        block[at],
-                        block[at + 1],
-                        block[at + 2],
-                        block[at + 3],
-                    ]);
-                    word |= ((w >> (2 * field)) & 0x0303_0303) << (2 * i);
-                }
-                out[32 * m + 4 * l..32 * m + 4 * l + 4].copy_from_slice(&word.to_le_bytes());
+            let (field, j0) = ((k % 128) / 32, k % 32);
+            let mut w = 0u32;
+            for i in 0..4 {
+                w |= ((word(b, j0 + 4 * i) >> (2 * field)) & 0x0303_0303) << (2 * i);
             }
+            out[4 * l..4 * l + 4].copy_from_slice(&w.to_le_bytes());
         }
     }
 }
 
-/// The 8 partial sums added in the fixed order (see the module docs).
-fn fold8(p: [f32; LANES]) -> f32 {
-    let s = [p[0] + p[4], p[1] + p[5], p[2] + p[6], p[3] + p[7]];
+/// The row element in lane `l` of `unit` with `i = e = 0` (the inverse of [`place`]).
+fn first_of_lane(unit: usize, l: usize, padded_cols: usize) -> usize {
+    let (full, _) = chunks(padded_cols);
+    if unit < 4 * full {
+        2 * HALF_WEIGHTS * (unit / 4) + 64 * l + 16 * (unit % 4)
+    } else {
+        let u = unit - 4 * full;
+        2 * HALF_WEIGHTS * full + 64 * (l % 8) + 32 * u + 16 * (l / 8)
+    }
+}
+
+/// `((q0+q4) + (q2+q6)) + ((q1+q5) + (q3+q7))` of `q_k = p_k + p_{k+8}` (the module docs).
+fn fold16(p: [f32; LANES]) -> f32 {
+    let q: [f32; 8] = std::array::from_fn(|k| p[k] + p[k + 8]);
+    let s = [q[0] + q[4], q[1] + q[5], q[2] + q[6], q[3] + q[7]];
     (s[0] + s[2]) + (s[1] + s[3])
 }
 
 /// `Σ_g (dot_g − sums_g) · scale_g` in the fixed order, of one packed row in the group
 /// layout and one int8 activation row `q` in natural order (`padded_cols` long); `sums` are
-/// the activation row's group sums (padded to 8 groups). The portable path and the
-/// reference of the others.
+/// the activation row's group sums. The portable path and the reference of the others.
 pub fn group_row_scalar(
     packed: &[u8],
     q: &[i8],
@@ -125,12 +153,12 @@ pub fn group_row_scalar(
     for (g, x) in q.chunks_exact(group).enumerate() {
         let mut dot = 0i32;
         for (k, &x) in (g * group..).zip(x) {
-            let (b, shift) = position(k);
+            let (b, shift) = position(k, q.len());
             dot += ((packed[b] >> shift) & 3) as i32 * x as i32;
         }
-        p[g % LANES] += (dot - sums[g]) as f32 * scales.get(g);
+        p[(g * group / 64) % LANES] += (dot - sums[g]) as f32 * scales.get(g);
     }
-    fold8(p)
+    fold16(p)
 }
 
 /// The activations of one product in the group layout, with their group sums: made once
@@ -139,8 +167,7 @@ pub fn group_row_scalar(
 pub struct GroupActs {
     values: Option<AlignedBytes>,
     sums: Vec<i32>,
-    /// Per chunk, 8 lanes in subgroup order: `−Σq` of each group in the lane of its first
-    /// subgroup, 0 elsewhere. The vector paths start a chunk's integer sums from it, so
+    /// One a subgroup, in order: `−Σq` of each group at its first subgroup, 0 elsewhere. The vector paths start a chunk's integer sums from it, so
     /// they end as the exact `dot_g − Σq_g`.
     init: Vec<i32>,
     /// Bytes of one row of `values` (whole chunks).
@@ -153,8 +180,8 @@ impl GroupActs {
     /// Lays out `acts` for matrices with groups of `group`.
     pub fn prepare(&mut self, acts: &QuantizedActivations, group: usize) {
         let (n, padded) = (acts.n_rows(), acts.padded_cols());
-        self.row_len = padded.div_ceil(CHUNK_WEIGHTS) * CHUNK_WEIGHTS;
-        self.groups = (padded / group).next_multiple_of(LANES);
+        self.row_len = padded.div_ceil(HALF_WEIGHTS) * HALF_WEIGHTS;
+        self.groups = (padded / group).next_multiple_of(8);
         self.sums.clear();
         self.sums.resize(n * self.groups, 0);
         for t in 0..n {
@@ -163,13 +190,14 @@ impl GroupActs {
                 *s = x.iter().map(|&v| v as i32).sum();
             }
         }
-        let chunks = self.row_len / CHUNK_WEIGHTS;
+        // One initial sum a subgroup.
+        let subgroups = self.row_len / 64;
         self.init.clear();
-        self.init.resize(n * chunks * LANES, 0);
+        self.init.resize(n * subgroups, 0);
         let subgroups_a_group = group / 64;
         for t in 0..n {
             let sums = &self.sums[t * self.groups..(t + 1) * self.groups];
-            let init = &mut self.init[t * chunks * LANES..(t + 1) * chunks * LANES];
+            let init = &mut self.init[t * subgroups..(t + 1) * subgroups];
             for (s, v) in init.iter_mut().enumerate() {
                 if s % subgroups_a_group == 0 && s / subgroups_a_group < sums.len() {
                     *v = -sums[s / subgroups_a_group];
@@ -186,7 +214,7 @@ impl GroupActs {
             dst.fill(0);
             // Four activations at a time: `act_position` keeps runs of 4 (`e`) together.
             for (k, four) in (0..).step_by(4).zip(src.chunks_exact(4)) {
-                let at = act_position(k);
+                let at = act_position(k, padded);
                 for (d, &s) in dst[at..at + 4].iter_mut().zip(four) {
                     *d = s as u8;
                 }
@@ -212,9 +240,9 @@ impl GroupActs {
         &self.sums[t * self.groups..(t + 1) * self.groups]
     }
 
-    /// Row `t`'s initial subgroup sums, 8 a chunk (see the field).
+    /// Row `t`'s initial subgroup sums, one a subgroup (see the field).
     fn init(&self, t: usize) -> &[i32] {
-        let n = self.row_len / CHUNK_WEIGHTS * LANES;
+        let n = self.row_len / 64;
         &self.init[t * n..(t + 1) * n]
     }
 }
@@ -342,10 +370,10 @@ impl GroupPath {
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 trait GroupTile {
     /// `out[i][j]` = the fixed-order sum (module docs, before the division by `s`) of packed
-    /// row `w[i]` (group layout, `chunks` chunks), its scales `s[i]` (f16 if `F16`, else f32;
-    /// `chunks` × 8 of them at groups of 64, half as many at 128 (`G128`), padded to 8) and
-    /// activation row `a[j]` (group layout), whose chunks' integer sums start from `init[j]`
-    /// (8 a chunk, [`GroupActs`]).
+    /// row `w[i]` (group layout: `full` chunks, then a half chunk if `half`), its scales
+    /// `s[i]` (f16 if `F16`, else f32; one a group of 64, or of 128 if `G128`, padded to
+    /// whole vectors of 8) and activation row `a[j]` (group layout), whose subgroups'
+    /// integer sums start from `init[j]` (one a subgroup, [`GroupActs`]).
     ///
     /// # Safety
     /// The CPU has the instruction set; every pointer is valid for those reads.
@@ -355,7 +383,8 @@ trait GroupTile {
         s: [*const u8; WR],
         a: [*const u8; TA],
         init: [*const i32; TA],
-        chunks: usize,
+        full: usize,
+        half: bool,
     ) -> [[f32; TA]; WR];
 }
 
@@ -364,7 +393,8 @@ trait GroupTile {
 struct Product<'a, T, const F16: bool, const G128: bool> {
     w: &'a TernaryMatrix,
     ga: &'a GroupActs,
-    chunks: usize,
+    full: usize,
+    half: bool,
     tile: std::marker::PhantomData<T>,
 }
 
@@ -385,10 +415,9 @@ impl<T: GroupTile, const F16: bool, const G128: bool> Tiles for Product<'_, T, F
         });
         let a = t.map(|t| self.ga.row(t).as_ptr());
         let init = t.map(|t| self.ga.init(t).as_ptr());
-        // SAFETY: a packed row is `chunks` chunks, an activation row as long, the initial
-        // sums 8 a chunk, and the scales 8 groups a chunk (64) or a pair of chunks (128),
-        // checked in `run`; the caller guarantees the instruction set.
-        unsafe { T::tile::<WR, TA, F16, G128>(w, s, a, init, self.chunks) }
+        // SAFETY: the packed rows, activation rows, initial sums and scales are as long as
+        // the tile reads (checked in `run`); the caller guarantees the instruction set.
+        unsafe { T::tile::<WR, TA, F16, G128>(w, s, a, init, self.full, self.half) }
     }
 }
 
@@ -404,23 +433,25 @@ unsafe fn run<T: GroupTile>(
     range: Range<usize>,
     put: impl FnMut(usize, usize, f32),
 ) {
-    let chunks = w.padded_cols().div_ceil(CHUNK_WEIGHTS);
+    let (full, half) = chunks(w.padded_cols());
+    let halves = 2 * full + half as usize;
     let f16 = matches!(w.group_scales_row(0), GroupScalesRow::F16(_));
     let g128 = w.group() == 128;
-    // What the tiles read: whole chunks of weights and activations, 8 scales and sums a
-    // chunk (64) or a pair of chunks (128).
-    assert_eq!(w.packed_row(0).len(), chunks * CHUNK_BYTES);
-    assert_eq!(ga.row_len, chunks * CHUNK_WEIGHTS);
-    let per_chunk = if g128 { chunks.div_ceil(2) } else { chunks } * LANES;
-    assert!(w.group_scales_row(0).len() >= per_chunk);
-    assert_eq!(ga.init.len(), acts.n_rows() * chunks * LANES);
-    let (n_tok, act, row) = (acts.n_rows(), ga.row_len, chunks * CHUNK_BYTES);
+    // What the tiles read: the packed rows, activation rows and initial sums of whole
+    // (half) chunks, and whole vectors of 8 scales covering them.
+    assert_eq!(w.packed_row(0).len(), halves * HALF_BYTES);
+    assert_eq!(ga.row_len, halves * HALF_WEIGHTS);
+    assert_eq!(ga.init.len(), acts.n_rows() * halves * 8);
+    let groups = if g128 { halves * 4 } else { halves * 8 };
+    assert!(w.group_scales_row(0).len() >= groups.next_multiple_of(8));
+    let (n_tok, act, row) = (acts.n_rows(), ga.row_len, halves * HALF_BYTES);
     macro_rules! go {
         ($f16:literal, $g128:literal) => {{
             let p = Product::<T, $f16, $g128> {
                 w,
                 ga,
-                chunks,
+                full,
+                half,
                 tile: std::marker::PhantomData,
             };
             // SAFETY: rows and tokens are inside the product; the caller guarantees the

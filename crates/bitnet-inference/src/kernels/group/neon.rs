@@ -1,6 +1,7 @@
-//! NEON group tiles: 16 bytes of a chunk at a time, whose four 32-bit lanes hold subgroups
-//! 0-3 (first 16 bytes of each 32-byte quarter) or 4-7 (second 16 bytes), so each (row,
-//! token) keeps two int32 accumulators a chunk, one per half of the subgroups.
+//! NEON group tiles: 16 bytes of a chunk at a time; quarter `k` of each 64-byte unit holds
+//! subgroups `4k..4k+4` in its four 32-bit lanes (of a half chunk, `4·(k mod 2)..`), so each
+//! (row, token) keeps four int32 accumulators a chunk (two a half chunk) and four vectors
+//! of the 16 partials.
 //!
 //! * with dotprod: `sdot` adds groups of four int8 products straight into int32 lanes (codes
 //!   0..=2 are valid signed bytes); no narrow accumulator exists.
@@ -25,10 +26,11 @@ impl GroupTile for NeonDot {
         s: [*const u8; WR],
         a: [*const u8; TA],
         init: [*const i32; TA],
-        chunks: usize,
+        full: usize,
+        half: bool,
     ) -> [[f32; TA]; WR] {
         // SAFETY: the trait's contract (NEON and dotprod present, pointers valid).
-        unsafe { tile_dot::<WR, TA, F16, G128>(w, s, a, init, chunks) }
+        unsafe { tile_dot::<WR, TA, F16, G128>(w, s, a, init, full, half) }
     }
 }
 
@@ -39,10 +41,11 @@ impl GroupTile for Neon {
         s: [*const u8; WR],
         a: [*const u8; TA],
         init: [*const i32; TA],
-        chunks: usize,
+        full: usize,
+        half: bool,
     ) -> [[f32; TA]; WR] {
         // SAFETY: the trait's contract (NEON present, pointers valid).
-        unsafe { tile_widen::<WR, TA, F16, G128>(w, s, a, init, chunks) }
+        unsafe { tile_widen::<WR, TA, F16, G128>(w, s, a, init, full, half) }
     }
 }
 
@@ -58,13 +61,6 @@ unsafe fn codes(p: *const u8) -> [int8x16_t; 4] {
         vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8::<4>(raw), m)),
         vreinterpretq_s8_u8(vshrq_n_u8::<6>(raw)),
     ]
-}
-
-/// Offset of the activations that meet field `f` of bytes `32m + 16n ..+16` of chunk `c`
-/// (the module docs of `group`).
-#[inline(always)]
-fn act_offset(c: usize, m: usize, n: usize, f: usize) -> usize {
-    c * 512 + 256 * (m / 2) + 64 * f + 32 * (m % 2) + 16 * n
 }
 
 /// Four f16 values widened to f32 (`fcvtl`, in every AArch64 NEON unit; written in `asm!`
@@ -100,137 +96,165 @@ unsafe fn scales4<const F16: bool>(s: *const u8, k: usize) -> float32x4_t {
     }
 }
 
-/// Adds chunk `c`'s products to the partials `acc` (`[0]`: partials 0-3, `[1]`: 4-7) from its
-/// exact subgroup dots `d` (`[0]`: subgroups 0-3, `[1]`: 4-7; `Σ code·q − Σq`, the sums of
-/// groups in their first subgroup), in the fixed order: at 64 group `8c + l` is subgroup
-/// `l`; at 128 the chunk's groups `4c..4c+4` are subgroup pairs and go to partials 0-3 (even
-/// `c`) or 4-7 (odd).
+/// The scales of subgroups `4k..4k+4` of (half) chunk `c` in the lanes of their groups'
+/// first subgroups, 0 elsewhere.
 ///
 /// # Safety
-/// `s` holds whole vectors of 8 scales covering chunk `c`.
+/// The scales cover the chunk in whole vectors of 8.
 #[inline(always)]
-unsafe fn add_groups<const F16: bool, const G128: bool>(
-    acc: &mut [float32x4_t; 2],
-    d: [int32x4_t; 2],
+unsafe fn scales_at<const F16: bool, const G128: bool>(
     s: *const u8,
     c: usize,
-) {
+    k: usize,
+) -> float32x4_t {
     // SAFETY: in bounds (the caller).
     unsafe {
         if G128 {
-            let g = vcvtq_f32_s32(vpaddq_s32(d[0], d[1]));
-            let h = c % 2;
-            acc[h] = vaddq_f32(acc[h], vmulq_f32(g, scales4::<F16>(s, 4 * c)));
-        } else {
-            for (h, (acc, d)) in acc.iter_mut().zip(d).enumerate() {
-                let x = vcvtq_f32_s32(d);
-                *acc = vaddq_f32(*acc, vmulq_f32(x, scales4::<F16>(s, 8 * c + 4 * h)));
+            // Groups 8c + 2k, 8c + 2k + 1 to lanes 0 and 2.
+            let four = scales4::<F16>(s, 8 * c + 4 * (k / 2));
+            let zero = vdupq_n_f32(0.0);
+            if k % 2 == 0 {
+                vzip1q_f32(four, zero)
+            } else {
+                vzip2q_f32(four, zero)
             }
+        } else {
+            scales4::<F16>(s, 16 * c + 4 * k)
         }
     }
 }
 
-/// `((p0+p4) + (p2+p6)) + ((p1+p5) + (p3+p7))`, the fixed order's fold.
+/// Adds the exact subgroup dots `d` (`Σ code·q − Σq` of subgroups `4k..4k+4`) times their
+/// scales `sc` to the partials `acc` (at 128, subgroup pairs first: lane 2m gets 2m + 2m+1).
 #[inline(always)]
-fn fold8(acc: [float32x4_t; 2]) -> f32 {
+fn add_groups<const G128: bool>(acc: float32x4_t, d: int32x4_t, sc: float32x4_t) -> float32x4_t {
     // SAFETY: NEON is part of every AArch64 target this module is built for.
-    let s: [f32; 4] = unsafe { std::mem::transmute(vaddq_f32(acc[0], acc[1])) };
+    unsafe {
+        let d = if G128 {
+            vaddq_s32(d, vrev64q_s32(d))
+        } else {
+            d
+        };
+        vaddq_f32(acc, vmulq_f32(vcvtq_f32_s32(d), sc))
+    }
+}
+
+/// `q = p[0..4] + p[8..12]`, `p[4..8] + p[12..16]`, then `((q0+q4) + (q2+q6)) + ((q1+q5) +
+/// (q3+q7))`: the fixed order's fold.
+#[inline(always)]
+fn fold16(acc: [float32x4_t; 4]) -> f32 {
+    // SAFETY: NEON is part of every AArch64 target this module is built for.
+    let s: [f32; 4] = unsafe {
+        let q0 = vaddq_f32(acc[0], acc[2]);
+        let q1 = vaddq_f32(acc[1], acc[3]);
+        std::mem::transmute(vaddq_f32(q0, q1))
+    };
     (s[0] + s[2]) + (s[1] + s[3])
 }
 
-#[target_feature(enable = "neon,dotprod")]
-unsafe fn tile_dot<const WR: usize, const TA: usize, const F16: bool, const G128: bool>(
-    w: [*const u8; WR],
-    s: [*const u8; WR],
-    a: [*const u8; TA],
-    init: [*const i32; TA],
-    chunks: usize,
-) -> [[f32; TA]; WR] {
-    let mut acc = [[[vdupq_n_f32(0.0); 2]; TA]; WR];
-    for c in 0..chunks {
-        // Each (row, token) starts the chunk from the token's `−Σq` lanes.
-        let mut d = [[[vdupq_n_s32(0); 2]; TA]; WR];
-        for (j, &init) in init.iter().enumerate() {
-            // SAFETY: init holds 8 sums a chunk (trait contract).
-            let start = unsafe { [vld1q_s32(init.add(8 * c)), vld1q_s32(init.add(8 * c + 4))] };
-            for d in d.iter_mut() {
-                d[j] = start;
-            }
-        }
-        for m in 0..4 {
-            for n in 0..2 {
-                for i in 0..WR {
-                    // SAFETY: w[i] is valid for `chunks * 128` bytes (trait contract).
-                    let k = unsafe { codes(w[i].add(c * 128 + 32 * m + 16 * n)) };
-                    for j in 0..TA {
-                        let mut v = d[i][j][n];
-                        for (f, &k) in k.iter().enumerate() {
-                            // SAFETY: a[j] is valid for `chunks * 512` bytes (trait contract);
-                            // dotprod is enabled here and present (the caller).
-                            v = unsafe {
-                                let q = vld1q_s8(a[j].add(act_offset(c, m, n, f)).cast());
-                                sdot(v, k, q)
-                            };
-                        }
-                        d[i][j][n] = v;
-                    }
-                }
-            }
-        }
-        for i in 0..WR {
-            for j in 0..TA {
-                // SAFETY: the scales cover chunk c (trait contract).
-                unsafe { add_groups::<F16, G128>(&mut acc[i][j], d[i][j], s[i], c) };
-            }
-        }
-    }
-    acc.map(|row| row.map(fold8))
+/// The 16-byte quarters of a chunk (`tail`: a half chunk) at byte `base` as (byte offset,
+/// accumulator): quarter `k` of unit `u` holds subgroups `4k..4k+4` (of a half chunk, `4·(k
+/// mod 2)..`).
+fn quarters(base: usize, tail: bool) -> impl Iterator<Item = (usize, usize)> {
+    let units = if tail { 2 } else { 4 };
+    (0..units).flat_map(move |u| {
+        (0..4).map(move |k| (base + 64 * u + 16 * k, if tail { k % 2 } else { k }))
+    })
 }
 
-#[target_feature(enable = "neon")]
-unsafe fn tile_widen<const WR: usize, const TA: usize, const F16: bool, const G128: bool>(
-    w: [*const u8; WR],
-    s: [*const u8; WR],
-    a: [*const u8; TA],
-    init: [*const i32; TA],
-    chunks: usize,
-) -> [[f32; TA]; WR] {
-    let mut acc = [[[vdupq_n_f32(0.0); 2]; TA]; WR];
-    for c in 0..chunks {
-        // Each (row, token) starts the chunk from the token's `−Σq` lanes.
-        let mut d = [[[vdupq_n_s32(0); 2]; TA]; WR];
-        for (j, &init) in init.iter().enumerate() {
-            // SAFETY: init holds 8 sums a chunk (trait contract).
-            let start = unsafe { [vld1q_s32(init.add(8 * c)), vld1q_s32(init.add(8 * c + 4))] };
-            for d in d.iter_mut() {
-                d[j] = start;
-            }
-        }
-        for m in 0..4 {
-            for n in 0..2 {
-                for i in 0..WR {
-                    // SAFETY: w[i] is valid for `chunks * 128` bytes (trait contract).
-                    let k = unsafe { codes(w[i].add(c * 128 + 32 * m + 16 * n)) };
-                    for j in 0..TA {
-                        let mut p16 = vdupq_n_s16(0);
-                        for (f, &k) in k.iter().enumerate() {
-                            // SAFETY: a[j] is valid for `chunks * 512` bytes (trait contract).
-                            let q = unsafe { vld1q_s8(a[j].add(act_offset(c, m, n, f)).cast()) };
-                            let lo = vmull_s8(vget_low_s8(k), vget_low_s8(q));
-                            let hi = vmull_high_s8(k, q);
-                            p16 = vaddq_s16(p16, vpaddq_s16(lo, hi));
+/// The activations that meet field `f` of the 16 bytes at byte `at` of a row.
+#[inline(always)]
+fn act_offset(at: usize, f: usize) -> usize {
+    4 * (at - at % 64) + 64 * f + at % 64
+}
+
+macro_rules! group_tile {
+    ($name:ident, $features:literal, $dots:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const WR: usize, const TA: usize, const F16: bool, const G128: bool>(
+            w: [*const u8; WR],
+            s: [*const u8; WR],
+            a: [*const u8; TA],
+            init: [*const i32; TA],
+            full: usize,
+            half: bool,
+        ) -> [[f32; TA]; WR] {
+            let mut acc = [[[vdupq_n_f32(0.0); 4]; TA]; WR];
+            let steps = (0..full)
+                .map(|c| (c, false))
+                .chain(half.then_some((full, true)));
+            for (c, tail) in steps {
+                // Each (row, token) starts from the token's `−Σq` lanes.
+                let n = if tail { 2 } else { 4 };
+                let mut d = [[[vdupq_n_s32(0); 4]; TA]; WR];
+                for (j, &init) in init.iter().enumerate() {
+                    for k in 0..n {
+                        // SAFETY: init holds one sum a subgroup (trait contract).
+                        let start = unsafe { vld1q_s32(init.add(16 * c + 4 * k)) };
+                        for d in d.iter_mut() {
+                            d[j][k] = start;
                         }
-                        d[i][j][n] = vpadalq_s16(d[i][j][n], p16);
+                    }
+                }
+                for (at, k) in quarters(256 * c, tail) {
+                    for i in 0..WR {
+                        // SAFETY: the (half) chunk's bytes are in bounds (trait contract).
+                        let codes = unsafe { codes(w[i].add(at)) };
+                        for j in 0..TA {
+                            // SAFETY: as above; the features are enabled here.
+                            d[i][j][k] = unsafe { $dots(d[i][j][k], codes, a[j], at) };
+                        }
+                    }
+                }
+                for i in 0..WR {
+                    for k in 0..n {
+                        // SAFETY: the scales cover the chunk (trait contract).
+                        let sc = unsafe { scales_at::<F16, G128>(s[i], c, k) };
+                        for j in 0..TA {
+                            acc[i][j][k] = add_groups::<G128>(acc[i][j][k], d[i][j][k], sc);
+                        }
                     }
                 }
             }
+            acc.map(|row| row.map(fold16))
         }
-        for i in 0..WR {
-            for j in 0..TA {
-                // SAFETY: the scales cover chunk c (trait contract).
-                unsafe { add_groups::<F16, G128>(&mut acc[i][j], d[i][j], s[i], c) };
-            }
-        }
-    }
-    acc.map(|row| row.map(fold8))
+    };
 }
+
+/// `d` plus the products of the four code vectors of 16 bytes at byte `at` with their
+/// activations, by `sdot`.
+///
+/// # Safety
+/// `a` is valid for the activations of those bytes; the CPU has dotprod.
+#[inline(always)]
+unsafe fn dot_sdot(d: int32x4_t, codes: [int8x16_t; 4], a: *const u8, at: usize) -> int32x4_t {
+    let mut d = d;
+    for (f, &k) in codes.iter().enumerate() {
+        // SAFETY: in bounds and dotprod present (the caller).
+        d = unsafe { sdot(d, k, vld1q_s8(a.add(act_offset(at, f)).cast())) };
+    }
+    d
+}
+
+/// [`dot_sdot`] with widening multiplies: the four fields' products added in int16 (8 a
+/// lane, at most 2048 in magnitude), then pairs of lanes (bytes `4l..4l+4`) into lane `l`.
+///
+/// # Safety
+/// `a` is valid for the activations of those bytes.
+#[inline(always)]
+unsafe fn dot_widen(d: int32x4_t, codes: [int8x16_t; 4], a: *const u8, at: usize) -> int32x4_t {
+    // SAFETY: in bounds (the caller); NEON is baseline.
+    unsafe {
+        let mut p16 = vdupq_n_s16(0);
+        for (f, &k) in codes.iter().enumerate() {
+            let q = vld1q_s8(a.add(act_offset(at, f)).cast());
+            let lo = vmull_s8(vget_low_s8(k), vget_low_s8(q));
+            let hi = vmull_high_s8(k, q);
+            p16 = vaddq_s16(p16, vpaddq_s16(lo, hi));
+        }
+        vpadalq_s16(d, p16)
+    }
+}
+
+group_tile!(tile_dot, "neon,dotprod", dot_sdot);
+group_tile!(tile_widen, "neon", dot_widen);

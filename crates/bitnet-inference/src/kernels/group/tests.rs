@@ -55,19 +55,31 @@ fn activations(rng: &mut Rng, n: usize, cols: usize) -> QuantizedActivations {
 
 #[test]
 fn the_group_layout_holds_every_weight_once_and_trits_read_back() {
-    let mut seen = vec![false; 4 * CHUNK_WEIGHTS * 4];
-    for k in 0..4 * CHUNK_WEIGHTS {
-        let (b, shift) = position(k);
-        assert!(b < 4 * CHUNK_BYTES && shift < 8 && shift % 2 == 0);
-        assert!(!std::mem::replace(
-            &mut seen[b * 4 + shift as usize / 2],
-            true
-        ));
-        // Lane `l` of a vector of codes holds subgroup `l mod 8` of its chunk.
-        assert_eq!((b % 32) / 4, (k % CHUNK_WEIGHTS) / 64, "weight {k}");
+    // Rows of whole chunks, and rows ending with a half chunk.
+    for padded in [1024usize, 1536, 2560, 3072] {
+        let bytes = row_bytes(padded);
+        let mut seen = vec![false; bytes * 4];
+        for k in 0..padded {
+            let (b, shift) = position(k, padded);
+            assert!(b < bytes && shift < 8 && shift % 2 == 0);
+            assert!(!std::mem::replace(
+                &mut seen[b * 4 + shift as usize / 2],
+                true
+            ));
+            // Lane `l` of a 64-byte unit holds subgroup `l` of a chunk, `l mod 8` of a half.
+            let (lane, sub) = ((b % 64) / 4, k / 64);
+            let full = padded / 1024;
+            if k < full * 1024 {
+                assert_eq!(lane, sub % 16, "weight {k} of {padded}");
+            } else {
+                assert_eq!(lane % 8, sub % 8, "weight {k} of {padded}");
+            }
+            assert_eq!(act_position(k, padded) % 64, b % 64);
+        }
+        assert!(seen.iter().all(|&s| s));
     }
     let mut rng = Rng::new(3);
-    for cols in [64usize, 128, 384, 512, 640, 1152] {
+    for cols in [64usize, 128, 384, 512, 640, 1152, 1536, 2560] {
         for group in [64usize, 128] {
             if cols % group != 0 {
                 continue;
@@ -93,12 +105,13 @@ fn the_group_layout_holds_every_weight_once_and_trits_read_back() {
 /// The definition: exact integer group dots from the trits in natural order, scaled and
 /// added in the fixed order of the module docs.
 fn reference(trits: &[i8], q: &[i8], scales: &[f32], group: usize) -> f32 {
-    let mut p = [0f32; 8];
+    let mut p = [0f32; 16];
     for (g, (t, x)) in trits.chunks(group).zip(q.chunks(group)).enumerate() {
         let dot: i32 = t.iter().zip(x).map(|(&t, &x)| t as i32 * x as i32).sum();
-        p[g % 8] += dot as f32 * scales[g];
+        p[(g * group / 64) % 16] += dot as f32 * scales[g];
     }
-    ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
+    let q: Vec<f32> = (0..8).map(|k| p[k] + p[k + 8]).collect();
+    ((q[0] + q[4]) + (q[2] + q[6])) + ((q[1] + q[5]) + (q[3] + q[7]))
 }
 
 #[test]
@@ -116,8 +129,12 @@ fn every_group_path_gives_the_bits_of_the_definition() {
         (1024, 128),
         (1152, 128),
         (1536, 64),
+        (1536, 128),
+        (2048, 64),
+        (2048, 128),
         (2560, 64),
         (2560, 128),
+        (3072, 64),
     ] {
         for f16 in [true, false] {
             let rows = 11;
