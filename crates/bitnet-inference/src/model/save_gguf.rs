@@ -118,10 +118,10 @@ pub fn write_gguf_with_progress(
     let arch = export.architecture.as_str();
     if !matches!(
         export.ternary_type,
-        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S | GgmlType::Q2_0
+        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S | GgmlType::Q2_0 | GgmlType::Q2_0_G128
     ) {
         return Err(Error::Invalid(format!(
-            "{} is not a ternary GGUF type (TQ1_0, TQ2_0, I2_S, Q2_0)",
+            "{} is not a ternary GGUF type (TQ1_0, TQ2_0, I2_S, Q2_0, Q2_0_g128)",
             export.ternary_type.name()
         )));
     }
