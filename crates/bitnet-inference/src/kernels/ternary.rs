@@ -282,11 +282,10 @@ impl TernaryMatrix {
     /// Row `r`'s group scales (`cols / group` of them, then zeros up to a multiple of 8
     /// groups; empty without groups).
     pub fn group_scales_row(&self, r: usize) -> GroupScalesRow<'_> {
-        let n = if self.group == 0 {
-            0
-        } else {
-            (self.padded_cols / self.group).next_multiple_of(8)
-        };
+        let n = self
+            .padded_cols
+            .checked_div(self.group)
+            .map_or(0, |g| g.next_multiple_of(8));
         match &self.group_scales {
             GroupScales::F32(s) => GroupScalesRow::F32(&s[r * n..(r + 1) * n]),
             GroupScales::F16(s) => GroupScalesRow::F16(&s[r * n..(r + 1) * n]),

@@ -64,6 +64,7 @@ unsafe fn dots<const WR: usize, const TA: usize>(
             ];
         }
         // Fields outermost: consecutive `vpdpbusd` go to different accumulators.
+        #[allow(clippy::needless_range_loop)]
         for f in 0..4 {
             for j in 0..TA {
                 // SAFETY: in bounds (the caller).
