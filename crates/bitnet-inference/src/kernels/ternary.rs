@@ -315,6 +315,10 @@ impl TernaryMatrix {
         let n = self.row_bytes;
         &self.packed.bytes()[r * n..(r + 1) * n]
     }
+    /// Every row's packed bytes, row after row (`rows × row_bytes`).
+    pub(super) fn packed_rows(&self) -> &[u8] {
+        self.packed.bytes()
+    }
     pub fn multipliers(&self) -> &[f32] {
         &self.multipliers
     }

@@ -229,21 +229,9 @@ impl GroupActs {
         }
     }
 
-    /// Row `t`'s activations in the group layout.
-    fn row(&self, t: usize) -> &[u8] {
-        let values = self.values.as_ref().map_or(&[][..], |v| v.bytes());
-        &values[t * self.row_len..(t + 1) * self.row_len]
-    }
-
     /// Row `t`'s group sums (padded with zeros to 8 groups).
     pub fn sums(&self, t: usize) -> &[i32] {
         &self.sums[t * self.groups..(t + 1) * self.groups]
-    }
-
-    /// Row `t`'s initial subgroup sums, one a subgroup (see the field).
-    fn init(&self, t: usize) -> &[i32] {
-        let n = self.row_len / 64;
-        &self.init[t * n..(t + 1) * n]
     }
 }
 
@@ -388,18 +376,22 @@ trait GroupTile {
     ) -> [[f32; TA]; WR];
 }
 
-/// The group product of one matrix with one batch, in the tiles of `T`.
+/// The group product of one matrix with one batch, in the tiles of `T`: base pointers and
+/// row strides (bytes; `init` in sums) of the packed rows, the scales, the activation rows
+/// and their initial sums, so that a tile's pointers cost a multiply-add each.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-struct Product<'a, T, const F16: bool, const G128: bool> {
-    w: &'a TernaryMatrix,
-    ga: &'a GroupActs,
+struct Product<T, const F16: bool, const G128: bool> {
+    w: (*const u8, usize),
+    s: (*const u8, usize),
+    a: (*const u8, usize),
+    init: (*const i32, usize),
     full: usize,
     half: bool,
     tile: std::marker::PhantomData<T>,
 }
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-impl<T: GroupTile, const F16: bool, const G128: bool> Tiles for Product<'_, T, F16, G128> {
+impl<T: GroupTile, const F16: bool, const G128: bool> Tiles for Product<T, F16, G128> {
     type Out = f32;
 
     #[inline(always)]
@@ -408,13 +400,13 @@ impl<T: GroupTile, const F16: bool, const G128: bool> Tiles for Product<'_, T, F
         r: [usize; WR],
         t: [usize; TA],
     ) -> [[f32; TA]; WR] {
-        let w = r.map(|r| self.w.packed_row(r).as_ptr());
-        let s = r.map(|r| match self.w.group_scales_row(r) {
-            GroupScalesRow::F16(s) => s.as_ptr().cast::<u8>(),
-            GroupScalesRow::F32(s) => s.as_ptr().cast::<u8>(),
-        });
-        let a = t.map(|t| self.ga.row(t).as_ptr());
-        let init = t.map(|t| self.ga.init(t).as_ptr());
+        // `wrapping_add` keeps the arithmetic defined; rows and tokens are inside the
+        // buffers (the contract of `Tiles::tile`, checked in `run`), so the pointers are in
+        // bounds.
+        let w = r.map(|r| self.w.0.wrapping_add(r * self.w.1));
+        let s = r.map(|r| self.s.0.wrapping_add(r * self.s.1));
+        let a = t.map(|t| self.a.0.wrapping_add(t * self.a.1));
+        let init = t.map(|t| self.init.0.wrapping_add(t * self.init.1));
         // SAFETY: the packed rows, activation rows, initial sums and scales are as long as
         // the tile reads (checked in `run`); the caller guarantees the instruction set.
         unsafe { T::tile::<WR, TA, F16, G128>(w, s, a, init, self.full, self.half) }
@@ -445,11 +437,21 @@ unsafe fn run<T: GroupTile>(
     let groups = if g128 { halves * 4 } else { halves * 8 };
     assert!(w.group_scales_row(0).len() >= groups.next_multiple_of(8));
     let (n_tok, act, row) = (acts.n_rows(), ga.row_len, halves * HALF_BYTES);
+    let packed = w.packed_rows();
+    assert!(packed.len() == w.rows() * row && range.end <= w.rows());
+    let (scales, scale_stride) = match w.group_scales_row(0) {
+        GroupScalesRow::F16(s) => (s.as_ptr().cast::<u8>(), 2 * s.len()),
+        GroupScalesRow::F32(s) => (s.as_ptr().cast::<u8>(), 4 * s.len()),
+    };
+    let values = ga.values.as_ref().map_or(&[][..], |v| v.bytes());
+    assert!(values.len() >= n_tok * act && ga.init.len() >= n_tok * halves * 8);
     macro_rules! go {
         ($f16:literal, $g128:literal) => {{
             let p = Product::<T, $f16, $g128> {
-                w,
-                ga,
+                w: (packed.as_ptr(), row),
+                s: (scales, scale_stride),
+                a: (values.as_ptr(), act),
+                init: (ga.init.as_ptr(), halves * 8),
                 full,
                 half,
                 tile: std::marker::PhantomData,
