@@ -113,7 +113,7 @@ unsafe fn scales_at<const F16: bool, const G128: bool>(
             // Groups 8c + 2k, 8c + 2k + 1 to lanes 0 and 2.
             let four = scales4::<F16>(s, 8 * c + 4 * (k / 2));
             let zero = vdupq_n_f32(0.0);
-            if k % 2 == 0 {
+            if k.is_multiple_of(2) {
                 vzip1q_f32(four, zero)
             } else {
                 vzip2q_f32(four, zero)
