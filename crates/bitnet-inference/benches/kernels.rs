@@ -184,6 +184,63 @@ fn gemv_dram_24x6912x2560(b: Bencher, kernel: &str) {
         });
 }
 
+/// Per-tensor against group-wise scales (one f16 scale per 64 or 128 weights, the Q2_0
+/// types), with the machine's kernels: `tensor`, `g64`, `g128`.
+fn run_scales(b: Bencher, scales: &str, rows: usize, cols: usize, n: usize, copies: usize) {
+    let k = kernels::available_kernels()[0];
+    let (w, mut a) = setup(rows, cols, n);
+    let w = match scales {
+        "tensor" => w,
+        g => {
+            let group: usize = g[1..].parse().unwrap();
+            // k/1024 with k in 16..48: exact in f16, as Q2_0 files hold them.
+            let s: Vec<f32> = (0..rows * cols / group)
+                .map(|i| (16 + (i * 7) % 32) as f32 / 1024.0)
+                .collect();
+            w.with_group_scales(group, &s).unwrap()
+        }
+    };
+    // Distinct copies (separate allocations: nothing shared in cache) for the DRAM case.
+    let ws: Vec<TernaryMatrix> = (0..copies).map(|_| w.clone()).collect();
+    k.prepare(&mut a);
+    let mut out = vec![0.0f32; rows * n];
+    let pool = pool();
+    b.counter(BytesCount::new(copies * w.memory_bytes()))
+        .counter(ItemsCount::new(2 * copies * rows * cols * n))
+        .bench_local(|| {
+            pool.install(|| {
+                for w in &ws {
+                    kernels::ternary_matmul(k, black_box(w), black_box(&a), &mut out)
+                }
+            });
+            black_box(&out);
+        });
+}
+
+const SCALES: [&str; 3] = ["tensor", "g64", "g128"];
+
+#[divan::bench(args = SCALES, sample_count = 20, max_time = 2)]
+fn scales_gemv_6912x2560(b: Bencher, scales: &str) {
+    run_scales(b, scales, 6912, 2560, 1, 1);
+}
+#[divan::bench(args = SCALES, sample_count = 20, max_time = 2)]
+fn scales_gemv_2560x6912(b: Bencher, scales: &str) {
+    run_scales(b, scales, 2560, 6912, 1, 1);
+}
+#[divan::bench(args = SCALES, sample_count = 5, max_time = 3)]
+fn scales_gemm64_6912x2560(b: Bencher, scales: &str) {
+    run_scales(b, scales, 6912, 2560, 64, 1);
+}
+#[divan::bench(args = SCALES, sample_count = 5, max_time = 3)]
+fn scales_gemm64_2560x6912(b: Bencher, scales: &str) {
+    run_scales(b, scales, 2560, 6912, 64, 1);
+}
+/// Decode from memory: 24 distinct matrices, as a token's layers read them.
+#[divan::bench(args = SCALES, sample_count = 10, max_time = 3)]
+fn scales_gemv_dram_24x6912x2560(b: Bencher, scales: &str) {
+    run_scales(b, scales, 6912, 2560, 1, 24);
+}
+
 /// Prefill attention of one layer of a 512-token prompt on the 2B-4T shapes (20 query heads,
 /// 5 KV heads of 128), one thread: every KV head against tiles of `tile` consecutive tokens
 /// (1 = token by token, as decode runs). items/s = query heads × positions attended.

@@ -15,8 +15,9 @@ pub struct Args {
     /// Named shapes: `2b-4t` (microsoft/bitnet-b1.58-2B-4T). Flags below override them.
     #[arg(long, default_value = "2b-4t")]
     preset: String,
-    /// Ternary weight type: tq2_0, tq1_0, q2_0 (llama.cpp; q2_0 with random group-wise
-    /// scales, one per 64 weights) or i2_s (bitnet.cpp).
+    /// Ternary weight type: tq2_0, tq1_0, q2_0, q2_0_g128 (llama.cpp; q2_0 with random
+    /// group-wise scales, one per 64 weights; q2_0_g128 one per 128, as Ternary-Bonsai's
+    /// files) or i2_s (bitnet.cpp).
     #[arg(long = "type", default_value = "tq2_0")]
     ternary_type: String,
     /// Token embedding / tied lm_head type: f16, f32, q8_0 or q6_k (hidden size a multiple
@@ -55,6 +56,7 @@ fn ggml_type(name: &str) -> anyhow::Result<GgmlType> {
         "tq2_0" => GgmlType::TQ2_0,
         "i2_s" => GgmlType::I2_S,
         "q2_0" => GgmlType::Q2_0,
+        "q2_0_g128" => GgmlType::Q2_0_G128,
         "f16" => GgmlType::F16,
         "f32" => GgmlType::F32,
         "q8_0" => GgmlType::Q8_0,
@@ -100,8 +102,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let sp = super::spinner(format!("random weights for {} layers", c.n_layers));
     let weights = dummy::random_weights(&c, a.seed).and_then(|mut w| {
-        if ternary_type == GgmlType::Q2_0 {
-            dummy::random_group_scales(&mut w, 64, a.seed)?;
+        if matches!(ternary_type, GgmlType::Q2_0 | GgmlType::Q2_0_G128) {
+            dummy::random_group_scales(&mut w, ternary_type.block_size(), a.seed)?;
         }
         Ok(w)
     });

@@ -682,48 +682,51 @@ fn device_flag_errors_are_clear() {
     assert!(wants.iter().any(|w| err.contains(w)), "{err}");
 }
 
-/// `bitnet dummy --type q2_0` writes a group-scaled model (issue 20) that `inspect` lists as
-/// Q2_0 and `run` runs; converting it to a per-256-weight type is refused by name, to
+/// `bitnet dummy --type q2_0` (and `q2_0_g128`) writes a group-scaled model (issue 20) that
+/// `inspect` lists as Q2_0 and `run` runs; converting it to a per-256-weight type is refused by name, to
 /// gguf-q2_0 it goes.
 #[test]
 fn dummy_writes_group_scaled_q2_0_models() {
     let dir = std::env::temp_dir().join(format!("bitnet-q2_0-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("q2.gguf");
-    let p = path.to_str().unwrap();
-    let o = bitnet(&[
-        "dummy",
-        "-o",
-        p,
-        "--type",
-        "q2_0",
-        "--layers",
-        "1",
-        "--hidden",
-        "256",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--ffn",
-        "512",
-        "--vocab",
-        "300",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = bitnet(&["inspect", "-m", p]);
-    assert!(stdout(&o).contains("Q2_0"), "{}", stdout(&o));
-    let o = bitnet(&["run", "-m", p, "-p", "hi", "-n", "3", "--temp", "0"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let tq = dir.join("tq.gguf");
-    let o = bitnet(&["convert", p, tq.to_str().unwrap(), "--to", "gguf-tq2_0"]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("group-wise scales"),
-        "{}",
-        stderr(&o)
-    );
-    let again = dir.join("again.gguf");
-    let o = bitnet(&["convert", p, again.to_str().unwrap(), "--to", "gguf-q2_0"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    for ty in ["q2_0", "q2_0_g128"] {
+        let path = dir.join(format!("{ty}.gguf"));
+        let p = path.to_str().unwrap();
+        let o = bitnet(&[
+            "dummy",
+            "-o",
+            p,
+            "--type",
+            ty,
+            "--layers",
+            "1",
+            "--hidden",
+            "256",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--ffn",
+            "512",
+            "--vocab",
+            "300",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = bitnet(&["inspect", "-m", p]);
+        let want = if ty == "q2_0" { "Q2_0 " } else { "Q2_0_g128" };
+        assert!(stdout(&o).contains(want), "{}", stdout(&o));
+        let o = bitnet(&["run", "-m", p, "-p", "hi", "-n", "3", "--temp", "0"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let tq = dir.join("tq.gguf");
+        let o = bitnet(&["convert", p, tq.to_str().unwrap(), "--to", "gguf-tq2_0"]);
+        assert!(
+            !o.status.success() && stderr(&o).contains("group-wise scales"),
+            "{}",
+            stderr(&o)
+        );
+        let again = dir.join("again.gguf");
+        let o = bitnet(&["convert", p, again.to_str().unwrap(), "--to", "gguf-q2_0"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

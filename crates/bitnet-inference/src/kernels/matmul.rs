@@ -30,6 +30,9 @@ impl SharedOut {
 thread_local! {
     /// Integer partial results of one task; grows to the largest chunk once, then is reused.
     static DOTS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    /// The activations of a group-scaled product in the group kernels' layout, made by the
+    /// thread that starts the product and read by its tasks; grows once, then is reused.
+    static GROUP_ACTS: RefCell<super::group::GroupActs> = RefCell::new(Default::default());
 }
 
 pub(super) fn chunk_rows(rows: usize, step: usize) -> usize {
@@ -71,6 +74,9 @@ pub fn ternary_matmul(
 ) {
     let (rows, chunk) = check_ternary(kernel, w, acts, out);
     let out_ptr = SharedOut(out.as_mut_ptr());
+    if w.group() != 0 {
+        return group_matmul(w, acts, out_ptr, chunk, |n, f| super::pool::run(n, f));
+    }
     super::pool::run(rows.div_ceil(chunk), &|c| {
         ternary_chunk(kernel, w, acts, out_ptr, c, chunk)
     });
@@ -85,6 +91,11 @@ pub fn ternary_matmul_rayon(
 ) {
     let (rows, chunk) = check_ternary(kernel, w, acts, out);
     let out_ptr = SharedOut(out.as_mut_ptr());
+    if w.group() != 0 {
+        return group_matmul(w, acts, out_ptr, chunk, |n, f| {
+            (0..n).into_par_iter().for_each(f)
+        });
+    }
     (0..rows.div_ceil(chunk))
         .into_par_iter()
         .for_each(|c| ternary_chunk(kernel, w, acts, out_ptr, c, chunk));
@@ -102,6 +113,29 @@ fn check_ternary(
     (rows, chunk_rows(rows, kernel.row_step(n_tok)))
 }
 
+/// [`ternary_matmul`] for a matrix with group-wise scales ([`super::group`]): the
+/// activations laid out once, then tasks of `chunk` rows started by `spread(tasks, task)`.
+fn group_matmul(
+    w: &TernaryMatrix,
+    acts: &QuantizedActivations,
+    out_ptr: SharedOut,
+    chunk: usize,
+    spread: impl FnOnce(usize, &(dyn Fn(usize) + Sync)),
+) {
+    let rows = w.rows();
+    let path = super::group::GroupPath::current();
+    GROUP_ACTS.with_borrow_mut(|ga| {
+        ga.prepare(acts, w.group());
+        let ga = &*ga;
+        spread(rows.div_ceil(chunk), &|c| {
+            let range = c * chunk..((c + 1) * chunk).min(rows);
+            // SAFETY: the output was checked to be `[n_tok, rows]` (`check_ternary`), and
+            // the tasks' row ranges are disjoint.
+            unsafe { path.rows(w, acts, ga, range, out_ptr) }
+        });
+    });
+}
+
 /// Output rows `c·chunk ..` of every activation row; `out_ptr` is the checked output.
 fn ternary_chunk(
     kernel: &dyn TernaryKernel,
@@ -114,9 +148,6 @@ fn ternary_chunk(
     let (rows, n_tok) = (w.rows(), acts.n_rows());
     let range = c * chunk..((c + 1) * chunk).min(rows);
     let n = range.len();
-    if w.group() != 0 {
-        return group_chunk(w, acts, out_ptr, range);
-    }
     DOTS.with_borrow_mut(|dots| {
         dots.resize(n * n_tok, 0);
         kernel.ternary_dot(w, range.clone(), acts, &mut dots[..n * n_tok]);
@@ -131,40 +162,6 @@ fn ternary_chunk(
                 unsafe { std::slice::from_raw_parts_mut(out_ptr.at(t * rows + range.start), n) };
             for ((o, &d), &m) in out_row.iter_mut().zip(&dots[t * n..(t + 1) * n]).zip(mult) {
                 *o = d as f32 / inv_scale * m;
-            }
-        }
-    });
-}
-
-/// [`ternary_chunk`] for a matrix with group-wise scales ([`super::group`]): rows `range`
-/// of every activation row.
-fn group_chunk(
-    w: &TernaryMatrix,
-    acts: &QuantizedActivations,
-    out_ptr: SharedOut,
-    range: std::ops::Range<usize>,
-) {
-    use super::group;
-    let (rows, n_tok) = (w.rows(), acts.n_rows());
-    let per_row = w.group_scales_row(0).len();
-    let path = group::GroupPath::current();
-    DOTS.with_borrow_mut(|sums| {
-        // The activations' group sums of every token, then each row against every token.
-        sums.resize(n_tok * per_row, 0);
-        for t in 0..n_tok {
-            group::group_act_sums(
-                acts,
-                t,
-                w.group(),
-                &mut sums[t * per_row..(t + 1) * per_row],
-            );
-        }
-        for r in range {
-            for t in 0..n_tok {
-                let y = path.output(w, r, acts, t, &sums[t * per_row..(t + 1) * per_row]);
-                // SAFETY: (t, r) is inside `out` (sizes checked by `check_ternary`) and row r
-                // belongs to this task alone.
-                unsafe { out_ptr.put(t * rows + r, y) };
             }
         }
     });

@@ -37,7 +37,10 @@ mod tiles;
 
 pub use dense::{DenseData, DenseMatrix};
 pub use matmul::{dense_matmul, dense_matmul_with, ternary_matmul, ternary_matmul_rayon};
-pub use ternary::{QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS, GROUP_SIZES, TILE_ROWS};
+pub use ternary::{
+    GroupScales, GroupScalesRow, QuantizedActivations, TernaryMatrix, BLOCK_WEIGHTS, GROUP_SIZES,
+    TILE_ROWS,
+};
 
 use std::ops::Range;
 

@@ -22,10 +22,51 @@ pub struct TernaryMatrix {
     /// Per output row: `y = dot / activation_scale * multiplier` (1 where `group` is set).
     multipliers: Vec<f32>,
     /// Group-wise scales instead: one scale per `group` consecutive weights of a row (64 or
-    /// 128; 0 for none), `[rows, padded_cols / group]`. Then
-    /// `y = (Σ_g dot_g · scale_g) / activation_scale`, the groups added in order in f32.
+    /// 128; 0 for none), `[rows, padded_cols / group]` padded to whole vectors of 8. Then
+    /// `y = (Σ_g dot_g · scale_g) / activation_scale`, the groups added in the fixed f32
+    /// order of [`super::group`]. Such matrices hold their rows in the group kernels' layout
+    /// ([`super::group`]'s module docs), not the one above.
     group: usize,
-    group_scales: Vec<f32>,
+    group_scales: GroupScales,
+    /// Bytes of one packed row: `padded_cols / 4`, or whole 512-weight chunks in the group
+    /// layout.
+    row_bytes: usize,
+}
+
+/// The group-wise scales of a [`TernaryMatrix`]: f16 where every one is exactly an f16 (the
+/// Q2_0 files': half the bytes to stream in decode), else f32.
+#[derive(Debug, Clone, Default)]
+pub enum GroupScales {
+    #[default]
+    None,
+    F16(Vec<half::f16>),
+    F32(Vec<f32>),
+}
+
+/// One row's group scales (see [`GroupScales`]).
+#[derive(Debug, Clone, Copy)]
+pub enum GroupScalesRow<'a> {
+    F16(&'a [half::f16]),
+    F32(&'a [f32]),
+}
+
+impl GroupScalesRow<'_> {
+    /// Scale `g` as f32 (f16 widens exactly).
+    pub fn get(&self, g: usize) -> f32 {
+        match self {
+            GroupScalesRow::F16(s) => s[g].to_f32(),
+            GroupScalesRow::F32(s) => s[g],
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            GroupScalesRow::F16(s) => s.len(),
+            GroupScalesRow::F32(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Group sizes [`TernaryMatrix`] takes for group-wise scales (whole halves of its 128-weight
@@ -63,7 +104,8 @@ impl TernaryMatrix {
             packed,
             multipliers,
             group: 0,
-            group_scales: Vec::new(),
+            group_scales: GroupScales::None,
+            row_bytes,
         })
     }
 
@@ -164,13 +206,14 @@ impl TernaryMatrix {
             packed,
             multipliers,
             group: 0,
-            group_scales: Vec::new(),
+            group_scales: GroupScales::None,
+            row_bytes,
         })
     }
 
     /// Gives the matrix group-wise scales: `scales` holds `cols / group` scales a row
     /// (`cols` a multiple of `group`, one of [`GROUP_SIZES`]), row after row; the row
-    /// multipliers become 1.
+    /// multipliers become 1 and the rows are repacked into the group kernels' layout.
     pub fn with_group_scales(mut self, group: usize, scales: &[f32]) -> Result<Self> {
         if !GROUP_SIZES.contains(&group) || !self.cols.is_multiple_of(group) {
             return Err(Error::Invalid(format!(
@@ -200,10 +243,35 @@ impl TernaryMatrix {
         {
             dst[..per_row].copy_from_slice(src);
         }
+        let halves: Vec<half::f16> = all.iter().map(|&s| half::f16::from_f32(s)).collect();
+        self.group_scales = if halves.iter().zip(&all).all(|(h, &s)| h.to_f32() == s) {
+            GroupScales::F16(halves)
+        } else {
+            GroupScales::F32(all)
+        };
+        if self.group == 0 {
+            self.regroup();
+        }
         self.multipliers.fill(1.0);
         self.group = group;
-        self.group_scales = all;
         Ok(self)
+    }
+
+    /// Repacks the rows from the per-tensor layout into the group kernels' layout.
+    fn regroup(&mut self) {
+        use rayon::prelude::*;
+        let (old, new) = (self.row_bytes, super::group::row_bytes(self.padded_cols));
+        let mut packed = AlignedBytes::zeroed(self.rows * new);
+        if new > 0 {
+            let src = self.packed.bytes();
+            packed
+                .bytes_mut()
+                .par_chunks_mut(new)
+                .enumerate()
+                .for_each(|(r, dst)| super::group::regroup_row(&src[r * old..(r + 1) * old], dst));
+        }
+        self.packed = packed;
+        self.row_bytes = new;
     }
 
     /// Weights a group scale covers (0: per-row multipliers).
@@ -213,12 +281,16 @@ impl TernaryMatrix {
 
     /// Row `r`'s group scales (`cols / group` of them, then zeros up to a multiple of 8
     /// groups; empty without groups).
-    pub fn group_scales_row(&self, r: usize) -> &[f32] {
-        if self.group == 0 {
-            return &[];
+    pub fn group_scales_row(&self, r: usize) -> GroupScalesRow<'_> {
+        let n = self
+            .padded_cols
+            .checked_div(self.group)
+            .map_or(0, |g| g.next_multiple_of(8));
+        match &self.group_scales {
+            GroupScales::F32(s) => GroupScalesRow::F32(&s[r * n..(r + 1) * n]),
+            GroupScales::F16(s) => GroupScalesRow::F16(&s[r * n..(r + 1) * n]),
+            GroupScales::None => GroupScalesRow::F32(&[]),
         }
-        let n = (self.padded_cols / self.group).next_multiple_of(8);
-        &self.group_scales[r * n..(r + 1) * n]
     }
 
     /// Packs row `r`'s trits (a whole number of blocks, padding included) into `out`
@@ -237,21 +309,35 @@ impl TernaryMatrix {
     pub fn padded_cols(&self) -> usize {
         self.padded_cols
     }
-    /// Packed bytes of one row (`padded_cols / 4` of them).
+    /// Packed bytes of one row: `padded_cols / 4` of them in the layout above, or in the
+    /// group kernels' layout where the matrix has group-wise scales.
     pub fn packed_row(&self, r: usize) -> &[u8] {
-        let n = self.padded_cols / 4;
+        let n = self.row_bytes;
         &self.packed.bytes()[r * n..(r + 1) * n]
+    }
+    /// Every row's packed bytes, row after row (`rows × row_bytes`).
+    pub(super) fn packed_rows(&self) -> &[u8] {
+        self.packed.bytes()
     }
     pub fn multipliers(&self) -> &[f32] {
         &self.multipliers
     }
     /// Bytes of memory the packed weights and scales take.
     pub fn memory_bytes(&self) -> usize {
-        self.packed.len + self.multipliers.len() * 4 + self.group_scales.len() * 4
+        let scales = match &self.group_scales {
+            GroupScales::None => 0,
+            GroupScales::F16(s) => s.len() * 2,
+            GroupScales::F32(s) => s.len() * 4,
+        };
+        self.packed.len + self.multipliers.len() * 4 + scales
     }
     /// One weight, decoded (for tests and conversion).
     pub fn trit(&self, r: usize, c: usize) -> i8 {
         let row = self.packed_row(r);
+        if self.group != 0 {
+            let (byte, shift) = super::group::position(c, self.padded_cols);
+            return ((row[byte] >> shift) & 3) as i8 - 1;
+        }
         let (block, k) = (c / BLOCK_WEIGHTS, c % BLOCK_WEIGHTS);
         let byte = row[block * BLOCK_BYTES + k % 32];
         ((byte >> (2 * (k / 32))) & 3) as i8 - 1
@@ -482,7 +568,7 @@ struct Line([u8; 64]);
 
 /// A byte buffer that starts on a 64-byte boundary.
 #[derive(Clone, Default)]
-struct AlignedBytes {
+pub(super) struct AlignedBytes {
     lines: Vec<Line>,
     len: usize,
 }
@@ -494,14 +580,14 @@ impl std::fmt::Debug for AlignedBytes {
 }
 
 impl AlignedBytes {
-    fn zeroed(len: usize) -> Self {
+    pub(super) fn zeroed(len: usize) -> Self {
         Self {
             lines: vec![Line([0; 64]); len.div_ceil(64)],
             len,
         }
     }
 
-    fn with_capacity(len: usize) -> Self {
+    pub(super) fn with_capacity(len: usize) -> Self {
         Self {
             lines: Vec::with_capacity(len.div_ceil(64)),
             len: 0,
@@ -509,28 +595,28 @@ impl AlignedBytes {
     }
 
     /// Sets the length; bytes that were not part of the buffer before are zero.
-    fn resize(&mut self, len: usize) {
+    pub(super) fn resize(&mut self, len: usize) {
         self.lines.resize(len.div_ceil(64), Line([0; 64]));
         self.len = len;
     }
 
-    fn bytes(&self) -> &[u8] {
+    pub(super) fn bytes(&self) -> &[u8] {
         // SAFETY: `Line` is `repr(C)` around `[u8; 64]` (no padding), so the vector's
         // initialized lines are `lines.len() * 64 >= len` contiguous initialized bytes.
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len) }
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
+    pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `bytes`, and the slice borrows `self` mutably.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), self.len) }
     }
 
-    fn i8s(&self) -> &[i8] {
+    pub(super) fn i8s(&self) -> &[i8] {
         // SAFETY: as in `bytes`; `i8` has the size, alignment and validity of `u8`.
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<i8>(), self.len) }
     }
 
-    fn i8s_mut(&mut self) -> &mut [i8] {
+    pub(super) fn i8s_mut(&mut self) -> &mut [i8] {
         // SAFETY: as in `i8s`, and the slice borrows `self` mutably.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<i8>(), self.len) }
     }

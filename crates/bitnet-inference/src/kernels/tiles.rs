@@ -27,6 +27,51 @@ pub(super) trait Tile {
     ) -> [[i32; TA]; WR];
 }
 
+/// A product computed in register tiles: `WR` weight rows × `TA` activation rows at a time.
+/// [`nest`] walks a whole `rows × tokens` product through such tiles.
+pub(super) trait Tiles {
+    /// What a tile returns for each (row, token).
+    type Out: Copy;
+
+    /// The results of rows `r` with tokens `t`.
+    ///
+    /// # Safety
+    /// The CPU has the implementation's instruction set; the rows and tokens are inside the
+    /// product the implementation was made for.
+    unsafe fn tile<const WR: usize, const TA: usize>(
+        &self,
+        r: [usize; WR],
+        t: [usize; TA],
+    ) -> [[Self::Out; TA]; WR];
+}
+
+/// The per-tensor product of [`Tile`] `T` over `weights` and `acts`.
+struct Packed<'a, T> {
+    weights: &'a TernaryMatrix,
+    acts: &'a QuantizedActivations,
+    blocks: usize,
+    tile: std::marker::PhantomData<T>,
+}
+
+impl<T: Tile> Tiles for Packed<'_, T> {
+    type Out = i32;
+
+    #[inline(always)]
+    unsafe fn tile<const WR: usize, const TA: usize>(
+        &self,
+        r: [usize; WR],
+        t: [usize; TA],
+    ) -> [[i32; TA]; WR] {
+        // Every pointer comes from a slice `packed_row(r)` (blocks * 32 bytes) or
+        // `acts.row(t)` (blocks * 128 bytes), which is exactly what `Tile::tile` reads.
+        let w = r.map(|r| self.weights.packed_row(r).as_ptr());
+        let a = t.map(|t| self.acts.row(t).as_ptr());
+        // SAFETY: the pointers are valid for the tile's reads (see above); the caller
+        // guarantees the instruction set.
+        unsafe { T::tile(w, a, self.blocks) }
+    }
+}
+
 /// Runs the tiles of `T` over `rows × acts`, writing `Σ trit·q` as [`super::TernaryKernel`]
 /// defines it.
 ///
@@ -40,26 +85,56 @@ pub(super) unsafe fn run<T: Tile>(
 ) {
     assert_eq!(acts.padded_cols(), weights.padded_cols(), "kernel width");
     assert!(rows.end <= weights.rows(), "kernel row range");
+    assert_eq!(
+        weights.group(),
+        0,
+        "per-tensor kernel on group-scaled weights"
+    );
     let n = rows.len();
     let n_tok = acts.n_rows();
     assert!(out.len() >= n * n_tok, "kernel output size");
     let blocks = weights.padded_cols() / BLOCK_WEIGHTS;
-    // Every pointer below comes from a slice `packed_row(r)` (blocks * 32 bytes) or
-    // `acts.row(t)` (blocks * 128 bytes), which is exactly what `Tile::tile` reads.
-    let wp = |r: usize| weights.packed_row(r).as_ptr();
-    let ap = |t: usize| acts.row(t).as_ptr();
-    let mut put = |r: usize, t: usize, raw: i32| {
-        out[t * n + (r - rows.start)] = raw - acts.sum(t);
+    let tiles = Packed::<T> {
+        weights,
+        acts,
+        blocks,
+        tile: std::marker::PhantomData,
     };
+    let start = rows.start;
+    // SAFETY: rows and tokens are inside the product (asserted above); the caller
+    // guarantees the instruction set.
+    unsafe {
+        nest(
+            &tiles,
+            rows,
+            n_tok,
+            weights.padded_cols(),
+            blocks * 32,
+            |r, t, raw| out[t * n + (r - start)] = raw - acts.sum(t),
+        )
+    }
+}
 
+/// Calls `put(r, t, result)` for every row of `rows` and token below `n_tok`, computed in
+/// the tiles of `tiles`. `act_bytes` and `row_bytes` are the bytes of one token's
+/// activations and of one weight row, which size the cache blocking.
+///
+/// # Safety
+/// As [`Tiles::tile`] for every row of `rows` and token below `n_tok`.
+#[inline(always)]
+pub(super) unsafe fn nest<K: Tiles>(
+    tiles: &K,
+    rows: Range<usize>,
+    n_tok: usize,
+    act_bytes: usize,
+    row_bytes: usize,
+    mut put: impl FnMut(usize, usize, K::Out),
+) {
     if n_tok == 1 {
         let mut r = rows.start;
         while r + 4 <= rows.end {
-            // SAFETY: the pointers are valid for the tile's reads (see above); the caller
-            // guarantees the instruction set.
-            let d = unsafe {
-                T::tile::<4, 1>([wp(r), wp(r + 1), wp(r + 2), wp(r + 3)], [ap(0)], blocks)
-            };
+            // SAFETY: inside the product; the caller guarantees the instruction set.
+            let d = unsafe { tiles.tile::<4, 1>([r, r + 1, r + 2, r + 3], [0]) };
             for (i, d) in d.iter().enumerate() {
                 put(r + i, 0, d[0]);
             }
@@ -67,7 +142,7 @@ pub(super) unsafe fn run<T: Tile>(
         }
         while r < rows.end {
             // SAFETY: as above.
-            let d = unsafe { T::tile::<1, 1>([wp(r)], [ap(0)], blocks) };
+            let d = unsafe { tiles.tile::<1, 1>([r], [0]) };
             put(r, 0, d[0][0]);
             r += 1;
         }
@@ -77,11 +152,12 @@ pub(super) unsafe fn run<T: Tile>(
     // Tokens in chunks whose activations stay in the L2 cache while every weight row of
     // the range passes over them; without it a 512-token prompt re-streams megabytes of
     // activations from L3 for every pair of weight rows (measured 1.8× slower).
-    let chunk = (L2_ACTIVATION_BYTES / weights.padded_cols()).clamp(4, 256) / 4 * 4;
+    let chunk = (L2_ACTIVATION_BYTES / act_bytes.max(1)).clamp(4, 256) / 4 * 4;
     let mut t0 = 0;
     while t0 < n_tok {
         let t1 = (t0 + chunk).min(n_tok);
-        gemm_tokens::<T>(&wp, &ap, &mut put, rows.clone(), t0..t1, blocks);
+        // SAFETY: as above.
+        unsafe { gemm_tokens(tiles, &mut put, rows.clone(), t0..t1, row_bytes) };
         t0 = t1;
     }
 }
@@ -102,28 +178,26 @@ const L2_WEIGHT_BYTES: usize = 128 * 1024;
 /// (measured 1.2-1.3× slower).
 ///
 /// # Safety
-/// As [`run`]: the CPU must support `T`'s instruction set, and `wp`/`ap` must give pointers
-/// valid for the tile's reads.
+/// As [`nest`].
 #[inline(always)]
-unsafe fn gemm_tokens<T: Tile>(
-    wp: &impl Fn(usize) -> *const u8,
-    ap: &impl Fn(usize) -> *const i8,
-    put: &mut impl FnMut(usize, usize, i32),
+unsafe fn gemm_tokens<K: Tiles>(
+    tiles: &K,
+    put: &mut impl FnMut(usize, usize, K::Out),
     rows: Range<usize>,
     toks: Range<usize>,
-    blocks: usize,
+    row_bytes: usize,
 ) {
-    let block_rows = (L2_WEIGHT_BYTES / (blocks * 32)).max(2) / 2 * 2;
+    let block_rows = (L2_WEIGHT_BYTES / row_bytes.max(1)).max(2) / 2 * 2;
     let mut r0 = rows.start;
     while r0 < rows.end {
         let r1 = (r0 + block_rows).min(rows.end);
         let mut t = toks.start;
         while t + 4 <= toks.end {
-            let a = [ap(t), ap(t + 1), ap(t + 2), ap(t + 3)];
+            let a = [t, t + 1, t + 2, t + 3];
             let mut r = r0;
             while r + 2 <= r1 {
-                // SAFETY: as above.
-                let d = unsafe { T::tile::<2, 4>([wp(r), wp(r + 1)], a, blocks) };
+                // SAFETY: inside the product; the caller guarantees the instruction set.
+                let d = unsafe { tiles.tile::<2, 4>([r, r + 1], a) };
                 for (i, d) in d.iter().enumerate() {
                     for (j, &v) in d.iter().enumerate() {
                         put(r + i, t + j, v);
@@ -133,7 +207,7 @@ unsafe fn gemm_tokens<T: Tile>(
             }
             if r < r1 {
                 // SAFETY: as above.
-                let d = unsafe { T::tile::<1, 4>([wp(r)], a, blocks) };
+                let d = unsafe { tiles.tile::<1, 4>([r], a) };
                 for (j, &v) in d[0].iter().enumerate() {
                     put(r, t + j, v);
                 }
@@ -144,14 +218,14 @@ unsafe fn gemm_tokens<T: Tile>(
             let mut r = r0;
             while r + 2 <= r1 {
                 // SAFETY: as above.
-                let d = unsafe { T::tile::<2, 1>([wp(r), wp(r + 1)], [ap(t)], blocks) };
+                let d = unsafe { tiles.tile::<2, 1>([r, r + 1], [t]) };
                 put(r, t, d[0][0]);
                 put(r + 1, t, d[1][0]);
                 r += 2;
             }
             if r < r1 {
                 // SAFETY: as above.
-                let d = unsafe { T::tile::<1, 1>([wp(r)], [ap(t)], blocks) };
+                let d = unsafe { tiles.tile::<1, 1>([r], [t]) };
                 put(r, t, d[0][0]);
             }
             t += 1;

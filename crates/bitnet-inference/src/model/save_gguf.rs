@@ -118,10 +118,10 @@ pub fn write_gguf_with_progress(
     let arch = export.architecture.as_str();
     if !matches!(
         export.ternary_type,
-        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S | GgmlType::Q2_0
+        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S | GgmlType::Q2_0 | GgmlType::Q2_0_G128
     ) {
         return Err(Error::Invalid(format!(
-            "{} is not a ternary GGUF type (TQ1_0, TQ2_0, I2_S, Q2_0)",
+            "{} is not a ternary GGUF type (TQ1_0, TQ2_0, I2_S, Q2_0, Q2_0_g128)",
             export.ternary_type.name()
         )));
     }
@@ -391,7 +391,7 @@ fn add_ternary(
             for (g, d) in scales.iter_mut().enumerate() {
                 let s = match m.group() {
                     0 => m.multipliers()[r],
-                    mg => m.group_scales_row(r)[g * group / mg],
+                    mg => m.group_scales_row(r).get(g * group / mg),
                 };
                 *d = f16_scale(s, export.round_scales, ty)
                     .map_err(|e| bad(format!("row {r}'s scale {s} {e}")))?;

@@ -627,11 +627,14 @@ extern "C" __global__ void ternary_gemv(float* out0, float* out1, float* out2, i
 
 // Ternary products with group-wise scales (kernels/group.rs, Q2_0): one f32 scale per group
 // of 64 or 128 columns (`gk` = 1 or 2 packed 64-column steps), scale of group g of row r at
-// gscales[g·rows + r]. out[t][r] = fold8(p) / s_t, p_j = Σ over groups g ≡ j (mod 8), in
-// increasing g, of (Σ code·q − Σ q)_g · scale_g (a multiply, then an add), fold8 the CPU's
-// ((p0+p4)+(p2+p6))+((p1+p5)+(p3+p7)): warp j of the block takes exactly those groups, so the
-// CPU's partial sums are the warps' and the bits are the CPU's. Same grid, block and output
-// segments as ternary_gemv.
+// gscales[g·rows + r]. The CPU's fixed order (kernels/group): group g's product (Σ code·q −
+// Σ q)_g · scale_g (a multiply, then an add) goes, in increasing g, to partial P_f, f = (index
+// of its first 64-column subgroup) mod 16 (g mod 16 at 64, 2g mod 16 at 128); then q_k = P_k
+// + P_{k+8} and out[t][r] = (((q0+q4)+(q2+q6))+((q1+q5)+(q3+q7))) / s_t. Warp j takes the
+// groups g ≡ j (mod 8): at 64 those of P_j (even g / 8) and P_{j+8} (odd), kept apart and
+// added as q_j; at 128 those of P_{2j mod 16}, and the fold of the warps' sums is the CPU's
+// (the odd q are 0). So the bits are the CPU's. Same grid, block and output segments as
+// ternary_gemv.
 extern "C" __global__ void ternary_gemv_grouped(float* out0, float* out1, float* out2,
                                                 int rows0, int rows1, int accumulate,
                                                 const u32x4* w, const float* gscales,
@@ -643,10 +646,12 @@ extern "C" __global__ void ternary_gemv_grouped(float* out0, float* out1, float*
     int r = blockIdx.x * TG_ROWS + lane;
     int t0 = blockIdx.y * TG_TOKENS;
     int nt = n - t0 < TG_TOKENS ? n - t0 : TG_TOKENS;
-    float p[TG_TOKENS];
+    // pa: groups with g / TG_WARPS even (all of them at 128), pb: odd.
+    float pa[TG_TOKENS], pb[TG_TOKENS];
 #pragma unroll
     for (int t = 0; t < TG_TOKENS; t++) {
-        p[t] = 0.0f;
+        pa[t] = 0.0f;
+        pb[t] = 0.0f;
     }
     if (r < rows) {
         const i8* qt = q + (i64)t0 * padded;
@@ -685,16 +690,22 @@ extern "C" __global__ void ternary_gemv_grouped(float* out0, float* out1, float*
                     }
                 }
             }
+            bool odd = gk == 1 && (g / TG_WARPS) % 2 == 1;
 #pragma unroll
             for (int t = 0; t < TG_TOKENS; t++) {
                 float v = (float)dot[t] * sc;
-                p[t] = p[t] + v;
+                if (odd) {
+                    pb[t] = pb[t] + v;
+                } else {
+                    pa[t] = pa[t] + v;
+                }
             }
         }
     }
 #pragma unroll
     for (int t = 0; t < TG_TOKENS; t++) {
-        part[warp][t][lane] = p[t];
+        // q_j (pb is +0 at 128, which changes no sum: pa is never −0).
+        part[warp][t][lane] = pa[t] + pb[t];
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < TG_TOKENS * TG_ROWS; idx += TG_WARPS * TG_ROWS) {

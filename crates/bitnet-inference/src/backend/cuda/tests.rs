@@ -781,6 +781,63 @@ fn issue20_models_equal_the_cpu_backend() {
     }
 }
 
+/// Group-scaled weights (an f16 scale per 64 or 128 weights) on rows of more than 8 groups
+/// (each warp of `ternary_gemv_grouped` then holds two of the CPU's 16 partial sums at 64)
+/// and rows that end in half a 1024-weight chunk (640 and 1152 columns): the emulated GPU
+/// gives the CPU backend's logits bit for bit, in one call and one token at a time.
+#[test]
+fn group_scaled_models_equal_the_cpu_backend() {
+    let Some(gpu) = emulator() else { return };
+    for group in [64, 128] {
+        let c = ModelConfig {
+            hidden_size: 640,
+            head_dim: 160,
+            ffn_size: 1152,
+            ..config()
+        };
+        let mut w = random_weights(&c, false);
+        // Scales with every f16 mantissa bit over 14 octaves, so that the f32 sums round (the
+        // dummy's k/2048 add up exactly in any order and would not tell two orders apart).
+        let mut rng = Rng::new(group as u64);
+        for layer in &mut w.layers {
+            for lin in [
+                &mut layer.q_proj,
+                &mut layer.k_proj,
+                &mut layer.v_proj,
+                &mut layer.o_proj,
+                &mut layer.gate_proj,
+                &mut layer.up_proj,
+                &mut layer.down_proj,
+            ] {
+                let crate::model::weights::LinearWeights::Ternary(m) = &lin.weights else {
+                    continue;
+                };
+                let scales: Vec<f32> = (0..m.rows() * m.cols() / group)
+                    .map(|_| {
+                        let e = (rng.next_u64() % 14) as i32;
+                        let s = (1.0 + rng.next_f32()) * 2f32.powi(-e) * 0.05;
+                        half::f16::from_f32(s).to_f32()
+                    })
+                    .collect();
+                let m = m.clone().with_group_scales(group, &scales).unwrap();
+                lin.weights = crate::model::weights::LinearWeights::Ternary(m);
+            }
+        }
+        let cpu =
+            CpuBackend::with_kernel(c.clone(), w.clone(), &kernels::scalar::ScalarKernel).unwrap();
+        let cuda = CudaBackend::on(gpu.clone(), c.clone(), w).unwrap();
+        let ids: Vec<u32> = (0..5u32).map(|i| i * 7 % 50).collect();
+        let whole = vec![entries(&ids, 0, 0, true)];
+        let steps: Vec<Vec<BatchEntry>> = (0..ids.len())
+            .map(|i| entries(&ids[i..i + 1], 0, i, true))
+            .collect();
+        for batches in [&whole, &steps] {
+            let worst = compare(&cpu, &cuda, 1, batches, 0.0);
+            assert_eq!(worst, 0.0, "groups of {group}");
+        }
+    }
+}
+
 /// `--quant-acts q8` (llama.cpp's Q8 activations for Q4_0/Q4_1/Q8_0 linears): the real
 /// SmolLM2-135M (Q4_1 linears, a Q8_0 tied embedding) on the emulated GPU gives the CPU
 /// backend's logits bit for bit, prefill and decode, and the exact mode again after it.

@@ -88,8 +88,8 @@ pub(crate) fn pack_group_scales(ms: &[&TernaryMatrix]) -> Vec<f32> {
     for m in ms {
         for r in 0..m.rows() {
             let scales = m.group_scales_row(r);
-            for (g, &s) in scales.iter().enumerate().take(groups) {
-                out[g * rows + first + r] = s;
+            for g in 0..groups.min(scales.len()) {
+                out[g * rows + first + r] = scales.get(g);
             }
         }
         first += m.rows();
