@@ -173,9 +173,16 @@ impl Input {
         }
     }
 
+    /// Saves the line-editing history; a failure is said on stderr (the conversation itself
+    /// is not lost: it was printed), naming the file.
     fn save_history(&mut self) {
         if let Input::Editor(ed, Some(path)) = self {
-            let _ = ed.save_history(path);
+            if let Err(e) = ed.save_history(path) {
+                eprintln!(
+                    "warning: the chat history could not be saved to {}: {e}",
+                    path.display()
+                );
+            }
         }
     }
 }
@@ -221,8 +228,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Some(p) => Some(p.clone()),
             None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".bitnet_chat_history")),
         };
-        if let Some(h) = &history {
-            let _ = ed.load_history(h);
+        if let Some(h) = history.as_ref().filter(|h| h.exists()) {
+            if let Err(e) = ed.load_history(h) {
+                eprintln!(
+                    "warning: the chat history {} could not be read ({e}); starting without it",
+                    h.display()
+                );
+            }
         }
         Input::Editor(Box::new(ed), history)
     } else {

@@ -197,6 +197,41 @@ fn terminal_session_ctrl_c_stops_the_answer_and_keeps_the_session() {
     t.wait("exit", |s| s.contains("[chat exited with status 0]"));
 }
 
+/// A history file that cannot be written is said on stderr, naming it, and chat still ends
+/// normally (the conversation was printed; only the line-editing history is lost).
+#[test]
+fn terminal_session_says_when_its_history_cannot_be_saved() {
+    let name = format!("bitnet-chat-history-{}", std::process::id());
+    let cmd = format!(
+        "BITNET_THREADS=2 {} chat -m {} --history-file /nonexistent-dir/chat-history; echo \"[chat exited with status $?]\"; sleep 60",
+        env!("CARGO_BIN_EXE_bitnet"),
+        model().display()
+    );
+    let ok = Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &name,
+            "-x",
+            "160",
+            "-y",
+            "40",
+            &cmd,
+        ])
+        .status()
+        .expect("tmux");
+    assert!(ok.success());
+    let t = Tmux(name);
+    t.wait("the banner", |s| s.contains("/help for commands"));
+    t.keys(&["/exit", "Enter"]);
+    let s = t.wait("exit", |s| s.contains("[chat exited with status 0]"));
+    assert!(
+        s.contains("the chat history could not be saved to /nonexistent-dir/chat-history"),
+        "{s}"
+    );
+}
+
 /// Runs `bitnet chat` with `args` (no model from the environment) on the piped `script`;
 /// returns its exit status, stdout and stderr.
 fn chat_piped(args: &[&str], script: &str) -> (std::process::ExitStatus, String, String) {
