@@ -85,6 +85,25 @@ fn piped_turns_reuse_the_cache() {
 struct Tmux(String);
 
 impl Tmux {
+    /// A detached tmux session `name`, `width` × 40, running the shell command `cmd`.
+    fn start(name: String, width: u32, cmd: &str) -> Self {
+        let ok = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                &name,
+                "-x",
+                &width.to_string(),
+                "-y",
+                "40",
+                cmd,
+            ])
+            .status()
+            .expect("tmux");
+        assert!(ok.success());
+        Tmux(name)
+    }
     fn keys(&self, keys: &[&str]) {
         let ok = Command::new("tmux")
             .args(["send-keys", "-t", &self.0])
@@ -133,22 +152,7 @@ fn terminal_session_ctrl_c_stops_the_answer_and_keeps_the_session() {
         env!("CARGO_BIN_EXE_bitnet"),
         model().display()
     );
-    let ok = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &name,
-            "-x",
-            "120",
-            "-y",
-            "40",
-            &cmd,
-        ])
-        .status()
-        .expect("tmux");
-    assert!(ok.success());
-    let t = Tmux(name);
+    let t = Tmux::start(name, 120, &cmd);
     t.wait("the banner", |s| s.contains("/help for commands"));
     t.keys(&["/help", "Enter"]);
     t.wait("help", |s| s.contains("Ctrl-C stops the current answer"));
@@ -207,22 +211,7 @@ fn terminal_session_says_when_its_history_cannot_be_saved() {
         env!("CARGO_BIN_EXE_bitnet"),
         model().display()
     );
-    let ok = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &name,
-            "-x",
-            "160",
-            "-y",
-            "40",
-            &cmd,
-        ])
-        .status()
-        .expect("tmux");
-    assert!(ok.success());
-    let t = Tmux(name);
+    let t = Tmux::start(name, 160, &cmd);
     t.wait("the banner", |s| s.contains("/help for commands"));
     t.keys(&["/exit", "Enter"]);
     let s = t.wait("exit", |s| s.contains("[chat exited with status 0]"));

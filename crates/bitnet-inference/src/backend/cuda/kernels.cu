@@ -532,11 +532,10 @@ __device__ __forceinline__ int dot_codes(u32 word, const int* a, int acc) {
 // The epilogue of every ternary product: Σ code·q of (row, tok) to its float, stored in
 // (or added to) the row's segment (see above). One function, so that every kernel gives the
 // same bits.
-__device__ __forceinline__ void store_product(float* out0, float* out1, float* out2, int rows0,
+// Stores (or adds) v as output (row, tok) of the row's segment (see above).
+__device__ __forceinline__ void store_segment(float* out0, float* out1, float* out2, int rows0,
                                               int rows1, int rows, int accumulate, int row,
-                                              int tok, int dot, const float* mult,
-                                              const float* scales, const int* sums) {
-    float v = (float)(dot - sums[tok]) / scales[tok] * mult[row];
+                                              int tok, float v) {
     float* o;
     if (row < rows0) {
         o = out0 + (i64)tok * rows0 + row;
@@ -547,6 +546,14 @@ __device__ __forceinline__ void store_product(float* out0, float* out1, float* o
         o = out2 + (i64)tok * rows2 + (row - rows0 - rows1);
     }
     *o = accumulate ? *o + v : v;
+}
+
+__device__ __forceinline__ void store_product(float* out0, float* out1, float* out2, int rows0,
+                                              int rows1, int rows, int accumulate, int row,
+                                              int tok, int dot, const float* mult,
+                                              const float* scales, const int* sums) {
+    float v = (float)(dot - sums[tok]) / scales[tok] * mult[row];
+    store_segment(out0, out1, out2, rows0, rows1, rows, accumulate, row, tok, v);
 }
 
 extern "C" __global__ void ternary_gemv(float* out0, float* out1, float* out2, int rows0,
@@ -718,15 +725,7 @@ extern "C" __global__ void ternary_gemv_grouped(float* out0, float* out1, float*
         float s0 = part[0][t][l] + part[4][t][l], s1 = part[1][t][l] + part[5][t][l];
         float s2 = part[2][t][l] + part[6][t][l], s3 = part[3][t][l] + part[7][t][l];
         float v = ((s0 + s2) + (s1 + s3)) / scales[t0 + t];
-        float* o;
-        if (row < rows0) {
-            o = out0 + (i64)(t0 + t) * rows0 + row;
-        } else if (row < rows0 + rows1) {
-            o = out1 + (i64)(t0 + t) * rows1 + (row - rows0);
-        } else {
-            o = out2 + (i64)(t0 + t) * (rows - rows0 - rows1) + (row - rows0 - rows1);
-        }
-        *o = accumulate ? *o + v : v;
+        store_segment(out0, out1, out2, rows0, rows1, rows, accumulate, row, t0 + t, v);
     }
 }
 

@@ -1453,16 +1453,7 @@ fn ternary_product(
     padded_cols: usize,
 ) -> Result<()> {
     let (words, multipliers) = weights;
-    if outs.is_empty()
-        || outs.len() > 3
-        || outs.iter().map(|o| o.1).sum::<usize>() != rows
-        || !padded_cols.is_multiple_of(64)
-    {
-        return Err(Error::Invalid(format!(
-            "CUDA: internal error: {} output segments for {rows} rows of {padded_cols} columns",
-            outs.len()
-        )));
-    }
+    let segments = segment_args(outs, rows, padded_cols, accumulate)?;
     let mut fits: Vec<(&DevBuf, usize)> = outs.iter().map(|&(o, r)| (o, n * r * 4)).collect();
     fits.extend([
         (words, padded_cols / 4 * rows),
@@ -1472,7 +1463,6 @@ fn ternary_product(
         (acts.sums, n * 4),
     ]);
     check_fits(&fits)?;
-    let seg = |i: usize| outs.get(i).copied().unwrap_or(outs[0]);
     let (grid, threads) = match kernel {
         Kernel::TernaryGemv => (
             [
@@ -1507,12 +1497,12 @@ fn ternary_product(
             grid,
             threads,
             &[
-                seg(0).0.arg(),
-                seg(1).0.arg(),
-                seg(2).0.arg(),
-                Arg::I32(seg(0).1 as i32),
-                Arg::I32(if outs.len() > 1 { seg(1).1 as i32 } else { 0 }),
-                Arg::I32(accumulate as i32),
+                segments[0],
+                segments[1],
+                segments[2],
+                segments[3],
+                segments[4],
+                segments[5],
                 words.arg(),
                 multipliers.arg(),
                 acts.q.arg(),
@@ -1525,6 +1515,35 @@ fn ternary_product(
             ],
         )
     }
+}
+
+/// The first six arguments of the ternary product kernels: up to three output segments
+/// (`out0..out2`, `rows0`, `rows1`) whose rows add up to `rows`, and `accumulate`.
+fn segment_args(
+    outs: &[(&DevBuf, usize)],
+    rows: usize,
+    padded_cols: usize,
+    accumulate: bool,
+) -> Result<[Arg; 6]> {
+    if outs.is_empty()
+        || outs.len() > 3
+        || outs.iter().map(|o| o.1).sum::<usize>() != rows
+        || !padded_cols.is_multiple_of(64)
+    {
+        return Err(Error::Invalid(format!(
+            "CUDA: internal error: {} output segments for {rows} rows of {padded_cols} columns",
+            outs.len()
+        )));
+    }
+    let seg = |i: usize| outs.get(i).copied().unwrap_or(outs[0]);
+    Ok([
+        seg(0).0.arg(),
+        seg(1).0.arg(),
+        seg(2).0.arg(),
+        Arg::I32(seg(0).1 as i32),
+        Arg::I32(if outs.len() > 1 { seg(1).1 as i32 } else { 0 }),
+        Arg::I32(accumulate as i32),
+    ])
 }
 
 /// `outs` (+)= the product of group-scaled ternary weights (`ternary_gemv_grouped`; the
@@ -1542,18 +1561,10 @@ fn ternary_grouped(
 ) -> Result<()> {
     let (words, scales, steps) = weights;
     let k4s = padded_cols / 64;
-    if outs.is_empty()
-        || outs.len() > 3
-        || outs.iter().map(|o| o.1).sum::<usize>() != rows
-        || !padded_cols.is_multiple_of(64)
-        || !(steps == 1 || steps == 2)
-        || !k4s.is_multiple_of(steps)
-    {
+    let segments = segment_args(outs, rows, padded_cols, accumulate)?;
+    if !(steps == 1 || steps == 2) || !k4s.is_multiple_of(steps) {
         return Err(Error::Invalid(format!(
-            "CUDA: internal error: {} output segments for {rows} rows of {padded_cols} columns \
-             in groups of {} steps",
-            outs.len(),
-            steps
+            "CUDA: internal error: groups of {steps} steps in rows of {padded_cols} columns"
         )));
     }
     let mut fits: Vec<(&DevBuf, usize)> = outs.iter().map(|&(o, r)| (o, n * r * 4)).collect();
@@ -1564,7 +1575,6 @@ fn ternary_grouped(
         (acts.scales, n * 4),
     ]);
     check_fits(&fits)?;
-    let seg = |i: usize| outs.get(i).copied().unwrap_or(outs[0]);
     // SAFETY: the kernel reads rows·padded_cols/4 bytes of words, a scale per (group, row),
     // n rows of padded int8 activations and their scales, and writes (or adds to) n rows of
     // each segment's outputs; sizes checked above, segments add up to `rows`.
@@ -1579,12 +1589,12 @@ fn ternary_grouped(
             ],
             32 * TG_WARPS,
             &[
-                seg(0).0.arg(),
-                seg(1).0.arg(),
-                seg(2).0.arg(),
-                Arg::I32(seg(0).1 as i32),
-                Arg::I32(if outs.len() > 1 { seg(1).1 as i32 } else { 0 }),
-                Arg::I32(accumulate as i32),
+                segments[0],
+                segments[1],
+                segments[2],
+                segments[3],
+                segments[4],
+                segments[5],
                 words.arg(),
                 scales.arg(),
                 acts.q.arg(),
